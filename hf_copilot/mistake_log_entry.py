@@ -1,0 +1,130 @@
+"""One Mistake Log entry: what the Pilot saw, how it reasoned, and how wrong it was (SPEC section 2).
+
+Hub-facing: copied next to checkpoints for `trust_remote_code`, so it imports nothing from hf_copilot.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields, replace
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class PilotErrors:
+    """The Pilot's error `e_j = onehot(targets_j) - p_j` without materialising one-hot tensors.
+
+    Stored densely (`probs` [B,T,V]) or compactly as the Pilot's top-k probabilities
+    (`topk_indices`/`topk_values` [B,T,k]); in compact form the probability mass outside the top k
+    is treated as zero. `mask` [B,T] is False where position j has no real next token (padding, the
+    last position): the error there is zero.
+    """
+
+    targets: torch.Tensor
+    mask: torch.Tensor
+    vocab_size: int
+    probs: torch.Tensor | None = None
+    topk_indices: torch.Tensor | None = None
+    topk_values: torch.Tensor | None = None
+
+    def __post_init__(self) -> None:
+        if (self.probs is None) == (self.topk_indices is None):
+            raise ValueError("PilotErrors needs exactly one of `probs` (exact) or `topk_indices` (compact).")
+
+    @property
+    def is_compact(self) -> bool:
+        return self.probs is None
+
+    def _safe_targets(self) -> torch.Tensor:
+        return torch.where(self.mask, self.targets, torch.zeros_like(self.targets))
+
+    def embed(self, weight: torch.Tensor) -> torch.Tensor:
+        """`W e_j` for a Linear(V -> d) weight [d, V], in O(B*T*(k+d)) for compact errors."""
+        mask = self.mask.unsqueeze(-1).to(weight.dtype)
+        gold = F.embedding(self._safe_targets(), weight.t())  # [B,T,d]
+        if self.is_compact:
+            columns = F.embedding(self.topk_indices, weight.t())  # [B,T,k,d]
+            predicted = (self.topk_values.to(weight.dtype).unsqueeze(-1) * columns).sum(-2)
+        else:
+            predicted = F.linear(self.probs.to(weight.dtype), weight)
+        return (gold - predicted) * mask
+
+    def squared_distance(self, prediction: torch.Tensor) -> torch.Tensor:
+        """`||f_j - e_j||^2` [B,T] for a prediction f [B,T,V], expanded so no one-hot is built."""
+        targets = self._safe_targets().unsqueeze(-1)
+        prediction = prediction.float()
+        if self.is_compact:
+            values = self.topk_values.float()
+            p_dot_f = (values * prediction.gather(-1, self.topk_indices)).sum(-1)
+            p_norm = values.square().sum(-1)
+            p_gold = (values * (self.topk_indices == targets)).sum(-1)
+        else:
+            probs = self.probs.float()
+            p_dot_f = (probs * prediction).sum(-1)
+            p_norm = probs.square().sum(-1)
+            p_gold = probs.gather(-1, targets).squeeze(-1)
+        f_gold = prediction.gather(-1, targets).squeeze(-1)
+        error_norm = 1.0 - 2.0 * p_gold + p_norm
+        distance = prediction.square().sum(-1) - 2.0 * (f_gold - p_dot_f) + error_norm
+        # Where there is no error (e = 0) the distance is just ||f||^2.
+        return torch.where(self.mask, distance, prediction.square().sum(-1)).clamp_min(0.0)
+
+    def dense(self) -> torch.Tensor:
+        """The error tensor [B,T,V] (for tests, research and small vocabularies)."""
+        if self.is_compact:
+            shape = (*self.targets.shape, self.vocab_size)
+            probs = torch.zeros(shape, dtype=self.topk_values.dtype, device=self.topk_values.device)
+            probs.scatter_(-1, self.topk_indices, self.topk_values)
+        else:
+            probs = self.probs
+        onehot = F.one_hot(self._safe_targets(), self.vocab_size).to(probs.dtype)
+        return (onehot - probs) * self.mask.unsqueeze(-1).to(probs.dtype)
+
+    def compact(self, k: int) -> PilotErrors:
+        """Keep the top-k probabilities per position (the SPEC's compact storage)."""
+        if self.is_compact:
+            raise ValueError("These errors are already compact.")
+        values, indices = self.probs.topk(min(k, self.vocab_size), dim=-1)
+        return PilotErrors(self.targets, self.mask, self.vocab_size, topk_indices=indices, topk_values=values)
+
+    def map_tensors(self, fn) -> PilotErrors:
+        """Apply `fn` to every tensor field (device moves, batch slicing, concatenation helpers)."""
+        changes = {
+            f.name: fn(getattr(self, f.name))
+            for f in fields(self)
+            if isinstance(getattr(self, f.name), torch.Tensor)
+        }
+        return replace(self, **changes)
+
+
+@dataclass
+class MistakeLogEntry:
+    """One training step's record: inputs to the Copilot and the error it learns to predict.
+
+    Every tensor is detached: nothing flows from the Copilot back into the Pilot.
+    `x_tilde`, `h_bar`: [B,T,d_P]; `attention_mask`, `loss_mask`: [B,T] (bool). `loss_mask[j]` is
+    True where `labels[j+1] != -100`, i.e. where the Copilot is trained.
+    """
+
+    x_tilde: torch.Tensor
+    h_bar: torch.Tensor
+    errors: PilotErrors
+    attention_mask: torch.Tensor
+    loss_mask: torch.Tensor
+
+    def map_tensors(self, fn) -> MistakeLogEntry:
+        return MistakeLogEntry(
+            x_tilde=fn(self.x_tilde),
+            h_bar=fn(self.h_bar),
+            errors=self.errors.map_tensors(fn),
+            attention_mask=fn(self.attention_mask),
+            loss_mask=fn(self.loss_mask),
+        )
+
+    def to(self, device: torch.device | str) -> MistakeLogEntry:
+        return self.map_tensors(lambda t: t.to(device))
+
+    @property
+    def num_loss_tokens(self) -> int:
+        return int(self.loss_mask.sum())
