@@ -1,0 +1,678 @@
+"""The Copilot network and the Pilot + Copilot causal LM (SPEC sections 2, 3, 4 and 6).
+
+Hub-facing: copied next to checkpoints for `trust_remote_code`, so it imports only its sibling files.
+Data flows one way: Pilot pass -> Mistake Log entry -> Copilot pass -> losses (training), and
+Pilot step -> Copilot step -> `CopilotLogitsProcessor` (generation).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import warnings
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM, GenerationMixin, PreTrainedModel
+from transformers.activations import ACT2FN
+from transformers.utils import ModelOutput
+
+from .configuration_pilot_copilot import CopilotConfig, PilotCopilotConfig, validate_fusion_settings
+from .generation_pilot_copilot import CopilotKVCache, CopilotLogitsProcessor, PilotCopilotCache, fuse_scores
+from .mistake_log_entry import MistakeLogEntry, PilotErrors
+
+COPILOT_WEIGHTS_NAME = "copilot.safetensors"
+FUSION_FIELDS = ("copilot_lambda", "fusion", "copilot_feedback")
+
+
+class CopilotRMSNorm(nn.Module):
+    def __init__(self, hidden_size: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.eps = eps
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        dtype = hidden.dtype
+        hidden = hidden.float()
+        hidden = hidden * torch.rsqrt(hidden.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * hidden.to(dtype)
+
+
+class CopilotMLP(nn.Module):
+    """Gated MLP with LLaMA's parameter names, so a pretrained decoder's weights drop in."""
+
+    def __init__(self, config: CopilotConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+        self.act_fn = ACT2FN[config.hidden_act]
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act_fn(self.gate_proj(hidden)) * self.up_proj(hidden))
+
+
+class CopilotAttention(nn.Module):
+    """Multi-head attention without positional encoding; self- or cross-attention by its inputs."""
+
+    def __init__(self, config: CopilotConfig):
+        super().__init__()
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.head_dim = config.head_dim
+        self.dropout = config.attention_dropout
+        bias = config.attention_bias
+        self.q_proj = nn.Linear(config.hidden_size, self.num_heads * self.head_dim, bias=bias)
+        self.k_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=bias)
+        self.v_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=bias)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=False)
+
+    def project_keys_values(self, source: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        batch, length, _ = source.shape
+        keys = self.k_proj(source).view(batch, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        values = self.v_proj(source).view(batch, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        return keys, values  # [B, H_kv, L, head_dim]
+
+    def forward(
+        self, hidden: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor
+    ) -> torch.Tensor:
+        batch, length, _ = hidden.shape
+        queries = self.q_proj(hidden).view(batch, length, self.num_heads, self.head_dim).transpose(1, 2)
+        groups = self.num_heads // self.num_kv_heads
+        if groups > 1:
+            keys, values = keys.repeat_interleave(groups, 1), values.repeat_interleave(groups, 1)
+        out = F.scaled_dot_product_attention(
+            queries, keys, values, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0
+        )
+        return self.o_proj(out.transpose(1, 2).reshape(batch, length, -1))
+
+
+class CopilotLayer(nn.Module):
+    """Pre-norm residual block: attention (self or cross, by layer parity) then MLP."""
+
+    def __init__(self, config: CopilotConfig, layer_idx: int):
+        super().__init__()
+        # 0-based even index = the paper's odd (1st, 3rd, ...) layers: causal self-attention.
+        self.layer_idx = layer_idx
+        self.is_cross_attention = layer_idx % 2 == 1
+        self.input_layernorm = CopilotRMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = CopilotAttention(config)
+        self.post_attention_layernorm = CopilotRMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = CopilotMLP(config)
+        self.dropout = nn.Dropout(config.hidden_dropout)
+
+    def forward(
+        self,
+        hidden: torch.Tensor,
+        memory: torch.Tensor,
+        positions: tuple[torch.Tensor, torch.Tensor],
+        masks: dict[bool, torch.Tensor],
+        kv_cache: CopilotKVCache | None,
+    ) -> torch.Tensor:
+        """`positions` holds the new stream and memory positions; `masks` is filled once per layer kind."""
+        normed = self.input_layernorm(hidden)
+        source = memory if self.is_cross_attention else normed
+        keys, values = self.self_attn.project_keys_values(source)
+        key_positions = positions[1] if self.is_cross_attention else positions[0]
+        if kv_cache is not None:
+            keys, values, key_positions = kv_cache.update(self.layer_idx, keys, values, key_positions)
+        if self.is_cross_attention not in masks:
+            masks[self.is_cross_attention] = masks["build"](key_positions, self.is_cross_attention)
+        attended = self.self_attn(normed, keys, values, masks[self.is_cross_attention])
+        hidden = hidden + self.dropout(attended)
+        return hidden + self.dropout(self.mlp(self.post_attention_layernorm(hidden)))
+
+
+def build_attention_mask(
+    query_positions: torch.Tensor,
+    key_positions: torch.Tensor,
+    key_padding: torch.Tensor | None,
+    dtype: torch.dtype,
+) -> torch.Tensor:
+    """Additive mask [B|1, 1, Tq, Tk]: a query sees keys at positions <= its own that are not padding.
+
+    Finite minimum instead of -inf, so a padding query that sees nothing stays finite.
+    """
+    allowed = key_positions[None, :] <= query_positions[:, None]  # [Tq, Tk]
+    allowed = allowed[None, None]
+    if key_padding is not None:
+        allowed = allowed & key_padding[:, None, None, :].bool()
+    mask = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
+    return mask.masked_fill(~allowed, torch.finfo(dtype).min)
+
+
+class CopilotPreTrainedModel(PreTrainedModel):
+    config_class = CopilotConfig
+    base_model_prefix = "copilot"
+    _no_split_modules = ["CopilotLayer"]
+    _supports_sdpa = True
+
+    def _init_weights(self, module: nn.Module) -> None:
+        std = self.config.initializer_range
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, mean=0.0, std=std)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, CopilotRMSNorm):
+            nn.init.ones_(module.weight)
+
+
+class CopilotModel(CopilotPreTrainedModel):
+    """Predicts the Pilot's error f_C [B,T,V] from the shifted error stream and the Pilot's states.
+
+    Position j receives W_in e_{j-1}; odd layers self-attend causally over the stream, even layers
+    cross-attend to M = [x_tilde ; h_bar] restricted to positions <= j. No positional embeddings.
+    """
+
+    def __init__(self, config: CopilotConfig):
+        super().__init__(config)
+        self.error_proj = nn.Linear(config.vocab_size, config.hidden_size, bias=False)  # W_in
+        if config.pilot_hidden_size != config.hidden_size:
+            self.memory_proj = nn.Linear(config.pilot_hidden_size, config.hidden_size, bias=False)
+        else:
+            self.memory_proj = nn.Identity()
+        self.layers = nn.ModuleList(CopilotLayer(config, idx) for idx in range(config.num_hidden_layers))
+        self.norm = CopilotRMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.error_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)  # W_out
+        self.post_init()
+
+    def embed_errors(self, errors: PilotErrors) -> torch.Tensor:
+        """W_in e_j [B,T,d_C] (not yet shifted)."""
+        return errors.embed(self.error_proj.weight)
+
+    def embed_predictions(self, predictions: torch.Tensor) -> torch.Tensor:
+        """W_in f_C for the paper's inference-time feedback of the Copilot's own output."""
+        return self.error_proj(predictions.to(self.error_proj.weight.dtype))
+
+    def forward(
+        self,
+        stream: torch.Tensor,
+        x_tilde: torch.Tensor,
+        h_bar: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        kv_cache: CopilotKVCache | None = None,
+    ) -> torch.Tensor:
+        """stream: [B,T,d_C], already W_in e_{j-1}; x_tilde, h_bar: [B,T,d_P] for the same positions.
+
+        `attention_mask` [B, past + T] covers the cached positions too. Returns f_C [B,T,V].
+        """
+        batch, length, _ = stream.shape
+        past = kv_cache.length if kv_cache is not None else 0
+        query_positions = torch.arange(past, past + length, device=stream.device)
+        # Memory entries interleaved per position: [x_tilde_j, h_bar_j].
+        memory = torch.stack([x_tilde, h_bar], dim=2).reshape(batch, 2 * length, -1)
+        memory = self.memory_proj(memory.to(self.error_proj.weight.dtype))
+        if attention_mask is not None:
+            attention_mask = attention_mask[:, -(past + length) :]
+
+        def build(key_positions: torch.Tensor, is_cross: bool) -> torch.Tensor:
+            padding = attention_mask
+            if padding is not None and is_cross:
+                padding = padding.repeat_interleave(2, dim=1)
+            return build_attention_mask(query_positions, key_positions, padding, stream.dtype)
+
+        masks: dict = {"build": build}
+        positions = (query_positions, query_positions.repeat_interleave(2))
+        hidden = stream
+        for layer in self.layers:
+            hidden = layer(hidden, memory, positions, masks, kv_cache)
+        if kv_cache is not None:
+            kv_cache.length = past + length
+        return self.error_head(self.norm(hidden))
+
+    @torch.no_grad()
+    def load_from_pretrained_decoder(self, decoder: PreTrainedModel) -> list[str]:
+        """Copy what matches from a LLaMA/Qwen2/Mistral-layout decoder (SPEC section 3).
+
+        Layer weights where shapes match; W_in from the token embeddings (so W_in e embeds the error
+        distribution) and W_out from the LM head. Returns the names copied.
+        """
+        source = decoder.state_dict()
+        prefix = next((p for p in ("model.", "") if f"{p}embed_tokens.weight" in source), None)
+        if prefix is None:
+            raise ValueError(
+                f"copilot_init: {type(decoder).__name__} has no `model.embed_tokens`; use a LLaMA, Qwen2 or "
+                "Mistral-layout decoder."
+            )
+        mapping = {
+            "error_proj.weight": (f"{prefix}embed_tokens.weight", True),
+            "error_head.weight": (
+                "lm_head.weight" if "lm_head.weight" in source else f"{prefix}embed_tokens.weight",
+                False,
+            ),
+            "norm.weight": (f"{prefix}norm.weight", False),
+        }
+        for name, _ in self.named_parameters():
+            if name.startswith("layers."):
+                mapping[name] = (f"{prefix}{name}", False)
+        copied = []
+        target = self.state_dict()
+        for name, (source_name, transpose) in mapping.items():
+            if source_name not in source:
+                continue
+            value = source[source_name].t() if transpose else source[source_name]
+            if value.shape == target[name].shape:
+                target[name].copy_(value)
+                copied.append(name)
+        return copied
+
+
+@dataclass
+class PilotCopilotOutput(ModelOutput):
+    """`logits` are the Pilot's; `copilot_logits` is f_C, the Copilot's predicted error."""
+
+    loss: torch.Tensor | None = None
+    logits: torch.Tensor | None = None
+    cache: PilotCopilotCache | None = None
+    pilot_loss: torch.Tensor | None = None
+    copilot_loss: torch.Tensor | None = None
+    copilot_squared_error: torch.Tensor | None = None
+    copilot_num_tokens: torch.Tensor | None = None
+    copilot_logits: torch.Tensor | None = None
+    fused_logits: torch.Tensor | None = None
+    hidden_states: tuple[torch.Tensor, ...] | None = None
+    mistake_log_entry: MistakeLogEntry | None = None
+
+
+def pilot_fingerprint(pilot: PreTrainedModel) -> str:
+    """A short hash of the Pilot's architecture and weights: a Copilot belongs to the Pilot it learnt from."""
+    digest = hashlib.sha256()
+    config = pilot.config.to_dict()
+    identity = {
+        key: config.get(key) for key in ("model_type", "vocab_size", "hidden_size", "num_hidden_layers")
+    }
+    digest.update(json.dumps(identity, sort_keys=True).encode())
+    for name, tensor in sorted(pilot.state_dict().items()):
+        values = tensor.detach().float().flatten()
+        sample = values[:: max(1, values.numel() // 64)][:64].cpu()
+        digest.update(name.encode())
+        digest.update(f"{values.sum().item():.6e}|{values.abs().sum().item():.6e}".encode())
+        digest.update(sample.numpy().round(6).tobytes())
+    return digest.hexdigest()[:16]
+
+
+def mistake_log_entry_from_pilot_pass(
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    labels: torch.Tensor | None,
+    logits: torch.Tensor,
+    hidden_states: tuple[torch.Tensor, ...],
+) -> MistakeLogEntry:
+    """SPEC section 2: x_tilde, layer-mean h_bar and the per-token error of one Pilot pass (detached)."""
+    attention_mask = attention_mask.bool()
+    targets = torch.zeros_like(input_ids)
+    targets[:, :-1] = input_ids[:, 1:]
+    has_next = torch.zeros_like(attention_mask)
+    has_next[:, :-1] = attention_mask[:, :-1] & attention_mask[:, 1:]
+    loss_mask = torch.zeros_like(attention_mask)
+    if labels is not None:
+        loss_mask[:, :-1] = labels[:, 1:] != -100
+        loss_mask &= has_next
+    probs = torch.softmax(logits.detach().float(), dim=-1)
+    errors = PilotErrors(targets=targets, mask=has_next, vocab_size=logits.shape[-1], probs=probs)
+    return MistakeLogEntry(
+        x_tilde=hidden_states[0].detach(),
+        h_bar=torch.stack(hidden_states[1:]).mean(0).detach(),
+        errors=errors,
+        attention_mask=attention_mask,
+        loss_mask=loss_mask,
+    )
+
+
+def shift_right(stream: torch.Tensor) -> torch.Tensor:
+    """Position j receives the value of position j-1; position 0 receives zeros."""
+    return F.pad(stream[:, :-1], (0, 0, 1, 0))
+
+
+class PilotCopilotForCausalLM(PreTrainedModel, GenerationMixin):
+    """A fine-tuned causal LM (the Pilot) with a Copilot that rectifies its next-token distribution."""
+
+    config_class = PilotCopilotConfig
+    base_model_prefix = ""
+    supports_gradient_checkpointing = True
+    _supports_sdpa = True
+    _supports_flash_attn = True
+    _supports_flex_attn = True
+    _supports_attention_backend = True
+    _no_split_modules = ["CopilotLayer"]
+
+    def __init__(self, config: PilotCopilotConfig, pilot: PreTrainedModel | None = None):
+        super().__init__(config)
+        self.pilot = pilot if pilot is not None else AutoModelForCausalLM.from_config(config.text_config)
+        self.copilot = CopilotModel(config.copilot_config)
+        self.post_init()
+
+    # ----------------------------------------------------------------------------------------------
+    # Construction
+    @classmethod
+    def from_pilot(
+        cls,
+        pilot: PreTrainedModel,
+        copilot_config: CopilotConfig | dict | None = None,
+        copilot_init: PreTrainedModel | str | None = None,
+        copilot_lambda: float = 1.0,
+        fusion: str = "probs",
+        copilot_feedback: str = "copilot",
+    ) -> PilotCopilotForCausalLM:
+        """Attach a new Copilot to `pilot` without changing the Pilot in any way.
+
+        `copilot_init` (a decoder or its path) initialises the Copilot from a pretrained decoder of
+        the LLaMA/Qwen2/Mistral family; without `copilot_config` the Copilot then takes its shape.
+        """
+        validate_fusion_settings(copilot_lambda, fusion, copilot_feedback)
+        if isinstance(copilot_init, (str, os.PathLike)):
+            copilot_init = AutoModelForCausalLM.from_pretrained(copilot_init)
+        if isinstance(copilot_config, dict):
+            copilot_config = CopilotConfig(**copilot_config)
+        if copilot_config is None:
+            copilot_config = (
+                copilot_config_like(copilot_init.config) if copilot_init is not None else CopilotConfig()
+            )
+        pilot_attn = pilot.config._attn_implementation
+        config = PilotCopilotConfig(
+            text_config=pilot.config,
+            copilot_config=copilot_config,
+            copilot_lambda=copilot_lambda,
+            fusion=fusion,
+            copilot_feedback=copilot_feedback,
+            # The config setter would otherwise overwrite the Pilot's attention implementation.
+            attn_implementation={"text_config": pilot_attn},
+        )
+        config.name_or_path = pilot.config.name_or_path
+        model = cls(config, pilot=pilot)
+        model.to(device=pilot.device, dtype=next(pilot.parameters()).dtype)
+        model.generation_config = pilot.generation_config
+        if copilot_init is not None:
+            if copilot_init.config.get_text_config().vocab_size != model.copilot.config.vocab_size:
+                raise ValueError(
+                    "copilot_init must share the Pilot's vocabulary "
+                    f"({copilot_init.config.get_text_config().vocab_size} != {model.copilot.config.vocab_size})."
+                )
+            model.copilot.load_from_pretrained_decoder(copilot_init)
+        return model
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        """Load a whole Pilot+Copilot checkpoint, or a Copilot-only one onto its base Pilot."""
+        config_kwargs = {
+            k: kwargs[k] for k in ("revision", "token", "cache_dir", "local_files_only") if k in kwargs
+        }
+        config = kwargs.get("config") or AutoConfig.from_pretrained(
+            pretrained_model_name_or_path, trust_remote_code=True, **config_kwargs
+        )
+        if getattr(config, "model_type", None) != CopilotConfig.model_type:
+            return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+        pilot_path = kwargs.pop("pilot", None) or config.base_model_name_or_path
+        if pilot_path is None:
+            raise ValueError("This Copilot checkpoint names no base Pilot: pass pilot=<model or path>.")
+        pilot = (
+            pilot_path
+            if isinstance(pilot_path, PreTrainedModel)
+            else AutoModelForCausalLM.from_pretrained(pilot_path, **kwargs)
+        )
+        return cls.from_copilot_checkpoint(pilot, pretrained_model_name_or_path, **config_kwargs)
+
+    @classmethod
+    def from_copilot_checkpoint(
+        cls, pilot: PreTrainedModel, copilot_path: str, **kwargs
+    ) -> PilotCopilotForCausalLM:
+        """Attach a Copilot saved with `save_copilot` to `pilot`, refusing a Pilot it was not trained with."""
+        copilot = CopilotModel.from_pretrained(copilot_path, **kwargs)
+        expected = copilot.config.pilot_fingerprint
+        if expected is not None and expected != pilot_fingerprint(pilot):
+            raise ValueError(
+                f"This Copilot was trained with a different Pilot (fingerprint {expected}, this Pilot's is "
+                f"{pilot_fingerprint(pilot)}). A Copilot trained jointly belongs to the fine-tuned Pilot: save that "
+                "Pilot (pilot.save_pretrained) and load the Copilot onto it."
+            )
+        fusion = {k: getattr(copilot.config, k) for k in FUSION_FIELDS if hasattr(copilot.config, k)}
+        model = cls.from_pilot(pilot, copilot_config=copilot.config, **fusion)
+        model.copilot.load_state_dict(copilot.state_dict())
+        return model
+
+    def save_copilot(self, save_directory: str | os.PathLike, **kwargs) -> None:
+        """PEFT-style save: Copilot weights + a config naming the base Pilot and its fingerprint."""
+        config = CopilotConfig(**self.copilot.config.to_dict())
+        config.base_model_name_or_path = self.pilot.config.name_or_path or None
+        config.pilot_fingerprint = pilot_fingerprint(self.pilot)
+        for key in FUSION_FIELDS:
+            setattr(config, key, getattr(self.config, key))
+        original = self.copilot.config
+        self.copilot.config = config
+        try:
+            self.copilot.save_pretrained(save_directory, **kwargs)
+        finally:
+            self.copilot.config = original
+
+    # ----------------------------------------------------------------------------------------------
+    # Embeddings, so that resize/peft/generation utilities see the Pilot's
+    def get_input_embeddings(self) -> nn.Module:
+        return self.pilot.get_input_embeddings()
+
+    def set_input_embeddings(self, value: nn.Module) -> None:
+        self.pilot.set_input_embeddings(value)
+
+    def get_output_embeddings(self) -> nn.Module | None:
+        return self.pilot.get_output_embeddings()
+
+    # ----------------------------------------------------------------------------------------------
+    # Forward
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        cache: PilotCopilotCache | None = None,
+        position_ids: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        num_items_in_batch: torch.Tensor | int | None = None,
+        copilot_lambda: float | None = None,
+        fusion: str | None = None,
+        copilot_feedback: str | None = None,
+        return_fused: bool = False,
+        return_mistake_log: bool = False,
+        **kwargs,
+    ) -> PilotCopilotOutput:
+        """Teacher-forced pass (training, evaluation) or one incremental generation step (with `cache`).
+
+        With labels: `loss = pilot_loss + copilot_loss`, where `pilot_loss` is exactly the Pilot's own
+        loss and `copilot_loss` the paper's RMSE over positions whose next label is not -100.
+        """
+        copilot_lambda, fusion, copilot_feedback = self.fusion_settings(
+            copilot_lambda, fusion, copilot_feedback
+        )
+        if input_ids is None:
+            raise ValueError("PilotCopilotForCausalLM needs input_ids: the Copilot reads the tokens' errors.")
+        if cache is not None and not isinstance(cache, PilotCopilotCache):
+            raise ValueError(
+                f"PilotCopilotForCausalLM keeps the Copilot's state in a PilotCopilotCache, got {type(cache).__name__}. "
+                "Let generate() create the cache, or pass PilotCopilotCache(config=model.config)."
+            )
+        if attention_mask is None:
+            past = cache.get_seq_length() if cache is not None else 0
+            attention_mask = input_ids.new_ones(input_ids.shape[0], past + input_ids.shape[1])
+        kwargs.pop("return_dict", None)
+        wants_hidden_states = kwargs.pop("output_hidden_states", False)
+        if cache is None and use_cache:
+            cache = PilotCopilotCache(config=self.config.get_text_config(decoder=True))
+        pilot_kwargs = {"num_items_in_batch": num_items_in_batch} if labels is not None else {}
+        pilot_out = self.pilot(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            labels=labels,
+            cache=cache,
+            use_cache=cache is not None,
+            output_hidden_states=True,
+            return_dict=True,
+            **pilot_kwargs,
+            **kwargs,
+        )
+        logits = pilot_out.logits
+        entry = mistake_log_entry_from_pilot_pass(
+            input_ids, attention_mask[:, -input_ids.shape[1] :], labels, logits, pilot_out.hidden_states
+        )
+        if cache is not None:
+            predictions = self.copilot_generation_step(
+                input_ids, attention_mask, entry, cache, copilot_feedback
+            )
+        else:
+            stream = shift_right(self.copilot.embed_errors(entry.errors))
+            predictions = self.copilot(stream, entry.x_tilde, entry.h_bar, entry.attention_mask)
+
+        output = PilotCopilotOutput(
+            logits=logits,
+            cache=cache,
+            copilot_logits=predictions,
+            hidden_states=pilot_out.hidden_states if wants_hidden_states else None,
+            mistake_log_entry=entry if return_mistake_log else None,
+        )
+        if return_fused:
+            output.fused_logits = fuse_scores(logits, predictions, copilot_lambda, fusion)
+        if labels is not None:
+            squared_error, num_tokens = copilot_squared_error(predictions, entry)
+            output.copilot_squared_error, output.copilot_num_tokens = squared_error, num_tokens
+            if num_tokens == 0:
+                warnings.warn(
+                    "Every label in this batch is -100: there is nothing to learn from, so the losses are 0. "
+                    "Check that your collator does not mask the answers.",
+                    stacklevel=2,
+                )
+                output.pilot_loss = logits.sum() * 0.0
+                output.copilot_loss = predictions.sum() * 0.0
+            else:
+                output.pilot_loss = pilot_out.loss
+                output.copilot_loss = torch.sqrt(squared_error / num_tokens)
+            output.loss = output.pilot_loss + output.copilot_loss
+        return output
+
+    def fusion_settings(
+        self, copilot_lambda: float | None, fusion: str | None, copilot_feedback: str | None
+    ) -> tuple[float, str, str]:
+        """Per-call overrides fall back on the config."""
+        copilot_lambda = self.config.copilot_lambda if copilot_lambda is None else copilot_lambda
+        fusion = fusion or self.config.fusion
+        copilot_feedback = copilot_feedback or self.config.copilot_feedback
+        validate_fusion_settings(copilot_lambda, fusion, copilot_feedback)
+        return copilot_lambda, fusion, copilot_feedback
+
+    def copilot_generation_step(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        entry: MistakeLogEntry,
+        cache: PilotCopilotCache,
+        copilot_feedback: str,
+    ) -> torch.Tensor:
+        """Advance the Copilot over the new positions only, reading and updating its state in `cache`."""
+        state = cache.copilot_state(len(self.copilot.layers))
+        new = input_ids.shape[1]
+        probs = entry.errors.probs  # [B, new, V]
+        if state.kv_cache.length == 0 or copilot_feedback == "observed":
+            # The prompt (and, in observed mode, everything): errors are known from the tokens.
+            observed = self.observed_feedback(input_ids, attention_mask, entry, state)
+            predictions = self.copilot(observed, entry.x_tilde, entry.h_bar, attention_mask, state.kv_cache)
+        else:
+            # The paper: a generated position receives the Copilot's own previous prediction.
+            outputs = []
+            feedback = state.last_prediction
+            for position in range(new):
+                stream = self.copilot.embed_predictions(feedback).unsqueeze(1)
+                length = state.kv_cache.length + 1
+                step_mask = attention_mask[:, :length]
+                prediction = self.copilot(
+                    stream,
+                    entry.x_tilde[:, position : position + 1],
+                    entry.h_bar[:, position : position + 1],
+                    step_mask,
+                    state.kv_cache,
+                )
+                outputs.append(prediction)
+                feedback = prediction[:, 0]
+            predictions = torch.cat(outputs, dim=1)
+        state.record(predictions, probs, start=state.kv_cache.length - new)
+        return predictions
+
+    def observed_feedback(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, entry: MistakeLogEntry, state
+    ) -> torch.Tensor:
+        """W_in e_{j-1} for each new position j, with e_{j-1} = onehot(x_j) - p_{j-1} (zero at padding)."""
+        new = input_ids.shape[1]
+        past = state.kv_cache.length
+        errors = entry.errors
+        full_mask = attention_mask.bool()
+        if past > 0:
+            # The error of the last cached position is completed by the first new token.
+            previous = PilotErrors(
+                targets=input_ids[:, :1],
+                mask=full_mask[:, past - 1 : past] & full_mask[:, past : past + 1],
+                vocab_size=errors.vocab_size,
+                probs=state.last_probs.unsqueeze(1),
+            )
+            first = self.copilot.embed_errors(previous)
+        else:
+            weight = self.copilot.error_proj.weight
+            first = weight.new_zeros(input_ids.shape[0], 1, weight.shape[0])
+        within = self.copilot.embed_errors(errors)[:, : new - 1]
+        return torch.cat([first, within], dim=1)
+
+    # ----------------------------------------------------------------------------------------------
+    # generate() integration
+    def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
+        super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
+        cache = model_kwargs.get("cache")
+        if cache is None:
+            raise ValueError(
+                "Fused generation keeps the Copilot's state in the cache: call generate() with use_cache=True."
+            )
+        if not isinstance(cache, PilotCopilotCache):
+            if getattr(cache, "_is_user_defined", False) or type(cache).__name__ != "DynamicCache":
+                raise ValueError(
+                    f"Fused generation needs a PilotCopilotCache, got {type(cache).__name__}: use the default "
+                    "dynamic cache (no cache_implementation) or pass PilotCopilotCache(config=model.config)."
+                )
+            model_kwargs["cache"] = PilotCopilotCache(config=self.config.get_text_config(decoder=True))
+
+    def _get_logits_processor(self, generation_config, *args, model_kwargs=None, **kwargs):
+        processors = super()._get_logits_processor(
+            generation_config, *args, model_kwargs=model_kwargs, **kwargs
+        )
+        model_kwargs = model_kwargs or {}
+        copilot_lambda, fusion, _ = self.fusion_settings(
+            model_kwargs.get("copilot_lambda"),
+            model_kwargs.get("fusion"),
+            model_kwargs.get("copilot_feedback"),
+        )
+        processors.insert(0, CopilotLogitsProcessor(model_kwargs["cache"], copilot_lambda, fusion))
+        return processors
+
+
+def copilot_squared_error(
+    predictions: torch.Tensor, entry: MistakeLogEntry
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sum over loss-mask positions of ||f_C_j - e_j||^2, and the number of those positions."""
+    distances = entry.errors.squared_distance(predictions)
+    mask = entry.loss_mask
+    return (distances * mask).sum(), mask.sum()
+
+
+def copilot_config_like(decoder_config) -> CopilotConfig:
+    """A Copilot shaped like a pretrained decoder, so all of its layer weights can be copied."""
+    text = decoder_config.get_text_config()
+    layers = text.num_hidden_layers - text.num_hidden_layers % 2
+    return CopilotConfig(
+        hidden_size=text.hidden_size,
+        num_hidden_layers=max(2, layers),
+        num_attention_heads=text.num_attention_heads,
+        num_key_value_heads=getattr(text, "num_key_value_heads", None) or text.num_attention_heads,
+        intermediate_size=text.intermediate_size,
+        hidden_act=getattr(text, "hidden_act", "silu"),
+        attention_bias=getattr(text, "attention_bias", False) or text.model_type == "qwen2",
+        rms_norm_eps=getattr(text, "rms_norm_eps", 1e-6),
+    )
+
+
+__all__ = ["CopilotModel", "PilotCopilotForCausalLM", "PilotCopilotOutput", "pilot_fingerprint"]
