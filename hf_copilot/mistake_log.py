@@ -1,0 +1,346 @@
+"""The Mistake Log: a bounded ring buffer of the most recent training steps' entries (SPEC section 2).
+
+Each step writes one `MistakeLogEntry`; the Copilot's replay batch is drawn from here. Entries live on
+the CPU so the log costs no accelerator memory, and compact storage (the Pilot's top-k probabilities)
+keeps 128 entries affordable for real vocabularies. The log reports what it holds and never grows
+past `size` entries.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+
+from .mistake_log_entry import MistakeLogEntry, PilotErrors
+
+_ENTRY_FIELDS = ("x_tilde", "h_bar", "attention_mask", "loss_mask")
+_ERROR_FIELDS = ("targets", "mask", "probs", "topk_indices", "topk_values")
+_FORMAT_VERSION = 1
+
+
+def _flatten(entry: MistakeLogEntry) -> dict[str, torch.Tensor]:
+    """Every tensor of an entry under a flat name (`x_tilde`, `errors.probs`, ...)."""
+    tensors = {name: getattr(entry, name) for name in _ENTRY_FIELDS}
+    for name in _ERROR_FIELDS:
+        value = getattr(entry.errors, name)
+        if value is not None:
+            tensors[f"errors.{name}"] = value
+    return tensors
+
+
+def _unflatten(tensors: dict[str, torch.Tensor], vocab_size: int) -> MistakeLogEntry:
+    errors = PilotErrors(
+        vocab_size=vocab_size, **{name: tensors.get(f"errors.{name}") for name in _ERROR_FIELDS}
+    )
+    return MistakeLogEntry(errors=errors, **{name: tensors[name] for name in _ENTRY_FIELDS})
+
+
+def _pad_time(tensor: torch.Tensor, length: int) -> torch.Tensor:
+    """Right-pad dim 1 (time) with zeros, which is False for masks."""
+    if tensor.shape[1] == length:
+        return tensor
+    padded = tensor.new_zeros((tensor.shape[0], length, *tensor.shape[2:]))
+    padded[:, : tensor.shape[1]] = tensor
+    return padded
+
+
+def _top_k(errors: PilotErrors) -> int | None:
+    return errors.topk_indices.shape[-1] if errors.is_compact else None
+
+
+def collate_entries(entries: list[MistakeLogEntry]) -> MistakeLogEntry:
+    """Concatenate entries along the batch dim, right-padding shorter sequences (zeros / False).
+
+    T differs between steps. Padded positions carry no error and no loss, so every per-position
+    quantity on the original positions is unchanged.
+    """
+    if not entries:
+        raise ValueError("collate_entries needs at least one entry.")
+    first = entries[0]
+    for entry in entries[1:]:
+        if entry.errors.vocab_size != first.errors.vocab_size:
+            raise ValueError(
+                f"Cannot collate entries with vocab sizes {first.errors.vocab_size} and "
+                f"{entry.errors.vocab_size}: they come from different Pilots."
+            )
+        if _top_k(entry.errors) != _top_k(first.errors):
+            raise ValueError(
+                f"Cannot collate entries stored with different top-k ({_top_k(first.errors)} and "
+                f"{_top_k(entry.errors)}; None means exact): compact them to the same k first, e.g. "
+                "with `errors.compact(k)` or by writing both through one MistakeLog."
+            )
+        if entry.x_tilde.shape[-1] != first.x_tilde.shape[-1]:
+            raise ValueError(
+                f"Cannot collate entries with hidden sizes {first.x_tilde.shape[-1]} and "
+                f"{entry.x_tilde.shape[-1]}: they come from different Pilots."
+            )
+    length = max(entry.x_tilde.shape[1] for entry in entries)
+    flat = [_flatten(entry) for entry in entries]
+    tensors = {name: torch.cat([_pad_time(f[name], length) for f in flat]) for name in flat[0]}
+    return _unflatten(tensors, first.errors.vocab_size)
+
+
+def _error_norm_and_gold_prob(errors: PilotErrors) -> tuple[torch.Tensor, torch.Tensor]:
+    """`||e_j||^2 = 1 - 2 p_gold + sum p^2` and `p_gold` [B,T] without a dense error; 0 off the mask."""
+    targets = torch.where(errors.mask, errors.targets, 0).unsqueeze(-1)
+    if errors.is_compact:
+        values = errors.topk_values.float()
+        p_gold = (values * (errors.topk_indices == targets)).sum(-1)
+    else:
+        values = errors.probs.float()
+        p_gold = values.gather(-1, targets).squeeze(-1)
+    norm = 1.0 - 2.0 * p_gold + values.square().sum(-1)
+    return norm * errors.mask, p_gold * errors.mask
+
+
+class MistakeLog:
+    """Ring buffer of the most recent `size` Mistake Log entries, written once per training step.
+
+    `topk=0` stores the Pilot's probabilities exactly (dense [B,T,V]); `topk>0` keeps only the top-k
+    per position (SPEC: compact storage, default 64), see `reconstruction_bound`.
+    """
+
+    def __init__(self, size: int = 128, topk: int = 64, store_device: str | torch.device = "cpu") -> None:
+        if size < 1:
+            raise ValueError(f"MistakeLog size must be >= 1, got {size}.")
+        if topk < 0:
+            raise ValueError(f"MistakeLog topk must be >= 0 (0 = exact storage), got {topk}.")
+        self.size = size
+        self.topk = topk
+        self.store_device = torch.device(store_device)
+        self._slots: list[MistakeLogEntry] = []
+        self._next = 0  # the slot the next entry writes; once full, also the oldest entry
+        self._latest_stats: dict[str, float] = {}
+
+    # ---- buffer ---------------------------------------------------------------------------------
+    def __len__(self) -> int:
+        return len(self._slots)
+
+    @property
+    def capacity(self) -> int:
+        return self.size
+
+    def __iter__(self) -> Iterator[MistakeLogEntry]:
+        """Entries from oldest to newest."""
+        return iter(self._slots[self._next :] + self._slots[: self._next])
+
+    def latest(self) -> MistakeLogEntry:
+        if not self._slots:
+            raise IndexError("The Mistake Log is empty: add() an entry first.")
+        return self._slots[self._next - 1]
+
+    def sample(self, n: int, generator: torch.Generator | None = None) -> list[MistakeLogEntry]:
+        """`min(n, len)` entries drawn uniformly without replacement (a CPU generator, if given)."""
+        order = torch.randperm(len(self._slots), generator=generator)[: max(n, 0)]
+        return [self._slots[i] for i in order.tolist()]
+
+    def add(self, entry: MistakeLogEntry) -> None:
+        """Validate, compact (if `topk > 0`), move to `store_device` and write over the oldest slot."""
+        self._validate(entry)
+        errors = entry.errors
+        if self.topk and not errors.is_compact:
+            errors = errors.compact(self.topk)
+        self._latest_stats = self._entry_stats(entry, errors)
+        stored = MistakeLogEntry(entry.x_tilde, entry.h_bar, errors, entry.attention_mask, entry.loss_mask)
+        stored = stored.map_tensors(self._to_store)
+        if len(self._slots) < self.size:
+            self._slots.append(stored)
+        else:
+            self._slots[self._next] = stored
+        self._next = (self._next + 1) % self.size
+
+    def _to_store(self, tensor: torch.Tensor) -> torch.Tensor:
+        tensor = tensor.to(self.store_device)
+        # A view (e.g. labels[:, 1:]) would keep its whole base storage alive and hide it from
+        # memory_bytes(): own exactly what we hold.
+        if tensor.untyped_storage().nbytes() > tensor.nbytes:
+            tensor = tensor.clone(memory_format=torch.contiguous_format)
+        return tensor
+
+    # ---- validation -----------------------------------------------------------------------------
+    def _validate(self, entry: MistakeLogEntry) -> None:
+        if not isinstance(entry, MistakeLogEntry):
+            raise TypeError(f"MistakeLog.add expects a MistakeLogEntry, got {type(entry).__name__}.")
+        tensors = _flatten(entry)
+        for name, tensor in tensors.items():
+            if tensor.requires_grad:
+                raise ValueError(
+                    f"MistakeLogEntry.{name} requires grad: the Mistake Log must never hold the Pilot's "
+                    "autograd graph. Build the entry from detached tensors (`tensor.detach()`)."
+                )
+        if entry.x_tilde.ndim != 3:
+            raise ValueError(f"x_tilde must be [B,T,d_P], got shape {tuple(entry.x_tilde.shape)}.")
+        batch_time = tuple(entry.x_tilde.shape[:2])
+        hidden, errors, vocab = entry.x_tilde.shape[-1], entry.errors, entry.errors.vocab_size
+        for name in ("h_bar", "attention_mask", "loss_mask", "errors.targets", "errors.mask"):
+            if tuple(tensors[name].shape[:2]) != batch_time:
+                raise ValueError(
+                    f"MistakeLogEntry.{name} has shape {tuple(tensors[name].shape)} but x_tilde is "
+                    f"[B,T]={batch_time}: every tensor of an entry must cover the same batch and positions."
+                )
+        for name in ("attention_mask", "loss_mask", "errors.mask"):
+            if tensors[name].dtype != torch.bool or tensors[name].ndim != 2:
+                raise ValueError(
+                    f"MistakeLogEntry.{name} must be a bool [B,T] tensor, got {tensors[name].dtype} "
+                    f"{tuple(tensors[name].shape)}: convert it with `.bool()`."
+                )
+        if entry.h_bar.shape[-1] != hidden:
+            raise ValueError(f"h_bar has hidden size {entry.h_bar.shape[-1]} but x_tilde has {hidden}.")
+        if not errors.is_compact and tuple(errors.probs.shape) != (*batch_time, vocab):
+            raise ValueError(
+                f"errors.probs has shape {tuple(errors.probs.shape)}, expected "
+                f"[B,T,V]={(*batch_time, vocab)} with V = errors.vocab_size."
+            )
+        if errors.is_compact:
+            k = errors.topk_indices.shape[-1]
+            if errors.topk_values.shape != errors.topk_indices.shape or errors.topk_indices.ndim != 3:
+                raise ValueError("errors.topk_indices and errors.topk_values must both be [B,T,k].")
+            if self.topk == 0:
+                raise ValueError(
+                    "This MistakeLog stores exact errors (topk=0) but got compact ones: pass the dense "
+                    "`probs`, or create the log with MistakeLog(topk=k)."
+                )
+            if k != min(self.topk, vocab):
+                raise ValueError(
+                    f"Entry errors are compact with k={k} but this MistakeLog stores top-{self.topk}: "
+                    f"pass dense probs (the log compacts them) or compact with k={self.topk}."
+                )
+        if self._slots:
+            previous = self.latest()
+            if previous.x_tilde.shape[-1] != hidden:
+                raise ValueError(
+                    f"Entry has Pilot hidden size {hidden} but the log holds entries with hidden size "
+                    f"{previous.x_tilde.shape[-1]}: one MistakeLog serves one Pilot, create a new one."
+                )
+            if previous.errors.vocab_size != vocab:
+                raise ValueError(
+                    f"Entry has vocab size {vocab} but the log holds entries with vocab size "
+                    f"{previous.errors.vocab_size}: one MistakeLog serves one Pilot, create a new one."
+                )
+
+    def _entry_stats(self, entry: MistakeLogEntry, stored_errors: PilotErrors) -> dict[str, float]:
+        """Finite checks and per-entry statistics, read back in one device sync.
+
+        Norm and gold probability come from the errors as written (before compaction), so they
+        describe the Pilot, not the storage.
+        """
+        errors = entry.errors
+        probs = errors.topk_values if errors.is_compact else errors.probs
+        norm, p_gold = _error_norm_and_gold_prob(errors)
+        loss_mask = entry.loss_mask
+        count = loss_mask.sum()
+        denominator = count.clamp_min(1)
+        values = [
+            torch.isfinite(entry.x_tilde).all(),
+            torch.isfinite(entry.h_bar).all(),
+            torch.isfinite(probs).all(),
+            count,
+            (norm * loss_mask).sum() / denominator,
+            (p_gold * loss_mask).sum() / denominator,
+        ]
+        if stored_errors.is_compact:
+            dropped = (1.0 - stored_errors.topk_values.float().sum(-1)).clamp_min(0.0)
+            values.append((dropped * loss_mask).sum() / denominator)
+        finite_x, finite_h, finite_p, count, *means = torch.stack([v.float() for v in values]).tolist()
+        for name, finite in (("x_tilde", finite_x), ("h_bar", finite_h), ("errors probabilities", finite_p)):
+            if not finite:
+                raise ValueError(
+                    f"MistakeLogEntry {name} contains NaN or inf: the Pilot's forward pass diverged "
+                    "(check the learning rate / mixed precision); the entry was not stored."
+                )
+        if count == 0:
+            return {}
+        names = ("mean_error_norm", "pilot_gold_prob", "topk_dropped_mass")[: len(means)]
+        return {f"mistake_log/{name}": value for name, value in zip(names, means, strict=True)}
+
+    # ---- reporting ------------------------------------------------------------------------------
+    def memory_bytes(self) -> int:
+        """Bytes held by the stored tensors."""
+        return sum(t.nbytes for entry in self._slots for t in _flatten(entry).values())
+
+    @property
+    def bytes_per_entry(self) -> float:
+        return self.memory_bytes() / len(self) if self._slots else 0.0
+
+    def stats(self) -> dict[str, float]:
+        """Size and memory of the log, and error statistics of the latest entry over its loss mask.
+
+        `mean_error_norm` is the mean `||e_j||^2`, `pilot_gold_prob` the mean Pilot probability of the
+        gold token, `topk_dropped_mass` (compact storage) the mean probability mass outside the top k.
+        """
+        return {
+            "mistake_log/entries": float(len(self)),
+            "mistake_log/memory_mb": self.memory_bytes() / 2**20,
+            **self._latest_stats,
+        }
+
+    @staticmethod
+    def reconstruction_bound(entry: MistakeLogEntry | PilotErrors) -> torch.Tensor:
+        """Per-position bound [B,T] on `||e_exact - e_compact||_2` (zero for exact errors).
+
+        The difference is the vector q of dropped probabilities: q_i >= 0, sum q = m (the mass outside
+        the top k) and each q_i <= p_(k), the smallest kept probability. Hence
+        `||q||_2 <= sqrt(m * min(m, p_(k))) <= m`.
+        """
+        errors = entry.errors if isinstance(entry, MistakeLogEntry) else entry
+        if not errors.is_compact:
+            return torch.zeros(errors.targets.shape, device=errors.targets.device)
+        values = errors.topk_values.float()
+        dropped = (1.0 - values.sum(-1)).clamp_min(0.0)
+        smallest_kept = values.min(-1).values
+        return (dropped * torch.minimum(dropped, smallest_kept)).sqrt() * errors.mask
+
+    # ---- checkpointing --------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """Plain tensors, ints and floats only, so `torch.load(..., weights_only=True)` reads it."""
+        return {
+            "format_version": _FORMAT_VERSION,
+            "size": self.size,
+            "topk": self.topk,
+            "next": self._next,
+            "stats": dict(self._latest_stats),
+            "entries": [
+                {"vocab_size": entry.errors.vocab_size, "tensors": _flatten(entry)} for entry in self._slots
+            ],
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore entries, ring order and write position exactly (resume gives the same replay)."""
+        if state.get("format_version") != _FORMAT_VERSION:
+            raise ValueError(f"Unknown MistakeLog state format {state.get('format_version')!r}.")
+        if (state["size"], state["topk"]) != (self.size, self.topk):
+            raise ValueError(
+                f"Checkpointed MistakeLog has size={state['size']}, topk={state['topk']} but this one has "
+                f"size={self.size}, topk={self.topk}: create it with the checkpoint's settings "
+                "(or MistakeLog.load) to resume, or start from an empty log."
+            )
+        self._slots = [
+            _unflatten(item["tensors"], item["vocab_size"]).map_tensors(self._to_store)
+            for item in state["entries"]
+        ]
+        self._next = state["next"]
+        self._latest_stats = dict(state["stats"])
+
+    def save(self, path: str | os.PathLike[str]) -> None:
+        """Write the log to one file atomically: a crash mid-write never leaves a truncated log."""
+        directory = os.path.dirname(os.path.abspath(path))
+        fd, tmp = tempfile.mkstemp(dir=directory, prefix=".mistake_log.", suffix=".tmp")
+        os.close(fd)
+        try:
+            torch.save(self.state_dict(), tmp)
+            os.replace(tmp, path)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            raise
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str], store_device: str | torch.device = "cpu") -> MistakeLog:
+        state = torch.load(path, map_location=store_device, weights_only=True)
+        log = cls(size=state["size"], topk=state["topk"], store_device=store_device)
+        log.load_state_dict(state)
+        return log
