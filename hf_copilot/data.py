@@ -1,0 +1,62 @@
+"""Examples -> tokenized `datasets.Dataset` for causal-LM fine-tuning, and the collator that batches it.
+
+The loss is on the answer only: prompt tokens get label -100, the answer and a closing eos keep
+their ids, so the model learns to answer and then stop. The prompt is tokenized on its own, exactly
+as `generate()` will see it at evaluation time.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from datasets import Dataset
+from transformers import PreTrainedTokenizerBase
+
+from .tasks import Example
+
+IGNORE_INDEX = -100
+
+
+def tokenize_examples(examples: Sequence[Example], tokenizer: PreTrainedTokenizerBase) -> Dataset:
+    """A Dataset with `input_ids`, `attention_mask` and `labels` (prompt masked to -100) per example."""
+    if not examples:
+        raise ValueError("tokenize_examples got no examples: generate or load some first.")
+    if tokenizer.eos_token_id is None:
+        raise ValueError("The tokenizer has no eos token: set one so the model learns where answers end.")
+    prompts = tokenizer([e.prompt for e in examples])["input_ids"]
+    answers = tokenizer([e.answer for e in examples], add_special_tokens=False)["input_ids"]
+    input_ids = [p + a + [tokenizer.eos_token_id] for p, a in zip(prompts, answers, strict=True)]
+    labels = [
+        [IGNORE_INDEX] * len(p) + a + [tokenizer.eos_token_id] for p, a in zip(prompts, answers, strict=True)
+    ]
+    return Dataset.from_dict(
+        {"input_ids": input_ids, "attention_mask": [[1] * len(ids) for ids in input_ids], "labels": labels}
+    )
+
+
+@dataclass
+class DataCollatorForCompletion:
+    """Pads a batch on the right: inputs with the pad token, attention mask with 0, labels with -100.
+
+    Right padding keeps every example's positions the same as unpadded, whatever the tokenizer's
+    (generation-side) padding setting.
+    """
+
+    tokenizer: PreTrainedTokenizerBase
+
+    def __post_init__(self) -> None:
+        if self.tokenizer.pad_token_id is None:
+            raise ValueError(
+                "The tokenizer has no pad token: set one (e.g. tokenizer.pad_token = tokenizer.eos_token)."
+            )
+
+    def __call__(self, features: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        width = max(len(f["input_ids"]) for f in features)
+        padding = {"input_ids": self.tokenizer.pad_token_id, "attention_mask": 0, "labels": IGNORE_INDEX}
+        return {
+            key: torch.tensor([list(f[key]) + [value] * (width - len(f[key])) for f in features])
+            for key, value in padding.items()
+        }
