@@ -122,6 +122,8 @@ class PilotCopilotCache(DynamicCache):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.copilot: CopilotDecodingState | None = None
+        # Set by generate(): positions before it are the prompt, whose tokens are known.
+        self.prompt_length: int | None = None
 
     def copilot_state(self, num_layers: int) -> CopilotDecodingState:
         if self.copilot is None:
@@ -152,6 +154,7 @@ class PilotCopilotCache(DynamicCache):
     def reset(self) -> None:
         super().reset()
         self.copilot = None
+        self.prompt_length = None
 
 
 class CopilotLogitsProcessor(LogitsProcessor):

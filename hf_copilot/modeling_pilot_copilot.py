@@ -7,10 +7,16 @@ Pilot step -> Copilot step -> `CopilotLogitsProcessor` (generation).
 
 from __future__ import annotations
 
+import base64
+import copy
 import hashlib
 import json
 import os
+import re
+import shutil
+import uuid
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -26,6 +32,8 @@ from .mistake_log_entry import MistakeLogEntry, PilotErrors
 
 COPILOT_WEIGHTS_NAME = "copilot.safetensors"
 FUSION_FIELDS = ("copilot_lambda", "fusion", "copilot_feedback")
+FINGERPRINT_TENSORS = 16  # tensors sampled for the fingerprint
+FINGERPRINT_VALUES = 8  # values sampled per tensor
 
 
 class CopilotRMSNorm(nn.Module):
@@ -278,20 +286,37 @@ class PilotCopilotOutput(ModelOutput):
 
 
 def pilot_fingerprint(pilot: PreTrainedModel) -> str:
-    """A short hash of the Pilot's architecture and weights: a Copilot belongs to the Pilot it learnt from."""
-    digest = hashlib.sha256()
+    """Who the Copilot learnt from: a hash of the Pilot's architecture and a fixed sample of its weights.
+
+    `"<architecture hash>:<base64 float32 samples>"`. The samples are compared with a tolerance
+    (`same_pilot`), so the same Pilot loaded in bfloat16 or float16 matches while a fine-tuned or
+    other Pilot does not.
+    """
+    state = sorted(pilot.state_dict().items())
     config = pilot.config.to_dict()
     identity = {
         key: config.get(key) for key in ("model_type", "vocab_size", "hidden_size", "num_hidden_layers")
     }
-    digest.update(json.dumps(identity, sort_keys=True).encode())
-    for name, tensor in sorted(pilot.state_dict().items()):
-        values = tensor.detach().float().flatten()
-        sample = values[:: max(1, values.numel() // 64)][:64].cpu()
-        digest.update(name.encode())
-        digest.update(f"{values.sum().item():.6e}|{values.abs().sum().item():.6e}".encode())
-        digest.update(sample.numpy().round(6).tobytes())
-    return digest.hexdigest()[:16]
+    identity["tensors"] = [(name, list(tensor.shape)) for name, tensor in state]
+    architecture = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
+    chosen = state[:: max(1, len(state) // FINGERPRINT_TENSORS)][:FINGERPRINT_TENSORS]
+    samples = [
+        tensor.detach().flatten()[:: max(1, tensor.numel() // FINGERPRINT_VALUES)][:FINGERPRINT_VALUES]
+        for _, tensor in chosen
+    ]
+    values = torch.cat([sample.float().cpu() for sample in samples]).numpy().astype("<f4")
+    return f"{architecture}:{base64.b64encode(values.tobytes()).decode()}"
+
+
+def same_pilot(expected: str, actual: str, rtol: float = 2e-2) -> bool:
+    """Whether two fingerprints name the same Pilot, up to half-precision rounding (~0.4% for bfloat16)."""
+    expected_arch, _, expected_values = expected.partition(":")
+    actual_arch, _, actual_values = actual.partition(":")
+    if expected_arch != actual_arch:
+        return False
+    a = torch.frombuffer(bytearray(base64.b64decode(expected_values)), dtype=torch.float32)
+    b = torch.frombuffer(bytearray(base64.b64decode(actual_values)), dtype=torch.float32)
+    return a.shape == b.shape and bool(torch.allclose(b, a, rtol=rtol, atol=1e-6))
 
 
 def mistake_log_entry_from_pilot_pass(
@@ -322,6 +347,38 @@ def mistake_log_entry_from_pilot_pass(
     )
 
 
+@contextmanager
+def atomic_save_directory(save_directory: str | os.PathLike):
+    """Yield a new folder next to `save_directory`; once the body succeeds its files move there.
+
+    A failure while writing (full disk, a crash in serialization) leaves `save_directory` as it was:
+    a new or empty destination appears in one rename, an existing one gets each file by rename, and
+    weight files of an earlier save that the new one does not overwrite are removed (as save_pretrained
+    does for stale shards).
+    """
+    target = os.path.abspath(os.fspath(save_directory))
+    parent, name = os.path.split(target)
+    os.makedirs(parent, exist_ok=True)
+    staging = os.path.join(parent, f".{name}.{uuid.uuid4().hex[:8]}.tmp")
+    os.mkdir(staging)  # mkdir (not mkdtemp) keeps the umask's permissions on the final folder
+    try:
+        yield staging
+        if not os.path.isdir(target) or not os.listdir(target):
+            os.replace(staging, target)
+            return
+        written = set(os.listdir(staging))
+        for stale in set(os.listdir(target)) - written:
+            if re.fullmatch(r"(model|copilot)(-\d{5}-of-\d{5})?\.safetensors(\.index\.json)?", stale):
+                os.remove(os.path.join(target, stale))
+        for entry in written:
+            destination = os.path.join(target, entry)
+            if os.path.isdir(destination):
+                shutil.rmtree(destination)
+            os.replace(os.path.join(staging, entry), destination)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
 def shift_right(stream: torch.Tensor) -> torch.Tensor:
     """Position j receives the value of position j-1; position 0 receives zeros."""
     return F.pad(stream[:, :-1], (0, 0, 1, 0))
@@ -341,6 +398,11 @@ class PilotCopilotForCausalLM(PreTrainedModel, GenerationMixin):
 
     def __init__(self, config: PilotCopilotConfig, pilot: PreTrainedModel | None = None):
         super().__init__(config)
+        if pilot is not None:
+            # A given Pilot is initialised already: post_init must not re-draw modules it does not flag
+            # (a PEFT Pilot's LoRA layers are not PreTrainedModel modules).
+            for module in pilot.modules():
+                module._is_hf_initialized = True
         self.pilot = pilot if pilot is not None else AutoModelForCausalLM.from_config(config.text_config)
         self.copilot = CopilotModel(config.copilot_config)
         self.post_init()
@@ -367,6 +429,9 @@ class PilotCopilotForCausalLM(PreTrainedModel, GenerationMixin):
             copilot_init = AutoModelForCausalLM.from_pretrained(copilot_init)
         if isinstance(copilot_config, dict):
             copilot_config = CopilotConfig(**copilot_config)
+        elif copilot_config is not None:
+            # The wrapper fills in this Pilot's sizes: the caller's config stays free for another Pilot.
+            copilot_config = copy.deepcopy(copilot_config)
         if copilot_config is None:
             copilot_config = (
                 copilot_config_like(copilot_init.config) if copilot_init is not None else CopilotConfig()
@@ -422,10 +487,10 @@ class PilotCopilotForCausalLM(PreTrainedModel, GenerationMixin):
         """Attach a Copilot saved with `save_copilot` to `pilot`, refusing a Pilot it was not trained with."""
         copilot = CopilotModel.from_pretrained(copilot_path, **kwargs)
         expected = copilot.config.pilot_fingerprint
-        if expected is not None and expected != pilot_fingerprint(pilot):
+        if expected is not None and not same_pilot(expected, pilot_fingerprint(pilot)):
             raise ValueError(
-                f"This Copilot was trained with a different Pilot (fingerprint {expected}, this Pilot's is "
-                f"{pilot_fingerprint(pilot)}). A Copilot trained jointly belongs to the fine-tuned Pilot: save that "
+                f"This Copilot was trained with a different Pilot (fingerprint {expected[:16]}..., this Pilot's is "
+                f"{pilot_fingerprint(pilot)[:16]}..., or its weights differ). A Copilot trained jointly belongs to the fine-tuned Pilot: save that "
                 "Pilot (pilot.save_pretrained) and load the Copilot onto it."
             )
         fusion = {k: getattr(copilot.config, k) for k in FUSION_FIELDS if hasattr(copilot.config, k)}
@@ -433,19 +498,67 @@ class PilotCopilotForCausalLM(PreTrainedModel, GenerationMixin):
         model.copilot.load_state_dict(copilot.state_dict())
         return model
 
-    def save_copilot(self, save_directory: str | os.PathLike, **kwargs) -> None:
-        """PEFT-style save: Copilot weights + a config naming the base Pilot and its fingerprint."""
+    def save_copilot(
+        self, save_directory: str | os.PathLike, base_model_name_or_path: str | None = None, **kwargs
+    ) -> None:
+        """PEFT-style save: Copilot weights + a config naming the base Pilot and its fingerprint.
+
+        The base Pilot defaults to the Pilot's `name_or_path`. Written atomically (`atomic_save_directory`).
+        """
         config = CopilotConfig(**self.copilot.config.to_dict())
-        config.base_model_name_or_path = self.pilot.config.name_or_path or None
+        config.base_model_name_or_path = base_model_name_or_path or self.pilot.config.name_or_path or None
         config.pilot_fingerprint = pilot_fingerprint(self.pilot)
         for key in FUSION_FIELDS:
             setattr(config, key, getattr(self.config, key))
         original = self.copilot.config
         self.copilot.config = config
         try:
-            self.copilot.save_pretrained(save_directory, **kwargs)
+            with atomic_save_directory(save_directory) as staging:
+                self.copilot.save_pretrained(staging, **kwargs)
         finally:
             self.copilot.config = original
+
+    def save_pretrained(self, save_directory: str | os.PathLike, *args, **kwargs) -> None:
+        """`PreTrainedModel.save_pretrained`, written atomically (`atomic_save_directory`).
+
+        Saves that push or run on several processes keep the stock behaviour.
+        """
+        if args or kwargs.get("push_to_hub") or not kwargs.get("is_main_process", True):
+            return super().save_pretrained(save_directory, *args, **kwargs)
+        if os.path.isfile(save_directory):
+            return super().save_pretrained(save_directory, **kwargs)
+        with atomic_save_directory(save_directory) as staging:
+            super().save_pretrained(staging, **kwargs)
+
+    def push_to_hub(self, repo_id: str, **kwargs):
+        """Upload config (with auto_map), modeling files, weights, generation config and a model card.
+
+        Takes `PreTrainedModel.push_to_hub`'s arguments plus the card's (`evaluation_results`,
+        `base_model`, ...); the upload is the folder `hf_copilot.hub.stage_for_upload` builds.
+        """
+        try:
+            # Optional: this file must load with trust_remote_code where hf_copilot is not installed.
+            from hf_copilot import hub
+        except ImportError:
+            warnings.warn(
+                "hf_copilot is not installed: pushing with transformers' generic model card.", stacklevel=2
+            )
+            return super().push_to_hub(repo_id, **kwargs)
+        return hub.push_to_hub(self, repo_id, copilot_only=False, **kwargs)
+
+    def push_copilot_to_hub(self, repo_id: str, **kwargs):
+        """Upload what `save_copilot` writes and a model card: the Copilot alone, loadable onto its base Pilot.
+
+        Same arguments as `push_to_hub`; `base_model=` names the base Pilot on the Hub when this Pilot
+        was loaded from a local path.
+        """
+        try:
+            from hf_copilot import hub
+        except ImportError as error:
+            raise ImportError(
+                "push_copilot_to_hub needs the hf_copilot package: pip install hf-copilot"
+            ) from error
+        return hub.push_to_hub(self, repo_id, copilot_only=True, **kwargs)
 
     # ----------------------------------------------------------------------------------------------
     # Embeddings, so that resize/peft/generation utilities see the Pilot's
@@ -567,33 +680,45 @@ class PilotCopilotForCausalLM(PreTrainedModel, GenerationMixin):
         cache: PilotCopilotCache,
         copilot_feedback: str,
     ) -> torch.Tensor:
-        """Advance the Copilot over the new positions only, reading and updating its state in `cache`."""
+        """Advance the Copilot over the new positions only, reading and updating its state in `cache`.
+
+        Prompt positions (every position in "observed" mode) read the observed errors; in "copilot"
+        mode a generated position reads the Copilot's own previous prediction (the paper). generate()
+        records the prompt length on the cache, because the prompt may arrive in several forwards
+        (chunked prefill) or together with drafted tokens (assisted decoding); without it the first
+        forward is the prompt.
+        """
         state = cache.copilot_state(len(self.copilot.layers))
-        new = input_ids.shape[1]
-        probs = entry.errors.probs  # [B, new, V]
-        if state.kv_cache.length == 0 or copilot_feedback == "observed":
-            # The prompt (and, in observed mode, everything): errors are known from the tokens.
-            observed = self.observed_feedback(input_ids, attention_mask, entry, state)
-            predictions = self.copilot(observed, entry.x_tilde, entry.h_bar, attention_mask, state.kv_cache)
+        new, past = input_ids.shape[1], state.kv_cache.length
+        if copilot_feedback == "observed":
+            known = new
         else:
-            # The paper: a generated position receives the Copilot's own previous prediction.
-            outputs = []
-            feedback = state.last_prediction
-            for position in range(new):
-                stream = self.copilot.embed_predictions(feedback).unsqueeze(1)
-                length = state.kv_cache.length + 1
-                step_mask = attention_mask[:, :length]
-                prediction = self.copilot(
-                    stream,
-                    entry.x_tilde[:, position : position + 1],
-                    entry.h_bar[:, position : position + 1],
-                    step_mask,
-                    state.kv_cache,
-                )
-                outputs.append(prediction)
-                feedback = prediction[:, 0]
-            predictions = torch.cat(outputs, dim=1)
-        state.record(predictions, probs, start=state.kv_cache.length - new)
+            prompt_length = cache.prompt_length
+            if prompt_length is None:
+                prompt_length = past + new if past == 0 else past
+            known = min(max(prompt_length - past, 0), new)
+        outputs = []
+        if known > 0:
+            head = entry if known == new else entry.map_tensors(lambda t: t[:, :known])
+            head_mask = attention_mask[:, : past + known]
+            observed = self.observed_feedback(input_ids[:, :known], head_mask, head, state)
+            outputs.append(self.copilot(observed, head.x_tilde, head.h_bar, head_mask, state.kv_cache))
+        feedback = outputs[0][:, -1] if outputs else state.last_prediction
+        for position in range(known, new):
+            stream = self.copilot.embed_predictions(feedback).unsqueeze(1)
+            length = state.kv_cache.length + 1
+            step_mask = attention_mask[:, :length]
+            prediction = self.copilot(
+                stream,
+                entry.x_tilde[:, position : position + 1],
+                entry.h_bar[:, position : position + 1],
+                step_mask,
+                state.kv_cache,
+            )
+            outputs.append(prediction)
+            feedback = prediction[:, 0]
+        predictions = outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=1)
+        state.record(predictions, entry.errors.probs, start=past)
         return predictions
 
     def observed_feedback(
@@ -636,9 +761,11 @@ class PilotCopilotForCausalLM(PreTrainedModel, GenerationMixin):
                 )
             model_kwargs["cache"] = PilotCopilotCache(config=self.config.get_text_config(decoder=True))
 
-    def _get_logits_processor(self, generation_config, *args, model_kwargs=None, **kwargs):
+    def _get_logits_processor(
+        self, generation_config, input_ids_seq_length=None, *args, model_kwargs=None, **kwargs
+    ):
         processors = super()._get_logits_processor(
-            generation_config, *args, model_kwargs=model_kwargs, **kwargs
+            generation_config, input_ids_seq_length, *args, model_kwargs=model_kwargs, **kwargs
         )
         model_kwargs = model_kwargs or {}
         copilot_lambda, fusion, _ = self.fusion_settings(
@@ -646,8 +773,24 @@ class PilotCopilotForCausalLM(PreTrainedModel, GenerationMixin):
             model_kwargs.get("fusion"),
             model_kwargs.get("copilot_feedback"),
         )
-        processors.insert(0, CopilotLogitsProcessor(model_kwargs["cache"], copilot_lambda, fusion))
+        cache = model_kwargs["cache"]
+        # The prompt's tokens are known: the Copilot reads their observed errors (copilot_generation_step).
+        cache.prompt_length = input_ids_seq_length
+        processors.insert(0, CopilotLogitsProcessor(cache, copilot_lambda, fusion))
         return processors
+
+    def _get_candidate_generator(self, *args, logits_processor=None, model_kwargs=None, **kwargs):
+        # An assistant drafts from its own scores: this model's Copilot predictions and fusion
+        # settings belong to this model's positions, so neither is handed to the assistant's generate().
+        if logits_processor is not None:
+            logits_processor = type(logits_processor)(
+                p for p in logits_processor if not isinstance(p, CopilotLogitsProcessor)
+            )
+        if model_kwargs is not None:
+            model_kwargs = {k: v for k, v in model_kwargs.items() if k not in FUSION_FIELDS}
+        return super()._get_candidate_generator(
+            *args, logits_processor=logits_processor, model_kwargs=model_kwargs, **kwargs
+        )
 
 
 def copilot_squared_error(

@@ -1,0 +1,400 @@
+"""The Pilot + Copilot forward pass: Mistake Log entry, losses, causality, and an untouched Pilot.
+
+Most tests run once per Pilot architecture (the `arch` fixture of conftest.py).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import (
+    FIRST_REGULAR_TOKEN,
+    VOCAB_SIZE,
+    build_batch,
+    build_pilot,
+    build_pilot_copilot,
+    padded_position_ids,
+    tiny_copilot_config,
+    tiny_pilot_config,
+)
+from transformers import (
+    LlamaConfig,
+    LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+)
+
+from hf_copilot import PilotCopilotConfig, PilotCopilotForCausalLM, PilotErrors, fuse_scores
+from hf_copilot.modeling_pilot_copilot import shift_right
+
+
+def pilot_inputs(batch):
+    return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+
+
+def direct_errors(
+    logits: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor
+) -> torch.Tensor:
+    """onehot(token_{j+1}) - softmax(z_j) where j and j+1 are real tokens, 0 elsewhere."""
+    error = torch.zeros(logits.shape)
+    error[:, :-1] = F.one_hot(input_ids[:, 1:], logits.shape[-1]).float() - logits[:, :-1].float().softmax(-1)
+    has_next = torch.zeros(input_ids.shape, dtype=torch.bool)
+    has_next[:, :-1] = attention_mask[:, :-1].bool() & attention_mask[:, 1:].bool()
+    return error * has_next.unsqueeze(-1)
+
+
+# --------------------------------------------------------------------------------------------------
+# Losses
+
+
+@torch.no_grad()
+def test_pilot_loss_is_exactly_the_pilots_own_loss(arch):
+    model = build_pilot_copilot(arch)
+    batch = build_batch()
+    expected = model.pilot(**batch).loss
+    out = model(**batch)
+    assert torch.equal(out.pilot_loss, expected)
+    assert torch.equal(out.loss, out.pilot_loss + out.copilot_loss)
+
+
+@torch.no_grad()
+def test_pilot_loss_is_exactly_the_pilots_own_loss_under_gradient_accumulation(arch):
+    model = build_pilot_copilot(arch)
+    batch = build_batch()
+    num_items = torch.tensor(17)  # the token count of the whole optimizer batch, not this micro-batch
+    expected = model.pilot(**batch, num_items_in_batch=num_items).loss
+    assert not torch.equal(expected, model.pilot(**batch).loss)
+    assert torch.equal(model(**batch, num_items_in_batch=num_items).pilot_loss, expected)
+
+
+def test_copilot_loss_backpropagates_into_no_pilot_parameter(arch):
+    model = build_pilot_copilot(arch)
+    model(**build_batch()).copilot_loss.backward()
+    assert all(p.grad is None for p in model.pilot.parameters())
+    copilot_grads = [p.grad for p in model.copilot.parameters()]
+    assert all(g is not None for g in copilot_grads)
+    assert any(g.abs().sum() > 0 for g in copilot_grads)
+
+
+@torch.no_grad()
+def test_copilot_loss_is_the_rmse_over_loss_mask_positions(arch):
+    model = build_pilot_copilot(arch)
+    batch = build_batch()
+    out = model(**batch, return_mistake_log=True)
+    error = direct_errors(out.logits, batch["input_ids"], batch["attention_mask"])
+    loss_mask = torch.zeros(batch["labels"].shape, dtype=torch.bool)
+    loss_mask[:, :-1] = batch["labels"][:, 1:] != -100
+    assert torch.equal(out.mistake_log_entry.loss_mask, loss_mask)
+    squared = (out.copilot_logits.float() - error).square().sum(-1)
+    expected = squared[loss_mask].mean().sqrt()
+    torch.testing.assert_close(out.copilot_loss, expected, rtol=1e-5, atol=1e-6)
+    assert int(out.copilot_num_tokens) == int(loss_mask.sum())
+
+
+def test_all_labels_masked_gives_a_zero_loss_and_a_warning(arch):
+    model = build_pilot_copilot(arch)
+    batch = build_batch()
+    batch["labels"] = torch.full_like(batch["labels"], -100)
+    with pytest.warns(UserWarning, match="-100"):
+        out = model(**batch)
+    for loss in (out.loss, out.pilot_loss, out.copilot_loss):
+        assert torch.isfinite(loss) and loss.item() == 0.0
+    out.loss.backward()  # defined, and no NaN reaches the parameters
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+# --------------------------------------------------------------------------------------------------
+# The Mistake Log entry (SPEC section 2)
+
+
+@torch.no_grad()
+def test_error_tensor_is_onehot_next_token_minus_pilot_probabilities(arch):
+    model = build_pilot_copilot(arch)
+    batch = build_batch()
+    logits = model.pilot(**pilot_inputs(batch)).logits
+    entry = model(**batch, return_mistake_log=True).mistake_log_entry
+    error = entry.errors.dense()
+    assert error.shape == (*batch["input_ids"].shape, VOCAB_SIZE)
+    torch.testing.assert_close(error, direct_errors(logits, batch["input_ids"], batch["attention_mask"]))
+    assert not error[:, -1].any()  # the last position has no next token
+    assert not error[1, :3].any()  # row 1 has 3 pad tokens: positions 0..2 have no real next token
+    assert error[1, 3].any() and error[0, 0].any()
+    assert not entry.x_tilde.requires_grad and not entry.h_bar.requires_grad
+
+
+@torch.no_grad()
+def test_error_tensor_is_zero_at_right_padding(arch):
+    model = build_pilot_copilot(arch)
+    batch = build_batch(left_padding=())
+    batch["attention_mask"][1, -3:] = 0
+    batch["labels"][1, -3:] = -100
+    logits = model.pilot(**pilot_inputs(batch)).logits
+    error = model(**batch, return_mistake_log=True).mistake_log_entry.errors.dense()
+    torch.testing.assert_close(error, direct_errors(logits, batch["input_ids"], batch["attention_mask"]))
+    assert not error[1, -4:].any() and error[1, -5].any()
+
+
+@torch.no_grad()
+def test_memory_is_the_embedding_output_and_the_layer_mean(arch):
+    model = build_pilot_copilot(arch)
+    batch = build_batch()
+    hidden_states = model.pilot(**pilot_inputs(batch), output_hidden_states=True).hidden_states
+    entry = model(**batch, return_mistake_log=True).mistake_log_entry
+    assert torch.equal(entry.x_tilde, hidden_states[0])
+    torch.testing.assert_close(entry.h_bar, torch.stack(hidden_states[1:]).mean(0))
+
+
+# --------------------------------------------------------------------------------------------------
+# Causality of the Copilot (SPEC section 3)
+
+
+def random_copilot_inputs(model, batch_size=2, seq_len=7, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    pilot_hidden = model.copilot.config.pilot_hidden_size
+    x_tilde = torch.randn(batch_size, seq_len, pilot_hidden, generator=generator)
+    h_bar = torch.randn(batch_size, seq_len, pilot_hidden, generator=generator)
+    probs = torch.randn(batch_size, seq_len, VOCAB_SIZE, generator=generator).mul(3).softmax(-1)
+    targets = torch.randint(0, VOCAB_SIZE, (batch_size, seq_len), generator=generator)
+    mask = torch.ones(batch_size, seq_len, dtype=torch.bool)
+    mask[:, -1] = False
+    return x_tilde, h_bar, PilotErrors(targets, mask, VOCAB_SIZE, probs=probs)
+
+
+def copilot_output(model, x_tilde, h_bar, errors):
+    stream = shift_right(model.copilot.embed_errors(errors))
+    return model.copilot(stream, x_tilde, h_bar, torch.ones(x_tilde.shape[:2], dtype=torch.long))
+
+
+def perturbed_from(tensor: torch.Tensor, start: int) -> torch.Tensor:
+    changed = tensor.clone()
+    changed[:, start:] += torch.randn(changed[:, start:].shape, generator=torch.Generator().manual_seed(1))
+    return changed
+
+
+@pytest.mark.parametrize("copilot_hidden", [32, 16])  # 16: the memory is projected d_P -> d_C
+@pytest.mark.parametrize("j", [0, 3, 5])
+@torch.no_grad()
+def test_copilot_output_at_j_ignores_everything_after_j(j, copilot_hidden):
+    model = build_pilot_copilot("llama", copilot_config=tiny_copilot_config(hidden_size=copilot_hidden))
+    x_tilde, h_bar, errors = random_copilot_inputs(model)
+    reference = copilot_output(model, x_tilde, h_bar, errors)
+    later_errors = errors.map_tensors(lambda t: t.clone())
+    later_errors.probs[:, j:] = torch.randn(later_errors.probs[:, j:].shape).softmax(-1)
+    later_errors.targets[:, j:] = (errors.targets[:, j:] + 1) % VOCAB_SIZE
+    changes = {
+        "x_tilde": (perturbed_from(x_tilde, j + 1), h_bar, errors),
+        "h_bar": (x_tilde, perturbed_from(h_bar, j + 1), errors),
+        # e_j contains token j+1: position j must not see it (its stream holds e_{j-1}).
+        "errors": (x_tilde, h_bar, later_errors),
+    }
+    for name, inputs in changes.items():
+        changed = copilot_output(model, *inputs)
+        assert torch.equal(changed[:, : j + 1], reference[:, : j + 1]), name
+        assert not torch.allclose(changed[:, j + 1 :], reference[:, j + 1 :]), f"{name} changes nothing later"
+
+
+@torch.no_grad()
+def test_copilot_output_at_j_sees_position_j_of_the_memory_and_the_previous_error():
+    """The counterpart of the causality test: the mask is not so strict that it hides the present."""
+    model = build_pilot_copilot("llama")
+    x_tilde, h_bar, errors = random_copilot_inputs(model)
+    reference = copilot_output(model, x_tilde, h_bar, errors)
+    j = 3
+    earlier_errors = errors.map_tensors(lambda t: t.clone())
+    earlier_errors.targets[:, j - 1] = (errors.targets[:, j - 1] + 1) % VOCAB_SIZE
+    for inputs in (
+        (perturbed_from(x_tilde, j), h_bar, errors),
+        (x_tilde, perturbed_from(h_bar, j), errors),
+        (x_tilde, h_bar, earlier_errors),
+    ):
+        changed = copilot_output(model, *inputs)
+        assert torch.equal(changed[:, :j], reference[:, :j])
+        assert not torch.allclose(changed[:, j], reference[:, j])
+
+
+@torch.no_grad()
+def test_changing_token_k_changes_no_copilot_output_before_k(arch):
+    model = build_pilot_copilot(arch)
+    input_ids = build_batch(left_padding=())["input_ids"]
+    k = 5
+    changed_ids = input_ids.clone()
+    changed_ids[:, k] = FIRST_REGULAR_TOKEN + (input_ids[:, k] - FIRST_REGULAR_TOKEN + 1) % (
+        VOCAB_SIZE - FIRST_REGULAR_TOKEN
+    )
+    reference, changed = model(input_ids).copilot_logits, model(changed_ids).copilot_logits
+    torch.testing.assert_close(changed[:, :k], reference[:, :k], rtol=0, atol=1e-6)
+    assert not torch.allclose(changed[:, k], reference[:, k])
+
+
+# --------------------------------------------------------------------------------------------------
+# Wrapping leaves the Pilot as it was (SPEC section 6)
+
+
+@torch.no_grad()
+def test_wrapping_does_not_change_the_pilot(arch):
+    pilot = build_pilot(arch)
+    batch = build_batch()
+    before = pilot(**pilot_inputs(batch)).logits
+    attn_before = pilot.config._attn_implementation
+    model = build_pilot_copilot(pilot)
+    assert model.pilot is pilot
+    assert pilot.config._attn_implementation == attn_before
+    assert torch.equal(pilot(**pilot_inputs(batch)).logits, before)
+    assert torch.equal(model(**pilot_inputs(batch)).logits, before)
+
+
+@pytest.mark.parametrize("attn_implementation", ["eager", "sdpa"])
+@torch.no_grad()
+def test_wrapping_keeps_the_pilots_attention_implementation(attn_implementation):
+    pilot = LlamaForCausalLM._from_config(tiny_pilot_config("llama"), attn_implementation=attn_implementation)
+    model = build_pilot_copilot(pilot)
+    assert model.pilot.config._attn_implementation == attn_implementation
+    assert model.config.text_config._attn_implementation == attn_implementation
+
+
+def assert_pilot_is_causal(model, input_ids):
+    k = 4
+    changed_ids = input_ids.clone()
+    changed_ids[:, k] = (input_ids[:, k] + 1) % VOCAB_SIZE
+    reference, changed = model(input_ids).logits, model(changed_ids).logits
+    torch.testing.assert_close(changed[:, :k], reference[:, :k], rtol=0, atol=1e-6)
+    assert not torch.allclose(changed[:, k], reference[:, k])
+
+
+@torch.no_grad()
+def test_wrapped_pilot_is_still_causal(arch):
+    input_ids = build_batch(left_padding=())["input_ids"]
+    model = build_pilot_copilot(arch)
+    assert_pilot_is_causal(model, input_ids)
+    assert_pilot_is_causal(model.pilot, input_ids)
+
+
+@torch.no_grad()
+def test_a_pilot_built_from_the_wrappers_config_is_causal():
+    """The 5.24 trap: a nested config whose attention implementation is None loses the causal mask."""
+    pilot_config = LlamaConfig(**tiny_pilot_config("llama").to_dict())
+    config = PilotCopilotConfig(text_config=pilot_config, copilot_config=tiny_copilot_config())
+    model = PilotCopilotForCausalLM(config).eval()
+    assert model.pilot.config._attn_implementation is not None
+    assert_pilot_is_causal(model, build_batch(left_padding=())["input_ids"])
+
+
+# --------------------------------------------------------------------------------------------------
+# Padding
+
+
+@torch.no_grad()
+def test_left_padding_gives_the_unpadded_copilot_outputs_on_real_positions(arch):
+    model = build_pilot_copilot(arch)
+    batch = build_batch(batch_size=2, left_padding=(0, 3))
+    out = model(**pilot_inputs(batch), position_ids=padded_position_ids(batch["attention_mask"]))
+    for row, pad in ((0, 0), (1, 3)):
+        alone = model(batch["input_ids"][row : row + 1, pad:])
+        torch.testing.assert_close(out.logits[row, pad:], alone.logits[0], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(
+            out.copilot_logits[row, pad:], alone.copilot_logits[0], rtol=1e-5, atol=1e-5
+        )
+        assert torch.isfinite(out.copilot_logits[row]).all()
+
+
+# --------------------------------------------------------------------------------------------------
+# copilot_init: a Copilot built from a pretrained decoder (SPEC section 3)
+
+DECODERS = {
+    "llama": (LlamaConfig, LlamaForCausalLM),
+    "qwen2": (Qwen2Config, Qwen2ForCausalLM),
+    "mistral": (MistralConfig, MistralForCausalLM),
+}
+
+
+def build_decoder(family: str, vocab_size: int = VOCAB_SIZE, tie_word_embeddings: bool = False):
+    config_class, model_class = DECODERS[family]
+    torch.manual_seed(7)
+    config = config_class(
+        vocab_size=vocab_size,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=48,
+        rms_norm_eps=1e-5,
+        hidden_act="gelu",
+        tie_word_embeddings=tie_word_embeddings,
+    )
+    return model_class(config).eval()
+
+
+def assert_copilot_copies_decoder(model, decoder):
+    copilot, source = model.copilot, decoder.model
+    assert torch.equal(copilot.error_proj.weight, source.embed_tokens.weight.t())
+    assert torch.equal(copilot.error_head.weight, decoder.lm_head.weight)
+    assert torch.equal(copilot.norm.weight, source.norm.weight)
+    source_layers = dict(source.layers.named_parameters())
+    copilot_layers = dict(copilot.layers.named_parameters())
+    assert copilot_layers.keys() == source_layers.keys()
+    for name, value in source_layers.items():
+        assert torch.equal(copilot_layers[name], value), name
+
+
+@pytest.mark.parametrize("tie_word_embeddings", [False, True])
+@pytest.mark.parametrize("family", list(DECODERS))
+@torch.no_grad()
+def test_copilot_init_copies_a_pretrained_decoder(family, tie_word_embeddings):
+    decoder = build_decoder(family, tie_word_embeddings=tie_word_embeddings)
+    model = PilotCopilotForCausalLM.from_pilot(build_pilot("gpt2"), copilot_init=decoder)
+    config = model.copilot.config
+    assert (config.hidden_size, config.num_hidden_layers, config.num_attention_heads) == (32, 2, 4)
+    assert (config.num_key_value_heads, config.intermediate_size) == (2, 48)
+    assert (config.hidden_act, config.rms_norm_eps) == ("gelu", 1e-5)
+    assert_copilot_copies_decoder(model, decoder)
+
+
+@torch.no_grad()
+def test_copilot_init_from_a_saved_decoder_path(tmp_path):
+    decoder = build_decoder("qwen2")
+    decoder.save_pretrained(tmp_path)
+    model = PilotCopilotForCausalLM.from_pilot(build_pilot("llama"), copilot_init=str(tmp_path))
+    assert_copilot_copies_decoder(model, decoder)
+
+
+def test_copilot_init_with_another_vocabulary_raises():
+    with pytest.raises(ValueError, match="vocabulary"):
+        PilotCopilotForCausalLM.from_pilot(
+            build_pilot("llama"), copilot_init=build_decoder("llama", vocab_size=80)
+        )
+
+
+# --------------------------------------------------------------------------------------------------
+# Fused scores under teacher forcing (SPEC section 6)
+
+
+@pytest.mark.parametrize("fusion", ["probs", "logits"])
+@pytest.mark.parametrize("copilot_lambda", [0.3, 3.0])
+@torch.no_grad()
+def test_fused_logits_are_fuse_scores_of_the_two_models(arch, fusion, copilot_lambda):
+    model = build_pilot_copilot(arch)
+    batch = build_batch()
+    out = model(**pilot_inputs(batch), return_fused=True, copilot_lambda=copilot_lambda, fusion=fusion)
+    expected = fuse_scores(out.logits, out.copilot_logits, copilot_lambda, fusion)
+    assert torch.equal(out.fused_logits, expected)
+    assert not torch.allclose(
+        out.fused_logits, out.logits.log_softmax(-1) if fusion == "probs" else out.logits
+    )
+
+
+@torch.no_grad()
+def test_fused_logits_follow_the_config_without_overrides():
+    model = build_pilot_copilot("llama", copilot_lambda=0.5, fusion="logits")
+    out = model(**pilot_inputs(build_batch()), return_fused=True)
+    assert torch.equal(out.fused_logits, out.logits + 0.5 * out.copilot_logits)
+
+
+@pytest.mark.parametrize("fusion", ["probs", "logits"])
+@torch.no_grad()
+def test_fused_logits_with_lambda_zero_are_the_pilot_logits(arch, fusion):
+    model = build_pilot_copilot(arch)
+    out = model(**pilot_inputs(build_batch()), return_fused=True, copilot_lambda=0.0, fusion=fusion)
+    assert torch.equal(out.fused_logits, model.pilot(**pilot_inputs(build_batch())).logits)
