@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any
 
+from ..metrics import exact_match
+
 SPLITS = ("train", "validation", "test")
 
 Prediction = str | Sequence[str]
@@ -52,11 +54,9 @@ class Task(ABC):
         """
         check_predictions(predictions, examples)
         top = [p if isinstance(p, str) else (p[0] if p else "") for p in predictions]
-        hits = [
-            self.extract_answer(p) == self.extract_answer(e.answer)
-            for p, e in zip(top, examples, strict=True)
-        ]
-        return {"accuracy": sum(hits) / len(hits)}
+        predicted = [self.extract_answer(p) for p in top]
+        gold = [self.extract_answer(e.answer) for e in examples]
+        return {"accuracy": exact_match(predicted, gold)}
 
 
 def check_predictions(predictions: Sequence[Prediction], examples: Sequence[Example]) -> None:
