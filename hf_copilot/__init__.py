@@ -4,6 +4,8 @@ Importing the package registers the Pilot+Copilot classes with the Auto classes,
 without `trust_remote_code`.
 """
 
+import importlib
+
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from .configuration_pilot_copilot import CopilotConfig, PilotCopilotConfig
@@ -18,11 +20,30 @@ AutoModelForCausalLM.register(PilotCopilotConfig, PilotCopilotForCausalLM, exist
 PilotCopilotConfig.register_for_auto_class()
 PilotCopilotForCausalLM.register_for_auto_class("AutoModelForCausalLM")
 
+# Training classes import transformers.Trainer (and accelerate): loaded on first use only.
+_LAZY_ATTRIBUTES = {
+    "CopilotTrainer": ".trainer",
+    "CopilotTrainingArguments": ".training_args",
+    "MistakeLogCallback": ".mistake_log_callback",
+    "NonFiniteLossError": ".trainer",
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY_ATTRIBUTES:
+        return getattr(importlib.import_module(_LAZY_ATTRIBUTES[name], __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 __all__ = [
     "CopilotConfig",
     "CopilotLogitsProcessor",
     "CopilotModel",
+    "CopilotTrainer",
+    "CopilotTrainingArguments",
+    "MistakeLogCallback",
     "MistakeLogEntry",
+    "NonFiniteLossError",
     "PilotCopilotCache",
     "PilotCopilotConfig",
     "PilotCopilotForCausalLM",

@@ -1,0 +1,460 @@
+"""`CopilotTrainer`: a drop-in `Trainer` that fine-tunes the Pilot and trains the Copilot in one loop.
+
+SPEC sections 4 and 6. An existing Trainer script changes only the model
+(`PilotCopilotForCausalLM.from_pilot(...)`) and the class names (`CopilotTrainer`,
+`CopilotTrainingArguments`). One micro-batch: Pilot forward -> Mistake Log entry -> Copilot forward on the
+fresh entry (+ replayed entries) -> `L_P + copilot_loss_weight * L_C` -> one backward.
+
+**Decision (Copilot objective).** Under gradient accumulation and DDP the trainer optimises the Copilot's
+squared error normalised by the global token count,
+
+    L_C = sum_{micro-batches, ranks} sum_{j in loss mask} ||f_C_j - e_j||^2  /  N_C,
+
+where N_C counts the loss-mask positions (j with labels[j+1] != -100 and a real next token) of every
+micro-batch of the optimizer step on every rank, replayed entries included. N_C is counted from the batches
+before the first forward (as Trainer counts `num_items_in_batch` for the Pilot) and summed across processes
+when `average_tokens_across_devices=True`; the returned loss is then multiplied by the number of processes,
+exactly like Trainer's own loss, because DDP averages gradients. The Pilot's loss uses `num_items_in_batch`
+the same way, so accumulation 4 x batch 2 updates both models exactly as batch 8 does. The logged
+`copilot_loss` is the paper's RMSE, `sqrt(sum ||f_C - e||^2 / count)` over the fresh entries of the logging
+window (all ranks). The MSE objective and the paper's RMSE differ only by the gradient scale
+`1 / (2 * RMSE)`, which varies slowly and which Adam normalises away (SPEC section 4).
+
+Replay (`mistake_log_replay = R > 0`): at the start of each optimizer step, every micro-batch draws R
+entries from the log as it stood after the previous step; their positions join the Copilot's batch and N_C,
+so each replayed position weighs exactly as much as a fresh one. The log holds one entry per forward pass
+(micro-batch). Under DDP every process keeps and replays the log of its own data, and checkpoints it as
+`mistake_log_{rank}.pt`.
+
+**Decision (clipping).** The Pilot's and the Copilot's gradients are clipped separately, each to
+`max_grad_norm`: with one global norm the Copilot's gradients would shrink the Pilot's steps. With the
+detached Mistake Log this makes one backward of `L_P + w * L_C` exactly two separate updates: the Pilot is
+fine-tuned as the stock Trainer would fine-tune it alone. The logged `grad_norm` is the norm of both.
+
+`freeze_pilot=True` freezes the Pilot's parameters and runs it in eval mode (no dropout), as at inference,
+so the Copilot learns the errors it will have to correct.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from accelerate.utils import DistributedType
+from torch import nn
+from transformers import Trainer
+from transformers.trainer_optimizer import is_optimizer_factory
+from transformers.trainer_utils import get_last_checkpoint, has_length, unwrap_peft_model
+from transformers.training_args import ParallelMode
+from transformers.utils import is_sagemaker_mp_enabled, logging
+
+from .mistake_log import MistakeLog
+from .mistake_log_callback import MistakeLogCallback
+from .mistake_log_entry import MistakeLogEntry
+from .modeling_pilot_copilot import PilotCopilotForCausalLM, copilot_squared_error, shift_right
+from .training_args import CopilotTrainingArguments
+
+logger = logging.get_logger(__name__)
+
+
+class NonFiniteLossError(RuntimeError):
+    """Training produced a NaN or infinite loss; raised before the step's backward pass."""
+
+
+def copilot_token_count(labels: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+    """Positions the Copilot is trained on: labels[j+1] != -100 and both j and j+1 are real tokens.
+
+    The same rule as the Mistake Log entry's `loss_mask` (SPEC section 2).
+    """
+    targets = labels[:, 1:] != -100
+    if attention_mask is not None:
+        attention_mask = attention_mask.bool()
+        targets = targets & attention_mask[:, :-1] & attention_mask[:, 1:]
+    return targets.sum()
+
+
+@dataclass
+class _CopilotStep:
+    """What an optimizer step's micro-batches share: their replay batches and the global Copilot count."""
+
+    replays: deque = field(default_factory=deque)
+    num_tokens: torch.Tensor | None = None
+
+
+def _is_pilot_copilot(model: nn.Module) -> bool:
+    # A checkpoint loaded with trust_remote_code has its own copy of the class.
+    return isinstance(model, PilotCopilotForCausalLM) or type(model).__name__ == "PilotCopilotForCausalLM"
+
+
+class CopilotTrainer(Trainer):
+    """`Trainer` for a `PilotCopilotForCausalLM`: takes the same arguments as `Trainer`.
+
+    Logs `pilot_loss` (mean per-token Pilot loss, as Trainer's `loss` would be for the Pilot alone),
+    `copilot_loss` (RMSE) and `mistake_log/*` statistics at every logging step; evaluation adds
+    `eval_pilot_loss`, `eval_copilot_loss`, `eval_pilot_token_accuracy` and `eval_fused_token_accuracy`.
+    `eval_loss` is the training objective `L_P + weight * MSE` averaged over evaluation batches. Prediction
+    outputs are the Pilot's logits, as with the stock Trainer.
+    """
+
+    def __init__(
+        self, model: nn.Module | None = None, args: CopilotTrainingArguments | None = None, *a, **kw
+    ):
+        if args is None:
+            args = CopilotTrainingArguments(output_dir="tmp_trainer")
+        if not isinstance(args, CopilotTrainingArguments):
+            raise TypeError(
+                f"CopilotTrainer needs CopilotTrainingArguments, got {type(args).__name__}: replace "
+                "TrainingArguments(...) with CopilotTrainingArguments(...) (same fields, plus the Copilot's)."
+            )
+        super().__init__(model, args, *a, **kw)
+        if self.args.parallel_mode == ParallelMode.NOT_DISTRIBUTED:
+            raise ValueError(
+                "CopilotTrainer does not support torch.nn.DataParallel (several GPUs in one process): launch "
+                "with `torchrun --nproc_per_node <gpus> your_script.py` to train with DDP."
+            )
+        if self.compute_loss_func is not None:
+            raise ValueError(
+                "CopilotTrainer computes its own loss (the Pilot's loss plus the Copilot's): compute_loss_func "
+                "is not supported. Use the stock Trainer for a custom Pilot loss."
+            )
+        self._prepare_pilot_copilot(self.model)
+        # The loss is always normalised by the whole optimizer batch (see the module docstring).
+        self.model_accepts_loss_kwargs = True
+        self.mistake_log_callback = next(
+            (cb for cb in self.callback_handler.callbacks if isinstance(cb, MistakeLogCallback)), None
+        )
+        if self.mistake_log_callback is None:
+            self.mistake_log_callback = MistakeLogCallback(
+                MistakeLog(size=self.args.mistake_log_size, topk=self.args.mistake_log_topk),
+                replay=self.args.mistake_log_replay,
+                seed=self.args.seed,
+            )
+            self.add_callback(self.mistake_log_callback)
+        self._copilot_step: _CopilotStep | None = None
+        self._reset_train_metrics()
+        self._eval_sums: torch.Tensor | None = None
+
+    # ---- model ------------------------------------------------------------------------------------
+    def call_model_init(self, trial=None):
+        model = super().call_model_init(trial)
+        self._prepare_pilot_copilot(model)
+        return model
+
+    def _prepare_pilot_copilot(self, model: nn.Module) -> None:
+        pilot_copilot = unwrap_peft_model(model)
+        if not _is_pilot_copilot(pilot_copilot):
+            raise TypeError(
+                f"CopilotTrainer trains a PilotCopilotForCausalLM, got {type(pilot_copilot).__name__}: wrap your "
+                "model with PilotCopilotForCausalLM.from_pilot(model)."
+            )
+        if self.args.freeze_pilot:
+            pilot_copilot.pilot.requires_grad_(False)
+        if not any(p.requires_grad for p in pilot_copilot.copilot.parameters()):
+            raise ValueError(
+                "No Copilot parameter is trainable. With PEFT, apply the adapter to the Pilot before wrapping "
+                "(pilot = get_peft_model(pilot, lora_config); PilotCopilotForCausalLM.from_pilot(pilot)), or "
+                "add modules_to_save=['copilot'] to the adapter config."
+            )
+
+    def pilot_copilot(self) -> PilotCopilotForCausalLM:
+        """The `PilotCopilotForCausalLM` under any DDP/PEFT wrappers."""
+        return unwrap_peft_model(self.accelerator.unwrap_model(self.model))
+
+    # ---- optimizer --------------------------------------------------------------------------------
+    def create_optimizer(self, model=None) -> torch.optim.Optimizer:
+        """Stock parameter groups (weight decay, no decay), split into Pilot and Copilot groups.
+
+        The Copilot's groups carry `lr=copilot_learning_rate`; the scheduler scales every group's initial
+        learning rate by the same factor. Frozen parameters get no group and no state.
+        """
+        opt_model = self.model if model is None else model
+        if self.optimizer is not None:
+            return super().create_optimizer(model)
+        if self.optimizer_cls_and_kwargs is not None:
+            optimizer_cls, optimizer_kwargs = self.optimizer_cls_and_kwargs
+        else:
+            optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, opt_model)
+        optimizer_kwargs = dict(optimizer_kwargs)
+        if (
+            is_optimizer_factory(optimizer_cls)
+            or {"params", "model", "optimizer_dict"} & optimizer_kwargs.keys()
+        ):
+            warnings.warn(
+                f"optim={self.args.optim} builds its own parameter groups: the Copilot trains at the Pilot's "
+                "learning rate (copilot_learning_rate is ignored).",
+                stacklevel=2,
+            )
+            return super().create_optimizer(model)
+
+        decay = set(self.get_decay_parameter_names(opt_model))
+        copilot_ids = {id(p) for p in self.pilot_copilot().copilot.parameters()}
+        groups = []
+        for is_copilot in (False, True):
+            for decays in (True, False):
+                params = [
+                    p
+                    for n, p in opt_model.named_parameters()
+                    if p.requires_grad and (id(p) in copilot_ids) == is_copilot and (n in decay) == decays
+                ]
+                if not params:
+                    continue
+                group = {"params": params, "weight_decay": self.args.weight_decay if decays else 0.0}
+                if is_copilot and self.args.copilot_learning_rate is not None:
+                    group["lr"] = self.args.copilot_learning_rate
+                groups.append(group)
+        self.optimizer = optimizer_cls(groups, **optimizer_kwargs)
+        return self.optimizer
+
+    def _clip_grad_norm(self, model):
+        """Clip the Pilot's and the Copilot's gradients separately, each to `max_grad_norm`.
+
+        One backward of `L_P + w * L_C` equals two separate updates only if clipping does not couple them:
+        with one global norm, the Copilot's gradients would shrink the Pilot's step. Returns the norm of
+        both together, as Trainer logs it. FSDP, DeepSpeed and XLA clip inside their engines: joint there.
+        """
+        separate = self.accelerator.distributed_type not in (
+            DistributedType.FSDP,
+            DistributedType.DEEPSPEED,
+            DistributedType.XLA,
+        )
+        if (
+            not separate
+            or self._has_mixed_mesh_grads(model)
+            or (is_sagemaker_mp_enabled() and self.args.fp16)
+        ):
+            return super()._clip_grad_norm(model)
+        copilot_ids = {id(p) for p in self.pilot_copilot().copilot.parameters()}
+        params = [p for p in model.parameters() if p.grad is not None]
+        self.accelerator.unscale_gradients()
+        norms = [
+            nn.utils.clip_grad_norm_(
+                [p for p in params if (id(p) in copilot_ids) == is_copilot], self.args.max_grad_norm
+            )
+            for is_copilot in (False, True)
+        ]
+        return torch.linalg.vector_norm(torch.stack(norms))
+
+    # ---- training ---------------------------------------------------------------------------------
+    def train(self, resume_from_checkpoint: str | bool | None = None, trial=None, ignore_keys_for_eval=None):
+        dataset = self.train_dataset
+        if dataset is not None and has_length(dataset) and len(dataset) == 0:
+            raise ValueError(
+                "train_dataset is empty (0 examples): there is nothing to train on. Check the data files and "
+                "the preprocessing (filters, or grouping texts into blocks longer than the whole corpus)."
+            )
+        if resume_from_checkpoint is True:
+            resume_from_checkpoint = get_last_checkpoint(self.args.output_dir)
+            if resume_from_checkpoint is None:
+                raise ValueError(f"No valid checkpoint found in output directory ({self.args.output_dir})")
+        if resume_from_checkpoint:
+            self.mistake_log_callback.load_from_checkpoint(
+                resume_from_checkpoint, self.args.process_index, self.args.world_size
+            )
+        self._reset_train_metrics()
+        return super().train(resume_from_checkpoint or None, trial, ignore_keys_for_eval)
+
+    def get_batch_samples(self, epoch_iterator, num_batches, device):
+        """Also draw each micro-batch's replay entries and count the step's Copilot positions (N_C)."""
+        batch_samples, num_items_in_batch = super().get_batch_samples(epoch_iterator, num_batches, device)
+        for batch in batch_samples:
+            self._check_batch(batch)
+        replays = [self.mistake_log_callback.sample_replay() for _ in batch_samples]
+        num_tokens = None
+        if num_items_in_batch is not None and batch_samples:
+            num_tokens = sum(
+                copilot_token_count(b["labels"], b.get("attention_mask")).to(device) for b in batch_samples
+            )
+            num_tokens = num_tokens + sum(r.loss_mask.sum().to(device) for r in replays if r is not None)
+            if self.args.average_tokens_across_devices and self.args.world_size > 1:
+                num_tokens = self.accelerator.gather(num_tokens).sum()
+        self._copilot_step = _CopilotStep(deque(replays), num_tokens)
+        return batch_samples, num_items_in_batch
+
+    def _check_batch(self, inputs: dict[str, Any]) -> None:
+        if inputs.get("labels") is None:
+            raise ValueError(
+                f"The batch has no `labels` (keys: {', '.join(inputs)}). CopilotTrainer needs them: the Mistake "
+                "Log measures the Pilot's error against the labels. Add a `labels` column (for causal LM "
+                "fine-tuning a copy of input_ids, with -100 where nothing is to be learnt, e.g. padding or "
+                "prompts), or use DataCollatorForLanguageModeling(tokenizer, mlm=False), which creates them."
+            )
+        text_config = self.pilot_copilot().config.get_text_config()
+        for name in ("max_position_embeddings", "n_positions"):
+            limit = getattr(text_config, name, None)
+            if limit is not None:
+                break
+        length = inputs["input_ids"].shape[-1] if inputs.get("input_ids") is not None else 0
+        if limit is not None and length > limit:
+            raise ValueError(
+                f"A batch has sequences of {length} tokens but the Pilot takes at most {limit} positions "
+                f"(config.{name}). Truncate when tokenizing (tokenizer(..., truncation=True, max_length={limit})) "
+                f"or group texts into blocks of at most {limit} tokens."
+            )
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        self._check_batch(inputs)
+        if not model.training:
+            return self._evaluation_loss(model, inputs, return_outputs)
+        pilot_copilot = self.pilot_copilot()
+        if self.args.freeze_pilot:
+            pilot_copilot.pilot.eval()  # a frozen Pilot behaves as at inference (no dropout)
+        loss_kwargs = {} if num_items_in_batch is None else {"num_items_in_batch": num_items_in_batch}
+        outputs = model(**inputs, return_mistake_log=True, **loss_kwargs)
+
+        step = self._copilot_step
+        replay = step.replays.popleft() if step is not None and step.replays else None
+        squared_error = outputs.copilot_squared_error
+        num_tokens = outputs.copilot_num_tokens
+        if replay is not None:
+            replay_error, replay_tokens = self._replay_squared_error(pilot_copilot, replay)
+            squared_error, num_tokens = squared_error + replay_error, num_tokens + replay_tokens
+
+        if num_items_in_batch is not None:
+            # Normalised by the whole optimizer batch (all micro-batches, all ranks): see the module docstring.
+            global_tokens = (
+                step.num_tokens if step is not None and step.num_tokens is not None else num_tokens
+            )
+            copilot_loss = squared_error / global_tokens.clamp_min(1)
+            loss_scale = 1.0
+            if self.args.average_tokens_across_devices:
+                # DDP averages gradients; Trainer scales its own loss the same way.
+                loss_scale = self.accelerator.num_processes // self.get_tp_size()
+            log_scale = loss_scale
+        else:  # per-micro-batch mean; Trainer divides the loss by the accumulation steps
+            copilot_loss = squared_error / num_tokens.clamp_min(1)
+            loss_scale, log_scale = 1.0, 1.0 / self.current_gradient_accumulation_steps
+
+        pilot_loss = outputs.pilot_loss
+        self._raise_if_not_finite(pilot_loss, copilot_loss)
+        loss = (pilot_loss + self.args.copilot_loss_weight * copilot_loss) * loss_scale
+        self.mistake_log_callback.add(outputs.mistake_log_entry)
+        self._record_train_metrics(pilot_loss.detach() * log_scale, outputs)
+        return (loss, outputs) if return_outputs else loss
+
+    def _replay_squared_error(
+        self, pilot_copilot: PilotCopilotForCausalLM, replay: MistakeLogEntry
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The Copilot on replayed entries (read from the log, so no Pilot pass): sum of squared errors, count."""
+        entry = replay.to(self.args.device)
+        copilot = pilot_copilot.copilot
+        with self.accelerator.autocast():
+            stream = shift_right(copilot.embed_errors(entry.errors))
+            predictions = copilot(stream, entry.x_tilde, entry.h_bar, entry.attention_mask)
+        return copilot_squared_error(predictions, entry)
+
+    def _raise_if_not_finite(self, pilot_loss: torch.Tensor, copilot_loss: torch.Tensor) -> None:
+        finite = torch.isfinite(torch.stack([pilot_loss.detach().float(), copilot_loss.detach().float()]))
+        if bool(finite.all()):
+            return
+        which = "pilot_loss" if not finite[0] else "copilot_loss"
+        value = (pilot_loss if which == "pilot_loss" else copilot_loss).item()
+        raise NonFiniteLossError(
+            f"{which} is {value} at training step {self.state.global_step + 1} (epoch {self.state.epoch or 0:.2f}); "
+            "training stopped before this step's update. Lower learning_rate / copilot_learning_rate, keep "
+            "gradient clipping on (max_grad_norm), prefer bf16 to fp16, and check the data of this step."
+        )
+
+    # ---- logging ----------------------------------------------------------------------------------
+    def _reset_train_metrics(self) -> None:
+        self._train_sums = torch.zeros(3, dtype=torch.float64, device=self.args.device)
+        self._train_stats: dict[str, list[float]] = {}
+        self._window_start_step: int | None = None
+
+    def _record_train_metrics(self, pilot_loss: torch.Tensor, outputs) -> None:
+        if self._window_start_step is None:
+            self._window_start_step = self.state.global_step
+        values = torch.stack([pilot_loss, outputs.copilot_squared_error.detach(), outputs.copilot_num_tokens])
+        self._train_sums += values.to(self._train_sums)
+        for key, value in self.mistake_log_callback.stats().items():
+            self._train_stats.setdefault(key, []).append(value)
+
+    def _pop_train_metrics(self) -> dict[str, float]:
+        """pilot_loss: mean per-step Pilot loss; copilot_loss: RMSE; mistake_log/*: means (all ranks)."""
+        start = self.state.global_step if self._window_start_step is None else self._window_start_step
+        steps = self.state.global_step - start
+        keys = sorted(self._train_stats)
+        stats = torch.tensor(
+            [sum(v) / len(v) for v in (self._train_stats[k] for k in keys)], dtype=torch.float64
+        )
+        values = torch.cat([self._train_sums, stats.to(self._train_sums.device)])
+        world = self.args.world_size
+        if world > 1:
+            values = self.accelerator.reduce(values, reduction="sum")
+        pilot_sum, squared_error, num_tokens = values[:3].tolist()
+        metrics = {
+            "pilot_loss": pilot_sum / world / max(steps, 1),
+            "copilot_loss": math.sqrt(squared_error / num_tokens) if num_tokens else 0.0,
+        }
+        metrics.update({key: value / world for key, value in zip(keys, values[3:].tolist(), strict=True)})
+        self._reset_train_metrics()
+        return metrics
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if "loss" in logs and self._window_start_step is not None:
+            logs = {**logs, **self._pop_train_metrics()}
+        super().log(logs, start_time)
+
+    # ---- evaluation -------------------------------------------------------------------------------
+    def _evaluation_loss(self, model, inputs, return_outputs):
+        """Per-batch objective; accumulates token accuracies (Pilot alone, fused) and loss sums."""
+        outputs = model(**inputs, return_fused=True)
+        labels = inputs["labels"][:, 1:]
+        label_mask = labels != -100
+        pilot_logits, fused_logits = outputs.logits[:, :-1], outputs.fused_logits[:, :-1]
+        pilot_nll = F.cross_entropy(
+            pilot_logits.float().reshape(-1, pilot_logits.shape[-1]), labels.reshape(-1), reduction="sum"
+        )
+        sums = torch.stack(
+            [
+                pilot_nll,
+                label_mask.sum(),
+                ((pilot_logits.argmax(-1) == labels) & label_mask).sum(),
+                ((fused_logits.argmax(-1) == labels) & label_mask).sum(),
+                outputs.copilot_squared_error,
+                outputs.copilot_num_tokens,
+            ]
+        ).to(torch.float64)
+        self._eval_sums = sums if self._eval_sums is None else self._eval_sums + sums
+        mse = outputs.copilot_squared_error / outputs.copilot_num_tokens.clamp_min(1)
+        loss = outputs.pilot_loss + self.args.copilot_loss_weight * mse
+        # Predictions are the Pilot's logits, as for the stock Trainer.
+        return (loss, type(outputs)(logits=outputs.logits)) if return_outputs else loss
+
+    def evaluation_loop(
+        self, dataloader, description, prediction_loss_only=None, ignore_keys=None, metric_key_prefix="eval"
+    ):
+        dataset = getattr(dataloader, "dataset", None)
+        if dataset is not None and has_length(dataset) and len(dataset) == 0:
+            raise ValueError(
+                f"The {metric_key_prefix} dataset is empty (0 examples): there is nothing to evaluate."
+            )
+        self._eval_sums = None
+        output = super().evaluation_loop(
+            dataloader, description, prediction_loss_only, ignore_keys, metric_key_prefix
+        )
+        sums = self._eval_sums
+        self._eval_sums = None
+        if sums is None:  # no labelled batch on this process (every rank still joins the reduction)
+            sums = torch.zeros(6, dtype=torch.float64)
+        sums = sums.to(self.args.device)
+        if self.args.world_size > 1:
+            sums = self.accelerator.reduce(sums, reduction="sum")
+        nll, labels, pilot_correct, fused_correct, squared_error, num_tokens = sums.tolist()
+        if labels:
+            output.metrics.update(
+                {
+                    f"{metric_key_prefix}_pilot_loss": nll / labels,
+                    f"{metric_key_prefix}_copilot_loss": math.sqrt(squared_error / max(num_tokens, 1)),
+                    f"{metric_key_prefix}_pilot_token_accuracy": pilot_correct / labels,
+                    f"{metric_key_prefix}_fused_token_accuracy": fused_correct / labels,
+                }
+            )
+        return output
+
+
+__all__ = ["CopilotTrainer", "NonFiniteLossError", "copilot_token_count"]

@@ -1,0 +1,94 @@
+"""Training arguments of `CopilotTrainer`: the stock `TrainingArguments` plus the Copilot's settings.
+
+A drop-in for `TrainingArguments` (SPEC section 6): every stock field keeps its meaning and default, so an
+existing script only changes the class name. The defaults give the paper's method (SPEC section 4).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from transformers import TrainingArguments
+
+
+@dataclass
+class CopilotTrainingArguments(TrainingArguments):
+    """`TrainingArguments` with the Copilot's learning rate and loss weight and the Mistake Log's settings.
+
+    `learning_rate`, the scheduler, warmup, weight decay and clipping apply to the Pilot and the Copilot
+    alike; only the Copilot's peak learning rate can differ (paper: 1.5-3x the Pilot's).
+    """
+
+    copilot_learning_rate: float | None = field(
+        default=None,
+        metadata={
+            "help": "Peak learning rate of the Copilot's parameter groups; None uses `learning_rate` (the "
+            "Pilot's). The same scheduler drives both."
+        },
+    )
+    copilot_loss_weight: float = field(
+        default=1.0,
+        metadata={"help": "Weight of the Copilot's loss in the joint objective `L_P + weight * L_C`."},
+    )
+    freeze_pilot: bool = field(
+        default=False,
+        metadata={
+            "help": "Train only the Copilot for an already fine-tuned Pilot: the Pilot's parameters are frozen "
+            "(no gradients, no optimizer state) and the Pilot runs in eval mode, as it will at inference."
+        },
+    )
+    mistake_log_size: int = field(
+        default=128,
+        metadata={
+            "help": "Ring-buffer length of the Mistake Log, in entries (one per forward pass; paper: 128)."
+        },
+    )
+    mistake_log_replay: int = field(
+        default=0,
+        metadata={
+            "help": "Entries drawn from the Mistake Log and added to the Copilot's batch at every micro-batch, "
+            "on top of the fresh entry (0: the fresh entry only, the paper's default)."
+        },
+    )
+    mistake_log_topk: int = field(
+        default=64,
+        metadata={
+            "help": "Compact storage: keep the Pilot's top-k probabilities per position in the Mistake Log "
+            "(0: store the exact full-vocabulary errors)."
+        },
+    )
+
+    def __post_init__(self):
+        super().__post_init__()
+        lr = self.copilot_learning_rate
+        if lr is not None and not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
+            raise ValueError(
+                f"copilot_learning_rate must be a positive number, or None to use learning_rate, got {lr!r}."
+            )
+        weight = self.copilot_loss_weight
+        if not (isinstance(weight, (int, float)) and math.isfinite(weight) and weight >= 0):
+            raise ValueError(f"copilot_loss_weight must be a finite number >= 0, got {weight!r}.")
+        for name, minimum in (("mistake_log_size", 1), ("mistake_log_replay", 0), ("mistake_log_topk", 0)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+                raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}.")
+        if self.mistake_log_replay > self.mistake_log_size:
+            raise ValueError(
+                f"mistake_log_replay ({self.mistake_log_replay}) cannot exceed mistake_log_size "
+                f"({self.mistake_log_size}): the log never holds more entries than its size. Raise "
+                "mistake_log_size or lower mistake_log_replay."
+            )
+        if self.freeze_pilot and weight == 0:
+            raise ValueError(
+                "freeze_pilot=True with copilot_loss_weight=0 trains nothing: set copilot_loss_weight > 0."
+            )
+        if self.label_smoothing_factor != 0:
+            raise ValueError(
+                f"label_smoothing_factor={self.label_smoothing_factor} is not supported by CopilotTrainer: the "
+                "Pilot's loss is its own cross-entropy and the Mistake Log measures errors against the hard "
+                "labels. Set label_smoothing_factor=0."
+            )
+
+
+__all__ = ["CopilotTrainingArguments"]

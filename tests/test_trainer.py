@@ -1,0 +1,617 @@
+"""CopilotTrainer: a drop-in Trainer that fine-tunes the Pilot and trains the Copilot (SPEC sections 4, 6).
+
+Every run uses tiny random LLaMA Pilots (conftest.py) on "counting" sequences (token j+1 = token j + 1):
+a random Pilot does not know the rule, the Copilot can learn it from the errors it sees, so its loss falls
+within a few steps. Sequences differ in length and in label count, so that normalising per micro-batch
+instead of per optimizer batch would show.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import warnings
+
+import pytest
+import torch
+from conftest import FIRST_REGULAR_TOKEN, PAD_TOKEN_ID, VOCAB_SIZE, build_pilot, tiny_copilot_config
+from transformers import HfArgumentParser, Trainer, TrainerCallback, TrainingArguments
+
+from hf_copilot import PilotCopilotForCausalLM
+from hf_copilot.mistake_log import MistakeLog
+from hf_copilot.mistake_log_callback import MistakeLogCallback
+from hf_copilot.modeling_pilot_copilot import copilot_squared_error, shift_right
+from hf_copilot.trainer import CopilotTrainer, NonFiniteLossError, copilot_token_count
+from hf_copilot.training_args import CopilotTrainingArguments
+
+NUM_REGULAR = VOCAB_SIZE - FIRST_REGULAR_TOKEN
+
+
+# --------------------------------------------------------------------------------------------------
+# Data and models
+
+
+def counting_rows(n: int = 16, seed: int = 0) -> list[dict[str, list[int]]]:
+    """Rows of 6-18 counting tokens; the first 1-4 tokens (the prompt) have label -100."""
+    generator = torch.Generator().manual_seed(seed)
+    rows = []
+    for i in range(n):
+        length = 6 + (i * 5) % 13
+        start = int(torch.randint(0, NUM_REGULAR, (1,), generator=generator))
+        ids = [FIRST_REGULAR_TOKEN + (start + k) % NUM_REGULAR for k in range(length)]
+        prompt = 1 + i % 4
+        rows.append({"input_ids": ids, "labels": [-100] * prompt + ids[prompt:]})
+    return rows
+
+
+def collate(rows: list[dict[str, list[int]]]) -> dict[str, torch.Tensor]:
+    """Right-pads with PAD (attention 0, label -100)."""
+    length = max(len(row["input_ids"]) for row in rows)
+    input_ids = torch.full((len(rows), length), PAD_TOKEN_ID)
+    attention_mask = torch.zeros_like(input_ids)
+    labels = torch.full_like(input_ids, -100)
+    for i, row in enumerate(rows):
+        n = len(row["input_ids"])
+        input_ids[i, :n] = torch.tensor(row["input_ids"])
+        attention_mask[i, :n] = 1
+        labels[i, :n] = torch.tensor(row["labels"])
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+def make_model(seed: int = 0, pilot=None) -> PilotCopilotForCausalLM:
+    pilot = build_pilot("llama", seed=seed) if pilot is None else pilot
+    torch.manual_seed(seed + 1)
+    return PilotCopilotForCausalLM.from_pilot(pilot, tiny_copilot_config(intermediate_size=64))
+
+
+def settings(tmp_path, **overrides) -> dict:
+    """Arguments shared by the stock and the Copilot runs."""
+    return {
+        "output_dir": str(tmp_path / "run"),
+        "per_device_train_batch_size": 4,
+        "max_steps": 4,
+        "learning_rate": 1e-2,
+        "weight_decay": 0.1,
+        "logging_steps": 1,
+        "save_strategy": "no",
+        "report_to": [],
+        "disable_tqdm": True,
+        "seed": 0,
+        "dataloader_pin_memory": False,
+        **overrides,
+    }
+
+
+def make_args(tmp_path, copilot_learning_rate=3e-2, **overrides) -> CopilotTrainingArguments:
+    return CopilotTrainingArguments(
+        copilot_learning_rate=copilot_learning_rate, **settings(tmp_path, **overrides)
+    )
+
+
+def make_trainer(tmp_path, model=None, rows=None, trainer_class=CopilotTrainer, **overrides):
+    return trainer_class(
+        model=make_model() if model is None else model,
+        args=make_args(tmp_path, **overrides),
+        train_dataset=counting_rows() if rows is None else rows,
+        data_collator=collate,
+    )
+
+
+def logged(trainer, key: str) -> list[float]:
+    return [entry[key] for entry in trainer.state.log_history if key in entry]
+
+
+def max_difference(a: torch.nn.Module, b: torch.nn.Module) -> float:
+    return max((p - q).abs().max().item() for p, q in zip(a.parameters(), b.parameters(), strict=True))
+
+
+def snapshot(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {name: value.detach().clone() for name, value in module.state_dict().items()}
+
+
+# --------------------------------------------------------------------------------------------------
+# Arguments
+
+
+def test_arguments_default_to_the_papers_method_and_parse_from_the_command_line(tmp_path):
+    args = CopilotTrainingArguments(output_dir=str(tmp_path))
+    assert isinstance(args, TrainingArguments)
+    assert (args.copilot_learning_rate, args.copilot_loss_weight, args.freeze_pilot) == (None, 1.0, False)
+    assert (args.mistake_log_size, args.mistake_log_replay, args.mistake_log_topk) == (128, 0, 64)
+
+    (parsed,) = HfArgumentParser(CopilotTrainingArguments).parse_args_into_dataclasses(
+        [
+            "--output_dir",
+            str(tmp_path),
+            "--copilot_learning_rate",
+            "3e-4",
+            "--freeze_pilot",
+            "--mistake_log_topk",
+            "0",
+        ]
+    )
+    assert (parsed.copilot_learning_rate, parsed.freeze_pilot, parsed.mistake_log_topk) == (3e-4, True, 0)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"copilot_learning_rate": 0.0}, "copilot_learning_rate must be a positive number"),
+        ({"copilot_learning_rate": float("nan")}, "copilot_learning_rate must be a positive number"),
+        ({"copilot_loss_weight": -1.0}, "copilot_loss_weight must be a finite number >= 0"),
+        ({"mistake_log_size": 0}, "mistake_log_size must be an integer >= 1"),
+        ({"mistake_log_replay": -1}, "mistake_log_replay must be an integer >= 0"),
+        ({"mistake_log_topk": -2}, "mistake_log_topk must be an integer >= 0"),
+        ({"mistake_log_size": 4, "mistake_log_replay": 5}, r"mistake_log_replay \(5\) cannot exceed"),
+        ({"freeze_pilot": True, "copilot_loss_weight": 0.0}, "trains nothing"),
+        ({"label_smoothing_factor": 0.1}, "label_smoothing_factor=0.1 is not supported"),
+    ],
+)
+def test_arguments_reject_invalid_values(tmp_path, overrides, message):
+    with pytest.raises(ValueError, match=message):
+        CopilotTrainingArguments(output_dir=str(tmp_path), **overrides)
+
+
+def test_trainer_names_the_fix_for_stock_arguments_or_a_bare_pilot(tmp_path):
+    with pytest.raises(TypeError, match="replace TrainingArguments"):
+        CopilotTrainer(model=make_model(), args=TrainingArguments(output_dir=str(tmp_path), report_to=[]))
+    with pytest.raises(TypeError, match=r"PilotCopilotForCausalLM.from_pilot\(model\)"):
+        CopilotTrainer(model=build_pilot("llama"), args=make_args(tmp_path))
+
+
+# --------------------------------------------------------------------------------------------------
+# Optimizer
+
+
+def test_optimizer_has_pilot_and_copilot_groups_under_one_schedule(tmp_path):
+    trainer = make_trainer(tmp_path, max_steps=3, warmup_steps=0, lr_scheduler_type="linear")
+    model = trainer.model
+    trainer.train()
+    groups = trainer.optimizer.param_groups
+    copilot_ids = {id(p) for p in model.copilot.parameters()}
+    grouped = [id(p) for group in groups for p in group["params"]]
+    assert sorted(grouped) == sorted(id(p) for p in model.parameters())  # each parameter exactly once
+
+    names = {id(p): name for name, p in model.named_parameters()}
+    for group in groups:
+        kinds = {id(p) in copilot_ids for p in group["params"]}
+        assert len(kinds) == 1  # a group holds Pilot or Copilot parameters, never both
+        is_copilot = kinds.pop()
+        assert group["initial_lr"] == (3e-2 if is_copilot else 1e-2)
+        # After 3 of 3 linear-decay steps every group is at the same fraction (0) of its peak.
+        assert group["lr"] == pytest.approx(0.0)
+        for p in group["params"]:
+            is_norm = "norm" in names[id(p)]
+            assert group["weight_decay"] == (0.0 if is_norm else 0.1), names[id(p)]
+    assert len(groups) == 4
+
+
+def test_copilot_learning_rate_defaults_to_the_pilots(tmp_path):
+    trainer = make_trainer(tmp_path, copilot_learning_rate=None, max_steps=1)
+    trainer.train()
+    assert {group["initial_lr"] for group in trainer.optimizer.param_groups} == {1e-2}
+
+
+# --------------------------------------------------------------------------------------------------
+# The objective
+
+
+def test_joint_training_fine_tunes_the_pilot_exactly_as_the_stock_trainer(tmp_path):
+    """The Copilot reads detached states and is clipped on its own: the Pilot's updates do not change."""
+    stock_pilot = build_pilot("llama")
+    stock = Trainer(
+        model=stock_pilot,
+        args=TrainingArguments(**settings(tmp_path)),
+        train_dataset=counting_rows(),
+        data_collator=collate,
+    )
+    stock.train()
+    trainer = make_trainer(tmp_path)
+    trainer.train()
+
+    assert logged(trainer, "pilot_loss") == pytest.approx(logged(stock, "loss"), rel=1e-6)
+    assert min(logged(stock, "grad_norm")) > 1.0  # clipping (max_grad_norm=1) was active at every step
+    assert max_difference(trainer.model.pilot, stock_pilot) < 1e-6
+
+
+class PerMicroBatchTrainer(CopilotTrainer):
+    """The naive alternative: each micro-batch normalised by its own token count, then divided by 4."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.model_accepts_loss_kwargs = False  # Trainer then counts no num_items_in_batch
+
+
+def test_gradient_accumulation_4x2_updates_both_models_exactly_as_batch_8(tmp_path):
+    sgd = dict(optim="sgd", learning_rate=0.1, copilot_learning_rate=0.3)
+    big = make_trainer(tmp_path, per_device_train_batch_size=8, **sgd)
+    big.train()
+    accumulated = make_trainer(tmp_path, per_device_train_batch_size=2, gradient_accumulation_steps=4, **sgd)
+    accumulated.train()
+    naive = make_trainer(
+        tmp_path,
+        per_device_train_batch_size=2,
+        gradient_accumulation_steps=4,
+        trainer_class=PerMicroBatchTrainer,
+        **sgd,
+    )
+    naive.train()
+
+    # The micro-batches carry different numbers of labels, so per-micro-batch means weigh tokens unequally.
+    batches = list(accumulated.get_train_dataloader())
+    assert len({int((batch["labels"][:, 1:] != -100).sum()) for batch in batches}) > 2
+    assert max_difference(big.model, make_model()) > 1e-3  # the parameters moved
+    for part in ("pilot", "copilot"):
+        assert max_difference(getattr(big.model, part), getattr(accumulated.model, part)) < 1e-7
+        assert max_difference(getattr(big.model, part), getattr(naive.model, part)) > 1e-5
+    assert logged(accumulated, "pilot_loss") == pytest.approx(logged(big, "pilot_loss"), rel=1e-6)
+    assert logged(accumulated, "copilot_loss") == pytest.approx(logged(big, "copilot_loss"), rel=1e-6)
+
+
+def test_copilot_objective_counts_fresh_and_replayed_positions_of_the_whole_step(tmp_path):
+    """L = L_P + w * (sum of squared errors over fresh + replayed positions) / N_C of the optimizer step."""
+    trainer = make_trainer(
+        tmp_path,
+        per_device_train_batch_size=2,
+        gradient_accumulation_steps=2,
+        mistake_log_size=4,
+        mistake_log_replay=2,
+        copilot_loss_weight=0.5,
+    )
+    model = trainer.model.train()
+    rows = counting_rows(10)
+    with torch.no_grad():
+        for start in (4, 6, 8):  # three entries in the log
+            trainer.mistake_log_callback.add(
+                model(**collate(rows[start : start + 2]), return_mistake_log=True).mistake_log_entry
+            )
+        batches = [collate(rows[0:2]), collate(rows[2:4])]
+        _, num_items_in_batch = trainer.get_batch_samples(iter(batches), 2, trainer.args.device)
+        step = trainer._copilot_step
+        replays = list(step.replays)
+        assert [replay.x_tilde.shape[0] for replay in replays] == [4, 4]  # two entries of two rows each
+
+        fresh_tokens = [copilot_token_count(b["labels"], b["attention_mask"]) for b in batches]
+        replay_tokens = [replay.loss_mask.sum() for replay in replays]
+        assert int(step.num_tokens) == int(sum(fresh_tokens) + sum(replay_tokens))
+        assert int(num_items_in_batch) == sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)
+
+        loss = trainer.compute_loss(model, batches[0], num_items_in_batch=num_items_in_batch)
+        out = model(**batches[0], num_items_in_batch=num_items_in_batch)
+        assert int(out.copilot_num_tokens) == int(fresh_tokens[0])  # the trainer's count is the model's rule
+        replay = replays[0]
+        predictions = model.copilot(
+            shift_right(model.copilot.embed_errors(replay.errors)),
+            replay.x_tilde,
+            replay.h_bar,
+            replay.attention_mask,
+        )
+        replay_error, _ = copilot_squared_error(predictions, replay)
+        expected = out.pilot_loss + 0.5 * (out.copilot_squared_error + replay_error) / step.num_tokens
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-6)
+    assert len(trainer.mistake_log_callback.mistake_log) == 4  # the fresh entry joined the log
+
+
+# --------------------------------------------------------------------------------------------------
+# Logging and evaluation
+
+
+def test_logs_pilot_loss_copilot_rmse_and_mistake_log_stats_averaged_over_the_window(tmp_path):
+    every_step = make_trainer(tmp_path, logging_steps=1)
+    every_step.train()
+    every_two = make_trainer(tmp_path, logging_steps=2)
+    every_two.train()
+
+    pilot = logged(every_step, "pilot_loss")
+    assert logged(every_two, "pilot_loss") == pytest.approx(
+        [sum(pilot[0:2]) / 2, sum(pilot[2:4]) / 2], rel=1e-6
+    )
+    # One entry per forward pass; the window averages the per-micro-batch values.
+    assert logged(every_step, "mistake_log/entries") == [1.0, 2.0, 3.0, 4.0]
+    assert logged(every_two, "mistake_log/entries") == [1.5, 3.5]
+    # The window's RMSE pools the squared errors: it lies between the per-step RMSEs.
+    copilot = logged(every_step, "copilot_loss")
+    for i, window_rmse in enumerate(logged(every_two, "copilot_loss")):
+        assert min(copilot[2 * i : 2 * i + 2]) <= window_rmse <= max(copilot[2 * i : 2 * i + 2])
+    for key in (
+        "mistake_log/memory_mb",
+        "mistake_log/mean_error_norm",
+        "mistake_log/pilot_gold_prob",
+        "mistake_log/topk_dropped_mass",
+    ):
+        assert len(logged(every_two, key)) == 2, key
+    assert all(0 < value < 1 for value in logged(every_two, "mistake_log/pilot_gold_prob"))
+
+
+@torch.no_grad()
+def test_evaluation_reports_pilot_and_fused_token_accuracy(tmp_path):
+    from conftest import randomize_copilot
+
+    model = make_model()
+    randomize_copilot(model, std=0.5)  # a Copilot strong enough to change some argmaxes
+    trainer = make_trainer(tmp_path, model=model, per_device_eval_batch_size=3)
+    rows = counting_rows(7, seed=1)
+    metrics = trainer.evaluate(eval_dataset=rows)
+
+    model.eval()
+    nll = labels = pilot_correct = fused_correct = squared_error = copilot_tokens = 0.0
+    for start in range(0, len(rows), 3):  # the evaluation batches
+        batch = collate(rows[start : start + 3])
+        out = model(**batch, return_fused=True)
+        targets = batch["labels"][:, 1:]
+        mask = targets != -100
+        nll += torch.nn.functional.cross_entropy(out.logits[:, :-1].transpose(1, 2), targets, reduction="sum")
+        labels += mask.sum()
+        pilot_correct += ((out.logits[:, :-1].argmax(-1) == targets) & mask).sum()
+        fused_correct += ((out.fused_logits[:, :-1].argmax(-1) == targets) & mask).sum()
+        squared_error += out.copilot_squared_error
+        copilot_tokens += out.copilot_num_tokens
+    assert metrics["eval_pilot_token_accuracy"] == pytest.approx(float(pilot_correct / labels))
+    assert metrics["eval_fused_token_accuracy"] == pytest.approx(float(fused_correct / labels))
+    assert metrics["eval_pilot_token_accuracy"] != metrics["eval_fused_token_accuracy"]
+    assert metrics["eval_pilot_loss"] == pytest.approx(float(nll / labels), rel=1e-5)
+    assert metrics["eval_copilot_loss"] == pytest.approx(math.sqrt(squared_error / copilot_tokens), rel=1e-5)
+    assert math.isfinite(metrics["eval_loss"])
+
+
+# --------------------------------------------------------------------------------------------------
+# Checkpoints and resume
+
+
+class StopAtStep(TrainerCallback):
+    """Simulates an interruption right after step `step` (and its checkpoint)."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            control.should_training_stop = True
+
+
+def resume_settings(tmp_path, name: str) -> dict:
+    return dict(
+        output_dir=str(tmp_path / name),
+        max_steps=6,
+        per_device_train_batch_size=2,
+        save_strategy="steps",
+        save_steps=3,
+        mistake_log_size=4,
+        mistake_log_replay=2,
+    )
+
+
+def test_resume_from_checkpoint_continues_exactly(tmp_path):
+    uninterrupted = make_trainer(tmp_path, **resume_settings(tmp_path, "uninterrupted"))
+    uninterrupted.train()
+
+    interrupted = make_trainer(tmp_path, **resume_settings(tmp_path, "interrupted"))
+    interrupted.add_callback(StopAtStep(3))
+    interrupted.train()
+    assert interrupted.state.global_step == 3
+    checkpoint = tmp_path / "interrupted" / "checkpoint-3"
+    # The checkpoint holds the Copilot (model weights), its optimizer state and the Mistake Log.
+    state = torch.load(checkpoint / "mistake_log.pt", weights_only=True)
+    assert len(state["mistake_log"]["entries"]) == 3 and "replay_generator" in state
+    optimizer_state = torch.load(checkpoint / "optimizer.pt", weights_only=True)
+    assert len(optimizer_state["state"]) == len(list(interrupted.model.parameters()))
+
+    resumed = make_trainer(tmp_path, model=make_model(seed=7), **resume_settings(tmp_path, "interrupted"))
+    resumed.train(resume_from_checkpoint=str(checkpoint))
+    assert max_difference(resumed.model, uninterrupted.model) < 1e-6
+    for key in ("pilot_loss", "copilot_loss", "loss"):
+        assert len(logged(resumed, key)) == 6
+        assert logged(resumed, key) == pytest.approx(logged(uninterrupted, key), rel=1e-6), key
+
+
+def test_resume_without_the_mistake_log_warns_and_replays_differently(tmp_path, caplog):
+    interrupted = make_trainer(tmp_path, **resume_settings(tmp_path, "run"))
+    interrupted.add_callback(StopAtStep(3))
+    interrupted.train()
+    checkpoint = tmp_path / "run" / "checkpoint-3"
+    uninterrupted = make_trainer(tmp_path, **resume_settings(tmp_path, "uninterrupted"))
+    uninterrupted.train()
+    os.remove(checkpoint / "mistake_log.pt")
+
+    resumed = make_trainer(tmp_path, **resume_settings(tmp_path, "run"))
+    with caplog.at_level("WARNING"):
+        resumed.train(resume_from_checkpoint=True)  # the last checkpoint of output_dir
+    assert "resuming with an empty Mistake Log" in caplog.text
+    # The Pilot does not depend on the log; the Copilot's updates from step 4 on do.
+    assert logged(resumed, "pilot_loss") == pytest.approx(logged(uninterrupted, "pilot_loss"), rel=1e-6)
+    assert logged(resumed, "copilot_loss")[4:] != pytest.approx(
+        logged(uninterrupted, "copilot_loss")[4:], rel=1e-6
+    )
+
+
+def test_mistake_log_callback_checkpoint_round_trip(tmp_path):
+    model = make_model()
+    callback = MistakeLogCallback(MistakeLog(size=3, topk=8), replay=2, seed=1)
+    with torch.no_grad():
+        for start in range(0, 10, 2):
+            callback.add(
+                model(
+                    **collate(counting_rows(10)[start : start + 2]), return_mistake_log=True
+                ).mistake_log_entry
+            )
+    callback.save_to_checkpoint(tmp_path)
+    assert sorted(os.listdir(tmp_path)) == ["mistake_log.pt"]  # written atomically: no temporary left
+    restored = MistakeLogCallback(MistakeLog(size=3, topk=8), replay=2, seed=99)
+    assert restored.load_from_checkpoint(tmp_path)
+    assert len(restored.mistake_log) == 3
+    first, second = callback.sample_replay(), restored.sample_replay()  # same entries, same RNG draw
+    assert torch.equal(first.x_tilde, second.x_tilde) and torch.equal(first.loss_mask, second.loss_mask)
+    with pytest.raises(ValueError, match="size=3, topk=8"):
+        MistakeLogCallback(MistakeLog(size=5, topk=8)).load_from_checkpoint(tmp_path)
+
+
+# --------------------------------------------------------------------------------------------------
+# Modes: frozen Pilot, gradient checkpointing, LoRA Pilot
+
+
+def test_freeze_pilot_trains_only_the_copilot_and_its_loss_falls(tmp_path):
+    model = make_model()
+    pilot_before = snapshot(model.pilot)
+    trainer = make_trainer(
+        tmp_path,
+        model=model,
+        freeze_pilot=True,
+        max_steps=16,
+        per_device_train_batch_size=8,
+        copilot_learning_rate=1e-2,
+    )
+    trainer.train()
+    assert all(torch.equal(value, pilot_before[name]) for name, value in model.pilot.state_dict().items())
+    assert not any(p.requires_grad for p in model.pilot.parameters())
+    optimized = {id(p) for group in trainer.optimizer.param_groups for p in group["params"]}
+    assert optimized == {id(p) for p in model.copilot.parameters()}
+    assert not any(id(p) in optimized or p in trainer.optimizer.state for p in model.pilot.parameters())
+    copilot_loss = logged(trainer, "copilot_loss")
+    assert sum(copilot_loss[-3:]) / 3 < 0.8 * sum(copilot_loss[:3]) / 3
+
+
+def test_gradient_checkpointing_on_the_pilot(tmp_path):
+    plain = make_trainer(tmp_path, max_steps=6)
+    plain.train()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # the deprecated alias of activation_checkpointing
+        checkpointed = make_trainer(tmp_path, max_steps=6, gradient_checkpointing=True)
+    checkpointed.train()
+    assert checkpointed.model.pilot.is_activation_checkpointing
+    assert logged(checkpointed, "pilot_loss") == pytest.approx(logged(plain, "pilot_loss"), rel=1e-5)
+    copilot_loss = logged(checkpointed, "copilot_loss")
+    assert copilot_loss[-1] < copilot_loss[0]
+    assert max_difference(checkpointed.model, plain.model) < 1e-5
+
+
+def lora_pilot(seed: int = 0):
+    peft = pytest.importorskip("peft")
+    config = peft.LoraConfig(
+        r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0, task_type="CAUSAL_LM"
+    )
+    return peft.get_peft_model(build_pilot("llama", seed=seed), config)
+
+
+def test_lora_pilot_trains_its_adapter_and_the_copilot_but_not_its_base_weights(tmp_path):
+    """PEFT goes on the Pilot before wrapping, as in a stock PEFT script; the Copilot trains in full."""
+    from peft import PeftModel
+
+    pilot = lora_pilot()
+    adapter_before = snapshot(pilot)
+    model = make_model(pilot=pilot)
+    assert all(
+        torch.equal(value, adapter_before[name]) for name, value in pilot.state_dict().items()
+    )  # untouched
+    before = snapshot(model)
+    trainer = make_trainer(tmp_path, model=model, max_steps=3)
+    trainer.train()
+    after = model.state_dict()
+    for name, value in after.items():
+        if "lora_B" in name or name.startswith("copilot."):
+            assert not torch.equal(value, before[name]), f"{name} did not train"
+        elif "lora_A" not in name:
+            assert torch.equal(value, before[name]), f"base weight {name} changed"
+
+    batch = collate(counting_rows(4, seed=2))
+    model.eval()
+    with torch.no_grad():
+        expected = model(**batch, return_fused=True).fused_logits
+    # Trainer checkpoints (and save_model) hold the whole structure: they load into the same construction.
+    trainer.save_model(str(tmp_path / "saved"))
+    from safetensors.torch import load_file
+
+    rebuilt = make_model(seed=3, pilot=lora_pilot(seed=3)).eval()
+    rebuilt.load_state_dict(load_file(str(tmp_path / "saved" / "model.safetensors")), strict=True)
+    # For deployment: the adapter alone (peft) plus the Copilot alone, back onto the base Pilot.
+    model.pilot.save_pretrained(str(tmp_path / "adapter"))
+    model.save_copilot(str(tmp_path / "copilot"))
+    adapted = PeftModel.from_pretrained(build_pilot("llama"), str(tmp_path / "adapter"))
+    deployed = PilotCopilotForCausalLM.from_copilot_checkpoint(adapted, str(tmp_path / "copilot")).eval()
+    with torch.no_grad():
+        assert torch.equal(rebuilt(**batch, return_fused=True).fused_logits, expected)
+        assert torch.equal(deployed(**batch, return_fused=True).fused_logits, expected)
+
+
+def test_lora_on_the_whole_wrapper_that_freezes_the_copilot_is_refused(tmp_path):
+    peft = pytest.importorskip("peft")
+    # target_modules restricted to the Pilot: every Copilot weight is frozen by PEFT.
+    config = peft.LoraConfig(r=4, target_modules=r"pilot\..*\.(q_proj|v_proj)")
+    wrapped = peft.get_peft_model(make_model(), config)
+    with pytest.raises(ValueError, match="apply the adapter to the Pilot before wrapping"):
+        CopilotTrainer(model=wrapped, args=make_args(tmp_path))
+
+    # The fix the message names: modules_to_save=["copilot"] trains a full copy of the Copilot.
+    config = peft.LoraConfig(r=4, target_modules=r"pilot\..*\.(q_proj|v_proj)", modules_to_save=["copilot"])
+    wrapped = peft.get_peft_model(make_model(), config)
+    before = snapshot(wrapped)
+    trainer = CopilotTrainer(
+        model=wrapped,
+        args=make_args(tmp_path, max_steps=2),
+        train_dataset=counting_rows(),
+        data_collator=collate,
+    )
+    trainer.train()
+    changed = {name for name, value in wrapped.state_dict().items() if not torch.equal(value, before[name])}
+    copilot_copy = {name for name in before if ".copilot.modules_to_save." in name}
+    assert copilot_copy and copilot_copy <= changed
+    assert all("lora_" in name or ".copilot.modules_to_save." in name for name in changed)
+
+
+# --------------------------------------------------------------------------------------------------
+# Bad input
+
+
+def test_an_empty_dataset_is_refused_before_training(tmp_path):
+    trainer = make_trainer(tmp_path, rows=[])
+    with pytest.raises(ValueError, match=r"train_dataset is empty \(0 examples\)"):
+        trainer.train()
+    with pytest.raises(ValueError, match=r"The eval dataset is empty"):
+        trainer.evaluate(eval_dataset=[])
+
+
+def test_a_dataset_without_labels_names_the_fix(tmp_path):
+    def collate_without_labels(rows):
+        batch = collate(rows)
+        del batch["labels"]
+        return batch
+
+    trainer = CopilotTrainer(
+        model=make_model(),
+        args=make_args(tmp_path),
+        train_dataset=counting_rows(),
+        data_collator=collate_without_labels,
+    )
+    with pytest.raises(
+        ValueError, match=r"no `labels` \(keys: input_ids, attention_mask\).*DataCollatorForLanguageModeling"
+    ):
+        trainer.train()
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_sequences_longer_than_the_pilot_accepts_name_the_limit(tmp_path, arch):
+    model = make_model(pilot=build_pilot(arch))
+    long_row = {"input_ids": [FIRST_REGULAR_TOKEN] * 70, "labels": [FIRST_REGULAR_TOKEN] * 70}
+    trainer = make_trainer(tmp_path, model=model, rows=counting_rows(3) + [long_row])
+    with pytest.raises(
+        ValueError, match=r"sequences of 70 tokens but the Pilot takes at most 64 positions.*max_length=64"
+    ):
+        trainer.train()
+
+
+@pytest.mark.parametrize(
+    ("part", "name", "step"), [("pilot", "pilot_loss", 3), ("copilot", "copilot_loss", 2)]
+)
+def test_a_non_finite_loss_stops_training_naming_the_step(tmp_path, part, name, step):
+    model = make_model()
+    head = model.pilot.lm_head if part == "pilot" else model.copilot.error_head
+    calls = []
+
+    def poison(module, inputs, output):
+        calls.append(1)
+        return output * float("nan") if len(calls) == step else output
+
+    head.register_forward_hook(poison)
+    trainer = make_trainer(tmp_path, model=model, max_steps=5)
+    with pytest.raises(NonFiniteLossError, match=rf"{name} is nan at training step {step} "):
+        trainer.train()
+    assert trainer.state.global_step == step - 1  # the poisoned step made no update
