@@ -1,0 +1,308 @@
+"""Does the Copilot make a fine-tuned model better? Three arms on offline tasks, several seeds.
+
+Arms (same Pilot initialisation, data order and steps; SPEC section 7):
+  pilot          the Pilot fine-tuned alone with the stock Trainer
+  pilot_copilot  the same Pilot fine-tuned with a Copilot (CopilotTrainer); lambda chosen on validation
+  pilot_matched  a Pilot with as many parameters as Pilot + Copilot, stock Trainer
+Variants of the Pilot + Copilot arm (no retraining): fusion space, feedback mode, each lambda.
+
+    python benchmarks/quality.py                 # full run, writes benchmarks/results/quality.{json,md,png}
+    python benchmarks/quality.py --quick         # smoke run
+
+Each record of quality.json: task, seed, arm, accuracy (test), plus the settings that produced it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+
+import torch
+import transformers
+
+from hf_copilot import CopilotConfig
+from hf_copilot.evaluation import evaluate_task
+from hf_copilot.recipes import (
+    PilotShape,
+    TrainingRecipe,
+    evaluate_pilot_copilot,
+    matched_shape,
+    parameter_count,
+    task_tokenizer,
+    train_arm,
+)
+from hf_copilot.tasks import get_task
+
+RESULTS = os.path.join(os.path.dirname(__file__), "results")
+LAMBDAS = (0.0, 0.1, 0.3, 0.5, 0.8, 1.0, 2.0, 3.0)
+
+
+@dataclass
+class TaskSetting:
+    """A task family with a Pilot sized so that alone it is neither at 0% nor near 100%."""
+
+    name: str
+    options: dict = field(default_factory=dict)
+    shape: PilotShape = field(default_factory=PilotShape)
+    train_size: int = 4000
+    epochs: float = 4.0
+    eval_size: int = 300
+
+
+SETTINGS = [
+    TaskSetting("arithmetic", {"digits": 2, "operations": "+-"}, PilotShape(64, 2, 4), 6000, 8.0),
+    TaskSetting("word_problems", {"max_number": 8}, PilotShape(64, 2, 4), 3000, 4.0),
+    TaskSetting("multiple_choice", {"num_choices": 2}, PilotShape(64, 2, 4), 2000, 5.0),
+    TaskSetting("recommendation", {"num_items": 60, "num_genres": 4}, PilotShape(64, 2, 4), 4000, 8.0),
+]
+COPILOT = CopilotConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4)
+
+
+def run_task_seed(setting: TaskSetting, seed: int, output_dir: str, quick: bool) -> list[dict]:
+    """All arms and variants of one task and seed."""
+    task = get_task(setting.name, **setting.options)
+    train_size = 200 if quick else setting.train_size
+    eval_size = 40 if quick else setting.eval_size
+    train = task.examples("train", train_size, seed=seed)
+    validation = task.examples("validation", eval_size, seed=seed)
+    test = task.examples("test", eval_size, seed=seed)
+    tokenizer = task_tokenizer(task)
+    recipe = TrainingRecipe(
+        epochs=0.5 if quick else setting.epochs, batch_size=32, seed=seed, logging_steps=25
+    )
+    base = {"task": setting.name, "seed": seed, "task_options": setting.options, "train_examples": train_size}
+    records = []
+
+    def record(arm: str, accuracy: float, model_parameters: int, **settings) -> None:
+        records.append({**base, "arm": arm, "accuracy": accuracy, "parameters": model_parameters, **settings})
+
+    # Pilot + Copilot, then its variants.
+    started = time.time()
+    model, _ = train_arm(
+        "pilot_copilot", setting.shape.build(tokenizer, seed), tokenizer, train, recipe, output_dir, COPILOT
+    )
+    seconds = time.time() - started
+    total = parameter_count(model)
+    for feedback in ("copilot", "observed"):
+        for fusion in ("probs", "logits"):
+            result = evaluate_pilot_copilot(
+                model,
+                tokenizer,
+                task,
+                validation,
+                test,
+                lambdas=LAMBDAS,
+                batch_size=100,
+                progress=False,
+                fusion=fusion,
+                copilot_feedback=feedback,
+            )
+            default = feedback == "copilot" and fusion == "probs"
+            settings = {"fusion": fusion, "copilot_feedback": feedback, "train_seconds": round(seconds, 1)}
+            record(
+                "pilot_copilot" if default else "pilot_copilot_variant",
+                result.fused_accuracy,
+                total,
+                copilot_lambda=result.best_lambda,
+                lambda_selection="validation",
+                validation_sweep=result.validation_sweep,
+                pilot_accuracy_same_run=result.pilot_accuracy,
+                **settings,
+            )
+            if default:
+                for lam in LAMBDAS:
+                    accuracy = evaluate_task(
+                        model, tokenizer, test, task, batch_size=100, progress=False, copilot_lambda=lam
+                    )["accuracy"]
+                    record(
+                        "pilot_copilot_lambda",
+                        accuracy,
+                        total,
+                        copilot_lambda=lam,
+                        lambda_selection="fixed",
+                        **settings,
+                    )
+
+    # The Pilot alone, from the same initialisation and data order.
+    for arm, shape in (
+        ("pilot", setting.shape),
+        ("pilot_matched", matched_shape(setting.shape, total, tokenizer)),
+    ):
+        started = time.time()
+        pilot, _ = train_arm(arm, shape.build(tokenizer, seed), tokenizer, train, recipe, output_dir)
+        accuracy = evaluate_task(pilot, tokenizer, test, task, batch_size=100, progress=False)["accuracy"]
+        record(
+            arm,
+            accuracy,
+            parameter_count(pilot),
+            train_seconds=round(time.time() - started, 1),
+            pilot_shape=shape.__dict__,
+        )
+    return records
+
+
+def summarise(records: list[dict]) -> dict:
+    """Mean and std over seeds per task and arm, with the lifts the issue asks for."""
+    summary: dict[str, dict] = {}
+    for task in dict.fromkeys(r["task"] for r in records):
+        rows = [r for r in records if r["task"] == task]
+        arms = {}
+        for arm in ("pilot", "pilot_copilot", "pilot_matched"):
+            values = [r["accuracy"] for r in rows if r["arm"] == arm]
+            if values:
+                arms[arm] = {
+                    "mean": statistics.mean(values),
+                    "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+                    "parameters": next(r["parameters"] for r in rows if r["arm"] == arm),
+                }
+        variants = {}
+        for r in rows:
+            if r["arm"] in ("pilot_copilot", "pilot_copilot_variant"):
+                key = f"{r['fusion']}/{r['copilot_feedback']}"
+                variants.setdefault(key, []).append(r["accuracy"])
+        lambdas = {}
+        for r in rows:
+            if r["arm"] == "pilot_copilot_lambda":
+                lambdas.setdefault(r["copilot_lambda"], []).append(r["accuracy"])
+        pilot, fused = arms.get("pilot", {}).get("mean"), arms.get("pilot_copilot", {}).get("mean")
+        matched = arms.get("pilot_matched", {}).get("mean")
+        summary[task] = {
+            "arms": arms,
+            "relative_lift_over_pilot": (fused - pilot) / pilot if pilot else None,
+            "fused_minus_matched": fused - matched if matched is not None else None,
+            "variants": {k: statistics.mean(v) for k, v in variants.items()},
+            "fixed_lambda": {k: statistics.mean(v) for k, v in sorted(lambdas.items())},
+        }
+    return summary
+
+
+def write_markdown(summary: dict, command: str, path: str) -> None:
+    lines = [
+        "# Quality: Pilot alone vs Pilot + Copilot vs a parameter-matched Pilot",
+        "",
+        f"Command: `{command}`  ",
+        f"Machine: {os.cpu_count()} CPU cores, torch {torch.__version__}, transformers {transformers.__version__}, "
+        f"Python {platform.python_version()}.",
+        "",
+        "Test accuracy, mean ± std over seeds. Pilot + Copilot uses lambda chosen on validation "
+        "(fusion=probs, feedback=copilot, the paper's defaults). Lift = (fused - Pilot) / Pilot.",
+        "",
+        "| task | Pilot | Pilot + Copilot | parameter-matched Pilot | relative lift | fused - matched |",
+        "| --- | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for task, row in summary.items():
+        arms = row["arms"]
+
+        def cell(arm: str, arms: dict = arms) -> str:
+            if arm not in arms:
+                return "-"
+            return f"{arms[arm]['mean']:.3f} ± {arms[arm]['std']:.3f} ({arms[arm]['parameters']:,} p.)"
+
+        lift = row["relative_lift_over_pilot"]
+        gap = row["fused_minus_matched"]
+        lines.append(
+            f"| {task} | {cell('pilot')} | {cell('pilot_copilot')} | {cell('pilot_matched')} | "
+            f"{'-' if lift is None else f'{100 * lift:+.1f}%'} | {'-' if gap is None else f'{gap:+.3f}'} |"
+        )
+    lines += [
+        "",
+        "## Variants (lambda chosen on validation for each), mean test accuracy",
+        "",
+        "| task | " + " | ".join(next(iter(summary.values()))["variants"]) + " |",
+        "| --- |" + " ---: |" * len(next(iter(summary.values()))["variants"]),
+    ]
+    for task, row in summary.items():
+        lines.append(f"| {task} | " + " | ".join(f"{v:.3f}" for v in row["variants"].values()) + " |")
+    lines += [
+        "",
+        "## Fixed lambda (fusion=probs, feedback=copilot), mean test accuracy",
+        "",
+        "| task | " + " | ".join(f"λ={lam:g}" for lam in LAMBDAS) + " |",
+        "| --- |" + " ---: |" * len(LAMBDAS),
+    ]
+    for task, row in summary.items():
+        lines.append(
+            f"| {task} | "
+            + " | ".join(f"{row['fixed_lambda'].get(lam, float('nan')):.3f}" for lam in LAMBDAS)
+            + " |"
+        )
+    with open(path, "w") as handle:
+        handle.write("\n".join(lines) + "\n")
+
+
+def plot(summary: dict, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tasks = list(summary)
+    figure, (bars, curves) = plt.subplots(1, 2, figsize=(12, 4.5))
+    width = 0.27
+    for offset, (arm, label) in enumerate(
+        (("pilot", "Pilot"), ("pilot_copilot", "Pilot + Copilot"), ("pilot_matched", "param-matched Pilot"))
+    ):
+        means = [summary[t]["arms"].get(arm, {}).get("mean", 0) for t in tasks]
+        stds = [summary[t]["arms"].get(arm, {}).get("std", 0) for t in tasks]
+        bars.bar([i + (offset - 1) * width for i in range(len(tasks))], means, width, yerr=stds, label=label)
+    bars.set_xticks(range(len(tasks)), tasks, rotation=15)
+    bars.set_ylabel("test accuracy")
+    bars.set_title("Arms (mean ± std over seeds)")
+    bars.legend()
+    for task in tasks:
+        fixed = summary[task]["fixed_lambda"]
+        curves.plot(list(fixed), list(fixed.values()), marker="o", label=task)
+    curves.set_xlabel("copilot_lambda (fusion=probs, feedback=copilot)")
+    curves.set_ylabel("test accuracy")
+    curves.set_title("Accuracy by lambda")
+    curves.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--tasks", nargs="+", default=[s.name for s in SETTINGS])
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--output", default=RESULTS)
+    parser.add_argument(
+        "--from-records", nargs="+", help="only summarise the records of earlier runs (quality.json files)"
+    )
+    args = parser.parse_args()
+    torch.set_num_threads(1)  # tiny models: one thread each is fastest and leaves the other core free
+    os.makedirs(args.output, exist_ok=True)
+    scratch = os.path.join(args.output, ".runs")
+    records: list[dict] = []
+    if args.from_records:
+        for path in args.from_records:
+            with open(path) as handle:
+                records.extend(json.load(handle)["records"])
+    else:
+        from tqdm.auto import tqdm
+
+        jobs = [(s, seed) for s in SETTINGS if s.name in args.tasks for seed in args.seeds]
+        for setting, seed in tqdm(jobs, desc="task x seed"):
+            records.extend(run_task_seed(setting, seed, scratch, args.quick))
+            with open(os.path.join(args.output, "quality.json"), "w") as handle:
+                json.dump({"records": records, "summary": summarise(records)}, handle, indent=1, default=str)
+    summary = summarise(records)
+    with open(os.path.join(args.output, "quality.json"), "w") as handle:
+        json.dump({"records": records, "summary": summary}, handle, indent=1, default=str)
+    command = "python benchmarks/quality.py " + " ".join(sys.argv[1:])
+    write_markdown(summary, command.strip(), os.path.join(args.output, "quality.md"))
+    plot(summary, os.path.join(args.output, "quality.png"))
+    print(open(os.path.join(args.output, "quality.md")).read())
+
+
+if __name__ == "__main__":
+    main()

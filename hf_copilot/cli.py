@@ -1,0 +1,212 @@
+"""`hf-copilot`: the demo (the README's main job), training and evaluation from the command line.
+
+Every command takes `--pilot <path or Hub id>` (default: a small LLaMA built from a config) and
+`--task <name>` with `--dataset <folder or Hub id>` for the paper's benchmarks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from collections.abc import Sequence
+
+import torch
+
+from .configuration_pilot_copilot import CopilotConfig
+from .evaluation import DEFAULT_LAMBDAS
+from .modeling_pilot_copilot import PilotCopilotForCausalLM
+from .plots import plot_training_and_sweep
+from .recipes import (
+    PilotShape,
+    TrainingRecipe,
+    evaluate_pilot_copilot,
+    load_pilot,
+    parameter_count,
+    task_tokenizer,
+    train_arm,
+)
+from .tasks import BENCHMARKS, TASKS, BenchmarkTask, Task, get_task
+
+DEMO_TASK = {"name": "arithmetic", "digits": 2, "operations": "+-"}
+
+
+def build_task(name: str, dataset: str | None) -> Task:
+    """An offline task, or one of the paper's benchmarks read from a folder of split files or the Hub."""
+    if name in BENCHMARKS:
+        if dataset is None:
+            raise SystemExit(
+                f"--task {name} needs --dataset: a folder with train/validation/test files or a Hub id."
+            )
+        if os.path.isdir(dataset):
+            files = {
+                split: os.path.join(dataset, file)
+                for file in sorted(os.listdir(dataset))
+                for split in ("train", "validation", "test")
+                if file.split(".")[0] == split
+            }
+            if not files:
+                raise SystemExit(f"{dataset} holds no train/validation/test .json/.jsonl files.")
+            return BenchmarkTask(name, data_files=files)
+        return BenchmarkTask(name, hub_id=dataset)
+    if dataset is not None:
+        raise SystemExit(
+            f"--dataset applies to the benchmarks ({', '.join(sorted(BENCHMARKS))}), not to {name}."
+        )
+    options = {k: v for k, v in DEMO_TASK.items() if k != "name"} if name == DEMO_TASK["name"] else {}
+    return get_task(name, **options)
+
+
+def add_common_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--task", default=DEMO_TASK["name"], choices=sorted(TASKS), help="task to train/evaluate on"
+    )
+    parser.add_argument("--dataset", help="for benchmark tasks: a folder of split files, or a Hub dataset id")
+    parser.add_argument("--pilot", help="Pilot path or Hub id (default: a small LLaMA built from a config)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--train-size", type=int, default=6000)
+    parser.add_argument("--eval-size", type=int, default=300)
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--lambdas", type=float, nargs="+", default=list(DEFAULT_LAMBDAS))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="hf-copilot", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    for name, help_text in (
+        ("demo", "train a small Pilot + Copilot on 2-digit arithmetic and print Pilot vs fused accuracy"),
+        ("train", "fine-tune a Pilot with a Copilot (CopilotTrainer) and save the model"),
+    ):
+        command = commands.add_parser(name, help=help_text)
+        add_common_arguments(command)
+        command.add_argument("--output-dir", default=os.path.join("outputs", name))
+        command.add_argument("--epochs", type=float, default=4.0)
+        command.add_argument("--learning-rate", type=float, default=3e-3)
+        command.add_argument("--copilot-learning-rate", type=float)
+        command.add_argument("--copilot-hidden-size", type=int, default=64)
+        command.add_argument("--copilot-layers", type=int, default=2)
+        command.add_argument("--copilot-heads", type=int, default=4)
+        command.add_argument("--freeze-pilot", action="store_true", help="train only the Copilot")
+    evaluate = commands.add_parser("evaluate", help="evaluate a saved Pilot + Copilot: Pilot alone vs fused")
+    add_common_arguments(evaluate)
+    evaluate.add_argument("--model", required=True, help="a saved PilotCopilotForCausalLM (folder or Hub id)")
+    return parser
+
+
+def examples_for(task: Task, args: argparse.Namespace, split: str, n: int):
+    if isinstance(task, BenchmarkTask):
+        examples = task.examples(split)
+        return examples[:n] if split != "train" else examples
+    return task.examples(split, n, seed=args.seed)
+
+
+def train_command(args: argparse.Namespace) -> dict:
+    """Fine-tune Pilot + Copilot, pick lambda on validation, report test accuracy, save everything."""
+    torch.manual_seed(args.seed)
+    task = build_task(args.task, args.dataset)
+    train = examples_for(task, args, "train", args.train_size)
+    validation = examples_for(task, args, "validation", args.eval_size)
+    test = examples_for(task, args, "test", args.eval_size)
+    if args.pilot:
+        pilot, tokenizer = load_pilot(args.pilot)
+    else:
+        tokenizer = task_tokenizer(task, seed=args.seed)
+        pilot = PilotShape().build(tokenizer, args.seed)
+        torch.set_num_threads(1)  # a model this small runs fastest on one thread
+    copilot_config = CopilotConfig(
+        hidden_size=args.copilot_hidden_size,
+        num_hidden_layers=args.copilot_layers,
+        num_attention_heads=args.copilot_heads,
+    )
+    recipe = TrainingRecipe(
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        learning_rate=args.learning_rate,
+        copilot_learning_rate=args.copilot_learning_rate,
+        seed=args.seed,
+        freeze_pilot=args.freeze_pilot,
+    )
+    started = time.time()
+    model, history = train_arm(
+        "pilot_copilot", pilot, tokenizer, train, recipe, args.output_dir, copilot_config
+    )
+    trained_seconds = time.time() - started
+    result = evaluate_pilot_copilot(
+        model, tokenizer, task, validation, test, lambdas=args.lambdas, batch_size=args.batch_size
+    )
+    model.config.copilot_lambda = result.best_lambda
+    final = os.path.join(args.output_dir, "model")
+    model.save_pretrained(final)
+    tokenizer.save_pretrained(final)
+    summary = {
+        "task": args.task,
+        "pilot_parameters": parameter_count(model.pilot),
+        "copilot_parameters": parameter_count(model.copilot),
+        "train_seconds": round(trained_seconds, 1),
+        "best_lambda": result.best_lambda,
+        "validation_sweep": result.validation_sweep,
+        "pilot_test_accuracy": result.pilot_accuracy,
+        "fused_test_accuracy": result.fused_accuracy,
+        "model_dir": final,
+    }
+    with open(os.path.join(args.output_dir, "results.json"), "w") as handle:
+        json.dump(summary, handle, indent=2)
+    plot_training_and_sweep(history, result.validation_sweep, os.path.join(args.output_dir, "training.png"))
+    print_table(summary)
+    return summary
+
+
+def evaluate_command(args: argparse.Namespace) -> dict:
+    task = build_task(args.task, args.dataset)
+    model, tokenizer = load_pilot(args.model)
+    if not isinstance(model, PilotCopilotForCausalLM):
+        raise SystemExit(f"{args.model} is not a Pilot + Copilot model ({type(model).__name__}).")
+    validation = examples_for(task, args, "validation", args.eval_size)
+    test = examples_for(task, args, "test", args.eval_size)
+    result = evaluate_pilot_copilot(
+        model, tokenizer, task, validation, test, lambdas=args.lambdas, batch_size=args.batch_size
+    )
+    summary = {
+        "task": args.task,
+        "pilot_parameters": parameter_count(model.pilot),
+        "copilot_parameters": parameter_count(model.copilot),
+        "best_lambda": result.best_lambda,
+        "validation_sweep": result.validation_sweep,
+        "pilot_test_accuracy": result.pilot_accuracy,
+        "fused_test_accuracy": result.fused_accuracy,
+    }
+    print_table(summary)
+    return summary
+
+
+def print_table(summary: dict) -> None:
+    pilot, fused = summary["pilot_test_accuracy"], summary["fused_test_accuracy"]
+    lift = f"{100 * (fused - pilot) / pilot:+.1f}%" if pilot else "n/a"
+    rows = [
+        ("Pilot alone (lambda = 0)", f"{summary['pilot_parameters']:,}", f"{pilot:.3f}"),
+        (
+            f"Pilot + Copilot (lambda = {summary['best_lambda']:g}, chosen on validation)",
+            f"{summary['pilot_parameters'] + summary['copilot_parameters']:,}",
+            f"{fused:.3f}",
+        ),
+    ]
+    print(f"\nTask: {summary['task']}   test accuracy, relative lift of fused over Pilot: {lift}")
+    print("| model | parameters | test accuracy |\n| --- | ---: | ---: |")
+    for row in rows:
+        print(f"| {row[0]} | {row[1]} | {row[2]} |")
+    sweep = ", ".join(f"{lam:g}: {acc:.3f}" for lam, acc in summary["validation_sweep"].items())
+    print(f"Validation accuracy by lambda: {sweep}")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "evaluate":
+        evaluate_command(args)
+    else:
+        train_command(args)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
