@@ -79,8 +79,8 @@ def run_task_seed(setting: TaskSetting, seed: int, output_dir: str, quick: bool)
     base = {"task": setting.name, "seed": seed, "task_options": setting.options, "train_examples": train_size}
     records = []
 
-    def record(arm: str, accuracy: float, model_parameters: int, **settings) -> None:
-        records.append({**base, "arm": arm, "accuracy": accuracy, "parameters": model_parameters, **settings})
+    def record(arm: str, accuracy: float, parameter_count: int, **settings) -> None:
+        records.append({**base, "arm": arm, "accuracy": accuracy, "parameters": parameter_count, **settings})
 
     # Pilot + Copilot, then its variants.
     started = time.time()
@@ -89,45 +89,27 @@ def run_task_seed(setting: TaskSetting, seed: int, output_dir: str, quick: bool)
     )
     seconds = time.time() - started
     total = parameter_count(model)
-    for feedback in ("copilot", "observed"):
-        for fusion in ("probs", "logits"):
-            result = evaluate_pilot_copilot(
-                model,
-                tokenizer,
-                task,
-                validation,
-                test,
-                lambdas=LAMBDAS,
-                batch_size=100,
-                progress=False,
-                fusion=fusion,
-                copilot_feedback=feedback,
-            )
-            default = feedback == "copilot" and fusion == "probs"
-            settings = {"fusion": fusion, "copilot_feedback": feedback, "train_seconds": round(seconds, 1)}
-            record(
-                "pilot_copilot" if default else "pilot_copilot_variant",
-                result.fused_accuracy,
-                total,
-                copilot_lambda=result.best_lambda,
-                lambda_selection="validation",
-                validation_sweep=result.validation_sweep,
-                pilot_accuracy_same_run=result.pilot_accuracy,
-                **settings,
-            )
-            if default:
-                for lam in LAMBDAS:
-                    accuracy = evaluate_task(
-                        model, tokenizer, test, task, batch_size=100, progress=False, copilot_lambda=lam
-                    )["accuracy"]
-                    record(
-                        "pilot_copilot_lambda",
-                        accuracy,
-                        total,
-                        copilot_lambda=lam,
-                        lambda_selection="fixed",
-                        **settings,
-                    )
+    for variant in evaluate_variants(model, tokenizer, task, validation, test):
+        default = variant["fusion"] == "probs" and variant["copilot_feedback"] == "copilot"
+        record(
+            "pilot_copilot" if default else "pilot_copilot_variant",
+            parameter_count=total,
+            train_seconds=round(seconds, 1),
+            **variant,
+        )
+    for lam in LAMBDAS:
+        accuracy = evaluate_task(
+            model, tokenizer, test, task, batch_size=100, progress=False, copilot_lambda=lam
+        )
+        record(
+            "pilot_copilot_lambda",
+            accuracy=accuracy["accuracy"],
+            parameter_count=total,
+            copilot_lambda=lam,
+            lambda_selection="fixed",
+            fusion="probs",
+            copilot_feedback="copilot",
+        )
 
     # The Pilot alone, from the same initialisation and data order.
     for arm, shape in (
@@ -144,6 +126,82 @@ def run_task_seed(setting: TaskSetting, seed: int, output_dir: str, quick: bool)
             train_seconds=round(time.time() - started, 1),
             pilot_shape=shape.__dict__,
         )
+    return records
+
+
+def evaluate_variants(model, tokenizer, task, validation, test) -> list[dict]:
+    """Test accuracy for each fusion space x feedback mode, lambda chosen on validation for each."""
+    variants = []
+    for feedback in ("copilot", "observed"):
+        for fusion in ("probs", "logits"):
+            result = evaluate_pilot_copilot(
+                model,
+                tokenizer,
+                task,
+                validation,
+                test,
+                lambdas=LAMBDAS,
+                batch_size=100,
+                progress=False,
+                fusion=fusion,
+                copilot_feedback=feedback,
+            )
+            variants.append(
+                {
+                    "accuracy": result.fused_accuracy,
+                    "fusion": fusion,
+                    "copilot_feedback": feedback,
+                    "copilot_lambda": result.best_lambda,
+                    "lambda_selection": "validation",
+                    "validation_sweep": result.validation_sweep,
+                    "pilot_accuracy_same_run": result.pilot_accuracy,
+                }
+            )
+    return variants
+
+
+ABLATIONS = {
+    "copilot_hidden_64": {"copilot": {"hidden_size": 64}},
+    "copilot_4_layers": {"copilot": {"num_hidden_layers": 4}},
+    "replay_4": {"recipe": {"mistake_log_replay": 4}},
+    "copilot_lr_2x": {"recipe": {"copilot_learning_rate": 6e-3}},
+}
+
+
+def run_ablations(setting: TaskSetting, seed: int, output_dir: str, names: list[str]) -> list[dict]:
+    """Retrain the Pilot + Copilot arm with another Copilot size, replay or learning rate."""
+    task = get_task(setting.name, **setting.options)
+    train = task.examples("train", setting.train_size, seed=seed)
+    validation = task.examples("validation", setting.eval_size, seed=seed)
+    test = task.examples("test", setting.eval_size, seed=seed)
+    tokenizer = task_tokenizer(task)
+    records = []
+    for name in names:
+        change = ABLATIONS[name]
+        copilot = CopilotConfig(**{**COPILOT.to_dict(), **change.get("copilot", {})})
+        recipe = TrainingRecipe(
+            epochs=setting.epochs, batch_size=32, seed=seed, logging_steps=25, **change.get("recipe", {})
+        )
+        model, _ = train_arm(
+            "pilot_copilot",
+            setting.shape.build(tokenizer, seed),
+            tokenizer,
+            train,
+            recipe,
+            output_dir,
+            copilot,
+        )
+        for variant in evaluate_variants(model, tokenizer, task, validation, test):
+            records.append(
+                {
+                    "task": setting.name,
+                    "seed": seed,
+                    "arm": "pilot_copilot_ablation",
+                    "ablation": name,
+                    "parameters": parameter_count(model),
+                    **variant,
+                }
+            )
     return records
 
 
@@ -172,7 +230,21 @@ def summarise(records: list[dict]) -> dict:
                 lambdas.setdefault(r["copilot_lambda"], []).append(r["accuracy"])
         pilot, fused = arms.get("pilot", {}).get("mean"), arms.get("pilot_copilot", {}).get("mean")
         matched = arms.get("pilot_matched", {}).get("mean")
+        ablations: dict[str, dict] = {}
+        for r in rows:
+            if r["arm"] == "pilot_copilot_ablation":
+                ablations.setdefault(f"{r['ablation']} (seed {r['seed']})", {})[
+                    f"{r['fusion']}/{r['copilot_feedback']}"
+                ] = r["accuracy"]
+        for r in rows:
+            if r["arm"] in ("pilot_copilot", "pilot_copilot_variant") and any(
+                f"(seed {r['seed']})" in key for key in ablations
+            ):
+                ablations.setdefault(f"default (seed {r['seed']})", {})[
+                    f"{r['fusion']}/{r['copilot_feedback']}"
+                ] = r["accuracy"]
         summary[task] = {
+            "ablations": ablations,
             "arms": arms,
             "relative_lift_over_pilot": (fused - pilot) / pilot if pilot else None,
             "fused_minus_matched": fused - matched if matched is not None else None,
@@ -182,7 +254,39 @@ def summarise(records: list[dict]) -> dict:
     return summary
 
 
-def write_markdown(summary: dict, command: str, path: str) -> None:
+def per_seed_rows(records: list[dict]) -> list[str]:
+    """One line per task and seed: the arms side by side, and the fused variants."""
+    lines = [
+        "",
+        "## Per seed (test accuracy; fused columns use lambda chosen on validation)",
+        "",
+        "| task | seed | Pilot | fused probs/copilot | fused probs/observed | fused logits/observed | matched Pilot |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    keys = dict.fromkeys((r["task"], r["seed"]) for r in records if r["arm"] == "pilot")
+    for task, seed in keys:
+        rows = [r for r in records if r["task"] == task and r["seed"] == seed]
+
+        def find(arm: str, fusion: str | None = None, feedback: str | None = None, rows: list = rows) -> str:
+            for r in rows:
+                if (
+                    r["arm"] == arm
+                    and fusion in (None, r.get("fusion"))
+                    and feedback in (None, r.get("copilot_feedback"))
+                ):
+                    lam = f" (λ={r['copilot_lambda']:g})" if "copilot_lambda" in r else ""
+                    return f"{r['accuracy']:.3f}{lam}"
+            return "-"
+
+        lines.append(
+            f"| {task} | {seed} | {find('pilot')} | {find('pilot_copilot')} | "
+            f"{find('pilot_copilot_variant', 'probs', 'observed')} | {find('pilot_copilot_variant', 'logits', 'observed')} | "
+            f"{find('pilot_matched')} |"
+        )
+    return lines
+
+
+def write_markdown(summary: dict, command: str, path: str, records: list[dict]) -> None:
     lines = [
         "# Quality: Pilot alone vs Pilot + Copilot vs a parameter-matched Pilot",
         "",
@@ -232,6 +336,28 @@ def write_markdown(summary: dict, command: str, path: str) -> None:
             + " | ".join(f"{row['fixed_lambda'].get(lam, float('nan')):.3f}" for lam in LAMBDAS)
             + " |"
         )
+    lines += per_seed_rows(records)
+    ablation_rows = [
+        (task, name, row) for task, data in summary.items() for name, row in data["ablations"].items()
+    ]
+    if ablation_rows:
+        variants = list(ablation_rows[0][2])
+        lines += [
+            "",
+            "## Ablations: Copilot size, replay, Copilot learning rate (test accuracy, lambda chosen on "
+            "validation)",
+            "",
+            "| task | run | " + " | ".join(variants) + " |",
+            "| --- | --- |" + " ---: |" * len(variants),
+        ]
+        for task, name, row in sorted(
+            ablation_rows, key=lambda r: (r[0], not r[1].startswith("default"), r[1])
+        ):
+            lines.append(
+                f"| {task} | {name} | "
+                + " | ".join(f"{row.get(v, float('nan')):.3f}" for v in variants)
+                + " |"
+            )
     with open(path, "w") as handle:
         handle.write("\n".join(lines) + "\n")
 
@@ -275,6 +401,9 @@ def main() -> None:
     parser.add_argument("--tasks", nargs="+", default=[s.name for s in SETTINGS])
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--output", default=RESULTS)
+    parser.add_argument("--ablations", nargs="+", choices=sorted(ABLATIONS), help="run only these ablations")
+    parser.add_argument("--ablation-task", default="arithmetic")
+    parser.add_argument("--ablation-seed", type=int, default=1)
     parser.add_argument(
         "--from-records", nargs="+", help="only summarise the records of earlier runs (quality.json files)"
     )
@@ -287,6 +416,9 @@ def main() -> None:
         for path in args.from_records:
             with open(path) as handle:
                 records.extend(json.load(handle)["records"])
+    elif args.ablations:
+        setting = next(s for s in SETTINGS if s.name == args.ablation_task)
+        records = run_ablations(setting, args.ablation_seed, scratch, args.ablations)
     else:
         from tqdm.auto import tqdm
 
@@ -299,7 +431,7 @@ def main() -> None:
     with open(os.path.join(args.output, "quality.json"), "w") as handle:
         json.dump({"records": records, "summary": summary}, handle, indent=1, default=str)
     command = "python benchmarks/quality.py " + " ".join(sys.argv[1:])
-    write_markdown(summary, command.strip(), os.path.join(args.output, "quality.md"))
+    write_markdown(summary, command.strip(), os.path.join(args.output, "quality.md"), records)
     plot(summary, os.path.join(args.output, "quality.png"))
     print(open(os.path.join(args.output, "quality.md")).read())
 
