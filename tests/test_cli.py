@@ -7,11 +7,23 @@ import pytest
 from transformers import AutoModelForCausalLM
 
 from hf_copilot import PilotCopilotForCausalLM
-from hf_copilot.cli import build_task, main
+from hf_copilot.cli import build_parser, build_task, evaluate_command, main
 from hf_copilot.tasks import BenchmarkTask
 
 FIXTURES = "tests/fixtures/benchmarks"
-TINY_RUN = ["--train-size", "64", "--eval-size", "12", "--epochs", "0.5", "--batch-size", "16", "--lambdas", "0", "1"]
+TINY_RUN = [
+    "--train-size",
+    "64",
+    "--eval-size",
+    "12",
+    "--epochs",
+    "0.5",
+    "--batch-size",
+    "16",
+    "--lambdas",
+    "0",
+    "1",
+]
 
 
 @pytest.fixture(scope="module")
@@ -23,29 +35,30 @@ def trained(tmp_path_factory):
 
 def test_train_writes_results_plot_and_a_loadable_model(trained):
     results = json.loads((trained / "results.json").read_text())
-    assert set(results["validation_sweep"]) == {"0.0", "1.0"}
-    assert results["best_lambda"] in (0.0, 1.0)
+    assert set(results["fused"]) == {"copilot", "observed"}
+    for fused in results["fused"].values():
+        assert set(fused["validation_sweep"]) == {"0.0", "1.0"}
+        assert fused["best_lambda"] in (0.0, 1.0)
+        assert fused["validation_accuracy"] == fused["validation_sweep"][str(fused["best_lambda"])]
     assert 0.0 <= results["pilot_test_accuracy"] <= 1.0
     assert (trained / "training.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     model = AutoModelForCausalLM.from_pretrained(results["model_dir"])
     assert isinstance(model, PilotCopilotForCausalLM)
-    assert model.config.copilot_lambda == results["best_lambda"]
+    chosen = results["fused"][model.config.copilot_feedback]
+    assert model.config.copilot_lambda == chosen["best_lambda"]
+    assert chosen["validation_accuracy"] == max(f["validation_accuracy"] for f in results["fused"].values())
 
 
 def test_evaluate_reproduces_the_training_run_accuracies(trained, capsys):
     results = json.loads((trained / "results.json").read_text())
     capsys.readouterr()
-    summary = main_summary(["evaluate", "--model", results["model_dir"], *TINY_RUN[2:4], "--lambdas", "0", "1"])
+    argv = ["evaluate", "--model", results["model_dir"], *TINY_RUN[2:4], "--lambdas", "0", "1"]
+    summary = evaluate_command(build_parser().parse_args(argv))
     assert summary["pilot_test_accuracy"] == results["pilot_test_accuracy"]
-    assert summary["fused_test_accuracy"] == results["fused_test_accuracy"]
-    assert "| Pilot alone (lambda = 0) |" in capsys.readouterr().out
-
-
-def main_summary(argv):
-    from hf_copilot import cli
-
-    args = cli.build_parser().parse_args(argv)
-    return cli.evaluate_command(args)
+    assert json.loads(json.dumps(summary["fused"])) == results["fused"]
+    out = capsys.readouterr().out
+    assert "| Pilot alone (lambda = 0) |" in out
+    assert "feedback=observed" in out
 
 
 def test_benchmark_task_reads_a_folder_of_split_files(tmp_path):
