@@ -40,6 +40,16 @@ from hf_copilot.recipes import (
 from hf_copilot.tasks import get_task
 
 RESULTS = os.path.join(os.path.dirname(__file__), "results")
+# How the committed results were produced: two task groups in parallel (one core each), the ablations,
+# then a merge of the three record files.
+REPRODUCE = (
+    "python benchmarks/quality.py --tasks arithmetic recommendation --output /tmp/qrun/a",
+    "python benchmarks/quality.py --tasks word_problems multiple_choice --output /tmp/qrun/b",
+    "python benchmarks/quality.py --ablations copilot_hidden_64 copilot_4_layers replay_4 copilot_lr_2x "
+    "--ablation-task arithmetic --ablation-seed 1 --output /tmp/qrun/abl",
+    "python benchmarks/quality.py --from-records /tmp/qrun/a/quality.json /tmp/qrun/b/quality.json "
+    "/tmp/qrun/abl/quality.json",
+)
 LAMBDAS = (0.0, 0.1, 0.3, 0.5, 0.8, 1.0, 2.0, 3.0)
 
 
@@ -291,6 +301,7 @@ def write_markdown(summary: dict, command: str, path: str, records: list[dict]) 
         "# Quality: Pilot alone vs Pilot + Copilot vs a parameter-matched Pilot",
         "",
         f"Command: `{command}`  ",
+        "Committed results: " + "; then ".join(f"`{line}`" for line in REPRODUCE) + ".  ",
         f"Machine: {os.cpu_count()} CPU cores, torch {torch.__version__}, transformers {transformers.__version__}, "
         f"Python {platform.python_version()}.",
         "",
