@@ -11,6 +11,54 @@ import torch
 import torch.nn.functional as F
 
 
+class _SquaredDistance(torch.autograd.Function):
+    """`||f - e||^2` per position, e = mask * (onehot(target) - p) with p dense or top-k.
+
+    Expanded as `||f||^2 - 2 (f_gold - p.f) + ||e||^2`: two row reductions forward and a single [B,T,V]
+    tensor, the gradient `2 (f - e)`, backward. Autograd through the same formula keeps several [B,T,V]
+    temporaries and was the most expensive part of the Copilot's training step on CPU.
+    """
+
+    @staticmethod
+    def forward(ctx, prediction, targets, mask, probs, topk_indices, topk_values):
+        dtype = torch.promote_types(prediction.dtype, torch.float32)
+        f = prediction.to(dtype)
+        targets = targets.unsqueeze(-1)
+        f_gold = f.gather(-1, targets).squeeze(-1)
+        if probs is not None:
+            p = probs.to(dtype)
+            p_dot_f = torch.einsum("...v,...v->...", p, f)
+            p_norm = torch.linalg.vector_norm(p, dim=-1).square()
+            p_gold = p.gather(-1, targets).squeeze(-1)
+        else:
+            values = topk_values.to(dtype)
+            p_dot_f = (values * f.gather(-1, topk_indices)).sum(-1)
+            p_norm = values.square().sum(-1)
+            p_gold = (values * (topk_indices == targets)).sum(-1)
+        error_norm = 1.0 - 2.0 * p_gold + p_norm
+        mask = mask.to(dtype)
+        # Where there is no error (mask 0) the distance is just ||f||^2.
+        distance = torch.linalg.vector_norm(f, dim=-1).square() + mask * (
+            error_norm - 2.0 * (f_gold - p_dot_f)
+        )
+        ctx.save_for_backward(prediction, targets, mask, distance >= 0, probs, topk_indices, topk_values)
+        return distance.clamp_min(0.0)
+
+    @staticmethod
+    def backward(ctx, grad_distance):
+        prediction, targets, mask, positive, probs, topk_indices, topk_values = ctx.saved_tensors
+        scale = (2.0 * grad_distance.to(mask.dtype) * positive).unsqueeze(-1)  # [B,T,1]
+        error_scale = scale * mask.unsqueeze(-1)
+        # 2 g (f - e): 2 g f, then + 2 g p and - 2 g onehot where there is an error.
+        grad = prediction.to(mask.dtype) * scale
+        if probs is not None:
+            grad.addcmul_(probs.to(grad.dtype), error_scale)
+        else:
+            grad.scatter_add_(-1, topk_indices, topk_values.to(grad.dtype) * error_scale)
+        grad.scatter_add_(-1, targets, -error_scale)
+        return grad.to(prediction.dtype), None, None, None, None, None
+
+
 @dataclass
 class PilotErrors:
     """The Pilot's error `e_j = onehot(targets_j) - p_j` without materialising one-hot tensors.
@@ -52,23 +100,9 @@ class PilotErrors:
 
     def squared_distance(self, prediction: torch.Tensor) -> torch.Tensor:
         """`||f_j - e_j||^2` [B,T] for a prediction f [B,T,V], expanded so no one-hot is built."""
-        targets = self._safe_targets().unsqueeze(-1)
-        prediction = prediction.float()
-        if self.is_compact:
-            values = self.topk_values.float()
-            p_dot_f = (values * prediction.gather(-1, self.topk_indices)).sum(-1)
-            p_norm = values.square().sum(-1)
-            p_gold = (values * (self.topk_indices == targets)).sum(-1)
-        else:
-            probs = self.probs.float()
-            p_dot_f = (probs * prediction).sum(-1)
-            p_norm = probs.square().sum(-1)
-            p_gold = probs.gather(-1, targets).squeeze(-1)
-        f_gold = prediction.gather(-1, targets).squeeze(-1)
-        error_norm = 1.0 - 2.0 * p_gold + p_norm
-        distance = prediction.square().sum(-1) - 2.0 * (f_gold - p_dot_f) + error_norm
-        # Where there is no error (e = 0) the distance is just ||f||^2.
-        return torch.where(self.mask, distance, prediction.square().sum(-1)).clamp_min(0.0)
+        return _SquaredDistance.apply(
+            prediction, self._safe_targets(), self.mask, self.probs, self.topk_indices, self.topk_values
+        )
 
     def dense(self) -> torch.Tensor:
         """The error tensor [B,T,V] (for tests, research and small vocabularies)."""

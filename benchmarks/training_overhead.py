@@ -1,0 +1,669 @@
+"""Training overhead of the Copilot: wall time per optimizer step, stock Trainer on the Pilot vs CopilotTrainer.
+
+For Copilot/Pilot parameter ratios near 0.1, 0.25 and 1 this measures the median wall time per optimizer
+step and compares the overhead with the analytic ratio of training FLOPs per token (the Copilot's V-sized
+W_in and W_out included). Target: overhead <= 1.3 x the FLOP ratio (the paper reports +2% to +6.5% training
+time with a 1B Copilot on 1B-8B Pilots). It also measures the Mistake Log's memory per entry, exact vs
+compact top-k.
+
+The arms run in interleaved rounds (Pilot, then each Copilot, in alternating order), so load from other
+processes on a shared machine falls on all of them; each run discards its first step (optimizer state,
+allocator warm-up). Process CPU time per step is recorded next to wall time.
+
+    python benchmarks/training_overhead.py            # full run (~10-15 min on 2 CPU cores)
+    python benchmarks/training_overhead.py --quick    # a small Pilot, one round: a smoke test
+
+Writes benchmarks/results/training_overhead{,_quick}.{json,md,png}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+from tqdm.auto import tqdm
+from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainerCallback, TrainingArguments
+from transformers.trainer_callback import PrinterCallback
+from transformers.utils import logging as hf_logging
+
+from hf_copilot import CopilotConfig, PilotCopilotForCausalLM
+from hf_copilot.mistake_log import MistakeLog
+from hf_copilot.modeling_pilot_copilot import (
+    copilot_squared_error,
+    mistake_log_entry_from_pilot_pass,
+    shift_right,
+)
+
+RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+TARGET_RATIOS = (0.1, 0.25, 1.0)
+TARGET_FACTOR = 1.3
+NOTES = [
+    "- The FLOP ratio counts matmuls and attention only. The Copilot also makes memory-bound passes over "
+    "[B,T,V] tensors that cost no matmul FLOPs: the softmax of the Mistake Log entry, the squared-error "
+    "loss and its gradient, and the top-k compaction when the entry is written to the log. On this VM each "
+    "fresh [B,T,V] float32 buffer (131 MB at the full setup) also costs ~70-100 ms of page faults. This "
+    "weighs most at the smallest ratio, where the Copilot's matmuls are cheap.",
+    "- Optimised after profiling (same results, tested): `PilotErrors.squared_distance` has a hand-written "
+    "backward (one [B,T,V] gradient instead of several autograd temporaries; 0.83 s -> 0.07-0.13 s per step "
+    "at the full setup, single thread) and `MistakeLog.add` no longer builds [B,T,V] temporaries for its "
+    "statistics (0.32 s -> 0.08 s).",
+    "- The machine is shared with other processes (see the load average): two OpenMP threads stall when one "
+    "is descheduled, so the committed run uses one thread (`--threads 1`); CPU time per step is reported next "
+    "to wall time as the less contention-sensitive measure.",
+]
+
+
+@dataclass
+class Setup:
+    """The Pilot (a small LLaMA-like LM with random weights) and the synthetic batches."""
+
+    vocab_size: int = 32000
+    hidden_size: int = 512
+    num_hidden_layers: int = 8
+    num_attention_heads: int = 8
+    intermediate_size: int = 1376
+    seq_len: int = 256
+    batch_size: int = 4
+    rounds: int = 5
+    warmup_steps: int = 1
+    measured_steps: int = 2
+
+
+QUICK = Setup(
+    vocab_size=8000,
+    hidden_size=256,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    intermediate_size=688,
+    seq_len=128,
+    batch_size=2,
+    rounds=1,
+    warmup_steps=1,
+    measured_steps=2,
+)
+
+
+# ------------------------------------------------------------------------------------------------
+# Analytic sizes and FLOPs
+
+
+def pilot_config(setup: Setup) -> LlamaConfig:
+    return LlamaConfig(
+        vocab_size=setup.vocab_size,
+        hidden_size=setup.hidden_size,
+        num_hidden_layers=setup.num_hidden_layers,
+        num_attention_heads=setup.num_attention_heads,
+        num_key_value_heads=setup.num_attention_heads,
+        intermediate_size=setup.intermediate_size,
+        max_position_embeddings=max(512, setup.seq_len),
+        tie_word_embeddings=False,
+    )
+
+
+def _layer_matmul_params(d: int, heads: int, kv_heads: int, ff: int) -> tuple[int, int, int]:
+    """(q + o, k + v, MLP) weight counts of one decoder layer."""
+    head_dim = d // heads
+    return 2 * d * heads * head_dim, 2 * d * kv_heads * head_dim, 3 * d * ff
+
+
+def pilot_train_flops_per_token(config: LlamaConfig, seq_len: int) -> float:
+    """6 x matmul weights (forward + both backward matmuls) + attention (3 x forward's 4 T d), lm_head included."""
+    d, vocab = config.hidden_size, config.vocab_size
+    qo, kv, mlp = _layer_matmul_params(
+        d, config.num_attention_heads, config.num_key_value_heads, config.intermediate_size
+    )
+    weights = config.num_hidden_layers * (qo + kv + mlp) + d * vocab
+    attention = config.num_hidden_layers * 3 * 4 * seq_len * d
+    return 6 * weights + attention
+
+
+def copilot_train_flops_per_token(
+    copilot: CopilotConfig, pilot_hidden: int, vocab: int, seq_len: int
+) -> float:
+    """Per Pilot token. W_in reads the detached error, so it costs forward + weight gradient (4 V d_C);
+    W_out costs the usual 6 V d_C. Cross-attention layers project keys/values from a memory of 2 rows per
+    position ([x_tilde; h_bar]) and attend over 2T keys."""
+    d, vocab_weights = copilot.hidden_size, vocab * copilot.hidden_size
+    qo, kv, mlp = _layer_matmul_params(
+        d, copilot.num_attention_heads, copilot.num_key_value_heads, copilot.intermediate_size
+    )
+    has_memory_proj = pilot_hidden != d
+    flops = 4 * vocab_weights + 6 * vocab_weights  # W_in, W_out
+    if has_memory_proj:
+        flops += 2 * 4 * pilot_hidden * d  # 2 memory rows, forward + weight gradient (the memory is detached)
+    memory_kv_factor = 6 if has_memory_proj else 4  # no input gradient into a detached memory
+    for layer in range(copilot.num_hidden_layers):
+        if layer % 2 == 0:  # causal self-attention
+            flops += 6 * (qo + kv + mlp) + 3 * 4 * seq_len * d
+        else:  # cross-attention to the Pilot's memory
+            flops += 6 * (qo + mlp) + memory_kv_factor * 2 * kv + 3 * 4 * (2 * seq_len) * d
+    return flops
+
+
+def copilot_param_count(copilot: CopilotConfig, pilot_hidden: int, vocab: int) -> int:
+    d = copilot.hidden_size
+    qo, kv, mlp = _layer_matmul_params(
+        d, copilot.num_attention_heads, copilot.num_key_value_heads, copilot.intermediate_size
+    )
+    memory_proj = pilot_hidden * d if pilot_hidden != d else 0
+    return 2 * vocab * d + memory_proj + copilot.num_hidden_layers * (qo + kv + mlp + 2 * d) + d
+
+
+def copilot_for_ratio(target: float, setup: Setup, pilot_params: int) -> CopilotConfig:
+    """The Copilot shape nearest `target` x the Pilot's parameters: LLaMA-like proportions, hidden a multiple
+    of 32, heads of 32 or 64 dims, at most as many layers as the Pilot; fewer layers on a tie."""
+    ff_ratio = setup.intermediate_size / setup.hidden_size
+    best = None
+    for hidden in range(64, 4 * setup.hidden_size + 1, 32):
+        head_dim = 64 if hidden % 64 == 0 else 32
+        for layers in range(2, setup.num_hidden_layers + 1, 2):
+            config = CopilotConfig(
+                hidden_size=hidden,
+                num_hidden_layers=layers,
+                num_attention_heads=hidden // head_dim,
+                intermediate_size=int(round(ff_ratio * hidden / 8)) * 8,
+            )
+            ratio = copilot_param_count(config, setup.hidden_size, setup.vocab_size) / pilot_params
+            score = (round(abs(math.log(ratio / target)), 3), layers)
+            if best is None or score < best[0]:
+                best = (score, config)
+    return best[1]
+
+
+# ------------------------------------------------------------------------------------------------
+# Timed training runs
+
+
+class StepTimer(TrainerCallback):
+    """Wall and process CPU time at the end of every optimizer step (the interval includes data loading)."""
+
+    def __init__(self, progress: tqdm):
+        self.progress = progress
+        self.marks: list[tuple[float, float]] = []
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.marks = [(time.perf_counter(), time.process_time())]
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.marks.append((time.perf_counter(), time.process_time()))
+        self.progress.update(1)
+
+    def intervals(self, skip: int) -> tuple[list[float], list[float]]:
+        pairs = list(zip(self.marks, self.marks[1:], strict=False))[skip:]
+        return [b[0] - a[0] for a, b in pairs], [b[1] - a[1] for a, b in pairs]
+
+
+def synthetic_dataset(setup: Setup, num_batches: int, seed: int) -> list[dict[str, torch.Tensor]]:
+    generator = torch.Generator().manual_seed(seed)
+    rows = []
+    for _ in range(num_batches * setup.batch_size):
+        ids = torch.randint(0, setup.vocab_size, (setup.seq_len,), generator=generator)
+        rows.append({"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()})
+    return rows
+
+
+def _arguments(args_class, setup: Setup, output_dir: str, **extra):
+    return args_class(
+        output_dir=output_dir,
+        per_device_train_batch_size=setup.batch_size,
+        max_steps=setup.warmup_steps + setup.measured_steps,
+        learning_rate=1e-4,
+        lr_scheduler_type="constant",
+        optim="adamw_torch",
+        logging_strategy="no",
+        save_strategy="no",
+        report_to="none",
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+        use_cpu=not torch.cuda.is_available(),
+        seed=0,
+        **extra,
+    )
+
+
+def copilot_trainer_classes():
+    """(CopilotTrainer, CopilotTrainingArguments) if hf_copilot.trainer imports, else None."""
+    try:
+        from hf_copilot.trainer import CopilotTrainer
+        from hf_copilot.training_args import CopilotTrainingArguments
+    except ImportError:
+        return None
+    return CopilotTrainer, CopilotTrainingArguments
+
+
+def run_trainer(
+    model, setup: Setup, progress: tqdm, copilot: bool, seed: int
+) -> tuple[list[float], list[float]]:
+    """One short training run; returns the per-step (wall, CPU) seconds after the warm-up steps."""
+    data = synthetic_dataset(setup, setup.warmup_steps + setup.measured_steps, seed)
+    timer = StepTimer(progress)
+    with tempfile.TemporaryDirectory() as output_dir:
+        if copilot:
+            trainer_class, args_class = copilot_trainer_classes()
+        else:
+            trainer_class, args_class = Trainer, TrainingArguments
+        trainer = trainer_class(
+            model=model, args=_arguments(args_class, setup, output_dir), train_dataset=data, callbacks=[timer]
+        )
+        trainer.remove_callback(PrinterCallback)  # no end-of-run metrics dict under the progress bar
+        trainer.train()
+    return timer.intervals(setup.warmup_steps)
+
+
+def run_model_steps(
+    model, setup: Setup, progress: tqdm, copilot: bool, seed: int
+) -> tuple[list[float], list[float]]:
+    """Fallback without CopilotTrainer: forward with labels + backward + AdamW step, for either model."""
+    data = synthetic_dataset(setup, setup.warmup_steps + setup.measured_steps, seed)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    model.train()
+    marks = [(time.perf_counter(), time.process_time())]
+    for step in range(setup.warmup_steps + setup.measured_steps):
+        rows = data[step * setup.batch_size : (step + 1) * setup.batch_size]
+        batch = {key: torch.stack([row[key] for row in rows]) for key in rows[0]}
+        model(**batch).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        marks.append((time.perf_counter(), time.process_time()))
+        progress.update(1)
+    pairs = list(zip(marks, marks[1:], strict=False))[setup.warmup_steps :]
+    return [b[0] - a[0] for a, b in pairs], [b[1] - a[1] for a, b in pairs]
+
+
+# ------------------------------------------------------------------------------------------------
+# Mistake Log memory
+
+
+# ------------------------------------------------------------------------------------------------
+# Where the Copilot's time goes (model level, process CPU time)
+
+
+def _cpu_seconds(fn, repeats: int = 3) -> float:
+    fn()
+    times = []
+    for _ in range(repeats):
+        start = time.process_time()
+        fn()
+        times.append(time.process_time() - start)
+    return statistics.median(times)
+
+
+def component_breakdown(model: PilotCopilotForCausalLM, setup: Setup) -> dict[str, float]:
+    """CPU seconds of one forward + backward: the Pilot, Pilot + Copilot, and the Copilot's parts."""
+    batch = synthetic_dataset(setup, 1, seed=321)
+    inputs = {key: torch.stack([row[key] for row in batch]) for key in batch[0]}
+    pilot, copilot = model.pilot, model.copilot
+    with torch.no_grad():
+        out = pilot(**inputs, output_hidden_states=True)
+        entry = mistake_log_entry_from_pilot_pass(
+            inputs["input_ids"], inputs["attention_mask"], inputs["labels"], out.logits, out.hidden_states
+        )
+    del out
+
+    def backward(module, loss):
+        loss.backward()
+        module.zero_grad(set_to_none=True)
+
+    def copilot_step():
+        predictions = copilot(
+            shift_right(copilot.embed_errors(entry.errors)), entry.x_tilde, entry.h_bar, entry.attention_mask
+        )
+        squared_error, count = copilot_squared_error(predictions, entry)
+        backward(copilot, squared_error / count)
+
+    predictions = torch.randn(entry.errors.probs.shape, requires_grad=True)
+
+    def loss_step():
+        copilot_squared_error(predictions, entry)[0].backward()
+        predictions.grad = None
+
+    log = MistakeLog(size=4, topk=64)
+    return {
+        "pilot_fwd_bwd": _cpu_seconds(lambda: backward(pilot, pilot(**inputs).loss)),
+        "pilot_copilot_fwd_bwd": _cpu_seconds(lambda: backward(model, model(**inputs).loss)),
+        "copilot_fwd_bwd": _cpu_seconds(copilot_step),
+        "copilot_loss_fwd_bwd": _cpu_seconds(loss_step),
+        "mistake_log_entry": _cpu_seconds(
+            lambda: mistake_log_entry_from_pilot_pass(
+                inputs["input_ids"],
+                inputs["attention_mask"],
+                inputs["labels"],
+                entry.errors.probs,
+                (entry.x_tilde,) * 2,
+            )
+        ),
+        "mistake_log_add_top64": _cpu_seconds(lambda: log.add(entry)),
+    }
+
+
+@torch.no_grad()
+def mistake_log_memory(model: PilotCopilotForCausalLM, setup: Setup, topk: int = 64) -> dict[str, float]:
+    batch = synthetic_dataset(setup, 1, seed=123)
+    inputs = {key: torch.stack([row[key] for row in batch]) for key in batch[0]}
+    model.eval()
+    entry = model(**inputs, return_mistake_log=True).mistake_log_entry
+    model.train()
+    memory = {}
+    for name, k in (("exact", 0), (f"compact_top{topk}", topk)):
+        log = MistakeLog(size=2, topk=k)
+        log.add(entry)
+        memory[name] = log.bytes_per_entry
+    tokens = setup.batch_size * setup.seq_len
+    return {
+        "entry_shape": f"B={setup.batch_size}, T={setup.seq_len}, V={setup.vocab_size}, d_P={setup.hidden_size}",
+        "exact_bytes_per_entry": memory["exact"],
+        f"compact_top{topk}_bytes_per_entry": memory[f"compact_top{topk}"],
+        "exact_bytes_per_token": memory["exact"] / tokens,
+        f"compact_top{topk}_bytes_per_token": memory[f"compact_top{topk}"] / tokens,
+        "compression": memory["exact"] / memory[f"compact_top{topk}"],
+        "log_of_128_entries_exact_mb": 128 * memory["exact"] / 2**20,
+        f"log_of_128_entries_compact_top{topk}_mb": 128 * memory[f"compact_top{topk}"] / 2**20,
+    }
+
+
+# ------------------------------------------------------------------------------------------------
+# Reporting
+
+
+def machine_info() -> dict[str, str]:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as handle:
+            cpu = next(line.split(":", 1)[1].strip() for line in handle if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    import transformers
+
+    return {
+        "cpu": cpu,
+        "cores": str(os.cpu_count()),
+        "torch_threads": str(torch.get_num_threads()),
+        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "platform": platform.platform(),
+    }
+
+
+def write_markdown(path: str, result: dict) -> None:
+    setup, rows, memory = result["setup"], result["rows"], result["mistake_log_memory"]
+    lines = [
+        "# Training overhead of the Copilot",
+        "",
+        f"Command: `{result['command']}`",
+        "",
+        f"Runner: {result['runner_description']}. Pilot: LLaMA-like, hidden {setup['hidden_size']}, "
+        f"{setup['num_hidden_layers']} layers, vocabulary {setup['vocab_size']}, random weights, "
+        f"{result['pilot_params'] / 1e6:.1f}M parameters; batch {setup['batch_size']} x {setup['seq_len']} "
+        f"synthetic tokens; AdamW. {setup['rounds']} interleaved rounds x {setup['measured_steps']} measured "
+        f"steps per arm (after {setup['warmup_steps']} warm-up step per run); the Pilot's median step: "
+        f"{result['pilot_step_s']:.3f} s wall, {result['pilot_step_cpu_s']:.3f} s CPU.",
+        "",
+        "Overhead = median step time with the Copilot / median Pilot step time - 1 (per round, then the "
+        "median over rounds). FLOP ratio = analytic training FLOPs per token, Copilot / Pilot (W_in, W_out "
+        f"included). Target: overhead <= {TARGET_FACTOR} x FLOP ratio.",
+        "",
+        "| target ratio | Copilot (layers x hidden) | Copilot params | param ratio | FLOP ratio | step (s) | "
+        "overhead (wall) | per-round range | overhead (CPU time) | overhead / FLOP ratio | target met |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for row in rows:
+        lines.append(
+            f"| {row['target_ratio']} | {row['copilot_layers']} x {row['copilot_hidden']} | "
+            f"{row['copilot_params'] / 1e6:.2f}M | {row['param_ratio']:.3f} | {row['flop_ratio']:.3f} | "
+            f"{row['step_s']:.3f} | {row['overhead']:+.1%} | "
+            f"{min(row['overhead_per_round']):+.0%} .. {max(row['overhead_per_round']):+.0%} | "
+            f"{row['overhead_cpu']:+.1%} | "
+            f"{row['overhead_over_flop_ratio']:.2f} | {'yes' if row['target_met'] else 'no'} |"
+        )
+    lines += [
+        "",
+        "## Where the Copilot's time goes (model level: one forward + backward, CPU seconds, median of 3)",
+        "",
+        "Expected = FLOP ratio x the Pilot's forward + backward. The loss row is the squared-error term alone "
+        "(part of the Copilot row); the Mistake Log rows are not in the model's step but in CopilotTrainer's.",
+        "",
+        "| Copilot | Pilot | Pilot + Copilot | Copilot | expected from FLOPs | of which loss | log entry | "
+        "log add (top-64) |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for row in rows:
+        b = row["cpu_breakdown_s"]
+        lines.append(
+            f"| {row['copilot_layers']} x {row['copilot_hidden']} | {b['pilot_fwd_bwd']:.3f} | "
+            f"{b['pilot_copilot_fwd_bwd']:.3f} | {b['copilot_fwd_bwd']:.3f} | "
+            f"{row['flop_ratio'] * b['pilot_fwd_bwd']:.3f} | {b['copilot_loss_fwd_bwd']:.3f} | "
+            f"{b['mistake_log_entry']:.3f} | {b['mistake_log_add_top64']:.3f} |"
+        )
+    compact_key = next(k for k in memory if k.startswith("compact_top") and k.endswith("_bytes_per_entry"))
+    k = compact_key.removeprefix("compact_top").removesuffix("_bytes_per_entry")
+    lines += [
+        "",
+        f"## Mistake Log memory per entry ({memory['entry_shape']})",
+        "",
+        "| storage | bytes per entry | bytes per token | 128-entry log |",
+        "| --- | --- | --- | --- |",
+        f"| exact | {memory['exact_bytes_per_entry'] / 2**20:.1f} MiB | {memory['exact_bytes_per_token']:.0f} | "
+        f"{memory['log_of_128_entries_exact_mb'] / 1024:.2f} GiB |",
+        f"| compact top-{k} | {memory[compact_key] / 2**20:.2f} MiB | "
+        f"{memory[f'compact_top{k}_bytes_per_token']:.0f} | "
+        f"{memory[f'log_of_128_entries_compact_top{k}_mb']:.0f} MiB |",
+        "",
+        f"Compact storage is {memory['compression']:.0f}x smaller; what remains is mostly the Pilot states "
+        "(x_tilde and h_bar, 2 x d_P floats per token).",
+        "",
+        "## Machine",
+        "",
+        *(f"- {key}: {value}" for key, value in result["machine"].items()),
+        f"- load average at start / end: {result['load_average_start']} / {result['load_average_end']}",
+        "",
+    ]
+    if result.get("notes"):
+        lines += ["## Notes", "", *result["notes"], ""]
+    with open(path, "w") as handle:
+        handle.write("\n".join(lines))
+
+
+def write_plot(path: str, result: dict) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = result["rows"]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    positions = range(len(rows))
+    labels = [f"{row['param_ratio']:.2f}" for row in rows]
+    width = 0.27
+    left.bar([p - width for p in positions], [row["flop_ratio"] for row in rows], width, label="FLOP ratio")
+    left.bar(positions, [row["overhead"] for row in rows], width, label="overhead (wall)")
+    left.bar(
+        [p + width for p in positions],
+        [row["overhead_cpu"] for row in rows],
+        width,
+        label="overhead (CPU time)",
+    )
+    left.scatter(
+        list(positions),
+        [TARGET_FACTOR * row["flop_ratio"] for row in rows],
+        marker="_",
+        s=600,
+        color="black",
+        label=f"target ({TARGET_FACTOR} x FLOP ratio)",
+    )
+    left.set_xticks(list(positions), labels)
+    left.set_xlabel("Copilot / Pilot parameters")
+    left.set_ylabel("extra time per optimizer step (fraction)")
+    left.set_title("Copilot training overhead")
+    left.legend(fontsize=8)
+    memory = result["mistake_log_memory"]
+    compact_key = next(k for k in memory if k.startswith("compact_top") and k.endswith("_bytes_per_entry"))
+    right.bar(
+        ["exact", compact_key.removesuffix("_bytes_per_entry").replace("_", " ")],
+        [memory["exact_bytes_per_entry"] / 2**20, memory[compact_key] / 2**20],
+        color=["tab:red", "tab:green"],
+    )
+    right.set_yscale("log")
+    right.set_ylabel("MiB per entry")
+    right.set_title(f"Mistake Log entry ({memory['entry_shape']})", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+# ------------------------------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="a small Pilot and one round (smoke test)")
+    parser.add_argument(
+        "--runner",
+        choices=("auto", "trainer", "model"),
+        default="auto",
+        help="auto: "
+        "CopilotTrainer vs the stock Trainer when hf_copilot.trainer imports, else model-level steps",
+    )
+    parser.add_argument("--rounds", type=int, help="interleaved rounds (default: 5, quick: 1)")
+    parser.add_argument("--steps", type=int, help="measured steps per run (default: 2)")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    parser.add_argument("--output-dir", default=RESULTS_DIR)
+    args = parser.parse_args(argv)
+
+    setup = QUICK if args.quick else Setup()
+    if args.rounds:
+        setup.rounds = args.rounds
+    if args.steps:
+        setup.measured_steps = args.steps
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    runner = args.runner
+    if runner == "auto":
+        runner = "trainer" if copilot_trainer_classes() is not None else "model"
+    if runner == "trainer" and copilot_trainer_classes() is None:
+        parser.error("--runner trainer needs hf_copilot.trainer (CopilotTrainer)")
+    run = run_trainer if runner == "trainer" else run_model_steps
+    hf_logging.set_verbosity_error()
+    load_start = " ".join(f"{x:.2f}" for x in os.getloadavg())
+
+    torch.manual_seed(0)
+    pilot = LlamaForCausalLM(pilot_config(setup))
+    pilot_params = sum(p.numel() for p in pilot.parameters())
+    pilot_flops = pilot_train_flops_per_token(pilot.config, setup.seq_len)
+    arms = []
+    for target in TARGET_RATIOS:
+        config = copilot_for_ratio(target, setup, pilot_params)
+        model = PilotCopilotForCausalLM.from_pilot(pilot, config)
+        params = sum(p.numel() for p in model.copilot.parameters())
+        assert params == copilot_param_count(config, setup.hidden_size, setup.vocab_size), "parameter formula"
+        flops = copilot_train_flops_per_token(
+            model.copilot.config, setup.hidden_size, setup.vocab_size, setup.seq_len
+        )
+        arms.append({"target": target, "config": config, "model": model, "params": params, "flops": flops})
+    memory = mistake_log_memory(arms[0]["model"], setup)
+    for arm in tqdm(arms, desc="CPU-time breakdown", unit="arm"):
+        arm["breakdown"] = component_breakdown(arm["model"], setup)
+
+    steps_per_run = setup.warmup_steps + setup.measured_steps
+    total = setup.rounds * (1 + len(arms)) * steps_per_run
+    pilot_times: list[list[tuple[float, float]]] = []
+    arm_times: list[list[list[tuple[float, float]]]] = [[] for _ in arms]
+    with tqdm(total=total, desc="optimizer steps", unit="step") as progress:
+        for round_index in range(setup.rounds):
+            order = [None, *range(len(arms))]
+            if round_index % 2:
+                order.reverse()
+            for which in order:
+                model = pilot if which is None else arms[which]["model"]
+                wall, cpu = run(model, setup, progress, which is not None, seed=round_index)
+                (pilot_times if which is None else arm_times[which]).append(list(zip(wall, cpu, strict=True)))
+
+    def median(runs, index):
+        return statistics.median(t[index] for run_ in runs for t in run_)
+
+    rows = []
+    for arm, times in zip(arms, arm_times, strict=True):
+        per_round = [
+            statistics.median(t[0] for t in c) / statistics.median(t[0] for t in p) - 1
+            for c, p in zip(times, pilot_times, strict=True)
+        ]
+        per_round_cpu = [
+            statistics.median(t[1] for t in c) / statistics.median(t[1] for t in p) - 1
+            for c, p in zip(times, pilot_times, strict=True)
+        ]
+        flop_ratio = arm["flops"] / pilot_flops
+        overhead = statistics.median(per_round)
+        rows.append(
+            {
+                "target_ratio": arm["target"],
+                "copilot_layers": arm["config"].num_hidden_layers,
+                "copilot_hidden": arm["config"].hidden_size,
+                "copilot_heads": arm["config"].num_attention_heads,
+                "copilot_intermediate": arm["config"].intermediate_size,
+                "copilot_params": arm["params"],
+                "param_ratio": arm["params"] / pilot_params,
+                "copilot_flops_per_token": arm["flops"],
+                "flop_ratio": flop_ratio,
+                "step_s": median(times, 0),
+                "step_cpu_s": median(times, 1),
+                "overhead": overhead,
+                "overhead_per_round": per_round,
+                "overhead_cpu": statistics.median(per_round_cpu),
+                "overhead_over_flop_ratio": overhead / flop_ratio,
+                "target_met": overhead <= TARGET_FACTOR * flop_ratio,
+                "step_times_s": times,
+                "cpu_breakdown_s": arm["breakdown"],
+            }
+        )
+    command = "python benchmarks/training_overhead.py" + (
+        " " + " ".join(sys.argv[1:]) if argv is None else ""
+    )
+    result = {
+        "command": command.strip(),
+        "runner": runner,
+        "runner_description": (
+            "stock `Trainer` on the Pilot vs `CopilotTrainer` (CopilotTrainingArguments defaults: compact "
+            "Mistake Log top-64, 128 entries, no replay) on Pilot + Copilot"
+            if runner == "trainer"
+            else "model-level step (forward with labels + backward + AdamW), Pilot alone vs Pilot + Copilot"
+        ),
+        "setup": asdict(setup),
+        "pilot_params": pilot_params,
+        "pilot_flops_per_token": pilot_flops,
+        "pilot_step_s": median(pilot_times, 0),
+        "pilot_step_cpu_s": median(pilot_times, 1),
+        "pilot_step_times_s": pilot_times,
+        "rows": rows,
+        "mistake_log_memory": memory,
+        "machine": machine_info(),
+        "load_average_start": load_start,
+        "load_average_end": " ".join(f"{x:.2f}" for x in os.getloadavg()),
+        "notes": NOTES,
+    }
+    os.makedirs(args.output_dir, exist_ok=True)
+    stem = os.path.join(args.output_dir, "training_overhead" + ("_quick" if args.quick else ""))
+    with open(stem + ".json", "w") as handle:
+        json.dump(result, handle, indent=2)
+    write_markdown(stem + ".md", result)
+    write_plot(stem + ".png", result)
+    for row in rows:
+        print(
+            f"ratio {row['param_ratio']:.3f}: FLOP ratio {row['flop_ratio']:.3f}, overhead {row['overhead']:+.1%} "
+            f"(CPU {row['overhead_cpu']:+.1%}), target {'met' if row['target_met'] else 'missed'}"
+        )
+    print(f"wrote {stem}.json/.md/.png")
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,282 @@
+"""Hub uploads: the exact folder a push sends, and its model card (SPEC section 6).
+
+Two kinds of upload, both built by `stage_for_upload` and sent by `push_to_hub`:
+- the whole model: config.json with `auto_map`, the Hub-facing modeling files, safetensors weights,
+  generation_config.json and README.md, so `AutoModelForCausalLM.from_pretrained(repo,
+  trust_remote_code=True)` works without hf_copilot installed;
+- the Copilot alone (PEFT-style): what `save_copilot` writes (Copilot weights, a config naming the base
+  Pilot and its fingerprint, the fusion settings) and README.md; it loads with
+  `PilotCopilotForCausalLM.from_pretrained(repo)` onto its base Pilot.
+
+`PilotCopilotForCausalLM.push_to_hub` / `push_copilot_to_hub` call `push_to_hub` here; a Trainer writes
+the same card with `build_model_card(model, ...).save(os.path.join(output_dir, "README.md"))`.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+import warnings
+from collections.abc import Mapping, Sequence
+
+from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData
+from huggingface_hub.errors import HFValidationError
+from huggingface_hub.utils import validate_repo_id
+
+from .modeling_pilot_copilot import FUSION_FIELDS, atomic_save_directory, pilot_fingerprint
+
+PAPER = "Transformer Copilot: Learning from The Mistake Log in LLM Fine-tuning (Zou et al., 2025)"
+PAPER_URL = "https://arxiv.org/abs/2505.16270"
+MODEL_CARD_TAGS = ("hf-copilot", "transformer-copilot", "pilot-copilot", "arxiv:2505.16270")
+README_NAME = "README.md"
+
+
+def hub_model_id(name_or_path: str | None) -> str | None:
+    """`name_or_path` if it can name a Hub model (not a local folder), else None.
+
+    The Hub rejects a card whose `base_model` is not a model id, so local paths stay out of the metadata.
+    """
+    if not name_or_path or os.path.exists(name_or_path):
+        return None
+    try:
+        validate_repo_id(name_or_path)
+    except HFValidationError:
+        return None
+    return name_or_path
+
+
+def _parameter_count(module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def _human(count: int) -> str:
+    for unit, size in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if count >= size:
+            return f"{count / size:.1f}{unit}"
+    return str(count)
+
+
+def _check_evaluation_results(evaluation_results: Mapping[str, float] | None) -> dict[str, float]:
+    results = dict(evaluation_results or {})
+    for metric, value in results.items():
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise ValueError(
+                f"evaluation_results maps a metric name to one finite number; {metric!r} has {value!r}."
+            )
+    return results
+
+
+def build_model_card(
+    model,
+    evaluation_results: Mapping[str, float] | None = None,
+    copilot_only: bool = False,
+    *,
+    repo_id: str | None = None,
+    base_model: str | None = None,
+    model_name: str | None = None,
+    eval_dataset: str | None = None,
+    tags: Sequence[str] | None = None,
+    language: str | list[str] | None = None,
+    license: str | None = None,
+    datasets: str | list[str] | None = None,
+    training_details: str | None = None,
+) -> ModelCard:
+    """The README.md of an upload: Hub metadata, what the model is, how to load it, its evaluation.
+
+    `base_model` defaults to the Pilot's `name_or_path` (kept out of the metadata when it is a local
+    path). `evaluation_results` ({metric: value}) become a model-index on `eval_dataset` (default
+    "custom") and a table. `training_details` is markdown added as a Training section (a Trainer's
+    hyperparameters, for instance).
+    """
+    results = _check_evaluation_results(evaluation_results)
+    base = base_model or model.pilot.config.name_or_path or None
+    base_id = hub_model_id(base)
+    default_name = "Copilot" if copilot_only else "Pilot + Copilot"
+    model_name = model_name or (repo_id.split("/")[-1] if repo_id else None) or default_name
+    fusion = {key: getattr(model.config, key) for key in FUSION_FIELDS}
+    card_tags = [*MODEL_CARD_TAGS, *([] if copilot_only else ["custom_code"])]
+    card_tags += [*(getattr(model, "model_tags", None) or []), *(tags or [])]
+    copilot_metadata = {
+        "checkpoint": "copilot-only" if copilot_only else "pilot+copilot",
+        **fusion,
+        "copilot_parameters": _parameter_count(model.copilot),
+        "pilot_parameters": _parameter_count(model.pilot),
+    }
+    if copilot_only:
+        copilot_metadata["pilot_fingerprint"] = pilot_fingerprint(model.pilot)
+    eval_results = [
+        EvalResult(
+            task_type="text-generation",
+            dataset_type=eval_dataset or "custom",
+            dataset_name=eval_dataset or "custom",
+            metric_type=metric,
+            metric_name=metric,
+            metric_value=value,
+        )
+        for metric, value in results.items()
+    ]
+    card_data = ModelCardData(
+        base_model=base_id,
+        base_model_relation="adapter" if copilot_only and base_id else None,
+        library_name="transformers",
+        pipeline_tag="text-generation",
+        tags=card_tags,
+        language=language,
+        license=license,
+        datasets=datasets,
+        model_name=model_name,
+        eval_results=eval_results or None,
+        transformer_copilot=copilot_metadata,
+    )
+    body = _card_body(model, model_name, repo_id, base, copilot_only, fusion, results, training_details)
+    return ModelCard(f"---\n{card_data.to_yaml()}\n---\n{body}")
+
+
+def _card_body(model, model_name, repo_id, base, copilot_only, fusion, results, training_details) -> str:
+    repo = repo_id or "<repo_id>"
+    pilot_config = model.pilot.config
+    copilot_config = model.copilot.config
+    pilot = f"`{base}`" if base else "the fine-tuned Pilot"
+    what = (
+        f"This repository holds only the **Copilot**; it loads onto its base Pilot {pilot}."
+        if copilot_only
+        else f"This repository holds the whole model: the Pilot ({pilot}) and its Copilot."
+    )
+    lines = [
+        f"# {model_name}",
+        "",
+        f"A [Transformer Copilot]({PAPER_URL}) model: a small Copilot transformer learnt the Pilot's per-token "
+        "errors from the Mistake Log while the Pilot was fine-tuned, and `generate()` adds its predicted "
+        f"error to the Pilot's next-token distribution. {what}",
+        "",
+        "## Model",
+        "",
+        "| | |",
+        "| --- | --- |",
+        f"| Pilot | {pilot} ({pilot_config.model_type}, {_human(_parameter_count(model.pilot))} parameters) |",
+        f"| Copilot | {copilot_config.num_hidden_layers} layers, hidden size {copilot_config.hidden_size}, "
+        f"{_human(_parameter_count(model.copilot))} parameters |",
+        *(f"| `{key}` | `{value}` |" for key, value in fusion.items()),
+        "",
+        "## Usage",
+        "",
+        "```python",
+    ]
+    if copilot_only:
+        lines += [
+            "from hf_copilot import PilotCopilotForCausalLM  # pip install hf-copilot",
+            "",
+            f"# Loads the base Pilot named in the checkpoint ({base or 'pass pilot=...'}) and attaches the Copilot;",
+            "# a Pilot that differs from the one the Copilot was trained with is refused.",
+            f'model = PilotCopilotForCausalLM.from_pretrained("{repo}")',
+        ]
+    else:
+        lines += [
+            "from transformers import AutoModelForCausalLM",
+            "",
+            f'model = AutoModelForCausalLM.from_pretrained("{repo}", trust_remote_code=True)',
+        ]
+    lines += [
+        "# copilot_lambda=0 gives the Pilot's own output; the default is the checkpoint's "
+        f"copilot_lambda={fusion['copilot_lambda']}.",
+        "outputs = model.generate(input_ids, max_new_tokens=64, copilot_lambda=1.0)",
+        "```",
+        "",
+    ]
+    if results:
+        lines += ["## Evaluation", "", "| metric | value |", "| --- | --- |"]
+        lines += [f"| {metric} | {value:.4g} |" for metric, value in results.items()]
+        lines.append("")
+    if training_details:
+        lines += ["## Training", "", training_details.strip(), ""]
+    lines += ["## Citation", "", f"{PAPER}, [arXiv:2505.16270]({PAPER_URL}).", ""]
+    return "\n".join(lines)
+
+
+def stage_for_upload(
+    model,
+    folder: str | os.PathLike,
+    copilot_only: bool = False,
+    evaluation_results: Mapping[str, float] | None = None,
+    *,
+    max_shard_size: int | str = "50GB",
+    base_model: str | None = None,
+    **card_kwargs,
+) -> list[str]:
+    """Write exactly the files an upload sends into `folder` (new or empty); return their names, sorted.
+
+    Whole model: `save_pretrained` + README.md. Copilot only: `save_copilot` + README.md; `base_model`
+    then also replaces the base Pilot named in the checkpoint (useful when the Pilot was loaded from a
+    local copy of a Hub model). Written atomically: a failure leaves no partial folder behind.
+    """
+    folder = os.fspath(folder)
+    if os.path.isfile(folder) or (os.path.isdir(folder) and os.listdir(folder)):
+        raise FileExistsError(f"stage_for_upload writes a new folder; {folder!r} already holds files.")
+    base = base_model or model.pilot.config.name_or_path or None
+    if copilot_only and hub_model_id(base) is None:
+        warnings.warn(
+            f"The Copilot-only checkpoint names its base Pilot as {base!r}, which is not a Hub model id: others "
+            "cannot load it in one call. Pass base_model='<hub id of the Pilot>' (the very Pilot the Copilot was "
+            "trained with; push a jointly fine-tuned Pilot first).",
+            stacklevel=2,
+        )
+    card = build_model_card(model, evaluation_results, copilot_only, base_model=base, **card_kwargs)
+    with atomic_save_directory(folder) as staging:
+        if copilot_only:
+            model.save_copilot(staging, base_model_name_or_path=base, max_shard_size=max_shard_size)
+        else:
+            model.save_pretrained(staging, max_shard_size=max_shard_size)
+        card.save(os.path.join(staging, README_NAME))
+    return sorted(os.listdir(folder))
+
+
+def push_to_hub(
+    model,
+    repo_id: str,
+    *,
+    copilot_only: bool = False,
+    evaluation_results: Mapping[str, float] | None = None,
+    commit_message: str | None = None,
+    commit_description: str | None = None,
+    private: bool | None = None,
+    token: bool | str | None = None,
+    revision: str | None = None,
+    create_pr: bool = False,
+    max_shard_size: int | str = "50GB",
+    base_model: str | None = None,
+    **card_kwargs,
+):
+    """Create `repo_id` if needed and upload the folder `stage_for_upload` builds, in one commit.
+
+    The arguments are those of `PreTrainedModel.push_to_hub` plus the card's (see `build_model_card`).
+    The card replaces any README.md in the repository. Returns the `CommitInfo`.
+    """
+    api = HfApi(library_name="hf_copilot")
+    repo_id = api.create_repo(repo_id, private=private, token=token, exist_ok=True).repo_id
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = os.path.join(tmp, "upload")
+        stage_for_upload(
+            model,
+            folder,
+            copilot_only,
+            evaluation_results,
+            max_shard_size=max_shard_size,
+            base_model=base_model,
+            repo_id=repo_id,
+            **card_kwargs,
+        )
+        if revision is not None and not revision.startswith("refs/pr"):
+            api.create_branch(repo_id=repo_id, branch=revision, token=token, exist_ok=True)
+        return api.upload_folder(
+            repo_id=repo_id,
+            folder_path=folder,
+            commit_message=commit_message or ("Upload Copilot" if copilot_only else "Upload Pilot + Copilot"),
+            commit_description=commit_description,
+            token=token,
+            revision=revision,
+            create_pr=create_pr,
+        )
+
+
+__all__ = ["build_model_card", "hub_model_id", "push_to_hub", "stage_for_upload"]

@@ -1,0 +1,50 @@
+"""`PilotErrors.squared_distance`: the Copilot's loss term and its hand-written gradient (SPEC section 4)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from hf_copilot.mistake_log_entry import PilotErrors
+
+B, T, V = 3, 5, 11
+
+
+def errors(compact_k: int | None = None, dtype=torch.float64) -> PilotErrors:
+    generator = torch.Generator().manual_seed(0)
+    probs = torch.softmax(torch.randn(B, T, V, generator=generator, dtype=dtype) * 2, dim=-1)
+    targets = torch.randint(0, V, (B, T), generator=generator)
+    mask = torch.rand(B, T, generator=generator) > 0.3  # some positions carry no error
+    result = PilotErrors(targets=targets, mask=mask, vocab_size=V, probs=probs)
+    return result.compact(compact_k) if compact_k else result
+
+
+@pytest.mark.parametrize("compact_k", [None, 4])
+def test_squared_distance_and_its_gradient_match_the_dense_formula(compact_k):
+    e = errors(compact_k)
+    prediction = torch.randn(B, T, V, dtype=torch.float64, requires_grad=True)
+    weights = torch.rand(B, T, dtype=torch.float64)
+    (e.squared_distance(prediction) * weights).sum().backward()
+    expected = prediction.detach().clone().requires_grad_()
+    reference = (expected - e.dense().to(torch.float64)).square().sum(-1)
+    (reference * weights).sum().backward()
+    torch.testing.assert_close(e.squared_distance(prediction.detach()), reference.detach())
+    torch.testing.assert_close(prediction.grad, expected.grad)
+
+
+@pytest.mark.parametrize("compact_k", [None, 4])
+def test_squared_distance_passes_gradcheck(compact_k):
+    e = errors(compact_k)
+    prediction = torch.randn(B, T, V, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(e.squared_distance, (prediction,))
+
+
+def test_squared_distance_of_a_low_precision_prediction_is_computed_in_float32():
+    e = errors(dtype=torch.float32)
+    prediction = torch.randn(B, T, V).to(torch.bfloat16).requires_grad_()
+    distance = e.squared_distance(prediction)
+    assert distance.dtype == torch.float32
+    distance.sum().backward()
+    assert prediction.grad.dtype == torch.bfloat16
+    reference = (prediction.detach().float() - e.dense()).square().sum(-1)
+    torch.testing.assert_close(distance.detach(), reference)
