@@ -33,35 +33,61 @@ def fuse_scores(pilot_logits: torch.Tensor, copilot_error: torch.Tensor, copilot
 
 class CopilotKVCache:
     """Keys/values of the Copilot's past positions: stream keys for self-attention layers, memory
-    keys (two entries per position: x_tilde_j and h_bar_j) for cross-attention layers."""
+    keys (two entries per position: x_tilde_j and h_bar_j) for cross-attention layers.
+
+    Each layer's rows live in buffers that grow by doubling: a decoding step writes its new rows in
+    place, where concatenating would copy the whole cache at every step and make the per-token cost
+    grow with the sequence. For inference: the in-place writes do not carry gradients across calls.
+    """
 
     def __init__(self, num_layers: int):
-        self.keys: list[torch.Tensor | None] = [None] * num_layers
-        self.values: list[torch.Tensor | None] = [None] * num_layers
-        self.key_positions: list[torch.Tensor | None] = [None] * num_layers
+        # Per layer: keys [B, H, capacity, head_dim], values (same), key positions [capacity].
+        self.buffers: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None] = [None] * num_layers
+        self.rows = [0] * num_layers
         self.length = 0
 
+    @property
+    def keys(self) -> list[torch.Tensor | None]:
+        return [None if b is None else b[0][:, :, :n] for b, n in zip(self.buffers, self.rows, strict=True)]
+
+    @property
+    def values(self) -> list[torch.Tensor | None]:
+        return [None if b is None else b[1][:, :, :n] for b, n in zip(self.buffers, self.rows, strict=True)]
+
+    @property
+    def key_positions(self) -> list[torch.Tensor | None]:
+        return [None if b is None else b[2][:n] for b, n in zip(self.buffers, self.rows, strict=True)]
+
     def update(self, idx: int, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor):
-        if self.keys[idx] is not None:
-            keys = torch.cat([self.keys[idx], keys], dim=2)
-            values = torch.cat([self.values[idx], values], dim=2)
-            positions = torch.cat([self.key_positions[idx], positions])
-        self.keys[idx], self.values[idx], self.key_positions[idx] = keys, values, positions
-        return keys, values, positions
+        rows, end = self.rows[idx], self.rows[idx] + keys.shape[2]
+        buffer = self.buffers[idx]
+        if buffer is None or end > buffer[2].shape[0]:
+            capacity = 2 * end
+            grown = (
+                keys.new_empty(*keys.shape[:2], capacity, keys.shape[3]),
+                values.new_empty(*values.shape[:2], capacity, values.shape[3]),
+                positions.new_empty(capacity),
+            )
+            if buffer is not None:
+                grown[0][:, :, :rows] = buffer[0][:, :, :rows]
+                grown[1][:, :, :rows] = buffer[1][:, :, :rows]
+                grown[2][:rows] = buffer[2][:rows]
+            self.buffers[idx] = buffer = grown
+        buffer[0][:, :, rows:end] = keys
+        buffer[1][:, :, rows:end] = values
+        buffer[2][rows:end] = positions
+        self.rows[idx] = end
+        return buffer[0][:, :, :end], buffer[1][:, :, :end], buffer[2][:end]
 
     def map_batch(self, fn) -> None:
         """Apply a batch-dimension operation (beam reorder, expansion, selection) to every tensor."""
-        self.keys = [None if k is None else fn(k) for k in self.keys]
-        self.values = [None if v is None else fn(v) for v in self.values]
+        self.buffers = [None if b is None else (fn(b[0]), fn(b[1]), b[2]) for b in self.buffers]
 
     def crop(self, length: int) -> None:
         """Keep the first `length` positions (for assisted decoding's rollback)."""
         for idx, positions in enumerate(self.key_positions):
             if positions is not None:
-                keep = positions < length
-                self.keys[idx] = self.keys[idx][:, :, keep]
-                self.values[idx] = self.values[idx][:, :, keep]
-                self.key_positions[idx] = positions[keep]
+                self.rows[idx] = int((positions < length).sum())  # positions only grow along a layer
         self.length = min(self.length, length)
 
 

@@ -216,7 +216,9 @@ class CopilotModel(CopilotPreTrainedModel):
         if attention_mask is not None:
             attention_mask = attention_mask[:, -(past + length) :]
 
-        def build(key_positions: torch.Tensor, is_cross: bool) -> torch.Tensor:
+        def build(key_positions: torch.Tensor, is_cross: bool) -> torch.Tensor | None:
+            if attention_mask is None and length == 1:
+                return None  # one query at the newest position sees every key
             padding = attention_mask
             if padding is not None and is_cross:
                 padding = padding.repeat_interleave(2, dim=1)
@@ -356,7 +358,7 @@ def atomic_save_directory(save_directory: str | os.PathLike):
     weight files of an earlier save that the new one does not overwrite are removed (as save_pretrained
     does for stale shards).
     """
-    target = os.path.abspath(os.fspath(save_directory))
+    target = os.path.realpath(os.fspath(save_directory))
     parent, name = os.path.split(target)
     os.makedirs(parent, exist_ok=True)
     staging = os.path.join(parent, f".{name}.{uuid.uuid4().hex[:8]}.tmp")
@@ -604,6 +606,7 @@ class PilotCopilotForCausalLM(PreTrainedModel, GenerationMixin):
                 f"PilotCopilotForCausalLM keeps the Copilot's state in a PilotCopilotCache, got {type(cache).__name__}. "
                 "Let generate() create the cache, or pass PilotCopilotCache(config=model.config)."
             )
+        padding_mask = attention_mask  # None: no padding (generate() drops an all-ones mask)
         if attention_mask is None:
             past = cache.get_seq_length() if cache is not None else 0
             attention_mask = input_ids.new_ones(input_ids.shape[0], past + input_ids.shape[1])
@@ -630,7 +633,7 @@ class PilotCopilotForCausalLM(PreTrainedModel, GenerationMixin):
         )
         if cache is not None:
             predictions = self.copilot_generation_step(
-                input_ids, attention_mask, entry, cache, copilot_feedback
+                input_ids, padding_mask, entry, cache, copilot_feedback
             )
         else:
             stream = shift_right(self.copilot.embed_errors(entry.errors))
@@ -675,12 +678,15 @@ class PilotCopilotForCausalLM(PreTrainedModel, GenerationMixin):
     def copilot_generation_step(
         self,
         input_ids: torch.Tensor,
-        attention_mask: torch.Tensor,
+        attention_mask: torch.Tensor | None,
         entry: MistakeLogEntry,
         cache: PilotCopilotCache,
         copilot_feedback: str,
     ) -> torch.Tensor:
         """Advance the Copilot over the new positions only, reading and updating its state in `cache`.
+
+        `attention_mask` [B, past + new] is None when there is no padding: a decoding step then builds
+        no attention mask at all.
 
         Prompt positions (every position in "observed" mode) read the observed errors; in "copilot"
         mode a generated position reads the Copilot's own previous prediction (the paper). generate()
@@ -700,14 +706,14 @@ class PilotCopilotForCausalLM(PreTrainedModel, GenerationMixin):
         outputs = []
         if known > 0:
             head = entry if known == new else entry.map_tensors(lambda t: t[:, :known])
-            head_mask = attention_mask[:, : past + known]
+            head_mask = None if attention_mask is None else attention_mask[:, : past + known]
             observed = self.observed_feedback(input_ids[:, :known], head_mask, head, state)
             outputs.append(self.copilot(observed, head.x_tilde, head.h_bar, head_mask, state.kv_cache))
         feedback = outputs[0][:, -1] if outputs else state.last_prediction
         for position in range(known, new):
             stream = self.copilot.embed_predictions(feedback).unsqueeze(1)
             length = state.kv_cache.length + 1
-            step_mask = attention_mask[:, :length]
+            step_mask = None if attention_mask is None else attention_mask[:, :length]
             prediction = self.copilot(
                 stream,
                 entry.x_tilde[:, position : position + 1],
@@ -722,18 +728,21 @@ class PilotCopilotForCausalLM(PreTrainedModel, GenerationMixin):
         return predictions
 
     def observed_feedback(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, entry: MistakeLogEntry, state
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, entry: MistakeLogEntry, state
     ) -> torch.Tensor:
         """W_in e_{j-1} for each new position j, with e_{j-1} = onehot(x_j) - p_{j-1} (zero at padding)."""
         new = input_ids.shape[1]
         past = state.kv_cache.length
         errors = entry.errors
-        full_mask = attention_mask.bool()
         if past > 0:
             # The error of the last cached position is completed by the first new token.
+            if attention_mask is None:
+                has_next = torch.ones_like(input_ids[:, :1], dtype=torch.bool)
+            else:
+                has_next = attention_mask[:, past - 1 : past + 1].bool().all(dim=1, keepdim=True)
             previous = PilotErrors(
                 targets=input_ids[:, :1],
-                mask=full_mask[:, past - 1 : past] & full_mask[:, past : past + 1],
+                mask=has_next,
                 vocab_size=errors.vocab_size,
                 probs=state.last_probs.unsqueeze(1),
             )
@@ -759,7 +768,13 @@ class PilotCopilotForCausalLM(PreTrainedModel, GenerationMixin):
                     f"Fused generation needs a PilotCopilotCache, got {type(cache).__name__}: use the default "
                     "dynamic cache (no cache_implementation) or pass PilotCopilotCache(config=model.config)."
                 )
-            model_kwargs["cache"] = PilotCopilotCache(config=self.config.get_text_config(decoder=True))
+            # The dynamic cache generate() just built, with the Copilot's state: same settings.
+            model_kwargs["cache"] = PilotCopilotCache(
+                config=self.config.get_text_config(decoder=True),
+                offloading=generation_config.cache_implementation == "offloaded",
+            )
+            if generation_config.is_assistant:
+                model_kwargs["cache"].activate_past_recording()
 
     def _get_logits_processor(
         self, generation_config, input_ids_seq_length=None, *args, model_kwargs=None, **kwargs

@@ -1,0 +1,429 @@
+"""Fused generation: the Copilot rectifies the Pilot inside the standard generate() (SPEC section 5).
+
+Every fused test first checks that the Copilot changes the output, so that an equality with a
+reference cannot hold by accident. The references recompute both models over the whole sequence at
+every step, without any cache.
+
+Comparisons with a reference run in float64. In "copilot" feedback mode the Copilot reads its own
+previous output, and a random Copilot amplifies float32 rounding (incremental and full attention
+round differently, ~1e-7) by a few times per step until a token flips after ~10 steps; in float64
+the incremental path and the reference agree exactly.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import FIRST_REGULAR_TOKEN, PAD_TOKEN_ID, VOCAB_SIZE, build_pilot, build_pilot_copilot
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast, pipeline
+from transformers.dynamic_module_utils import get_class_from_dynamic_module
+from transformers.generation.streamers import BaseStreamer
+
+from hf_copilot import PilotCopilotCache, PilotCopilotForCausalLM, fuse_scores
+
+FUSION_SPACES = ("probs", "logits")
+FEEDBACK_MODES = ("copilot", "observed")
+NEW_TOKENS = 12
+
+
+def prompt(length: int = 6, batch_size: int = 1, seed: int = 0) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(FIRST_REGULAR_TOKEN, VOCAB_SIZE, (batch_size, length), generator=generator)
+
+
+@torch.no_grad()
+def fused_model(arch: str = "llama", **fusion) -> PilotCopilotForCausalLM:
+    """A float64 Pilot+Copilot without EOS (every sequence runs to max_new_tokens, as the references
+    assume). The large-std Copilot's W_out is shrunk so that f_C is on the scale of the Pilot's
+    probabilities: both then matter, and lambda and the fusion space change decisions."""
+    model = build_pilot_copilot(arch, **fusion).double()
+    model.copilot.error_head.weight.mul_(0.01)
+    model.generation_config.eos_token_id = None
+    return model
+
+
+def generate(model, input_ids, seed: int | None = None, **kwargs) -> torch.Tensor:
+    if seed is not None:
+        torch.manual_seed(seed)
+    kwargs.setdefault("max_new_tokens", NEW_TOKENS)
+    return model.generate(input_ids, **kwargs)
+
+
+def greedy(model, input_ids, **kwargs) -> torch.Tensor:
+    return generate(model, input_ids, do_sample=False, **kwargs)
+
+
+# ------------------------------------------------------------------------------------------------
+# The slow reference: both models over the full sequence, no cache
+
+
+@torch.no_grad()
+def reference_step(model: PilotCopilotForCausalLM, sequence: torch.Tensor, prompt_length: int, feedback: str):
+    """The Pilot's logits and the Copilot's f_C at the last position of `sequence`, from scratch.
+
+    Prompt positions receive the observed errors of the Mistake Log entry. In "copilot" mode a
+    generated position j receives W_in f_C_{j-1}; f_C_{j-1} depends on the positions before it, so
+    the Copilot re-runs over the whole stream once per generated position, each pass fixing one more.
+    """
+    out = model(sequence, return_mistake_log=True)
+    entry = out.mistake_log_entry
+    observed = model.copilot.embed_errors(entry.errors)  # W_in e_j
+    stream = torch.cat([torch.zeros_like(observed[:, :1]), observed[:, :-1]], dim=1)
+    copilot_errors = model.copilot(stream, entry.x_tilde, entry.h_bar)
+    if feedback == "copilot":
+        for _ in range(sequence.shape[1] - prompt_length):
+            own = model.copilot.embed_predictions(copilot_errors[:, prompt_length - 1 : -1])
+            stream = torch.cat([stream[:, :prompt_length], own], dim=1)
+            copilot_errors = model.copilot(stream, entry.x_tilde, entry.h_bar)
+    return out.logits[:, -1].float(), copilot_errors[:, -1]
+
+
+def reference_greedy(model, input_ids, new_tokens=NEW_TOKENS) -> torch.Tensor:
+    config, sequence = model.config, input_ids
+    for _ in range(new_tokens):
+        logits, copilot_errors = reference_step(model, sequence, input_ids.shape[1], config.copilot_feedback)
+        scores = fuse_scores(logits, copilot_errors, config.copilot_lambda, config.fusion)
+        sequence = torch.cat([sequence, scores.argmax(-1, keepdim=True)], dim=1)
+    return sequence
+
+
+def reference_beam_search(model, input_ids, num_beams: int, new_tokens=NEW_TOKENS) -> torch.Tensor:
+    """HF beam search without EOS: all hypotheses have the same length, so the length penalty and
+    early stopping cannot reorder them. As in generate(), the processors see log-probabilities."""
+    config = model.config
+    sequences = input_ids.repeat(num_beams, 1)
+    scores = torch.full((num_beams,), -1e9)
+    scores[0] = 0.0  # only the first beam starts, so that the beams do not all pick the same tokens
+    for _ in range(new_tokens):
+        logits, copilot_errors = reference_step(model, sequences, input_ids.shape[1], config.copilot_feedback)
+        log_probs = fuse_scores(logits.log_softmax(-1), copilot_errors, config.copilot_lambda, config.fusion)
+        scores, flat = (scores[:, None] + log_probs).flatten().topk(num_beams)
+        beams, tokens = flat // log_probs.shape[-1], flat % log_probs.shape[-1]
+        sequences = torch.cat([sequences[beams], tokens[:, None]], dim=1)
+    return sequences  # best first
+
+
+def left_padded(prompts: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(p) for p in prompts)
+    input_ids = torch.full((len(prompts), width), PAD_TOKEN_ID)
+    attention_mask = torch.zeros(len(prompts), width, dtype=torch.long)
+    for row, tokens in enumerate(prompts):
+        input_ids[row, width - len(tokens) :] = tokens
+        attention_mask[row, width - len(tokens) :] = 1
+    return input_ids, attention_mask
+
+
+# ------------------------------------------------------------------------------------------------
+# lambda = 0 is the Pilot
+
+DECODING = {
+    "greedy": dict(do_sample=False),
+    "beam": dict(num_beams=4, do_sample=False),
+    "sampling": dict(do_sample=True, top_k=0),
+}
+
+
+@pytest.mark.parametrize("decoding", list(DECODING))
+def test_lambda_zero_is_the_pilots_own_generate(arch, decoding):
+    model = build_pilot_copilot(arch)  # float32, with the Pilot's EOS
+    input_ids, kwargs = prompt(batch_size=2), DECODING[decoding]
+    pilot = generate(model.pilot, input_ids, seed=0, **kwargs)
+    assert not torch.equal(generate(model, input_ids, seed=0, **kwargs), pilot), "the Copilot must act"
+
+    assert torch.equal(generate(model, input_ids, seed=0, copilot_lambda=0.0, **kwargs), pilot)
+
+
+# ------------------------------------------------------------------------------------------------
+# Fused decoding equals the slow reference
+
+
+@pytest.mark.parametrize("feedback", FEEDBACK_MODES)
+@pytest.mark.parametrize("fusion", FUSION_SPACES)
+def test_fused_greedy_equals_full_recomputation(fusion, feedback):
+    model = fused_model(fusion=fusion, copilot_feedback=feedback)
+    input_ids = prompt()
+    fused = greedy(model, input_ids)
+    assert not torch.equal(fused, greedy(model, input_ids, copilot_lambda=0.0))
+
+    assert torch.equal(fused, reference_greedy(model, input_ids))
+
+
+def test_observed_feedback_picks_the_argmax_of_fused_logits():
+    """SPEC section 6: greedy picks the argmax of `fused_logits[:, -1]` of a full forward."""
+    model = fused_model("qwen2", copilot_feedback="observed")
+    input_ids = prompt()
+    sequence = greedy(model, input_ids)
+    assert not torch.equal(sequence, greedy(model, input_ids, copilot_lambda=0.0))
+    for length in range(input_ids.shape[1], sequence.shape[1]):
+        fused_logits = model(sequence[:, :length], return_fused=True).fused_logits
+        assert fused_logits[0, -1].argmax() == sequence[0, length]
+
+
+@pytest.mark.parametrize("feedback", FEEDBACK_MODES)
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])  # rotary and absolute positions
+def test_left_padded_batch_equals_one_prompt_at_a_time(arch, feedback):
+    model = fused_model(arch, copilot_feedback=feedback)
+    model.generation_config.pad_token_id = PAD_TOKEN_ID
+    prompts = [prompt(length, seed=length)[0] for length in (7, 4, 2)]
+    input_ids, attention_mask = left_padded(prompts)
+
+    batched = greedy(model, input_ids, attention_mask=attention_mask)[:, input_ids.shape[1] :]
+    for row, tokens in enumerate(prompts):
+        alone = greedy(model, tokens[None])[:, len(tokens) :]
+        assert not torch.equal(alone, greedy(model, tokens[None], copilot_lambda=0.0)[:, len(tokens) :])
+        assert torch.equal(batched[row : row + 1], alone), f"prompt {row}"
+
+
+@pytest.mark.parametrize("feedback", FEEDBACK_MODES)
+@pytest.mark.parametrize("fusion", FUSION_SPACES)
+def test_beam_search_equals_reference_beam_search(fusion, feedback):
+    model = fused_model(fusion=fusion, copilot_feedback=feedback)
+    input_ids, num_beams = prompt(), 4
+    beams = dict(num_beams=num_beams, num_return_sequences=num_beams, do_sample=False)
+    out = generate(model, input_ids, return_dict_in_generate=True, **beams)
+    assert not torch.equal(out.sequences, generate(model, input_ids, copilot_lambda=0.0, **beams))
+    # Beams reordered: a final hypothesis whose ancestors sat in different beam slots over time
+    # (step 0 is excluded: every hypothesis starts from beam 0).
+    ancestors = out.beam_indices[:, 1:]
+    assert (ancestors != ancestors[:, :1]).any()
+
+    assert torch.equal(out.sequences, reference_beam_search(model, input_ids, num_beams))
+
+
+@pytest.mark.parametrize("feedback", FEEDBACK_MODES)
+def test_chunked_prefill_reads_the_whole_prompt_as_observed(feedback):
+    model = fused_model(copilot_feedback=feedback)
+    input_ids = prompt(length=9)
+    expected = greedy(model, input_ids)
+    assert not torch.equal(expected, greedy(model, input_ids, copilot_lambda=0.0))
+    assert torch.equal(greedy(model, input_ids, prefill_chunk_size=4), expected)
+
+
+# ------------------------------------------------------------------------------------------------
+# generate() features: sampling, streamers, pipelines, processors after fusion
+
+
+def test_num_return_sequences_with_sampling():
+    model = fused_model()
+    input_ids, samples = prompt(batch_size=2), dict(do_sample=True, num_return_sequences=3)
+    out = generate(model, input_ids, seed=3, **samples)
+    assert out.shape == (6, input_ids.shape[1] + NEW_TOKENS)
+    assert not torch.equal(out, generate(model, input_ids, seed=3, copilot_lambda=0.0, **samples))
+    assert not torch.equal(out[0], out[1])
+    # With top_k=1 every sample collapses onto fused greedy, which needs each expanded row to carry
+    # the Copilot state of its own prompt.
+    top1 = generate(model, input_ids, seed=3, top_k=1, **samples)
+    assert torch.equal(top1, greedy(model, input_ids).repeat_interleave(3, dim=0))
+
+
+def test_sampling_processors_apply_after_fusion():
+    model = fused_model()
+    input_ids = prompt()
+    expected = greedy(model, input_ids)
+    assert torch.equal(generate(model, input_ids, seed=0, do_sample=True, top_k=1), expected)
+    assert torch.equal(generate(model, input_ids, seed=0, do_sample=True, top_p=1e-6), expected)
+
+    # Temperature divides the fused scores, not the Pilot's.
+    out = generate(
+        model,
+        input_ids,
+        max_new_tokens=1,
+        do_sample=True,
+        temperature=0.5,
+        top_k=0,
+        output_scores=True,
+        return_dict_in_generate=True,
+    )
+    logits, copilot_errors = reference_step(model, input_ids, input_ids.shape[1], "copilot")
+    expected_scores = fuse_scores(logits, copilot_errors, 1.0, "probs") / 0.5
+    torch.testing.assert_close(out.scores[0], expected_scores)
+
+
+class CollectingStreamer(BaseStreamer):
+    """Receives what TextStreamer/TextIteratorStreamer receive: the prompt, then the new tokens."""
+
+    def __init__(self):
+        self.chunks, self.ended = [], False
+
+    def put(self, value):
+        self.chunks.append(value.flatten().tolist())
+
+    def end(self):
+        self.ended = True
+
+
+def test_streamer_receives_the_fused_tokens():
+    model, streamer = fused_model(), CollectingStreamer()
+    input_ids = prompt()
+    out = greedy(model, input_ids, streamer=streamer)
+    assert streamer.ended
+    assert streamer.chunks[0] == input_ids[0].tolist()
+    assert sum(streamer.chunks[1:], []) == out[0, input_ids.shape[1] :].tolist()
+
+
+def char_tokenizer() -> PreTrainedTokenizerFast:
+    """One token per character over the tiny Pilots' 64 ids; 0-2 are pad/bos/eos as in conftest."""
+    characters = "abcdefghijklmnopqrstuvwxyz0123456789 ABCDEFGHIJKLMNOPQRSTUVWX"
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2} | {c: i + 3 for i, c in enumerate(characters)}
+    assert len(vocab) == VOCAB_SIZE
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Split("", behavior="isolated")
+    tokenizer.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, pad_token="<pad>", bos_token="<s>", eos_token="</s>", padding_side="left"
+    )
+
+
+def test_text_generation_pipeline_matches_generate():
+    model, tokenizer = fused_model(), char_tokenizer()
+    text = "Copilot 42"
+    input_ids = tokenizer(text, return_tensors="pt").input_ids
+    assert tokenizer.decode(input_ids[0]) == text
+    expected = tokenizer.decode(greedy(model, input_ids)[0], skip_special_tokens=True)
+    pilot_text = tokenizer.decode(greedy(model, input_ids, copilot_lambda=0.0)[0], skip_special_tokens=True)
+    assert expected != pilot_text
+
+    generator = pipeline("text-generation", model=model, tokenizer=tokenizer)
+    settings = dict(max_new_tokens=NEW_TOKENS, do_sample=False)
+    assert generator(text, **settings)[0]["generated_text"] == expected
+    assert generator(text, copilot_lambda=0.0, **settings)[0]["generated_text"] == pilot_text
+
+
+# ------------------------------------------------------------------------------------------------
+# Per-call control and loading
+
+
+@pytest.mark.parametrize(
+    "override", [dict(copilot_lambda=0.3), dict(fusion="logits"), dict(copilot_feedback="observed")]
+)
+def test_per_call_overrides_equal_config_defaults(override):
+    model, configured = fused_model(), fused_model(**override)
+    input_ids = prompt(seed=5)
+    default = greedy(model, input_ids)
+    overridden = greedy(model, input_ids, **override)
+    assert not torch.equal(overridden, default)
+    assert torch.equal(overridden, greedy(configured, input_ids))
+    assert torch.equal(greedy(model, input_ids), default)  # the override lasts one call
+
+
+def test_generation_is_unchanged_after_loading_with_trust_remote_code(tmp_path):
+    model = build_pilot_copilot("llama", copilot_lambda=0.8, copilot_feedback="observed")
+    model.save_pretrained(tmp_path)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path, trust_remote_code=True).eval()
+    # With hf_copilot imported the Auto class resolves to the package's own class; the copied
+    # modeling file is what a user without hf_copilot runs, so generate through it as well.
+    remote_class = get_class_from_dynamic_module(loaded.config.auto_map["AutoModelForCausalLM"], tmp_path)
+    assert remote_class is not PilotCopilotForCausalLM
+    remote = remote_class.from_pretrained(tmp_path).eval()
+    input_ids = prompt(batch_size=2)
+    for kwargs in (dict(do_sample=False), dict(num_beams=3), dict(do_sample=True)):
+        expected = generate(model, input_ids, seed=0, **kwargs)
+        assert not torch.equal(expected, generate(model, input_ids, seed=0, copilot_lambda=0.0, **kwargs))
+        assert torch.equal(generate(loaded, input_ids, seed=0, **kwargs), expected)
+        assert torch.equal(generate(remote, input_ids, seed=0, **kwargs), expected)
+
+
+# ------------------------------------------------------------------------------------------------
+# The Copilot's incremental state
+
+
+def test_the_copilot_runs_once_over_the_prompt_then_one_position_per_step():
+    model = fused_model()
+    lengths = []
+    model.copilot.register_forward_hook(lambda module, args, output: lengths.append(args[0].shape[1]))
+    greedy(model, prompt(length=6))
+    # The last generated token is never fed back: NEW_TOKENS forwards in all.
+    assert lengths == [6] + [1] * (NEW_TOKENS - 1)
+
+
+def prefilled(feedback: str = "copilot", batch_size: int = 2):
+    """A model and a cache that has seen a 5-token prompt and then 3 generated tokens in one call."""
+    model = fused_model(copilot_feedback=feedback)
+    tokens = prompt(length=8, batch_size=batch_size)
+    cache = PilotCopilotCache(config=model.config.get_text_config(decoder=True))
+    with torch.no_grad():
+        model(tokens[:, :5], cache=cache, use_cache=True)
+        out = model(tokens[:, 5:], cache=cache, use_cache=True)
+    return model, tokens, cache, out.copilot_logits
+
+
+def copilot_tensors(cache: PilotCopilotCache) -> list[torch.Tensor]:
+    state = cache.copilot
+    return [*state.kv_cache.keys, *state.kv_cache.values, state.predictions, state.probs]
+
+
+@pytest.mark.parametrize(
+    "operation, rows",
+    [
+        (lambda cache: cache.reorder_cache(torch.tensor([1, 1])), [1, 1]),
+        (lambda cache: cache.batch_repeat_interleave(2), [0, 0, 1, 1]),
+        (lambda cache: cache.batch_select_indices(torch.tensor([1])), [1]),
+    ],
+    ids=["reorder_cache", "batch_repeat_interleave", "batch_select_indices"],
+)
+def test_batch_operations_move_the_copilot_state(operation, rows):
+    _, _, cache, _ = prefilled()
+    before, pilot_keys = copilot_tensors(cache), cache.layers[0].keys.clone()
+    operation(cache)
+    assert torch.equal(cache.layers[0].keys, pilot_keys[rows])
+    for old, new in zip(before, copilot_tensors(cache), strict=True):
+        assert torch.equal(new, old[rows])
+
+
+@pytest.mark.parametrize("feedback", FEEDBACK_MODES)
+def test_crop_rolls_the_copilot_back_and_resumes_from_there(feedback):
+    model, tokens, cache, predictions = prefilled(feedback)
+    cache.crop(-2)
+    kv_cache = cache.copilot.kv_cache
+    assert cache.get_seq_length() == kv_cache.length == 6
+    # Self-attention layers hold one key per position, cross-attention layers two (x_tilde, h_bar).
+    assert [keys.shape[2] for keys in kv_cache.keys] == [6, 12]
+    with torch.no_grad():
+        resumed = model(tokens[:, 6:], cache=cache, use_cache=True).copilot_logits
+    torch.testing.assert_close(resumed, predictions[:, 1:])
+
+
+def spy(method, calls: list):
+    def wrapper(self, *args):
+        calls.append(args)
+        return method(self, *args)
+
+    return wrapper
+
+
+@pytest.mark.parametrize("feedback", FEEDBACK_MODES)
+def test_assisted_decoding_matches_fused_greedy(feedback, monkeypatch):
+    model = fused_model(copilot_feedback=feedback, copilot_lambda=0.05)
+    input_ids = prompt(length=4, seed=1)
+    expected = greedy(model, input_ids, max_new_tokens=16)
+    assert not torch.equal(expected, greedy(model, input_ids, max_new_tokens=16, copilot_lambda=0.0))
+    other_pilot = build_pilot("llama", seed=1).double()
+    assert torch.equal(greedy(model, input_ids, max_new_tokens=16, assistant_model=other_pilot), expected)
+
+    # With its own Pilot as assistant the fused model accepts some drafts, the first already in the
+    # forward that also reads the prompt, and rejects others: the Copilot's state is cropped back.
+    crops = []
+    monkeypatch.setattr(PilotCopilotCache, "crop", spy(PilotCopilotCache.crop, crops))
+    assert torch.equal(greedy(model, input_ids, max_new_tokens=16, assistant_model=model.pilot), expected)
+    assert crops[0] == (0,)
+    assert any(tokens_to_remove < 0 for (tokens_to_remove,) in crops)
+
+
+def test_fused_model_as_the_assistant_of_a_sliding_window_model():
+    """An assistant's cache is rolled back after each draft; past a sliding window that needs the
+    past recording generate() switches on for assistants."""
+    main = build_pilot("mistral", seed=3, sliding_window=4).double()
+    main.generation_config.eos_token_id = None
+    assistant = build_pilot_copilot(build_pilot("mistral", sliding_window=4)).double()
+    input_ids = prompt(length=6, seed=1)
+    expected = greedy(main, input_ids, max_new_tokens=16)
+    assert torch.equal(greedy(main, input_ids, max_new_tokens=16, assistant_model=assistant), expected)
+
+
+def test_a_cache_that_cannot_carry_the_copilot_is_refused():
+    model = build_pilot_copilot("llama")
+    with pytest.raises(ValueError, match="use_cache=True"):
+        greedy(model, prompt(), use_cache=False)
+    with pytest.raises(ValueError, match="PilotCopilotCache"):
+        greedy(model, prompt(), cache_implementation="static")
