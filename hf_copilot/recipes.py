@@ -210,29 +210,20 @@ def evaluate_pilot_copilot(
         progress=progress,
         **generate_kwargs,
     )
-    pilot = evaluate_task(
-        model,
-        tokenizer,
-        test,
-        task,
-        batch_size=batch_size,
-        progress=progress,
-        copilot_lambda=0.0,
-        **generate_kwargs,
-    )
-    fused = (
-        pilot
-        if best == 0
-        else evaluate_task(
+
+    def on_test(copilot_lambda: float) -> dict:
+        return evaluate_task(
             model,
             tokenizer,
             test,
             task,
             batch_size=batch_size,
             progress=progress,
-            copilot_lambda=best,
+            copilot_lambda=copilot_lambda,
             **generate_kwargs,
         )
-    )
+
+    pilot = on_test(0.0)
+    fused = pilot if best == 0 else on_test(best)
     metrics = {k: v for k, v in fused.items() if isinstance(v, float)}
     return FusedEvaluation(pilot["accuracy"], fused["accuracy"], best, sweep, metrics)
