@@ -27,13 +27,13 @@ import argparse
 import json
 import math
 import os
-import platform
 import statistics
 import sys
 import time
 from dataclasses import asdict, dataclass
 
 import torch
+from common import copilot_param_count, layer_matmul_params, machine_info
 from tqdm.auto import tqdm
 from transformers import LlamaConfig, LlamaForCausalLM
 from transformers.generation.streamers import BaseStreamer
@@ -96,16 +96,10 @@ def pilot_config(setup: Setup) -> LlamaConfig:
     )
 
 
-def _layer_matmul_params(d: int, heads: int, kv_heads: int, ff: int) -> tuple[int, int, int]:
-    """(q + o, k + v, MLP) weight counts of one decoder layer."""
-    head_dim = d // heads
-    return 2 * d * heads * head_dim, 2 * d * kv_heads * head_dim, 3 * d * ff
-
-
 def pilot_flops_per_token(config: LlamaConfig, context: int) -> float:
     """One decode step at `context` cached positions: weights (lm_head included) + attention 4 n d."""
     d = config.hidden_size
-    qo, kv, mlp = _layer_matmul_params(
+    qo, kv, mlp = layer_matmul_params(
         d, config.num_attention_heads, config.num_key_value_heads, config.intermediate_size
     )
     weights = config.num_hidden_layers * (qo + kv + mlp) + d * config.vocab_size
@@ -117,7 +111,7 @@ def copilot_flops_per_token(copilot: CopilotConfig, pilot_hidden: int, vocab: in
     memory rows [x_tilde; h_bar], self-attention layers over n stream keys, cross-attention layers that
     project keys/values for the 2 new memory rows and attend over 2n memory keys."""
     d = copilot.hidden_size
-    qo, kv, mlp = _layer_matmul_params(
+    qo, kv, mlp = layer_matmul_params(
         d, copilot.num_attention_heads, copilot.num_key_value_heads, copilot.intermediate_size
     )
     flops = 2 * (2 * vocab * d)  # W_in, W_out
@@ -129,15 +123,6 @@ def copilot_flops_per_token(copilot: CopilotConfig, pilot_hidden: int, vocab: in
         else:  # cross-attention to the Pilot's memory
             flops += 2 * (qo + mlp) + 2 * 2 * kv + 4 * (2 * context) * d
     return flops
-
-
-def copilot_param_count(copilot: CopilotConfig, pilot_hidden: int, vocab: int) -> int:
-    d = copilot.hidden_size
-    qo, kv, mlp = _layer_matmul_params(
-        d, copilot.num_attention_heads, copilot.num_key_value_heads, copilot.intermediate_size
-    )
-    memory_proj = pilot_hidden * d if pilot_hidden != d else 0
-    return 2 * vocab * d + memory_proj + copilot.num_hidden_layers * (qo + kv + mlp + 2 * d) + d
 
 
 def copilot_for_ratio(
@@ -247,27 +232,6 @@ def timed_generate(model, input_ids: torch.Tensor, new_tokens: int) -> dict[str,
 
 # ------------------------------------------------------------------------------------------------
 # Reporting
-
-
-def machine_info() -> dict[str, str]:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as handle:
-            cpu = next(line.split(":", 1)[1].strip() for line in handle if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    import transformers
-
-    return {
-        "cpu": cpu,
-        "cores": str(os.cpu_count()),
-        "torch_threads": str(torch.get_num_threads()),
-        "device": "cpu",
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "platform": platform.platform(),
-    }
 
 
 def write_markdown(path: str, result: dict) -> None:

@@ -22,7 +22,6 @@ import argparse
 import json
 import math
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -30,6 +29,7 @@ import time
 from dataclasses import asdict, dataclass
 
 import torch
+from common import copilot_param_count, layer_matmul_params, machine_info
 from tqdm.auto import tqdm
 from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_callback import PrinterCallback
@@ -109,16 +109,10 @@ def pilot_config(setup: Setup) -> LlamaConfig:
     )
 
 
-def _layer_matmul_params(d: int, heads: int, kv_heads: int, ff: int) -> tuple[int, int, int]:
-    """(q + o, k + v, MLP) weight counts of one decoder layer."""
-    head_dim = d // heads
-    return 2 * d * heads * head_dim, 2 * d * kv_heads * head_dim, 3 * d * ff
-
-
 def pilot_train_flops_per_token(config: LlamaConfig, seq_len: int) -> float:
     """6 x matmul weights (forward + both backward matmuls) + attention (3 x forward's 4 T d), lm_head included."""
     d, vocab = config.hidden_size, config.vocab_size
-    qo, kv, mlp = _layer_matmul_params(
+    qo, kv, mlp = layer_matmul_params(
         d, config.num_attention_heads, config.num_key_value_heads, config.intermediate_size
     )
     weights = config.num_hidden_layers * (qo + kv + mlp) + d * vocab
@@ -133,7 +127,7 @@ def copilot_train_flops_per_token(
     W_out costs the usual 6 V d_C. Cross-attention layers project keys/values from a memory of 2 rows per
     position ([x_tilde; h_bar]) and attend over 2T keys."""
     d, vocab_weights = copilot.hidden_size, vocab * copilot.hidden_size
-    qo, kv, mlp = _layer_matmul_params(
+    qo, kv, mlp = layer_matmul_params(
         d, copilot.num_attention_heads, copilot.num_key_value_heads, copilot.intermediate_size
     )
     has_memory_proj = pilot_hidden != d
@@ -147,15 +141,6 @@ def copilot_train_flops_per_token(
         else:  # cross-attention to the Pilot's memory
             flops += 6 * (qo + mlp) + memory_kv_factor * 2 * kv + 3 * 4 * (2 * seq_len) * d
     return flops
-
-
-def copilot_param_count(copilot: CopilotConfig, pilot_hidden: int, vocab: int) -> int:
-    d = copilot.hidden_size
-    qo, kv, mlp = _layer_matmul_params(
-        d, copilot.num_attention_heads, copilot.num_key_value_heads, copilot.intermediate_size
-    )
-    memory_proj = pilot_hidden * d if pilot_hidden != d else 0
-    return 2 * vocab * d + memory_proj + copilot.num_hidden_layers * (qo + kv + mlp + 2 * d) + d
 
 
 def copilot_for_ratio(target: float, setup: Setup, pilot_params: int) -> CopilotConfig:
@@ -372,27 +357,6 @@ def mistake_log_memory(model: PilotCopilotForCausalLM, setup: Setup, topk: int =
 
 # ------------------------------------------------------------------------------------------------
 # Reporting
-
-
-def machine_info() -> dict[str, str]:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as handle:
-            cpu = next(line.split(":", 1)[1].strip() for line in handle if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    import transformers
-
-    return {
-        "cpu": cpu,
-        "cores": str(os.cpu_count()),
-        "torch_threads": str(torch.get_num_threads()),
-        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "platform": platform.platform(),
-    }
 
 
 def write_markdown(path: str, result: dict) -> None:
