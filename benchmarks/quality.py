@@ -27,17 +27,16 @@ import torch
 import transformers
 
 from hf_copilot import CopilotConfig
-from hf_copilot.evaluation import evaluate_task
-from hf_copilot.recipes import (
+from hf_copilot.experiments.evaluation import DEFAULT_LAMBDAS, evaluate_task
+from hf_copilot.experiments.recipes import (
     PilotShape,
     TrainingRecipe,
     evaluate_pilot_copilot,
     matched_shape,
-    parameter_count,
     task_tokenizer,
     train_arm,
 )
-from hf_copilot.tasks import get_task
+from hf_copilot.experiments.tasks import get_task
 
 RESULTS = os.path.join(os.path.dirname(__file__), "results")
 # How the committed results were produced: two task groups in parallel (one core each), the ablations,
@@ -50,7 +49,6 @@ REPRODUCE = (
     "python benchmarks/quality.py --from-records /tmp/qrun/a/quality.json /tmp/qrun/b/quality.json "
     "/tmp/qrun/abl/quality.json",
 )
-LAMBDAS = (0.0, 0.1, 0.3, 0.5, 0.8, 1.0, 2.0, 3.0)
 
 
 @dataclass
@@ -98,7 +96,7 @@ def run_task_seed(setting: TaskSetting, seed: int, output_dir: str, quick: bool)
         "pilot_copilot", setting.shape.build(tokenizer, seed), tokenizer, train, recipe, output_dir, COPILOT
     )
     seconds = time.time() - started
-    total = parameter_count(model)
+    total = model.num_parameters()
     for variant in evaluate_variants(model, tokenizer, task, validation, test):
         default = variant["fusion"] == "probs" and variant["copilot_feedback"] == "copilot"
         record(
@@ -107,7 +105,7 @@ def run_task_seed(setting: TaskSetting, seed: int, output_dir: str, quick: bool)
             train_seconds=round(seconds, 1),
             **variant,
         )
-    for lam in LAMBDAS:
+    for lam in DEFAULT_LAMBDAS:
         accuracy = evaluate_task(
             model, tokenizer, test, task, batch_size=100, progress=False, copilot_lambda=lam
         )
@@ -132,7 +130,7 @@ def run_task_seed(setting: TaskSetting, seed: int, output_dir: str, quick: bool)
         record(
             arm,
             accuracy,
-            parameter_count(pilot),
+            pilot.num_parameters(),
             train_seconds=round(time.time() - started, 1),
             pilot_shape=shape.__dict__,
         )
@@ -150,7 +148,7 @@ def evaluate_variants(model, tokenizer, task, validation, test) -> list[dict]:
                 task,
                 validation,
                 test,
-                lambdas=LAMBDAS,
+                lambdas=DEFAULT_LAMBDAS,
                 batch_size=100,
                 progress=False,
                 fusion=fusion,
@@ -208,7 +206,7 @@ def run_ablations(setting: TaskSetting, seed: int, output_dir: str, names: list[
                     "seed": seed,
                     "arm": "pilot_copilot_ablation",
                     "ablation": name,
-                    "parameters": parameter_count(model),
+                    "parameters": model.num_parameters(),
                     **variant,
                 }
             )
@@ -338,13 +336,13 @@ def write_markdown(summary: dict, command: str, path: str, records: list[dict]) 
         "",
         "## Fixed lambda (fusion=probs, feedback=copilot), mean test accuracy",
         "",
-        "| task | " + " | ".join(f"λ={lam:g}" for lam in LAMBDAS) + " |",
-        "| --- |" + " ---: |" * len(LAMBDAS),
+        "| task | " + " | ".join(f"λ={lam:g}" for lam in DEFAULT_LAMBDAS) + " |",
+        "| --- |" + " ---: |" * len(DEFAULT_LAMBDAS),
     ]
     for task, row in summary.items():
         lines.append(
             f"| {task} | "
-            + " | ".join(f"{row['fixed_lambda'].get(lam, float('nan')):.3f}" for lam in LAMBDAS)
+            + " | ".join(f"{row['fixed_lambda'].get(lam, float('nan')):.3f}" for lam in DEFAULT_LAMBDAS)
             + " |"
         )
     lines += per_seed_rows(records)

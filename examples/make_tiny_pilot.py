@@ -15,7 +15,7 @@ import os
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from hf_copilot.tokenizer import build_char_tokenizer
+from hf_copilot.experiments.tokenizer import build_char_tokenizer
 
 DEFAULT_TRAIN_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "tiny_corpus.jsonl")
 

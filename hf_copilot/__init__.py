@@ -8,10 +8,15 @@ import importlib
 
 from transformers import AutoConfig, AutoModelForCausalLM
 
+from .checkpointing import pilot_fingerprint
 from .configuration_pilot_copilot import CopilotConfig, PilotCopilotConfig
 from .generation_pilot_copilot import CopilotLogitsProcessor, PilotCopilotCache, fuse_scores
+from .hub import attach_push_methods
+from .mistake_log import MistakeLog
 from .mistake_log_entry import MistakeLogEntry, PilotErrors
-from .modeling_pilot_copilot import CopilotModel, PilotCopilotForCausalLM, pilot_fingerprint
+from .modeling_pilot_copilot import CopilotModel, PilotCopilotForCausalLM
+
+__version__ = "0.1.0"
 
 AutoConfig.register(CopilotConfig.model_type, CopilotConfig, exist_ok=True)
 AutoConfig.register(PilotCopilotConfig.model_type, PilotCopilotConfig, exist_ok=True)
@@ -19,6 +24,7 @@ AutoModelForCausalLM.register(PilotCopilotConfig, PilotCopilotForCausalLM, exist
 # save_pretrained() then writes auto_map and copies the Hub-facing modeling files next to the weights.
 PilotCopilotConfig.register_for_auto_class()
 PilotCopilotForCausalLM.register_for_auto_class("AutoModelForCausalLM")
+attach_push_methods(PilotCopilotForCausalLM)
 
 # Training classes import transformers.Trainer (and accelerate): loaded on first use only.
 _LAZY_ATTRIBUTES = {
@@ -36,11 +42,13 @@ def __getattr__(name: str):
 
 
 __all__ = [
+    "__version__",
     "CopilotConfig",
     "CopilotLogitsProcessor",
     "CopilotModel",
     "CopilotTrainer",
     "CopilotTrainingArguments",
+    "MistakeLog",
     "MistakeLogCallback",
     "MistakeLogEntry",
     "NonFiniteLossError",

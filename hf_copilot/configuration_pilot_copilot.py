@@ -1,30 +1,56 @@
 """Configurations of the Copilot network and of the Pilot + Copilot wrapper (SPEC sections 3 and 6).
 
 Hub-facing: copied next to checkpoints for `trust_remote_code`, so it imports nothing from hf_copilot.
+
+Validated like transformers' own configs (`@strict`): a field of the wrong type or out of its range is
+refused when it is set, at construction or later (`StrictDataclassFieldValidationError`, naming the
+field); rules between fields live in `validate_architecture`, run at construction and by
+`save_pretrained` (`StrictDataclassClassValidationError`) and callable again (plain `ValueError`).
+No `from __future__ import annotations` here: `@strict` cannot check types written as strings.
 """
 
-from __future__ import annotations
+import math
 
+from huggingface_hub.dataclasses import strict, validated_field
 from transformers import AutoConfig, PreTrainedConfig
 from transformers.configuration_utils import SubConfigSpec
+from transformers.utils.type_validators import activation_fn_key, interval, positive_int_field, probability
 
 FUSION_SPACES = ("probs", "logits")
 COPILOT_FEEDBACK_MODES = ("copilot", "observed")
 
 
-def validate_fusion_settings(copilot_lambda: float, fusion: str, copilot_feedback: str) -> None:
-    """Reject fusion settings that generate() could not honour, naming the accepted values."""
+def check_copilot_lambda(copilot_lambda) -> None:
+    if (
+        isinstance(copilot_lambda, bool)
+        or not isinstance(copilot_lambda, (int, float))
+        or not math.isfinite(copilot_lambda)
+        or copilot_lambda < 0
+    ):
+        raise ValueError(f"copilot_lambda must be a finite number >= 0, got {copilot_lambda!r}.")
+
+
+def check_fusion(fusion) -> None:
     if fusion not in FUSION_SPACES:
         raise ValueError(f"Unknown fusion={fusion!r}: use one of {FUSION_SPACES} ('probs' is the paper's).")
+
+
+def check_copilot_feedback(copilot_feedback) -> None:
     if copilot_feedback not in COPILOT_FEEDBACK_MODES:
         raise ValueError(
             f"Unknown copilot_feedback={copilot_feedback!r}: use one of {COPILOT_FEEDBACK_MODES} "
             "('copilot' is the paper's)."
         )
-    if not isinstance(copilot_lambda, (int, float)) or copilot_lambda != copilot_lambda or copilot_lambda < 0:
-        raise ValueError(f"copilot_lambda must be a finite number >= 0, got {copilot_lambda!r}.")
 
 
+def validate_fusion_settings(copilot_lambda: float, fusion: str, copilot_feedback: str) -> None:
+    """Reject fusion settings that generate() could not honour, naming the accepted values (ValueError)."""
+    check_fusion(fusion)
+    check_copilot_feedback(copilot_feedback)
+    check_copilot_lambda(copilot_lambda)
+
+
+@strict
 class CopilotConfig(PreTrainedConfig):
     """The Copilot transformer: alternating causal self-attention and cross-attention to the Pilot.
 
@@ -35,19 +61,19 @@ class CopilotConfig(PreTrainedConfig):
 
     model_type = "copilot"
 
-    hidden_size: int = 256
-    num_hidden_layers: int = 4
-    num_attention_heads: int = 4
-    num_key_value_heads: int | None = None
-    intermediate_size: int | None = None
-    vocab_size: int | None = None
-    pilot_hidden_size: int | None = None
-    hidden_act: str = "silu"
+    hidden_size: int = positive_int_field(default=256)
+    num_hidden_layers: int = 4  # even and >= 2: see validate_architecture
+    num_attention_heads: int = positive_int_field(default=4)
+    num_key_value_heads: int | None = positive_int_field(default=None)
+    intermediate_size: int | None = positive_int_field(default=None)
+    vocab_size: int | None = positive_int_field(default=None)
+    pilot_hidden_size: int | None = positive_int_field(default=None)
+    hidden_act: str = activation_fn_key(default="silu")
     attention_bias: bool = False
-    attention_dropout: float = 0.0
-    hidden_dropout: float = 0.0
-    rms_norm_eps: float = 1e-6
-    initializer_range: float = 0.02
+    attention_dropout: int | float = probability(default=0.0)
+    hidden_dropout: int | float = probability(default=0.0)
+    rms_norm_eps: int | float = interval(min=0.0, exclude_min=True)(default=1e-6)
+    initializer_range: int | float = interval(min=0.0, max=1.0)(default=0.02)
     base_model_name_or_path: str | None = None
     pilot_fingerprint: str | None = None
 
@@ -57,9 +83,9 @@ class CopilotConfig(PreTrainedConfig):
         if self.intermediate_size is None:
             self.intermediate_size = 4 * self.hidden_size
         super().__post_init__(**kwargs)
-        self.validate_architecture()
 
-    def validate_architecture(self) -> None:
+    def validate_architecture(self):
+        """Part of `@strict`-powered validation: the rules between fields. Call it again after a change."""
         if self.num_hidden_layers < 2 or self.num_hidden_layers % 2:
             raise ValueError(
                 f"CopilotConfig.num_hidden_layers must be even and >= 2 (odd layers self-attend, even layers "
@@ -81,6 +107,7 @@ class CopilotConfig(PreTrainedConfig):
         return self.hidden_size // self.num_attention_heads
 
 
+@strict
 class PilotCopilotConfig(PreTrainedConfig):
     """A Pilot causal LM (its config nested as `text_config`), a Copilot, and how to fuse them."""
 
@@ -92,36 +119,59 @@ class PilotCopilotConfig(PreTrainedConfig):
 
     text_config: dict | PreTrainedConfig | None = None
     copilot_config: dict | CopilotConfig | None = None
-    copilot_lambda: float = 1.0
-    fusion: str = "probs"
-    copilot_feedback: str = "copilot"
+    copilot_lambda: int | float = validated_field(check_copilot_lambda, default=1.0)
+    fusion: str = validated_field(check_fusion, default="probs")
+    copilot_feedback: str = validated_field(check_copilot_feedback, default="copilot")
     tie_word_embeddings: bool = False
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
-        validate_fusion_settings(self.copilot_lambda, self.fusion, self.copilot_feedback)
-        pilot_vocab = self.text_config.get_text_config().vocab_size
-        pilot_hidden = self.text_config.get_text_config().hidden_size
+        pilot = self.get_text_config()
         if self.copilot_config.vocab_size is None:
-            self.copilot_config.vocab_size = pilot_vocab
+            self.copilot_config.vocab_size = pilot.vocab_size
         if self.copilot_config.pilot_hidden_size is None:
-            self.copilot_config.pilot_hidden_size = pilot_hidden
-        if self.copilot_config.vocab_size != pilot_vocab:
+            self.copilot_config.pilot_hidden_size = pilot.hidden_size
+        self.check_copilot_fits_pilot()
+
+    def validate_architecture(self):
+        """Part of `@strict`-powered validation: the Copilot's own rules, and that it fits the Pilot."""
+        self.copilot_config.validate_architecture()
+        self.check_copilot_fits_pilot()
+
+    def check_copilot_fits_pilot(self) -> None:
+        pilot = self.get_text_config()
+        if self.copilot_config.vocab_size != pilot.vocab_size:
             raise ValueError(
                 f"The Copilot's vocabulary ({self.copilot_config.vocab_size}) differs from the Pilot's "
-                f"({pilot_vocab}): the Copilot predicts an error over the Pilot's vocabulary. Build the Copilot "
+                f"({pilot.vocab_size}): the Copilot predicts an error over the Pilot's vocabulary. Build the Copilot "
                 "for this Pilot (leave copilot_config.vocab_size unset and it is filled in)."
             )
-        if self.copilot_config.pilot_hidden_size != pilot_hidden:
+        if self.copilot_config.pilot_hidden_size != pilot.hidden_size:
             raise ValueError(
                 f"The Copilot expects Pilot hidden states of size {self.copilot_config.pilot_hidden_size}, but the "
-                f"Pilot's hidden size is {pilot_hidden}. Build the Copilot for this Pilot (leave "
+                f"Pilot's hidden size is {pilot.hidden_size}. Build the Copilot for this Pilot (leave "
                 "copilot_config.pilot_hidden_size unset and it is filled in)."
             )
 
     def get_text_config(self, decoder=None, encoder=None) -> PreTrainedConfig:
         # generate() sizes caches and reads special tokens from the text config: that is the Pilot's.
         return self.text_config.get_text_config(decoder=decoder, encoder=encoder)
+
+
+def copilot_config_like(decoder_config) -> CopilotConfig:
+    """A Copilot shaped like a pretrained decoder, so all of its layer weights can be copied."""
+    text = decoder_config.get_text_config()
+    layers = text.num_hidden_layers - text.num_hidden_layers % 2
+    return CopilotConfig(
+        hidden_size=text.hidden_size,
+        num_hidden_layers=max(2, layers),
+        num_attention_heads=text.num_attention_heads,
+        num_key_value_heads=getattr(text, "num_key_value_heads", None) or text.num_attention_heads,
+        intermediate_size=text.intermediate_size,
+        hidden_act=getattr(text, "hidden_act", "silu"),
+        attention_bias=getattr(text, "attention_bias", False) or text.model_type == "qwen2",
+        rms_norm_eps=getattr(text, "rms_norm_eps", 1e-6),
+    )
 
 
 __all__ = ["CopilotConfig", "PilotCopilotConfig"]

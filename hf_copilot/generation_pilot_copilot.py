@@ -11,10 +11,14 @@ from __future__ import annotations
 import torch
 from transformers import DynamicCache, LogitsProcessor
 
+from .mistake_log_entry import MistakeLogEntry, PilotErrors
+
 PROBABILITY_FLOOR = 1e-10
 
 
-def fuse_scores(pilot_logits: torch.Tensor, copilot_error: torch.Tensor, copilot_lambda: float, fusion: str):
+def fuse_scores(
+    pilot_logits: torch.Tensor, predicted_error: torch.Tensor, copilot_lambda: float, fusion: str
+):
     """Rectify the Pilot's next-token scores with the Copilot's predicted error.
 
     probs (paper Eq. 8): p~ = softmax(z) + lambda * f_C, clamped and renormalised, returned as
@@ -22,10 +26,10 @@ def fuse_scores(pilot_logits: torch.Tensor, copilot_error: torch.Tensor, copilot
     """
     if copilot_lambda == 0:
         return pilot_logits
-    copilot_error = copilot_error.to(pilot_logits.dtype)
+    predicted_error = predicted_error.to(pilot_logits.dtype)
     if fusion == "logits":
-        return pilot_logits + copilot_lambda * copilot_error
-    probs = torch.softmax(pilot_logits.float(), dim=-1) + copilot_lambda * copilot_error.float()
+        return pilot_logits + copilot_lambda * predicted_error
+    probs = torch.softmax(pilot_logits.float(), dim=-1) + copilot_lambda * predicted_error.float()
     probs = probs.clamp_min(PROBABILITY_FLOOR)
     probs = probs / probs.sum(-1, keepdim=True)
     return probs.log().to(pilot_logits.dtype)
@@ -94,52 +98,52 @@ class CopilotKVCache:
 class CopilotDecodingState:
     """The Copilot's keys/values and the feedback its next step needs.
 
-    `predictions`/`probs` hold f_C and the Pilot's p_hat for the positions of the last forward call,
+    `predicted_errors`/`probs` hold f_C and the Pilot's p_hat for the positions of the last forward call,
     starting at absolute position `start`: the processor reads the row of the position it scores,
     and cropping back into that call (assisted decoding) knows the feedback to resume from.
     """
 
     def __init__(self, kv_cache):
         self.kv_cache = kv_cache
-        self.predictions: torch.Tensor | None = None  # [B, n, V]
+        self.predicted_errors: torch.Tensor | None = None  # [B, n, V]
         self.probs: torch.Tensor | None = None  # [B, n, V]
         self.start = 0
 
-    def record(self, predictions: torch.Tensor, probs: torch.Tensor, start: int) -> None:
-        self.predictions, self.probs, self.start = predictions.detach(), probs.detach(), start
+    def record(self, predicted_errors: torch.Tensor, probs: torch.Tensor, start: int) -> None:
+        self.predicted_errors, self.probs, self.start = predicted_errors.detach(), probs.detach(), start
 
     @property
-    def last_prediction(self) -> torch.Tensor:
-        return self.predictions[:, -1]
+    def last_predicted_error(self) -> torch.Tensor:
+        return self.predicted_errors[:, -1]
 
     @property
     def last_probs(self) -> torch.Tensor:
         return self.probs[:, -1]
 
-    def prediction_at(self, position: int) -> torch.Tensor:
+    def predicted_error_at(self, position: int) -> torch.Tensor:
         offset = position - self.start
-        if not 0 <= offset < self.predictions.shape[1]:
+        if not 0 <= offset < self.predicted_errors.shape[1]:
             raise RuntimeError(
-                f"The Copilot has no prediction for position {position} (it holds {self.start}.."
-                f"{self.start + self.predictions.shape[1] - 1}); was the cache reused across generate() calls?"
+                f"The Copilot has no predicted_error for position {position} (it holds {self.start}.."
+                f"{self.start + self.predicted_errors.shape[1] - 1}); was the cache reused across generate() calls?"
             )
-        return self.predictions[:, offset]
+        return self.predicted_errors[:, offset]
 
     def map_batch(self, fn) -> None:
         self.kv_cache.map_batch(fn)
-        if self.predictions is not None:
-            self.predictions, self.probs = fn(self.predictions), fn(self.probs)
+        if self.predicted_errors is not None:
+            self.predicted_errors, self.probs = fn(self.predicted_errors), fn(self.probs)
 
     def crop(self, length: int) -> None:
         keep = length - self.start
-        if self.predictions is not None and not 1 <= keep <= self.predictions.shape[1]:
+        if self.predicted_errors is not None and not 1 <= keep <= self.predicted_errors.shape[1]:
             raise ValueError(
                 f"Cannot crop the Copilot's state to {length} positions: only positions from {self.start} on "
                 "can be returned to."
             )
         self.kv_cache.crop(length)
-        if self.predictions is not None:
-            self.predictions, self.probs = self.predictions[:, :keep], self.probs[:, :keep]
+        if self.predicted_errors is not None:
+            self.predicted_errors, self.probs = self.predicted_errors[:, :keep], self.probs[:, :keep]
 
 
 class PilotCopilotCache(DynamicCache):
@@ -184,7 +188,7 @@ class PilotCopilotCache(DynamicCache):
 
 
 class CopilotLogitsProcessor(LogitsProcessor):
-    """First in generate()'s processor list: fuses the Copilot's prediction into the Pilot's scores.
+    """First in generate()'s processor list: fuses the Copilot's predicted_error into the Pilot's scores.
 
     Temperature, top-k, top-p and the rest run after it, on the fused distribution.
     """
@@ -197,8 +201,91 @@ class CopilotLogitsProcessor(LogitsProcessor):
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         if self.copilot_lambda == 0:
             return scores
-        prediction = self.cache.copilot.prediction_at(input_ids.shape[1] - 1)
-        return fuse_scores(scores, prediction, self.copilot_lambda, self.fusion)
+        predicted_error = self.cache.copilot.predicted_error_at(input_ids.shape[1] - 1)
+        return fuse_scores(scores, predicted_error, self.copilot_lambda, self.fusion)
 
 
-__all__ = ["CopilotLogitsProcessor", "PilotCopilotCache", "fuse_scores"]
+def copilot_generation_step(
+    copilot,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    entry: MistakeLogEntry,
+    cache: PilotCopilotCache,
+    copilot_feedback: str,
+) -> torch.Tensor:
+    """Advance the Copilot over the new positions only, reading and updating its state in `cache`.
+
+    `attention_mask` [B, past + new] is None when there is no padding: a decoding step then builds
+    no attention mask at all.
+
+    Prompt positions (every position in "observed" mode) read the observed errors; in "copilot"
+    mode a generated position reads the Copilot's own previous predicted_error (the paper). generate()
+    records the prompt length on the cache, because the prompt may arrive in several forwards
+    (chunked prefill) or together with drafted tokens (assisted decoding); without it the first
+    forward is the prompt.
+    """
+    state = cache.copilot_state(len(copilot.layers))
+    new, past = input_ids.shape[1], state.kv_cache.length
+    if copilot_feedback == "observed":
+        known = new
+    else:
+        prompt_length = cache.prompt_length
+        if prompt_length is None:
+            prompt_length = past + new if past == 0 else past
+        known = min(max(prompt_length - past, 0), new)
+    outputs = []
+    if known > 0:
+        head = entry if known == new else entry.map_tensors(lambda t: t[:, :known])
+        head_mask = None if attention_mask is None else attention_mask[:, : past + known]
+        observed = observed_feedback(copilot, input_ids[:, :known], head_mask, head, state)
+        outputs.append(copilot(observed, head.x_tilde, head.h_bar, head_mask, state.kv_cache))
+    feedback = outputs[0][:, -1] if outputs else state.last_predicted_error
+    for position in range(known, new):
+        stream = copilot.embed_predicted_errors(feedback).unsqueeze(1)
+        length = state.kv_cache.length + 1
+        step_mask = None if attention_mask is None else attention_mask[:, :length]
+        predicted_error = copilot(
+            stream,
+            entry.x_tilde[:, position : position + 1],
+            entry.h_bar[:, position : position + 1],
+            step_mask,
+            state.kv_cache,
+        )
+        outputs.append(predicted_error)
+        feedback = predicted_error[:, 0]
+    predicted_errors = outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=1)
+    state.record(predicted_errors, entry.errors.probs, start=past)
+    return predicted_errors
+
+
+def observed_feedback(
+    copilot, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, entry: MistakeLogEntry, state
+) -> torch.Tensor:
+    """W_in e_{j-1} for each new position j, with e_{j-1} = onehot(x_j) - p_{j-1} (zero at padding)."""
+    new = input_ids.shape[1]
+    past = state.kv_cache.length
+    errors = entry.errors
+    if past > 0:
+        # The error of the last cached position is completed by the first new token.
+        if attention_mask is None:
+            has_next = torch.ones_like(input_ids[:, :1], dtype=torch.bool)
+        else:
+            has_next = attention_mask[:, past - 1 : past + 1].bool().all(dim=1, keepdim=True)
+        previous = PilotErrors(
+            targets=input_ids[:, :1],
+            mask=has_next,
+            vocab_size=errors.vocab_size,
+            probs=state.last_probs.unsqueeze(1),
+        )
+        first = copilot.embed_errors(previous)
+    else:
+        weight = copilot.error_proj.weight
+        first = weight.new_zeros(input_ids.shape[0], 1, weight.shape[0])
+    within = copilot.embed_errors(errors)[:, : new - 1]
+    return torch.cat([first, within], dim=1)
+
+
+# ----------------------------------------------------------------------------------------------
+
+
+__all__ = ["CopilotLogitsProcessor", "PilotCopilotCache", "copilot_generation_step", "fuse_scores"]

@@ -8,8 +8,10 @@ Two kinds of upload, both built by `stage_for_upload` and sent by `push_to_hub`:
   Pilot and its fingerprint, the fusion settings) and README.md; it loads with
   `PilotCopilotForCausalLM.from_pretrained(repo)` onto its base Pilot.
 
-`PilotCopilotForCausalLM.push_to_hub` / `push_copilot_to_hub` call `push_to_hub` here; a Trainer writes
-the same card with `build_model_card(model, ...).save(os.path.join(output_dir, "README.md"))`.
+Importing hf_copilot makes `PilotCopilotForCausalLM.push_to_hub` / `push_copilot_to_hub` this module's
+`push_to_hub` (`attach_push_methods`); the Hub-facing modeling file knows nothing of it, so a model loaded
+with `trust_remote_code` where hf_copilot is not installed keeps transformers' generic `push_to_hub`. A
+Trainer writes the same card with `build_model_card(model, ...).save(os.path.join(output_dir, "README.md"))`.
 """
 
 from __future__ import annotations
@@ -19,12 +21,14 @@ import os
 import tempfile
 import warnings
 from collections.abc import Mapping, Sequence
+from functools import partialmethod
 
 from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData
 from huggingface_hub.errors import HFValidationError
 from huggingface_hub.utils import validate_repo_id
 
-from .modeling_pilot_copilot import FUSION_FIELDS, atomic_save_directory, pilot_fingerprint
+from .checkpointing import atomic_save_directory, pilot_fingerprint
+from .modeling_pilot_copilot import FUSION_FIELDS, PilotCopilotForCausalLM
 
 PAPER = "Transformer Copilot: Learning from The Mistake Log in LLM Fine-tuning (Zou et al., 2025)"
 PAPER_URL = "https://arxiv.org/abs/2505.16270"
@@ -44,10 +48,6 @@ def hub_model_id(name_or_path: str | None) -> str | None:
     except HFValidationError:
         return None
     return name_or_path
-
-
-def _parameter_count(module) -> int:
-    return sum(p.numel() for p in module.parameters())
 
 
 def _human(count: int) -> str:
@@ -100,8 +100,8 @@ def build_model_card(
     copilot_metadata = {
         "checkpoint": "copilot-only" if copilot_only else "pilot+copilot",
         **fusion,
-        "copilot_parameters": _parameter_count(model.copilot),
-        "pilot_parameters": _parameter_count(model.pilot),
+        "copilot_parameters": model.copilot.num_parameters(),
+        "pilot_parameters": model.pilot.num_parameters(),
     }
     if copilot_only:
         copilot_metadata["pilot_fingerprint"] = pilot_fingerprint(model.pilot)
@@ -154,9 +154,9 @@ def _card_body(model, model_name, repo_id, base, copilot_only, fusion, results, 
         "",
         "| | |",
         "| --- | --- |",
-        f"| Pilot | {pilot} ({pilot_config.model_type}, {_human(_parameter_count(model.pilot))} parameters) |",
+        f"| Pilot | {pilot} ({pilot_config.model_type}, {_human(model.pilot.num_parameters())} parameters) |",
         f"| Copilot | {copilot_config.num_hidden_layers} layers, hidden size {copilot_config.hidden_size}, "
-        f"{_human(_parameter_count(model.copilot))} parameters |",
+        f"{_human(model.copilot.num_parameters())} parameters |",
         *(f"| `{key}` | `{value}` |" for key, value in fusion.items()),
         "",
         "## Usage",
@@ -279,4 +279,10 @@ def push_to_hub(
         )
 
 
-__all__ = ["build_model_card", "hub_model_id", "push_to_hub", "stage_for_upload"]
+def attach_push_methods(model_class: type = PilotCopilotForCausalLM) -> None:
+    """`model.push_to_hub(repo_id, ...)` and `model.push_copilot_to_hub(repo_id, ...)` with the model card."""
+    model_class.push_to_hub = push_to_hub
+    model_class.push_copilot_to_hub = partialmethod(push_to_hub, copilot_only=True)
+
+
+__all__ = ["attach_push_methods", "build_model_card", "hub_model_id", "push_to_hub", "stage_for_upload"]

@@ -9,12 +9,12 @@ past `size` entries.
 from __future__ import annotations
 
 import os
-import tempfile
 from collections.abc import Iterator
 from typing import Any
 
 import torch
 
+from .checkpointing import atomic_torch_save
 from .mistake_log_entry import MistakeLogEntry, PilotErrors
 
 _ENTRY_FIELDS = ("x_tilde", "h_bar", "attention_mask", "loss_mask")
@@ -329,16 +329,7 @@ class MistakeLog:
 
     def save(self, path: str | os.PathLike[str]) -> None:
         """Write the log to one file atomically: a crash mid-write never leaves a truncated log."""
-        directory = os.path.dirname(os.path.abspath(path))
-        fd, tmp = tempfile.mkstemp(dir=directory, prefix=".mistake_log.", suffix=".tmp")
-        os.close(fd)
-        try:
-            torch.save(self.state_dict(), tmp)
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
+        atomic_torch_save(self.state_dict(), path)
 
     @classmethod
     def load(cls, path: str | os.PathLike[str], store_device: str | torch.device = "cpu") -> MistakeLog:

@@ -9,7 +9,6 @@ replays exactly the entries an uninterrupted run would have.
 from __future__ import annotations
 
 import os
-import tempfile
 from typing import Any
 
 import torch
@@ -17,6 +16,7 @@ from transformers import TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from transformers.utils import logging
 
+from .checkpointing import atomic_torch_save
 from .mistake_log import MistakeLog, collate_entries
 from .mistake_log_entry import MistakeLogEntry
 
@@ -30,20 +30,6 @@ def mistake_log_file(checkpoint_dir: str | os.PathLike, process_index: int = 0, 
     """`mistake_log.pt`, or `mistake_log_{rank}.pt` when several processes train (like `rng_state_{rank}.pth`)."""
     name = MISTAKE_LOG_NAME if world_size <= 1 else f"mistake_log_{process_index}.pt"
     return os.path.join(checkpoint_dir, name)
-
-
-def _atomic_torch_save(obj: Any, path: str) -> None:
-    fd, tmp = tempfile.mkstemp(
-        dir=os.path.dirname(os.path.abspath(path)), prefix=".mistake_log.", suffix=".tmp"
-    )
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 class MistakeLogCallback(TrainerCallback):
@@ -91,7 +77,7 @@ class MistakeLogCallback(TrainerCallback):
         self, checkpoint_dir: str | os.PathLike, process_index: int = 0, world_size: int = 1
     ):
         os.makedirs(checkpoint_dir, exist_ok=True)
-        _atomic_torch_save(self.state_dict(), mistake_log_file(checkpoint_dir, process_index, world_size))
+        atomic_torch_save(self.state_dict(), mistake_log_file(checkpoint_dir, process_index, world_size))
 
     def load_from_checkpoint(
         self, checkpoint_dir: str | os.PathLike, process_index: int = 0, world_size: int = 1

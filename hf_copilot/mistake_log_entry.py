@@ -20,9 +20,9 @@ class _SquaredDistance(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, prediction, targets, mask, probs, topk_indices, topk_values):
-        dtype = torch.promote_types(prediction.dtype, torch.float32)
-        f = prediction.to(dtype)
+    def forward(ctx, predicted_error, targets, mask, probs, topk_indices, topk_values):
+        dtype = torch.promote_types(predicted_error.dtype, torch.float32)
+        f = predicted_error.to(dtype)
         targets = targets.unsqueeze(-1)
         f_gold = f.gather(-1, targets).squeeze(-1)
         if probs is not None:
@@ -41,22 +41,22 @@ class _SquaredDistance(torch.autograd.Function):
         distance = torch.linalg.vector_norm(f, dim=-1).square() + mask * (
             error_norm - 2.0 * (f_gold - p_dot_f)
         )
-        ctx.save_for_backward(prediction, targets, mask, distance >= 0, probs, topk_indices, topk_values)
+        ctx.save_for_backward(predicted_error, targets, mask, distance >= 0, probs, topk_indices, topk_values)
         return distance.clamp_min(0.0)
 
     @staticmethod
     def backward(ctx, grad_distance):
-        prediction, targets, mask, positive, probs, topk_indices, topk_values = ctx.saved_tensors
+        predicted_error, targets, mask, positive, probs, topk_indices, topk_values = ctx.saved_tensors
         scale = (2.0 * grad_distance.to(mask.dtype) * positive).unsqueeze(-1)  # [B,T,1]
         error_scale = scale * mask.unsqueeze(-1)
         # 2 g (f - e): 2 g f, then + 2 g p and - 2 g onehot where there is an error.
-        grad = prediction.to(mask.dtype) * scale
+        grad = predicted_error.to(mask.dtype) * scale
         if probs is not None:
             grad.addcmul_(probs.to(grad.dtype), error_scale)
         else:
             grad.scatter_add_(-1, topk_indices, topk_values.to(grad.dtype) * error_scale)
         grad.scatter_add_(-1, targets, -error_scale)
-        return grad.to(prediction.dtype), None, None, None, None, None
+        return grad.to(predicted_error.dtype), None, None, None, None, None
 
 
 @dataclass
@@ -98,10 +98,10 @@ class PilotErrors:
             predicted = F.linear(self.probs.to(weight.dtype), weight)
         return (gold - predicted) * mask
 
-    def squared_distance(self, prediction: torch.Tensor) -> torch.Tensor:
-        """`||f_j - e_j||^2` [B,T] for a prediction f [B,T,V], expanded so no one-hot is built."""
+    def squared_distance(self, predicted_error: torch.Tensor) -> torch.Tensor:
+        """`||f_j - e_j||^2` [B,T] for a predicted_error f [B,T,V], expanded so no one-hot is built."""
         return _SquaredDistance.apply(
-            prediction, self._safe_targets(), self.mask, self.probs, self.topk_indices, self.topk_values
+            predicted_error, self._safe_targets(), self.mask, self.probs, self.topk_indices, self.topk_values
         )
 
     def dense(self) -> torch.Tensor:
@@ -162,3 +162,40 @@ class MistakeLogEntry:
     @property
     def num_loss_tokens(self) -> int:
         return int(self.loss_mask.sum())
+
+
+def mistake_log_entry_from_pilot_pass(
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    labels: torch.Tensor | None,
+    logits: torch.Tensor,
+    hidden_states: tuple[torch.Tensor, ...],
+) -> MistakeLogEntry:
+    """SPEC section 2: x_tilde, layer-mean h_bar and the per-token error of one Pilot pass (detached)."""
+    attention_mask = attention_mask.bool()
+    targets = torch.zeros_like(input_ids)
+    targets[:, :-1] = input_ids[:, 1:]
+    has_next = torch.zeros_like(attention_mask)
+    has_next[:, :-1] = attention_mask[:, :-1] & attention_mask[:, 1:]
+    loss_mask = torch.zeros_like(attention_mask)
+    if labels is not None:
+        loss_mask[:, :-1] = labels[:, 1:] != -100
+        loss_mask &= has_next
+    probs = torch.softmax(logits.detach().float(), dim=-1)
+    errors = PilotErrors(targets=targets, mask=has_next, vocab_size=logits.shape[-1], probs=probs)
+    return MistakeLogEntry(
+        x_tilde=hidden_states[0].detach(),
+        h_bar=torch.stack(hidden_states[1:]).mean(0).detach(),
+        errors=errors,
+        attention_mask=attention_mask,
+        loss_mask=loss_mask,
+    )
+
+
+def copilot_squared_error(
+    predicted_errors: torch.Tensor, entry: MistakeLogEntry
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sum over loss-mask positions of ||f_C_j - e_j||^2, and the number of those positions."""
+    distances = entry.errors.squared_distance(predicted_errors)
+    mask = entry.loss_mask
+    return (distances * mask).sum(), mask.sum()

@@ -7,16 +7,9 @@ Pilot step -> Copilot step -> `CopilotLogitsProcessor` (generation).
 
 from __future__ import annotations
 
-import base64
 import copy
-import hashlib
-import json
 import os
-import re
-import shutil
-import uuid
 import warnings
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -26,14 +19,28 @@ from transformers import AutoConfig, AutoModelForCausalLM, GenerationMixin, PreT
 from transformers.activations import ACT2FN
 from transformers.utils import ModelOutput
 
-from .configuration_pilot_copilot import CopilotConfig, PilotCopilotConfig, validate_fusion_settings
-from .generation_pilot_copilot import CopilotKVCache, CopilotLogitsProcessor, PilotCopilotCache, fuse_scores
-from .mistake_log_entry import MistakeLogEntry, PilotErrors
+from .checkpointing import atomic_save_directory, copy_pretrained_decoder, pilot_fingerprint, same_pilot
+from .configuration_pilot_copilot import (
+    CopilotConfig,
+    PilotCopilotConfig,
+    copilot_config_like,
+    validate_fusion_settings,
+)
+from .generation_pilot_copilot import (
+    CopilotKVCache,
+    CopilotLogitsProcessor,
+    PilotCopilotCache,
+    copilot_generation_step,
+    fuse_scores,
+)
+from .mistake_log_entry import (
+    MistakeLogEntry,
+    PilotErrors,
+    copilot_squared_error,
+    mistake_log_entry_from_pilot_pass,
+)
 
-COPILOT_WEIGHTS_NAME = "copilot.safetensors"
 FUSION_FIELDS = ("copilot_lambda", "fusion", "copilot_feedback")
-FINGERPRINT_TENSORS = 16  # tensors sampled for the fingerprint
-FINGERPRINT_VALUES = 8  # values sampled per tensor
 
 
 class CopilotRMSNorm(nn.Module):
@@ -176,6 +183,7 @@ class CopilotModel(CopilotPreTrainedModel):
     """
 
     def __init__(self, config: CopilotConfig):
+        config.validate_architecture()  # a config edited after construction is checked again here
         super().__init__(config)
         self.error_proj = nn.Linear(config.vocab_size, config.hidden_size, bias=False)  # W_in
         if config.pilot_hidden_size != config.hidden_size:
@@ -191,9 +199,9 @@ class CopilotModel(CopilotPreTrainedModel):
         """W_in e_j [B,T,d_C] (not yet shifted)."""
         return errors.embed(self.error_proj.weight)
 
-    def embed_predictions(self, predictions: torch.Tensor) -> torch.Tensor:
+    def embed_predicted_errors(self, predicted_errors: torch.Tensor) -> torch.Tensor:
         """W_in f_C for the paper's inference-time feedback of the Copilot's own output."""
-        return self.error_proj(predictions.to(self.error_proj.weight.dtype))
+        return self.error_proj(predicted_errors.to(self.error_proj.weight.dtype))
 
     def forward(
         self,
@@ -233,46 +241,10 @@ class CopilotModel(CopilotPreTrainedModel):
             kv_cache.length = past + length
         return self.error_head(self.norm(hidden))
 
-    @torch.no_grad()
-    def load_from_pretrained_decoder(self, decoder: PreTrainedModel) -> list[str]:
-        """Copy what matches from a LLaMA/Qwen2/Mistral-layout decoder (SPEC section 3).
-
-        Layer weights where shapes match; W_in from the token embeddings (so W_in e embeds the error
-        distribution) and W_out from the LM head. Returns the names copied.
-        """
-        source = decoder.state_dict()
-        prefix = next((p for p in ("model.", "") if f"{p}embed_tokens.weight" in source), None)
-        if prefix is None:
-            raise ValueError(
-                f"copilot_init: {type(decoder).__name__} has no `model.embed_tokens`; use a LLaMA, Qwen2 or "
-                "Mistral-layout decoder."
-            )
-        mapping = {
-            "error_proj.weight": (f"{prefix}embed_tokens.weight", True),
-            "error_head.weight": (
-                "lm_head.weight" if "lm_head.weight" in source else f"{prefix}embed_tokens.weight",
-                False,
-            ),
-            "norm.weight": (f"{prefix}norm.weight", False),
-        }
-        for name, _ in self.named_parameters():
-            if name.startswith("layers."):
-                mapping[name] = (f"{prefix}{name}", False)
-        copied = []
-        target = self.state_dict()
-        for name, (source_name, transpose) in mapping.items():
-            if source_name not in source:
-                continue
-            value = source[source_name].t() if transpose else source[source_name]
-            if value.shape == target[name].shape:
-                target[name].copy_(value)
-                copied.append(name)
-        return copied
-
 
 @dataclass
 class PilotCopilotOutput(ModelOutput):
-    """`logits` are the Pilot's; `copilot_logits` is f_C, the Copilot's predicted error."""
+    """`logits` are the Pilot's; `predicted_error` is f_C, the Copilot's predicted error."""
 
     loss: torch.Tensor | None = None
     logits: torch.Tensor | None = None
@@ -281,104 +253,10 @@ class PilotCopilotOutput(ModelOutput):
     copilot_loss: torch.Tensor | None = None
     copilot_squared_error: torch.Tensor | None = None
     copilot_num_tokens: torch.Tensor | None = None
-    copilot_logits: torch.Tensor | None = None
+    predicted_error: torch.Tensor | None = None
     fused_logits: torch.Tensor | None = None
     hidden_states: tuple[torch.Tensor, ...] | None = None
     mistake_log_entry: MistakeLogEntry | None = None
-
-
-def pilot_fingerprint(pilot: PreTrainedModel) -> str:
-    """Who the Copilot learnt from: a hash of the Pilot's architecture and a fixed sample of its weights.
-
-    `"<architecture hash>:<base64 float32 samples>"`. The samples are compared with a tolerance
-    (`same_pilot`), so the same Pilot loaded in bfloat16 or float16 matches while a fine-tuned or
-    other Pilot does not.
-    """
-    state = sorted(pilot.state_dict().items())
-    config = pilot.config.to_dict()
-    identity = {
-        key: config.get(key) for key in ("model_type", "vocab_size", "hidden_size", "num_hidden_layers")
-    }
-    identity["tensors"] = [(name, list(tensor.shape)) for name, tensor in state]
-    architecture = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
-    chosen = state[:: max(1, len(state) // FINGERPRINT_TENSORS)][:FINGERPRINT_TENSORS]
-    samples = [
-        tensor.detach().flatten()[:: max(1, tensor.numel() // FINGERPRINT_VALUES)][:FINGERPRINT_VALUES]
-        for _, tensor in chosen
-    ]
-    values = torch.cat([sample.float().cpu() for sample in samples]).numpy().astype("<f4")
-    return f"{architecture}:{base64.b64encode(values.tobytes()).decode()}"
-
-
-def same_pilot(expected: str, actual: str, rtol: float = 2e-2) -> bool:
-    """Whether two fingerprints name the same Pilot, up to half-precision rounding (~0.4% for bfloat16)."""
-    expected_arch, _, expected_values = expected.partition(":")
-    actual_arch, _, actual_values = actual.partition(":")
-    if expected_arch != actual_arch:
-        return False
-    a = torch.frombuffer(bytearray(base64.b64decode(expected_values)), dtype=torch.float32)
-    b = torch.frombuffer(bytearray(base64.b64decode(actual_values)), dtype=torch.float32)
-    return a.shape == b.shape and bool(torch.allclose(b, a, rtol=rtol, atol=1e-6))
-
-
-def mistake_log_entry_from_pilot_pass(
-    input_ids: torch.Tensor,
-    attention_mask: torch.Tensor,
-    labels: torch.Tensor | None,
-    logits: torch.Tensor,
-    hidden_states: tuple[torch.Tensor, ...],
-) -> MistakeLogEntry:
-    """SPEC section 2: x_tilde, layer-mean h_bar and the per-token error of one Pilot pass (detached)."""
-    attention_mask = attention_mask.bool()
-    targets = torch.zeros_like(input_ids)
-    targets[:, :-1] = input_ids[:, 1:]
-    has_next = torch.zeros_like(attention_mask)
-    has_next[:, :-1] = attention_mask[:, :-1] & attention_mask[:, 1:]
-    loss_mask = torch.zeros_like(attention_mask)
-    if labels is not None:
-        loss_mask[:, :-1] = labels[:, 1:] != -100
-        loss_mask &= has_next
-    probs = torch.softmax(logits.detach().float(), dim=-1)
-    errors = PilotErrors(targets=targets, mask=has_next, vocab_size=logits.shape[-1], probs=probs)
-    return MistakeLogEntry(
-        x_tilde=hidden_states[0].detach(),
-        h_bar=torch.stack(hidden_states[1:]).mean(0).detach(),
-        errors=errors,
-        attention_mask=attention_mask,
-        loss_mask=loss_mask,
-    )
-
-
-@contextmanager
-def atomic_save_directory(save_directory: str | os.PathLike):
-    """Yield a new folder next to `save_directory`; once the body succeeds its files move there.
-
-    A failure while writing (full disk, a crash in serialization) leaves `save_directory` as it was:
-    a new or empty destination appears in one rename, an existing one gets each file by rename, and
-    weight files of an earlier save that the new one does not overwrite are removed (as save_pretrained
-    does for stale shards).
-    """
-    target = os.path.realpath(os.fspath(save_directory))
-    parent, name = os.path.split(target)
-    os.makedirs(parent, exist_ok=True)
-    staging = os.path.join(parent, f".{name}.{uuid.uuid4().hex[:8]}.tmp")
-    os.mkdir(staging)  # mkdir (not mkdtemp) keeps the umask's permissions on the final folder
-    try:
-        yield staging
-        if not os.path.isdir(target) or not os.listdir(target):
-            os.replace(staging, target)
-            return
-        written = set(os.listdir(staging))
-        for stale in set(os.listdir(target)) - written:
-            if re.fullmatch(r"(model|copilot)(-\d{5}-of-\d{5})?\.safetensors(\.index\.json)?", stale):
-                os.remove(os.path.join(target, stale))
-        for entry in written:
-            destination = os.path.join(target, entry)
-            if os.path.isdir(destination):
-                shutil.rmtree(destination)
-            os.replace(os.path.join(staging, entry), destination)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
 
 
 def shift_right(stream: torch.Tensor) -> torch.Tensor:
@@ -399,6 +277,7 @@ class PilotCopilotForCausalLM(PreTrainedModel, GenerationMixin):
     _no_split_modules = ["CopilotLayer"]
 
     def __init__(self, config: PilotCopilotConfig, pilot: PreTrainedModel | None = None):
+        config.validate_architecture()
         super().__init__(config)
         if pilot is not None:
             # A given Pilot is initialised already: post_init must not re-draw modules it does not flag
@@ -458,7 +337,7 @@ class PilotCopilotForCausalLM(PreTrainedModel, GenerationMixin):
                     "copilot_init must share the Pilot's vocabulary "
                     f"({copilot_init.config.get_text_config().vocab_size} != {model.copilot.config.vocab_size})."
                 )
-            model.copilot.load_from_pretrained_decoder(copilot_init)
+            copy_pretrained_decoder(model.copilot, copilot_init)
         return model
 
     @classmethod
@@ -532,38 +411,6 @@ class PilotCopilotForCausalLM(PreTrainedModel, GenerationMixin):
         with atomic_save_directory(save_directory) as staging:
             super().save_pretrained(staging, **kwargs)
 
-    def push_to_hub(self, repo_id: str, **kwargs):
-        """Upload config (with auto_map), modeling files, weights, generation config and a model card.
-
-        Takes `PreTrainedModel.push_to_hub`'s arguments plus the card's (`evaluation_results`,
-        `base_model`, ...); the upload is the folder `hf_copilot.hub.stage_for_upload` builds.
-        """
-        try:
-            # Optional: this file must load with trust_remote_code where hf_copilot is not installed.
-            from hf_copilot import hub
-        except ImportError:
-            warnings.warn(
-                "hf_copilot is not installed: pushing with transformers' generic model card.", stacklevel=2
-            )
-            return super().push_to_hub(repo_id, **kwargs)
-        return hub.push_to_hub(self, repo_id, copilot_only=False, **kwargs)
-
-    def push_copilot_to_hub(self, repo_id: str, **kwargs):
-        """Upload what `save_copilot` writes and a model card: the Copilot alone, loadable onto its base Pilot.
-
-        Same arguments as `push_to_hub`; `base_model=` names the base Pilot on the Hub when this Pilot
-        was loaded from a local path.
-        """
-        try:
-            from hf_copilot import hub
-        except ImportError as error:
-            raise ImportError(
-                "push_copilot_to_hub needs the hf_copilot package: pip install hf-copilot"
-            ) from error
-        return hub.push_to_hub(self, repo_id, copilot_only=True, **kwargs)
-
-    # ----------------------------------------------------------------------------------------------
-    # Embeddings, so that resize/peft/generation utilities see the Pilot's
     def get_input_embeddings(self) -> nn.Module:
         return self.pilot.get_input_embeddings()
 
@@ -632,24 +479,24 @@ class PilotCopilotForCausalLM(PreTrainedModel, GenerationMixin):
             input_ids, attention_mask[:, -input_ids.shape[1] :], labels, logits, pilot_out.hidden_states
         )
         if cache is not None:
-            predictions = self.copilot_generation_step(
-                input_ids, padding_mask, entry, cache, copilot_feedback
+            predicted_errors = copilot_generation_step(
+                self.copilot, input_ids, padding_mask, entry, cache, copilot_feedback
             )
         else:
             stream = shift_right(self.copilot.embed_errors(entry.errors))
-            predictions = self.copilot(stream, entry.x_tilde, entry.h_bar, entry.attention_mask)
+            predicted_errors = self.copilot(stream, entry.x_tilde, entry.h_bar, entry.attention_mask)
 
         output = PilotCopilotOutput(
             logits=logits,
             cache=cache,
-            copilot_logits=predictions,
+            predicted_error=predicted_errors,
             hidden_states=pilot_out.hidden_states if wants_hidden_states else None,
             mistake_log_entry=entry if return_mistake_log else None,
         )
         if return_fused:
-            output.fused_logits = fuse_scores(logits, predictions, copilot_lambda, fusion)
+            output.fused_logits = fuse_scores(logits, predicted_errors, copilot_lambda, fusion)
         if labels is not None:
-            squared_error, num_tokens = copilot_squared_error(predictions, entry)
+            squared_error, num_tokens = copilot_squared_error(predicted_errors, entry)
             output.copilot_squared_error, output.copilot_num_tokens = squared_error, num_tokens
             if num_tokens == 0:
                 warnings.warn(
@@ -658,7 +505,7 @@ class PilotCopilotForCausalLM(PreTrainedModel, GenerationMixin):
                     stacklevel=2,
                 )
                 output.pilot_loss = logits.sum() * 0.0
-                output.copilot_loss = predictions.sum() * 0.0
+                output.copilot_loss = predicted_errors.sum() * 0.0
             else:
                 output.pilot_loss = pilot_out.loss
                 output.copilot_loss = torch.sqrt(squared_error / num_tokens)
@@ -675,86 +522,6 @@ class PilotCopilotForCausalLM(PreTrainedModel, GenerationMixin):
         validate_fusion_settings(copilot_lambda, fusion, copilot_feedback)
         return copilot_lambda, fusion, copilot_feedback
 
-    def copilot_generation_step(
-        self,
-        input_ids: torch.Tensor,
-        attention_mask: torch.Tensor | None,
-        entry: MistakeLogEntry,
-        cache: PilotCopilotCache,
-        copilot_feedback: str,
-    ) -> torch.Tensor:
-        """Advance the Copilot over the new positions only, reading and updating its state in `cache`.
-
-        `attention_mask` [B, past + new] is None when there is no padding: a decoding step then builds
-        no attention mask at all.
-
-        Prompt positions (every position in "observed" mode) read the observed errors; in "copilot"
-        mode a generated position reads the Copilot's own previous prediction (the paper). generate()
-        records the prompt length on the cache, because the prompt may arrive in several forwards
-        (chunked prefill) or together with drafted tokens (assisted decoding); without it the first
-        forward is the prompt.
-        """
-        state = cache.copilot_state(len(self.copilot.layers))
-        new, past = input_ids.shape[1], state.kv_cache.length
-        if copilot_feedback == "observed":
-            known = new
-        else:
-            prompt_length = cache.prompt_length
-            if prompt_length is None:
-                prompt_length = past + new if past == 0 else past
-            known = min(max(prompt_length - past, 0), new)
-        outputs = []
-        if known > 0:
-            head = entry if known == new else entry.map_tensors(lambda t: t[:, :known])
-            head_mask = None if attention_mask is None else attention_mask[:, : past + known]
-            observed = self.observed_feedback(input_ids[:, :known], head_mask, head, state)
-            outputs.append(self.copilot(observed, head.x_tilde, head.h_bar, head_mask, state.kv_cache))
-        feedback = outputs[0][:, -1] if outputs else state.last_prediction
-        for position in range(known, new):
-            stream = self.copilot.embed_predictions(feedback).unsqueeze(1)
-            length = state.kv_cache.length + 1
-            step_mask = None if attention_mask is None else attention_mask[:, :length]
-            prediction = self.copilot(
-                stream,
-                entry.x_tilde[:, position : position + 1],
-                entry.h_bar[:, position : position + 1],
-                step_mask,
-                state.kv_cache,
-            )
-            outputs.append(prediction)
-            feedback = prediction[:, 0]
-        predictions = outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=1)
-        state.record(predictions, entry.errors.probs, start=past)
-        return predictions
-
-    def observed_feedback(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, entry: MistakeLogEntry, state
-    ) -> torch.Tensor:
-        """W_in e_{j-1} for each new position j, with e_{j-1} = onehot(x_j) - p_{j-1} (zero at padding)."""
-        new = input_ids.shape[1]
-        past = state.kv_cache.length
-        errors = entry.errors
-        if past > 0:
-            # The error of the last cached position is completed by the first new token.
-            if attention_mask is None:
-                has_next = torch.ones_like(input_ids[:, :1], dtype=torch.bool)
-            else:
-                has_next = attention_mask[:, past - 1 : past + 1].bool().all(dim=1, keepdim=True)
-            previous = PilotErrors(
-                targets=input_ids[:, :1],
-                mask=has_next,
-                vocab_size=errors.vocab_size,
-                probs=state.last_probs.unsqueeze(1),
-            )
-            first = self.copilot.embed_errors(previous)
-        else:
-            weight = self.copilot.error_proj.weight
-            first = weight.new_zeros(input_ids.shape[0], 1, weight.shape[0])
-        within = self.copilot.embed_errors(errors)[:, : new - 1]
-        return torch.cat([first, within], dim=1)
-
-    # ----------------------------------------------------------------------------------------------
-    # generate() integration
     def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
         super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
         cache = model_kwargs.get("cache")
@@ -795,7 +562,7 @@ class PilotCopilotForCausalLM(PreTrainedModel, GenerationMixin):
         return processors
 
     def _get_candidate_generator(self, *args, logits_processor=None, model_kwargs=None, **kwargs):
-        # An assistant drafts from its own scores: this model's Copilot predictions and fusion
+        # An assistant drafts from its own scores: this model's Copilot predicted_errors and fusion
         # settings belong to this model's positions, so neither is handed to the assistant's generate().
         if logits_processor is not None:
             logits_processor = type(logits_processor)(
@@ -806,31 +573,6 @@ class PilotCopilotForCausalLM(PreTrainedModel, GenerationMixin):
         return super()._get_candidate_generator(
             *args, logits_processor=logits_processor, model_kwargs=model_kwargs, **kwargs
         )
-
-
-def copilot_squared_error(
-    predictions: torch.Tensor, entry: MistakeLogEntry
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sum over loss-mask positions of ||f_C_j - e_j||^2, and the number of those positions."""
-    distances = entry.errors.squared_distance(predictions)
-    mask = entry.loss_mask
-    return (distances * mask).sum(), mask.sum()
-
-
-def copilot_config_like(decoder_config) -> CopilotConfig:
-    """A Copilot shaped like a pretrained decoder, so all of its layer weights can be copied."""
-    text = decoder_config.get_text_config()
-    layers = text.num_hidden_layers - text.num_hidden_layers % 2
-    return CopilotConfig(
-        hidden_size=text.hidden_size,
-        num_hidden_layers=max(2, layers),
-        num_attention_heads=text.num_attention_heads,
-        num_key_value_heads=getattr(text, "num_key_value_heads", None) or text.num_attention_heads,
-        intermediate_size=text.intermediate_size,
-        hidden_act=getattr(text, "hidden_act", "silu"),
-        attention_bias=getattr(text, "attention_bias", False) or text.model_type == "qwen2",
-        rms_norm_eps=getattr(text, "rms_norm_eps", 1e-6),
-    )
 
 
 __all__ = ["CopilotModel", "PilotCopilotForCausalLM", "PilotCopilotOutput", "pilot_fingerprint"]

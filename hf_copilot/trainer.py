@@ -344,8 +344,8 @@ class CopilotTrainer(Trainer):
         copilot = pilot_copilot.copilot
         with self.accelerator.autocast():
             stream = shift_right(copilot.embed_errors(entry.errors))
-            predictions = copilot(stream, entry.x_tilde, entry.h_bar, entry.attention_mask)
-        return copilot_squared_error(predictions, entry)
+            predicted_errors = copilot(stream, entry.x_tilde, entry.h_bar, entry.attention_mask)
+        return copilot_squared_error(predicted_errors, entry)
 
     def _raise_if_not_finite(self, pilot_loss: torch.Tensor, copilot_loss: torch.Tensor) -> None:
         finite = torch.isfinite(torch.stack([pilot_loss.detach().float(), copilot_loss.detach().float()]))

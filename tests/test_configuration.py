@@ -4,26 +4,90 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import HIDDEN_SIZE, VOCAB_SIZE, build_pilot, tiny_copilot_config
+from conftest import HIDDEN_SIZE, VOCAB_SIZE, build_pilot, build_pilot_copilot, tiny_copilot_config
+from huggingface_hub.errors import StrictDataclassClassValidationError, StrictDataclassFieldValidationError
 from transformers import AutoConfig
 
 from hf_copilot import CopilotConfig, PilotCopilotConfig, PilotCopilotForCausalLM
+from hf_copilot.configuration_pilot_copilot import validate_fusion_settings
+
+# A field of the wrong type or out of its range is refused as it is set, like LlamaConfig's fields.
+BAD_FIELDS = [
+    ({"hidden_dropout": -3.0}, "hidden_dropout", "probability between 0.0 and 1.0, got -3.0"),
+    ({"attention_dropout": 1.5}, "attention_dropout", "probability between 0.0 and 1.0, got 1.5"),
+    ({"num_attention_heads": 0}, "num_attention_heads", "positive integer, got 0"),
+    ({"hidden_size": "32"}, "hidden_size", "expected int, got str"),
+    ({"hidden_size": -32}, "hidden_size", "positive integer, got -32"),
+    ({"intermediate_size": -1}, "intermediate_size", "positive integer, got -1"),
+    ({"num_key_value_heads": -2}, "num_key_value_heads", "positive integer, got -2"),
+    ({"vocab_size": 0}, "vocab_size", "positive integer, got 0"),
+    ({"pilot_hidden_size": -8}, "pilot_hidden_size", "positive integer, got -8"),
+    ({"num_hidden_layers": 2.0}, "num_hidden_layers", "expected int, got float"),
+    ({"hidden_act": "bogus"}, "hidden_act", "got bogus"),
+    ({"rms_norm_eps": 0.0}, "rms_norm_eps", "greater than 0.0, got 0.0"),
+    ({"initializer_range": -0.02}, "initializer_range", "greater or equal to 0.0 .*got -0.02"),
+    ({"attention_bias": 1}, "attention_bias", "expected bool, got int"),
+]
 
 
-@pytest.mark.parametrize("layers", [0, 1, 3, 5])
+@pytest.mark.parametrize(("setting", "field", "match"), BAD_FIELDS)
+def test_copilot_field_out_of_range_raises_naming_the_field(setting, field, match):
+    with pytest.raises(StrictDataclassFieldValidationError, match=f"field '{field}':\n.*{match}"):
+        tiny_copilot_config(**setting)
+
+
+@pytest.mark.parametrize(("setting", "field", "match"), BAD_FIELDS)
+def test_copilot_field_out_of_range_raises_when_assigned(setting, field, match):
+    config = tiny_copilot_config()
+    ((name, value),) = setting.items()
+    with pytest.raises(StrictDataclassFieldValidationError, match=f"field '{field}':\n.*{match}"):
+        setattr(config, name, value)
+
+
+@pytest.mark.parametrize("layers", [0, 1, 3, 5, -2])
 def test_copilot_layers_must_be_even_and_at_least_two(layers):
-    with pytest.raises(ValueError, match="even and >= 2"):
+    with pytest.raises(StrictDataclassClassValidationError, match="num_hidden_layers must be even and >= 2"):
         CopilotConfig(hidden_size=32, num_hidden_layers=layers, num_attention_heads=4)
 
 
 def test_copilot_hidden_size_must_split_into_heads():
-    with pytest.raises(ValueError, match="divisible by num_attention_heads"):
+    with pytest.raises(StrictDataclassClassValidationError, match=r"hidden_size \(30\) must be divisible by"):
         CopilotConfig(hidden_size=30, num_hidden_layers=2, num_attention_heads=4)
 
 
 def test_copilot_query_heads_must_be_a_multiple_of_key_value_heads():
-    with pytest.raises(ValueError, match="multiple of num_key_value_heads"):
+    with pytest.raises(StrictDataclassClassValidationError, match="multiple of num_key_value_heads"):
         CopilotConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=3)
+
+
+@pytest.mark.parametrize(
+    ("setting", "match"),
+    [
+        ({"num_hidden_layers": 3}, "num_hidden_layers must be even and >= 2"),
+        ({"hidden_size": 30}, "divisible by num_attention_heads"),
+        ({"num_key_value_heads": 3}, "multiple of num_key_value_heads"),
+    ],
+)
+def test_copilot_mutated_after_construction_is_refused_by_validate_architecture(setting, match, tmp_path):
+    config = tiny_copilot_config()
+    for name, value in setting.items():
+        setattr(config, name, value)  # of the right type: accepted until the rules between fields run
+    with pytest.raises(ValueError, match=match):
+        config.validate_architecture()
+    with pytest.raises(StrictDataclassClassValidationError, match=match):
+        config.save_pretrained(tmp_path)
+
+
+def test_pilot_copilot_validate_architecture_checks_the_nested_copilot():
+    config = PilotCopilotConfig(text_config=build_pilot("llama").config, copilot_config=tiny_copilot_config())
+    config.validate_architecture()
+    config.copilot_config.num_hidden_layers = 3
+    with pytest.raises(ValueError, match="num_hidden_layers must be even and >= 2"):
+        config.validate_architecture()
+    config.copilot_config.num_hidden_layers = 2
+    config.copilot_config.vocab_size = 100
+    with pytest.raises(ValueError, match=r"Copilot's vocabulary \(100\) differs"):
+        config.validate_architecture()
 
 
 def test_copilot_defaults_follow_the_shape():
@@ -70,6 +134,7 @@ BAD_SETTINGS = [
     ({"copilot_feedback": "bogus"}, "Unknown copilot_feedback='bogus'"),
     ({"copilot_lambda": -1.0}, "copilot_lambda must be a finite number >= 0"),
     ({"copilot_lambda": float("nan")}, "copilot_lambda must be a finite number >= 0"),
+    ({"copilot_lambda": float("inf")}, "copilot_lambda must be a finite number >= 0"),
 ]
 
 
@@ -81,10 +146,39 @@ def test_unknown_fusion_settings_raise_in_from_pilot(setting, match):
 
 @pytest.mark.parametrize(("setting", "match"), BAD_SETTINGS)
 def test_unknown_fusion_settings_raise_in_the_config(setting, match):
-    with pytest.raises(ValueError, match=match):
+    ((field, _),) = setting.items()
+    with pytest.raises(StrictDataclassFieldValidationError, match=f"field '{field}':\n.*{match}"):
         PilotCopilotConfig(
             text_config=build_pilot("llama").config, copilot_config=tiny_copilot_config(), **setting
         )
+
+
+@pytest.mark.parametrize(("setting", "match"), BAD_SETTINGS)
+def test_unknown_fusion_settings_raise_when_assigned_to_the_config(setting, match):
+    config = PilotCopilotConfig(text_config=build_pilot("llama").config, copilot_config=tiny_copilot_config())
+    ((field, value),) = setting.items()
+    with pytest.raises(StrictDataclassFieldValidationError, match=f"field '{field}':\n.*{match}"):
+        setattr(config, field, value)
+
+
+@pytest.mark.parametrize("copilot_lambda", [True, False])
+def test_boolean_copilot_lambda_is_refused(copilot_lambda):
+    with pytest.raises(ValueError, match="copilot_lambda must be a finite number >= 0"):
+        validate_fusion_settings(copilot_lambda, "probs", "copilot")
+    with pytest.raises(StrictDataclassFieldValidationError, match="field 'copilot_lambda'"):
+        PilotCopilotConfig(
+            text_config=build_pilot("llama").config,
+            copilot_config=tiny_copilot_config(),
+            copilot_lambda=copilot_lambda,
+        )
+
+
+def test_integer_copilot_lambda_is_accepted():
+    config = PilotCopilotConfig(
+        text_config=build_pilot("llama").config, copilot_config=tiny_copilot_config(), copilot_lambda=0
+    )
+    config.copilot_lambda = 2
+    assert config.copilot_lambda == 2
 
 
 @pytest.mark.parametrize(("setting", "match"), BAD_SETTINGS)
@@ -128,3 +222,32 @@ def test_copilot_config_round_trips_through_save_pretrained(tmp_path):
     loaded = CopilotConfig.from_pretrained(tmp_path)
     assert loaded.to_dict() == config.to_dict()
     assert isinstance(AutoConfig.from_pretrained(tmp_path), CopilotConfig)
+
+
+def test_copilot_only_checkpoint_config_keeps_its_extra_attributes(tmp_path):
+    """save_copilot sets the fusion settings on a CopilotConfig; they must survive a round trip."""
+    config = tiny_copilot_config(vocab_size=64, pilot_hidden_size=32)
+    config.base_model_name_or_path = "some/pilot"
+    config.pilot_fingerprint = "ab" * 32
+    config.copilot_lambda, config.fusion, config.copilot_feedback = 0.3, "logits", "observed"
+    assert CopilotConfig.from_dict(config.to_dict()).to_dict() == config.to_dict()
+    assert CopilotConfig(**config.to_dict()).to_dict() == config.to_dict()
+    config.save_pretrained(tmp_path)
+    loaded = CopilotConfig.from_pretrained(tmp_path)
+    assert (loaded.copilot_lambda, loaded.fusion, loaded.copilot_feedback) == (0.3, "logits", "observed")
+    assert (loaded.base_model_name_or_path, loaded.pilot_fingerprint) == ("some/pilot", "ab" * 32)
+    assert loaded.to_dict() == config.to_dict()
+
+
+def test_a_config_edited_after_construction_is_refused_when_a_model_is_built_or_saved(tmp_path):
+    from hf_copilot import CopilotModel
+
+    config = CopilotConfig(hidden_size=16, num_attention_heads=2, vocab_size=8, pilot_hidden_size=16)
+    config.num_hidden_layers = 3
+    with pytest.raises(ValueError, match="num_hidden_layers must be even and >= 2"):
+        CopilotModel(config)
+    model = build_pilot_copilot("llama")
+    model.config.copilot_config.num_hidden_layers = 3
+    with pytest.raises(Exception, match="num_hidden_layers must be even and >= 2"):
+        model.save_pretrained(tmp_path / "saved")
+    assert not (tmp_path / "saved").exists()

@@ -73,7 +73,7 @@ def reference_step(model: PilotCopilotForCausalLM, sequence: torch.Tensor, promp
     copilot_errors = model.copilot(stream, entry.x_tilde, entry.h_bar)
     if feedback == "copilot":
         for _ in range(sequence.shape[1] - prompt_length):
-            own = model.copilot.embed_predictions(copilot_errors[:, prompt_length - 1 : -1])
+            own = model.copilot.embed_predicted_errors(copilot_errors[:, prompt_length - 1 : -1])
             stream = torch.cat([stream[:, :prompt_length], own], dim=1)
             copilot_errors = model.copilot(stream, entry.x_tilde, entry.h_bar)
     return out.logits[:, -1].float(), copilot_errors[:, -1]
@@ -345,12 +345,12 @@ def prefilled(feedback: str = "copilot", batch_size: int = 2):
     with torch.no_grad():
         model(tokens[:, :5], cache=cache, use_cache=True)
         out = model(tokens[:, 5:], cache=cache, use_cache=True)
-    return model, tokens, cache, out.copilot_logits
+    return model, tokens, cache, out.predicted_error
 
 
 def copilot_tensors(cache: PilotCopilotCache) -> list[torch.Tensor]:
     state = cache.copilot
-    return [*state.kv_cache.keys, *state.kv_cache.values, state.predictions, state.probs]
+    return [*state.kv_cache.keys, *state.kv_cache.values, state.predicted_errors, state.probs]
 
 
 @pytest.mark.parametrize(
@@ -380,7 +380,7 @@ def test_crop_rolls_the_copilot_back_and_resumes_from_there(feedback):
     # Self-attention layers hold one key per position, cross-attention layers two (x_tilde, h_bar).
     assert [keys.shape[2] for keys in kv_cache.keys] == [6, 12]
     with torch.no_grad():
-        resumed = model(tokens[:, 6:], cache=cache, use_cache=True).copilot_logits
+        resumed = model(tokens[:, 6:], cache=cache, use_cache=True).predicted_error
     torch.testing.assert_close(resumed, predictions[:, 1:])
 
 

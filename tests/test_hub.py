@@ -26,6 +26,7 @@ from hf_copilot.hub import build_model_card, hub_model_id, stage_for_upload
 
 WHOLE_MODEL_FILES = [
     "README.md",
+    "checkpointing.py",
     "config.json",
     "configuration_pilot_copilot.py",
     "generation_config.json",
@@ -59,7 +60,7 @@ def hub_named_model():
 def outputs(model, batch):
     with torch.no_grad():
         out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-    return out.logits, out.copilot_logits
+    return out.logits, out.predicted_error
 
 
 def files_in(folder) -> list[str]:
@@ -173,8 +174,10 @@ def test_whole_model_folder_loads_with_trust_remote_code_without_hf_copilot(tmp_
     folder = tmp_path / "upload"
     stage_for_upload(saved_pilot_model, folder)
     batch = build_batch()
-    logits, copilot_logits = outputs(saved_pilot_model, batch)
-    torch.save({"batch": batch, "logits": logits, "copilot_logits": copilot_logits}, tmp_path / "expected.pt")
+    logits, predicted_error = outputs(saved_pilot_model, batch)
+    torch.save(
+        {"batch": batch, "logits": logits, "predicted_error": predicted_error}, tmp_path / "expected.pt"
+    )
     script = textwrap.dedent(
         f"""
         import sys
@@ -189,7 +192,7 @@ def test_whole_model_folder_loads_with_trust_remote_code_without_hf_copilot(tmp_
         with torch.no_grad():
             out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
         torch.testing.assert_close(out.logits, expected["logits"], rtol=0, atol=0)
-        torch.testing.assert_close(out.copilot_logits, expected["copilot_logits"], rtol=0, atol=0)
+        torch.testing.assert_close(out.predicted_error, expected["predicted_error"], rtol=0, atol=0)
         print("loaded without hf_copilot")
         """
     )

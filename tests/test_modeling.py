@@ -88,7 +88,7 @@ def test_copilot_loss_is_the_rmse_over_loss_mask_positions(arch):
     loss_mask = torch.zeros(batch["labels"].shape, dtype=torch.bool)
     loss_mask[:, :-1] = batch["labels"][:, 1:] != -100
     assert torch.equal(out.mistake_log_entry.loss_mask, loss_mask)
-    squared = (out.copilot_logits.float() - error).square().sum(-1)
+    squared = (out.predicted_error.float() - error).square().sum(-1)
     expected = squared[loss_mask].mean().sqrt()
     torch.testing.assert_close(out.copilot_loss, expected, rtol=1e-5, atol=1e-6)
     assert int(out.copilot_num_tokens) == int(loss_mask.sum())
@@ -224,7 +224,7 @@ def test_changing_token_k_changes_no_copilot_output_before_k(arch):
     changed_ids[:, k] = FIRST_REGULAR_TOKEN + (input_ids[:, k] - FIRST_REGULAR_TOKEN + 1) % (
         VOCAB_SIZE - FIRST_REGULAR_TOKEN
     )
-    reference, changed = model(input_ids).copilot_logits, model(changed_ids).copilot_logits
+    reference, changed = model(input_ids).predicted_error, model(changed_ids).predicted_error
     torch.testing.assert_close(changed[:, :k], reference[:, :k], rtol=0, atol=1e-6)
     assert not torch.allclose(changed[:, k], reference[:, k])
 
@@ -295,9 +295,9 @@ def test_left_padding_gives_the_unpadded_copilot_outputs_on_real_positions(arch)
         alone = model(batch["input_ids"][row : row + 1, pad:])
         torch.testing.assert_close(out.logits[row, pad:], alone.logits[0], rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(
-            out.copilot_logits[row, pad:], alone.copilot_logits[0], rtol=1e-5, atol=1e-5
+            out.predicted_error[row, pad:], alone.predicted_error[0], rtol=1e-5, atol=1e-5
         )
-        assert torch.isfinite(out.copilot_logits[row]).all()
+        assert torch.isfinite(out.predicted_error[row]).all()
 
 
 # --------------------------------------------------------------------------------------------------
@@ -378,7 +378,7 @@ def test_fused_logits_are_fuse_scores_of_the_two_models(arch, fusion, copilot_la
     model = build_pilot_copilot(arch)
     batch = build_batch()
     out = model(**pilot_inputs(batch), return_fused=True, copilot_lambda=copilot_lambda, fusion=fusion)
-    expected = fuse_scores(out.logits, out.copilot_logits, copilot_lambda, fusion)
+    expected = fuse_scores(out.logits, out.predicted_error, copilot_lambda, fusion)
     assert torch.equal(out.fused_logits, expected)
     assert not torch.allclose(
         out.fused_logits, out.logits.log_softmax(-1) if fusion == "probs" else out.logits
@@ -389,7 +389,7 @@ def test_fused_logits_are_fuse_scores_of_the_two_models(arch, fusion, copilot_la
 def test_fused_logits_follow_the_config_without_overrides():
     model = build_pilot_copilot("llama", copilot_lambda=0.5, fusion="logits")
     out = model(**pilot_inputs(build_batch()), return_fused=True)
-    assert torch.equal(out.fused_logits, out.logits + 0.5 * out.copilot_logits)
+    assert torch.equal(out.fused_logits, out.logits + 0.5 * out.predicted_error)
 
 
 @pytest.mark.parametrize("fusion", ["probs", "logits"])

@@ -17,6 +17,7 @@ from transformers import AutoModelForCausalLM
 from hf_copilot import CopilotConfig, PilotCopilotForCausalLM, pilot_fingerprint
 
 HUB_FILES = {
+    "checkpointing.py",
     "configuration_pilot_copilot.py",
     "generation_pilot_copilot.py",
     "mistake_log_entry.py",
@@ -34,7 +35,7 @@ def assert_same_outputs(model, loaded):
     with torch.no_grad():
         expected, actual = model(**inputs()), loaded(**inputs())
     assert torch.equal(actual.logits, expected.logits)
-    assert torch.equal(actual.copilot_logits, expected.copilot_logits)
+    assert torch.equal(actual.predicted_error, expected.predicted_error)
 
 
 def saved_pilot(arch: str, directory) -> torch.nn.Module:
@@ -118,7 +119,7 @@ REMOTE_CODE_SCRIPT = textwrap.dedent(
         {
             "module": type(model).__module__,
             "logits": out.logits,
-            "copilot_logits": out.copilot_logits,
+            "predicted_error": out.predicted_error,
             "tokens": tokens,
         },
         output_path,
@@ -160,7 +161,7 @@ def test_remote_code_loads_without_hf_copilot_and_gives_identical_outputs(tmp_pa
         local = model(**inputs())
         local_tokens = model.generate(**prompt, **GENERATE)
     assert torch.equal(remote["logits"], local.logits)
-    assert torch.equal(remote["copilot_logits"], local.copilot_logits)
+    assert torch.equal(remote["predicted_error"], local.predicted_error)
     assert torch.equal(remote["tokens"], local_tokens)
     # The Copilot steers this generation: the comparison is not just the Pilot's own tokens.
     with torch.no_grad():

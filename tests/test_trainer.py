@@ -20,7 +20,8 @@ from transformers import HfArgumentParser, Trainer, TrainerCallback, TrainingArg
 from hf_copilot import PilotCopilotForCausalLM
 from hf_copilot.mistake_log import MistakeLog
 from hf_copilot.mistake_log_callback import MistakeLogCallback
-from hf_copilot.modeling_pilot_copilot import copilot_squared_error, shift_right
+from hf_copilot.mistake_log_entry import copilot_squared_error
+from hf_copilot.modeling_pilot_copilot import shift_right
 from hf_copilot.trainer import CopilotTrainer, NonFiniteLossError, copilot_token_count
 from hf_copilot.training_args import CopilotTrainingArguments
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from hf_copilot.tasks import BENCHMARKS, BenchmarkTask, get_task
+from hf_copilot.experiments.tasks import BENCHMARKS, BenchmarkTask, get_task
 
 FIXTURES = Path(__file__).parent / "fixtures" / "benchmarks"
 

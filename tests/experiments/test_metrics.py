@@ -3,7 +3,7 @@
 import evaluate
 import pytest
 
-from hf_copilot.metrics import exact_match, load_metric
+from hf_copilot.experiments.metrics import exact_match, load_metric
 
 
 def test_exact_match_is_an_evaluate_module_loaded_from_the_package():

@@ -15,7 +15,7 @@ _HERE = os.path.dirname(os.path.abspath(__file__))
 
 @cache
 def load_metric(name: str) -> evaluate.EvaluationModule:
-    """An `evaluate` metric shipped in hf_copilot/metrics/<name>/."""
+    """An `evaluate` metric shipped in hf_copilot/experiments/metrics/<name>/."""
     path = os.path.join(_HERE, name)
     if not os.path.isdir(path):
         raise ValueError(

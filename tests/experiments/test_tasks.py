@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from hf_copilot.tasks import (
+from hf_copilot.experiments.tasks import (
     SPLITS,
     TASKS,
     ArithmeticTask,

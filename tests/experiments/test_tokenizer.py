@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from transformers import AutoTokenizer
 
-from hf_copilot.tokenizer import build_char_tokenizer
+from hf_copilot.experiments.tokenizer import build_char_tokenizer
 
 
 @pytest.fixture

@@ -22,14 +22,14 @@ from transformers import (
     TrainingArguments,
 )
 
-from .configuration_pilot_copilot import CopilotConfig
+from ..configuration_pilot_copilot import CopilotConfig
+from ..modeling_pilot_copilot import PilotCopilotForCausalLM
+from ..trainer import CopilotTrainer
+from ..training_args import CopilotTrainingArguments
 from .data import DataCollatorForCompletion, tokenize_examples
 from .evaluation import DEFAULT_LAMBDAS, evaluate_task, sweep_lambda
-from .modeling_pilot_copilot import PilotCopilotForCausalLM
 from .tasks import Example, Task
 from .tokenizer import build_char_tokenizer
-from .trainer import CopilotTrainer
-from .training_args import CopilotTrainingArguments
 
 ARMS = ("pilot", "pilot_copilot", "pilot_matched")
 
@@ -120,10 +120,6 @@ def load_pilot(pilot: str, **kwargs) -> tuple[PreTrainedModel, PreTrainedTokeniz
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "left"
     return model, tokenizer
-
-
-def parameter_count(model: torch.nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
 
 
 def matched_shape(

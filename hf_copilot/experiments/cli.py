@@ -14,16 +14,15 @@ from collections.abc import Sequence
 
 import torch
 
-from .configuration_pilot_copilot import COPILOT_FEEDBACK_MODES, CopilotConfig
+from ..configuration_pilot_copilot import COPILOT_FEEDBACK_MODES, CopilotConfig
+from ..modeling_pilot_copilot import PilotCopilotForCausalLM
 from .evaluation import DEFAULT_LAMBDAS
-from .modeling_pilot_copilot import PilotCopilotForCausalLM
 from .plots import plot_training_and_sweep
 from .recipes import (
     PilotShape,
     TrainingRecipe,
     evaluate_pilot_copilot,
     load_pilot,
-    parameter_count,
     task_tokenizer,
     train_arm,
 )
@@ -163,8 +162,8 @@ def evaluate_both_feedback_modes(model, tokenizer, task: Task, args: argparse.Na
     test = examples_for(task, args, "test", args.eval_size)
     summary = {
         "task": args.task,
-        "pilot_parameters": parameter_count(model.pilot),
-        "copilot_parameters": parameter_count(model.copilot),
+        "pilot_parameters": model.pilot.num_parameters(),
+        "copilot_parameters": model.copilot.num_parameters(),
         "fused": {},
     }
     for mode in COPILOT_FEEDBACK_MODES:

@@ -6,10 +6,10 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from hf_copilot.data import DataCollatorForCompletion, tokenize_examples
-from hf_copilot.evaluation import DEFAULT_LAMBDAS, evaluate_task, sweep_lambda
-from hf_copilot.tasks import ArithmeticTask, RecommendationTask
-from hf_copilot.tokenizer import build_char_tokenizer
+from hf_copilot.experiments.data import DataCollatorForCompletion, tokenize_examples
+from hf_copilot.experiments.evaluation import DEFAULT_LAMBDAS, evaluate_task, sweep_lambda
+from hf_copilot.experiments.tasks import ArithmeticTask, RecommendationTask
+from hf_copilot.experiments.tokenizer import build_char_tokenizer
 
 TASK = ArithmeticTask(digits=1)
 TOKENIZER = build_char_tokenizer(alphabet="0123456789+-*=:, UserhistoyNxm.")
@@ -60,7 +60,7 @@ def test_a_pilot_fit_on_the_examples_scores_one():
     batch = DataCollatorForCompletion(TOKENIZER)(list(tokenize_examples(examples, TOKENIZER)))
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
     model.train()
-    for _ in range(120):
+    for _ in range(300):  # 120 steps left this seed short of memorising all 8 (loss 0.89)
         model(**batch).loss.backward()
         optimizer.step()
         optimizer.zero_grad()

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from hf_copilot.data import DataCollatorForCompletion, tokenize_examples
-from hf_copilot.tasks import Example
-from hf_copilot.tokenizer import build_char_tokenizer
+from hf_copilot.experiments.data import DataCollatorForCompletion, tokenize_examples
+from hf_copilot.experiments.tasks import Example
+from hf_copilot.experiments.tokenizer import build_char_tokenizer
 
 
 @pytest.fixture

@@ -7,10 +7,10 @@ import pytest
 from transformers import AutoModelForCausalLM
 
 from hf_copilot import PilotCopilotForCausalLM
-from hf_copilot.cli import build_parser, build_task, evaluate_command, main
-from hf_copilot.tasks import BenchmarkTask
+from hf_copilot.experiments.cli import build_parser, build_task, evaluate_command, main
+from hf_copilot.experiments.tasks import BenchmarkTask
 
-FIXTURES = "tests/fixtures/benchmarks"
+FIXTURES = "tests/experiments/fixtures/benchmarks"
 TINY_RUN = [
     "--train-size",
     "64",
