@@ -37,8 +37,7 @@ from transformers.utils import logging as hf_logging
 
 from hf_copilot import CopilotConfig, PilotCopilotForCausalLM
 from hf_copilot.mistake_log import MistakeLog
-from hf_copilot.mistake_log_entry import copilot_squared_error, mistake_log_entry_from_pilot_pass
-from hf_copilot.modeling_pilot_copilot import shift_right
+from hf_copilot.mistake_log_entry import copilot_squared_error, mistake_log_entry_from_pilot_pass, shift_right
 
 RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 TARGET_RATIOS = (0.1, 0.25, 1.0)

@@ -22,6 +22,7 @@ from transformers import PreTrainedModel
 
 FINGERPRINT_TENSORS = 16  # tensors sampled for the fingerprint
 FINGERPRINT_VALUES = 8  # values sampled per tensor
+INITIAL_ERROR_NORM = 0.1  # expected ||f_C|| of a Copilot initialised from a pretrained decoder
 
 
 def pilot_fingerprint(pilot: PreTrainedModel) -> str:
@@ -109,7 +110,7 @@ def copy_pretrained_decoder(copilot: PreTrainedModel, decoder: PreTrainedModel) 
     """Initialise `copilot` (a CopilotModel) from a LLaMA/Qwen2/Mistral-layout decoder (SPEC section 3).
 
     Layer weights where shapes match; W_in from the token embeddings (so W_in e embeds the error
-    distribution) and W_out from the LM head. Returns the names copied.
+    distribution) and W_out from the LM head, rescaled to probability scale. Returns the names copied.
     """
     source = decoder.state_dict()
     prefix = next((p for p in ("model.", "") if f"{p}embed_tokens.weight" in source), None)
@@ -138,6 +139,11 @@ def copy_pretrained_decoder(copilot: PreTrainedModel, decoder: PreTrainedModel) 
         if value.shape == target[name].shape:
             target[name].copy_(value)
             copied.append(name)
+    if "error_head.weight" in copied:
+        # The LM head outputs logits (norm ~10-100) where the Copilot predicts probability-scale errors
+        # (norm <= sqrt(2)): rescaled so the initial ||f_C|| is about INITIAL_ERROR_NORM, near "no correction".
+        head = target["error_head.weight"]
+        head.mul_(INITIAL_ERROR_NORM / (head.float().std() * head.numel() ** 0.5).clamp_min(1e-12))
     return copied
 
 

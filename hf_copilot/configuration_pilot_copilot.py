@@ -121,7 +121,7 @@ class PilotCopilotConfig(PreTrainedConfig):
     copilot_config: dict | CopilotConfig | None = None
     copilot_lambda: int | float = validated_field(check_copilot_lambda, default=1.0)
     fusion: str = validated_field(check_fusion, default="probs")
-    copilot_feedback: str = validated_field(check_copilot_feedback, default="copilot")
+    copilot_feedback: str = validated_field(check_copilot_feedback, default="observed")
     tie_word_embeddings: bool = False
 
     def __post_init__(self, **kwargs):

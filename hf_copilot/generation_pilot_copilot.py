@@ -1,4 +1,4 @@
-"""Fused decoding: the Copilot's per-generation state and the logits processor (SPEC section 5).
+"""The Copilot's input stream and fused decoding: feedback, per-generation state, the logits processor (SPEC 5).
 
 Hub-facing: copied next to checkpoints for `trust_remote_code`, so it imports nothing from hf_copilot.
 The Copilot's state lives on the generation's cache object, so that two generate() calls never see
@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from transformers import DynamicCache, LogitsProcessor
 
-from .mistake_log_entry import MistakeLogEntry, PilotErrors
+from .mistake_log_entry import MistakeLogEntry, PilotErrors, answer_token_positions, shift_right
 
 PROBABILITY_FLOOR = 1e-10
 
@@ -205,6 +205,45 @@ class CopilotLogitsProcessor(LogitsProcessor):
         return fuse_scores(scores, predicted_error, self.copilot_lambda, self.fusion)
 
 
+def copilot_stream(copilot, entry: MistakeLogEntry, copilot_feedback_fraction: float = 0.0) -> torch.Tensor:
+    """The Copilot's teacher-forced input W_in e_{j-1}, or at generated positions its own prediction.
+
+    Generated positions are those whose token is an answer token (`loss_mask[j-1]`): there the
+    paper's feedback mode reads W_in f_C_{j-1}, not the observed error. With a fraction q > 0,
+    each such position reads its own (detached) prediction of a first, observed pass with
+    probability q, so that training sees the stream generation will feed (exposure bias).
+    """
+    stream = shift_right(copilot.embed_errors(entry.errors))
+    if copilot_feedback_fraction <= 0:
+        return stream
+    generated = answer_token_positions(entry.loss_mask)
+    if copilot_feedback_fraction < 1:
+        draw = torch.rand(generated.shape, device=generated.device)
+        generated = generated & (draw < copilot_feedback_fraction)
+    with torch.no_grad():
+        first = copilot(stream, entry.x_tilde, entry.h_bar, entry.attention_mask)
+    fed = shift_right(copilot.embed_predicted_errors(first))
+    return torch.where(generated.unsqueeze(-1), fed, stream)
+
+
+@torch.no_grad()
+def predicted_errors_as_generated(copilot, entry: MistakeLogEntry, copilot_feedback: str) -> torch.Tensor:
+    """f_C at every position of a teacher-forced entry exactly as incremental decoding computes it.
+
+    "observed": one pass. "copilot": answer positions read the Copilot's own previous prediction,
+    which depends on theirs: iterating the stream to its fixed point takes one pass per answer token.
+    """
+    stream = shift_right(copilot.embed_errors(entry.errors))
+    predicted = copilot(stream, entry.x_tilde, entry.h_bar, entry.attention_mask)
+    if copilot_feedback == "observed":
+        return predicted
+    generated = answer_token_positions(entry.loss_mask).unsqueeze(-1)
+    for _ in range(int(entry.loss_mask.sum(1).max())):
+        fed = torch.where(generated, shift_right(copilot.embed_predicted_errors(predicted)), stream)
+        predicted = copilot(fed, entry.x_tilde, entry.h_bar, entry.attention_mask)
+    return predicted
+
+
 def copilot_generation_step(
     copilot,
     input_ids: torch.Tensor,
@@ -288,4 +327,11 @@ def observed_feedback(
 # ----------------------------------------------------------------------------------------------
 
 
-__all__ = ["CopilotLogitsProcessor", "PilotCopilotCache", "copilot_generation_step", "fuse_scores"]
+__all__ = [
+    "CopilotLogitsProcessor",
+    "PilotCopilotCache",
+    "copilot_generation_step",
+    "copilot_stream",
+    "fuse_scores",
+    "predicted_errors_as_generated",
+]

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from .checkpointing import atomic_torch_save
-from .mistake_log_entry import MistakeLogEntry, PilotErrors
+from .mistake_log_entry import MistakeLogEntry, PilotErrors, error_norm_and_gold_prob
 
 _ENTRY_FIELDS = ("x_tilde", "h_bar", "attention_mask", "loss_mask")
 _ERROR_FIELDS = ("targets", "mask", "probs", "topk_indices", "topk_values")
@@ -84,19 +84,6 @@ def collate_entries(entries: list[MistakeLogEntry]) -> MistakeLogEntry:
     return _unflatten(tensors, first.errors.vocab_size)
 
 
-def _error_norm_and_gold_prob(errors: PilotErrors) -> tuple[torch.Tensor, torch.Tensor]:
-    """`||e_j||^2 = 1 - 2 p_gold + sum p^2` and `p_gold` [B,T] without a dense error; 0 off the mask."""
-    targets = torch.where(errors.mask, errors.targets, 0).unsqueeze(-1)
-    if errors.is_compact:
-        values = errors.topk_values.float()
-        p_gold = (values * (errors.topk_indices == targets)).sum(-1)
-    else:
-        values = errors.probs.float()
-        p_gold = values.gather(-1, targets).squeeze(-1)
-    norm = 1.0 - 2.0 * p_gold + torch.linalg.vector_norm(values, dim=-1).square()  # no [B,T,V] temporary
-    return norm * errors.mask, p_gold * errors.mask
-
-
 class MistakeLog:
     """Ring buffer of the most recent `size` Mistake Log entries, written once per training step.
 
@@ -137,6 +124,27 @@ class MistakeLog:
         """`min(n, len)` entries drawn uniformly without replacement (a CPU generator, if given)."""
         order = torch.randperm(len(self._slots), generator=generator)[: max(n, 0)]
         return [self._slots[i] for i in order.tolist()]
+
+    def sample_rows(
+        self, n: int, window: int, generator: torch.Generator | None = None
+    ) -> MistakeLogEntry | None:
+        """`min(n, rows)` rows drawn uniformly without replacement from the newest `window` entries.
+
+        The paper's Copilot draws its batch from the log of recent rounds: rows of different steps
+        decorrelate the batch at the same compute as one fresh entry. None when the log is empty.
+        """
+        entries = list(self)[-window:]
+        if not entries:
+            return None
+        sizes = torch.tensor([entry.x_tilde.shape[0] for entry in entries])
+        chosen = torch.randperm(int(sizes.sum()), generator=generator)[:n].sort().values
+        owner = torch.bucketize(chosen, sizes.cumsum(0), right=True)
+        starts = sizes.cumsum(0) - sizes
+        parts = []
+        for index in owner.unique().tolist():
+            rows = chosen[owner == index] - starts[index]
+            parts.append(entries[index].map_tensors(lambda t, rows=rows: t[rows.to(t.device)]))
+        return collate_entries(parts)
 
     def add(self, entry: MistakeLogEntry) -> None:
         """Validate, compact (if `topk > 0`), move to `store_device` and write over the oldest slot."""
@@ -230,7 +238,7 @@ class MistakeLog:
         """
         errors = entry.errors
         probs = errors.topk_values if errors.is_compact else errors.probs
-        norm, p_gold = _error_norm_and_gold_prob(errors)
+        norm, p_gold = error_norm_and_gold_prob(errors)
         loss_mask = entry.loss_mask
         count = loss_mask.sum()
         denominator = count.clamp_min(1)

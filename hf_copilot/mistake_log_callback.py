@@ -35,15 +35,20 @@ def mistake_log_file(checkpoint_dir: str | os.PathLike, process_index: int = 0, 
 class MistakeLogCallback(TrainerCallback):
     """Holds the run's `MistakeLog` and the replay sampler; checkpoints both.
 
-    `replay`: entries drawn (without replacement, uniformly) for each micro-batch's Copilot batch.
-    `seed`: seeds the replay sampler's own CPU generator, so replay never disturbs the global RNG.
+    `window` > 0: each micro-batch's Copilot batch is `(1 + replay) x` its rows, drawn from the entries
+    of the last `window` rounds (the paper's log sampling). `window` = 0: the Copilot trains on the fresh
+    entry plus `replay` whole entries drawn from the log.
+    `seed`: seeds the sampler's own CPU generator, so sampling never disturbs the global RNG.
     """
 
-    def __init__(self, mistake_log: MistakeLog | None = None, replay: int = 0, seed: int = 0):
+    def __init__(
+        self, mistake_log: MistakeLog | None = None, replay: int = 0, seed: int = 0, window: int = 0
+    ):
         self.mistake_log = mistake_log if mistake_log is not None else MistakeLog()
-        if replay < 0:
-            raise ValueError(f"replay must be >= 0, got {replay}.")
+        if replay < 0 or window < 0:
+            raise ValueError(f"replay and window must be >= 0, got {replay} and {window}.")
         self.replay = replay
+        self.window = window
         self.generator = torch.Generator().manual_seed(seed)
 
     # ---- the log ----------------------------------------------------------------------------------
@@ -51,10 +56,16 @@ class MistakeLogCallback(TrainerCallback):
         self.mistake_log.add(entry)
 
     def sample_replay(self) -> MistakeLogEntry | None:
-        """`replay` entries of the log collated into one batch (on the log's device), or None."""
-        if self.replay == 0 or len(self.mistake_log) == 0:
+        """Without a window: `replay` entries of the log collated into one batch, or None."""
+        if self.window or self.replay == 0 or len(self.mistake_log) == 0:
             return None
         return collate_entries(self.mistake_log.sample(self.replay, self.generator))
+
+    def sample_copilot_batch(self, rows: int) -> MistakeLogEntry | None:
+        """With a window: `(1 + replay) * rows` rows of the last `window` entries, or None (empty log)."""
+        if self.window == 0:
+            return None
+        return self.mistake_log.sample_rows((1 + self.replay) * rows, self.window, self.generator)
 
     def stats(self) -> dict[str, float]:
         return self.mistake_log.stats()

@@ -132,6 +132,19 @@ class PilotErrors:
         return replace(self, **changes)
 
 
+def error_norm_and_gold_prob(errors: PilotErrors) -> tuple[torch.Tensor, torch.Tensor]:
+    """`||e_j||^2 = 1 - 2 p_gold + sum p^2` and `p_gold` [B,T] without a dense error; 0 off the mask."""
+    targets = torch.where(errors.mask, errors.targets, 0).unsqueeze(-1)
+    if errors.is_compact:
+        values = errors.topk_values.float()
+        p_gold = (values * (errors.topk_indices == targets)).sum(-1)
+    else:
+        values = errors.probs.float()
+        p_gold = values.gather(-1, targets).squeeze(-1)
+    norm = 1.0 - 2.0 * p_gold + torch.linalg.vector_norm(values, dim=-1).square()  # no [B,T,V] temporary
+    return norm * errors.mask, p_gold * errors.mask
+
+
 @dataclass
 class MistakeLogEntry:
     """One training step's record: inputs to the Copilot and the error it learns to predict.
@@ -192,6 +205,12 @@ def mistake_log_entry_from_pilot_pass(
     )
 
 
+def copilot_target_norm(entry: MistakeLogEntry) -> torch.Tensor:
+    """Sum over loss-mask positions of ||e_j||^2: R^2 = 1 - copilot_squared_error / this."""
+    norm, _ = error_norm_and_gold_prob(entry.errors)
+    return (norm * entry.loss_mask).sum()
+
+
 def copilot_squared_error(
     predicted_errors: torch.Tensor, entry: MistakeLogEntry
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -199,3 +218,15 @@ def copilot_squared_error(
     distances = entry.errors.squared_distance(predicted_errors)
     mask = entry.loss_mask
     return (distances * mask).sum(), mask.sum()
+
+
+def shift_right(stream: torch.Tensor) -> torch.Tensor:
+    """Position j receives the value of position j-1; position 0 receives zeros."""
+    return F.pad(stream[:, :-1], (0, 0, 1, 0))
+
+
+def answer_token_positions(loss_mask: torch.Tensor) -> torch.Tensor:
+    """[B,T] bool: position j holds an answer token (`loss_mask[j-1]`), i.e. one that generate() writes."""
+    positions = torch.zeros_like(loss_mask)
+    positions[:, 1:] = loss_mask[:, :-1]
+    return positions

@@ -31,6 +31,7 @@ from .generation_pilot_copilot import (
     CopilotLogitsProcessor,
     PilotCopilotCache,
     copilot_generation_step,
+    copilot_stream,
     fuse_scores,
 )
 from .mistake_log_entry import (
@@ -259,11 +260,6 @@ class PilotCopilotOutput(ModelOutput):
     mistake_log_entry: MistakeLogEntry | None = None
 
 
-def shift_right(stream: torch.Tensor) -> torch.Tensor:
-    """Position j receives the value of position j-1; position 0 receives zeros."""
-    return F.pad(stream[:, :-1], (0, 0, 1, 0))
-
-
 class PilotCopilotForCausalLM(PreTrainedModel, GenerationMixin):
     """A fine-tuned causal LM (the Pilot) with a Copilot that rectifies its next-token distribution."""
 
@@ -298,7 +294,7 @@ class PilotCopilotForCausalLM(PreTrainedModel, GenerationMixin):
         copilot_init: PreTrainedModel | str | None = None,
         copilot_lambda: float = 1.0,
         fusion: str = "probs",
-        copilot_feedback: str = "copilot",
+        copilot_feedback: str = "observed",
     ) -> PilotCopilotForCausalLM:
         """Attach a new Copilot to `pilot` without changing the Pilot in any way.
 
@@ -351,6 +347,7 @@ class PilotCopilotForCausalLM(PreTrainedModel, GenerationMixin):
         )
         if getattr(config, "model_type", None) != CopilotConfig.model_type:
             return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+        allow = kwargs.pop("allow_other_pilot", False)
         pilot_path = kwargs.pop("pilot", None) or config.base_model_name_or_path
         if pilot_path is None:
             raise ValueError("This Copilot checkpoint names no base Pilot: pass pilot=<model or path>.")
@@ -359,21 +356,29 @@ class PilotCopilotForCausalLM(PreTrainedModel, GenerationMixin):
             if isinstance(pilot_path, PreTrainedModel)
             else AutoModelForCausalLM.from_pretrained(pilot_path, **kwargs)
         )
-        return cls.from_copilot_checkpoint(pilot, pretrained_model_name_or_path, **config_kwargs)
+        return cls.from_copilot_checkpoint(pilot, pretrained_model_name_or_path, allow, **config_kwargs)
 
     @classmethod
     def from_copilot_checkpoint(
-        cls, pilot: PreTrainedModel, copilot_path: str, **kwargs
+        cls, pilot: PreTrainedModel, copilot_path: str, allow_other_pilot: bool = False, **kwargs
     ) -> PilotCopilotForCausalLM:
-        """Attach a Copilot saved with `save_copilot` to `pilot`, refusing a Pilot it was not trained with."""
+        """Attach a Copilot saved with `save_copilot` to `pilot`, refusing a Pilot it was not trained with.
+
+        `allow_other_pilot=True` attaches it to another Pilot of the same architecture on purpose (a merged
+        LoRA Pilot, the paper's transfer experiment), with a warning; other sizes are still refused.
+        """
         copilot = CopilotModel.from_pretrained(copilot_path, **kwargs)
-        expected = copilot.config.pilot_fingerprint
-        if expected is not None and not same_pilot(expected, pilot_fingerprint(pilot)):
-            raise ValueError(
-                f"This Copilot was trained with a different Pilot (fingerprint {expected[:16]}..., this Pilot's is "
-                f"{pilot_fingerprint(pilot)[:16]}..., or its weights differ). A Copilot trained jointly belongs to the fine-tuned Pilot: save that "
-                "Pilot (pilot.save_pretrained) and load the Copilot onto it."
-            )
+        expected, actual = copilot.config.pilot_fingerprint, pilot_fingerprint(pilot)
+        if expected is not None and not same_pilot(expected, actual):
+            same_architecture = expected.partition(":")[0] == actual.partition(":")[0]
+            difference = "its weights differ" if same_architecture else "its architecture differs"
+            if not allow_other_pilot:
+                raise ValueError(
+                    f"This Copilot was trained with a different Pilot ({difference}). A Copilot trained jointly "
+                    "belongs to the fine-tuned Pilot: save that Pilot (pilot.save_pretrained) and load the Copilot "
+                    "onto it, or pass allow_other_pilot=True to attach it to this one on purpose."
+                )
+            warnings.warn(f"Attaching a Copilot trained with another Pilot: {difference}.", stacklevel=2)
         fusion = {k: getattr(copilot.config, k) for k in FUSION_FIELDS if hasattr(copilot.config, k)}
         model = cls.from_pilot(pilot, copilot_config=copilot.config, **fusion)
         model.copilot.load_state_dict(copilot.state_dict())
@@ -436,12 +441,16 @@ class PilotCopilotForCausalLM(PreTrainedModel, GenerationMixin):
         copilot_feedback: str | None = None,
         return_fused: bool = False,
         return_mistake_log: bool = False,
+        copilot_batch: MistakeLogEntry | None = None,
+        copilot_feedback_fraction: float = 0.0,
         **kwargs,
     ) -> PilotCopilotOutput:
         """Teacher-forced pass (training, evaluation) or one incremental generation step (with `cache`).
 
         With labels: `loss = pilot_loss + copilot_loss`, where `pilot_loss` is exactly the Pilot's own
         loss and `copilot_loss` the paper's RMSE over positions whose next label is not -100.
+        `copilot_batch` (Mistake Log rows) replaces this pass's fresh entry as the Copilot's input and
+        target; `copilot_feedback_fraction`: see `copilot_stream`.
         """
         copilot_lambda, fusion, copilot_feedback = self.fusion_settings(
             copilot_lambda, fusion, copilot_feedback
@@ -483,8 +492,11 @@ class PilotCopilotForCausalLM(PreTrainedModel, GenerationMixin):
                 self.copilot, input_ids, padding_mask, entry, cache, copilot_feedback
             )
         else:
-            stream = shift_right(self.copilot.embed_errors(entry.errors))
-            predicted_errors = self.copilot(stream, entry.x_tilde, entry.h_bar, entry.attention_mask)
+            copilot_entry = entry if copilot_batch is None else copilot_batch.to(logits.device)
+            stream = copilot_stream(self.copilot, copilot_entry, copilot_feedback_fraction)
+            predicted_errors = self.copilot(
+                stream, copilot_entry.x_tilde, copilot_entry.h_bar, copilot_entry.attention_mask
+            )
 
         output = PilotCopilotOutput(
             logits=logits,
@@ -496,7 +508,7 @@ class PilotCopilotForCausalLM(PreTrainedModel, GenerationMixin):
         if return_fused:
             output.fused_logits = fuse_scores(logits, predicted_errors, copilot_lambda, fusion)
         if labels is not None:
-            squared_error, num_tokens = copilot_squared_error(predicted_errors, entry)
+            squared_error, num_tokens = copilot_squared_error(predicted_errors, copilot_entry)
             output.copilot_squared_error, output.copilot_num_tokens = squared_error, num_tokens
             if num_tokens == 0:
                 warnings.warn(

@@ -47,16 +47,18 @@ import torch
 import torch.nn.functional as F
 from accelerate.utils import DistributedType
 from torch import nn
-from transformers import Trainer
+from torch.optim.lr_scheduler import LambdaLR
+from transformers import Trainer, get_scheduler
 from transformers.trainer_optimizer import is_optimizer_factory
 from transformers.trainer_utils import get_last_checkpoint, has_length, unwrap_peft_model
 from transformers.training_args import ParallelMode
 from transformers.utils import is_sagemaker_mp_enabled, logging
 
+from .generation_pilot_copilot import copilot_stream, fuse_scores, predicted_errors_as_generated
 from .mistake_log import MistakeLog
 from .mistake_log_callback import MistakeLogCallback
-from .mistake_log_entry import MistakeLogEntry
-from .modeling_pilot_copilot import PilotCopilotForCausalLM, copilot_squared_error, shift_right
+from .mistake_log_entry import MistakeLogEntry, copilot_squared_error, copilot_target_norm
+from .modeling_pilot_copilot import PilotCopilotForCausalLM
 from .training_args import CopilotTrainingArguments
 
 logger = logging.get_logger(__name__)
@@ -82,6 +84,7 @@ def copilot_token_count(labels: torch.Tensor, attention_mask: torch.Tensor | Non
 class _CopilotStep:
     """What an optimizer step's micro-batches share: their replay batches and the global Copilot count."""
 
+    copilot_batches: deque = field(default_factory=deque)
     replays: deque = field(default_factory=deque)
     num_tokens: torch.Tensor | None = None
 
@@ -133,6 +136,7 @@ class CopilotTrainer(Trainer):
                 MistakeLog(size=self.args.mistake_log_size, topk=self.args.mistake_log_topk),
                 replay=self.args.mistake_log_replay,
                 seed=self.args.seed,
+                window=self.args.mistake_log_window,
             )
             self.add_callback(self.mistake_log_callback)
         self._copilot_step: _CopilotStep | None = None
@@ -204,11 +208,49 @@ class CopilotTrainer(Trainer):
                 if not params:
                     continue
                 group = {"params": params, "weight_decay": self.args.weight_decay if decays else 0.0}
-                if is_copilot and self.args.copilot_learning_rate is not None:
-                    group["lr"] = self.args.copilot_learning_rate
+                if is_copilot:
+                    group["lr"] = self.args.copilot_peak_learning_rate
                 groups.append(group)
         self.optimizer = optimizer_cls(groups, **optimizer_kwargs)
         return self.optimizer
+
+    def create_scheduler(self, num_training_steps: int, optimizer: torch.optim.Optimizer | None = None):
+        """The Pilot's schedule for its groups; `copilot_lr_scheduler_type`, if set, for the Copilot's."""
+        schedule = self.args.copilot_lr_scheduler_type
+        if self.lr_scheduler is not None or schedule in (None, self.args.lr_scheduler_type):
+            return super().create_scheduler(num_training_steps, optimizer)
+        optimizer = self.optimizer if optimizer is None else optimizer
+        pilot_lambda, copilot_lambda = (
+            self._schedule_multiplier(name, num_training_steps)
+            for name in (self.args.lr_scheduler_type, schedule)
+        )
+        copilot_ids = {id(p) for p in self.pilot_copilot().copilot.parameters()}
+        self.lr_scheduler = LambdaLR(
+            optimizer,
+            [
+                copilot_lambda if any(id(p) in copilot_ids for p in group["params"]) else pilot_lambda
+                for group in optimizer.param_groups
+            ],
+        )
+        self._created_lr_scheduler = True
+        return self.lr_scheduler
+
+    def _schedule_multiplier(self, name: str, num_training_steps: int):
+        """The step -> multiplier function of a transformers schedule (built on a throwaway optimizer)."""
+        probe = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+        schedule = get_scheduler(
+            name,
+            optimizer=probe,
+            num_warmup_steps=self.args.get_warmup_steps(num_training_steps),
+            num_training_steps=num_training_steps,
+            scheduler_specific_kwargs=self.args.lr_scheduler_kwargs,
+        )
+        if not isinstance(schedule, LambdaLR):
+            raise ValueError(
+                f"lr_scheduler_type={name!r} is not a per-step schedule (LambdaLR), so the Pilot and the Copilot "
+                "cannot follow different ones: leave copilot_lr_scheduler_type=None to share it."
+            )
+        return schedule.lr_lambdas[0]
 
     def _clip_grad_norm(self, model):
         """Clip the Pilot's and the Copilot's gradients separately, each to `max_grad_norm`.
@@ -256,23 +298,94 @@ class CopilotTrainer(Trainer):
                 resume_from_checkpoint, self.args.process_index, self.args.world_size
             )
         self._reset_train_metrics()
-        return super().train(resume_from_checkpoint or None, trial, ignore_keys_for_eval)
+        output = super().train(resume_from_checkpoint or None, trial, ignore_keys_for_eval)
+        if self.args.copilot_final_epochs > 0:
+            self.train_copilot_on_final_pilot(self.args.copilot_final_epochs)
+        return output
+
+    def train_copilot_on_final_pilot(self, epochs: float) -> None:
+        """Train the Copilot alone on the errors of the final, frozen Pilot (`copilot_final_epochs`).
+
+        During joint training the Copilot learnt errors of Pilots that kept changing; generation pairs it
+        with the last one. AdamW at the Copilot's peak learning rate with a cosine decay, the Copilot's
+        MSE per batch, its gradients clipped to `max_grad_norm`; logged as `copilot_final/*`.
+        """
+        pilot_copilot = self.pilot_copilot()
+        pilot, copilot = pilot_copilot.pilot, pilot_copilot.copilot
+        dataloader = self.get_train_dataloader()
+        total = max(1, math.ceil(epochs * len(dataloader)))
+        optimizer = torch.optim.AdamW(
+            copilot.parameters(), lr=self.args.copilot_peak_learning_rate, weight_decay=self.args.weight_decay
+        )
+        schedule = get_scheduler("cosine", optimizer=optimizer, num_warmup_steps=0, num_training_steps=total)
+        fraction = self._copilot_feedback_fraction()
+        trainable = [p.requires_grad for p in pilot.parameters()]
+        pilot.requires_grad_(False)
+        pilot.eval()
+        copilot.train()
+        sums, step = torch.zeros(3, dtype=torch.float64), 0
+        try:
+            while step < total:
+                for inputs in dataloader:
+                    if step == total:
+                        break
+                    inputs = self._prepare_inputs(inputs)
+                    out = pilot_copilot(**inputs, return_mistake_log=True, copilot_feedback_fraction=fraction)
+                    loss = out.copilot_squared_error / out.copilot_num_tokens.clamp_min(1)
+                    self._raise_if_not_finite(loss.detach() * 0, loss)
+                    loss.backward()
+                    nn.utils.clip_grad_norm_(copilot.parameters(), self.args.max_grad_norm)
+                    optimizer.step()
+                    schedule.step()
+                    optimizer.zero_grad(set_to_none=True)
+                    step += 1
+                    target = copilot_target_norm(out.mistake_log_entry)
+                    sums += torch.stack(
+                        [out.copilot_squared_error.detach(), out.copilot_num_tokens, target]
+                    ).cpu()
+                    if step % self.args.logging_steps == 0 or step == total:
+                        squared_error, num_tokens, target_norm = sums.tolist()
+                        self.log(
+                            {
+                                "copilot_final/copilot_loss": math.sqrt(squared_error / max(num_tokens, 1)),
+                                "copilot_final/copilot_r2": 1.0 - squared_error / target_norm
+                                if target_norm
+                                else 0.0,
+                                "copilot_final/step": step,
+                            }
+                        )
+                        sums.zero_()
+        finally:
+            for parameter, flag in zip(pilot.parameters(), trainable, strict=True):
+                parameter.requires_grad_(flag)
+            pilot_copilot.eval()
 
     def get_batch_samples(self, epoch_iterator, num_batches, device):
-        """Also draw each micro-batch's replay entries and count the step's Copilot positions (N_C)."""
+        """Also draw each micro-batch's Copilot batch from the log and count the step's Copilot positions (N_C).
+
+        Drawn from the log as it stood after the previous optimizer step, so accumulation and resume see
+        exactly the same rows.
+        """
         batch_samples, num_items_in_batch = super().get_batch_samples(epoch_iterator, num_batches, device)
         for batch in batch_samples:
             self._check_batch(batch)
-        replays = [self.mistake_log_callback.sample_replay() for _ in batch_samples]
+        callback = self.mistake_log_callback
+        copilot_batches = [callback.sample_copilot_batch(b["input_ids"].shape[0]) for b in batch_samples]
+        replays = [callback.sample_replay() for _ in batch_samples]
         num_tokens = None
         if num_items_in_batch is not None and batch_samples:
             num_tokens = sum(
-                copilot_token_count(b["labels"], b.get("attention_mask")).to(device) for b in batch_samples
+                (
+                    copilot_token_count(b["labels"], b.get("attention_mask"))
+                    if rows is None
+                    else rows.loss_mask.sum()
+                ).to(device)
+                for b, rows in zip(batch_samples, copilot_batches, strict=True)
             )
             num_tokens = num_tokens + sum(r.loss_mask.sum().to(device) for r in replays if r is not None)
             if self.args.average_tokens_across_devices and self.args.world_size > 1:
                 num_tokens = self.accelerator.gather(num_tokens).sum()
-        self._copilot_step = _CopilotStep(deque(replays), num_tokens)
+        self._copilot_step = _CopilotStep(deque(copilot_batches), deque(replays), num_tokens)
         return batch_samples, num_items_in_batch
 
     def _check_batch(self, inputs: dict[str, Any]) -> None:
@@ -304,14 +417,22 @@ class CopilotTrainer(Trainer):
         if self.args.freeze_pilot:
             pilot_copilot.pilot.eval()  # a frozen Pilot behaves as at inference (no dropout)
         loss_kwargs = {} if num_items_in_batch is None else {"num_items_in_batch": num_items_in_batch}
-        outputs = model(**inputs, return_mistake_log=True, **loss_kwargs)
-
         step = self._copilot_step
+        copilot_batch = step.copilot_batches.popleft() if step is not None and step.copilot_batches else None
+        fraction = self._copilot_feedback_fraction()
+        outputs = model(
+            **inputs,
+            return_mistake_log=True,
+            copilot_batch=copilot_batch,
+            copilot_feedback_fraction=fraction,
+            **loss_kwargs,
+        )
+
         replay = step.replays.popleft() if step is not None and step.replays else None
         squared_error = outputs.copilot_squared_error
         num_tokens = outputs.copilot_num_tokens
         if replay is not None:
-            replay_error, replay_tokens = self._replay_squared_error(pilot_copilot, replay)
+            replay_error, replay_tokens = self._replay_squared_error(pilot_copilot, replay, fraction)
             squared_error, num_tokens = squared_error + replay_error, num_tokens + replay_tokens
 
         if num_items_in_batch is not None:
@@ -333,17 +454,26 @@ class CopilotTrainer(Trainer):
         self._raise_if_not_finite(pilot_loss, copilot_loss)
         loss = (pilot_loss + self.args.copilot_loss_weight * copilot_loss) * loss_scale
         self.mistake_log_callback.add(outputs.mistake_log_entry)
-        self._record_train_metrics(pilot_loss.detach() * log_scale, outputs)
+        target_norm = copilot_target_norm(
+            outputs.mistake_log_entry if copilot_batch is None else copilot_batch.to(pilot_loss.device)
+        )
+        self._record_train_metrics(pilot_loss.detach() * log_scale, outputs, target_norm)
         return (loss, outputs) if return_outputs else loss
 
+    def _copilot_feedback_fraction(self) -> float:
+        """The exposure option applies where generation feeds the Copilot its own predictions."""
+        if self.pilot_copilot().config.copilot_feedback != "copilot":
+            return 0.0
+        return self.args.copilot_feedback_fraction
+
     def _replay_squared_error(
-        self, pilot_copilot: PilotCopilotForCausalLM, replay: MistakeLogEntry
+        self, pilot_copilot: PilotCopilotForCausalLM, replay: MistakeLogEntry, fraction: float
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """The Copilot on replayed entries (read from the log, so no Pilot pass): sum of squared errors, count."""
         entry = replay.to(self.args.device)
         copilot = pilot_copilot.copilot
         with self.accelerator.autocast():
-            stream = shift_right(copilot.embed_errors(entry.errors))
+            stream = copilot_stream(copilot, entry, fraction)
             predicted_errors = copilot(stream, entry.x_tilde, entry.h_bar, entry.attention_mask)
         return copilot_squared_error(predicted_errors, entry)
 
@@ -361,20 +491,26 @@ class CopilotTrainer(Trainer):
 
     # ---- logging ----------------------------------------------------------------------------------
     def _reset_train_metrics(self) -> None:
-        self._train_sums = torch.zeros(3, dtype=torch.float64, device=self.args.device)
+        self._train_sums = torch.zeros(4, dtype=torch.float64, device=self.args.device)
         self._train_stats: dict[str, list[float]] = {}
         self._window_start_step: int | None = None
 
-    def _record_train_metrics(self, pilot_loss: torch.Tensor, outputs) -> None:
+    def _record_train_metrics(self, pilot_loss: torch.Tensor, outputs, target_norm: torch.Tensor) -> None:
         if self._window_start_step is None:
             self._window_start_step = self.state.global_step
-        values = torch.stack([pilot_loss, outputs.copilot_squared_error.detach(), outputs.copilot_num_tokens])
+        values = torch.stack(
+            [pilot_loss, outputs.copilot_squared_error.detach(), outputs.copilot_num_tokens, target_norm]
+        )
         self._train_sums += values.to(self._train_sums)
         for key, value in self.mistake_log_callback.stats().items():
             self._train_stats.setdefault(key, []).append(value)
 
     def _pop_train_metrics(self) -> dict[str, float]:
-        """pilot_loss: mean per-step Pilot loss; copilot_loss: RMSE; mistake_log/*: means (all ranks)."""
+        """pilot_loss: mean per-step Pilot loss; copilot_loss: RMSE; copilot_r2; mistake_log/*: means (all ranks).
+
+        copilot_r2 = 1 - sum ||f_C - e||^2 / sum ||e||^2 over the Copilot's batches: 0 is a Copilot that
+        predicts nothing, 1 one that predicts the Pilot's error exactly.
+        """
         start = self.state.global_step if self._window_start_step is None else self._window_start_step
         steps = self.state.global_step - start
         keys = sorted(self._train_stats)
@@ -385,12 +521,13 @@ class CopilotTrainer(Trainer):
         world = self.args.world_size
         if world > 1:
             values = self.accelerator.reduce(values, reduction="sum")
-        pilot_sum, squared_error, num_tokens = values[:3].tolist()
+        pilot_sum, squared_error, num_tokens, target_norm = values[:4].tolist()
         metrics = {
             "pilot_loss": pilot_sum / world / max(steps, 1),
             "copilot_loss": math.sqrt(squared_error / num_tokens) if num_tokens else 0.0,
+            "copilot_r2": 1.0 - squared_error / target_norm if target_norm else 0.0,
         }
-        metrics.update({key: value / world for key, value in zip(keys, values[3:].tolist(), strict=True)})
+        metrics.update({key: value / world for key, value in zip(keys, values[4:].tolist(), strict=True)})
         self._reset_train_metrics()
         return metrics
 
@@ -401,8 +538,20 @@ class CopilotTrainer(Trainer):
 
     # ---- evaluation -------------------------------------------------------------------------------
     def _evaluation_loss(self, model, inputs, return_outputs):
-        """Per-batch objective; accumulates token accuracies (Pilot alone, fused) and loss sums."""
-        outputs = model(**inputs, return_fused=True)
+        """Per-batch objective; accumulates token accuracies (Pilot alone, fused) and loss sums.
+
+        The fused accuracy is the configured feedback mode's, exactly what greedy generate() picks at each
+        answer position given the gold prefix; `*_observed` is observed feedback everywhere.
+        """
+        outputs = model(**inputs, return_fused=True, return_mistake_log=True)
+        pilot_copilot = self.pilot_copilot()
+        copilot_lambda, fusion, feedback = pilot_copilot.fusion_settings(None, None, None)
+        fused_observed = outputs.fused_logits
+        if feedback != "observed":
+            predicted = predicted_errors_as_generated(
+                pilot_copilot.copilot, outputs.mistake_log_entry, feedback
+            )
+            outputs.fused_logits = fuse_scores(outputs.logits, predicted, copilot_lambda, fusion)
         labels = inputs["labels"][:, 1:]
         label_mask = labels != -100
         pilot_logits, fused_logits = outputs.logits[:, :-1], outputs.fused_logits[:, :-1]
@@ -417,6 +566,8 @@ class CopilotTrainer(Trainer):
                 ((fused_logits.argmax(-1) == labels) & label_mask).sum(),
                 outputs.copilot_squared_error,
                 outputs.copilot_num_tokens,
+                ((fused_observed[:, :-1].argmax(-1) == labels) & label_mask).sum(),
+                copilot_target_norm(outputs.mistake_log_entry),
             ]
         ).to(torch.float64)
         self._eval_sums = sums if self._eval_sums is None else self._eval_sums + sums
@@ -440,11 +591,20 @@ class CopilotTrainer(Trainer):
         sums = self._eval_sums
         self._eval_sums = None
         if sums is None:  # no labelled batch on this process (every rank still joins the reduction)
-            sums = torch.zeros(6, dtype=torch.float64)
+            sums = torch.zeros(8, dtype=torch.float64)
         sums = sums.to(self.args.device)
         if self.args.world_size > 1:
             sums = self.accelerator.reduce(sums, reduction="sum")
-        nll, labels, pilot_correct, fused_correct, squared_error, num_tokens = sums.tolist()
+        (
+            nll,
+            labels,
+            pilot_correct,
+            fused_correct,
+            squared_error,
+            num_tokens,
+            observed_correct,
+            target_norm,
+        ) = sums.tolist()
         if labels:
             output.metrics.update(
                 {
@@ -452,6 +612,10 @@ class CopilotTrainer(Trainer):
                     f"{metric_key_prefix}_copilot_loss": math.sqrt(squared_error / max(num_tokens, 1)),
                     f"{metric_key_prefix}_pilot_token_accuracy": pilot_correct / labels,
                     f"{metric_key_prefix}_fused_token_accuracy": fused_correct / labels,
+                    f"{metric_key_prefix}_fused_token_accuracy_observed": observed_correct / labels,
+                    f"{metric_key_prefix}_copilot_r2": 1.0 - squared_error / target_norm
+                    if target_norm
+                    else 0.0,
                 }
             )
         return output

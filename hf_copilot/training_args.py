@@ -10,6 +10,9 @@ import math
 from dataclasses import dataclass, field
 
 from transformers import TrainingArguments
+from transformers.trainer_utils import SchedulerType
+
+# The Copilot's defaults were chosen on benchmarks/results/copilot_training.md (docs/results.md quotes it).
 
 
 @dataclass
@@ -23,8 +26,31 @@ class CopilotTrainingArguments(TrainingArguments):
     copilot_learning_rate: float | None = field(
         default=None,
         metadata={
-            "help": "Peak learning rate of the Copilot's parameter groups; None uses `learning_rate` (the "
-            "Pilot's). The same scheduler drives both."
+            "help": "Peak learning rate of the Copilot's parameter groups; None uses `learning_rate` (the paper "
+            "suggests 1.5-3x; measured, 2x and 3x were no better)."
+        },
+    )
+    copilot_lr_scheduler_type: str | None = field(
+        default="constant_with_warmup",
+        metadata={
+            "help": "The Copilot's own learning-rate schedule (any `lr_scheduler_type` that is a LambdaLR). The "
+            "default keeps it learning while the Pilot's rate decays: the final Pilot's errors are the ones "
+            "generation sees. None follows the Pilot's `lr_scheduler_type`."
+        },
+    )
+    copilot_feedback_fraction: float = field(
+        default=1.0,
+        metadata={
+            "help": "For a model with copilot_feedback='copilot': the fraction of answer positions whose Copilot "
+            "input during training is the Copilot's own previous prediction, as at generation (0: always the "
+            "observed error)."
+        },
+    )
+    copilot_final_epochs: float = field(
+        default=0.0,
+        metadata={
+            "help": "After joint training, train the Copilot alone for this many epochs on the final, frozen "
+            "Pilot (its errors are the ones generation will see)."
         },
     )
     copilot_loss_weight: float = field(
@@ -44,11 +70,19 @@ class CopilotTrainingArguments(TrainingArguments):
             "help": "Ring-buffer length of the Mistake Log, in entries (one per forward pass; paper: 128)."
         },
     )
+    mistake_log_window: int = field(
+        default=0,
+        metadata={
+            "help": "The Copilot's batch at each micro-batch is as many rows as the micro-batch, drawn from the "
+            "Mistake Log entries of the last this-many rounds (the paper's log sampling); 0 trains it on the "
+            "fresh entry only, which measured better: older entries hold the errors of older Pilots."
+        },
+    )
     mistake_log_replay: int = field(
         default=0,
         metadata={
-            "help": "Entries drawn from the Mistake Log and added to the Copilot's batch at every micro-batch, "
-            "on top of the fresh entry (0: the fresh entry only, the paper's default)."
+            "help": "Extra Copilot compute: with a window, the Copilot's batch is (1 + replay) x the micro-batch's "
+            "rows; without one, this many whole entries are drawn from the log on top of the fresh entry."
         },
     )
     mistake_log_topk: int = field(
@@ -58,6 +92,11 @@ class CopilotTrainingArguments(TrainingArguments):
             "(0: store the exact full-vocabulary errors)."
         },
     )
+
+    @property
+    def copilot_peak_learning_rate(self) -> float:
+        """`copilot_learning_rate`, or the Pilot's `learning_rate`."""
+        return self.learning_rate if self.copilot_learning_rate is None else self.copilot_learning_rate
 
     def __post_init__(self):
         super().__post_init__()
@@ -69,7 +108,12 @@ class CopilotTrainingArguments(TrainingArguments):
         weight = self.copilot_loss_weight
         if not (isinstance(weight, (int, float)) and math.isfinite(weight) and weight >= 0):
             raise ValueError(f"copilot_loss_weight must be a finite number >= 0, got {weight!r}.")
-        for name, minimum in (("mistake_log_size", 1), ("mistake_log_replay", 0), ("mistake_log_topk", 0)):
+        for name, minimum in (
+            ("mistake_log_size", 1),
+            ("mistake_log_window", 0),
+            ("mistake_log_replay", 0),
+            ("mistake_log_topk", 0),
+        ):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
                 raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}.")
@@ -79,6 +123,19 @@ class CopilotTrainingArguments(TrainingArguments):
                 f"({self.mistake_log_size}): the log never holds more entries than its size. Raise "
                 "mistake_log_size or lower mistake_log_replay."
             )
+        if self.mistake_log_window > self.mistake_log_size:
+            raise ValueError(
+                f"mistake_log_window ({self.mistake_log_window}) cannot exceed mistake_log_size "
+                f"({self.mistake_log_size}): the log keeps only that many rounds. Raise mistake_log_size."
+            )
+        fraction = self.copilot_feedback_fraction
+        if not (isinstance(fraction, (int, float)) and 0 <= fraction <= 1):
+            raise ValueError(f"copilot_feedback_fraction must be a number in [0, 1], got {fraction!r}.")
+        epochs = self.copilot_final_epochs
+        if not (isinstance(epochs, (int, float)) and math.isfinite(epochs) and epochs >= 0):
+            raise ValueError(f"copilot_final_epochs must be a finite number >= 0, got {epochs!r}.")
+        if self.copilot_lr_scheduler_type is not None:
+            self.copilot_lr_scheduler_type = SchedulerType(self.copilot_lr_scheduler_type).value
         if self.freeze_pilot and weight == 0:
             raise ValueError(
                 "freeze_pilot=True with copilot_loss_weight=0 trains nothing: set copilot_loss_weight > 0."

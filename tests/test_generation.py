@@ -14,7 +14,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import FIRST_REGULAR_TOKEN, PAD_TOKEN_ID, VOCAB_SIZE, build_pilot, build_pilot_copilot
+from conftest import (
+    FIRST_REGULAR_TOKEN,
+    PAD_TOKEN_ID,
+    VOCAB_SIZE,
+    build_batch,
+    build_pilot,
+    build_pilot_copilot,
+)
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast, pipeline
 from transformers.dynamic_module_utils import get_class_from_dynamic_module
@@ -295,7 +302,7 @@ def test_text_generation_pipeline_matches_generate():
 
 
 @pytest.mark.parametrize(
-    "override", [dict(copilot_lambda=0.3), dict(fusion="logits"), dict(copilot_feedback="observed")]
+    "override", [dict(copilot_lambda=0.0), dict(fusion="logits"), dict(copilot_feedback="copilot")]
 )
 def test_per_call_overrides_equal_config_defaults(override):
     model, configured = fused_model(), fused_model(**override)
@@ -427,3 +434,36 @@ def test_a_cache_that_cannot_carry_the_copilot_is_refused():
         greedy(model, prompt(), use_cache=False)
     with pytest.raises(ValueError, match="PilotCopilotCache"):
         greedy(model, prompt(), cache_implementation="static")
+
+
+# --------------------------------------------------------------------------------------------------
+# The paper's feedback in training (exposure) and in teacher-forced evaluation
+
+
+def test_copilot_stream_feeds_answer_positions_the_copilots_own_first_pass_prediction():
+    from hf_copilot.generation_pilot_copilot import copilot_stream
+
+    model = build_pilot_copilot("llama", copilot_std=0.5)
+    batch = build_batch(batch_size=2, seq_len=8, left_padding=(0, 0), prompt_len=3)
+    entry = model(**batch, return_mistake_log=True).mistake_log_entry
+    copilot = model.copilot
+    # Hand-built: position j reads W_in e_{j-1}; if token j is an answer token (labels[j] != -100), it
+    # reads W_in f_{j-1} from a pass over the observed stream instead.
+    observed = torch.zeros(2, 8, copilot.config.hidden_size)
+    observed[:, 1:] = entry.errors.dense()[:, :-1] @ copilot.error_proj.weight.t()
+    first = copilot(observed, entry.x_tilde, entry.h_bar, entry.attention_mask)
+    expected = observed.clone()
+    for row in range(2):
+        for j in range(1, 8):
+            if batch["labels"][row, j] != -100:
+                expected[row, j] = copilot.error_proj(first[row, j - 1])
+    torch.testing.assert_close(copilot_stream(copilot, entry, 0.0), observed, rtol=1e-4, atol=1e-4)
+    full = copilot_stream(copilot, entry, 1.0)
+    torch.testing.assert_close(full, expected, rtol=1e-4, atol=1e-4)
+    # A fraction replaces a random subset of those positions and nothing else.
+    torch.manual_seed(0)
+    half = copilot_stream(copilot, entry, 0.5)
+    replaced = (half != copilot_stream(copilot, entry, 0.0)).any(-1)
+    answer = batch["labels"] != -100
+    assert (replaced <= answer).all() and 0 < replaced.sum() < answer.sum()
+    assert torch.equal(half[replaced], full[replaced])

@@ -94,7 +94,7 @@ def test_whole_model_card_metadata(tmp_path, hub_named_model):
     assert {"hf-copilot", "transformer-copilot", "pilot-copilot", "custom_code"} <= set(data.tags)
     assert data.transformer_copilot["checkpoint"] == "pilot+copilot"
     fusion = {key: data.transformer_copilot[key] for key in ("copilot_lambda", "fusion", "copilot_feedback")}
-    assert fusion == {"copilot_lambda": 0.7, "fusion": "probs", "copilot_feedback": "copilot"}
+    assert fusion == {"copilot_lambda": 0.7, "fusion": "probs", "copilot_feedback": "observed"}
     assert {result.metric_type: result.metric_value for result in data.eval_results} == EVALUATION
     assert "| fused_accuracy | 0.625 |" in card.text
     assert 'AutoModelForCausalLM.from_pretrained("me/pilot-copilot", trust_remote_code=True)' in card.text

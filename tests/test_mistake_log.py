@@ -294,3 +294,31 @@ def test_collate_refuses_different_k():
         collate_entries([a, b])
     with pytest.raises(ValueError, match="at least one"):
         collate_entries([])
+
+
+def test_sample_rows_draws_from_the_last_window_rounds_only_and_is_reproducible():
+    log = MistakeLog(size=6, topk=0)
+    for marker in range(6):  # each row's x_tilde[:, 0, 1] names its entry and row
+        entry = make_entry(float(marker), seq_len=T + marker % 2, seed=marker)
+        entry.x_tilde[:, 0, 1] = torch.tensor([10.0 * marker, 10.0 * marker + 1])
+        log.add(entry)
+    seen = set()
+    for seed in range(20):
+        rows = log.sample_rows(3, window=2, generator=torch.Generator().manual_seed(seed))
+        names = rows.x_tilde[:, 0, 1].tolist()
+        assert len(set(names)) == 3  # without replacement
+        assert set(names) <= {40.0, 41.0, 50.0, 51.0}  # entries 4 and 5, the last two rounds
+        seen.update(names)
+        again = log.sample_rows(3, window=2, generator=torch.Generator().manual_seed(seed))
+        assert torch.equal(rows.x_tilde, again.x_tilde) and torch.equal(rows.errors.probs, again.errors.probs)
+    assert seen == {40.0, 41.0, 50.0, 51.0}
+    everything = log.sample_rows(100, window=2, generator=torch.Generator().manual_seed(0))
+    assert sorted(everything.x_tilde[:, 0, 1].tolist()) == [40.0, 41.0, 50.0, 51.0]
+    # Each sampled row is its entry's row, padded to the longest: per-position quantities are unchanged.
+    source = list(log)[-1]
+    row = everything.x_tilde[:, 0, 1].tolist().index(51.0)
+    length = source.x_tilde.shape[1]
+    assert torch.equal(everything.errors.probs[row, :length], source.errors.probs[1])
+    assert torch.equal(everything.loss_mask[row, :length], source.loss_mask[1])
+    assert not everything.loss_mask[row, length:].any()
+    assert MistakeLog(size=2).sample_rows(4, window=2) is None

@@ -28,7 +28,8 @@ from transformers import (
 )
 
 from hf_copilot import PilotCopilotConfig, PilotCopilotForCausalLM, PilotErrors, fuse_scores
-from hf_copilot.modeling_pilot_copilot import shift_right
+from hf_copilot.checkpointing import INITIAL_ERROR_NORM
+from hf_copilot.mistake_log_entry import shift_right
 
 
 def pilot_inputs(batch):
@@ -330,7 +331,10 @@ def build_decoder(family: str, vocab_size: int = VOCAB_SIZE, tie_word_embeddings
 def assert_copilot_copies_decoder(model, decoder):
     copilot, source = model.copilot, decoder.model
     assert torch.equal(copilot.error_proj.weight, source.embed_tokens.weight.t())
-    assert torch.equal(copilot.error_head.weight, decoder.lm_head.weight)
+    # The LM head's directions, rescaled from logit scale to an initial ||f_C|| of about 0.1.
+    head, lm_head = copilot.error_head.weight, decoder.lm_head.weight
+    torch.testing.assert_close(head, lm_head * (head.norm() / lm_head.norm()))
+    assert head.std() * head.numel() ** 0.5 == pytest.approx(INITIAL_ERROR_NORM, rel=1e-4)
     assert torch.equal(copilot.norm.weight, source.norm.weight)
     source_layers = dict(source.layers.named_parameters())
     copilot_layers = dict(copilot.layers.named_parameters())

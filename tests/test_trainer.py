@@ -17,11 +17,10 @@ import torch
 from conftest import FIRST_REGULAR_TOKEN, PAD_TOKEN_ID, VOCAB_SIZE, build_pilot, tiny_copilot_config
 from transformers import HfArgumentParser, Trainer, TrainerCallback, TrainingArguments
 
-from hf_copilot import PilotCopilotForCausalLM
+from hf_copilot import PilotCopilotCache, PilotCopilotForCausalLM, fuse_scores
 from hf_copilot.mistake_log import MistakeLog
 from hf_copilot.mistake_log_callback import MistakeLogCallback
-from hf_copilot.mistake_log_entry import copilot_squared_error
-from hf_copilot.modeling_pilot_copilot import shift_right
+from hf_copilot.mistake_log_entry import copilot_squared_error, shift_right
 from hf_copilot.trainer import CopilotTrainer, NonFiniteLossError, copilot_token_count
 from hf_copilot.training_args import CopilotTrainingArguments
 
@@ -165,7 +164,9 @@ def test_trainer_names_the_fix_for_stock_arguments_or_a_bare_pilot(tmp_path):
 
 
 def test_optimizer_has_pilot_and_copilot_groups_under_one_schedule(tmp_path):
-    trainer = make_trainer(tmp_path, max_steps=3, warmup_steps=0, lr_scheduler_type="linear")
+    trainer = make_trainer(
+        tmp_path, max_steps=3, warmup_steps=0, lr_scheduler_type="linear", copilot_lr_scheduler_type=None
+    )
     model = trainer.model
     trainer.train()
     groups = trainer.optimizer.param_groups
@@ -185,6 +186,32 @@ def test_optimizer_has_pilot_and_copilot_groups_under_one_schedule(tmp_path):
             is_norm = "norm" in names[id(p)]
             assert group["weight_decay"] == (0.0 if is_norm else 0.1), names[id(p)]
     assert len(groups) == 4
+
+
+def test_the_copilot_follows_its_own_schedule(tmp_path):
+    """Default: constant after warmup while the Pilot's rate decays (cosine here)."""
+    trainer = make_trainer(tmp_path, max_steps=4, warmup_steps=2, lr_scheduler_type="cosine")
+    seen = []
+    trainer.add_callback(RecordLearningRates(seen))
+    trainer.train()
+    copilot_ids = {id(p) for p in trainer.model.copilot.parameters()}
+    for group_index, group in enumerate(trainer.optimizer.param_groups):
+        is_copilot = id(group["params"][0]) in copilot_ids
+        rates = [step[group_index] for step in seen]
+        if is_copilot:
+            assert rates == pytest.approx([0.0, 1.5e-2, 3e-2, 3e-2])
+        else:  # cosine over the 2 steps after warmup
+            assert rates == pytest.approx([0.0, 5e-3, 1e-2, 5e-3])
+    with pytest.raises(ValueError, match="not a per-step schedule"):
+        make_trainer(tmp_path, max_steps=2, copilot_lr_scheduler_type="reduce_lr_on_plateau").train()
+
+
+class RecordLearningRates(TrainerCallback):
+    def __init__(self, seen: list):
+        self.seen = seen
+
+    def on_step_begin(self, args, state, control, optimizer=None, **kwargs):
+        self.seen.append([group["lr"] for group in optimizer.param_groups])
 
 
 def test_copilot_learning_rate_defaults_to_the_pilots(tmp_path):
@@ -258,6 +285,7 @@ def test_copilot_objective_counts_fresh_and_replayed_positions_of_the_whole_step
         mistake_log_size=4,
         mistake_log_replay=2,
         copilot_loss_weight=0.5,
+        copilot_feedback_fraction=0.0,  # the observed stream, as in the reference below
     )
     model = trainer.model.train()
     rows = counting_rows(10)
@@ -291,6 +319,68 @@ def test_copilot_objective_counts_fresh_and_replayed_positions_of_the_whole_step
         expected = out.pilot_loss + 0.5 * (out.copilot_squared_error + replay_error) / step.num_tokens
     assert loss.item() == pytest.approx(expected.item(), rel=1e-6)
     assert len(trainer.mistake_log_callback.mistake_log) == 4  # the fresh entry joined the log
+
+
+def test_with_a_window_the_copilot_trains_on_log_rows_of_recent_rounds_only(tmp_path):
+    """L_C = the Copilot's squared error on rows drawn from the last `window` entries / their count."""
+    trainer = make_trainer(
+        tmp_path,
+        per_device_train_batch_size=2,
+        mistake_log_size=4,
+        mistake_log_window=2,
+        copilot_feedback_fraction=0.0,
+    )
+    model = trainer.model.train()
+    rows = counting_rows(12)
+    with torch.no_grad():
+        for start in (4, 6, 8):  # three entries; the window holds the last two (rows 6-9)
+            trainer.mistake_log_callback.add(
+                model(**collate(rows[start : start + 2]), return_mistake_log=True).mistake_log_entry
+            )
+        batch = collate(rows[0:2])
+        _, num_items_in_batch = trainer.get_batch_samples(iter([batch]), 1, trainer.args.device)
+        step = trainer._copilot_step
+        sampled = step.copilot_batches[0]
+        recent = {tuple(collate(rows[i : i + 1])["input_ids"][0, :3].tolist()) for i in range(6, 10)}
+        assert sampled.x_tilde.shape[0] == 2  # as many rows as the micro-batch: the same compute
+        embeddings = model.pilot.get_input_embeddings().weight
+        for row in range(2):
+            tokens = (sampled.x_tilde[row, :3] @ embeddings.t()).argmax(-1)  # x_tilde is the embedding output
+            assert tuple(tokens.tolist()) in recent
+        assert int(step.num_tokens) == int(sampled.loss_mask.sum())
+        loss = trainer.compute_loss(model, batch, num_items_in_batch=num_items_in_batch)
+        out = model(**batch, num_items_in_batch=num_items_in_batch)
+        predicted = model.copilot(
+            shift_right(model.copilot.embed_errors(sampled.errors)),
+            sampled.x_tilde,
+            sampled.h_bar,
+            sampled.attention_mask,
+        )
+        squared_error, count = copilot_squared_error(predicted, sampled)
+    assert loss.item() == pytest.approx((out.pilot_loss + squared_error / count).item(), rel=1e-6)
+
+
+def test_copilot_final_epochs_train_the_copilot_alone_on_the_final_pilot(tmp_path):
+    trainer = make_trainer(tmp_path, max_steps=2, copilot_final_epochs=2.0, logging_steps=2)
+    final_pilot, copilots = {}, []
+
+    class Snapshot(TrainerCallback):
+        def on_train_end(self, args, state, control, model=None, **kwargs):
+            final_pilot.update(snapshot(model.pilot))
+            copilots.append(snapshot(model.copilot))
+
+    trainer.add_callback(Snapshot())
+    trainer.train()
+    model = trainer.model
+    assert all(torch.equal(value, final_pilot[name]) for name, value in model.pilot.state_dict().items())
+    assert any(
+        not torch.equal(value, copilots[0][name]) for name, value in model.copilot.state_dict().items()
+    )
+    steps = logged(trainer, "copilot_final/step")
+    assert steps == [2, 4, 6, 8]  # 16 rows / batch 4 = 4 batches an epoch, two epochs
+    losses = logged(trainer, "copilot_final/copilot_loss")
+    assert losses[-1] < losses[0]
+    assert all(p.requires_grad for p in model.pilot.parameters())  # restored for later training
 
 
 # --------------------------------------------------------------------------------------------------
@@ -355,6 +445,95 @@ def test_evaluation_reports_pilot_and_fused_token_accuracy(tmp_path):
     assert math.isfinite(metrics["eval_loss"])
 
 
+def incremental_greedy_choices(model, row: dict[str, list[int]]) -> list[bool]:
+    """Reference: decode token by token with the cache, as generate() does, feeding the gold answer.
+
+    For each answer token: whether the fused argmax at its position is that token.
+    """
+    ids = torch.tensor([row["input_ids"]])
+    prompt = next(j for j, label in enumerate(row["labels"]) if label != -100)
+    cache = PilotCopilotCache(config=model.config.get_text_config(decoder=True))
+    cache.prompt_length = prompt
+    out = model(ids[:, :prompt], cache=cache, use_cache=True)
+    choices = []
+    for position in range(prompt, ids.shape[1]):
+        scores = fuse_scores(
+            out.logits[:, -1],
+            cache.copilot.predicted_error_at(position - 1),
+            model.config.copilot_lambda,
+            model.config.fusion,
+        )
+        choices.append(int(scores.argmax(-1)) == int(ids[0, position]))
+        out = model(ids[:, position : position + 1], cache=cache, use_cache=True)
+    return choices
+
+
+@pytest.mark.parametrize("copilot_feedback", ["copilot", "observed"])
+def test_fused_token_accuracy_is_what_incremental_greedy_decoding_picks(tmp_path, copilot_feedback):
+    from conftest import randomize_copilot
+
+    model = make_model()
+    model.config.copilot_feedback = copilot_feedback
+    randomize_copilot(model, std=0.5)  # strong enough that the feedback modes pick differently
+    trainer = make_trainer(tmp_path, model=model, per_device_eval_batch_size=3)
+    rows = counting_rows(7, seed=1)
+    metrics = trainer.evaluate(eval_dataset=rows)
+    model.eval()
+    with torch.no_grad():
+        choices = [choice for row in rows for choice in incremental_greedy_choices(model, row)]
+        model.config.copilot_feedback = "observed"
+        observed = [choice for row in rows for choice in incremental_greedy_choices(model, row)]
+    assert metrics["eval_fused_token_accuracy"] == pytest.approx(sum(choices) / len(choices))
+    assert metrics["eval_fused_token_accuracy_observed"] == pytest.approx(sum(observed) / len(observed))
+    if copilot_feedback == "copilot":
+        assert choices != observed
+
+
+class RecordingTrainer(CopilotTrainer):
+    """Keeps each training micro-batch with the Pilot's and the Copilot's weights before it."""
+
+    def compute_loss(self, model, inputs, *args, **kwargs):
+        if model.training:
+            self.recorded.append((inputs, snapshot(model.pilot), snapshot(model.copilot)))
+        return super().compute_loss(model, inputs, *args, **kwargs)
+
+
+def r2_reference(model, batches) -> float:
+    """1 - sum ||f_C - e||^2 / sum ||e||^2 over loss-mask positions, from dense errors."""
+    residual = total = 0.0
+    for batch, pilot, copilot in batches:
+        if pilot is not None:
+            model.pilot.load_state_dict(pilot)
+            model.copilot.load_state_dict(copilot)
+        with torch.no_grad():
+            out = model(**batch, return_mistake_log=True)
+        error = out.mistake_log_entry.errors.dense()
+        mask = out.mistake_log_entry.loss_mask
+        residual += float(((out.predicted_error - error).square().sum(-1) * mask).sum())
+        total += float((error.square().sum(-1) * mask).sum())
+    return 1.0 - residual / total
+
+
+def test_copilot_r2_in_logs_and_evaluation_equals_an_independent_computation(tmp_path):
+    trainer = make_trainer(
+        tmp_path, trainer_class=RecordingTrainer, max_steps=3, logging_steps=3, copilot_feedback_fraction=0.0
+    )
+    trainer.recorded = []
+    trainer.train()
+    model = trainer.model
+    final = snapshot(model)
+    rows = counting_rows(7, seed=1)
+    metrics = trainer.evaluate(eval_dataset=rows)
+    model.eval()
+    assert metrics["eval_copilot_r2"] == pytest.approx(
+        r2_reference(model, [(collate(rows[i : i + 8]), None, None) for i in range(0, 7, 8)]), rel=1e-4
+    )
+    # Training: each step's Copilot, before its update, on that step's batch, over the logging window.
+    model.train()
+    assert logged(trainer, "copilot_r2") == pytest.approx([r2_reference(model, trainer.recorded)], rel=1e-4)
+    model.load_state_dict(final)
+
+
 # --------------------------------------------------------------------------------------------------
 # Checkpoints and resume
 
@@ -382,11 +561,12 @@ def resume_settings(tmp_path, name: str) -> dict:
     )
 
 
-def test_resume_from_checkpoint_continues_exactly(tmp_path):
-    uninterrupted = make_trainer(tmp_path, **resume_settings(tmp_path, "uninterrupted"))
+@pytest.mark.parametrize("sampling", [{"mistake_log_window": 0}, {"mistake_log_window": 2}])
+def test_resume_from_checkpoint_continues_exactly(tmp_path, sampling):
+    uninterrupted = make_trainer(tmp_path, **resume_settings(tmp_path, "uninterrupted"), **sampling)
     uninterrupted.train()
 
-    interrupted = make_trainer(tmp_path, **resume_settings(tmp_path, "interrupted"))
+    interrupted = make_trainer(tmp_path, **resume_settings(tmp_path, "interrupted"), **sampling)
     interrupted.add_callback(StopAtStep(3))
     interrupted.train()
     assert interrupted.state.global_step == 3
@@ -397,7 +577,9 @@ def test_resume_from_checkpoint_continues_exactly(tmp_path):
     optimizer_state = torch.load(checkpoint / "optimizer.pt", weights_only=True)
     assert len(optimizer_state["state"]) == len(list(interrupted.model.parameters()))
 
-    resumed = make_trainer(tmp_path, model=make_model(seed=7), **resume_settings(tmp_path, "interrupted"))
+    resumed = make_trainer(
+        tmp_path, model=make_model(seed=7), **resume_settings(tmp_path, "interrupted"), **sampling
+    )
     resumed.train(resume_from_checkpoint=str(checkpoint))
     assert max_difference(resumed.model, uninterrupted.model) < 1e-6
     for key in ("pilot_loss", "copilot_loss", "loss"):
@@ -472,11 +654,13 @@ def test_freeze_pilot_trains_only_the_copilot_and_its_loss_falls(tmp_path):
 
 
 def test_gradient_checkpointing_on_the_pilot(tmp_path):
-    plain = make_trainer(tmp_path, max_steps=6)
+    plain = make_trainer(tmp_path, max_steps=6, copilot_lr_scheduler_type=None)
     plain.train()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # the deprecated alias of activation_checkpointing
-        checkpointed = make_trainer(tmp_path, max_steps=6, gradient_checkpointing=True)
+        checkpointed = make_trainer(
+            tmp_path, max_steps=6, gradient_checkpointing=True, copilot_lr_scheduler_type=None
+        )
     checkpointed.train()
     assert checkpointed.model.pilot.is_activation_checkpointing
     assert logged(checkpointed, "pilot_loss") == pytest.approx(logged(plain, "pilot_loss"), rel=1e-5)
@@ -612,7 +796,8 @@ def test_a_non_finite_loss_stops_training_naming_the_step(tmp_path, part, name, 
         return output * float("nan") if len(calls) == step else output
 
     head.register_forward_hook(poison)
-    trainer = make_trainer(tmp_path, model=model, max_steps=5)
+    # One Copilot pass per step (no exposure pass), so the hook's call count is the step.
+    trainer = make_trainer(tmp_path, model=model, max_steps=5, copilot_feedback_fraction=0.0)
     with pytest.raises(NonFiniteLossError, match=rf"{name} is nan at training step {step} "):
         trainer.train()
     assert trainer.state.global_step == step - 1  # the poisoned step made no update

@@ -9,6 +9,7 @@ from .base import SPLITS, Example, GeneratedTask, Task, split_of
 from .benchmarks import BENCHMARKS, BenchmarkTask
 from .multiple_choice import MultipleChoiceTask
 from .recommendation import RecommendationTask, hit_at_k, ndcg_at_k
+from .sorting import SortingTask
 from .word_problems import WordProblemsTask
 
 TASKS: dict[str, Callable[..., Task]] = {
@@ -16,6 +17,7 @@ TASKS: dict[str, Callable[..., Task]] = {
     WordProblemsTask.name: WordProblemsTask,
     MultipleChoiceTask.name: MultipleChoiceTask,
     RecommendationTask.name: RecommendationTask,
+    SortingTask.name: SortingTask,
     **{name: partial(BenchmarkTask, name) for name in BENCHMARKS},
 }
 
@@ -37,6 +39,7 @@ __all__ = [
     "GeneratedTask",
     "MultipleChoiceTask",
     "RecommendationTask",
+    "SortingTask",
     "Task",
     "WordProblemsTask",
     "get_task",
