@@ -334,6 +334,11 @@ class CopilotTrainer(Trainer):
                     loss = out.copilot_squared_error / out.copilot_num_tokens.clamp_min(1)
                     self._raise_if_not_finite(loss.detach() * 0, loss)
                     loss.backward()
+                    if self.args.world_size > 1:  # each rank sees its shard: average like DDP would
+                        for parameter in copilot.parameters():
+                            if parameter.grad is not None:
+                                torch.distributed.all_reduce(parameter.grad)
+                                parameter.grad /= self.args.world_size
                     nn.utils.clip_grad_norm_(copilot.parameters(), self.args.max_grad_norm)
                     optimizer.step()
                     schedule.step()

@@ -55,7 +55,14 @@ def copilot_arguments(output_dir: str, replay: int, **overrides) -> CopilotTrain
 def train(output_dir: str, replay: int) -> None:
     # With replay the Copilot also runs outside DDP's forward; find_unused_parameters=False then checks
     # that every parameter still receives exactly one gradient per step.
-    args = copilot_arguments(output_dir, replay, ddp_find_unused_parameters=False if replay else None)
+    # The replay run also ends with a Copilot-only epoch: each rank trains on its own shard, so the ranks
+    # stay identical only if that phase averages the Copilot's gradients across them.
+    args = copilot_arguments(
+        output_dir,
+        replay,
+        ddp_find_unused_parameters=False if replay else None,
+        copilot_final_epochs=1.0 if replay else 0.0,
+    )
     trainer = CopilotTrainer(
         model=make_model(), args=args, train_dataset=counting_rows(), data_collator=collate
     )
