@@ -1,15 +1,27 @@
-"""Does the Copilot make a fine-tuned model better? Three arms on offline tasks, several seeds.
+"""Does the Copilot make a fine-tuned model better? Two regimes, four arms, three seeds (SPEC section 7).
 
-Arms (same Pilot initialisation, data order and steps; SPEC section 7):
-  pilot          the Pilot fine-tuned alone with the stock Trainer
-  pilot_copilot  the same Pilot fine-tuned with a Copilot (CopilotTrainer); lambda chosen on validation
-  pilot_matched  a Pilot with as many parameters as Pilot + Copilot, stock Trainer
-Variants of the Pilot + Copilot arm (no retraining): fusion space, feedback mode, each lambda.
+Regimes:
+  pretrained  the paper's: a small LLaMA family pretrained offline on a broad generated corpus
+              (benchmarks/model_family.py), fine-tuned on task families that are not in that corpus
+  scratch     tiny Pilots trained from random initialisation on one task
+Arms (same Pilot initialisation, data order and steps):
+  pilot               the Pilot fine-tuned alone with the stock Trainer
+  pilot_copilot       Pilot + a randomly initialised Copilot, CopilotTrainer with the package defaults and
+                      copilot_final_epochs=1
+  pilot_copilot_paper the same trained for the paper's feedback mode (copilot_feedback="copilot", the
+                      Copilot reads its own predictions at answer positions in training too)
+  pilot_copilot_init  pilot_copilot with the Copilot initialised from the smaller family member (pretrained only)
+  pilot_matched       the next family size (pretrained) or a Pilot with as many parameters (scratch)
+  transfer            pilot_copilot_init's Copilot attached to a Pilot fine-tuned independently (another data
+                      order), as in the paper's Table 3 (pretrained only)
+Each Copilot arm is scored in both feedback modes; lambda is chosen on validation, accuracy reported on test.
 
-    python benchmarks/quality.py                 # full run, writes benchmarks/results/quality.{json,md,png}
-    python benchmarks/quality.py --quick         # smoke run
+    python benchmarks/quality.py --regime pretrained --output /tmp/quality/pretrained
+    python benchmarks/quality.py --regime scratch --output /tmp/quality/scratch
+    python benchmarks/quality.py --from-records /tmp/quality/*/quality.json   # writes benchmarks/results/
 
-Each record of quality.json: task, seed, arm, accuracy (test), plus the settings that produced it.
+One record per (regime, task, seed, arm, feedback) in quality.json: regime, task, seed, arm, feedback, lambda,
+test_accuracy, params, plus validation accuracy, the Copilot's held-out R^2 and the training time.
 """
 
 from __future__ import annotations
@@ -20,429 +32,389 @@ import os
 import platform
 import statistics
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 
 import torch
 import transformers
+from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainingArguments
 
-from hf_copilot import CopilotConfig
+from hf_copilot import CopilotConfig, CopilotTrainer, CopilotTrainingArguments, PilotCopilotForCausalLM
+from hf_copilot.configuration_pilot_copilot import copilot_config_like
+from hf_copilot.experiments.data import DataCollatorForCompletion, tokenize_examples
 from hf_copilot.experiments.evaluation import DEFAULT_LAMBDAS, evaluate_task
-from hf_copilot.experiments.recipes import (
-    PilotShape,
-    TrainingRecipe,
-    evaluate_pilot_copilot,
-    matched_shape,
-    task_tokenizer,
-    train_arm,
-)
+from hf_copilot.experiments.recipes import PilotShape, matched_shape, task_tokenizer
 from hf_copilot.experiments.tasks import get_task
 
-RESULTS = os.path.join(os.path.dirname(__file__), "results")
-# How the committed results were produced: two task groups in parallel (one core each), the ablations,
-# then a merge of the three record files.
-REPRODUCE = (
-    "python benchmarks/quality.py --tasks arithmetic recommendation --output /tmp/qrun/a",
-    "python benchmarks/quality.py --tasks word_problems multiple_choice --output /tmp/qrun/b",
-    "python benchmarks/quality.py --ablations copilot_hidden_64 copilot_4_layers replay_4 copilot_lr_2x "
-    "--ablation-task arithmetic --ablation-seed 1 --output /tmp/qrun/abl",
-    "python benchmarks/quality.py --from-records /tmp/qrun/a/quality.json /tmp/qrun/b/quality.json "
-    "/tmp/qrun/abl/quality.json",
-)
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+FEEDBACK_MODES = ("observed", "copilot")
+ARMS = ("pilot", "pilot_copilot", "pilot_copilot_paper", "pilot_copilot_init", "transfer", "pilot_matched")
+SCRATCH_COPILOT = CopilotConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4)
+# The package's defaults plus the one-argument Copilot-only epoch on the final Pilot, which
+# benchmarks/results/copilot_training.md measured as the largest single gain.
+COPILOT_FINAL_EPOCHS = 1.0
 
 
 @dataclass
-class TaskSetting:
-    """A task family with a Pilot sized so that alone it is neither at 0% nor near 100%."""
+class Setting:
+    """A downstream task family with an amount of fine-tuning that leaves the Pilot between 20% and 80%."""
 
-    name: str
+    task: str
     options: dict = field(default_factory=dict)
-    shape: PilotShape = field(default_factory=PilotShape)
-    train_size: int = 4000
-    epochs: float = 4.0
-    eval_size: int = 300
+    train_size: int = 2000
+    epochs: float = 2.0
+    learning_rate: float = 3e-3
+    shape: PilotShape = field(default_factory=lambda: PilotShape(64, 2, 4))
 
 
-SETTINGS = [
-    TaskSetting("arithmetic", {"digits": 2, "operations": "+-"}, PilotShape(64, 2, 4), 6000, 8.0),
-    TaskSetting("word_problems", {"max_number": 8}, PilotShape(64, 2, 4), 3000, 4.0),
-    TaskSetting("multiple_choice", {"num_choices": 2}, PilotShape(64, 2, 4), 2000, 5.0),
-    TaskSetting("recommendation", {"num_items": 60, "num_genres": 4}, PilotShape(64, 2, 4), 4000, 8.0),
-]
-COPILOT = CopilotConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4)
-
-
-def run_task_seed(setting: TaskSetting, seed: int, output_dir: str, quick: bool) -> list[dict]:
-    """All arms and variants of one task and seed."""
-    task = get_task(setting.name, **setting.options)
-    train_size = 200 if quick else setting.train_size
-    eval_size = 40 if quick else setting.eval_size
-    train = task.examples("train", train_size, seed=seed)
-    validation = task.examples("validation", eval_size, seed=seed)
-    test = task.examples("test", eval_size, seed=seed)
-    tokenizer = task_tokenizer(task)
-    recipe = TrainingRecipe(
-        epochs=0.5 if quick else setting.epochs, batch_size=32, seed=seed, logging_steps=25
-    )
-    base = {"task": setting.name, "seed": seed, "task_options": setting.options, "train_examples": train_size}
-    records = []
-
-    def record(arm: str, accuracy: float, parameter_count: int, **settings) -> None:
-        records.append({**base, "arm": arm, "accuracy": accuracy, "parameters": parameter_count, **settings})
-
-    # Pilot + Copilot, then its variants.
-    started = time.time()
-    model, _ = train_arm(
-        "pilot_copilot", setting.shape.build(tokenizer, seed), tokenizer, train, recipe, output_dir, COPILOT
-    )
-    seconds = time.time() - started
-    total = model.num_parameters()
-    for variant in evaluate_variants(model, tokenizer, task, validation, test):
-        default = variant["fusion"] == "probs" and variant["copilot_feedback"] == "copilot"
-        record(
-            "pilot_copilot" if default else "pilot_copilot_variant",
-            parameter_count=total,
-            train_seconds=round(seconds, 1),
-            **variant,
-        )
-    for lam in DEFAULT_LAMBDAS:
-        accuracy = evaluate_task(
-            model, tokenizer, test, task, batch_size=100, progress=False, copilot_lambda=lam
-        )
-        record(
-            "pilot_copilot_lambda",
-            accuracy=accuracy["accuracy"],
-            parameter_count=total,
-            copilot_lambda=lam,
-            lambda_selection="fixed",
-            fusion="probs",
-            copilot_feedback="copilot",
-        )
-
-    # The Pilot alone, from the same initialisation and data order.
-    for arm, shape in (
-        ("pilot", setting.shape),
-        ("pilot_matched", matched_shape(setting.shape, total, tokenizer)),
-    ):
-        started = time.time()
-        pilot, _ = train_arm(arm, shape.build(tokenizer, seed), tokenizer, train, recipe, output_dir)
-        accuracy = evaluate_task(pilot, tokenizer, test, task, batch_size=100, progress=False)["accuracy"]
-        record(
-            arm,
-            accuracy,
-            pilot.num_parameters(),
-            train_seconds=round(time.time() - started, 1),
-            pilot_shape=shape.__dict__,
-        )
-    return records
-
-
-def evaluate_variants(model, tokenizer, task, validation, test) -> list[dict]:
-    """Test accuracy for each fusion space x feedback mode, lambda chosen on validation for each."""
-    variants = []
-    for feedback in ("copilot", "observed"):
-        for fusion in ("probs", "logits"):
-            result = evaluate_pilot_copilot(
-                model,
-                tokenizer,
-                task,
-                validation,
-                test,
-                lambdas=DEFAULT_LAMBDAS,
-                batch_size=100,
-                progress=False,
-                fusion=fusion,
-                copilot_feedback=feedback,
-            )
-            variants.append(
-                {
-                    "accuracy": result.fused_accuracy,
-                    "fusion": fusion,
-                    "copilot_feedback": feedback,
-                    "copilot_lambda": result.best_lambda,
-                    "lambda_selection": "validation",
-                    "validation_sweep": result.validation_sweep,
-                    "pilot_accuracy_same_run": result.pilot_accuracy,
-                }
-            )
-    return variants
-
-
-ABLATIONS = {
-    "copilot_hidden_64": {"copilot": {"hidden_size": 64}},
-    "copilot_4_layers": {"copilot": {"num_hidden_layers": 4}},
-    "replay_4": {"recipe": {"mistake_log_replay": 4}},
-    "copilot_lr_2x": {"recipe": {"copilot_learning_rate": 6e-3}},
+SETTINGS = {
+    "pretrained": [
+        Setting("arithmetic", {"digits": 2, "operations": "+-"}, 4000, 6.0, 2e-3),
+        Setting("word_problems", {"max_number": 8}, 3000, 4.0, 2e-3),
+        Setting("recommendation", {"num_items": 60, "num_genres": 4}, 3000, 3.0, 2e-3),
+        Setting("multiple_choice", {"num_choices": 2}, 2000, 3.0, 2e-3),
+    ],
+    "scratch": [
+        Setting("sorting", {"length": 8}, 2000, 2.0),
+        Setting("arithmetic", {"digits": 2, "operations": "+-"}, 6000, 8.0),
+        Setting("word_problems", {"max_number": 8}, 3000, 4.0),
+        Setting("recommendation", {"num_items": 60, "num_genres": 4}, 4000, 8.0),
+    ],
 }
 
 
-def run_ablations(setting: TaskSetting, seed: int, output_dir: str, names: list[str]) -> list[dict]:
-    """Retrain the Pilot + Copilot arm with another Copilot size, replay or learning rate."""
-    task = get_task(setting.name, **setting.options)
-    train = task.examples("train", setting.train_size, seed=seed)
-    validation = task.examples("validation", setting.eval_size, seed=seed)
-    test = task.examples("test", setting.eval_size, seed=seed)
-    tokenizer = task_tokenizer(task)
+def arguments(setting: Setting, seed: int, output_dir: str, with_copilot: bool, data_seed: int | None = None):
+    """The optimisation every arm shares; the Copilot arms add only the package's Copilot defaults."""
+    common = dict(
+        output_dir=output_dir,
+        per_device_train_batch_size=32,
+        num_train_epochs=setting.epochs,
+        learning_rate=setting.learning_rate,
+        lr_scheduler_type="cosine",
+        warmup_steps=20,
+        seed=seed,
+        data_seed=seed if data_seed is None else data_seed,
+        logging_steps=50,
+        save_strategy="no",
+        report_to=[],
+        disable_tqdm=True,
+        dataloader_pin_memory=False,
+    )
+    if not with_copilot:
+        return TrainingArguments(**common)
+    return CopilotTrainingArguments(**common, copilot_final_epochs=COPILOT_FINAL_EPOCHS)
+
+
+class Experiment:
+    """One regime, task and seed: the data, the tokenizer, and how each arm's model is made."""
+
+    def __init__(self, regime: str, setting: Setting, seed: int, eval_size: int, family=None):
+        self.regime, self.setting, self.seed = regime, setting, seed
+        self.task = get_task(setting.task, **setting.options)
+        self.family = family
+        if family is not None:
+            self.tokenizer = AutoTokenizer.from_pretrained(family.tokenizer_path)
+        else:
+            self.tokenizer = task_tokenizer(self.task)
+        self.tokenizer.padding_side = "left"
+        self.train = self.task.examples("train", setting.train_size, seed=seed)
+        self.validation = self.task.examples("validation", eval_size, seed=seed)
+        self.test = self.task.examples("test", eval_size, seed=seed)
+        self.collator = DataCollatorForCompletion(self.tokenizer)
+        self.dataset = tokenize_examples(self.train, self.tokenizer)
+        self.scratch = tempfile.mkdtemp(prefix="quality-")
+
+    def pilot(self, member: str = "base"):
+        torch.manual_seed(self.seed)
+        if self.family is not None:
+            return AutoModelForCausalLM.from_pretrained(self.family.members[member])
+        if member == "large":
+            target = self.pilot().num_parameters() + self.copilot_parameters()
+            return matched_shape(self.setting.shape, target, self.tokenizer).build(self.tokenizer, self.seed)
+        return self.setting.shape.build(self.tokenizer, self.seed)
+
+    def copilot_config(self) -> CopilotConfig:
+        if self.family is None:
+            return SCRATCH_COPILOT
+        return copilot_config_like(AutoModelForCausalLM.from_pretrained(self.family.members["small"]).config)
+
+    def copilot_parameters(self) -> int:
+        model = PilotCopilotForCausalLM.from_pilot(
+            self.setting.shape.build(self.tokenizer, 0), SCRATCH_COPILOT
+        )
+        return model.copilot.num_parameters()
+
+    def fine_tune(self, model, with_copilot: bool, data_seed: int | None = None):
+        args = arguments(self.setting, self.seed, self.scratch, with_copilot, data_seed)
+        trainer_class = CopilotTrainer if with_copilot else Trainer
+        evaluation = tokenize_examples(self.validation, self.tokenizer) if with_copilot else None
+        trainer = trainer_class(
+            model=model,
+            args=args,
+            train_dataset=self.dataset,
+            eval_dataset=evaluation,
+            data_collator=self.collator,
+        )
+        started = time.time()
+        trainer.train()
+        seconds = time.time() - started
+        r2 = trainer.evaluate()["eval_copilot_r2"] if with_copilot else None
+        return model.eval(), seconds, r2
+
+    def accuracy(self, model, examples, **generate_kwargs) -> float:
+        return evaluate_task(
+            model, self.tokenizer, examples, self.task, batch_size=100, progress=False, **generate_kwargs
+        )["accuracy"]
+
+
+def run(regime: str, setting: Setting, seed: int, eval_size: int, family, arms=ARMS) -> list[dict]:
+    """The arms of one regime, task and seed."""
+    experiment = Experiment(regime, setting, seed, eval_size, family)
+    base = {"regime": regime, "task": setting.task, "seed": seed}
     records = []
-    for name in names:
-        change = ABLATIONS[name]
-        copilot = CopilotConfig(**{**COPILOT.to_dict(), **change.get("copilot", {})})
-        recipe = TrainingRecipe(
-            epochs=setting.epochs, batch_size=32, seed=seed, logging_steps=25, **change.get("recipe", {})
+
+    def pilot_record(arm: str, model, seconds: float) -> None:
+        accuracy = experiment.accuracy(model, experiment.test)
+        records.append(
+            {
+                **base,
+                "arm": arm,
+                "feedback": None,
+                "lambda": 0.0,
+                "test_accuracy": accuracy,
+                "params": model.num_parameters(),
+                "train_seconds": round(seconds, 1),
+            }
         )
-        model, _ = train_arm(
-            "pilot_copilot",
-            setting.shape.build(tokenizer, seed),
-            tokenizer,
-            train,
-            recipe,
-            output_dir,
-            copilot,
-        )
-        for variant in evaluate_variants(model, tokenizer, task, validation, test):
+        progress(records[-1])
+
+    def copilot_records(arm: str, modes, model, seconds: float, r2: float | None) -> None:
+        own_pilot = experiment.accuracy(model, experiment.test, copilot_lambda=0.0)
+        for feedback in modes:
+            sweep = {
+                lam: experiment.accuracy(
+                    model, experiment.validation, copilot_lambda=lam, copilot_feedback=feedback
+                )
+                for lam in DEFAULT_LAMBDAS
+            }
+            best = max(DEFAULT_LAMBDAS, key=lambda lam: (sweep[lam], -lam))
+            accuracy = experiment.accuracy(
+                model, experiment.test, copilot_lambda=best, copilot_feedback=feedback
+            )
             records.append(
                 {
-                    "task": setting.name,
-                    "seed": seed,
-                    "arm": "pilot_copilot_ablation",
-                    "ablation": name,
-                    "parameters": model.num_parameters(),
-                    **variant,
+                    **base,
+                    "arm": arm,
+                    "feedback": feedback,
+                    "lambda": best,
+                    "test_accuracy": accuracy,
+                    "params": model.num_parameters(),
+                    "pilot_accuracy": own_pilot,
+                    "validation_sweep": {str(k): v for k, v in sweep.items()},
+                    "copilot_r2": r2,
+                    "train_seconds": round(seconds, 1),
                 }
             )
+            progress(records[-1])
+
+    if "pilot" in arms:
+        pilot_record("pilot", *experiment.fine_tune(experiment.pilot(), with_copilot=False)[:2])
+    if "pilot_copilot" in arms:
+        torch.manual_seed(seed + 1)
+        joint = PilotCopilotForCausalLM.from_pilot(experiment.pilot(), experiment.copilot_config())
+        copilot_records("pilot_copilot", FEEDBACK_MODES, *experiment.fine_tune(joint, with_copilot=True))
+    if "pilot_copilot_paper" in arms:
+        # The paper's feedback mode, trained for it: answer positions read the Copilot's own predictions.
+        torch.manual_seed(seed + 1)
+        joint = PilotCopilotForCausalLM.from_pilot(
+            experiment.pilot(), experiment.copilot_config(), copilot_feedback="copilot"
+        )
+        copilot_records("pilot_copilot_paper", ("copilot",), *experiment.fine_tune(joint, with_copilot=True))
+    if family is not None and {"pilot_copilot_init", "transfer"} & set(arms):
+        joint = PilotCopilotForCausalLM.from_pilot(experiment.pilot(), copilot_init=family.members["small"])
+        copilot_records("pilot_copilot_init", FEEDBACK_MODES, *experiment.fine_tune(joint, with_copilot=True))
+        # The paper's transfer: this Copilot on a Pilot fine-tuned from the same base with another data order.
+        other, _, _ = experiment.fine_tune(experiment.pilot(), with_copilot=False, data_seed=seed + 1000)
+        folder = os.path.join(experiment.scratch, "copilot")
+        joint.save_copilot(folder)
+        moved = PilotCopilotForCausalLM.from_pretrained(folder, pilot=other, allow_other_pilot=True).eval()
+        copilot_records("transfer", FEEDBACK_MODES, moved, 0.0, None)
+    if "pilot_matched" in arms:
+        pilot_record(
+            "pilot_matched", *experiment.fine_tune(experiment.pilot("large"), with_copilot=False)[:2]
+        )
     return records
 
 
-def summarise(records: list[dict]) -> dict:
-    """Mean and std over seeds per task and arm, with the lifts the issue asks for."""
-    summary: dict[str, dict] = {}
-    for task in dict.fromkeys(r["task"] for r in records):
-        rows = [r for r in records if r["task"] == task]
-        arms = {}
-        for arm in ("pilot", "pilot_copilot", "pilot_matched"):
-            values = [r["accuracy"] for r in rows if r["arm"] == arm]
-            if values:
-                arms[arm] = {
-                    "mean": statistics.mean(values),
-                    "std": statistics.stdev(values) if len(values) > 1 else 0.0,
-                    "parameters": next(r["parameters"] for r in rows if r["arm"] == arm),
-                }
-        variants = {}
-        for r in rows:
-            if r["arm"] in ("pilot_copilot", "pilot_copilot_variant"):
-                key = f"{r['fusion']}/{r['copilot_feedback']}"
-                variants.setdefault(key, []).append(r["accuracy"])
-        lambdas = {}
-        for r in rows:
-            if r["arm"] == "pilot_copilot_lambda":
-                lambdas.setdefault(r["copilot_lambda"], []).append(r["accuracy"])
-        pilot, fused = arms.get("pilot", {}).get("mean"), arms.get("pilot_copilot", {}).get("mean")
-        matched = arms.get("pilot_matched", {}).get("mean")
-        ablations: dict[str, dict] = {}
-        for r in rows:
-            if r["arm"] == "pilot_copilot_ablation":
-                ablations.setdefault(f"{r['ablation']} (seed {r['seed']})", {})[
-                    f"{r['fusion']}/{r['copilot_feedback']}"
-                ] = r["accuracy"]
-        for r in rows:
-            if r["arm"] in ("pilot_copilot", "pilot_copilot_variant") and any(
-                f"(seed {r['seed']})" in key for key in ablations
-            ):
-                ablations.setdefault(f"default (seed {r['seed']})", {})[
-                    f"{r['fusion']}/{r['copilot_feedback']}"
-                ] = r["accuracy"]
-        summary[task] = {
-            "ablations": ablations,
-            "arms": arms,
-            "relative_lift_over_pilot": (fused - pilot) / pilot if pilot else None,
-            "fused_minus_matched": fused - matched if matched is not None else None,
-            "variants": {k: statistics.mean(v) for k, v in variants.items()},
-            "fixed_lambda": {k: statistics.mean(v) for k, v in sorted(lambdas.items())},
+def progress(record: dict) -> None:
+    feedback = f" {record['feedback']} lambda {record['lambda']:g}" if record["feedback"] else ""
+    r2 = f" R^2 {record['copilot_r2']:.3f}" if record.get("copilot_r2") is not None else ""
+    print(
+        f"{record['regime']} {record['task']} seed {record['seed']} {record['arm']}{feedback}: "
+        f"test {record['test_accuracy']:.3f}{r2}",
+        flush=True,
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# Summary, markdown and plot
+
+
+def find(records, **keys) -> list[dict]:
+    return [r for r in records if all(r.get(k) == v for k, v in keys.items())]
+
+
+def summarise(records: list[dict], default_feedback: str) -> list[dict]:
+    """Per regime and task: mean test accuracy of each arm, paired per-seed lifts over the Pilot."""
+    rows = []
+    for regime, task in dict.fromkeys((r["regime"], r["task"]) for r in records):
+        seeds = sorted({r["seed"] for r in find(records, regime=regime, task=task, arm="pilot")})
+        if not seeds:  # a run of other arms only: summarised once merged with its Pilot records
+            continue
+        pilot = {
+            s: find(records, regime=regime, task=task, arm="pilot", seed=s)[0]["test_accuracy"] for s in seeds
         }
-    return summary
+        row = {
+            "regime": regime,
+            "task": task,
+            "seeds": seeds,
+            "pilot": statistics.mean(pilot.values()),
+            "pilot_std": statistics.stdev(pilot.values()) if len(seeds) > 1 else 0.0,
+        }
+        for arm in ARMS[1:]:
+            for feedback in FEEDBACK_MODES if arm != "pilot_matched" else (None,):
+                chosen = find(records, regime=regime, task=task, arm=arm, feedback=feedback)
+                if len(chosen) != len(seeds):
+                    continue
+                key = arm if feedback is None else f"{arm}/{feedback}"
+                by_seed = {r["seed"]: r["test_accuracy"] for r in chosen}
+                # Paired with the very Pilot it rectifies (for transfer, the other fine-tuned Pilot).
+                own = {r["seed"]: r.get("pilot_accuracy", pilot[r["seed"]]) for r in chosen}
+                mean, baseline = statistics.mean(by_seed.values()), statistics.mean(own.values())
+                row[key] = {
+                    "mean": mean,
+                    "lift_per_seed": [round(by_seed[s] - own[s], 4) for s in seeds],
+                    "relative_lift": (mean - baseline) / baseline if baseline else None,
+                    "params": chosen[0]["params"],
+                    "copilot_r2": statistics.mean(r["copilot_r2"] for r in chosen)
+                    if chosen[0].get("copilot_r2") is not None
+                    else None,
+                }
+        row["default_feedback"] = default_feedback
+        rows.append(row)
+    return rows
 
 
-def per_seed_rows(records: list[dict]) -> list[str]:
-    """One line per task and seed: the arms side by side, and the fused variants."""
+def markdown(rows: list[dict], command: str) -> str:
     lines = [
+        "# Quality: Pilot alone, Pilot + Copilot, and a bigger Pilot",
         "",
-        "## Per seed (test accuracy; fused columns use lambda chosen on validation)",
-        "",
-        "| task | seed | Pilot | fused probs/copilot | fused probs/observed | fused logits/observed | matched Pilot |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
-    ]
-    keys = dict.fromkeys((r["task"], r["seed"]) for r in records if r["arm"] == "pilot")
-    for task, seed in keys:
-        rows = [r for r in records if r["task"] == task and r["seed"] == seed]
-
-        def find(arm: str, fusion: str | None = None, feedback: str | None = None, rows: list = rows) -> str:
-            for r in rows:
-                if (
-                    r["arm"] == arm
-                    and fusion in (None, r.get("fusion"))
-                    and feedback in (None, r.get("copilot_feedback"))
-                ):
-                    lam = f" (λ={r['copilot_lambda']:g})" if "copilot_lambda" in r else ""
-                    return f"{r['accuracy']:.3f}{lam}"
-            return "-"
-
-        lines.append(
-            f"| {task} | {seed} | {find('pilot')} | {find('pilot_copilot')} | "
-            f"{find('pilot_copilot_variant', 'probs', 'observed')} | {find('pilot_copilot_variant', 'logits', 'observed')} | "
-            f"{find('pilot_matched')} |"
-        )
-    return lines
-
-
-def write_markdown(summary: dict, command: str, path: str, records: list[dict]) -> None:
-    lines = [
-        "# Quality: Pilot alone vs Pilot + Copilot vs a parameter-matched Pilot",
-        "",
-        f"Command: `{command}`  ",
-        "Committed results: " + "; then ".join(f"`{line}`" for line in REPRODUCE) + ".  ",
+        f"`{command}`  ",
         f"Machine: {os.cpu_count()} CPU cores, torch {torch.__version__}, transformers {transformers.__version__}, "
-        f"Python {platform.python_version()}.",
+        f"Python {platform.python_version()}. Test exact match, mean over seeds; lambda chosen on validation for "
+        "each arm and feedback mode; per-seed lift: accuracy minus that of the very Pilot it rectifies "
+        "(for transfer, the other fine-tuned Pilot).",
         "",
-        "Test accuracy, mean ± std over seeds. Pilot + Copilot uses lambda chosen on validation "
-        "(fusion=probs, feedback=copilot, the paper's defaults). Lift = (fused - Pilot) / Pilot.",
-        "",
-        "| task | Pilot | Pilot + Copilot | parameter-matched Pilot | relative lift | fused - matched |",
-        "| --- | ---: | ---: | ---: | ---: | ---: |",
+        "| regime | task | Pilot | arm | feedback | accuracy | relative lift | per-seed lift | R^2 | params |",
+        "| --- | --- | ---: | --- | --- | ---: | ---: | --- | ---: | ---: |",
     ]
-    for task, row in summary.items():
-        arms = row["arms"]
-
-        def cell(arm: str, arms: dict = arms) -> str:
-            if arm not in arms:
-                return "-"
-            return f"{arms[arm]['mean']:.3f} ± {arms[arm]['std']:.3f} ({arms[arm]['parameters']:,} p.)"
-
-        lift = row["relative_lift_over_pilot"]
-        gap = row["fused_minus_matched"]
+    for row in rows:
         lines.append(
-            f"| {task} | {cell('pilot')} | {cell('pilot_copilot')} | {cell('pilot_matched')} | "
-            f"{'-' if lift is None else f'{100 * lift:+.1f}%'} | {'-' if gap is None else f'{gap:+.3f}'} |"
+            f"| {row['regime']} | {row['task']} | {row['pilot']:.3f} ± {row['pilot_std']:.3f} | pilot | | | | | | |"
         )
-    lines += [
-        "",
-        "## Variants (lambda chosen on validation for each), mean test accuracy",
-        "",
-        "| task | " + " | ".join(next(iter(summary.values()))["variants"]) + " |",
-        "| --- |" + " ---: |" * len(next(iter(summary.values()))["variants"]),
-    ]
-    for task, row in summary.items():
-        lines.append(f"| {task} | " + " | ".join(f"{v:.3f}" for v in row["variants"].values()) + " |")
-    lines += [
-        "",
-        "## Fixed lambda (fusion=probs, feedback=copilot), mean test accuracy",
-        "",
-        "| task | " + " | ".join(f"λ={lam:g}" for lam in DEFAULT_LAMBDAS) + " |",
-        "| --- |" + " ---: |" * len(DEFAULT_LAMBDAS),
-    ]
-    for task, row in summary.items():
-        lines.append(
-            f"| {task} | "
-            + " | ".join(f"{row['fixed_lambda'].get(lam, float('nan')):.3f}" for lam in DEFAULT_LAMBDAS)
-            + " |"
-        )
-    lines += per_seed_rows(records)
-    ablation_rows = [
-        (task, name, row) for task, data in summary.items() for name, row in data["ablations"].items()
-    ]
-    if ablation_rows:
-        variants = list(ablation_rows[0][2])
-        lines += [
-            "",
-            "## Ablations: Copilot size, replay, Copilot learning rate (test accuracy, lambda chosen on "
-            "validation)",
-            "",
-            "| task | run | " + " | ".join(variants) + " |",
-            "| --- | --- |" + " ---: |" * len(variants),
-        ]
-        for task, name, row in sorted(
-            ablation_rows, key=lambda r: (r[0], not r[1].startswith("default"), r[1])
-        ):
+        for key, value in row.items():
+            if not isinstance(value, dict):
+                continue
+            arm, _, feedback = key.partition("/")
+            lift = value["relative_lift"]
+            r2 = value["copilot_r2"]
             lines.append(
-                f"| {task} | {name} | "
-                + " | ".join(f"{row.get(v, float('nan')):.3f}" for v in variants)
-                + " |"
+                f"| | | | {arm} | {feedback} | {value['mean']:.3f} | "
+                f"{'-' if lift is None else f'{100 * lift:+.1f}%'} | "
+                f"{', '.join(f'{d:+.3f}' for d in value['lift_per_seed'])} | "
+                f"{'-' if r2 is None else f'{r2:.3f}'} | {value['params']:,} |"
             )
-    with open(path, "w") as handle:
-        handle.write("\n".join(lines) + "\n")
+    return "\n".join(lines) + "\n"
 
 
-def plot(summary: dict, path: str) -> None:
+def plot(rows: list[dict], path: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    tasks = list(summary)
-    figure, (bars, curves) = plt.subplots(1, 2, figsize=(12, 4.5))
-    width = 0.27
-    for offset, (arm, label) in enumerate(
-        (("pilot", "Pilot"), ("pilot_copilot", "Pilot + Copilot"), ("pilot_matched", "param-matched Pilot"))
-    ):
-        means = [summary[t]["arms"].get(arm, {}).get("mean", 0) for t in tasks]
-        stds = [summary[t]["arms"].get(arm, {}).get("std", 0) for t in tasks]
-        bars.bar([i + (offset - 1) * width for i in range(len(tasks))], means, width, yerr=stds, label=label)
-    bars.set_xticks(range(len(tasks)), tasks, rotation=15)
-    bars.set_ylabel("test accuracy")
-    bars.set_title("Arms (mean ± std over seeds)")
-    bars.legend()
-    for task in tasks:
-        fixed = summary[task]["fixed_lambda"]
-        curves.plot(list(fixed), list(fixed.values()), marker="o", label=task)
-    curves.set_xlabel("copilot_lambda (fusion=probs, feedback=copilot)")
-    curves.set_ylabel("test accuracy")
-    curves.set_title("Accuracy by lambda")
-    curves.legend()
+    regimes = list(dict.fromkeys(r["regime"] for r in rows))
+    figure, axes = plt.subplots(1, len(regimes), figsize=(7 * len(regimes), 4.5), squeeze=False)
+    for ax, regime in zip(axes[0], regimes, strict=True):
+        chosen = [r for r in rows if r["regime"] == regime]
+        keys = ["pilot", *dict.fromkeys(k for r in chosen for k, v in r.items() if isinstance(v, dict))]
+        width = 0.8 / len(keys)
+        for offset, key in enumerate(keys):
+            values = [r[key] if key == "pilot" else r.get(key, {}).get("mean", 0.0) for r in chosen]
+            ax.bar([i + offset * width for i in range(len(chosen))], values, width, label=key)
+        ax.set_xticks(
+            [i + 0.4 - width / 2 for i in range(len(chosen))], [r["task"] for r in chosen], rotation=10
+        )
+        ax.set_ylabel("test exact match")
+        ax.set_title(f"{regime} regime (mean of seeds)")
+        ax.legend(fontsize=7)
     figure.tight_layout()
-    figure.savefig(path, dpi=120)
+    figure.savefig(path, dpi=110)
     plt.close(figure)
+
+
+def write(records: list[dict], output: str, command: str) -> None:
+    os.makedirs(output, exist_ok=True)
+    default_feedback = PilotCopilotForCausalLM.config_class().copilot_feedback
+    rows = summarise(records, default_feedback)
+    with open(os.path.join(output, "quality.json"), "w") as handle:
+        json.dump({"command": command, "summary": rows, "records": records}, handle, indent=1)
+    with open(os.path.join(output, "quality.md"), "w") as handle:
+        handle.write(markdown(rows, command))
+    if rows:
+        plot(rows, os.path.join(output, "quality.png"))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
+    parser.add_argument("--regime", choices=sorted(SETTINGS), default="pretrained")
+    parser.add_argument("--tasks", nargs="+", help="default: every task of the regime")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--tasks", nargs="+", default=[s.name for s in SETTINGS])
-    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--eval-size", type=int, default=400)
     parser.add_argument("--output", default=RESULTS)
-    parser.add_argument("--ablations", nargs="+", choices=sorted(ABLATIONS), help="run only these ablations")
-    parser.add_argument("--ablation-task", default="arithmetic")
-    parser.add_argument("--ablation-seed", type=int, default=1)
+    parser.add_argument("--arms", nargs="+", choices=ARMS, default=list(ARMS))
+    parser.add_argument("--quick", action="store_true", help="smoke run: 200 examples, half an epoch")
     parser.add_argument(
-        "--from-records", nargs="+", help="only summarise the records of earlier runs (quality.json files)"
+        "--from-records", nargs="+", help="merge earlier quality.json files instead of running"
     )
     args = parser.parse_args()
-    torch.set_num_threads(1)  # tiny models: one thread each is fastest and leaves the other core free
-    os.makedirs(args.output, exist_ok=True)
-    scratch = os.path.join(args.output, ".runs")
-    records: list[dict] = []
-    if args.from_records:
-        for path in args.from_records:
-            with open(path) as handle:
-                records.extend(json.load(handle)["records"])
-    elif args.ablations:
-        setting = next(s for s in SETTINGS if s.name == args.ablation_task)
-        records = run_ablations(setting, args.ablation_seed, scratch, args.ablations)
-    else:
-        from tqdm.auto import tqdm
-
-        jobs = [(s, seed) for s in SETTINGS if s.name in args.tasks for seed in args.seeds]
-        for setting, seed in tqdm(jobs, desc="task x seed"):
-            records.extend(run_task_seed(setting, seed, scratch, args.quick))
-            with open(os.path.join(args.output, "quality.json"), "w") as handle:
-                json.dump({"records": records, "summary": summarise(records)}, handle, indent=1, default=str)
-    summary = summarise(records)
-    with open(os.path.join(args.output, "quality.json"), "w") as handle:
-        json.dump({"records": records, "summary": summary}, handle, indent=1, default=str)
+    torch.set_num_threads(1)
+    transformers.utils.logging.set_verbosity_error()
     command = "python benchmarks/quality.py " + " ".join(sys.argv[1:])
-    write_markdown(summary, command.strip(), os.path.join(args.output, "quality.md"), records)
-    plot(summary, os.path.join(args.output, "quality.png"))
-    print(open(os.path.join(args.output, "quality.md")).read())
+    if args.from_records:
+        records = [r for path in args.from_records for r in json.load(open(path))["records"]]
+        write(records, args.output, command)
+        return
+    family = None
+    if args.regime == "pretrained":
+        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+        from model_family import load_family
+
+        family = load_family()
+    records = []
+    for setting in SETTINGS[args.regime]:
+        if args.tasks and setting.task not in args.tasks:
+            continue
+        if args.quick:
+            setting = Setting(setting.task, setting.options, 200, 0.5, setting.learning_rate, setting.shape)
+        if args.quick:
+            setting = Setting(setting.task, setting.options, 200, 0.5, setting.learning_rate, setting.shape)
+        for seed in args.seeds:
+            records.extend(run(args.regime, setting, seed, args.eval_size, family, args.arms))
+            write(records, args.output, command)
 
 
 if __name__ == "__main__":
