@@ -47,6 +47,22 @@ from hf_copilot.experiments.evaluation import DEFAULT_LAMBDAS, evaluate_task
 from hf_copilot.experiments.recipes import PilotShape, matched_shape, task_tokenizer
 from hf_copilot.experiments.tasks import get_task
 
+# How the committed results were produced (one core each, some in parallel), then merged.
+REPRODUCE = (
+    "python benchmarks/model_family.py",
+    "python benchmarks/quality.py --regime pretrained --output /tmp/q/pretrained (stopped after word_problems; "
+    "the other families ran as below, in parallel)",
+    "python benchmarks/quality.py --regime pretrained --tasks arithmetic --arms pilot_copilot_paper "
+    "--output /tmp/q/pretrained_paper",
+    "python benchmarks/quality.py --regime pretrained --tasks word_problems --arms pilot_copilot_paper "
+    "--output /tmp/q/pretrained_paper_wp",
+    "python benchmarks/quality.py --regime pretrained --tasks recommendation --output /tmp/q/pretrained_rec",
+    "python benchmarks/quality.py --regime pretrained --tasks multiple_choice --arms pilot pilot_copilot "
+    "pilot_matched --output /tmp/q/pretrained_mc",
+    "python benchmarks/quality.py --regime scratch --output /tmp/q/scratch",
+    "python benchmarks/quality.py --regime scratch --arms pilot_copilot_paper --output /tmp/q/scratch_paper",
+    "python benchmarks/quality.py --from-records /tmp/q/*/quality.json",
+)
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 FEEDBACK_MODES = ("observed", "copilot")
 ARMS = ("pilot", "pilot_copilot", "pilot_copilot_paper", "pilot_copilot_init", "transfer", "pilot_matched")
@@ -306,11 +322,11 @@ def summarise(records: list[dict], default_feedback: str) -> list[dict]:
     return rows
 
 
-def markdown(rows: list[dict], command: str) -> str:
+def markdown(rows: list[dict]) -> str:
     lines = [
         "# Quality: Pilot alone, Pilot + Copilot, and a bigger Pilot",
         "",
-        f"`{command}`  ",
+        "Committed results: " + "; ".join(f"`{line}`" for line in REPRODUCE) + ".  ",
         f"Machine: {os.cpu_count()} CPU cores, torch {torch.__version__}, transformers {transformers.__version__}, "
         f"Python {platform.python_version()}. Test exact match, mean over seeds; lambda chosen on validation for "
         "each arm and feedback mode; per-seed lift: accuracy minus that of the very Pilot it rectifies "
@@ -371,7 +387,7 @@ def write(records: list[dict], output: str, command: str) -> None:
     with open(os.path.join(output, "quality.json"), "w") as handle:
         json.dump({"command": command, "summary": rows, "records": records}, handle, indent=1)
     with open(os.path.join(output, "quality.md"), "w") as handle:
-        handle.write(markdown(rows, command))
+        handle.write(markdown(rows))
     if rows:
         plot(rows, os.path.join(output, "quality.png"))
 
