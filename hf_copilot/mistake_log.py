@@ -102,6 +102,9 @@ class MistakeLog:
         self._slots: list[MistakeLogEntry] = []
         self._next = 0  # the slot the next entry writes; once full, also the oldest entry
         self._latest_stats: dict[str, float] = {}
+        # sum ||e_j||^2 over the latest entry's loss mask: the denominator of the Copilot's R^2, read
+        # from the statistics add() computes anyway, so the training step makes no extra [B,T,V] pass.
+        self.latest_error_norm_sum = 0.0
 
     # ---- buffer ---------------------------------------------------------------------------------
     def __len__(self) -> int:
@@ -152,7 +155,7 @@ class MistakeLog:
         errors = entry.errors
         if self.topk and not errors.is_compact:
             errors = errors.compact(self.topk)
-        self._latest_stats = self._entry_stats(entry, errors)
+        self._latest_stats, self.latest_error_norm_sum = self._entry_stats(entry, errors)
         stored = MistakeLogEntry(entry.x_tilde, entry.h_bar, errors, entry.attention_mask, entry.loss_mask)
         stored = stored.map_tensors(self._to_store)
         if len(self._slots) < self.size:
@@ -230,8 +233,10 @@ class MistakeLog:
                     f"{previous.errors.vocab_size}: one MistakeLog serves one Pilot, create a new one."
                 )
 
-    def _entry_stats(self, entry: MistakeLogEntry, stored_errors: PilotErrors) -> dict[str, float]:
-        """Finite checks and per-entry statistics, read back in one device sync.
+    def _entry_stats(
+        self, entry: MistakeLogEntry, stored_errors: PilotErrors
+    ) -> tuple[dict[str, float], float]:
+        """Finite checks, per-entry statistics and the error-norm sum, read back in one device sync.
 
         Norm and gold probability come from the errors as written (before compaction), so they
         describe the Pilot, not the storage.
@@ -263,9 +268,10 @@ class MistakeLog:
                     "(check the learning rate / mixed precision); the entry was not stored."
                 )
         if count == 0:
-            return {}
+            return {}, 0.0
         names = ("mean_error_norm", "pilot_gold_prob", "topk_dropped_mass")[: len(means)]
-        return {f"mistake_log/{name}": value for name, value in zip(names, means, strict=True)}
+        stats = {f"mistake_log/{name}": value for name, value in zip(names, means, strict=True)}
+        return stats, means[0] * count
 
     # ---- reporting ------------------------------------------------------------------------------
     def memory_bytes(self) -> int:

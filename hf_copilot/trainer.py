@@ -332,7 +332,11 @@ class CopilotTrainer(Trainer):
                     inputs = self._prepare_inputs(inputs)
                     out = pilot_copilot(**inputs, return_mistake_log=True, copilot_feedback_fraction=fraction)
                     loss = out.copilot_squared_error / out.copilot_num_tokens.clamp_min(1)
-                    self._raise_if_not_finite(loss.detach() * 0, loss)
+                    if not torch.isfinite(loss.detach()):
+                        raise NonFiniteLossError(
+                            f"copilot_loss is {loss.item()} at step {step + 1} of the Copilot-only phase; the "
+                            "Copilot was not updated. Lower copilot_learning_rate and keep max_grad_norm on."
+                        )
                     loss.backward()
                     if self.args.world_size > 1:  # each rank sees its shard: average like DDP would
                         for parameter in copilot.parameters():
@@ -459,9 +463,10 @@ class CopilotTrainer(Trainer):
         self._raise_if_not_finite(pilot_loss, copilot_loss)
         loss = (pilot_loss + self.args.copilot_loss_weight * copilot_loss) * loss_scale
         self.mistake_log_callback.add(outputs.mistake_log_entry)
-        target_norm = copilot_target_norm(
-            outputs.mistake_log_entry if copilot_batch is None else copilot_batch.to(pilot_loss.device)
-        )
+        if copilot_batch is None:
+            target_norm = torch.tensor(self.mistake_log_callback.mistake_log.latest_error_norm_sum)
+        else:  # log rows: compact top-k on the log's device, a cheap reduction
+            target_norm = copilot_target_norm(copilot_batch)
         self._record_train_metrics(pilot_loss.detach() * log_scale, outputs, target_norm)
         return (loss, outputs) if return_outputs else loss
 
