@@ -31,7 +31,7 @@ _LAZY_ATTRIBUTES = {
     "CopilotTrainer": ".trainer",
     "CopilotTrainingArguments": ".training_args",
     "MistakeLogCallback": ".mistake_log_callback",
-    "NonFiniteLossError": ".trainer",
+    "NonFiniteTrainingError": ".training_errors",
 }
 
 
@@ -51,7 +51,7 @@ __all__ = [
     "MistakeLog",
     "MistakeLogCallback",
     "MistakeLogEntry",
-    "NonFiniteLossError",
+    "NonFiniteTrainingError",
     "PilotCopilotCache",
     "PilotCopilotConfig",
     "PilotCopilotForCausalLM",

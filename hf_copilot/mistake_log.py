@@ -9,6 +9,7 @@ past `size` entries.
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Iterator
 from typing import Any
 
@@ -20,6 +21,7 @@ from .mistake_log_entry import MistakeLogEntry, PilotErrors, error_norm_and_gold
 _ENTRY_FIELDS = ("x_tilde", "h_bar", "attention_mask", "loss_mask")
 _ERROR_FIELDS = ("targets", "mask", "probs", "topk_indices", "topk_values")
 _FORMAT_VERSION = 1
+EXACT_STORAGE_WARNING_BYTES = 2**30  # exact storage projected above this size warns once, at the first entry
 
 
 def _flatten(entry: MistakeLogEntry) -> dict[str, torch.Tensor]:
@@ -158,11 +160,24 @@ class MistakeLog:
         self._latest_stats, self.latest_error_norm_sum = self._entry_stats(entry, errors)
         stored = MistakeLogEntry(entry.x_tilde, entry.h_bar, errors, entry.attention_mask, entry.loss_mask)
         stored = stored.map_tensors(self._to_store)
+        if not self._slots and not self.topk:
+            self._warn_if_exact_storage_is_large(stored)
         if len(self._slots) < self.size:
             self._slots.append(stored)
         else:
             self._slots[self._next] = stored
         self._next = (self._next + 1) % self.size
+
+    def _warn_if_exact_storage_is_large(self, first: MistakeLogEntry) -> None:
+        projected = self.size * sum(t.nbytes for t in _flatten(first).values())
+        if projected > EXACT_STORAGE_WARNING_BYTES:
+            warnings.warn(
+                f"Exact Mistake Log storage (topk=0) will hold about {projected / 2**30:.1f} GiB of "
+                f"{self.store_device} memory ({self.size} entries like the first, "
+                f"{first.errors.vocab_size} probabilities per position). Compact storage "
+                "(mistake_log_topk=64, the default) keeps the top-k probabilities at a fraction of that.",
+                stacklevel=3,
+            )
 
     def _to_store(self, tensor: torch.Tensor) -> torch.Tensor:
         tensor = tensor.to(self.store_device)
@@ -334,12 +349,33 @@ class MistakeLog:
                 f"size={self.size}, topk={self.topk}: create it with the checkpoint's settings "
                 "(or MistakeLog.load) to resume, or start from an empty log."
             )
-        self._slots = [
-            _unflatten(item["tensors"], item["vocab_size"]).map_tensors(self._to_store)
-            for item in state["entries"]
-        ]
+        if not 0 <= state["next"] < max(1, state["size"]) or len(state["entries"]) > state["size"]:
+            raise ValueError(
+                f"next={state['next']} with {len(state['entries'])} entries does not fit a log of size {state['size']}"
+            )
+        entries = [_unflatten(item["tensors"], item["vocab_size"]) for item in state["entries"]]
+        self._slots, self._next = [], 0
+        for index, entry in enumerate(entries):
+            try:
+                self._validate(entry)
+                self._entry_stats(entry, entry.errors)
+            except ValueError as error:
+                raise ValueError(f"entry {index}: {error}") from error
+            self._slots.append(entry.map_tensors(self._to_store))
         self._next = state["next"]
         self._latest_stats = dict(state["stats"])
+
+    def check_serves(self, pilot_hidden_size: int, vocab_size: int) -> None:
+        """Refuse a log written by a Pilot of another hidden size or vocabulary (ValueError naming both)."""
+        if not self._slots:
+            return
+        entry = self.latest()
+        if entry.x_tilde.shape[-1] != pilot_hidden_size:
+            raise ValueError(
+                f"x_tilde has hidden size {entry.x_tilde.shape[-1]} but the Pilot's is {pilot_hidden_size}"
+            )
+        if entry.errors.vocab_size != vocab_size:
+            raise ValueError(f"vocab_size is {entry.errors.vocab_size} but the Pilot's is {vocab_size}")
 
     def save(self, path: str | os.PathLike[str]) -> None:
         """Write the log to one file atomically: a crash mid-write never leaves a truncated log."""

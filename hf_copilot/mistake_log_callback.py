@@ -1,9 +1,9 @@
 """`MistakeLogCallback`: the Mistake Log inside a Trainer run, saved with every checkpoint.
 
-The trainer hands the callback each forward pass's fresh entry and draws replay batches from it; the
-callback writes the log and the replay sampler's RNG state into `checkpoint-N/mistake_log.pt` (one file per
-process under DDP: every rank keeps the log of its own data) and restores both on resume, so a resumed run
-replays exactly the entries an uninterrupted run would have.
+The trainer hands the callback each forward pass's fresh entry and draws replay batches from it, and has it
+write the log and the replay sampler's RNG state into `checkpoint-N/mistake_log.pt` (one file per process
+under DDP: every rank keeps the log of its own data) before the checkpoint's completion marker; resume
+restores both, so a resumed run replays exactly the entries an uninterrupted run would have.
 """
 
 from __future__ import annotations
@@ -13,17 +13,13 @@ from typing import Any
 
 import torch
 from transformers import TrainerCallback
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
-from transformers.utils import logging
 
 from .checkpointing import atomic_torch_save
 from .mistake_log import MistakeLog, collate_entries
 from .mistake_log_entry import MistakeLogEntry
 
-logger = logging.get_logger(__name__)
-
 MISTAKE_LOG_NAME = "mistake_log.pt"
-_FORMAT_VERSION = 1
+_FORMAT_VERSION = 2
 
 
 def mistake_log_file(checkpoint_dir: str | os.PathLike, process_index: int = 0, world_size: int = 1) -> str:
@@ -71,48 +67,61 @@ class MistakeLogCallback(TrainerCallback):
         return self.mistake_log.stats()
 
     # ---- checkpoints ------------------------------------------------------------------------------
-    def state_dict(self) -> dict[str, Any]:
+    def state_dict(self, global_step: int) -> dict[str, Any]:
         return {
             "format_version": _FORMAT_VERSION,
+            "global_step": global_step,
             "mistake_log": self.mistake_log.state_dict(),
             "replay_generator": self.generator.get_state(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state.get("format_version") != _FORMAT_VERSION:
-            raise ValueError(f"Unknown Mistake Log checkpoint format {state.get('format_version')!r}.")
+            raise ValueError(
+                f"unknown format_version {state.get('format_version')!r} (expected {_FORMAT_VERSION})"
+            )
         self.mistake_log.load_state_dict(state["mistake_log"])
         self.generator.set_state(state["replay_generator"])
 
     def save_to_checkpoint(
-        self, checkpoint_dir: str | os.PathLike, process_index: int = 0, world_size: int = 1
-    ):
+        self, checkpoint_dir: str | os.PathLike, global_step: int, process_index: int = 0, world_size: int = 1
+    ) -> None:
         os.makedirs(checkpoint_dir, exist_ok=True)
-        atomic_torch_save(self.state_dict(), mistake_log_file(checkpoint_dir, process_index, world_size))
+        path = mistake_log_file(checkpoint_dir, process_index, world_size)
+        atomic_torch_save(self.state_dict(global_step), path)
 
     def load_from_checkpoint(
-        self, checkpoint_dir: str | os.PathLike, process_index: int = 0, world_size: int = 1
-    ) -> bool:
-        """Restore the log and the replay RNG; False (with a warning) when the checkpoint has no log."""
+        self,
+        checkpoint_dir: str | os.PathLike,
+        global_step: int,
+        pilot_hidden_size: int,
+        vocab_size: int,
+        process_index: int = 0,
+        world_size: int = 1,
+    ) -> None:
+        """Restore the log and the replay RNG, refusing a file from another step, Pilot or damaged on disk.
+
+        Every failure is a ValueError naming the file and the field, so a bad checkpoint never resumes with a
+        log that silently differs from the one the interrupted run had.
+        """
         path = mistake_log_file(checkpoint_dir, process_index, world_size)
         if not os.path.isfile(path):
-            logger.warning(
-                f"{path} not found: resuming with an empty Mistake Log, so replay will not continue exactly "
-                "as the interrupted run would have (was the checkpoint written by CopilotTrainer, with the "
-                "same number of processes?)."
+            raise ValueError(
+                f"{path} not found: this checkpoint cannot resume the Copilot's training exactly (was it written "
+                "by CopilotTrainer, with the same number of processes?)."
             )
-            return False
-        self.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
-        return True
-
-    def on_save(self, args, state, control, **kwargs):
-        if args.save_only_model:
-            return  # like the optimizer state: a model-only checkpoint cannot be resumed anyway
-        checkpoint_dir = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
-        if not os.path.isdir(checkpoint_dir):
-            logger.warning(f"Checkpoint folder {checkpoint_dir} not found: the Mistake Log was not saved.")
-            return
-        self.save_to_checkpoint(checkpoint_dir, args.process_index, args.world_size)
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+            if state.get("global_step") != global_step:
+                raise ValueError(
+                    f"global_step is {state.get('global_step')!r} but the checkpoint is of step {global_step}"
+                )
+            self.load_state_dict(state)
+            self.mistake_log.check_serves(pilot_hidden_size, vocab_size)
+        except Exception as error:
+            raise ValueError(
+                f"Mistake Log file {path} cannot be resumed: {error}. Resume from another checkpoint."
+            ) from error
 
 
 __all__ = ["MISTAKE_LOG_NAME", "MistakeLogCallback", "mistake_log_file"]

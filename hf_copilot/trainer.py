@@ -38,6 +38,7 @@ so the Copilot learns the errors it will have to correct.
 from __future__ import annotations
 
 import math
+import os
 import warnings
 from collections import deque
 from dataclasses import dataclass, field
@@ -50,22 +51,27 @@ from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 from transformers import Trainer, get_scheduler
 from transformers.trainer_optimizer import is_optimizer_factory
-from transformers.trainer_utils import get_last_checkpoint, has_length, unwrap_peft_model
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, has_length, unwrap_peft_model
 from transformers.training_args import ParallelMode
 from transformers.utils import is_sagemaker_mp_enabled, logging
 
+from .complete_checkpoints import (
+    check_checkpoint_complete,
+    checkpoint_step,
+    mark_checkpoint_complete,
+    newest_complete_checkpoint,
+    rotate_complete_checkpoints,
+)
+from .copilot_final_phase import train_copilot_on_final_pilot
 from .generation_pilot_copilot import copilot_stream, fuse_scores, predicted_errors_as_generated
 from .mistake_log import MistakeLog
 from .mistake_log_callback import MistakeLogCallback
 from .mistake_log_entry import MistakeLogEntry, copilot_squared_error, copilot_target_norm
 from .modeling_pilot_copilot import PilotCopilotForCausalLM
 from .training_args import CopilotTrainingArguments
+from .training_errors import NonFiniteTrainingError
 
 logger = logging.get_logger(__name__)
-
-
-class NonFiniteLossError(RuntimeError):
-    """Training produced a NaN or infinite loss; raised before the step's backward pass."""
 
 
 def copilot_token_count(labels: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
@@ -281,7 +287,58 @@ class CopilotTrainer(Trainer):
         ]
         return torch.linalg.vector_norm(torch.stack(norms))
 
+    def _get_grad_norm(self, model, grad_norm=None):
+        """Trainer's gradient norm, refused when not finite: raised before the optimizer applies it.
+
+        Under fp16 loss scaling an infinite norm is expected now and then and the scaler skips that step.
+        """
+        grad_norm = super()._get_grad_norm(model, grad_norm)
+        if grad_norm is not None and self.accelerator.scaler is None and not math.isfinite(float(grad_norm)):
+            raise NonFiniteTrainingError(
+                f"The gradient norm is {float(grad_norm)} at training step {self.state.global_step + 1}; training "
+                "stopped before this step's update, and no checkpoint holds it. Lower learning_rate / "
+                "copilot_learning_rate, keep gradient clipping on (max_grad_norm), and check the data of this step."
+            )
+        return grad_norm
+
+    # ---- checkpoints --------------------------------------------------------------------------------
+    def _save_checkpoint(self, model, trial) -> None:
+        """Trainer's checkpoint, plus the Mistake Log, then the completion marker, then rotation.
+
+        Rotation waits for the marker so that `save_total_limit` never deletes the last complete checkpoint
+        before the new one is complete; weights that are not finite are never written.
+        """
+        parameters = list(self.pilot_copilot().parameters())
+        if not bool(torch.stack([p.detach().isfinite().all() for p in parameters]).all()):
+            raise NonFiniteTrainingError(
+                f"The weights are not finite at step {self.state.global_step}: checkpoint not written."
+            )
+        limit = self.args.save_total_limit
+        self.args.save_total_limit = None
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self.args.save_total_limit = limit
+        run_dir = self._get_output_dir(trial=trial)
+        checkpoint_dir = os.path.join(run_dir, f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
+        if not self.args.save_only_model:
+            self.mistake_log_callback.save_to_checkpoint(
+                checkpoint_dir, self.state.global_step, self.args.process_index, self.args.world_size
+            )
+        self.accelerator.wait_for_everyone()
+        if self.args.should_save:
+            mark_checkpoint_complete(checkpoint_dir, self.state.global_step)
+            rotate_complete_checkpoints(run_dir, limit, keep=self.state.best_model_checkpoint)
+
     # ---- training ---------------------------------------------------------------------------------
+    def _run_epoch(self, *args, **kwargs):
+        # Trainer checks max_steps only after a step, so resuming from the final checkpoint of a max_steps run
+        # would train one step more than the run it resumes.
+        if 0 < self.args.max_steps <= self.state.global_step:
+            self.control.should_training_stop = True
+            return None
+        return super()._run_epoch(*args, **kwargs)
+
     def train(self, resume_from_checkpoint: str | bool | None = None, trial=None, ignore_keys_for_eval=None):
         dataset = self.train_dataset
         if dataset is not None and has_length(dataset) and len(dataset) == 0:
@@ -290,12 +347,18 @@ class CopilotTrainer(Trainer):
                 "the preprocessing (filters, or grouping texts into blocks longer than the whole corpus)."
             )
         if resume_from_checkpoint is True:
-            resume_from_checkpoint = get_last_checkpoint(self.args.output_dir)
-            if resume_from_checkpoint is None:
-                raise ValueError(f"No valid checkpoint found in output directory ({self.args.output_dir})")
+            resume_from_checkpoint = newest_complete_checkpoint(self.args.output_dir)
+        elif resume_from_checkpoint:
+            check_checkpoint_complete(resume_from_checkpoint)
         if resume_from_checkpoint:
+            text_config = self.pilot_copilot().config.get_text_config()
             self.mistake_log_callback.load_from_checkpoint(
-                resume_from_checkpoint, self.args.process_index, self.args.world_size
+                resume_from_checkpoint,
+                checkpoint_step(resume_from_checkpoint),
+                text_config.hidden_size,
+                text_config.vocab_size,
+                self.args.process_index,
+                self.args.world_size,
             )
         self._reset_train_metrics()
         output = super().train(resume_from_checkpoint or None, trial, ignore_keys_for_eval)
@@ -306,68 +369,10 @@ class CopilotTrainer(Trainer):
     def train_copilot_on_final_pilot(self, epochs: float) -> None:
         """Train the Copilot alone on the errors of the final, frozen Pilot (`copilot_final_epochs`).
 
-        During joint training the Copilot learnt errors of Pilots that kept changing; generation pairs it
-        with the last one. AdamW at the Copilot's peak learning rate with a cosine decay, the Copilot's
-        MSE per batch, its gradients clipped to `max_grad_norm`; logged as `copilot_final/*`.
+        AdamW at the Copilot's peak learning rate with a cosine decay, the Copilot's MSE per batch, its
+        gradients clipped to `max_grad_norm`; logged as `copilot_final/*` (`copilot_final_phase.py`).
         """
-        pilot_copilot = self.pilot_copilot()
-        pilot, copilot = pilot_copilot.pilot, pilot_copilot.copilot
-        dataloader = self.get_train_dataloader()
-        total = max(1, math.ceil(epochs * len(dataloader)))
-        optimizer = torch.optim.AdamW(
-            copilot.parameters(), lr=self.args.copilot_peak_learning_rate, weight_decay=self.args.weight_decay
-        )
-        schedule = get_scheduler("cosine", optimizer=optimizer, num_warmup_steps=0, num_training_steps=total)
-        fraction = self._copilot_feedback_fraction()
-        trainable = [p.requires_grad for p in pilot.parameters()]
-        pilot.requires_grad_(False)
-        pilot.eval()
-        copilot.train()
-        sums, step = torch.zeros(3, dtype=torch.float64), 0
-        try:
-            while step < total:
-                for inputs in dataloader:
-                    if step == total:
-                        break
-                    inputs = self._prepare_inputs(inputs)
-                    out = pilot_copilot(**inputs, return_mistake_log=True, copilot_feedback_fraction=fraction)
-                    loss = out.copilot_squared_error / out.copilot_num_tokens.clamp_min(1)
-                    if not torch.isfinite(loss.detach()):
-                        raise NonFiniteLossError(
-                            f"copilot_loss is {loss.item()} at step {step + 1} of the Copilot-only phase; the "
-                            "Copilot was not updated. Lower copilot_learning_rate and keep max_grad_norm on."
-                        )
-                    loss.backward()
-                    if self.args.world_size > 1:  # each rank sees its shard: average like DDP would
-                        for parameter in copilot.parameters():
-                            if parameter.grad is not None:
-                                torch.distributed.all_reduce(parameter.grad)
-                                parameter.grad /= self.args.world_size
-                    nn.utils.clip_grad_norm_(copilot.parameters(), self.args.max_grad_norm)
-                    optimizer.step()
-                    schedule.step()
-                    optimizer.zero_grad(set_to_none=True)
-                    step += 1
-                    target = copilot_target_norm(out.mistake_log_entry)
-                    sums += torch.stack(
-                        [out.copilot_squared_error.detach(), out.copilot_num_tokens, target]
-                    ).cpu()
-                    if step % self.args.logging_steps == 0 or step == total:
-                        squared_error, num_tokens, target_norm = sums.tolist()
-                        self.log(
-                            {
-                                "copilot_final/copilot_loss": math.sqrt(squared_error / max(num_tokens, 1)),
-                                "copilot_final/copilot_r2": 1.0 - squared_error / target_norm
-                                if target_norm
-                                else 0.0,
-                                "copilot_final/step": step,
-                            }
-                        )
-                        sums.zero_()
-        finally:
-            for parameter, flag in zip(pilot.parameters(), trainable, strict=True):
-                parameter.requires_grad_(flag)
-            pilot_copilot.eval()
+        train_copilot_on_final_pilot(self, epochs)
 
     def get_batch_samples(self, epoch_iterator, num_batches, device):
         """Also draw each micro-batch's Copilot batch from the log and count the step's Copilot positions (N_C).
@@ -493,7 +498,7 @@ class CopilotTrainer(Trainer):
             return
         which = "pilot_loss" if not finite[0] else "copilot_loss"
         value = (pilot_loss if which == "pilot_loss" else copilot_loss).item()
-        raise NonFiniteLossError(
+        raise NonFiniteTrainingError(
             f"{which} is {value} at training step {self.state.global_step + 1} (epoch {self.state.epoch or 0:.2f}); "
             "training stopped before this step's update. Lower learning_rate / copilot_learning_rate, keep "
             "gradient clipping on (max_grad_norm), prefer bf16 to fp16, and check the data of this step."
@@ -631,4 +636,4 @@ class CopilotTrainer(Trainer):
         return output
 
 
-__all__ = ["CopilotTrainer", "NonFiniteLossError", "copilot_token_count"]
+__all__ = ["CopilotTrainer", "NonFiniteTrainingError", "copilot_token_count"]

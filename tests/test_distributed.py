@@ -19,6 +19,7 @@ from ddp_train import copilot_arguments
 from test_trainer import collate, counting_rows, make_model
 
 from hf_copilot import CopilotTrainer
+from hf_copilot.complete_checkpoints import COMPLETION_MARKER
 
 SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "ddp_train.py")
 
@@ -91,3 +92,6 @@ def test_each_rank_checkpoints_its_own_mistake_log(ddp_output):
         log["mistake_log"]["entries"][log["mistake_log"]["next"] - 1]["tensors"]["x_tilde"] for log in logs
     ]
     assert newest[0].shape != newest[1].shape or not torch.equal(*newest)  # each rank logged its own data
+    # The marker is written once both ranks have saved: it lists both logs.
+    marker = json.loads((checkpoint / COMPLETION_MARKER).read_text())
+    assert {"mistake_log_0.pt", "mistake_log_1.pt"} <= set(marker["files"])

@@ -84,7 +84,7 @@ def test_import_hf_copilot_works_without_the_toolkits_dependencies(tmp_path):
         "try:\n    import hf_copilot.experiments\nexcept ImportError as error:\n"
         "    assert 'hf-copilot[experiments]' in str(error)\n"
         "names = ['MistakeLog', 'MistakeLogCallback', 'CopilotTrainer', 'CopilotTrainingArguments',"
-        " 'PilotCopilotForCausalLM', 'CopilotConfig', 'NonFiniteLossError', '__version__']\n"
+        " 'PilotCopilotForCausalLM', 'CopilotConfig', 'NonFiniteTrainingError', '__version__']\n"
         "print(all(getattr(hf_copilot, n) is not None for n in hf_copilot.__all__ + names))\n"
         "print(sorted(m for m, v in sys.modules.items() if v is not None and m.split('.')[0] in"
         " {'datasets', 'evaluate', 'matplotlib'}))\n"

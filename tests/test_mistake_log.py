@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 
 import pytest
 import torch
@@ -322,3 +323,21 @@ def test_sample_rows_draws_from_the_last_window_rounds_only_and_is_reproducible(
     assert torch.equal(everything.loss_mask[row, :length], source.loss_mask[1])
     assert not everything.loss_mask[row, length:].any()
     assert MistakeLog(size=2).sample_rows(4, window=2) is None
+
+
+def test_exact_storage_warns_once_with_its_projected_size():
+    entry = make_entry()
+    entry_bytes = sum(t.nbytes for t in (entry.x_tilde, entry.h_bar, entry.attention_mask, entry.loss_mask))
+    entry_bytes += sum(t.nbytes for t in (entry.errors.probs, entry.errors.targets, entry.errors.mask))
+    size = 2**30 // entry_bytes + 1  # just over 1 GiB in all
+    log = MistakeLog(size=size, topk=0)
+    projected = f"{size * entry_bytes / 2**30:.1f} GiB"
+    with pytest.warns(
+        UserWarning, match=rf"Exact Mistake Log storage \(topk=0\) will hold about {projected} of cpu"
+    ):
+        log.add(entry)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        log.add(make_entry(1.0))  # once, at the first entry
+        MistakeLog(size=size - 2, topk=0).add(make_entry())  # under 1 GiB: silent
+        MistakeLog(size=size, topk=4).add(make_entry())  # compact storage: silent

@@ -9,7 +9,6 @@ instead of per optimizer batch would show.
 from __future__ import annotations
 
 import math
-import os
 import warnings
 
 import pytest
@@ -18,10 +17,8 @@ from conftest import FIRST_REGULAR_TOKEN, PAD_TOKEN_ID, VOCAB_SIZE, build_pilot,
 from transformers import HfArgumentParser, Trainer, TrainerCallback, TrainingArguments
 
 from hf_copilot import PilotCopilotCache, PilotCopilotForCausalLM, fuse_scores
-from hf_copilot.mistake_log import MistakeLog
-from hf_copilot.mistake_log_callback import MistakeLogCallback
 from hf_copilot.mistake_log_entry import copilot_squared_error, shift_right
-from hf_copilot.trainer import CopilotTrainer, NonFiniteLossError, copilot_token_count
+from hf_copilot.trainer import CopilotTrainer, NonFiniteTrainingError, copilot_token_count
 from hf_copilot.training_args import CopilotTrainingArguments
 
 NUM_REGULAR = VOCAB_SIZE - FIRST_REGULAR_TOKEN
@@ -587,47 +584,6 @@ def test_resume_from_checkpoint_continues_exactly(tmp_path, sampling):
         assert logged(resumed, key) == pytest.approx(logged(uninterrupted, key), rel=1e-6), key
 
 
-def test_resume_without_the_mistake_log_warns_and_replays_differently(tmp_path, caplog):
-    interrupted = make_trainer(tmp_path, **resume_settings(tmp_path, "run"))
-    interrupted.add_callback(StopAtStep(3))
-    interrupted.train()
-    checkpoint = tmp_path / "run" / "checkpoint-3"
-    uninterrupted = make_trainer(tmp_path, **resume_settings(tmp_path, "uninterrupted"))
-    uninterrupted.train()
-    os.remove(checkpoint / "mistake_log.pt")
-
-    resumed = make_trainer(tmp_path, **resume_settings(tmp_path, "run"))
-    with caplog.at_level("WARNING"):
-        resumed.train(resume_from_checkpoint=True)  # the last checkpoint of output_dir
-    assert "resuming with an empty Mistake Log" in caplog.text
-    # The Pilot does not depend on the log; the Copilot's updates from step 4 on do.
-    assert logged(resumed, "pilot_loss") == pytest.approx(logged(uninterrupted, "pilot_loss"), rel=1e-6)
-    assert logged(resumed, "copilot_loss")[4:] != pytest.approx(
-        logged(uninterrupted, "copilot_loss")[4:], rel=1e-6
-    )
-
-
-def test_mistake_log_callback_checkpoint_round_trip(tmp_path):
-    model = make_model()
-    callback = MistakeLogCallback(MistakeLog(size=3, topk=8), replay=2, seed=1)
-    with torch.no_grad():
-        for start in range(0, 10, 2):
-            callback.add(
-                model(
-                    **collate(counting_rows(10)[start : start + 2]), return_mistake_log=True
-                ).mistake_log_entry
-            )
-    callback.save_to_checkpoint(tmp_path)
-    assert sorted(os.listdir(tmp_path)) == ["mistake_log.pt"]  # written atomically: no temporary left
-    restored = MistakeLogCallback(MistakeLog(size=3, topk=8), replay=2, seed=99)
-    assert restored.load_from_checkpoint(tmp_path)
-    assert len(restored.mistake_log) == 3
-    first, second = callback.sample_replay(), restored.sample_replay()  # same entries, same RNG draw
-    assert torch.equal(first.x_tilde, second.x_tilde) and torch.equal(first.loss_mask, second.loss_mask)
-    with pytest.raises(ValueError, match="size=3, topk=8"):
-        MistakeLogCallback(MistakeLog(size=5, topk=8)).load_from_checkpoint(tmp_path)
-
-
 # --------------------------------------------------------------------------------------------------
 # Modes: frozen Pilot, gradient checkpointing, LoRA Pilot
 
@@ -798,6 +754,6 @@ def test_a_non_finite_loss_stops_training_naming_the_step(tmp_path, part, name, 
     head.register_forward_hook(poison)
     # One Copilot pass per step (no exposure pass), so the hook's call count is the step.
     trainer = make_trainer(tmp_path, model=model, max_steps=5, copilot_feedback_fraction=0.0)
-    with pytest.raises(NonFiniteLossError, match=rf"{name} is nan at training step {step} "):
+    with pytest.raises(NonFiniteTrainingError, match=rf"{name} is nan at training step {step} "):
         trainer.train()
     assert trainer.state.global_step == step - 1  # the poisoned step made no update
