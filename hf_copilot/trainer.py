@@ -103,11 +103,12 @@ def _is_pilot_copilot(model: nn.Module) -> bool:
 class CopilotTrainer(Trainer):
     """`Trainer` for a `PilotCopilotForCausalLM`: takes the same arguments as `Trainer`.
 
-    Logs `pilot_loss` (mean per-token Pilot loss, as Trainer's `loss` would be for the Pilot alone),
-    `copilot_loss` (RMSE) and `mistake_log/*` statistics at every logging step; evaluation adds
-    `eval_pilot_loss`, `eval_copilot_loss`, `eval_pilot_token_accuracy` and `eval_fused_token_accuracy`.
-    `eval_loss` is the training objective `L_P + weight * MSE` averaged over evaluation batches. Prediction
-    outputs are the Pilot's logits, as with the stock Trainer.
+    `loss`, `train_loss` and `eval_loss` are the Pilot's, exactly as the stock Trainer reports them for the
+    Pilot alone (perplexity and `load_best_model_at_end` keep their meaning); the objective `L_P + weight * MSE`
+    is logged as `joint_loss` / `eval_joint_loss`. Also logged: `pilot_loss` (the same per step),
+    `copilot_loss` (RMSE), `copilot_r2` and `mistake_log/*`; evaluation adds `eval_pilot_loss` (per token),
+    `eval_copilot_loss`, `eval_copilot_r2`, `eval_pilot_token_accuracy` and `eval_fused_token_accuracy`.
+    Prediction outputs are the Pilot's logits, as with the stock Trainer.
     """
 
     def __init__(
@@ -467,6 +468,7 @@ class CopilotTrainer(Trainer):
         pilot_loss = outputs.pilot_loss
         self._raise_if_not_finite(pilot_loss, copilot_loss)
         loss = (pilot_loss + self.args.copilot_loss_weight * copilot_loss) * loss_scale
+        self._reported_loss = pilot_loss.detach() * loss_scale
         self.mistake_log_callback.add(outputs.mistake_log_entry)
         if copilot_batch is None:
             target_norm = torch.tensor(self.mistake_log_callback.mistake_log.latest_error_norm_sum)
@@ -474,6 +476,23 @@ class CopilotTrainer(Trainer):
             target_norm = copilot_target_norm(copilot_batch)
         self._record_train_metrics(pilot_loss.detach() * log_scale, outputs, target_norm)
         return (loss, outputs) if return_outputs else loss
+
+    def training_step(self, model, inputs, num_items_in_batch=None) -> torch.Tensor:
+        """Backpropagates the joint objective; returns the Pilot's part, which Trainer reports as `loss`.
+
+        So `loss` and `train_loss` read as they would for the Pilot fine-tuned alone (a drop-in script's
+        perplexity stays the Pilot's); the objective is logged as `joint_loss`.
+        """
+        super().training_step(model, inputs, num_items_in_batch)
+        reported = self._reported_loss
+        scaled_for_accumulation = (
+            self.loss_is_scaled_for_ga
+            if self.loss_is_scaled_for_ga is not None
+            else num_items_in_batch is not None
+        )
+        if not scaled_for_accumulation:  # as Trainer scales the loss it reports
+            reported = reported / self.current_gradient_accumulation_steps
+        return reported
 
     def _copilot_feedback_fraction(self) -> float:
         """The exposure option applies where generation feeds the Copilot its own predictions."""
@@ -537,10 +556,13 @@ class CopilotTrainer(Trainer):
         if world > 1:
             values = self.accelerator.reduce(values, reduction="sum")
         pilot_sum, squared_error, num_tokens, target_norm = values[:4].tolist()
+        pilot_loss = pilot_sum / world / max(steps, 1)
+        mse = squared_error / num_tokens if num_tokens else 0.0
         metrics = {
-            "pilot_loss": pilot_sum / world / max(steps, 1),
-            "copilot_loss": math.sqrt(squared_error / num_tokens) if num_tokens else 0.0,
+            "pilot_loss": pilot_loss,
+            "copilot_loss": math.sqrt(mse),
             "copilot_r2": 1.0 - squared_error / target_norm if target_norm else 0.0,
+            "joint_loss": pilot_loss + self.args.copilot_loss_weight * mse,
         }
         metrics.update({key: value / world for key, value in zip(keys, values[4:].tolist(), strict=True)})
         self._reset_train_metrics()
@@ -586,9 +608,9 @@ class CopilotTrainer(Trainer):
             ]
         ).to(torch.float64)
         self._eval_sums = sums if self._eval_sums is None else self._eval_sums + sums
-        mse = outputs.copilot_squared_error / outputs.copilot_num_tokens.clamp_min(1)
-        loss = outputs.pilot_loss + self.args.copilot_loss_weight * mse
-        # Predictions are the Pilot's logits, as for the stock Trainer.
+        # eval_loss is the Pilot's, as the stock Trainer reports it (eval_joint_loss is the objective);
+        # predictions are the Pilot's logits.
+        loss = outputs.pilot_loss
         return (loss, type(outputs)(logits=outputs.logits)) if return_outputs else loss
 
     def evaluation_loop(
@@ -621,10 +643,12 @@ class CopilotTrainer(Trainer):
             target_norm,
         ) = sums.tolist()
         if labels:
+            mse = squared_error / max(num_tokens, 1)
             output.metrics.update(
                 {
+                    f"{metric_key_prefix}_joint_loss": nll / labels + self.args.copilot_loss_weight * mse,
                     f"{metric_key_prefix}_pilot_loss": nll / labels,
-                    f"{metric_key_prefix}_copilot_loss": math.sqrt(squared_error / max(num_tokens, 1)),
+                    f"{metric_key_prefix}_copilot_loss": math.sqrt(mse),
                     f"{metric_key_prefix}_pilot_token_accuracy": pilot_correct / labels,
                     f"{metric_key_prefix}_fused_token_accuracy": fused_correct / labels,
                     f"{metric_key_prefix}_fused_token_accuracy_observed": observed_correct / labels,

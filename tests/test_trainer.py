@@ -235,6 +235,16 @@ def test_joint_training_fine_tunes_the_pilot_exactly_as_the_stock_trainer(tmp_pa
     trainer.train()
 
     assert logged(trainer, "pilot_loss") == pytest.approx(logged(stock, "loss"), rel=1e-6)
+    # A drop-in script reads the Pilot's loss where it read it before; the objective has its own name.
+    assert logged(trainer, "loss") == pytest.approx(logged(stock, "loss"), rel=1e-6)
+    assert logged(trainer, "train_loss") == pytest.approx(logged(stock, "train_loss"), rel=1e-6)
+    assert logged(trainer, "joint_loss") == pytest.approx(
+        [
+            p + c**2
+            for p, c in zip(logged(trainer, "pilot_loss"), logged(trainer, "copilot_loss"), strict=True)
+        ],
+        rel=1e-6,
+    )
     assert min(logged(stock, "grad_norm")) > 1.0  # clipping (max_grad_norm=1) was active at every step
     assert max_difference(trainer.model.pilot, stock_pilot) < 1e-6
 
@@ -439,7 +449,17 @@ def test_evaluation_reports_pilot_and_fused_token_accuracy(tmp_path):
     assert metrics["eval_pilot_token_accuracy"] != metrics["eval_fused_token_accuracy"]
     assert metrics["eval_pilot_loss"] == pytest.approx(float(nll / labels), rel=1e-5)
     assert metrics["eval_copilot_loss"] == pytest.approx(math.sqrt(squared_error / copilot_tokens), rel=1e-5)
-    assert math.isfinite(metrics["eval_loss"])
+    # eval_loss is the Pilot's, as the stock Trainer computes it on the Pilot alone.
+    stock = Trainer(
+        model=model.pilot,
+        args=TrainingArguments(**settings(tmp_path, per_device_eval_batch_size=3)),
+        eval_dataset=rows,
+        data_collator=collate,
+    )
+    assert metrics["eval_loss"] == pytest.approx(stock.evaluate()["eval_loss"], rel=1e-6)
+    assert metrics["eval_joint_loss"] == pytest.approx(
+        metrics["eval_pilot_loss"] + metrics["eval_copilot_loss"] ** 2, rel=1e-6
+    )
 
 
 def incremental_greedy_choices(model, row: dict[str, list[int]]) -> list[bool]:
