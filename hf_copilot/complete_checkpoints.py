@@ -52,12 +52,13 @@ def _write_json_atomically(data: dict, path: str) -> None:
         raise
 
 
-def mark_checkpoint_complete(checkpoint_dir: str | os.PathLike, global_step: int) -> None:
-    """Write the marker last: the step and every file of the checkpoint with its size."""
+def mark_checkpoint_complete(checkpoint_dir: str | os.PathLike, global_step: int) -> dict[str, int]:
+    """Write the marker last: the step and every file of the checkpoint with its size (returned)."""
     files = _files_with_sizes(os.fspath(checkpoint_dir))
     files.pop(COMPLETION_MARKER, None)
     marker = {"global_step": global_step, "files": dict(sorted(files.items()))}
     _write_json_atomically(marker, os.path.join(checkpoint_dir, COMPLETION_MARKER))
+    return marker["files"]
 
 
 def checkpoint_problem(checkpoint_dir: str | os.PathLike) -> str | None:

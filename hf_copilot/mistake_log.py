@@ -326,16 +326,30 @@ class MistakeLog:
         return (dropped * torch.minimum(dropped, smallest_kept)).sqrt() * errors.mask
 
     # ---- checkpointing --------------------------------------------------------------------------
-    def state_dict(self) -> dict[str, Any]:
-        """Plain tensors, ints and floats only, so `torch.load(..., weights_only=True)` reads it."""
+    def state_dict(self, newest: int | None = None, max_bytes: int | None = None) -> dict[str, Any]:
+        """Plain tensors, ints and floats only, so `torch.load(..., weights_only=True)` reads it.
+
+        `newest`: keep only the newest entries (all when None); `max_bytes`: then drop the oldest until the
+        entries fit. A reduced log restores those entries oldest first, so the newest ones, all that window
+        sampling reads, come back exactly.
+        """
+        chronological = list(self)
+        kept = chronological if newest is None else chronological[len(chronological) - newest :]
+        if max_bytes is not None:
+            sizes = [sum(t.nbytes for t in _flatten(entry).values()) for entry in kept]
+            while kept and sum(sizes) > max_bytes:
+                kept, sizes = kept[1:], sizes[1:]
+        slots, next_slot = self._slots, self._next
+        if len(kept) < len(chronological):
+            slots, next_slot = kept, len(kept) % self.size
         return {
             "format_version": _FORMAT_VERSION,
             "size": self.size,
             "topk": self.topk,
-            "next": self._next,
+            "next": next_slot,
             "stats": dict(self._latest_stats),
             "entries": [
-                {"vocab_size": entry.errors.vocab_size, "tensors": _flatten(entry)} for entry in self._slots
+                {"vocab_size": entry.errors.vocab_size, "tensors": _flatten(entry)} for entry in slots
             ],
         }
 

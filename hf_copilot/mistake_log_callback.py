@@ -9,6 +9,7 @@ restores both, so a resumed run replays exactly the entries an uninterrupted run
 from __future__ import annotations
 
 import os
+import warnings
 from typing import Any
 
 import torch
@@ -67,11 +68,29 @@ class MistakeLogCallback(TrainerCallback):
         return self.mistake_log.stats()
 
     # ---- checkpoints ------------------------------------------------------------------------------
-    def state_dict(self, global_step: int) -> dict[str, Any]:
+    def entries_needed_to_resume(self) -> int | None:
+        """The newest entries a resumed run reads: the window's, all of them for replay, none otherwise."""
+        if self.window:
+            return self.window
+        return None if self.replay else 0
+
+    def state_dict(self, global_step: int, max_bytes: int | None = None) -> dict[str, Any]:
+        """What resume needs (`entries_needed_to_resume`), within `max_bytes` if given."""
+        needed = self.entries_needed_to_resume()
+        log_state = self.mistake_log.state_dict(newest=needed, max_bytes=max_bytes)
+        wanted = len(self.mistake_log) if needed is None else min(needed, len(self.mistake_log))
+        if len(log_state["entries"]) < wanted:
+            warnings.warn(
+                f"The Mistake Log checkpoint budget ({max_bytes / 2**20:.3g} MiB) holds {len(log_state['entries'])} "
+                f"of the {wanted} entries a resumed run would read: a run resumed from step {global_step} will "
+                "train the Copilot on fewer logged rounds than an uninterrupted one. Raise "
+                "mistake_log_checkpoint_mb (or None) for exact resume.",
+                stacklevel=2,
+            )
         return {
             "format_version": _FORMAT_VERSION,
             "global_step": global_step,
-            "mistake_log": self.mistake_log.state_dict(),
+            "mistake_log": log_state,
             "replay_generator": self.generator.get_state(),
         }
 
@@ -84,11 +103,16 @@ class MistakeLogCallback(TrainerCallback):
         self.generator.set_state(state["replay_generator"])
 
     def save_to_checkpoint(
-        self, checkpoint_dir: str | os.PathLike, global_step: int, process_index: int = 0, world_size: int = 1
+        self,
+        checkpoint_dir: str | os.PathLike,
+        global_step: int,
+        process_index: int = 0,
+        world_size: int = 1,
+        max_bytes: int | None = None,
     ) -> None:
         os.makedirs(checkpoint_dir, exist_ok=True)
         path = mistake_log_file(checkpoint_dir, process_index, world_size)
-        atomic_torch_save(self.state_dict(global_step), path)
+        atomic_torch_save(self.state_dict(global_step, max_bytes), path)
 
     def load_from_checkpoint(
         self,

@@ -323,12 +323,22 @@ class CopilotTrainer(Trainer):
         run_dir = self._get_output_dir(trial=trial)
         checkpoint_dir = os.path.join(run_dir, f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
         if not self.args.save_only_model:
+            budget = self.args.mistake_log_checkpoint_mb
             self.mistake_log_callback.save_to_checkpoint(
-                checkpoint_dir, self.state.global_step, self.args.process_index, self.args.world_size
+                checkpoint_dir,
+                self.state.global_step,
+                self.args.process_index,
+                self.args.world_size,
+                max_bytes=None if budget is None else int(budget * 2**20),
             )
         self.accelerator.wait_for_everyone()
         if self.args.should_save:
-            mark_checkpoint_complete(checkpoint_dir, self.state.global_step)
+            files = mark_checkpoint_complete(checkpoint_dir, self.state.global_step)
+            logs = sum(size for name, size in files.items() if name.startswith("mistake_log"))
+            logger.info(
+                f"Saved {checkpoint_dir}: {sum(files.values()) / 2**20:.2f} MiB, of which the Mistake Log "
+                f"{logs / 2**20:.2f} MiB."
+            )
             rotate_complete_checkpoints(run_dir, limit, keep=self.state.best_model_checkpoint)
 
     # ---- training ---------------------------------------------------------------------------------

@@ -85,6 +85,14 @@ class CopilotTrainingArguments(TrainingArguments):
             "rows; without one, this many whole entries are drawn from the log on top of the fresh entry."
         },
     )
+    mistake_log_checkpoint_mb: float | None = field(
+        default=None,
+        metadata={
+            "help": "Upper bound on each checkpoint's Mistake Log file, in MiB. Checkpoints hold only the entries "
+            "a resumed run reads (the window's, the whole log with replay, none by default); past the budget the "
+            "oldest are dropped with a warning, and resume is then no longer exact. None: no bound."
+        },
+    )
     mistake_log_topk: int = field(
         default=64,
         metadata={
@@ -127,6 +135,13 @@ class CopilotTrainingArguments(TrainingArguments):
             raise ValueError(
                 f"mistake_log_window ({self.mistake_log_window}) cannot exceed mistake_log_size "
                 f"({self.mistake_log_size}): the log keeps only that many rounds. Raise mistake_log_size."
+            )
+        budget = self.mistake_log_checkpoint_mb
+        if budget is not None and not (
+            isinstance(budget, (int, float)) and math.isfinite(budget) and budget >= 0
+        ):
+            raise ValueError(
+                f"mistake_log_checkpoint_mb must be a finite number >= 0 or None, got {budget!r}."
             )
         fraction = self.copilot_feedback_fraction
         if not (isinstance(fraction, (int, float)) and 0 <= fraction <= 1):

@@ -290,3 +290,44 @@ def test_non_finite_weights_are_never_checkpointed(tmp_path):
     ):
         trainer.train()
     assert os.listdir(tmp_path / "run") == ["checkpoint-1"]
+
+
+# --------------------------------------------------------------------------------------------------
+# Checkpoints hold only what resume needs
+
+
+def saved_entries(checkpoint) -> int:
+    return len(torch.load(checkpoint / "mistake_log.pt", weights_only=True)["mistake_log"]["entries"])
+
+
+@pytest.mark.parametrize(
+    "sampling, entries",
+    [
+        ({"mistake_log_replay": 0}, 0),  # the default: the Copilot reads only the fresh entry
+        ({"mistake_log_replay": 0, "mistake_log_window": 2}, 2),  # the window's entries
+        ({"mistake_log_replay": 2}, 4),  # replay draws from the whole log
+    ],
+)
+def test_a_checkpoint_holds_the_entries_a_resumed_run_reads_and_resumes_exactly(tmp_path, sampling, entries):
+    uninterrupted = make_trainer(tmp_path, **run_settings(tmp_path, "uninterrupted", **sampling))
+    uninterrupted.train()
+    interrupted = make_trainer(tmp_path, **run_settings(tmp_path, "run", **sampling))
+    interrupted.add_callback(StopAtStep(4))
+    interrupted.train()
+    assert len(interrupted.mistake_log_callback.mistake_log) == 4
+    assert saved_entries(tmp_path / "run" / "checkpoint-4") == entries
+    resumed = make_trainer(tmp_path, model=make_model(seed=7), **run_settings(tmp_path, "run", **sampling))
+    resumed.train(resume_from_checkpoint=True)
+    assert same_weights(resumed.model, uninterrupted.model)
+
+
+def test_a_mistake_log_budget_keeps_the_newest_entries_that_fit_and_warns(tmp_path):
+    settings = run_settings(tmp_path, "run", mistake_log_checkpoint_mb=0.05)
+    trainer = make_trainer(tmp_path, **settings)
+    trainer.add_callback(StopAtStep(4))
+    with pytest.warns(UserWarning, match=r"budget \(0\.05 MiB\) holds 1 of the 4 entries .* from step 4 "):
+        trainer.train()
+    assert saved_entries(tmp_path / "run" / "checkpoint-4") == 1
+    newest = trainer.mistake_log_callback.mistake_log.latest()
+    saved = torch.load(tmp_path / "run" / "checkpoint-4" / "mistake_log.pt", weights_only=True)["mistake_log"]
+    assert torch.equal(saved["entries"][0]["tensors"]["x_tilde"], newest.x_tilde)

@@ -588,9 +588,11 @@ def test_resume_from_checkpoint_continues_exactly(tmp_path, sampling):
     interrupted.train()
     assert interrupted.state.global_step == 3
     checkpoint = tmp_path / "interrupted" / "checkpoint-3"
-    # The checkpoint holds the Copilot (model weights), its optimizer state and the Mistake Log.
+    # The checkpoint holds the Copilot (model weights), its optimizer state and the Mistake Log entries a
+    # resumed run reads: all 3 for replay from the whole log, the last 2 with a window of 2.
     state = torch.load(checkpoint / "mistake_log.pt", weights_only=True)
-    assert len(state["mistake_log"]["entries"]) == 3 and "replay_generator" in state
+    expected = 2 if sampling["mistake_log_window"] else 3
+    assert len(state["mistake_log"]["entries"]) == expected and "replay_generator" in state
     optimizer_state = torch.load(checkpoint / "optimizer.pt", weights_only=True)
     assert len(optimizer_state["state"]) == len(list(interrupted.model.parameters()))
 
