@@ -1,5 +1,6 @@
-"""Weights from elsewhere and to disk: the Pilot fingerprint (who a Copilot learnt from), a Copilot
-initialised from a pretrained decoder, and saves that never leave half-written files.
+"""Checkpoints in and out: a folder's kind read as data (never by running its code), loaded tensors checked
+against the model, the Pilot fingerprint (who a Copilot learnt from) checked when a Copilot is attached,
+a Copilot initialised from a pretrained decoder, and saves that never leave a half-written folder.
 
 Hub-facing: copied next to checkpoints for `trust_remote_code`, so it imports nothing from hf_copilot.
 """
@@ -7,30 +8,39 @@ Hub-facing: copied next to checkpoints for `trust_remote_code`, so it imports no
 from __future__ import annotations
 
 import base64
+import ctypes
+import errno
 import hashlib
 import json
 import os
 import re
 import shutil
+import stat
+import sys
 import tempfile
 import uuid
+import warnings
 from contextlib import contextmanager
 from typing import Any
 
 import torch
-from transformers import PreTrainedModel
+from transformers import PreTrainedConfig, PreTrainedModel
 
+HUB_KWARGS = ("revision", "token", "cache_dir", "local_files_only")  # where a checkpoint's files come from
 FINGERPRINT_TENSORS = 16  # tensors sampled for the fingerprint
 FINGERPRINT_VALUES = 8  # values sampled per tensor
 INITIAL_ERROR_NORM = 0.1  # expected ||f_C|| of a Copilot initialised from a pretrained decoder
 
 
 def pilot_fingerprint(pilot: PreTrainedModel) -> str:
-    """Who the Copilot learnt from: a hash of the Pilot's architecture and a fixed sample of its weights.
+    """Who the Copilot learnt from: a hash of the Pilot's architecture, a fixed sample of its weights and
+    a readable summary of its architecture.
 
-    `"<architecture hash>:<base64 float32 samples>"`. The samples are compared with a tolerance
-    (`same_pilot`), so the same Pilot loaded in bfloat16 or float16 matches while a fine-tuned or
-    other Pilot does not.
+    `"<architecture hash>:<base64 float32 samples>:<summary>"`, the summary being
+    `model_type=...,num_hidden_layers=...,num_tensors=...,num_parameters=...` so that a refusal can say
+    what differs. The samples are compared with a tolerance (`same_pilot`), so the same Pilot loaded in
+    bfloat16 or float16 matches while a fine-tuned or other Pilot does not. Fingerprints without the
+    summary (written before it existed) are read as well.
     """
     state = sorted(pilot.state_dict().items())
     config = pilot.config.to_dict()
@@ -45,13 +55,21 @@ def pilot_fingerprint(pilot: PreTrainedModel) -> str:
         for _, tensor in chosen
     ]
     values = torch.cat([sample.float().cpu() for sample in samples]).numpy().astype("<f4")
-    return f"{architecture}:{base64.b64encode(values.tobytes()).decode()}"
+    summary = {
+        "model_type": config.get("model_type"),
+        # The attribute, not the dict: GPT-2 style configs store it as n_layer.
+        "num_hidden_layers": getattr(pilot.config.get_text_config(), "num_hidden_layers", None),
+        "num_tensors": len(state),
+        "num_parameters": sum(tensor.numel() for _, tensor in state),
+    }
+    summary = ",".join(f"{key}={value}" for key, value in summary.items())
+    return f"{architecture}:{base64.b64encode(values.tobytes()).decode()}:{summary}"
 
 
 def same_pilot(expected: str, actual: str, rtol: float = 2e-2) -> bool:
     """Whether two fingerprints name the same Pilot, up to half-precision rounding (~0.4% for bfloat16)."""
-    expected_arch, _, expected_values = expected.partition(":")
-    actual_arch, _, actual_values = actual.partition(":")
+    expected_arch, expected_values = expected.split(":")[:2]
+    actual_arch, actual_values = actual.split(":")[:2]
     if expected_arch != actual_arch:
         return False
     a = torch.frombuffer(bytearray(base64.b64decode(expected_values)), dtype=torch.float32)
@@ -59,14 +77,138 @@ def same_pilot(expected: str, actual: str, rtol: float = 2e-2) -> bool:
     return a.shape == b.shape and bool(torch.allclose(b, a, rtol=rtol, atol=1e-6))
 
 
+# What differs, in words, by field of the fingerprint's summary: given here, recorded in the Copilot's.
+SUMMARY_DIFFERENCES = {
+    "model_type": "model type {} here, {} in the Copilot's Pilot",
+    "num_hidden_layers": "number of layers {} here, {} in the Copilot's Pilot",
+    "num_tensors": "tensor names differ ({} tensors here, {} in the Copilot's Pilot)",
+    "num_parameters": "tensor shapes differ ({} parameters here, {} in the Copilot's Pilot)",
+}
+
+
+def fingerprint_summary(fingerprint: str) -> dict[str, str]:
+    """The readable part of a fingerprint; {} for one written before it existed."""
+    parts = fingerprint.split(":")
+    return dict(item.split("=", 1) for item in parts[2].split(",")) if len(parts) > 2 else {}
+
+
+def fingerprint_difference(expected: str, actual: str) -> str:
+    """What sets the Pilot of fingerprint `actual` apart from the one `expected` records, in words."""
+    if expected.split(":")[0] == actual.split(":")[0]:
+        return "same architecture, but its weights differ: a fine-tuned Pilot or another checkpoint"
+    recorded, given = fingerprint_summary(expected), fingerprint_summary(actual)
+    changed = [
+        key for key in SUMMARY_DIFFERENCES if key in recorded and key in given and recorded[key] != given[key]
+    ]
+    # Another model type or number of layers explains the tensors; otherwise the tensors show the difference.
+    shown = [key for key in changed if key in ("model_type", "num_hidden_layers")] or changed[:1]
+    details = "; ".join(SUMMARY_DIFFERENCES[key].format(given[key], recorded[key]) for key in shown)
+    return f"its architecture differs: {details or 'tensor names or shapes differ'}"
+
+
+def check_copilot_fits_pilot(copilot_config, pilot: PreTrainedModel, allow_other_pilot: bool = False) -> None:
+    """Refuse to attach a Copilot to a Pilot other than the one it was trained with, saying what differs.
+
+    `allow_other_pilot=True` turns a refusal into a warning, except for another vocabulary or hidden size,
+    which the Copilot cannot read at all.
+    """
+    text = pilot.config.get_text_config()
+    sizes = [
+        f"{label} {given} here, {recorded} in the Copilot's Pilot"
+        for label, recorded, given in (
+            ("vocabulary size", copilot_config.vocab_size, text.vocab_size),
+            ("hidden size", copilot_config.pilot_hidden_size, text.hidden_size),
+        )
+        if recorded != given
+    ]
+    if sizes:
+        raise ValueError(
+            f"This Copilot does not fit this Pilot ({'; '.join(sizes)}): a Copilot reads its Pilot's hidden "
+            "states and predicts over its vocabulary, so not even allow_other_pilot=True attaches it. Load it "
+            f"onto the Pilot it was trained with ({copilot_config.base_model_name_or_path or 'not named'})."
+        )
+    expected = copilot_config.pilot_fingerprint
+    if expected is None:
+        if not allow_other_pilot:
+            raise ValueError(
+                "This Copilot checkpoint records no pilot_fingerprint, so nothing shows that this is the Pilot it "
+                "was trained with. Save it again with save_copilot (which records the fingerprint), or pass "
+                "allow_other_pilot=True to attach it without the check."
+            )
+        warnings.warn(
+            "Attaching a Copilot without checking its Pilot: the checkpoint records no pilot_fingerprint.",
+            stacklevel=3,
+        )
+        return
+    actual = pilot_fingerprint(pilot)
+    if same_pilot(expected, actual):
+        return
+    difference = fingerprint_difference(expected, actual)
+    if not allow_other_pilot:
+        raise ValueError(
+            f"This Copilot was trained with a different Pilot ({difference}). A Copilot trained jointly "
+            "belongs to the fine-tuned Pilot: save that Pilot (pilot.save_pretrained) and load the Copilot "
+            "onto it, or pass allow_other_pilot=True to attach it to this one on purpose."
+        )
+    warnings.warn(f"Attaching a Copilot trained with another Pilot: {difference}.", stacklevel=3)
+
+
+def read_checkpoint_config(
+    path: str | os.PathLike, config: Any, model_types: tuple[str, ...], **hub_kwargs
+) -> dict[str, Any]:
+    """A checkpoint's config as plain data (from `config` when one is given) that names one of `model_types`.
+
+    Read without AutoConfig, which imports the code an `auto_map` names: loading a folder runs none of it.
+    """
+    if isinstance(config, PreTrainedConfig):
+        config_dict = config.to_dict()
+    else:
+        config_dict, _ = PreTrainedConfig.get_config_dict(config or path, **hub_kwargs)
+    model_type = config_dict.get("model_type")
+    if model_type not in model_types:
+        raise ValueError(
+            f"{os.fspath(path)} is a plain model folder (model_type {model_type!r}), not a Pilot+Copilot or "
+            "Copilot checkpoint. Attach a Copilot to that model with "
+            "PilotCopilotForCausalLM.from_pilot(AutoModelForCausalLM.from_pretrained(path))."
+        )
+    return config_dict
+
+
+def check_loaded_tensors(loading_info: dict, checkpoint: str | os.PathLike) -> None:
+    """Refuse a checkpoint whose tensors are not the model's: a missing one would stay randomly initialised.
+
+    `loading_info` is what `from_pretrained(..., output_loading_info=True)` returns (tied weights are not
+    missing there).
+    """
+    problems = []
+    for kind in ("missing", "unexpected"):
+        keys = sorted(loading_info[f"{kind}_keys"])
+        if keys:
+            shown = ", ".join(keys[:3]) + (", ..." if len(keys) > 3 else "")
+            problems.append(f"{kind} tensors: {len(keys)} ({shown})")
+    if problems:
+        raise ValueError(
+            f"The weights in {os.fspath(checkpoint)} are not those of the model its config.json describes "
+            f"({'; '.join(problems)}): a missing tensor would be left randomly initialised. Save the "
+            "checkpoint again from the trained model (save_pretrained for the whole model, save_copilot for "
+            "a Copilot)."
+        )
+
+
+STALE_WEIGHTS = re.compile(r"(model|copilot)(-\d{5}-of-\d{5})?\.safetensors(\.index\.json)?")
+RENAME_EXCHANGE = 2  # renameat2 flag, linux/fs.h
+AT_FDCWD = -100
+
+
 @contextmanager
 def atomic_save_directory(save_directory: str | os.PathLike):
-    """Yield a new folder next to `save_directory`; once the body succeeds its files move there.
+    """Yield a new folder next to `save_directory`; once the body succeeds it replaces that folder in one step.
 
-    A failure while writing (full disk, a crash in serialization) leaves `save_directory` as it was:
-    a new or empty destination appears in one rename, an existing one gets each file by rename, and
-    weight files of an earlier save that the new one does not overwrite are removed (as save_pretrained
-    does for stale shards).
+    A failure or a crash at any point leaves `save_directory` entirely old or entirely new: the complete
+    new folder is swapped in by one rename (new or empty destination) or one renameat2(RENAME_EXCHANGE)
+    (Linux); elsewhere two renames leave a short window without it. Files of an existing folder that the
+    save does not write are carried over (hard links), except weight files of an earlier save (stale
+    shards, as save_pretrained removes them).
     """
     target = os.path.realpath(os.fspath(save_directory))
     parent, name = os.path.split(target)
@@ -76,19 +218,55 @@ def atomic_save_directory(save_directory: str | os.PathLike):
     try:
         yield staging
         if not os.path.isdir(target) or not os.listdir(target):
-            os.replace(staging, target)
+            os.replace(staging, target)  # a new or empty destination: one rename
             return
-        written = set(os.listdir(staging))
-        for stale in set(os.listdir(target)) - written:
-            if re.fullmatch(r"(model|copilot)(-\d{5}-of-\d{5})?\.safetensors(\.index\.json)?", stale):
-                os.remove(os.path.join(target, stale))
-        for entry in written:
-            destination = os.path.join(target, entry)
-            if os.path.isdir(destination):
-                shutil.rmtree(destination)
-            os.replace(os.path.join(staging, entry), destination)
+        carry_over(target, staging)
+        os.chmod(staging, stat.S_IMODE(os.stat(target).st_mode))
+        if not exchange_directories(staging, target):
+            # A crash between the two renames leaves the old folder at `old` (not *.tmp: not swept away).
+            old = os.path.join(parent, f".{name}.{uuid.uuid4().hex[:8]}.old")
+            os.rename(target, old)
+            os.rename(staging, target)
+            shutil.rmtree(old, ignore_errors=True)
     finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        shutil.rmtree(staging, ignore_errors=True)  # after an exchange: the old contents
+
+
+def carry_over(source: str, staging: str) -> None:
+    """Hard-link (copy where links fail) the entries of `source` that `staging` lacks, except stale weights."""
+
+    def link_or_copy(src: str, dst: str) -> None:
+        try:
+            os.link(src, dst, follow_symlinks=False)
+        except (OSError, NotImplementedError):  # no hard links on this filesystem or platform
+            shutil.copy2(src, dst, follow_symlinks=False)
+
+    written = set(os.listdir(staging))
+    for entry in sorted(set(os.listdir(source)) - written):
+        if STALE_WEIGHTS.fullmatch(entry):
+            continue
+        src, dst = os.path.join(source, entry), os.path.join(staging, entry)
+        if os.path.isdir(src) and not os.path.islink(src):
+            shutil.copytree(src, dst, symlinks=True, copy_function=link_or_copy)
+        else:
+            link_or_copy(src, dst)
+
+
+def exchange_directories(a: str, b: str) -> bool:
+    """Swap two paths in one step with Linux's renameat2(RENAME_EXCHANGE); False where it is unavailable."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2  # glibc >= 2.28, musl >= 1.2.0
+    except (OSError, AttributeError):
+        return False
+    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    if renameat2(AT_FDCWD, os.fsencode(a), AT_FDCWD, os.fsencode(b), RENAME_EXCHANGE) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP):
+        return False  # an old kernel or a filesystem without it
+    raise OSError(code, os.strerror(code), a, None, b)
 
 
 def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
@@ -148,9 +326,13 @@ def copy_pretrained_decoder(copilot: PreTrainedModel, decoder: PreTrainedModel) 
 
 
 __all__ = [
+    "HUB_KWARGS",
     "atomic_save_directory",
+    "check_copilot_fits_pilot",
+    "check_loaded_tensors",
     "copy_pretrained_decoder",
     "atomic_torch_save",
     "pilot_fingerprint",
+    "read_checkpoint_config",
     "same_pilot",
 ]

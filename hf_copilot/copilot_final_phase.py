@@ -7,22 +7,19 @@ last one. This phase trains the Copilot alone on the errors of that final, froze
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
-from transformers import get_scheduler
+from transformers import Trainer, get_scheduler
 
 from .mistake_log_entry import copilot_target_norm
 from .training_errors import NonFiniteTrainingError
 
-if TYPE_CHECKING:
-    from .trainer import CopilotTrainer
 
-
-def train_copilot_on_final_pilot(trainer: CopilotTrainer, epochs: float) -> None:
-    """AdamW at the Copilot's peak learning rate with a cosine decay over the phase, the Copilot's MSE per
-    batch, gradients clipped to `max_grad_norm` (averaged across processes); logged as `copilot_final/*`."""
+def train_copilot_on_final_pilot(trainer: Trainer, epochs: float) -> None:
+    """For a CopilotTrainer: AdamW at the Copilot's peak learning rate with a cosine decay over the phase, the
+    Copilot's MSE per batch, gradients clipped to `max_grad_norm` (averaged across processes); logged as
+    `copilot_final/*`."""
     pilot_copilot = trainer.pilot_copilot()
     pilot, copilot = pilot_copilot.pilot, pilot_copilot.copilot
     dataloader = trainer.get_train_dataloader()

@@ -15,11 +15,19 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import AutoConfig, AutoModelForCausalLM, GenerationMixin, PreTrainedModel
+from transformers import AutoModelForCausalLM, GenerationMixin, PreTrainedModel
 from transformers.activations import ACT2FN
 from transformers.utils import ModelOutput
 
-from .checkpointing import atomic_save_directory, copy_pretrained_decoder, pilot_fingerprint, same_pilot
+from .checkpointing import (
+    HUB_KWARGS,
+    atomic_save_directory,
+    check_copilot_fits_pilot,
+    check_loaded_tensors,
+    copy_pretrained_decoder,
+    pilot_fingerprint,
+    read_checkpoint_config,
+)
 from .configuration_pilot_copilot import (
     CopilotConfig,
     PilotCopilotConfig,
@@ -338,25 +346,32 @@ class PilotCopilotForCausalLM(PreTrainedModel, GenerationMixin):
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
-        """Load a whole Pilot+Copilot checkpoint, or a Copilot-only one onto its base Pilot."""
-        config_kwargs = {
-            k: kwargs[k] for k in ("revision", "token", "cache_dir", "local_files_only") if k in kwargs
-        }
-        config = kwargs.get("config") or AutoConfig.from_pretrained(
-            pretrained_model_name_or_path, trust_remote_code=True, **config_kwargs
+        """Load a whole Pilot+Copilot checkpoint, or a Copilot-only one onto its base Pilot.
+
+        The folder's kind is read from config.json as data: no code from the folder runs. Tensors that
+        the checkpoint lacks or has in excess are refused (`check_loaded_tensors`).
+        """
+        hub_kwargs = {k: kwargs[k] for k in HUB_KWARGS if k in kwargs}
+        kinds = (cls.config_class.model_type, CopilotConfig.model_type)
+        config = read_checkpoint_config(
+            pretrained_model_name_or_path, kwargs.get("config"), kinds, **hub_kwargs
         )
-        if getattr(config, "model_type", None) != CopilotConfig.model_type:
-            return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
-        allow = kwargs.pop("allow_other_pilot", False)
-        pilot_path = kwargs.pop("pilot", None) or config.base_model_name_or_path
-        if pilot_path is None:
+        allow, wants_info = kwargs.pop("allow_other_pilot", False), kwargs.pop("output_loading_info", False)
+        if config["model_type"] == cls.config_class.model_type:
+            model, info = super().from_pretrained(
+                pretrained_model_name_or_path, *args, output_loading_info=True, **kwargs
+            )
+            check_loaded_tensors(info, pretrained_model_name_or_path)
+            return (model, info) if wants_info else model
+        kwargs.pop("config", None)  # the Copilot's, not the Pilot's
+        pilot = kwargs.pop("pilot", None) or config.get("base_model_name_or_path")
+        if pilot is None:
             raise ValueError("This Copilot checkpoint names no base Pilot: pass pilot=<model or path>.")
-        pilot = (
-            pilot_path
-            if isinstance(pilot_path, PreTrainedModel)
-            else AutoModelForCausalLM.from_pretrained(pilot_path, **kwargs)
-        )
-        return cls.from_copilot_checkpoint(pilot, pretrained_model_name_or_path, allow, **config_kwargs)
+        info = {"missing_keys": set(), "unexpected_keys": set(), "mismatched_keys": set(), "error_msgs": []}
+        if not isinstance(pilot, PreTrainedModel):  # the user's kwargs: trust_remote_code is theirs to give
+            pilot, info = AutoModelForCausalLM.from_pretrained(pilot, output_loading_info=True, **kwargs)
+        model = cls.from_copilot_checkpoint(pilot, pretrained_model_name_or_path, allow, **hub_kwargs)
+        return (model, info) if wants_info else model  # the Pilot's info: the Copilot's tensors are checked
 
     @classmethod
     def from_copilot_checkpoint(
@@ -364,21 +379,12 @@ class PilotCopilotForCausalLM(PreTrainedModel, GenerationMixin):
     ) -> PilotCopilotForCausalLM:
         """Attach a Copilot saved with `save_copilot` to `pilot`, refusing a Pilot it was not trained with.
 
-        `allow_other_pilot=True` attaches it to another Pilot of the same architecture on purpose (a merged
-        LoRA Pilot, the paper's transfer experiment), with a warning; other sizes are still refused.
+        `allow_other_pilot=True` attaches it to another Pilot of the same sizes on purpose (a merged LoRA
+        Pilot, the paper's transfer experiment), with a warning: see `check_copilot_fits_pilot`.
         """
-        copilot = CopilotModel.from_pretrained(copilot_path, **kwargs)
-        expected, actual = copilot.config.pilot_fingerprint, pilot_fingerprint(pilot)
-        if expected is not None and not same_pilot(expected, actual):
-            same_architecture = expected.partition(":")[0] == actual.partition(":")[0]
-            difference = "its weights differ" if same_architecture else "its architecture differs"
-            if not allow_other_pilot:
-                raise ValueError(
-                    f"This Copilot was trained with a different Pilot ({difference}). A Copilot trained jointly "
-                    "belongs to the fine-tuned Pilot: save that Pilot (pilot.save_pretrained) and load the Copilot "
-                    "onto it, or pass allow_other_pilot=True to attach it to this one on purpose."
-                )
-            warnings.warn(f"Attaching a Copilot trained with another Pilot: {difference}.", stacklevel=2)
+        copilot, info = CopilotModel.from_pretrained(copilot_path, output_loading_info=True, **kwargs)
+        check_loaded_tensors(info, copilot_path)
+        check_copilot_fits_pilot(copilot.config, pilot, allow_other_pilot)
         fusion = {k: getattr(copilot.config, k) for k in FUSION_FIELDS if hasattr(copilot.config, k)}
         model = cls.from_pilot(pilot, copilot_config=copilot.config, **fusion)
         model.copilot.load_state_dict(copilot.state_dict())

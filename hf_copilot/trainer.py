@@ -56,6 +56,7 @@ from transformers.training_args import ParallelMode
 from transformers.utils import is_sagemaker_mp_enabled, logging
 
 from .complete_checkpoints import (
+    COMPLETION_MARKER,
     check_checkpoint_complete,
     checkpoint_step,
     mark_checkpoint_complete,
@@ -314,14 +315,19 @@ class CopilotTrainer(Trainer):
             raise NonFiniteTrainingError(
                 f"The weights are not finite at step {self.state.global_step}: checkpoint not written."
             )
+        run_dir = self._get_output_dir(trial=trial)
+        checkpoint_dir = os.path.join(run_dir, f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
+        # A folder of this step from another run (resumed from an earlier checkpoint) is overwritten file by
+        # file: it must not look complete until the new marker is written.
+        stale_marker = os.path.join(checkpoint_dir, COMPLETION_MARKER)
+        if self.args.should_save and os.path.exists(stale_marker):
+            os.remove(stale_marker)
         limit = self.args.save_total_limit
         self.args.save_total_limit = None
         try:
             super()._save_checkpoint(model, trial)
         finally:
             self.args.save_total_limit = limit
-        run_dir = self._get_output_dir(trial=trial)
-        checkpoint_dir = os.path.join(run_dir, f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
         if not self.args.save_only_model:
             budget = self.args.mistake_log_checkpoint_mb
             self.mistake_log_callback.save_to_checkpoint(

@@ -331,3 +331,19 @@ def test_a_mistake_log_budget_keeps_the_newest_entries_that_fit_and_warns(tmp_pa
     newest = trainer.mistake_log_callback.mistake_log.latest()
     saved = torch.load(tmp_path / "run" / "checkpoint-4" / "mistake_log.pt", weights_only=True)["mistake_log"]
     assert torch.equal(saved["entries"][0]["tensors"]["x_tilde"], newest.x_tilde)
+
+
+def test_resaving_a_step_over_an_old_checkpoint_never_looks_complete_halfway(tmp_path):
+    run = interrupted_run(tmp_path)  # complete checkpoint-2 and checkpoint-4
+    old_state = run / "checkpoint-4" / "trainer_state.json"
+    old_state.unlink()
+    old_state.mkdir()  # the re-save of step 4 fails after its weights and optimizer state
+    mark_checkpoint_complete(run / "checkpoint-4", 4)
+    trainer = make_trainer(tmp_path, model=make_model(seed=7), **run_settings(tmp_path, "run"))
+    with pytest.raises(IsADirectoryError):
+        trainer.train(resume_from_checkpoint=str(run / "checkpoint-2"))
+    assert not (run / "checkpoint-4" / COMPLETION_MARKER).exists()
+    with pytest.raises(
+        ValueError, match=rf"Cannot resume from {run / 'checkpoint-4'}: .*no {COMPLETION_MARKER}"
+    ):
+        resume(tmp_path, str(run / "checkpoint-4"))

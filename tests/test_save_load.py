@@ -4,16 +4,19 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
 from conftest import build_batch, build_pilot, build_pilot_copilot
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
+import hf_copilot
 from hf_copilot import CopilotConfig, PilotCopilotForCausalLM, pilot_fingerprint
 
 HUB_FILES = {
@@ -46,6 +49,35 @@ def saved_pilot(arch: str, directory) -> torch.nn.Module:
 
 def assert_tied(pilot):
     assert pilot.get_output_embeddings().weight is pilot.get_input_embeddings().weight
+
+
+def exactly(text: str) -> str:
+    """A `match=` pattern that accepts this message and no other."""
+    return f"^{re.escape(text)}$"
+
+
+def rewrite_weights(folder, drop=(), add=None) -> None:
+    """Edit a saved model.safetensors: drop tensors by name and add others, as a damaged checkpoint would be."""
+    path = folder / "model.safetensors"
+    weights = {name: tensor for name, tensor in load_file(path).items() if name not in drop}
+    save_file({**weights, **(add or {})}, path, metadata={"format": "pt"})
+
+
+def edit_config(folder, **changes) -> None:
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, **changes}))
+
+
+NO_LOADING_PROBLEMS = {
+    "missing_keys": set(),
+    "unexpected_keys": set(),
+    "mismatched_keys": set(),
+    "error_msgs": [],
+}
+RESAVE = (
+    "a missing tensor would be left randomly initialised. Save the checkpoint again from the trained model "
+    "(save_pretrained for the whole model, save_copilot for a Copilot)."
+)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -93,6 +125,58 @@ def test_tied_pilot_embeddings_stay_tied_after_loading(arch, tmp_path):
     assert_tied(model.pilot)
     model.save_pretrained(tmp_path)
     assert_tied(AutoModelForCausalLM.from_pretrained(tmp_path).pilot)
+
+
+@pytest.mark.parametrize("loader", [AutoModelForCausalLM, PilotCopilotForCausalLM])
+def test_output_loading_info_still_returns_the_tuple_and_tied_weights_are_not_missing(loader, tmp_path):
+    model = build_pilot_copilot("gpt2")
+    model.save_pretrained(tmp_path)
+    loaded, info = loader.from_pretrained(tmp_path, output_loading_info=True)
+    assert info == NO_LOADING_PROBLEMS
+    assert_tied(loaded.pilot)
+    assert_same_outputs(model, loaded.eval())
+
+
+@pytest.mark.parametrize(
+    "arch, drop, add, also_missing",
+    [
+        ("llama", "copilot.", {}, []),  # a checkpoint of the Pilot alone under the wrapper's config
+        ("llama", "pilot.model.layers.1.mlp.down_proj.weight", {}, []),
+        # The source of the tied LM head: the head has nothing to be tied to, so it is missing too.
+        ("gpt2", "pilot.transformer.wte.weight", {}, ["pilot.lm_head.weight"]),
+        (
+            "llama",
+            None,
+            {"copilot.extra_head.weight": torch.zeros(2, 2), "pilot.lm_head.bias": torch.zeros(64)},
+            [],
+        ),
+    ],
+    ids=["copilot", "pilot", "tied-embeddings", "extra"],
+)
+def test_a_whole_checkpoint_with_missing_or_extra_tensors_is_refused_naming_them(
+    arch, drop, add, also_missing, tmp_path
+):
+    build_pilot_copilot(arch).save_pretrained(tmp_path)
+    dropped = [name for name in load_file(tmp_path / "model.safetensors") if drop and name.startswith(drop)]
+    rewrite_weights(tmp_path, drop=dropped, add=add)
+    missing, problems = sorted(dropped + also_missing), []
+    if missing:
+        shown = ", ".join(missing[:3]) + (", ..." if len(missing) > 3 else "")
+        problems.append(f"missing tensors: {len(missing)} ({shown})")
+    if add:
+        problems.append(f"unexpected tensors: {len(add)} ({', '.join(sorted(add))})")
+    message = (
+        f"The weights in {tmp_path} are not those of the model its config.json describes "
+        f"({'; '.join(problems)}): {RESAVE}"
+    )
+    for loader in (AutoModelForCausalLM, PilotCopilotForCausalLM):
+        with pytest.raises(ValueError, match=exactly(message)):
+            loader.from_pretrained(tmp_path)
+    if drop == "copilot.":
+        assert problems == [
+            "missing tensors: 21 (copilot.error_head.weight, copilot.error_proj.weight, "
+            "copilot.layers.0.input_layernorm.weight, ...)"
+        ]
 
 
 REMOTE_CODE_SCRIPT = textwrap.dedent(
@@ -169,6 +253,91 @@ def test_remote_code_loads_without_hf_copilot_and_gives_identical_outputs(tmp_pa
 
 
 # --------------------------------------------------------------------------------------------------
+# Loading runs no code from the folder
+
+LOAD_SCRIPT = textwrap.dedent(
+    """
+    import json
+    import sys
+
+    from hf_copilot import PilotCopilotForCausalLM
+
+    outcomes = {}
+    for folder in sys.argv[1:]:
+        try:
+            PilotCopilotForCausalLM.from_pretrained(folder)
+            outcomes[folder] = "loaded"
+        except Exception as error:
+            outcomes[folder] = f"{type(error).__name__}: {error}"
+    print(json.dumps(outcomes))
+    """
+)
+
+
+def plant_payload(folder, marker) -> None:
+    """A module that records being imported, named by the folder's auto_map and by its modeling files."""
+    payload = f"open({str(marker)!r}, 'w').write('ran')\n"
+    (folder / "payload.py").write_text(payload)
+    for name in ("configuration_pilot_copilot.py", "modeling_pilot_copilot.py"):
+        if (folder / name).exists():
+            (folder / name).write_text(payload + (folder / name).read_text())
+    edit_config(folder, auto_map={"AutoConfig": "payload.Config", "AutoModelForCausalLM": "payload.Model"})
+
+
+def test_loading_a_folder_never_runs_its_code(tmp_path):
+    folders = {"built_in": tmp_path / "llama", "unknown": tmp_path / "unknown", "whole": tmp_path / "whole"}
+    build_pilot("llama").save_pretrained(folders["built_in"])
+    folders["unknown"].mkdir()
+    (folders["unknown"] / "config.json").write_text(json.dumps({"model_type": "payload_model"}))
+    build_pilot_copilot("llama").save_pretrained(folders["whole"])  # its modeling files get the payload too
+    for kind, folder in folders.items():
+        plant_payload(folder, tmp_path / f"ran_{kind}")
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "HF_MODULES_CACHE": str(tmp_path / "modules"),
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": str(Path(hf_copilot.__file__).parents[1]),  # this very hf_copilot
+    }
+    result = subprocess.run(
+        [sys.executable, "-c", LOAD_SCRIPT, *map(str, folders.values())],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert sorted(path.name for path in tmp_path.glob("ran_*")) == []  # no payload ran
+    copied_to_run = [path.name for path in (tmp_path / "modules").rglob("*.py") if path.name != "__init__.py"]
+    assert copied_to_run == []
+
+    def plain(kind: str, model_type: str) -> str:
+        return (
+            f"ValueError: {folders[kind]} is a plain model folder (model_type {model_type!r}), not a "
+            "Pilot+Copilot or Copilot checkpoint. Attach a Copilot to that model with "
+            "PilotCopilotForCausalLM.from_pilot(AutoModelForCausalLM.from_pretrained(path))."
+        )
+
+    assert json.loads(result.stdout) == {
+        str(folders["built_in"]): plain("built_in", "llama"),
+        str(folders["unknown"]): plain("unknown", "payload_model"),
+        str(folders["whole"]): "loaded",  # with hf_copilot's own classes
+    }
+
+
+def test_a_plain_pilot_folder_is_refused_with_how_to_attach_a_copilot(tmp_path):
+    build_pilot("gpt2").save_pretrained(tmp_path)  # before: a default 7B LLaMA was built for it
+    with pytest.raises(ValueError) as error:
+        PilotCopilotForCausalLM.from_pretrained(tmp_path)
+    assert str(error.value) == (
+        f"{tmp_path} is a plain model folder (model_type 'gpt2'), not a Pilot+Copilot or Copilot checkpoint. "
+        "Attach a Copilot to that model with "
+        "PilotCopilotForCausalLM.from_pilot(AutoModelForCausalLM.from_pretrained(path))."
+    )
+
+
+# --------------------------------------------------------------------------------------------------
 # Copilot-only checkpoints (PEFT-style)
 
 
@@ -202,6 +371,8 @@ def test_copilot_checkpoint_loads_onto_its_base_pilot_in_one_call(arch, tmp_path
     assert_same_outputs(model, loaded)
     if arch == "gpt2":
         assert_tied(loaded.pilot)
+    _, info = PilotCopilotForCausalLM.from_pretrained(tmp_path / "copilot", output_loading_info=True)
+    assert info == NO_LOADING_PROBLEMS  # the Pilot's loading info: the Copilot's tensors are checked
 
 
 def test_copilot_checkpoint_without_a_named_base_needs_the_pilot(tmp_path):
@@ -223,24 +394,167 @@ def fine_tuned(pilot, lr: float = 1e-5):
     return pilot.eval()
 
 
+OTHER_PILOT_FIX = (
+    "A Copilot trained jointly belongs to the fine-tuned Pilot: save that Pilot (pilot.save_pretrained) and "
+    "load the Copilot onto it, or pass allow_other_pilot=True to attach it to this one on purpose."
+)
+OTHER_WEIGHTS = "same architecture, but its weights differ: a fine-tuned Pilot or another checkpoint"
+
+
+def refusal(difference: str) -> str:
+    return exactly(f"This Copilot was trained with a different Pilot ({difference}). {OTHER_PILOT_FIX}")
+
+
+def warning(difference: str) -> str:
+    return exactly(f"Attaching a Copilot trained with another Pilot: {difference}.")
+
+
+def size(pilot) -> tuple[int, int]:
+    """(tensors, parameters) of a Pilot, as its fingerprint counts them."""
+    state = pilot.state_dict()
+    return len(state), sum(tensor.numel() for tensor in state.values())
+
+
 def test_copilot_checkpoint_refuses_a_pilot_with_other_weights(tmp_path):
     pilot = saved_pilot("llama", tmp_path / "pilot")
     build_pilot_copilot(pilot).save_copilot(tmp_path / "copilot")
     build_pilot("llama", seed=1).save_pretrained(tmp_path / "pilot")  # another Pilot now at the base path
-    with pytest.raises(ValueError, match=r"different Pilot \(its weights differ\).*allow_other_pilot=True"):
+    with pytest.raises(ValueError, match=refusal(OTHER_WEIGHTS)):
         PilotCopilotForCausalLM.from_pretrained(tmp_path / "copilot")
     other = build_pilot("llama", seed=2)
-    with pytest.raises(ValueError, match="its weights differ"):
+    with pytest.raises(ValueError, match=refusal(OTHER_WEIGHTS)):
         PilotCopilotForCausalLM.from_pretrained(tmp_path / "copilot", pilot=other)
     # On purpose (a merged LoRA Pilot, the transfer experiment): attached with a warning naming the difference.
-    with pytest.warns(UserWarning, match="trained with another Pilot: its weights differ"):
+    with pytest.warns(UserWarning, match=warning(OTHER_WEIGHTS)):
         moved = PilotCopilotForCausalLM.from_pretrained(
             tmp_path / "copilot", pilot=other, allow_other_pilot=True
         )
     assert moved.pilot is other
-    wider = build_pilot("llama", seed=2, hidden_size=64, intermediate_size=64)
-    with pytest.raises(ValueError, match="hidden"):
-        PilotCopilotForCausalLM.from_pretrained(tmp_path / "copilot", pilot=wider, allow_other_pilot=True)
+
+
+@pytest.mark.parametrize(
+    "other, difference",
+    [
+        (
+            lambda: build_pilot("llama", num_hidden_layers=4),
+            lambda pilot: "number of layers 4 here, 2 in the Copilot's Pilot",
+        ),
+        (
+            lambda: build_pilot("mistral"),
+            lambda pilot: "model type mistral here, llama in the Copilot's Pilot",
+        ),
+        (
+            lambda: build_pilot("llama", intermediate_size=48),
+            lambda pilot: (
+                f"tensor shapes differ ({size(pilot)[1]} parameters here, {size(build_pilot('llama'))[1]} "
+                "in the Copilot's Pilot)"
+            ),
+        ),
+        (
+            lambda: build_pilot("llama", attention_bias=True),
+            lambda pilot: (
+                f"tensor names differ ({size(pilot)[0]} tensors here, {size(build_pilot('llama'))[0]} "
+                "in the Copilot's Pilot)"
+            ),
+        ),
+    ],
+    ids=["layers", "model-type", "shapes", "names"],
+)
+def test_copilot_checkpoint_on_another_architecture_says_what_differs(other, difference, tmp_path):
+    build_pilot_copilot("llama").save_copilot(tmp_path)
+    other = other()
+    expected = f"its architecture differs: {difference(other)}"
+    with pytest.raises(ValueError, match=refusal(expected)):
+        PilotCopilotForCausalLM.from_pretrained(tmp_path, pilot=other)
+    # The same sizes: the Copilot can read this Pilot, so on purpose it is attached, with the warning.
+    with pytest.warns(UserWarning, match=warning(expected)):
+        moved = PilotCopilotForCausalLM.from_pretrained(tmp_path, pilot=other, allow_other_pilot=True)
+    assert moved.pilot is other
+
+
+@pytest.mark.parametrize(
+    "overrides, difference",
+    [
+        (dict(vocab_size=80), "vocabulary size 80 here, 64 in the Copilot's Pilot"),
+        (dict(hidden_size=64, intermediate_size=64), "hidden size 64 here, 32 in the Copilot's Pilot"),
+        (
+            dict(vocab_size=80, hidden_size=64),
+            "vocabulary size 80 here, 64 in the Copilot's Pilot; hidden size 64 here, 32 in the Copilot's Pilot",
+        ),
+    ],
+    ids=["vocabulary", "hidden", "both"],
+)
+def test_copilot_checkpoint_refuses_a_pilot_of_other_sizes_even_when_allowed(overrides, difference, tmp_path):
+    pilot = saved_pilot("llama", tmp_path / "pilot")
+    build_pilot_copilot(pilot).save_copilot(tmp_path / "copilot")
+    other = build_pilot("llama", **overrides)
+    message = exactly(
+        f"This Copilot does not fit this Pilot ({difference}): a Copilot reads its Pilot's hidden states and "
+        "predicts over its vocabulary, so not even allow_other_pilot=True attaches it. Load it onto the Pilot "
+        f"it was trained with ({tmp_path / 'pilot'})."
+    )
+    for allow in (False, True):
+        with pytest.raises(ValueError, match=message):
+            PilotCopilotForCausalLM.from_pretrained(
+                tmp_path / "copilot", pilot=other, allow_other_pilot=allow
+            )
+
+
+def test_copilot_checkpoint_without_a_fingerprint_is_refused_unless_allowed(tmp_path):
+    pilot = saved_pilot("llama", tmp_path / "pilot")
+    model = build_pilot_copilot(pilot)
+    model.save_copilot(tmp_path / "copilot")
+    edit_config(tmp_path / "copilot", pilot_fingerprint=None)  # saved by hand, or edited
+    with pytest.raises(ValueError) as error:
+        PilotCopilotForCausalLM.from_pretrained(tmp_path / "copilot")
+    assert str(error.value) == (
+        "This Copilot checkpoint records no pilot_fingerprint, so nothing shows that this is the Pilot it was "
+        "trained with. Save it again with save_copilot (which records the fingerprint), or pass "
+        "allow_other_pilot=True to attach it without the check."
+    )
+    with pytest.warns(
+        UserWarning,
+        match=exactly(
+            "Attaching a Copilot without checking its Pilot: the checkpoint records no pilot_fingerprint."
+        ),
+    ):
+        loaded = PilotCopilotForCausalLM.from_pretrained(tmp_path / "copilot", allow_other_pilot=True)
+    assert_same_outputs(model, loaded.eval())
+
+
+def test_a_fingerprint_from_before_its_summary_still_identifies_the_pilot(tmp_path):
+    pilot = saved_pilot("llama", tmp_path / "pilot")
+    model = build_pilot_copilot(pilot)
+    model.save_copilot(tmp_path / "copilot")
+    fingerprint = pilot_fingerprint(pilot)
+    assert fingerprint.split(":")[2] == (
+        f"model_type=llama,num_hidden_layers=2,num_tensors={size(pilot)[0]},num_parameters={size(pilot)[1]}"
+    )
+    edit_config(
+        tmp_path / "copilot", pilot_fingerprint=":".join(fingerprint.split(":")[:2])
+    )  # the old format
+    assert_same_outputs(model, PilotCopilotForCausalLM.from_pretrained(tmp_path / "copilot").eval())
+    with pytest.raises(ValueError, match=refusal(OTHER_WEIGHTS)):
+        PilotCopilotForCausalLM.from_pretrained(tmp_path / "copilot", pilot=build_pilot("llama", seed=1))
+    deeper = build_pilot("llama", num_hidden_layers=4)
+    with pytest.raises(ValueError, match=refusal("its architecture differs: tensor names or shapes differ")):
+        PilotCopilotForCausalLM.from_pretrained(tmp_path / "copilot", pilot=deeper)
+
+
+def test_a_copilot_checkpoint_with_missing_or_extra_tensors_is_refused_naming_them(tmp_path):
+    model = build_pilot_copilot("llama")
+    model.save_copilot(tmp_path)
+    rewrite_weights(tmp_path, drop={"error_head.weight"}, add={"extra.weight": torch.zeros(2)})
+    message = (
+        f"The weights in {tmp_path} are not those of the model its config.json describes (missing tensors: 1 "
+        f"(error_head.weight); unexpected tensors: 1 (extra.weight)): {RESAVE}"
+    )
+    for load in (
+        lambda: PilotCopilotForCausalLM.from_pretrained(tmp_path, pilot=model.pilot),
+        lambda: PilotCopilotForCausalLM.from_copilot_checkpoint(model.pilot, tmp_path),
+    ):
+        with pytest.raises(ValueError, match=exactly(message)):
+            load()
 
 
 def test_copilot_checkpoint_refuses_the_base_when_it_was_trained_with_the_fine_tuned_pilot(tmp_path):
