@@ -541,12 +541,11 @@ class PilotCopilotForCausalLM(PreTrainedModel, GenerationMixin):
         return copilot_lambda, fusion, copilot_feedback
 
     def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
+        # The Copilot's state lives in the cache, so fused generation always uses one, whatever the Pilot's
+        # use_cache says (Trainer saves Pilots with use_cache=False); the tokens are the same either way.
+        generation_config.use_cache = True
         super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
         cache = model_kwargs.get("cache")
-        if cache is None:
-            raise ValueError(
-                "Fused generation keeps the Copilot's state in the cache: call generate() with use_cache=True."
-            )
         if not isinstance(cache, PilotCopilotCache):
             if getattr(cache, "_is_user_defined", False) or type(cache).__name__ != "DynamicCache":
                 raise ValueError(

@@ -12,6 +12,8 @@ the incremental path and the reference agree exactly.
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from conftest import (
@@ -428,10 +430,23 @@ def test_fused_model_as_the_assistant_of_a_sliding_window_model():
     assert torch.equal(greedy(main, input_ids, max_new_tokens=16, assistant_model=assistant), expected)
 
 
+@pytest.mark.parametrize("where", ["pilot config", "generate call"])
+def test_fused_generation_uses_a_cache_whatever_use_cache_says(where):
+    """Trainer saves Pilots with use_cache=False; the Copilot's state needs the cache, the tokens do not."""
+    model = fused_model("llama")
+    expected = greedy(model, prompt(batch_size=2))
+    if where == "pilot config":
+        pilot = copy.deepcopy(model.pilot)
+        pilot.config.use_cache = pilot.generation_config.use_cache = False  # as after a stock Trainer run
+        rebuilt = PilotCopilotForCausalLM.from_pilot(pilot, copilot_config=model.config.copilot_config)
+        rebuilt.copilot.load_state_dict(model.copilot.state_dict())
+        assert torch.equal(greedy(rebuilt, prompt(batch_size=2)), expected)
+    else:
+        assert torch.equal(greedy(model, prompt(batch_size=2), use_cache=False), expected)
+
+
 def test_a_cache_that_cannot_carry_the_copilot_is_refused():
     model = build_pilot_copilot("llama")
-    with pytest.raises(ValueError, match="use_cache=True"):
-        greedy(model, prompt(), use_cache=False)
     with pytest.raises(ValueError, match="PilotCopilotCache"):
         greedy(model, prompt(), cache_implementation="static")
 
