@@ -1,4 +1,4 @@
-"""The Copilot network and the Pilot + Copilot causal LM (SPEC sections 2, 3, 4 and 6).
+"""The Pilot + Copilot causal LM (SPEC sections 2, 4 and 6); the Copilot network is modeling_copilot.py.
 
 Hub-facing: copied next to checkpoints for `trust_remote_code`, so it imports only its sibling files.
 Data flows one way: Pilot pass -> Mistake Log entry -> Copilot pass -> losses (training), and
@@ -13,10 +13,8 @@ import warnings
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from transformers import AutoModelForCausalLM, GenerationMixin, PreTrainedModel
-from transformers.activations import ACT2FN
 from transformers.utils import ModelOutput
 
 from .checkpointing import (
@@ -35,7 +33,6 @@ from .configuration_pilot_copilot import (
     validate_fusion_settings,
 )
 from .generation_pilot_copilot import (
-    CopilotKVCache,
     CopilotLogitsProcessor,
     PilotCopilotCache,
     copilot_generation_step,
@@ -44,211 +41,12 @@ from .generation_pilot_copilot import (
 )
 from .mistake_log_entry import (
     MistakeLogEntry,
-    PilotErrors,
     copilot_squared_error,
     mistake_log_entry_from_pilot_pass,
 )
+from .modeling_copilot import CopilotModel
 
 FUSION_FIELDS = ("copilot_lambda", "fusion", "copilot_feedback")
-
-
-class CopilotRMSNorm(nn.Module):
-    def __init__(self, hidden_size: int, eps: float):
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(hidden_size))
-        self.eps = eps
-
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        dtype = hidden.dtype
-        hidden = hidden.float()
-        hidden = hidden * torch.rsqrt(hidden.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * hidden.to(dtype)
-
-
-class CopilotMLP(nn.Module):
-    """Gated MLP with LLaMA's parameter names, so a pretrained decoder's weights drop in."""
-
-    def __init__(self, config: CopilotConfig):
-        super().__init__()
-        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
-        self.act_fn = ACT2FN[config.hidden_act]
-
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.act_fn(self.gate_proj(hidden)) * self.up_proj(hidden))
-
-
-class CopilotAttention(nn.Module):
-    """Multi-head attention without positional encoding; self- or cross-attention by its inputs."""
-
-    def __init__(self, config: CopilotConfig):
-        super().__init__()
-        self.num_heads = config.num_attention_heads
-        self.num_kv_heads = config.num_key_value_heads
-        self.head_dim = config.head_dim
-        self.dropout = config.attention_dropout
-        bias = config.attention_bias
-        self.q_proj = nn.Linear(config.hidden_size, self.num_heads * self.head_dim, bias=bias)
-        self.k_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=bias)
-        self.v_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=bias)
-        self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=False)
-
-    def project_keys_values(self, source: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        batch, length, _ = source.shape
-        keys = self.k_proj(source).view(batch, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        values = self.v_proj(source).view(batch, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        return keys, values  # [B, H_kv, L, head_dim]
-
-    def forward(
-        self, hidden: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor
-    ) -> torch.Tensor:
-        batch, length, _ = hidden.shape
-        queries = self.q_proj(hidden).view(batch, length, self.num_heads, self.head_dim).transpose(1, 2)
-        groups = self.num_heads // self.num_kv_heads
-        if groups > 1:
-            keys, values = keys.repeat_interleave(groups, 1), values.repeat_interleave(groups, 1)
-        out = F.scaled_dot_product_attention(
-            queries, keys, values, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0
-        )
-        return self.o_proj(out.transpose(1, 2).reshape(batch, length, -1))
-
-
-class CopilotLayer(nn.Module):
-    """Pre-norm residual block: attention (self or cross, by layer parity) then MLP."""
-
-    def __init__(self, config: CopilotConfig, layer_idx: int):
-        super().__init__()
-        # 0-based even index = the paper's odd (1st, 3rd, ...) layers: causal self-attention.
-        self.layer_idx = layer_idx
-        self.is_cross_attention = layer_idx % 2 == 1
-        self.input_layernorm = CopilotRMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.self_attn = CopilotAttention(config)
-        self.post_attention_layernorm = CopilotRMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.mlp = CopilotMLP(config)
-        self.dropout = nn.Dropout(config.hidden_dropout)
-
-    def forward(
-        self,
-        hidden: torch.Tensor,
-        memory: torch.Tensor,
-        positions: tuple[torch.Tensor, torch.Tensor],
-        masks: dict[bool, torch.Tensor],
-        kv_cache: CopilotKVCache | None,
-    ) -> torch.Tensor:
-        """`positions` holds the new stream and memory positions; `masks` is filled once per layer kind."""
-        normed = self.input_layernorm(hidden)
-        source = memory if self.is_cross_attention else normed
-        keys, values = self.self_attn.project_keys_values(source)
-        key_positions = positions[1] if self.is_cross_attention else positions[0]
-        if kv_cache is not None:
-            keys, values, key_positions = kv_cache.update(self.layer_idx, keys, values, key_positions)
-        if self.is_cross_attention not in masks:
-            masks[self.is_cross_attention] = masks["build"](key_positions, self.is_cross_attention)
-        attended = self.self_attn(normed, keys, values, masks[self.is_cross_attention])
-        hidden = hidden + self.dropout(attended)
-        return hidden + self.dropout(self.mlp(self.post_attention_layernorm(hidden)))
-
-
-def build_attention_mask(
-    query_positions: torch.Tensor,
-    key_positions: torch.Tensor,
-    key_padding: torch.Tensor | None,
-    dtype: torch.dtype,
-) -> torch.Tensor:
-    """Additive mask [B|1, 1, Tq, Tk]: a query sees keys at positions <= its own that are not padding.
-
-    Finite minimum instead of -inf, so a padding query that sees nothing stays finite.
-    """
-    allowed = key_positions[None, :] <= query_positions[:, None]  # [Tq, Tk]
-    allowed = allowed[None, None]
-    if key_padding is not None:
-        allowed = allowed & key_padding[:, None, None, :].bool()
-    mask = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
-    return mask.masked_fill(~allowed, torch.finfo(dtype).min)
-
-
-class CopilotPreTrainedModel(PreTrainedModel):
-    config_class = CopilotConfig
-    base_model_prefix = "copilot"
-    _no_split_modules = ["CopilotLayer"]
-    _supports_sdpa = True
-
-    def _init_weights(self, module: nn.Module) -> None:
-        std = self.config.initializer_range
-        if isinstance(module, nn.Linear):
-            nn.init.normal_(module.weight, mean=0.0, std=std)
-            if module.bias is not None:
-                nn.init.zeros_(module.bias)
-        elif isinstance(module, CopilotRMSNorm):
-            nn.init.ones_(module.weight)
-
-
-class CopilotModel(CopilotPreTrainedModel):
-    """Predicts the Pilot's error f_C [B,T,V] from the shifted error stream and the Pilot's states.
-
-    Position j receives W_in e_{j-1}; odd layers self-attend causally over the stream, even layers
-    cross-attend to M = [x_tilde ; h_bar] restricted to positions <= j. No positional embeddings.
-    """
-
-    def __init__(self, config: CopilotConfig):
-        config.validate_architecture()  # a config edited after construction is checked again here
-        super().__init__(config)
-        self.error_proj = nn.Linear(config.vocab_size, config.hidden_size, bias=False)  # W_in
-        if config.pilot_hidden_size != config.hidden_size:
-            self.memory_proj = nn.Linear(config.pilot_hidden_size, config.hidden_size, bias=False)
-        else:
-            self.memory_proj = nn.Identity()
-        self.layers = nn.ModuleList(CopilotLayer(config, idx) for idx in range(config.num_hidden_layers))
-        self.norm = CopilotRMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.error_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)  # W_out
-        self.post_init()
-
-    def embed_errors(self, errors: PilotErrors) -> torch.Tensor:
-        """W_in e_j [B,T,d_C] (not yet shifted)."""
-        return errors.embed(self.error_proj.weight)
-
-    def embed_predicted_errors(self, predicted_errors: torch.Tensor) -> torch.Tensor:
-        """W_in f_C for the paper's inference-time feedback of the Copilot's own output."""
-        return self.error_proj(predicted_errors.to(self.error_proj.weight.dtype))
-
-    def forward(
-        self,
-        stream: torch.Tensor,
-        x_tilde: torch.Tensor,
-        h_bar: torch.Tensor,
-        attention_mask: torch.Tensor | None = None,
-        kv_cache: CopilotKVCache | None = None,
-    ) -> torch.Tensor:
-        """stream: [B,T,d_C], already W_in e_{j-1}; x_tilde, h_bar: [B,T,d_P] for the same positions.
-
-        `attention_mask` [B, past + T] covers the cached positions too. Returns f_C [B,T,V].
-        """
-        batch, length, _ = stream.shape
-        past = kv_cache.length if kv_cache is not None else 0
-        query_positions = torch.arange(past, past + length, device=stream.device)
-        # Memory entries interleaved per position: [x_tilde_j, h_bar_j].
-        memory = torch.stack([x_tilde, h_bar], dim=2).reshape(batch, 2 * length, -1)
-        memory = self.memory_proj(memory.to(self.error_proj.weight.dtype))
-        if attention_mask is not None:
-            attention_mask = attention_mask[:, -(past + length) :]
-
-        def build(key_positions: torch.Tensor, is_cross: bool) -> torch.Tensor | None:
-            if attention_mask is None and length == 1:
-                return None  # one query at the newest position sees every key
-            padding = attention_mask
-            if padding is not None and is_cross:
-                padding = padding.repeat_interleave(2, dim=1)
-            return build_attention_mask(query_positions, key_positions, padding, stream.dtype)
-
-        masks: dict = {"build": build}
-        positions = (query_positions, query_positions.repeat_interleave(2))
-        hidden = stream
-        for layer in self.layers:
-            hidden = layer(hidden, memory, positions, masks, kv_cache)
-        if kv_cache is not None:
-            kv_cache.length = past + length
-        return self.error_head(self.norm(hidden))
 
 
 @dataclass

@@ -25,6 +25,7 @@ WHOLE_MODEL_FILES = {
     "generation_pilot_copilot.py",
     "mistake_log_entry.py",
     "model.safetensors",
+    "modeling_copilot.py",
     "modeling_pilot_copilot.py",
 }
 EXTRAS = {"optimizer.pt": b"optimizer state", "README.md": b"# card", "logs/events.txt": b"step 1"}

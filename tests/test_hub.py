@@ -33,6 +33,7 @@ WHOLE_MODEL_FILES = [
     "generation_pilot_copilot.py",
     "mistake_log_entry.py",
     "model.safetensors",
+    "modeling_copilot.py",
     "modeling_pilot_copilot.py",
 ]
 COPILOT_ONLY_FILES = ["README.md", "config.json", "model.safetensors"]

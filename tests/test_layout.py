@@ -16,6 +16,7 @@ HUB_FACING = {
     "configuration_pilot_copilot.py",
     "generation_pilot_copilot.py",
     "mistake_log_entry.py",
+    "modeling_copilot.py",
     "modeling_pilot_copilot.py",
 }
 

@@ -24,6 +24,7 @@ HUB_FILES = {
     "configuration_pilot_copilot.py",
     "generation_pilot_copilot.py",
     "mistake_log_entry.py",
+    "modeling_copilot.py",
     "modeling_pilot_copilot.py",
 }
 GENERATE = dict(max_new_tokens=5, do_sample=False, copilot_lambda=1.0)
