@@ -169,6 +169,22 @@ class CopilotModel(CopilotPreTrainedModel):
         self.error_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)  # W_out
         self.post_init()
 
+    @torch.no_grad()
+    def resize_vocabulary(self, vocab_size: int) -> None:
+        """Follow the Pilot's vocabulary: kept tokens keep their weights; a new token starts with the mean
+        input column and a zero output row, so the Copilot predicts no correction for it until it learns one."""
+        old_in, old_out = self.error_proj.weight, self.error_head.weight
+        kept = min(vocab_size, old_in.shape[1])
+        self.error_proj = nn.Linear(vocab_size, self.config.hidden_size, bias=False).to(old_in)
+        self.error_head = nn.Linear(self.config.hidden_size, vocab_size, bias=False).to(old_out)
+        self.error_proj.weight[:, :kept] = old_in[:, :kept]
+        self.error_proj.weight[:, kept:] = old_in.mean(dim=1, keepdim=True)
+        self.error_head.weight[:kept] = old_out[:kept]
+        self.error_head.weight[kept:] = 0
+        self.error_proj.weight.requires_grad_(old_in.requires_grad)
+        self.error_head.weight.requires_grad_(old_out.requires_grad)
+        self.config.vocab_size = vocab_size
+
     def embed_errors(self, errors: PilotErrors) -> torch.Tensor:
         """W_in e_j [B,T,d_C] (not yet shifted)."""
         return errors.embed(self.error_proj.weight)

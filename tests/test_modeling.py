@@ -19,6 +19,7 @@ from conftest import (
     tiny_pilot_config,
 )
 from transformers import (
+    AutoModelForCausalLM,
     LlamaConfig,
     LlamaForCausalLM,
     MistralConfig,
@@ -402,3 +403,32 @@ def test_fused_logits_with_lambda_zero_are_the_pilot_logits(arch, fusion):
     model = build_pilot_copilot(arch)
     out = model(**pilot_inputs(build_batch()), return_fused=True, copilot_lambda=0.0, fusion=fusion)
     assert torch.equal(out.fused_logits, model.pilot(**pilot_inputs(build_batch())).logits)
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_resize_token_embeddings_resizes_the_pilot_and_the_copilot_together(tmp_path, tied):
+    model = build_pilot_copilot(build_pilot("llama", tie_word_embeddings=tied))
+    vocab = model.config.text_config.vocab_size
+    old_in, old_out = model.copilot.error_proj.weight.clone(), model.copilot.error_head.weight.clone()
+    embeddings = model.resize_token_embeddings(vocab + 5)
+    assert embeddings.weight.shape[0] == vocab + 5
+    assert model.pilot.get_output_embeddings().weight.shape[0] == vocab + 5
+    assert model.copilot.error_proj.weight.shape == (old_in.shape[0], vocab + 5)
+    assert model.copilot.error_head.weight.shape == (vocab + 5, old_out.shape[1])
+    assert torch.equal(model.copilot.error_proj.weight[:, :vocab], old_in)
+    assert torch.equal(model.copilot.error_proj.weight[:, vocab:], old_in.mean(1, keepdim=True).expand(-1, 5))
+    assert torch.equal(model.copilot.error_head.weight[:vocab], old_out)
+    assert not model.copilot.error_head.weight[vocab:].any()  # no correction for a new token yet
+    assert model.config.text_config.vocab_size == model.config.copilot_config.vocab_size == vocab + 5
+    batch = build_batch(seed=3)
+    batch["input_ids"][0, -1] = vocab + 4  # a new token
+    out = model(**batch, return_fused=True)
+    assert out.predicted_error.shape[-1] == out.fused_logits.shape[-1] == vocab + 5
+    out.loss.backward()
+    model.save_pretrained(tmp_path)
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    again = reloaded(**inputs, return_fused=True)
+    assert torch.allclose(again.fused_logits, model.eval()(**inputs, return_fused=True).fused_logits)
+    model.resize_token_embeddings(vocab - 2)  # shrinking keeps the first tokens' weights
+    assert torch.equal(model.copilot.error_head.weight, old_out[: vocab - 2])
