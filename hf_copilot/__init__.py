@@ -14,13 +14,15 @@ from .generation_pilot_copilot import CopilotLogitsProcessor, PilotCopilotCache,
 from .hub import attach_push_methods
 from .mistake_log import MistakeLog
 from .mistake_log_entry import MistakeLogEntry, PilotErrors
-from .modeling_pilot_copilot import CopilotModel, PilotCopilotForCausalLM
+from .modeling_pilot_copilot import CopilotCheckpointForCausalLM, CopilotModel, PilotCopilotForCausalLM
 
 __version__ = "0.1.0"
 
 AutoConfig.register(CopilotConfig.model_type, CopilotConfig, exist_ok=True)
 AutoConfig.register(PilotCopilotConfig.model_type, PilotCopilotConfig, exist_ok=True)
 AutoModelForCausalLM.register(PilotCopilotConfig, PilotCopilotForCausalLM, exist_ok=True)
+# A Copilot-only folder loads onto its base Pilot through the Auto classes too.
+AutoModelForCausalLM.register(CopilotConfig, CopilotCheckpointForCausalLM, exist_ok=True)
 # save_pretrained() then writes auto_map and copies the Hub-facing modeling files next to the weights.
 PilotCopilotConfig.register_for_auto_class()
 PilotCopilotForCausalLM.register_for_auto_class("AutoModelForCausalLM")
@@ -30,6 +32,10 @@ attach_push_methods(PilotCopilotForCausalLM)
 _LAZY_ATTRIBUTES = {
     "CopilotTrainer": ".trainer",
     "CopilotTrainingArguments": ".training_args",
+    # trl's SFTTrainer with the Copilot (`pip install "hf-copilot[trl]"`): not in __all__, so that
+    # `from hf_copilot import *` works without trl.
+    "CopilotSFTConfig": ".sft",
+    "CopilotSFTTrainer": ".sft",
     "MistakeLogCallback": ".mistake_log_callback",
     "NonFiniteTrainingError": ".training_errors",
 }

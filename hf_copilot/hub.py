@@ -16,6 +16,8 @@ Trainer writes the same card with `build_model_card(model, ...).save(os.path.joi
 
 from __future__ import annotations
 
+import hashlib
+import importlib.metadata
 import math
 import os
 import tempfile
@@ -23,6 +25,8 @@ import warnings
 from collections.abc import Mapping, Sequence
 from functools import partialmethod
 
+import torch
+import transformers
 from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData
 from huggingface_hub.errors import HFValidationError
 from huggingface_hub.utils import validate_repo_id
@@ -34,6 +38,29 @@ PAPER = "Transformer Copilot: Learning from The Mistake Log in LLM Fine-tuning (
 PAPER_URL = "https://arxiv.org/abs/2505.16270"
 MODEL_CARD_TAGS = ("hf-copilot", "transformer-copilot", "pilot-copilot", "arxiv:2505.16270")
 README_NAME = "README.md"
+USAGE_PROMPT = "Hello"
+# The hyperparameters a card lists when it is given the run's TrainingArguments.
+TRAINING_FIELDS = (
+    "learning_rate",
+    "copilot_learning_rate",
+    "lr_scheduler_type",
+    "copilot_lr_scheduler_type",
+    "warmup_steps",
+    "num_train_epochs",
+    "max_steps",
+    "per_device_train_batch_size",
+    "gradient_accumulation_steps",
+    "weight_decay",
+    "max_grad_norm",
+    "seed",
+    "copilot_loss_weight",
+    "copilot_final_epochs",
+    "freeze_pilot",
+    "mistake_log_size",
+    "mistake_log_window",
+    "mistake_log_replay",
+    "mistake_log_topk",
+)
 
 
 def hub_model_id(name_or_path: str | None) -> str | None:
@@ -81,13 +108,16 @@ def build_model_card(
     license: str | None = None,
     datasets: str | list[str] | None = None,
     training_details: str | None = None,
+    training_args=None,
+    tokenizer_source: str | None = None,
 ) -> ModelCard:
     """The README.md of an upload: Hub metadata, what the model is, how to load it, its evaluation.
 
     `base_model` defaults to the Pilot's `name_or_path` (kept out of the metadata when it is a local
     path). `evaluation_results` ({metric: value}) become a model-index on `eval_dataset` (default
-    "custom") and a table. `training_details` is markdown added as a Training section (a Trainer's
-    hyperparameters, for instance).
+    "custom") and a table. `training_args` (the run's TrainingArguments) become a hyperparameter table,
+    `training_details` free markdown under it. `tokenizer_source` is where the usage code loads the
+    tokenizer from (the repository itself when the upload holds it).
     """
     results = _check_evaluation_results(evaluation_results)
     base = base_model or model.pilot.config.name_or_path or None
@@ -103,8 +133,9 @@ def build_model_card(
         "copilot_parameters": model.copilot.num_parameters(),
         "pilot_parameters": model.pilot.num_parameters(),
     }
-    if copilot_only:
-        copilot_metadata["pilot_fingerprint"] = pilot_fingerprint(model.pilot)
+    if copilot_only:  # a short digest: config.json holds the fingerprint itself
+        digest = hashlib.sha256(pilot_fingerprint(model.pilot).encode()).hexdigest()[:16]
+        copilot_metadata["pilot_fingerprint_sha256"] = digest
     eval_results = [
         EvalResult(
             task_type="text-generation",
@@ -129,11 +160,42 @@ def build_model_card(
         eval_results=eval_results or None,
         transformer_copilot=copilot_metadata,
     )
-    body = _card_body(model, model_name, repo_id, base, copilot_only, fusion, results, training_details)
+    training = _training_section(training_args, training_details)
+    body = _card_body(
+        model, model_name, repo_id, base, copilot_only, fusion, results, training, tokenizer_source
+    )
     return ModelCard(f"---\n{card_data.to_yaml()}\n---\n{body}")
 
 
-def _card_body(model, model_name, repo_id, base, copilot_only, fusion, results, training_details) -> str:
+def _training_section(training_args, training_details: str | None) -> str | None:
+    lines = []
+    if training_args is not None:
+        lines += ["| hyperparameter | value |", "| --- | --- |"]
+        lines += [
+            f"| `{name}` | `{getattr(training_args, name)}` |"
+            for name in TRAINING_FIELDS
+            if hasattr(training_args, name)
+        ]
+    if training_details:
+        lines += ["", training_details.strip()] if lines else [training_details.strip()]
+    return "\n".join(lines) or None
+
+
+def _framework_versions() -> list[str]:
+    try:
+        hf_copilot_version = importlib.metadata.version("hf-copilot")
+    except importlib.metadata.PackageNotFoundError:  # run from a source tree
+        from . import __version__ as hf_copilot_version
+    return [
+        f"- hf_copilot {hf_copilot_version}",
+        f"- transformers {transformers.__version__}",
+        f"- torch {torch.__version__}",
+    ]
+
+
+def _card_body(
+    model, model_name, repo_id, base, copilot_only, fusion, results, training, tokenizer_source
+) -> str:
     repo = repo_id or "<repo_id>"
     pilot_config = model.pilot.config
     copilot_config = model.copilot.config
@@ -142,6 +204,13 @@ def _card_body(model, model_name, repo_id, base, copilot_only, fusion, results, 
         f"This repository holds only the **Copilot**; it loads onto its base Pilot {pilot}."
         if copilot_only
         else f"This repository holds the whole model: the Pilot ({pilot}) and its Copilot."
+    )
+    tokenizer = tokenizer_source or "<the Pilot's tokenizer>"
+    loads = (
+        "# Loads the base Pilot named in the checkpoint and attaches the Copilot; a Pilot other than the one\n"
+        "# the Copilot was trained with is refused."
+        if copilot_only
+        else "# The model's code ships with it: hf_copilot need not be installed."
     )
     lines = [
         f"# {model_name}",
@@ -161,26 +230,21 @@ def _card_body(model, model_name, repo_id, base, copilot_only, fusion, results, 
         "",
         "## Usage",
         "",
+        "`pip install transformers torch safetensors`, then:",
+        "",
         "```python",
-    ]
-    if copilot_only:
-        lines += [
-            "from hf_copilot import PilotCopilotForCausalLM  # pip install hf-copilot",
-            "",
-            f"# Loads the base Pilot named in the checkpoint ({base or 'pass pilot=...'}) and attaches the Copilot;",
-            "# a Pilot that differs from the one the Copilot was trained with is refused.",
-            f'model = PilotCopilotForCausalLM.from_pretrained("{repo}")',
-        ]
-    else:
-        lines += [
-            "from transformers import AutoModelForCausalLM",
-            "",
-            f'model = AutoModelForCausalLM.from_pretrained("{repo}", trust_remote_code=True)',
-        ]
-    lines += [
+        "from transformers import AutoModelForCausalLM, AutoTokenizer",
+        "",
+        # AutoTokenizer reads the repository's config.json too, whose auto_map names the model's code.
+        f'tokenizer = AutoTokenizer.from_pretrained("{tokenizer}"{", trust_remote_code=True" if tokenizer == repo else ""})',
+        loads,
+        f'model = AutoModelForCausalLM.from_pretrained("{repo}", trust_remote_code=True)',
+        "",
+        f'inputs = tokenizer(["{USAGE_PROMPT}"], return_tensors="pt")  # batches: tokenizer.padding_side = "left"',
         "# copilot_lambda=0 gives the Pilot's own output; the default is the checkpoint's "
         f"copilot_lambda={fusion['copilot_lambda']}.",
-        "outputs = model.generate(input_ids, max_new_tokens=64, copilot_lambda=1.0)",
+        "outputs = model.generate(**inputs, max_new_tokens=32)",
+        "print(tokenizer.batch_decode(outputs, skip_special_tokens=True))",
         "```",
         "",
     ]
@@ -188,8 +252,9 @@ def _card_body(model, model_name, repo_id, base, copilot_only, fusion, results, 
         lines += ["## Evaluation", "", "| metric | value |", "| --- | --- |"]
         lines += [f"| {metric} | {value:.4g} |" for metric, value in results.items()]
         lines.append("")
-    if training_details:
-        lines += ["## Training", "", training_details.strip(), ""]
+    if training:
+        lines += ["## Training", "", training, ""]
+    lines += ["## Framework versions", "", *_framework_versions(), ""]
     lines += ["## Citation", "", f"{PAPER}, [arXiv:2505.16270]({PAPER_URL}).", ""]
     return "\n".join(lines)
 
@@ -202,13 +267,16 @@ def stage_for_upload(
     *,
     max_shard_size: int | str = "50GB",
     base_model: str | None = None,
+    tokenizer=None,
     **card_kwargs,
 ) -> list[str]:
     """Write exactly the files an upload sends into `folder` (new or empty); return their names, sorted.
 
     Whole model: `save_pretrained` + README.md. Copilot only: `save_copilot` + README.md; `base_model`
     then also replaces the base Pilot named in the checkpoint (useful when the Pilot was loaded from a
-    local copy of a Hub model). Written atomically: a failure leaves no partial folder behind.
+    local copy of a Hub model). `tokenizer` (or, when not given, the one saved beside a Pilot loaded from
+    a local folder) is uploaded too, so the card's usage code runs as written. Written atomically: a
+    failure leaves no partial folder behind.
     """
     folder = os.fspath(folder)
     if os.path.isfile(folder) or (os.path.isdir(folder) and os.listdir(folder)):
@@ -221,14 +289,34 @@ def stage_for_upload(
             "trained with; push a jointly fine-tuned Pilot first).",
             stacklevel=2,
         )
-    card = build_model_card(model, evaluation_results, copilot_only, base_model=base, **card_kwargs)
+    tokenizer = tokenizer if tokenizer is not None else _local_tokenizer(model.pilot.config.name_or_path)
+    repo = card_kwargs.get("repo_id") or "<repo_id>"
+    source = repo if tokenizer is not None else hub_model_id(base)
+    if source is None:
+        warnings.warn(
+            "No tokenizer is known for this upload: pass tokenizer=<the Pilot's tokenizer> so that it is uploaded "
+            "and the model card's usage code runs as written.",
+            stacklevel=2,
+        )
+    card = build_model_card(
+        model, evaluation_results, copilot_only, base_model=base, tokenizer_source=source, **card_kwargs
+    )
     with atomic_save_directory(folder) as staging:
         if copilot_only:
             model.save_copilot(staging, base_model_name_or_path=base, max_shard_size=max_shard_size)
         else:
             model.save_pretrained(staging, max_shard_size=max_shard_size)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(staging)
         card.save(os.path.join(staging, README_NAME))
     return sorted(os.listdir(folder))
+
+
+def _local_tokenizer(name_or_path: str | None):
+    """The tokenizer saved beside a Pilot loaded from a local folder, or None."""
+    if not name_or_path or not os.path.isfile(os.path.join(name_or_path, "tokenizer_config.json")):
+        return None
+    return transformers.AutoTokenizer.from_pretrained(name_or_path)
 
 
 def push_to_hub(
@@ -245,6 +333,7 @@ def push_to_hub(
     create_pr: bool = False,
     max_shard_size: int | str = "50GB",
     base_model: str | None = None,
+    tokenizer=None,
     **card_kwargs,
 ):
     """Create `repo_id` if needed and upload the folder `stage_for_upload` builds, in one commit.
@@ -263,6 +352,7 @@ def push_to_hub(
             evaluation_results,
             max_shard_size=max_shard_size,
             base_model=base_model,
+            tokenizer=tokenizer,
             repo_id=repo_id,
             **card_kwargs,
         )

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 from transformers import AutoModelForCausalLM, GenerationMixin, PreTrainedModel
+from transformers.dynamic_module_utils import custom_object_save
 from transformers.utils import ModelOutput
 
 from .checkpointing import (
@@ -25,6 +26,7 @@ from .checkpointing import (
     copy_pretrained_decoder,
     pilot_fingerprint,
     read_checkpoint_config,
+    same_pilot,
 )
 from .configuration_pilot_copilot import (
     CopilotConfig,
@@ -131,6 +133,8 @@ class PilotCopilotForCausalLM(PreTrainedModel, GenerationMixin):
         )
         config.name_or_path = pilot.config.name_or_path
         model = cls(config, pilot=pilot)
+        # What save_copilot's default base names; a jointly fine-tuned Pilot no longer matches it.
+        model.attached_pilot_fingerprint = pilot_fingerprint(pilot)
         model.to(device=pilot.device, dtype=next(pilot.parameters()).dtype)
         model.generation_config = pilot.generation_config
         if copilot_init is not None:
@@ -150,12 +154,12 @@ class PilotCopilotForCausalLM(PreTrainedModel, GenerationMixin):
         the checkpoint lacks or has in excess are refused (`check_loaded_tensors`).
         """
         hub_kwargs = {k: kwargs[k] for k in HUB_KWARGS if k in kwargs}
-        kinds = (cls.config_class.model_type, CopilotConfig.model_type)
+        kinds = (PilotCopilotConfig.model_type, CopilotConfig.model_type)
         config = read_checkpoint_config(
             pretrained_model_name_or_path, kwargs.get("config"), kinds, **hub_kwargs
         )
         allow, wants_info = kwargs.pop("allow_other_pilot", False), kwargs.pop("output_loading_info", False)
-        if config["model_type"] == cls.config_class.model_type:
+        if config["model_type"] == PilotCopilotConfig.model_type:
             model, info = super().from_pretrained(
                 pretrained_model_name_or_path, *args, output_loading_info=True, **kwargs
             )
@@ -168,7 +172,9 @@ class PilotCopilotForCausalLM(PreTrainedModel, GenerationMixin):
         info = {"missing_keys": set(), "unexpected_keys": set(), "mismatched_keys": set(), "error_msgs": []}
         if not isinstance(pilot, PreTrainedModel):  # the user's kwargs: trust_remote_code is theirs to give
             pilot, info = AutoModelForCausalLM.from_pretrained(pilot, output_loading_info=True, **kwargs)
-        model = cls.from_copilot_checkpoint(pilot, pretrained_model_name_or_path, allow, **hub_kwargs)
+        model = PilotCopilotForCausalLM.from_copilot_checkpoint(
+            pilot, pretrained_model_name_or_path, allow, **hub_kwargs
+        )
         return (model, info) if wants_info else model  # the Pilot's info: the Copilot's tensors are checked
 
     @classmethod
@@ -195,16 +201,31 @@ class PilotCopilotForCausalLM(PreTrainedModel, GenerationMixin):
 
         The base Pilot defaults to the Pilot's `name_or_path`. Written atomically (`atomic_save_directory`).
         """
+        fingerprint = pilot_fingerprint(self.pilot)
+        base = base_model_name_or_path or self.pilot.config.name_or_path or None
+        attached = getattr(self, "attached_pilot_fingerprint", None)
+        if base_model_name_or_path is None and attached is not None and not same_pilot(attached, fingerprint):
+            raise ValueError(
+                f"The Pilot was fine-tuned after it was loaded from {base!r}: this Copilot belongs to the fine-tuned "
+                f"Pilot and would be refused on {base!r}. Save that Pilot and name it: "
+                "model.pilot.save_pretrained(pilot_dir); model.save_copilot(path, base_model_name_or_path=pilot_dir) "
+                "(or save the whole model with save_pretrained)."
+            )
         config = CopilotConfig(**self.copilot.config.to_dict())
-        config.base_model_name_or_path = base_model_name_or_path or self.pilot.config.name_or_path or None
-        config.pilot_fingerprint = pilot_fingerprint(self.pilot)
+        config.base_model_name_or_path, config.pilot_fingerprint = base, fingerprint
         for key in FUSION_FIELDS:
             setattr(config, key, getattr(self.config, key))
+        # The Auto classes load it too, with trust_remote_code where hf_copilot is not installed.
+        config.auto_map = {
+            "AutoConfig": "configuration_pilot_copilot.CopilotConfig",
+            "AutoModelForCausalLM": "modeling_pilot_copilot.CopilotCheckpointForCausalLM",
+        }
         original = self.copilot.config
         self.copilot.config = config
         try:
             with atomic_save_directory(save_directory) as staging:
                 self.copilot.save_pretrained(staging, **kwargs)
+                custom_object_save(self, staging)  # the Hub-facing files
         finally:
             self.copilot.config = original
 
@@ -404,4 +425,20 @@ class PilotCopilotForCausalLM(PreTrainedModel, GenerationMixin):
         )
 
 
-__all__ = ["CopilotModel", "PilotCopilotForCausalLM", "PilotCopilotOutput", "pilot_fingerprint"]
+class CopilotCheckpointForCausalLM(PilotCopilotForCausalLM):
+    """What the Auto classes load from a Copilot-only folder: its base Pilot with the Copilot attached.
+
+    Its own class only because the Auto classes pair one model class with one config class; loading returns a
+    `PilotCopilotForCausalLM`.
+    """
+
+    config_class = CopilotConfig
+
+
+__all__ = [
+    "CopilotCheckpointForCausalLM",
+    "CopilotModel",
+    "PilotCopilotForCausalLM",
+    "PilotCopilotOutput",
+    "pilot_fingerprint",
+]

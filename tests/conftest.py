@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import (
     GemmaConfig,
     GemmaForCausalLM,
@@ -44,6 +45,7 @@ from transformers import (
     Phi3Config,
     Phi3ForCausalLM,
     PreTrainedModel,
+    PreTrainedTokenizerFast,
     Qwen2Config,
     Qwen2ForCausalLM,
 )
@@ -174,3 +176,16 @@ def make_pilot_copilot():
 @pytest.fixture
 def make_batch():
     return build_batch
+
+
+def char_tokenizer() -> PreTrainedTokenizerFast:
+    """One token per character over the tiny Pilots' 64 ids; 0-2 are pad/bos/eos as in conftest."""
+    characters = "abcdefghijklmnopqrstuvwxyz0123456789 ABCDEFGHIJKLMNOPQRSTUVWX"
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2} | {c: i + 3 for i, c in enumerate(characters)}
+    assert len(vocab) == VOCAB_SIZE
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Split("", behavior="isolated")
+    tokenizer.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, pad_token="<pad>", bos_token="<s>", eos_token="</s>", padding_side="left"
+    )

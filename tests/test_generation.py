@@ -23,9 +23,9 @@ from conftest import (
     build_batch,
     build_pilot,
     build_pilot_copilot,
+    char_tokenizer,
 )
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast, pipeline
+from transformers import AutoModelForCausalLM, pipeline
 from transformers.dynamic_module_utils import get_class_from_dynamic_module
 from transformers.generation.streamers import BaseStreamer
 
@@ -269,19 +269,6 @@ def test_streamer_receives_the_fused_tokens():
     assert streamer.ended
     assert streamer.chunks[0] == input_ids[0].tolist()
     assert sum(streamer.chunks[1:], []) == out[0, input_ids.shape[1] :].tolist()
-
-
-def char_tokenizer() -> PreTrainedTokenizerFast:
-    """One token per character over the tiny Pilots' 64 ids; 0-2 are pad/bos/eos as in conftest."""
-    characters = "abcdefghijklmnopqrstuvwxyz0123456789 ABCDEFGHIJKLMNOPQRSTUVWX"
-    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2} | {c: i + 3 for i, c in enumerate(characters)}
-    assert len(vocab) == VOCAB_SIZE
-    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
-    tokenizer.pre_tokenizer = pre_tokenizers.Split("", behavior="isolated")
-    tokenizer.decoder = decoders.Fuse()
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tokenizer, pad_token="<pad>", bos_token="<s>", eos_token="</s>", padding_side="left"
-    )
 
 
 def test_text_generation_pipeline_matches_generate():

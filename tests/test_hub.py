@@ -7,6 +7,7 @@ that the push methods upload exactly that folder.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -16,13 +17,14 @@ import textwrap
 
 import pytest
 import torch
+import transformers
 import transformers.modeling_utils
-from conftest import build_batch, build_pilot, build_pilot_copilot
+from conftest import build_batch, build_pilot, build_pilot_copilot, char_tokenizer
 from huggingface_hub import HfApi, ModelCard, RepoUrl
 from transformers import AutoModelForCausalLM
 
-from hf_copilot import PilotCopilotForCausalLM, pilot_fingerprint
-from hf_copilot.hub import build_model_card, hub_model_id, stage_for_upload
+from hf_copilot import CopilotTrainingArguments, PilotCopilotForCausalLM, pilot_fingerprint
+from hf_copilot.hub import README_NAME, USAGE_PROMPT, build_model_card, hub_model_id, stage_for_upload
 
 WHOLE_MODEL_FILES = [
     "README.md",
@@ -36,7 +38,7 @@ WHOLE_MODEL_FILES = [
     "modeling_copilot.py",
     "modeling_pilot_copilot.py",
 ]
-COPILOT_ONLY_FILES = ["README.md", "config.json", "model.safetensors"]
+COPILOT_ONLY_FILES = sorted(set(WHOLE_MODEL_FILES) - {"generation_config.json"})
 HUB_PILOT = "org/tiny-llama"
 EVALUATION = {"pilot_accuracy": 0.5, "fused_accuracy": 0.625}
 
@@ -146,9 +148,10 @@ def test_copilot_only_folder_and_card(tmp_path, hub_named_model):
     assert card.data.base_model_relation == "adapter"
     assert "custom_code" not in card.data.tags and "hf-copilot" in card.data.tags
     assert card.data.transformer_copilot["checkpoint"] == "copilot-only"
-    assert card.data.transformer_copilot["pilot_fingerprint"] == config["pilot_fingerprint"]
+    digest = hashlib.sha256(config["pilot_fingerprint"].encode()).hexdigest()[:16]
+    assert card.data.transformer_copilot["pilot_fingerprint_sha256"] == digest  # short: no base64 in YAML
     assert len(card.data.eval_results) == len(EVALUATION)
-    assert 'PilotCopilotForCausalLM.from_pretrained("<repo_id>")' in card.text
+    assert 'AutoModelForCausalLM.from_pretrained("<repo_id>", trust_remote_code=True)' in card.text
 
 
 def test_staging_refuses_a_folder_that_already_holds_files(tmp_path, hub_named_model):
@@ -338,6 +341,67 @@ def test_saving_into_a_folder_keeps_its_other_files_and_drops_stale_shards(tmp_p
     (target / "optimizer.pt").write_bytes(b"state")
     (target / "model-00001-of-00002.safetensors").write_bytes(b"old shard")
     hub_named_model.save_copilot(target)
-    assert files_in(target) == ["config.json", "model.safetensors", "optimizer.pt"]
+    assert files_in(target) == sorted(set(COPILOT_ONLY_FILES) - {"README.md"} | {"optimizer.pt"})
     loaded = PilotCopilotForCausalLM.from_pretrained(target, pilot=hub_named_model.pilot)
     torch.testing.assert_close(loaded.copilot.error_head.weight, hub_named_model.copilot.error_head.weight)
+
+
+# ------------------------------------------------------------------------------------------------
+# The card's usage code runs as written
+
+
+def card_code(folder) -> str:
+    text = (folder / README_NAME).read_text()
+    return text.split("```python\n", 1)[1].split("```", 1)[0]
+
+
+@pytest.mark.parametrize("copilot_only", [False, True])
+def test_the_card_usage_runs_as_written_without_hf_copilot(tmp_path, copilot_only):
+    """Offline, a folder named like the repository id stands in for the Hub repository (and the base Pilot's)."""
+    tokenizer = char_tokenizer()
+    pilot = build_pilot("llama")
+    pilot.generation_config.eos_token_id = None  # every prompt generates its 32 tokens
+    pilot.save_pretrained(tmp_path / HUB_PILOT)
+    pilot = AutoModelForCausalLM.from_pretrained(tmp_path / HUB_PILOT).eval()
+    model = build_pilot_copilot(pilot, copilot_lambda=0.7)
+    repo = "me/copilot" if copilot_only else "me/pilot-copilot"
+    stage_for_upload(
+        model, tmp_path / repo, copilot_only, base_model=HUB_PILOT, repo_id=repo, tokenizer=tokenizer
+    )
+    code = card_code(tmp_path / repo)
+    assert (
+        f'AutoTokenizer.from_pretrained("{repo}", trust_remote_code=True)' in code
+        and str(tmp_path) not in code
+    )
+    script = 'import sys\nsys.modules["hf_copilot"] = None  # not installed\n' + code
+    env = {**os.environ, "HF_MODULES_CACHE": str(tmp_path / "modules"), "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run(
+        [sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    with torch.no_grad():
+        inputs = tokenizer([USAGE_PROMPT], return_tensors="pt")
+        expected = tokenizer.batch_decode(
+            model.generate(**inputs, max_new_tokens=32), skip_special_tokens=True
+        )
+    assert result.stdout.strip() == repr(expected)
+
+
+def test_the_card_lists_hyperparameters_and_framework_versions(hub_named_model, tmp_path):
+    args = CopilotTrainingArguments(output_dir=str(tmp_path), learning_rate=3e-4, copilot_final_epochs=1.0)
+    card = build_model_card(hub_named_model, training_args=args, training_details="Data: arithmetic.")
+    assert "| `learning_rate` | `0.0003` |" in card.text
+    assert "| `copilot_final_epochs` | `1.0` |" in card.text
+    assert "| `mistake_log_topk` | `64` |" in card.text
+    assert "Data: arithmetic." in card.text
+    assert f"- transformers {transformers.__version__}\n- torch {torch.__version__}" in card.text
+    assert (
+        "pip install transformers torch safetensors" in card.text
+        and "pip install hf-copilot" not in card.text
+    )
+
+
+def test_staging_without_a_known_tokenizer_warns(tmp_path, saved_pilot_model):
+    with pytest.warns(UserWarning, match="No tokenizer is known for this upload: pass tokenizer="):
+        stage_for_upload(saved_pilot_model, tmp_path / "upload")
+    assert 'AutoTokenizer.from_pretrained("<the Pilot\'s tokenizer>")' in card_code(tmp_path / "upload")

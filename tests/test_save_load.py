@@ -213,10 +213,15 @@ REMOTE_CODE_SCRIPT = textwrap.dedent(
 )
 
 
-def test_remote_code_loads_without_hf_copilot_and_gives_identical_outputs(tmp_path):
-    model = build_pilot_copilot("llama")
+@pytest.mark.parametrize("kind", ["whole", "copilot-only"])
+def test_remote_code_loads_without_hf_copilot_and_gives_identical_outputs(kind, tmp_path):
     checkpoint = tmp_path / "checkpoint"
-    model.save_pretrained(checkpoint)
+    if kind == "whole":
+        model = build_pilot_copilot("llama")
+        model.save_pretrained(checkpoint)
+    else:  # loads its base Pilot (a local folder here) and attaches the Copilot
+        model = build_pilot_copilot(saved_pilot("llama", tmp_path / "pilot"))
+        model.save_copilot(checkpoint)
     prompt = {"input_ids": torch.tensor([[5, 9, 13, 17]])}
     torch.save(
         {"forward": inputs(), "generate": prompt, "generate_kwargs": GENERATE},
@@ -346,9 +351,13 @@ def test_save_copilot_writes_only_the_copilot_with_its_base_and_fingerprint(tmp_
     pilot = saved_pilot("llama", tmp_path / "pilot")
     model = build_pilot_copilot(pilot, copilot_lambda=0.4, copilot_feedback="observed")
     model.save_copilot(tmp_path / "copilot")
-    assert set(os.listdir(tmp_path / "copilot")) == {"config.json", "model.safetensors"}
+    assert set(os.listdir(tmp_path / "copilot")) == {"config.json", "model.safetensors"} | HUB_FILES
     config = json.loads((tmp_path / "copilot" / "config.json").read_text())
     assert config["model_type"] == CopilotConfig.model_type
+    assert config["auto_map"] == {
+        "AutoConfig": "configuration_pilot_copilot.CopilotConfig",
+        "AutoModelForCausalLM": "modeling_pilot_copilot.CopilotCheckpointForCausalLM",
+    }
     assert config["base_model_name_or_path"] == str(tmp_path / "pilot")
     assert config["pilot_fingerprint"] == pilot_fingerprint(pilot)
     weights = load_file(tmp_path / "copilot" / "model.safetensors")
@@ -578,3 +587,32 @@ def test_copilot_checkpoint_loads_onto_its_base_pilot_in_bfloat16(tmp_path):
     build_pilot_copilot(pilot).save_copilot(tmp_path / "copilot")
     loaded = PilotCopilotForCausalLM.from_pretrained(tmp_path / "copilot", dtype=torch.bfloat16)
     assert loaded.pilot.dtype == loaded.copilot.dtype == torch.bfloat16
+
+
+def test_auto_model_loads_a_copilot_only_folder_onto_its_base_pilot(tmp_path):
+    model = build_pilot_copilot(saved_pilot("llama", tmp_path / "pilot"), copilot_lambda=0.4)
+    model.save_copilot(tmp_path / "copilot")
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "copilot").eval()
+    assert type(loaded) is PilotCopilotForCausalLM
+    assert loaded.config.copilot_lambda == 0.4
+    assert_same_outputs(model, loaded)
+
+
+def test_save_copilot_refuses_to_name_a_base_the_pilot_has_left(tmp_path):
+    model = build_pilot_copilot(saved_pilot("llama", tmp_path / "pilot"))
+    with torch.no_grad():
+        model.pilot.lm_head.weight.add_(0.1)  # as joint fine-tuning does
+    with pytest.raises(
+        ValueError,
+        match=exactly(
+            f"The Pilot was fine-tuned after it was loaded from {str(tmp_path / 'pilot')!r}: this Copilot belongs to "
+            f"the fine-tuned Pilot and would be refused on {str(tmp_path / 'pilot')!r}. Save that Pilot and name it: "
+            "model.pilot.save_pretrained(pilot_dir); model.save_copilot(path, base_model_name_or_path=pilot_dir) "
+            "(or save the whole model with save_pretrained)."
+        ),
+    ):
+        model.save_copilot(tmp_path / "copilot")
+    assert not (tmp_path / "copilot").exists()
+    model.pilot.save_pretrained(tmp_path / "tuned")
+    model.save_copilot(tmp_path / "copilot", base_model_name_or_path=str(tmp_path / "tuned"))
+    assert_same_outputs(model, PilotCopilotForCausalLM.from_pretrained(tmp_path / "copilot").eval())
