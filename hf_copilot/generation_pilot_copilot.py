@@ -17,19 +17,26 @@ PROBABILITY_FLOOR = 1e-10
 
 
 def fuse_scores(
-    pilot_logits: torch.Tensor, predicted_error: torch.Tensor, copilot_lambda: float, fusion: str
+    pilot_logits: torch.Tensor,
+    predicted_error: torch.Tensor,
+    copilot_lambda: float,
+    fusion: str,
+    pilot_probs: torch.Tensor | None = None,
 ):
     """Rectify the Pilot's next-token scores with the Copilot's predicted error.
 
     probs (paper Eq. 8): p~ = softmax(z) + lambda * f_C, clamped and renormalised, returned as
     log-probabilities so greedy, sampling and beam search all work on it. logits: z + lambda * f_C.
+    `pilot_probs`: softmax(z) already computed (the Mistake Log entry's), so decoding does one per step.
     """
     if copilot_lambda == 0:
         return pilot_logits
     predicted_error = predicted_error.to(pilot_logits.dtype)
     if fusion == "logits":
         return pilot_logits + copilot_lambda * predicted_error
-    probs = torch.softmax(pilot_logits.float(), dim=-1) + copilot_lambda * predicted_error.float()
+    if pilot_probs is None:
+        pilot_probs = torch.softmax(pilot_logits.float(), dim=-1)
+    probs = pilot_probs.float() + copilot_lambda * predicted_error.float()
     probs = probs.clamp_min(PROBABILITY_FLOOR)
     probs = probs / probs.sum(-1, keepdim=True)
     return probs.log().to(pilot_logits.dtype)
@@ -98,9 +105,9 @@ class CopilotKVCache:
 class CopilotDecodingState:
     """The Copilot's keys/values and the feedback its next step needs.
 
-    `predicted_errors`/`probs` hold f_C and the Pilot's p_hat for the positions of the last forward call,
-    starting at absolute position `start`: the processor reads the row of the position it scores,
-    and cropping back into that call (assisted decoding) knows the feedback to resume from.
+    `predicted_errors`/`probs` hold f_C and the Pilot's p_hat for the positions of the last forward call
+    that generate() scores, starting at absolute position `start`: the processor reads the row of the
+    position it scores, and cropping back into that call (assisted decoding) knows the feedback to resume from.
     """
 
     def __init__(self, kv_cache):
@@ -120,14 +127,15 @@ class CopilotDecodingState:
     def last_probs(self) -> torch.Tensor:
         return self.probs[:, -1]
 
-    def predicted_error_at(self, position: int) -> torch.Tensor:
+    def at(self, position: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """f_C and the Pilot's probabilities at `position`."""
         offset = position - self.start
         if not 0 <= offset < self.predicted_errors.shape[1]:
             raise RuntimeError(
                 f"The Copilot has no predicted_error for position {position} (it holds {self.start}.."
                 f"{self.start + self.predicted_errors.shape[1] - 1}); was the cache reused across generate() calls?"
             )
-        return self.predicted_errors[:, offset]
+        return self.predicted_errors[:, offset], self.probs[:, offset]
 
     def map_batch(self, fn) -> None:
         self.kv_cache.map_batch(fn)
@@ -201,8 +209,8 @@ class CopilotLogitsProcessor(LogitsProcessor):
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         if self.copilot_lambda == 0:
             return scores
-        predicted_error = self.cache.copilot.predicted_error_at(input_ids.shape[1] - 1)
-        return fuse_scores(scores, predicted_error, self.copilot_lambda, self.fusion)
+        predicted_error, probs = self.cache.copilot.at(input_ids.shape[1] - 1)
+        return fuse_scores(scores, predicted_error, self.copilot_lambda, self.fusion, probs)
 
 
 def copilot_stream(copilot, entry: MistakeLogEntry, copilot_feedback_fraction: float = 0.0) -> torch.Tensor:
@@ -272,12 +280,16 @@ def copilot_generation_step(
         if prompt_length is None:
             prompt_length = past + new if past == 0 else past
         known = min(max(prompt_length - past, 0), new)
+    # generate() scores positions from prompt_length - 1 on and may crop back to there (assisted decoding),
+    # which needs the row before; earlier rows only feed the Copilot's caches.
+    skip = 0 if cache.prompt_length is None else max(cache.prompt_length - 2 - past, 0)
     outputs = []
     if known > 0:
         head = entry if known == new else entry.map_tensors(lambda t: t[:, :known])
         head_mask = None if attention_mask is None else attention_mask[:, : past + known]
         observed = observed_feedback(copilot, input_ids[:, :known], head_mask, head, state)
-        outputs.append(copilot(observed, head.x_tilde, head.h_bar, head_mask, state.kv_cache))
+        keep = known - min(skip, known - 1)  # the last known row feeds the next step
+        outputs.append(copilot(observed, head.x_tilde, head.h_bar, head_mask, state.kv_cache, keep))
     feedback = outputs[0][:, -1] if outputs else state.last_predicted_error
     for position in range(known, new):
         stream = copilot.embed_predicted_errors(feedback).unsqueeze(1)
@@ -293,7 +305,8 @@ def copilot_generation_step(
         outputs.append(predicted_error)
         feedback = predicted_error[:, 0]
     predicted_errors = outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=1)
-    state.record(predicted_errors, entry.errors.probs, start=past)
+    rows = predicted_errors.shape[1]
+    state.record(predicted_errors, entry.errors.probs[:, new - rows :], start=past + new - rows)
     return predicted_errors
 
 

@@ -200,10 +200,12 @@ class CopilotModel(CopilotPreTrainedModel):
         h_bar: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         kv_cache: CopilotKVCache | None = None,
+        errors_to_keep: int = 0,
     ) -> torch.Tensor:
         """stream: [B,T,d_C], already W_in e_{j-1}; x_tilde, h_bar: [B,T,d_P] for the same positions.
 
-        `attention_mask` [B, past + T] covers the cached positions too. Returns f_C [B,T,V].
+        `attention_mask` [B, past + T] covers the cached positions too. Returns f_C [B,T,V], or for the last
+        `errors_to_keep` positions only (0: all): a prefill needs the vocabulary-sized head at its last one.
         """
         batch, length, _ = stream.shape
         past = kv_cache.length if kv_cache is not None else 0
@@ -229,7 +231,7 @@ class CopilotModel(CopilotPreTrainedModel):
             hidden = layer(hidden, memory, positions, masks, kv_cache)
         if kv_cache is not None:
             kv_cache.length = past + length
-        return self.error_head(self.norm(hidden))
+        return self.error_head(self.norm(hidden[:, -errors_to_keep:]))
 
 
 __all__ = ["CopilotModel", "CopilotPreTrainedModel"]

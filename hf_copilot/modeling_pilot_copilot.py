@@ -204,7 +204,8 @@ class PilotCopilotForCausalLM(PreTrainedModel, GenerationMixin):
         fingerprint = pilot_fingerprint(self.pilot)
         base = base_model_name_or_path or self.pilot.config.name_or_path or None
         attached = getattr(self, "attached_pilot_fingerprint", None)
-        if base_model_name_or_path is None and attached is not None and not same_pilot(attached, fingerprint):
+        unchanged = attached is None or same_pilot(attached, fingerprint)
+        if base_model_name_or_path is None and base is not None and not unchanged:
             raise ValueError(
                 f"The Pilot was fine-tuned after it was loaded from {base!r}: this Copilot belongs to the fine-tuned "
                 f"Pilot and would be refused on {base!r}. Save that Pilot and name it: "

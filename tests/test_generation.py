@@ -469,3 +469,19 @@ def test_copilot_stream_feeds_answer_positions_the_copilots_own_first_pass_predi
     answer = batch["labels"] != -100
     assert (replaced <= answer).all() and 0 < replaced.sum() < answer.sum()
     assert torch.equal(half[replaced], full[replaced])
+
+
+@pytest.mark.parametrize("copilot_feedback", ["observed", "copilot"])
+def test_the_vocabulary_head_runs_only_where_generate_reads_it(copilot_feedback):
+    """A prefill applies W_out at its last two positions (the scored one and the one assisted decoding may
+    crop back to), each decoding step at its one; the tokens are those of the full recomputation."""
+    model = fused_model(copilot_feedback=copilot_feedback)
+    rows = []
+    hook = model.copilot.error_head.register_forward_hook(
+        lambda module, args, out: rows.append(args[0].shape[1])
+    )
+    input_ids = prompt(length=9, batch_size=2)
+    tokens = greedy(model, input_ids, max_new_tokens=4)
+    hook.remove()
+    assert rows == [2, 1, 1, 1]
+    assert torch.equal(tokens, reference_greedy(model, input_ids, new_tokens=4))

@@ -476,7 +476,7 @@ def incremental_greedy_choices(model, row: dict[str, list[int]]) -> list[bool]:
     for position in range(prompt, ids.shape[1]):
         scores = fuse_scores(
             out.logits[:, -1],
-            cache.copilot.predicted_error_at(position - 1),
+            cache.copilot.at(position - 1)[0],
             model.config.copilot_lambda,
             model.config.fusion,
         )
