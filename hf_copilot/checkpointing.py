@@ -1,6 +1,7 @@
 """Checkpoints in and out: a folder's kind read as data (never by running its code), loaded tensors checked
 against the model, the Pilot fingerprint (who a Copilot learnt from) checked when a Copilot is attached,
-a Copilot initialised from a pretrained decoder, and saves that never leave a half-written folder.
+a PEFT Pilot's adapters recorded and applied again, a Copilot initialised from a pretrained decoder, and
+saves that never leave a half-written folder.
 
 Hub-facing: copied next to checkpoints for `trust_remote_code`, so it imports nothing from hf_copilot.
 """
@@ -40,8 +41,11 @@ def pilot_fingerprint(pilot: PreTrainedModel) -> str:
     `model_type=...,num_hidden_layers=...,num_tensors=...,num_parameters=...` so that a refusal can say
     what differs. The samples are compared with a tolerance (`same_pilot`), so the same Pilot loaded in
     bfloat16 or float16 matches while a fine-tuned or other Pilot does not. Fingerprints without the
-    summary (written before it existed) are read as well.
+    summary (written before it existed) are read as well. A peft `PeftModel` is read as its base model with the
+    adapter layers in it: the same tensors as when transformers loads the adapter folder (`from_pretrained`).
     """
+    if hasattr(pilot, "get_base_model"):
+        pilot = pilot.get_base_model()
     state = sorted(pilot.state_dict().items())
     config = pilot.config.to_dict()
     identity = {
@@ -186,13 +190,61 @@ def check_loaded_tensors(loading_info: dict, checkpoint: str | os.PathLike) -> N
         if keys:
             shown = ", ".join(keys[:3]) + (", ..." if len(keys) > 3 else "")
             problems.append(f"{kind} tensors: {len(keys)} ({shown})")
-    if problems:
-        raise ValueError(
-            f"The weights in {os.fspath(checkpoint)} are not those of the model its config.json describes "
-            f"({'; '.join(problems)}): a missing tensor would be left randomly initialised. Save the "
-            "checkpoint again from the trained model (save_pretrained for the whole model, save_copilot for "
-            "a Copilot)."
+    if not problems:
+        return
+    fix = (
+        "Save the checkpoint again from the trained model (save_pretrained for the whole model, save_copilot "
+        "for a Copilot)."
+    )
+    if any(key.startswith(PEFT_PILOT_PREFIX) for key in loading_info["unexpected_keys"]):
+        # Written before config.json recorded the Pilot's adapter (pilot_peft_config): nothing says how to rebuild it.
+        fix = (
+            f"Its Pilot carried a PEFT adapter ({PEFT_PILOT_PREFIX}* tensors) that config.json does not record. "
+            "Rebuild the model as it was trained and load the file into it: pilot = get_peft_model(base_pilot, "
+            "lora_config); model = PilotCopilotForCausalLM.from_pilot(pilot, copilot_config); "
+            "model.load_state_dict(safetensors.torch.load_file(<checkpoint>/model.safetensors)); then "
+            "model.save_pretrained(path) writes a folder that loads (it records the adapter)."
         )
+    raise ValueError(
+        f"The weights in {os.fspath(checkpoint)} are not those of the model its config.json describes "
+        f"({'; '.join(problems)}): a missing tensor would be left randomly initialised. {fix}"
+    )
+
+
+PEFT_PILOT_PREFIX = "pilot.base_model.model."  # a PEFT Pilot's tensors inside the wrapper
+
+
+def pilot_adapter_configs(pilot: torch.nn.Module) -> dict[str, dict] | None:
+    """The PEFT adapters of a Pilot that is a `PeftModel`, as JSON data ({adapter name: config}); None otherwise.
+
+    The active adapter comes first. Read without importing peft: a plain Pilot needs none.
+    """
+    configs = getattr(pilot, "peft_config", None)
+    if not isinstance(configs, dict) or not hasattr(pilot, "get_base_model"):
+        return None
+    active = getattr(pilot, "active_adapter", None)
+    names = sorted(configs, key=lambda name: name != active)
+    # As peft writes adapter_config.json: sets become lists.
+    return {name: json.loads(json.dumps(configs[name].to_dict(), default=sorted)) for name in names}
+
+
+def apply_pilot_adapters(pilot: PreTrainedModel, configs: dict[str, dict]) -> torch.nn.Module:
+    """Wrap a Pilot in the PEFT adapters `pilot_adapter_configs` recorded, so that its tensors are a PEFT Pilot's."""
+    try:
+        from peft import PeftConfig, get_peft_model
+    except ImportError as error:  # in a try block: checkpoints without an adapter load without peft
+        raise ImportError(
+            "This checkpoint's Pilot carries a PEFT adapter (pilot_peft_config in config.json): pip install peft "
+            "to load it, or save it again with the adapter merged into the Pilot: "
+            "model.pilot = model.pilot.merge_and_unload(); model.save_pretrained(path)."
+        ) from error
+    (name, config), *others = configs.items()
+    # The base peft names in the adapter: the Pilot's own path, as when the adapter was first applied.
+    pilot.name_or_path = config.get("base_model_name_or_path") or ""
+    pilot = get_peft_model(pilot, PeftConfig.from_peft_type(**config), adapter_name=name)
+    for name, config in others:
+        pilot.add_adapter(name, PeftConfig.from_peft_type(**config))
+    return pilot
 
 
 STALE_WEIGHTS = re.compile(r"(model|copilot)(-\d{5}-of-\d{5})?\.safetensors(\.index\.json)?")
@@ -327,11 +379,14 @@ def copy_pretrained_decoder(copilot: PreTrainedModel, decoder: PreTrainedModel) 
 
 __all__ = [
     "HUB_KWARGS",
+    "PEFT_PILOT_PREFIX",
+    "apply_pilot_adapters",
     "atomic_save_directory",
     "check_copilot_fits_pilot",
     "check_loaded_tensors",
     "copy_pretrained_decoder",
     "atomic_torch_save",
+    "pilot_adapter_configs",
     "pilot_fingerprint",
     "read_checkpoint_config",
     "same_pilot",

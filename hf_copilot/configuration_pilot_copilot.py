@@ -123,6 +123,9 @@ class PilotCopilotConfig(PreTrainedConfig):
     fusion: str = validated_field(check_fusion, default="probs")
     copilot_feedback: str = validated_field(check_copilot_feedback, default="observed")
     tie_word_embeddings: bool = False
+    # Written by save_pretrained when the Pilot is a peft PeftModel ({adapter name: its config}); loading
+    # wraps the Pilot in the same adapters, so that the tensors' names (pilot.base_model.model.*) match.
+    pilot_peft_config: dict | None = None
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)

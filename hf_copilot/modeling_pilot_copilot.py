@@ -20,10 +20,12 @@ from transformers.utils import ModelOutput
 
 from .checkpointing import (
     HUB_KWARGS,
+    apply_pilot_adapters,
     atomic_save_directory,
     check_copilot_fits_pilot,
     check_loaded_tensors,
     copy_pretrained_decoder,
+    pilot_adapter_configs,
     pilot_fingerprint,
     read_checkpoint_config,
     same_pilot,
@@ -88,7 +90,19 @@ class PilotCopilotForCausalLM(PreTrainedModel, GenerationMixin):
             # (a PEFT Pilot's LoRA layers are not PreTrainedModel modules).
             for module in pilot.modules():
                 module._is_hf_initialized = True
-        self.pilot = pilot if pilot is not None else AutoModelForCausalLM.from_config(config.text_config)
+        if pilot is None:
+            pilot = AutoModelForCausalLM.from_config(config.text_config)
+            if config.pilot_peft_config:  # saved with a PEFT Pilot: the same adapters, so the tensors match
+                pilot = apply_pilot_adapters(pilot, config.pilot_peft_config)
+                self._peft_trainable = {name for name, p in pilot.named_parameters() if p.requires_grad}
+        if hasattr(pilot, "get_base_model"):
+            # A PeftModel answers its base model's tied weights (post_init reads them), named as if it were that
+            # model: name them where they are, under base_model.model.
+            base = pilot.get_base_model()
+            inner = next(name for name, module in pilot.named_modules() if module is base)
+            tied = getattr(base, "all_tied_weights_keys", {}).items()
+            pilot.all_tied_weights_keys = {f"{inner}.{k}": f"{inner}.{v}" for k, v in tied}
+        self.pilot = pilot
         self.copilot = CopilotModel(config.copilot_config)
         self.post_init()
 
@@ -164,17 +178,24 @@ class PilotCopilotForCausalLM(PreTrainedModel, GenerationMixin):
                 pretrained_model_name_or_path, *args, output_loading_info=True, **kwargs
             )
             check_loaded_tensors(info, pretrained_model_name_or_path)
+            trainable = getattr(model, "_peft_trainable", None)
+            if trainable is not None:  # loading made every tensor trainable: a PEFT Pilot's as peft left them
+                for name, parameter in model.pilot.named_parameters():
+                    parameter.requires_grad_(name in trainable)
             return (model, info) if wants_info else model
         kwargs.pop("config", None)  # the Copilot's, not the Pilot's
         pilot = kwargs.pop("pilot", None) or config.get("base_model_name_or_path")
         if pilot is None:
             raise ValueError("This Copilot checkpoint names no base Pilot: pass pilot=<model or path>.")
         info = {"missing_keys": set(), "unexpected_keys": set(), "mismatched_keys": set(), "error_msgs": []}
-        if not isinstance(pilot, PreTrainedModel):  # the user's kwargs: trust_remote_code is theirs to give
+        from_folder = isinstance(pilot, (str, os.PathLike))  # else a model: a PeftModel is no PreTrainedModel
+        if from_folder:  # the user's kwargs: trust_remote_code is theirs to give
             pilot, info = AutoModelForCausalLM.from_pretrained(pilot, output_loading_info=True, **kwargs)
         model = PilotCopilotForCausalLM.from_copilot_checkpoint(
             pilot, pretrained_model_name_or_path, allow, **hub_kwargs
         )
+        if from_folder:  # this folder alone rebuilds the model: what a PEFT adapter on it names as its base
+            model.config.name_or_path = model.name_or_path = os.fspath(pretrained_model_name_or_path)
         return (model, info) if wants_info else model  # the Pilot's info: the Copilot's tensors are checked
 
     @classmethod
@@ -233,8 +254,11 @@ class PilotCopilotForCausalLM(PreTrainedModel, GenerationMixin):
     def save_pretrained(self, save_directory: str | os.PathLike, *args, **kwargs) -> None:
         """`PreTrainedModel.save_pretrained`, written atomically (`atomic_save_directory`).
 
+        A PEFT Pilot's tensors keep their names (`pilot.base_model.model.*`, `lora_*`), as Trainer resume needs;
+        config.json records its adapters (`pilot_peft_config`), so every loader rebuilds them (with peft).
         Saves that push or run on several processes keep the stock behaviour.
         """
+        self.config.pilot_peft_config = pilot_adapter_configs(self.pilot)
         if args or kwargs.get("push_to_hub") or not kwargs.get("is_main_process", True):
             return super().save_pretrained(save_directory, *args, **kwargs)
         if os.path.isfile(save_directory):

@@ -69,6 +69,7 @@ from .mistake_log import MistakeLog
 from .mistake_log_callback import MistakeLogCallback
 from .mistake_log_entry import MistakeLogEntry, copilot_squared_error, copilot_target_norm
 from .modeling_pilot_copilot import PilotCopilotForCausalLM
+from .peft_checks import check_copilot_trains, warn_if_adapter_base_is_the_pilot
 from .training_args import CopilotTrainingArguments
 from .training_errors import NonFiniteTrainingError
 
@@ -166,12 +167,8 @@ class CopilotTrainer(Trainer):
             )
         if self.args.freeze_pilot:
             pilot_copilot.pilot.requires_grad_(False)
-        if not any(p.requires_grad for p in pilot_copilot.copilot.parameters()):
-            raise ValueError(
-                "No Copilot parameter is trainable. With PEFT, apply the adapter to the Pilot before wrapping "
-                "(pilot = get_peft_model(pilot, lora_config); PilotCopilotForCausalLM.from_pilot(pilot)), or "
-                "add modules_to_save=['copilot'] to the adapter config."
-            )
+        check_copilot_trains(pilot_copilot.copilot)  # e.g. not frozen by PEFT on the whole wrapper
+        warn_if_adapter_base_is_the_pilot(model, pilot_copilot)
 
     def pilot_copilot(self) -> PilotCopilotForCausalLM:
         """The `PilotCopilotForCausalLM` under any DDP/PEFT wrappers."""
