@@ -34,14 +34,22 @@ DEMO_TASK = {"name": "sorting", "length": 8}
 DEMO_PILOT = PilotShape(hidden_size=64, num_hidden_layers=2, num_attention_heads=4)
 
 
-def build_task(name: str, dataset: str | None) -> Task:
-    """An offline task, or one of the paper's benchmarks read from a folder of split files or the Hub."""
+def build_task(
+    name: str, dataset: str | None, dataset_config: str | None = None, validation_size: int = 0
+) -> Task:
+    """An offline task, or one of the paper's benchmarks read from a folder of split files or the Hub.
+
+    A benchmark without a validation split (GSM8K has train and test) gets one of `validation_size`
+    training examples, the same ones in every command, and trains without them.
+    """
     if name in BENCHMARKS:
         if dataset is None:
             raise SystemExit(
                 f"--task {name} needs --dataset: a folder with train/validation/test files or a Hub id."
             )
         if os.path.isdir(dataset):
+            if dataset_config is not None:
+                raise SystemExit("--dataset-config applies to Hub datasets, not to a local folder.")
             files = {
                 split: os.path.join(dataset, file)
                 for file in sorted(os.listdir(dataset))
@@ -50,8 +58,16 @@ def build_task(name: str, dataset: str | None) -> Task:
             }
             if not files:
                 raise SystemExit(f"{dataset} holds no train/validation/test .json/.jsonl files.")
-            return BenchmarkTask(name, data_files=files)
-        return BenchmarkTask(name, hub_id=dataset)
+            task = BenchmarkTask(name, data_files=files, validation_from_train=validation_size)
+        else:
+            task = BenchmarkTask(
+                name, hub_id=dataset, hub_config=dataset_config, validation_from_train=validation_size
+            )
+        if task.validation_is_held_out():
+            print(
+                f"{dataset} has no validation split: {validation_size} training examples are held out as one."
+            )
+        return task
     if dataset is not None:
         raise SystemExit(
             f"--dataset applies to the benchmarks ({', '.join(sorted(BENCHMARKS))}), not to {name}."
@@ -65,10 +81,17 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
         "--task", default=DEMO_TASK["name"], choices=sorted(TASKS), help="task to train/evaluate on"
     )
     parser.add_argument("--dataset", help="for benchmark tasks: a folder of split files, or a Hub dataset id")
+    parser.add_argument("--dataset-config", help="the Hub dataset's config name (e.g. main for openai/gsm8k)")
     parser.add_argument("--pilot", help="Pilot path or Hub id (default: a small LLaMA built from a config)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--train-size", type=int, default=2000)
-    parser.add_argument("--eval-size", type=int, default=400)
+    parser.add_argument(
+        "--eval-size",
+        type=int,
+        default=400,
+        help="validation and test examples; a benchmark without a validation split holds out this many "
+        "training examples (use the same value for train and evaluate)",
+    )
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--lambdas", type=float, nargs="+", default=list(DEFAULT_LAMBDAS))
 
@@ -112,7 +135,7 @@ def examples_for(task: Task, args: argparse.Namespace, split: str, n: int):
 def train_command(args: argparse.Namespace) -> dict:
     """Fine-tune Pilot + Copilot, pick lambda on validation, report test accuracy, save everything."""
     torch.manual_seed(args.seed)
-    task = build_task(args.task, args.dataset)
+    task = build_task(args.task, args.dataset, args.dataset_config, args.eval_size)
     train = examples_for(task, args, "train", args.train_size)
     if args.pilot:
         pilot, tokenizer = load_pilot(args.pilot)
@@ -156,7 +179,7 @@ def train_command(args: argparse.Namespace) -> dict:
 
 
 def evaluate_command(args: argparse.Namespace) -> dict:
-    task = build_task(args.task, args.dataset)
+    task = build_task(args.task, args.dataset, args.dataset_config, args.eval_size)
     model, tokenizer = load_pilot(args.model)
     if not isinstance(model, PilotCopilotForCausalLM):
         raise SystemExit(f"{args.model} is not a Pilot + Copilot model ({type(model).__name__}).")

@@ -122,6 +122,26 @@ def test_train_drops_prompts_of_the_test_split():
     assert len(task.examples("test")) == 2
 
 
+def test_a_missing_validation_split_is_held_out_of_train_and_left_out_of_it():
+    files = {"train": str(FIXTURES / "gsm8k_train.jsonl"), "test": str(FIXTURES / "gsm8k_test.jsonl")}
+    with pytest.raises(ValueError, match="No data file for the validation split.*validation_from_train"):
+        get_task("gsm8k", data_files=files).examples("validation")
+    task = get_task("gsm8k", data_files=files, validation_from_train=1)
+    assert task.validation_is_held_out()
+    validation, train, test = task.examples("validation"), task.examples("train"), task.examples("test")
+    assert len(validation) == 1 and len(train) == 1  # 3 rows, one of them also in test
+    assert {e.prompt for e in validation} | {e.prompt for e in train} == {
+        "Omar reads 4 pages a day for 6 days. How many pages does he read?\n",
+        "A box holds 8 pens. How many pens are in 3 boxes?\n",
+    }
+    assert not {e.prompt for e in validation + train} & {e.prompt for e in test}
+    assert get_task("gsm8k", data_files=files, validation_from_train=1).examples("validation") == validation
+    with pytest.raises(ValueError, match="would leave nothing of the 2 training examples"):
+        get_task("gsm8k", data_files=files, validation_from_train=2).examples("validation")
+    with_validation = {**files, "validation": str(FIXTURES / "gsm8k_test.jsonl")}
+    assert not get_task("gsm8k", data_files=with_validation, validation_from_train=1).validation_is_held_out()
+
+
 def test_sampling_n_examples_is_seeded():
     task = get_task("gsm8k", data_files={"train": str(FIXTURES / "gsm8k_train.jsonl")})
     assert task.examples("train", 2, seed=1) == task.examples("train", 2, seed=1)

@@ -1,13 +1,15 @@
 """The `hf-copilot` command: train saves a loadable model, a results file and a plot; evaluate reads it back."""
 
 import json
+import random
 import shutil
 
 import pytest
+from conftest import build_pilot, char_tokenizer
 from transformers import AutoModelForCausalLM
 
 from hf_copilot import PilotCopilotForCausalLM
-from hf_copilot.experiments.cli import build_parser, build_task, evaluate_command, main
+from hf_copilot.experiments.cli import build_parser, build_task, evaluate_command, main, train_command
 from hf_copilot.experiments.tasks import BenchmarkTask
 
 FIXTURES = "tests/experiments/fixtures/benchmarks"
@@ -70,6 +72,42 @@ def test_benchmark_task_reads_a_folder_of_split_files(tmp_path):
     assert task.examples("test")
 
 
+def write_gsm8k_folder(folder, sizes=(("train", 24), ("test", 6))):
+    """GSM8K's own layout (openai/gsm8k, grade-school-math): train.jsonl and test.jsonl, no validation."""
+    folder.mkdir()
+    rng = random.Random(0)
+    for split, size in sizes:
+        with open(folder / f"{split}.jsonl", "w") as handle:
+            for _ in range(size):
+                a, b = rng.randint(10, 99), rng.randint(10, 99)
+                question = f"Ann has {a} pens and gets {b} more How many"  # within 64 positions
+                answer = f"She has {a} + {b} = <<{a}+{b}={a + b}>>{a + b} pens\n#### {a + b}"
+                handle.write(json.dumps({"question": question, "answer": answer}) + "\n")
+    return folder
+
+
+def test_gsm8k_trains_and_evaluates_from_its_own_train_and_test_files(tmp_path, capsys):
+    """Without a validation file, --eval-size training examples are held out to choose lambda on."""
+    data = write_gsm8k_folder(tmp_path / "gsm8k")
+    pilot = tmp_path / "pilot"
+    build_pilot("llama").save_pretrained(pilot)
+    char_tokenizer().save_pretrained(pilot)
+    common = ["--task", "gsm8k", "--dataset", str(data), "--eval-size", "4", "--batch-size", "8"]
+    common += ["--lambdas", "0", "1"]
+    train = ["train", "--pilot", str(pilot), "--epochs", "1", "--output-dir", str(tmp_path / "run")]
+    summary = train_command(build_parser().parse_args([*train, *common]))
+    assert (
+        f"{data} has no validation split: 4 training examples are held out as one." in capsys.readouterr().out
+    )
+    for fused in summary["fused"].values():
+        assert set(fused["validation_sweep"]) == {0.0, 1.0}
+    evaluated = evaluate_command(
+        build_parser().parse_args(["evaluate", "--model", summary["model_dir"], *common])
+    )
+    assert evaluated["pilot_test_accuracy"] == summary["pilot_test_accuracy"]
+    assert evaluated["fused"] == summary["fused"]  # the same validation examples in both commands
+
+
 def test_bad_task_and_dataset_combinations_say_what_to_pass(tmp_path):
     with pytest.raises(SystemExit, match="needs --dataset"):
         build_task("gsm8k", None)
@@ -77,3 +115,5 @@ def test_bad_task_and_dataset_combinations_say_what_to_pass(tmp_path):
         build_task("arithmetic", str(tmp_path))
     with pytest.raises(SystemExit, match="no train/validation/test"):
         build_task("gsm8k", str(tmp_path))
+    with pytest.raises(SystemExit, match="--dataset-config applies to Hub datasets"):
+        build_task("gsm8k", str(tmp_path), dataset_config="main")

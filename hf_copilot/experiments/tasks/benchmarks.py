@@ -144,7 +144,9 @@ class BenchmarkTask(Task):
 
     `hub_id` calls `datasets.load_dataset(hub_id, hub_config)` and so needs Hub access.
     `labels_files` (split -> path, one label per line) adds a `label` column, for releases that
-    ship labels apart from the rows (PIQA, SIQA).
+    ship labels apart from the rows (PIQA, SIQA). `validation_from_train=n` makes up a missing
+    validation split (GSM8K ships train and test only) from `n` training examples, which training
+    then leaves out; the draw is fixed, and a smaller `n` picks a subset of a larger one's.
     """
 
     name: str
@@ -152,6 +154,7 @@ class BenchmarkTask(Task):
     hub_id: str | None = None
     hub_config: str | None = None
     labels_files: Mapping[str, str] = field(default_factory=dict)
+    validation_from_train: int = 0
 
     def __post_init__(self) -> None:
         if self.name not in BENCHMARKS:
@@ -162,6 +165,8 @@ class BenchmarkTask(Task):
             )
         for split in [*(self.data_files or {}), *self.labels_files]:
             check_split(split)
+        if self.validation_from_train < 0:
+            raise ValueError(f"validation_from_train must be >= 0, got {self.validation_from_train}.")
 
     def examples(self, split: str, n: int | None = None, seed: int = 0) -> list[Example]:
         """The split's examples in file order, or `n` of them drawn with `seed`.
@@ -182,12 +187,23 @@ class BenchmarkTask(Task):
     def extract_answer(self, text: str) -> str:
         return BENCHMARKS[self.name].extract_answer(text)
 
+    def validation_is_held_out(self) -> bool:
+        """Whether the validation split is made of training examples (`validation_from_train`)."""
+        stored = self._stored_splits()
+        return bool(self.validation_from_train) and "validation" not in stored and "train" in stored
+
     def _splits(self) -> list[str]:
+        splits = self._stored_splits()
+        return [*splits, "validation"] if self.validation_is_held_out() else splits
+
+    def _stored_splits(self) -> list[str]:
         if self.data_files is not None:
             return list(self.data_files)
         return get_dataset_split_names(self.hub_id, self.hub_config)
 
     def _load(self, split: str) -> list[Example]:
+        if split == "validation" and self.validation_is_held_out():
+            return self._held_out_validation()
         rows = self._rows(split)
         convert = BENCHMARKS[self.name].convert
         examples = []
@@ -201,12 +217,34 @@ class BenchmarkTask(Task):
                 ) from error
         return examples
 
+    def _held_out_validation(self) -> list[Example]:
+        """`validation_from_train` training examples, not in test, in file order: a prefix of one fixed
+        permutation."""
+        test = (
+            {example.prompt for example in self._load("test")} if "test" in self._stored_splits() else set()
+        )
+        train = [example for example in self._load("train") if example.prompt not in test]
+        if self.validation_from_train >= len(train):
+            raise ValueError(
+                f"validation_from_train={self.validation_from_train} would leave nothing of the {len(train)} "
+                f"training examples of {self.name} to train on."
+            )
+        order = list(range(len(train)))
+        random.Random(0).shuffle(order)
+        return [train[i] for i in sorted(order[: self.validation_from_train])]
+
     def _rows(self, split: str) -> Dataset:
         if self.hub_id is not None:
             rows = load_dataset(self.hub_id, self.hub_config, split=split)
         elif split not in self.data_files:
+            hint = (
+                " Pass validation_from_train=n to hold out n training examples as validation."
+                if split == "validation" and "train" in self.data_files
+                else ""
+            )
             raise ValueError(
                 f"No data file for the {split} split of {self.name}; data_files has {list(self.data_files)}."
+                + hint
             )
         else:
             rows = load_dataset("json", data_files={split: self.data_files[split]}, split=split)
