@@ -181,6 +181,16 @@ def _training_section(training_args, training_details: str | None) -> str | None
     return "\n".join(lines) or None
 
 
+def _requirements(model) -> list[str]:
+    """What loading the upload needs: a LoRA Pilot's adapter is rebuilt with peft."""
+    peft = (
+        ["peft"]
+        if getattr(model.config, "pilot_peft_config", None) or hasattr(model.pilot, "peft_config")
+        else []
+    )
+    return ["transformers", "torch", "safetensors", *peft]
+
+
 def _framework_versions() -> list[str]:
     try:
         hf_copilot_version = importlib.metadata.version("hf-copilot")
@@ -230,7 +240,7 @@ def _card_body(
         "",
         "## Usage",
         "",
-        "`pip install transformers torch safetensors`, then:",
+        f"`pip install {' '.join(_requirements(model))}`, then:",
         "",
         "```python",
         "from transformers import AutoModelForCausalLM, AutoTokenizer",

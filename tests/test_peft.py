@@ -403,3 +403,12 @@ def test_a_whole_model_adapter_of_a_from_pilot_model_warns_that_it_names_the_pil
     rebuilt = build_pilot_copilot(saved_pilot(pilot_path), seed=5)
     loaded = PeftModel.from_pretrained(rebuilt, tmp_path / "adapter").eval()
     assert_same_outputs(wrapped.eval(), loaded)
+
+
+def test_the_model_card_of_a_lora_pilot_installs_peft(tmp_path):
+    from hf_copilot.hub import build_model_card
+
+    assert "`pip install transformers torch safetensors peft`" in build_model_card(
+        build_pilot_copilot(trained_lora(build_pilot("llama")))
+    ).text
+    assert "`pip install transformers torch safetensors`" in build_model_card(build_pilot_copilot("llama")).text
