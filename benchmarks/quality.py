@@ -8,6 +8,8 @@ Arms (same Pilot initialisation, data order and steps):
   pilot               the Pilot fine-tuned alone with the stock Trainer
   pilot_copilot       Pilot + a randomly initialised Copilot, CopilotTrainer with the package defaults and
                       copilot_final_epochs=1
+  pilot_copilot_small_head  the ablation of CopilotConfig.initial_error_norm: pilot_copilot with its output
+                      head drawn so that ||f_C|| starts at 0.1 (observed feedback only)
   pilot_copilot_paper the same trained for the paper's feedback mode (copilot_feedback="copilot", the
                       Copilot reads its own predictions at answer positions in training too)
   pilot_copilot_init  pilot_copilot with the Copilot initialised from the smaller family member (pretrained only)
@@ -41,7 +43,7 @@ import transformers
 from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainingArguments
 
 from hf_copilot import CopilotConfig, CopilotTrainer, CopilotTrainingArguments, PilotCopilotForCausalLM
-from hf_copilot.configuration_pilot_copilot import copilot_config_like
+from hf_copilot.configuration_pilot_copilot import INITIAL_ERROR_NORM, copilot_config_like
 from hf_copilot.experiments.data import DataCollatorForCompletion, tokenize_examples
 from hf_copilot.experiments.evaluation import DEFAULT_LAMBDAS, evaluate_task
 from hf_copilot.experiments.recipes import PilotShape, matched_shape, task_tokenizer
@@ -65,7 +67,15 @@ REPRODUCE = (
 )
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 FEEDBACK_MODES = ("observed", "copilot")
-ARMS = ("pilot", "pilot_copilot", "pilot_copilot_paper", "pilot_copilot_init", "transfer", "pilot_matched")
+ARMS = (
+    "pilot",
+    "pilot_copilot",
+    "pilot_copilot_small_head",
+    "pilot_copilot_paper",
+    "pilot_copilot_init",
+    "transfer",
+    "pilot_matched",
+)
 SCRATCH_COPILOT = CopilotConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4)
 # The package's defaults plus the one-argument Copilot-only epoch on the final Pilot, which
 # benchmarks/results/copilot_training.md measured as the largest single gain.
@@ -240,6 +250,12 @@ def run(regime: str, setting: Setting, seed: int, eval_size: int, family, arms=A
         torch.manual_seed(seed + 1)
         joint = PilotCopilotForCausalLM.from_pilot(experiment.pilot(), experiment.copilot_config())
         copilot_records("pilot_copilot", FEEDBACK_MODES, *experiment.fine_tune(joint, with_copilot=True))
+    if "pilot_copilot_small_head" in arms:
+        torch.manual_seed(seed + 1)
+        small = experiment.copilot_config().to_dict() | {"initial_error_norm": INITIAL_ERROR_NORM}
+        joint = PilotCopilotForCausalLM.from_pilot(experiment.pilot(), small)
+        trained = experiment.fine_tune(joint, with_copilot=True)
+        copilot_records("pilot_copilot_small_head", ("observed",), *trained)
     if "pilot_copilot_paper" in arms:
         # The paper's feedback mode, trained for it: answer positions read the Copilot's own predictions.
         torch.manual_seed(seed + 1)
@@ -252,8 +268,9 @@ def run(regime: str, setting: Setting, seed: int, eval_size: int, family, arms=A
         copilot_records("pilot_copilot_init", FEEDBACK_MODES, *experiment.fine_tune(joint, with_copilot=True))
         # The paper's transfer: this Copilot on a Pilot fine-tuned from the same base with another data order.
         other, _, _ = experiment.fine_tune(experiment.pilot(), with_copilot=False, data_seed=seed + 1000)
-        folder = os.path.join(experiment.scratch, "copilot")
-        joint.save_copilot(folder)
+        folder, pilot_folder = (os.path.join(experiment.scratch, name) for name in ("copilot", "pilot"))
+        joint.pilot.save_pretrained(pilot_folder)  # the Copilot's own (fine-tuned) Pilot, as its base
+        joint.save_copilot(folder, base_model_name_or_path=pilot_folder)
         moved = PilotCopilotForCausalLM.from_pretrained(folder, pilot=other, allow_other_pilot=True).eval()
         copilot_records("transfer", FEEDBACK_MODES, moved, 0.0, None)
     if "pilot_matched" in arms:

@@ -27,10 +27,11 @@ from typing import Any
 import torch
 from transformers import PreTrainedConfig, PreTrainedModel
 
+from .configuration_pilot_copilot import INITIAL_ERROR_NORM
+
 HUB_KWARGS = ("revision", "token", "cache_dir", "local_files_only")  # where a checkpoint's files come from
 FINGERPRINT_TENSORS = 16  # tensors sampled for the fingerprint
 FINGERPRINT_VALUES = 8  # values sampled per tensor
-INITIAL_ERROR_NORM = 0.1  # expected ||f_C|| of a Copilot initialised from a pretrained decoder
 
 
 def pilot_fingerprint(pilot: PreTrainedModel) -> str:
@@ -373,7 +374,8 @@ def copy_pretrained_decoder(copilot: PreTrainedModel, decoder: PreTrainedModel) 
         # The LM head outputs logits (norm ~10-100) where the Copilot predicts probability-scale errors
         # (norm <= sqrt(2)): rescaled so the initial ||f_C|| is about INITIAL_ERROR_NORM, near "no correction".
         head = target["error_head.weight"]
-        head.mul_(INITIAL_ERROR_NORM / (head.float().std() * head.numel() ** 0.5).clamp_min(1e-12))
+        norm = copilot.config.initial_error_norm or INITIAL_ERROR_NORM
+        head.mul_(norm / (head.float().std() * head.numel() ** 0.5).clamp_min(1e-12))
     return copied
 
 

@@ -141,6 +141,9 @@ class CopilotPreTrainedModel(PreTrainedModel):
 
     def _init_weights(self, module: nn.Module) -> None:
         std = self.config.initializer_range
+        if module is getattr(self, "error_head", None) and self.config.initial_error_norm is not None:
+            # W_out so that ||f_C|| ~ initial_error_norm for the RMS-normed hidden states it reads.
+            std = self.config.initial_error_norm / module.weight.numel() ** 0.5
         if isinstance(module, nn.Linear):
             nn.init.normal_(module.weight, mean=0.0, std=std)
             if module.bias is not None:

@@ -27,6 +27,8 @@ BAD_FIELDS = [
     ({"rms_norm_eps": 0.0}, "rms_norm_eps", "greater than 0.0, got 0.0"),
     ({"initializer_range": -0.02}, "initializer_range", "greater or equal to 0.0 .*got -0.02"),
     ({"attention_bias": 1}, "attention_bias", "expected bool, got int"),
+    ({"initial_error_norm": 0.0}, "initial_error_norm", "finite number > 0, or None, got 0.0"),
+    ({"initial_error_norm": float("inf")}, "initial_error_norm", "finite number > 0, or None, got inf"),
 ]
 
 

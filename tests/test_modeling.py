@@ -432,3 +432,20 @@ def test_resize_token_embeddings_resizes_the_pilot_and_the_copilot_together(tmp_
     assert torch.allclose(again.fused_logits, model.eval()(**inputs, return_fused=True).fused_logits)
     model.resize_token_embeddings(vocab - 2)  # shrinking keeps the first tokens' weights
     assert torch.equal(model.copilot.error_head.weight, old_out[: vocab - 2])
+
+
+def test_initial_error_norm_starts_the_copilot_near_no_correction():
+    batch = build_batch()
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    real = batch["attention_mask"].bool()
+    for norm in (0.1, 0.01):
+        torch.manual_seed(0)
+        model = PilotCopilotForCausalLM.from_pilot(
+            build_pilot("llama"), tiny_copilot_config(initial_error_norm=norm)
+        )
+        with torch.no_grad():
+            predicted = model(**inputs).predicted_error.norm(dim=-1)[real]
+        assert predicted.mean().item() == pytest.approx(norm, rel=0.15)
+    torch.manual_seed(0)  # the default: W_out at initializer_range like every other weight
+    model = PilotCopilotForCausalLM.from_pilot(build_pilot("llama"), tiny_copilot_config())
+    assert model.copilot.error_head.weight.std().item() == pytest.approx(0.02, rel=0.1)

@@ -408,7 +408,10 @@ def test_a_whole_model_adapter_of_a_from_pilot_model_warns_that_it_names_the_pil
 def test_the_model_card_of_a_lora_pilot_installs_peft(tmp_path):
     from hf_copilot.hub import build_model_card
 
-    assert "`pip install transformers torch safetensors peft`" in build_model_card(
-        build_pilot_copilot(trained_lora(build_pilot("llama")))
-    ).text
-    assert "`pip install transformers torch safetensors`" in build_model_card(build_pilot_copilot("llama")).text
+    assert (
+        "`pip install transformers torch safetensors peft`"
+        in build_model_card(build_pilot_copilot(trained_lora(build_pilot("llama")))).text
+    )
+    assert (
+        "`pip install transformers torch safetensors`" in build_model_card(build_pilot_copilot("llama")).text
+    )
