@@ -6,15 +6,16 @@ without `trust_remote_code`.
 
 import importlib
 
-from transformers import AutoConfig, AutoModelForCausalLM
+from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
 from .checkpointing import pilot_fingerprint
-from .configuration_pilot_copilot import CopilotConfig, PilotCopilotConfig
+from .configuration_pilot_copilot import CopilotConfig, PilotCopilotConfig, PilotCopilotSeq2SeqConfig
 from .generation_pilot_copilot import CopilotLogitsProcessor, PilotCopilotCache, fuse_scores
 from .hub import attach_push_methods
 from .mistake_log import MistakeLog
 from .mistake_log_entry import MistakeLogEntry, PilotErrors
 from .modeling_pilot_copilot import CopilotCheckpointForCausalLM, CopilotModel, PilotCopilotForCausalLM
+from .modeling_pilot_copilot_seq2seq import PilotCopilotForSeq2SeqLM
 
 __version__ = "0.1.0"
 
@@ -26,12 +27,19 @@ AutoModelForCausalLM.register(CopilotConfig, CopilotCheckpointForCausalLM, exist
 # save_pretrained() then writes auto_map and copies the Hub-facing modeling files next to the weights.
 PilotCopilotConfig.register_for_auto_class()
 PilotCopilotForCausalLM.register_for_auto_class("AutoModelForCausalLM")
+# Encoder-decoder Pilots (T5, BART): their own config, so each Auto class maps one config to one model.
+AutoConfig.register(PilotCopilotSeq2SeqConfig.model_type, PilotCopilotSeq2SeqConfig, exist_ok=True)
+AutoModelForSeq2SeqLM.register(PilotCopilotSeq2SeqConfig, PilotCopilotForSeq2SeqLM, exist_ok=True)
+PilotCopilotSeq2SeqConfig.register_for_auto_class()
+PilotCopilotForSeq2SeqLM.register_for_auto_class("AutoModelForSeq2SeqLM")
 attach_push_methods(PilotCopilotForCausalLM)
 
 # Training classes import transformers.Trainer (and accelerate): loaded on first use only.
 _LAZY_ATTRIBUTES = {
     "CopilotTrainer": ".trainer",
     "CopilotTrainingArguments": ".training_args",
+    "CopilotSeq2SeqTrainer": ".seq2seq_trainer",
+    "CopilotSeq2SeqTrainingArguments": ".seq2seq_trainer",
     # trl's SFTTrainer with the Copilot (`pip install "hf-copilot[trl]"`): not in __all__, so that
     # `from hf_copilot import *` works without trl.
     "CopilotSFTConfig": ".sft",
@@ -52,6 +60,8 @@ __all__ = [
     "CopilotConfig",
     "CopilotLogitsProcessor",
     "CopilotModel",
+    "CopilotSeq2SeqTrainer",
+    "CopilotSeq2SeqTrainingArguments",
     "CopilotTrainer",
     "CopilotTrainingArguments",
     "MistakeLog",
@@ -61,6 +71,8 @@ __all__ = [
     "PilotCopilotCache",
     "PilotCopilotConfig",
     "PilotCopilotForCausalLM",
+    "PilotCopilotForSeq2SeqLM",
+    "PilotCopilotSeq2SeqConfig",
     "PilotErrors",
     "fuse_scores",
     "pilot_fingerprint",

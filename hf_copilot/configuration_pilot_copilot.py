@@ -70,7 +70,7 @@ class CopilotConfig(PreTrainedConfig):
     model_type = "copilot"
 
     hidden_size: int = positive_int_field(default=256)
-    num_hidden_layers: int = 4  # even and >= 2: see validate_architecture
+    num_hidden_layers: int = 4  # even and >= 2 (>= 1 with encoder_decoder): see validate_architecture
     num_attention_heads: int = positive_int_field(default=4)
     num_key_value_heads: int | None = positive_int_field(default=None)
     intermediate_size: int | None = positive_int_field(default=None)
@@ -89,6 +89,9 @@ class CopilotConfig(PreTrainedConfig):
     initial_error_norm: int | float | None = validated_field(check_initial_error_norm, default=None)
     base_model_name_or_path: str | None = None
     pilot_fingerprint: str | None = None
+    # The paper's Copilot for an encoder-decoder Pilot: self- and cross-attention in every layer, the
+    # cross-attention reading [encoder output ; h_bar]. Set by PilotCopilotSeq2SeqConfig.
+    encoder_decoder: bool = False
 
     def __post_init__(self, **kwargs):
         if self.num_key_value_heads is None:
@@ -99,7 +102,12 @@ class CopilotConfig(PreTrainedConfig):
 
     def validate_architecture(self):
         """Part of `@strict`-powered validation: the rules between fields. Call it again after a change."""
-        if self.num_hidden_layers < 2 or self.num_hidden_layers % 2:
+        if self.encoder_decoder and self.num_hidden_layers < 1:
+            raise ValueError(
+                f"CopilotConfig.num_hidden_layers must be >= 1 for an encoder-decoder Pilot's Copilot, got "
+                f"{self.num_hidden_layers}."
+            )
+        if not self.encoder_decoder and (self.num_hidden_layers < 2 or self.num_hidden_layers % 2):
             raise ValueError(
                 f"CopilotConfig.num_hidden_layers must be even and >= 2 (odd layers self-attend, even layers "
                 f"cross-attend to the Pilot), got {self.num_hidden_layers}."
@@ -174,6 +182,29 @@ class PilotCopilotConfig(PreTrainedConfig):
         return self.text_config.get_text_config(decoder=decoder, encoder=encoder)
 
 
+@strict
+class PilotCopilotSeq2SeqConfig(PilotCopilotConfig):
+    """An encoder-decoder Pilot (T5, FLAN-T5, BART: its config nested as `text_config`), the paper's
+    encoder-decoder Copilot (`copilot_config.encoder_decoder`, set here) and how to fuse them (SPEC section 8)."""
+
+    model_type = "pilot_copilot_seq2seq"
+    sub_configs_defaults = {
+        "text_config": SubConfigSpec(config_class=AutoConfig, model_type="t5"),
+        "copilot_config": SubConfigSpec(config_class=CopilotConfig),
+    }
+
+    is_encoder_decoder: bool = True
+
+    def __post_init__(self, **kwargs):
+        super().__post_init__(**kwargs)
+        if not self.get_text_config().is_encoder_decoder:
+            raise ValueError(
+                f"PilotCopilotSeq2SeqConfig wraps an encoder-decoder Pilot, got a {self.text_config.model_type!r} "
+                "config: use PilotCopilotConfig (PilotCopilotForCausalLM) for a decoder-only Pilot."
+            )
+        self.copilot_config.encoder_decoder = True
+
+
 def copilot_config_like(decoder_config) -> CopilotConfig:
     """A Copilot shaped like a pretrained decoder, so all of its layer weights can be copied."""
     text = decoder_config.get_text_config()
@@ -190,4 +221,4 @@ def copilot_config_like(decoder_config) -> CopilotConfig:
     )
 
 
-__all__ = ["CopilotConfig", "PilotCopilotConfig"]
+__all__ = ["CopilotConfig", "PilotCopilotConfig", "PilotCopilotSeq2SeqConfig"]

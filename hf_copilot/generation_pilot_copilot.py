@@ -9,7 +9,7 @@ cropping) moves the Copilot's state together with the Pilot's keys and values.
 from __future__ import annotations
 
 import torch
-from transformers import DynamicCache, LogitsProcessor
+from transformers import DynamicCache, EncoderDecoderCache, LogitsProcessor
 
 from .mistake_log_entry import MistakeLogEntry, PilotErrors, answer_token_positions, shift_right
 
@@ -154,8 +154,9 @@ class CopilotDecodingState:
             self.predicted_errors, self.probs = self.predicted_errors[:, :keep], self.probs[:, :keep]
 
 
-class PilotCopilotCache(DynamicCache):
-    """The Pilot's dynamic cache plus the Copilot's decoding state for one generation."""
+class CopilotStateCache:
+    """Mixin for a Pilot cache class: the Copilot's decoding state rides on it, and every batch operation of
+    generate() (beam reordering, expansion, selection, cropping) moves it with the Pilot's keys and values."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -163,9 +164,10 @@ class PilotCopilotCache(DynamicCache):
         # Set by generate(): positions before it are the prompt, whose tokens are known.
         self.prompt_length: int | None = None
 
-    def copilot_state(self, num_layers: int) -> CopilotDecodingState:
+    def copilot_state(self, num_slots: int) -> CopilotDecodingState:
+        """The state of this generation; `num_slots`: the Copilot's attentions with cached keys/values."""
         if self.copilot is None:
-            self.copilot = CopilotDecodingState(CopilotKVCache(num_layers))
+            self.copilot = CopilotDecodingState(CopilotKVCache(num_slots))
         return self.copilot
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
@@ -193,6 +195,15 @@ class PilotCopilotCache(DynamicCache):
         super().reset()
         self.copilot = None
         self.prompt_length = None
+
+
+class PilotCopilotCache(CopilotStateCache, DynamicCache):
+    """The Pilot's dynamic cache plus the Copilot's decoding state for one generation."""
+
+
+class PilotCopilotEncoderDecoderCache(CopilotStateCache, EncoderDecoderCache):
+    """An encoder-decoder Pilot's cache (decoder self-attention, cross-attention) plus the Copilot's decoding
+    state, whose cross-attention keys include the projected encoder output, computed once per generation."""
 
 
 class CopilotLogitsProcessor(LogitsProcessor):
@@ -229,7 +240,7 @@ def copilot_stream(copilot, entry: MistakeLogEntry, copilot_feedback_fraction: f
         draw = torch.rand(generated.shape, device=generated.device)
         generated = generated & (draw < copilot_feedback_fraction)
     with torch.no_grad():
-        first = copilot(stream, entry.x_tilde, entry.h_bar, entry.attention_mask)
+        first = copilot_on_entry(copilot, stream, entry)
     fed = shift_right(copilot.embed_predicted_errors(first))
     return torch.where(generated.unsqueeze(-1), fed, stream)
 
@@ -242,14 +253,26 @@ def predicted_errors_as_generated(copilot, entry: MistakeLogEntry, copilot_feedb
     which depends on theirs: iterating the stream to its fixed point takes one pass per answer token.
     """
     stream = shift_right(copilot.embed_errors(entry.errors))
-    predicted = copilot(stream, entry.x_tilde, entry.h_bar, entry.attention_mask)
+    predicted = copilot_on_entry(copilot, stream, entry)
     if copilot_feedback == "observed":
         return predicted
     generated = answer_token_positions(entry.loss_mask).unsqueeze(-1)
     for _ in range(int(entry.loss_mask.sum(1).max())):
         fed = torch.where(generated, shift_right(copilot.embed_predicted_errors(predicted)), stream)
-        predicted = copilot(fed, entry.x_tilde, entry.h_bar, entry.attention_mask)
+        predicted = copilot_on_entry(copilot, fed, entry)
     return predicted
+
+
+def copilot_on_entry(copilot, stream: torch.Tensor, entry: MistakeLogEntry, **kwargs) -> torch.Tensor:
+    """The Copilot over `stream` with the memory and masks of a teacher-forced entry (any Pilot kind)."""
+    return copilot(
+        stream,
+        entry.x_tilde,
+        entry.h_bar,
+        entry.attention_mask,
+        encoder_attention_mask=entry.encoder_attention_mask,
+        **kwargs,
+    )
 
 
 def copilot_generation_step(
@@ -271,7 +294,7 @@ def copilot_generation_step(
     (chunked prefill) or together with drafted tokens (assisted decoding); without it the first
     forward is the prompt.
     """
-    state = cache.copilot_state(len(copilot.layers))
+    state = cache.copilot_state(copilot.num_kv_cache_slots)
     new, past = input_ids.shape[1], state.kv_cache.length
     if copilot_feedback == "observed":
         known = new
@@ -285,22 +308,34 @@ def copilot_generation_step(
     skip = 0 if cache.prompt_length is None else max(cache.prompt_length - 2 - past, 0)
     outputs = []
     if known > 0:
-        head = entry if known == new else entry.map_tensors(lambda t: t[:, :known])
+        head = entry if known == new else entry.map_positions(lambda t: t[:, :known])
         head_mask = None if attention_mask is None else attention_mask[:, : past + known]
         observed = observed_feedback(copilot, input_ids[:, :known], head_mask, head, state)
         keep = known - min(skip, known - 1)  # the last known row feeds the next step
-        outputs.append(copilot(observed, head.x_tilde, head.h_bar, head_mask, state.kv_cache, keep))
+        outputs.append(
+            copilot(
+                observed,
+                head.x_tilde,
+                head.h_bar,
+                head_mask,
+                state.kv_cache,
+                keep,
+                encoder_attention_mask=entry.encoder_attention_mask,
+            )
+        )
     feedback = outputs[0][:, -1] if outputs else state.last_predicted_error
     for position in range(known, new):
         stream = copilot.embed_predicted_errors(feedback).unsqueeze(1)
         length = state.kv_cache.length + 1
         step_mask = None if attention_mask is None else attention_mask[:, :length]
+        step = entry.map_positions(lambda t, position=position: t[:, position : position + 1])
         predicted_error = copilot(
             stream,
-            entry.x_tilde[:, position : position + 1],
-            entry.h_bar[:, position : position + 1],
+            step.x_tilde,
+            step.h_bar,
             step_mask,
             state.kv_cache,
+            encoder_attention_mask=entry.encoder_attention_mask,
         )
         outputs.append(predicted_error)
         feedback = predicted_error[:, 0]
@@ -342,7 +377,10 @@ def observed_feedback(
 
 __all__ = [
     "CopilotLogitsProcessor",
+    "CopilotStateCache",
     "PilotCopilotCache",
+    "PilotCopilotEncoderDecoderCache",
+    "copilot_on_entry",
     "copilot_generation_step",
     "copilot_stream",
     "fuse_scores",

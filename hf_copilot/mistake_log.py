@@ -27,6 +27,8 @@ EXACT_STORAGE_WARNING_BYTES = 2**30  # exact storage projected above this size w
 def _flatten(entry: MistakeLogEntry) -> dict[str, torch.Tensor]:
     """Every tensor of an entry under a flat name (`x_tilde`, `errors.probs`, ...)."""
     tensors = {name: getattr(entry, name) for name in _ENTRY_FIELDS}
+    if entry.encoder_attention_mask is not None:  # an encoder-decoder Pilot's entry
+        tensors["encoder_attention_mask"] = entry.encoder_attention_mask
     for name in _ERROR_FIELDS:
         value = getattr(entry.errors, name)
         if value is not None:
@@ -38,7 +40,11 @@ def _unflatten(tensors: dict[str, torch.Tensor], vocab_size: int) -> MistakeLogE
     errors = PilotErrors(
         vocab_size=vocab_size, **{name: tensors.get(f"errors.{name}") for name in _ERROR_FIELDS}
     )
-    return MistakeLogEntry(errors=errors, **{name: tensors[name] for name in _ENTRY_FIELDS})
+    return MistakeLogEntry(
+        errors=errors,
+        encoder_attention_mask=tensors.get("encoder_attention_mask"),
+        **{name: tensors[name] for name in _ENTRY_FIELDS},
+    )
 
 
 def _pad_time(tensor: torch.Tensor, length: int) -> torch.Tensor:
@@ -57,8 +63,9 @@ def _top_k(errors: PilotErrors) -> int | None:
 def collate_entries(entries: list[MistakeLogEntry]) -> MistakeLogEntry:
     """Concatenate entries along the batch dim, right-padding shorter sequences (zeros / False).
 
-    T differs between steps. Padded positions carry no error and no loss, so every per-position
-    quantity on the original positions is unchanged.
+    T differs between steps (and an encoder-decoder Pilot's source length S). Padded positions carry no
+    error and no loss, and padded source positions are masked, so every per-position quantity on the
+    original positions is unchanged.
     """
     if not entries:
         raise ValueError("collate_entries needs at least one entry.")
@@ -80,9 +87,21 @@ def collate_entries(entries: list[MistakeLogEntry]) -> MistakeLogEntry:
                 f"Cannot collate entries with hidden sizes {first.x_tilde.shape[-1]} and "
                 f"{entry.x_tilde.shape[-1]}: they come from different Pilots."
             )
-    length = max(entry.x_tilde.shape[1] for entry in entries)
+        if entry.is_encoder_decoder != first.is_encoder_decoder:
+            raise ValueError(
+                "Cannot collate an encoder-decoder Pilot's entries with a decoder-only Pilot's: they come from "
+                "different Pilots."
+            )
+    length = max(entry.h_bar.shape[1] for entry in entries)
+    source_length = max(entry.x_tilde.shape[1] for entry in entries)
+    source_fields = ("x_tilde", "encoder_attention_mask") if first.is_encoder_decoder else ()
     flat = [_flatten(entry) for entry in entries]
-    tensors = {name: torch.cat([_pad_time(f[name], length) for f in flat]) for name in flat[0]}
+    tensors = {
+        name: torch.cat(
+            [_pad_time(f[name], source_length if name in source_fields else length) for f in flat]
+        )
+        for name in flat[0]
+    }
     return _unflatten(tensors, first.errors.vocab_size)
 
 
@@ -158,7 +177,14 @@ class MistakeLog:
         if self.topk and not errors.is_compact:
             errors = errors.compact(self.topk)
         self._latest_stats, self.latest_error_norm_sum = self._entry_stats(entry, errors)
-        stored = MistakeLogEntry(entry.x_tilde, entry.h_bar, errors, entry.attention_mask, entry.loss_mask)
+        stored = MistakeLogEntry(
+            entry.x_tilde,
+            entry.h_bar,
+            errors,
+            entry.attention_mask,
+            entry.loss_mask,
+            entry.encoder_attention_mask,
+        )
         stored = stored.map_tensors(self._to_store)
         if not self._slots and not self.topk:
             self._warn_if_exact_storage_is_large(stored)
@@ -202,13 +228,32 @@ class MistakeLog:
             raise ValueError(f"x_tilde must be [B,T,d_P], got shape {tuple(entry.x_tilde.shape)}.")
         batch_time = tuple(entry.x_tilde.shape[:2])
         hidden, errors, vocab = entry.x_tilde.shape[-1], entry.errors, entry.errors.vocab_size
-        for name in ("h_bar", "attention_mask", "loss_mask", "errors.targets", "errors.mask"):
+        names = ("h_bar", "attention_mask", "loss_mask", "errors.targets", "errors.mask")
+        positions = "h_bar" if entry.is_encoder_decoder else "x_tilde"
+        masks = ("attention_mask", "loss_mask", "errors.mask")
+        if entry.is_encoder_decoder:
+            # x_tilde is the encoder output [B,S,d_P]: the decoder positions are h_bar's.
+            if tuple(entry.encoder_attention_mask.shape) != batch_time:
+                raise ValueError(
+                    f"MistakeLogEntry.encoder_attention_mask has shape {tuple(entry.encoder_attention_mask.shape)} "
+                    f"but x_tilde (the encoder output) is [B,S]={batch_time}."
+                )
+            if entry.h_bar.ndim != 3 or entry.h_bar.shape[0] != batch_time[0]:
+                raise ValueError(
+                    f"h_bar must be [B,T,d_P] with B={batch_time[0]}, got {tuple(entry.h_bar.shape)}."
+                )
+            batch_time, names, masks = (
+                tuple(entry.h_bar.shape[:2]),
+                names[1:],
+                (*masks, "encoder_attention_mask"),
+            )
+        for name in names:
             if tuple(tensors[name].shape[:2]) != batch_time:
                 raise ValueError(
-                    f"MistakeLogEntry.{name} has shape {tuple(tensors[name].shape)} but x_tilde is "
+                    f"MistakeLogEntry.{name} has shape {tuple(tensors[name].shape)} but {positions} is "
                     f"[B,T]={batch_time}: every tensor of an entry must cover the same batch and positions."
                 )
-        for name in ("attention_mask", "loss_mask", "errors.mask"):
+        for name in masks:
             if tensors[name].dtype != torch.bool or tensors[name].ndim != 2:
                 raise ValueError(
                     f"MistakeLogEntry.{name} must be a bool [B,T] tensor, got {tensors[name].dtype} "
@@ -237,6 +282,11 @@ class MistakeLog:
                 )
         if self._slots:
             previous = self.latest()
+            if previous.is_encoder_decoder != entry.is_encoder_decoder:
+                raise ValueError(
+                    "Entry and log come from different kinds of Pilot (encoder-decoder and decoder-only): one "
+                    "MistakeLog serves one Pilot, create a new one."
+                )
             if previous.x_tilde.shape[-1] != hidden:
                 raise ValueError(
                     f"Entry has Pilot hidden size {hidden} but the log holds entries with hidden size "

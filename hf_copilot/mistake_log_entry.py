@@ -151,7 +151,10 @@ class MistakeLogEntry:
 
     Every tensor is detached: nothing flows from the Copilot back into the Pilot.
     `x_tilde`, `h_bar`: [B,T,d_P]; `attention_mask`, `loss_mask`: [B,T] (bool). `loss_mask[j]` is
-    True where `labels[j+1] != -100`, i.e. where the Copilot is trained.
+    True where the target of position j (`labels[j+1]`; an encoder-decoder Pilot's `labels[j]`) is not
+    -100, i.e. where the Copilot is trained. An encoder-decoder Pilot's entry has its encoder output as
+    `x_tilde` [B,S,d_P] and the source padding as `encoder_attention_mask` [B,S] (bool); a decoder-only
+    Pilot's has None there.
     """
 
     x_tilde: torch.Tensor
@@ -159,6 +162,11 @@ class MistakeLogEntry:
     errors: PilotErrors
     attention_mask: torch.Tensor
     loss_mask: torch.Tensor
+    encoder_attention_mask: torch.Tensor | None = None
+
+    @property
+    def is_encoder_decoder(self) -> bool:
+        return self.encoder_attention_mask is not None
 
     def map_tensors(self, fn) -> MistakeLogEntry:
         return MistakeLogEntry(
@@ -167,6 +175,22 @@ class MistakeLogEntry:
             errors=self.errors.map_tensors(fn),
             attention_mask=fn(self.attention_mask),
             loss_mask=fn(self.loss_mask),
+            encoder_attention_mask=None
+            if self.encoder_attention_mask is None
+            else fn(self.encoder_attention_mask),
+        )
+
+    def map_positions(self, fn) -> MistakeLogEntry:
+        """Apply `fn` to the tensors indexed by (decoder) position; an encoder output keeps all of its positions."""
+        if not self.is_encoder_decoder:
+            return self.map_tensors(fn)
+        return MistakeLogEntry(
+            x_tilde=self.x_tilde,
+            h_bar=fn(self.h_bar),
+            errors=self.errors.map_tensors(fn),
+            attention_mask=fn(self.attention_mask),
+            loss_mask=fn(self.loss_mask),
+            encoder_attention_mask=self.encoder_attention_mask,
         )
 
     def to(self, device: torch.device | str) -> MistakeLogEntry:
@@ -202,6 +226,54 @@ def mistake_log_entry_from_pilot_pass(
         errors=errors,
         attention_mask=attention_mask,
         loss_mask=loss_mask,
+    )
+
+
+def mistake_log_entry_from_seq2seq_pass(
+    decoder_input_ids: torch.Tensor,
+    decoder_attention_mask: torch.Tensor | None,
+    labels: torch.Tensor | None,
+    logits: torch.Tensor,
+    encoder_output: torch.Tensor,
+    encoder_attention_mask: torch.Tensor | None,
+    decoder_hidden_states: tuple[torch.Tensor, ...],
+) -> MistakeLogEntry:
+    """SPEC section 8: an encoder-decoder Pilot's entry per decoder position (detached).
+
+    `x_tilde` is the encoder output, `h_bar` the mean of the decoder layers' outputs. Decoder position j
+    predicts `labels[j]` (its input is `labels[j-1]`, T5 and BART shift the labels right): with labels, the
+    error and the loss mask are where `labels[j] != -100`; without them, where `decoder_input_ids[j+1]` is a
+    real token.
+    """
+    batch, length = decoder_input_ids.shape
+    if decoder_attention_mask is None:
+        attention_mask = torch.ones(batch, length, dtype=torch.bool, device=decoder_input_ids.device)
+    else:
+        attention_mask = decoder_attention_mask[:, -length:].bool()
+    if labels is not None:
+        known = labels != -100
+        targets = torch.where(known, labels, torch.zeros_like(labels))
+        has_next = known & attention_mask
+        loss_mask = has_next
+    else:
+        targets = torch.zeros_like(decoder_input_ids)
+        targets[:, :-1] = decoder_input_ids[:, 1:]
+        has_next = torch.zeros_like(attention_mask)
+        has_next[:, :-1] = attention_mask[:, :-1] & attention_mask[:, 1:]
+        loss_mask = torch.zeros_like(attention_mask)
+    if encoder_attention_mask is None:
+        encoder_attention_mask = torch.ones(
+            encoder_output.shape[:2], dtype=torch.bool, device=encoder_output.device
+        )
+    probs = torch.softmax(logits.detach().float(), dim=-1)
+    errors = PilotErrors(targets=targets, mask=has_next, vocab_size=logits.shape[-1], probs=probs)
+    return MistakeLogEntry(
+        x_tilde=encoder_output.detach(),
+        h_bar=torch.stack(decoder_hidden_states[1:]).mean(0).detach(),
+        errors=errors,
+        attention_mask=attention_mask,
+        loss_mask=loss_mask,
+        encoder_attention_mask=encoder_attention_mask.bool(),
     )
 
 

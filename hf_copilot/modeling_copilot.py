@@ -1,5 +1,7 @@
-"""The Copilot network (SPEC section 3): alternating causal self-attention over the error stream and
-cross-attention to the Pilot's states, predicting the Pilot's next-token error.
+"""The Copilot network (SPEC sections 3 and 8): causal self-attention over the error stream and
+cross-attention to the Pilot's states, predicting the Pilot's next-token error. A decoder-only Pilot's
+Copilot alternates the two; an encoder-decoder Pilot's Copilot has both in every layer and cross-attends
+to the encoder output as well.
 
 Hub-facing: copied next to checkpoints for `trust_remote_code`, so it imports only its sibling files.
 """
@@ -79,6 +81,26 @@ class CopilotAttention(nn.Module):
         return self.o_proj(out.transpose(1, 2).reshape(batch, length, -1))
 
 
+def attend(
+    attention: CopilotAttention,
+    normed: torch.Tensor,
+    source: torch.Tensor,
+    positions: tuple[torch.Tensor, torch.Tensor],
+    masks: dict,
+    kv_cache: CopilotKVCache | None,
+    slot: int,
+    is_cross_attention: bool,
+) -> torch.Tensor:
+    """One attention of a layer: keys from `source` (cached in `slot`), the mask of its kind built once."""
+    keys, values = attention.project_keys_values(source)
+    key_positions = positions[1] if is_cross_attention else positions[0]
+    if kv_cache is not None:
+        keys, values, key_positions = kv_cache.update(slot, keys, values, key_positions)
+    if is_cross_attention not in masks:
+        masks[is_cross_attention] = masks["build"](key_positions, is_cross_attention)
+    return attention(normed, keys, values, masks[is_cross_attention])
+
+
 class CopilotLayer(nn.Module):
     """Pre-norm residual block: attention (self or cross, by layer parity) then MLP."""
 
@@ -104,13 +126,54 @@ class CopilotLayer(nn.Module):
         """`positions` holds the new stream and memory positions; `masks` is filled once per layer kind."""
         normed = self.input_layernorm(hidden)
         source = memory if self.is_cross_attention else normed
-        keys, values = self.self_attn.project_keys_values(source)
-        key_positions = positions[1] if self.is_cross_attention else positions[0]
-        if kv_cache is not None:
-            keys, values, key_positions = kv_cache.update(self.layer_idx, keys, values, key_positions)
-        if self.is_cross_attention not in masks:
-            masks[self.is_cross_attention] = masks["build"](key_positions, self.is_cross_attention)
-        attended = self.self_attn(normed, keys, values, masks[self.is_cross_attention])
+        attended = attend(
+            self.self_attn,
+            normed,
+            source,
+            positions,
+            masks,
+            kv_cache,
+            self.layer_idx,
+            self.is_cross_attention,
+        )
+        hidden = hidden + self.dropout(attended)
+        return hidden + self.dropout(self.mlp(self.post_attention_layernorm(hidden)))
+
+
+class CopilotEncoderDecoderLayer(nn.Module):
+    """The paper's encoder-decoder Copilot layer: causal self-attention over the stream, cross-attention to
+    [encoder output ; h_bar], then MLP, each pre-norm and residual.
+
+    LLaMA's names for the self-attention and MLP parts, so a pretrained decoder's weights drop in there. Its
+    keys/values use cache slots 2 i (self-attention) and 2 i + 1 (cross-attention).
+    """
+
+    def __init__(self, config: CopilotConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.input_layernorm = CopilotRMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = CopilotAttention(config)
+        self.cross_attention_layernorm = CopilotRMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.cross_attn = CopilotAttention(config)
+        self.post_attention_layernorm = CopilotRMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = CopilotMLP(config)
+        self.dropout = nn.Dropout(config.hidden_dropout)
+
+    def forward(
+        self,
+        hidden: torch.Tensor,
+        memory: torch.Tensor,
+        positions: tuple[torch.Tensor, torch.Tensor],
+        masks: dict[bool, torch.Tensor],
+        kv_cache: CopilotKVCache | None,
+    ) -> torch.Tensor:
+        slot = 2 * self.layer_idx
+        normed = self.input_layernorm(hidden)
+        hidden = hidden + self.dropout(
+            attend(self.self_attn, normed, normed, positions, masks, kv_cache, slot, False)
+        )
+        normed = self.cross_attention_layernorm(hidden)
+        attended = attend(self.cross_attn, normed, memory, positions, masks, kv_cache, slot + 1, True)
         hidden = hidden + self.dropout(attended)
         return hidden + self.dropout(self.mlp(self.post_attention_layernorm(hidden)))
 
@@ -123,7 +186,8 @@ def build_attention_mask(
 ) -> torch.Tensor:
     """Additive mask [B|1, 1, Tq, Tk]: a query sees keys at positions <= its own that are not padding.
 
-    Finite minimum instead of -inf, so a padding query that sees nothing stays finite.
+    Keys at position -1 (an encoder-decoder Pilot's encoder output) are seen by every query. Finite minimum
+    instead of -inf, so a padding query that sees nothing stays finite.
     """
     allowed = key_positions[None, :] <= query_positions[:, None]  # [Tq, Tk]
     allowed = allowed[None, None]
@@ -136,7 +200,7 @@ def build_attention_mask(
 class CopilotPreTrainedModel(PreTrainedModel):
     config_class = CopilotConfig
     base_model_prefix = "copilot"
-    _no_split_modules = ["CopilotLayer"]
+    _no_split_modules = ["CopilotLayer", "CopilotEncoderDecoderLayer"]
     _supports_sdpa = True
 
     def _init_weights(self, module: nn.Module) -> None:
@@ -155,8 +219,10 @@ class CopilotPreTrainedModel(PreTrainedModel):
 class CopilotModel(CopilotPreTrainedModel):
     """Predicts the Pilot's error f_C [B,T,V] from the shifted error stream and the Pilot's states.
 
-    Position j receives W_in e_{j-1}; odd layers self-attend causally over the stream, even layers
-    cross-attend to M = [x_tilde ; h_bar] restricted to positions <= j. No positional embeddings.
+    Position j receives W_in e_{j-1}; no positional embeddings. Decoder-only Pilot: odd layers self-attend
+    causally over the stream, even layers cross-attend to M = [x_tilde ; h_bar] restricted to positions <= j.
+    Encoder-decoder Pilot (`config.encoder_decoder`): every layer does both, and its cross-attention reads the
+    encoder output x_tilde (every source position that is not padding) followed by h_bar of positions <= j.
     """
 
     def __init__(self, config: CopilotConfig):
@@ -167,10 +233,16 @@ class CopilotModel(CopilotPreTrainedModel):
             self.memory_proj = nn.Linear(config.pilot_hidden_size, config.hidden_size, bias=False)
         else:
             self.memory_proj = nn.Identity()
-        self.layers = nn.ModuleList(CopilotLayer(config, idx) for idx in range(config.num_hidden_layers))
+        layer_class = CopilotEncoderDecoderLayer if config.encoder_decoder else CopilotLayer
+        self.layers = nn.ModuleList(layer_class(config, idx) for idx in range(config.num_hidden_layers))
         self.norm = CopilotRMSNorm(config.hidden_size, config.rms_norm_eps)
         self.error_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)  # W_out
         self.post_init()
+
+    @property
+    def num_kv_cache_slots(self) -> int:
+        """Attentions with cached keys/values: one per layer, two per encoder-decoder layer."""
+        return len(self.layers) * (2 if self.config.encoder_decoder else 1)
 
     @torch.no_grad()
     def resize_vocabulary(self, vocab_size: int) -> None:
@@ -204,8 +276,11 @@ class CopilotModel(CopilotPreTrainedModel):
         attention_mask: torch.Tensor | None = None,
         kv_cache: CopilotKVCache | None = None,
         errors_to_keep: int = 0,
+        encoder_attention_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """stream: [B,T,d_C], already W_in e_{j-1}; x_tilde, h_bar: [B,T,d_P] for the same positions.
+        """stream: [B,T,d_C], already W_in e_{j-1}; h_bar: [B,T,d_P] for the same positions; x_tilde: [B,T,d_P]
+        for them too, or for an encoder-decoder Pilot its encoder output [B,S,d_P] with `encoder_attention_mask`
+        [B,S] (None: no padding), read from the cache once it holds it.
 
         `attention_mask` [B, past + T] covers the cached positions too. Returns f_C [B,T,V], or for the last
         `errors_to_keep` positions only (0: all): a prefill needs the vocabulary-sized head at its last one.
@@ -213,22 +288,27 @@ class CopilotModel(CopilotPreTrainedModel):
         batch, length, _ = stream.shape
         past = kv_cache.length if kv_cache is not None else 0
         query_positions = torch.arange(past, past + length, device=stream.device)
-        # Memory entries interleaved per position: [x_tilde_j, h_bar_j].
-        memory = torch.stack([x_tilde, h_bar], dim=2).reshape(batch, 2 * length, -1)
-        memory = self.memory_proj(memory.to(self.error_proj.weight.dtype))
         if attention_mask is not None:
             attention_mask = attention_mask[:, -(past + length) :]
+        if self.config.encoder_decoder:
+            memory, memory_positions, memory_padding = self.encoder_decoder_memory(
+                x_tilde, h_bar, query_positions, attention_mask, encoder_attention_mask, past
+            )
+        else:
+            # Memory entries interleaved per position: [x_tilde_j, h_bar_j].
+            memory = torch.stack([x_tilde, h_bar], dim=2).reshape(batch, 2 * length, -1)
+            memory_positions = query_positions.repeat_interleave(2)
+            memory_padding = None if attention_mask is None else attention_mask.repeat_interleave(2, dim=1)
+        memory = self.memory_proj(memory.to(self.error_proj.weight.dtype))
 
         def build(key_positions: torch.Tensor, is_cross: bool) -> torch.Tensor | None:
-            if attention_mask is None and length == 1:
+            padding = memory_padding if is_cross else attention_mask
+            if padding is None and length == 1:
                 return None  # one query at the newest position sees every key
-            padding = attention_mask
-            if padding is not None and is_cross:
-                padding = padding.repeat_interleave(2, dim=1)
             return build_attention_mask(query_positions, key_positions, padding, stream.dtype)
 
         masks: dict = {"build": build}
-        positions = (query_positions, query_positions.repeat_interleave(2))
+        positions = (query_positions, memory_positions)
         hidden = stream
         for layer in self.layers:
             hidden = layer(hidden, memory, positions, masks, kv_cache)
@@ -236,5 +316,36 @@ class CopilotModel(CopilotPreTrainedModel):
             kv_cache.length = past + length
         return self.error_head(self.norm(hidden[:, -errors_to_keep:]))
 
+    @staticmethod
+    def encoder_decoder_memory(
+        encoder_output: torch.Tensor,
+        h_bar: torch.Tensor,
+        query_positions: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        encoder_attention_mask: torch.Tensor | None,
+        past: int,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """The new cross-attention entries, their positions and the padding of every cross-attention key.
 
-__all__ = ["CopilotModel", "CopilotPreTrainedModel"]
+        The encoder output enters once, at position -1 (every query sees it), in front of h_bar; the cache
+        keeps it, so later steps add h_bar of their positions only.
+        """
+        source_length = encoder_output.shape[1]
+        if past == 0:
+            memory = torch.cat([encoder_output.to(h_bar.dtype), h_bar], dim=1)
+            encoder_positions = query_positions.new_full((source_length,), -1)
+            positions = torch.cat([encoder_positions, query_positions])
+        else:
+            memory, positions = h_bar, query_positions
+        if attention_mask is None and encoder_attention_mask is None:
+            return memory, positions, None
+        batch = h_bar.shape[0]
+        if encoder_attention_mask is None:
+            encoder_attention_mask = h_bar.new_ones(batch, source_length, dtype=torch.bool)
+        if attention_mask is None:
+            attention_mask = h_bar.new_ones(batch, past + h_bar.shape[1], dtype=torch.bool)
+        padding = torch.cat([encoder_attention_mask.bool(), attention_mask.bool()], dim=1)
+        return memory, positions, padding
+
+
+__all__ = ["CopilotEncoderDecoderLayer", "CopilotModel", "CopilotPreTrainedModel"]

@@ -124,6 +124,11 @@ class PilotCopilotForCausalLM(PreTrainedModel, GenerationMixin):
         the LLaMA/Qwen2/Mistral family; without `copilot_config` the Copilot then takes its shape.
         """
         validate_fusion_settings(copilot_lambda, fusion, copilot_feedback)
+        if getattr(pilot.config, "is_encoder_decoder", False):
+            raise ValueError(
+                f"{type(pilot).__name__} is an encoder-decoder model: wrap it with PilotCopilotForSeq2SeqLM.from_pilot, "
+                "which gives it the paper's encoder-decoder Copilot."
+            )
         if isinstance(copilot_init, (str, os.PathLike)):
             copilot_init = AutoModelForCausalLM.from_pretrained(copilot_init)
         if isinstance(copilot_config, dict):

@@ -64,11 +64,17 @@ from .complete_checkpoints import (
     rotate_complete_checkpoints,
 )
 from .copilot_final_phase import train_copilot_on_final_pilot
-from .generation_pilot_copilot import copilot_stream, fuse_scores, predicted_errors_as_generated
+from .generation_pilot_copilot import (
+    copilot_on_entry,
+    copilot_stream,
+    fuse_scores,
+    predicted_errors_as_generated,
+)
 from .mistake_log import MistakeLog
 from .mistake_log_callback import MistakeLogCallback
 from .mistake_log_entry import MistakeLogEntry, copilot_squared_error, copilot_target_norm
 from .modeling_pilot_copilot import PilotCopilotForCausalLM
+from .modeling_pilot_copilot_seq2seq import PilotCopilotForSeq2SeqLM
 from .peft_checks import check_copilot_trains, warn_if_adapter_base_is_the_pilot
 from .training_args import CopilotTrainingArguments
 from .training_errors import NonFiniteTrainingError
@@ -97,9 +103,20 @@ class _CopilotStep:
     num_tokens: torch.Tensor | None = None
 
 
+def seq2seq_copilot_token_count(
+    labels: torch.Tensor, decoder_attention_mask: torch.Tensor | None
+) -> torch.Tensor:
+    """An encoder-decoder Pilot's Copilot positions: decoder position j predicts labels[j] (no shift)."""
+    targets = labels != -100
+    if decoder_attention_mask is not None:
+        targets = targets & decoder_attention_mask.bool()
+    return targets.sum()
+
+
 def _is_pilot_copilot(model: nn.Module) -> bool:
     # A checkpoint loaded with trust_remote_code has its own copy of the class.
-    return isinstance(model, PilotCopilotForCausalLM) or type(model).__name__ == "PilotCopilotForCausalLM"
+    classes = (PilotCopilotForCausalLM, PilotCopilotForSeq2SeqLM)
+    return isinstance(model, classes) or type(model).__name__ in {cls.__name__ for cls in classes}
 
 
 class CopilotTrainer(Trainer):
@@ -403,11 +420,7 @@ class CopilotTrainer(Trainer):
         num_tokens = None
         if num_items_in_batch is not None and batch_samples:
             num_tokens = sum(
-                (
-                    copilot_token_count(b["labels"], b.get("attention_mask"))
-                    if rows is None
-                    else rows.loss_mask.sum()
-                ).to(device)
+                (self._copilot_token_count(b) if rows is None else rows.loss_mask.sum()).to(device)
                 for b, rows in zip(batch_samples, copilot_batches, strict=True)
             )
             num_tokens = num_tokens + sum(r.loss_mask.sum().to(device) for r in replays if r is not None)
@@ -415,6 +428,11 @@ class CopilotTrainer(Trainer):
                 num_tokens = self.accelerator.gather(num_tokens).sum()
         self._copilot_step = _CopilotStep(deque(copilot_batches), deque(replays), num_tokens)
         return batch_samples, num_items_in_batch
+
+    def _copilot_token_count(self, batch: dict[str, Any]) -> torch.Tensor:
+        if self.pilot_copilot().config.is_encoder_decoder:
+            return seq2seq_copilot_token_count(batch["labels"], batch.get("decoder_attention_mask"))
+        return copilot_token_count(batch["labels"], batch.get("attention_mask"))
 
     def _check_batch(self, inputs: dict[str, Any]) -> None:
         if inputs.get("labels") is None:
@@ -521,7 +539,7 @@ class CopilotTrainer(Trainer):
         copilot = pilot_copilot.copilot
         with self.accelerator.autocast():
             stream = copilot_stream(copilot, entry, fraction)
-            predicted_errors = copilot(stream, entry.x_tilde, entry.h_bar, entry.attention_mask)
+            predicted_errors = copilot_on_entry(copilot, stream, entry)
         return copilot_squared_error(predicted_errors, entry)
 
     def _raise_if_not_finite(self, pilot_loss: torch.Tensor, copilot_loss: torch.Tensor) -> None:
@@ -602,9 +620,11 @@ class CopilotTrainer(Trainer):
                 pilot_copilot.copilot, outputs.mistake_log_entry, feedback
             )
             outputs.fused_logits = fuse_scores(outputs.logits, predicted, copilot_lambda, fusion)
-        labels = inputs["labels"][:, 1:]
+        # A causal Pilot's position j predicts labels[j+1]; an encoder-decoder Pilot's, labels[j].
+        shift, end = (0, None) if pilot_copilot.config.is_encoder_decoder else (1, -1)
+        labels = inputs["labels"][:, shift:]
         label_mask = labels != -100
-        pilot_logits, fused_logits = outputs.logits[:, :-1], outputs.fused_logits[:, :-1]
+        pilot_logits, fused_logits = outputs.logits[:, :end], outputs.fused_logits[:, :end]
         pilot_nll = F.cross_entropy(
             pilot_logits.float().reshape(-1, pilot_logits.shape[-1]), labels.reshape(-1), reduction="sum"
         )
@@ -616,7 +636,7 @@ class CopilotTrainer(Trainer):
                 ((fused_logits.argmax(-1) == labels) & label_mask).sum(),
                 outputs.copilot_squared_error,
                 outputs.copilot_num_tokens,
-                ((fused_observed[:, :-1].argmax(-1) == labels) & label_mask).sum(),
+                ((fused_observed[:, :end].argmax(-1) == labels) & label_mask).sum(),
                 copilot_target_norm(outputs.mistake_log_entry),
             ]
         ).to(torch.float64)

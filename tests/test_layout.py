@@ -18,6 +18,7 @@ HUB_FACING = {
     "mistake_log_entry.py",
     "modeling_copilot.py",
     "modeling_pilot_copilot.py",
+    "modeling_pilot_copilot_seq2seq.py",
 }
 
 

@@ -1,0 +1,412 @@
+"""The Pilot + Copilot for encoder-decoder Pilots: T5, FLAN-T5, BART (SPEC section 8).
+
+Hub-facing: copied next to checkpoints for `trust_remote_code`, so it imports only its sibling files.
+The same one-way data flow as the causal wrapper (modeling_pilot_copilot.py): Pilot pass -> Mistake Log entry
+-> Copilot pass -> losses, and at generation Pilot step -> Copilot step -> `CopilotLogitsProcessor`. What
+differs is the entry (`x_tilde` is the encoder output, one row per decoder position) and the Copilot's layers
+(the paper's encoder-decoder Copilot: self- and cross-attention in every layer).
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import warnings
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import (
+    AutoModelForCausalLM,
+    AutoModelForSeq2SeqLM,
+    DynamicCache,
+    EncoderDecoderCache,
+    GenerationMixin,
+    PreTrainedModel,
+)
+from transformers.utils import ModelOutput
+
+from .checkpointing import (
+    HUB_KWARGS,
+    atomic_save_directory,
+    check_loaded_tensors,
+    copy_pretrained_decoder,
+    read_checkpoint_config,
+)
+from .configuration_pilot_copilot import (
+    CopilotConfig,
+    PilotCopilotSeq2SeqConfig,
+    copilot_config_like,
+    validate_fusion_settings,
+)
+from .generation_pilot_copilot import (
+    CopilotLogitsProcessor,
+    PilotCopilotEncoderDecoderCache,
+    copilot_generation_step,
+    copilot_on_entry,
+    copilot_stream,
+    fuse_scores,
+)
+from .mistake_log_entry import MistakeLogEntry, copilot_squared_error, mistake_log_entry_from_seq2seq_pass
+from .modeling_copilot import CopilotModel
+
+FUSION_FIELDS = ("copilot_lambda", "fusion", "copilot_feedback")
+
+
+@dataclass
+class PilotCopilotSeq2SeqOutput(ModelOutput):
+    """`logits` are the Pilot's; `predicted_error` is f_C, the Copilot's predicted error per decoder position."""
+
+    loss: torch.Tensor | None = None
+    logits: torch.Tensor | None = None
+    cache: PilotCopilotEncoderDecoderCache | None = None
+    pilot_loss: torch.Tensor | None = None
+    copilot_loss: torch.Tensor | None = None
+    copilot_squared_error: torch.Tensor | None = None
+    copilot_num_tokens: torch.Tensor | None = None
+    predicted_error: torch.Tensor | None = None
+    fused_logits: torch.Tensor | None = None
+    decoder_hidden_states: tuple[torch.Tensor, ...] | None = None
+    encoder_last_hidden_state: torch.Tensor | None = None
+    encoder_hidden_states: tuple[torch.Tensor, ...] | None = None
+    mistake_log_entry: MistakeLogEntry | None = None
+
+
+class PilotCopilotForSeq2SeqLM(PreTrainedModel, GenerationMixin):
+    """A fine-tuned encoder-decoder LM (the Pilot) with a Copilot that rectifies its next-token distribution."""
+
+    config_class = PilotCopilotSeq2SeqConfig
+    base_model_prefix = ""
+    main_input_name = "input_ids"
+    supports_gradient_checkpointing = True
+    _supports_sdpa = True
+    _supports_flash_attn = True
+    _supports_flex_attn = True
+    _supports_attention_backend = True
+    _no_split_modules = ["CopilotEncoderDecoderLayer"]
+
+    def __init__(self, config: PilotCopilotSeq2SeqConfig, pilot: PreTrainedModel | None = None):
+        config.validate_architecture()
+        super().__init__(config)
+        if pilot is not None:
+            # A given Pilot is initialised already: post_init must not re-draw it.
+            for module in pilot.modules():
+                module._is_hf_initialized = True
+        else:
+            pilot = AutoModelForSeq2SeqLM.from_config(config.text_config)
+        self.pilot = pilot
+        self.copilot = CopilotModel(config.copilot_config)
+        self.post_init()
+
+    # ----------------------------------------------------------------------------------------------
+    # Construction
+    @classmethod
+    def from_pilot(
+        cls,
+        pilot: PreTrainedModel,
+        copilot_config: CopilotConfig | dict | None = None,
+        copilot_init: PreTrainedModel | str | None = None,
+        copilot_lambda: float = 1.0,
+        fusion: str = "probs",
+        copilot_feedback: str = "observed",
+    ) -> PilotCopilotForSeq2SeqLM:
+        """Attach a new encoder-decoder Copilot to `pilot` (T5, FLAN-T5, BART, ...) without changing the Pilot.
+
+        `copilot_init` (a LLaMA/Qwen2/Mistral-layout decoder or its path) initialises the Copilot's
+        self-attention, MLP, norms, W_in and W_out; its cross-attention stays randomly initialised.
+        """
+        validate_fusion_settings(copilot_lambda, fusion, copilot_feedback)
+        if not getattr(pilot.config, "is_encoder_decoder", False):
+            raise ValueError(
+                f"PilotCopilotForSeq2SeqLM wraps an encoder-decoder Pilot (T5, BART, ...), got "
+                f"{type(pilot).__name__}: use PilotCopilotForCausalLM.from_pilot for a decoder-only Pilot."
+            )
+        if isinstance(copilot_init, (str, os.PathLike)):
+            copilot_init = AutoModelForCausalLM.from_pretrained(copilot_init)
+        if isinstance(copilot_config, dict):
+            copilot_config = CopilotConfig(**{"encoder_decoder": True, **copilot_config})
+        elif copilot_config is not None:
+            copilot_config = copy.deepcopy(
+                copilot_config
+            )  # filled in for this Pilot; the caller's stays free
+        if copilot_config is None:
+            copilot_config = (
+                copilot_config_like(copilot_init.config) if copilot_init is not None else CopilotConfig()
+            )
+        pilot_attn = pilot.config._attn_implementation
+        config = PilotCopilotSeq2SeqConfig(
+            text_config=pilot.config,
+            copilot_config=copilot_config,
+            copilot_lambda=copilot_lambda,
+            fusion=fusion,
+            copilot_feedback=copilot_feedback,
+            # The config setter would otherwise overwrite the Pilot's attention implementation.
+            attn_implementation={"text_config": pilot_attn},
+        )
+        config.name_or_path = pilot.config.name_or_path
+        model = cls(config, pilot=pilot)
+        model.to(device=pilot.device, dtype=next(pilot.parameters()).dtype)
+        model.generation_config = pilot.generation_config
+        if copilot_init is not None:
+            if copilot_init.config.get_text_config().vocab_size != model.copilot.config.vocab_size:
+                raise ValueError(
+                    "copilot_init must share the Pilot's vocabulary "
+                    f"({copilot_init.config.get_text_config().vocab_size} != {model.copilot.config.vocab_size})."
+                )
+            copy_pretrained_decoder(model.copilot, copilot_init)
+        return model
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        """Load a whole Pilot+Copilot checkpoint; the folder's kind is read from config.json as data first, and
+        tensors that the checkpoint lacks or has in excess are refused (`check_loaded_tensors`)."""
+        hub_kwargs = {k: kwargs[k] for k in HUB_KWARGS if k in kwargs}
+        try:
+            read_checkpoint_config(
+                pretrained_model_name_or_path,
+                kwargs.get("config"),
+                (PilotCopilotSeq2SeqConfig.model_type,),
+                **hub_kwargs,
+            )
+        except ValueError as error:
+            raise ValueError(
+                f"{os.fspath(pretrained_model_name_or_path)} is not a PilotCopilotForSeq2SeqLM checkpoint. Attach a "
+                "Copilot to a plain encoder-decoder model with "
+                "PilotCopilotForSeq2SeqLM.from_pilot(AutoModelForSeq2SeqLM.from_pretrained(path))."
+            ) from error
+        wants_info = kwargs.pop("output_loading_info", False)
+        model, info = super().from_pretrained(
+            pretrained_model_name_or_path, *args, output_loading_info=True, **kwargs
+        )
+        check_loaded_tensors(info, pretrained_model_name_or_path)
+        return (model, info) if wants_info else model
+
+    def save_pretrained(self, save_directory: str | os.PathLike, *args, **kwargs) -> None:
+        """`PreTrainedModel.save_pretrained`, written atomically (`atomic_save_directory`)."""
+        if args or kwargs.get("push_to_hub") or not kwargs.get("is_main_process", True):
+            return super().save_pretrained(save_directory, *args, **kwargs)
+        if os.path.isfile(save_directory):
+            return super().save_pretrained(save_directory, **kwargs)
+        with atomic_save_directory(save_directory) as staging:
+            super().save_pretrained(staging, **kwargs)
+
+    def get_encoder(self, modality: str | None = None) -> nn.Module:
+        return self.pilot.get_encoder()
+
+    def get_decoder(self) -> nn.Module:
+        return self.pilot.get_decoder()
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.pilot.get_input_embeddings()
+
+    def set_input_embeddings(self, value: nn.Module) -> None:
+        self.pilot.set_input_embeddings(value)
+
+    def get_output_embeddings(self) -> nn.Module | None:
+        return self.pilot.get_output_embeddings()
+
+    def resize_token_embeddings(
+        self,
+        new_num_tokens: int | None = None,
+        pad_to_multiple_of: int | None = None,
+        mean_resizing: bool = True,
+    ) -> nn.Embedding:
+        """The Pilot's `resize_token_embeddings`, then the Copilot's W_in and W_out to the same vocabulary."""
+        embeddings = self.pilot.resize_token_embeddings(new_num_tokens, pad_to_multiple_of, mean_resizing)
+        vocab_size = embeddings.weight.shape[0]
+        self.copilot.resize_vocabulary(vocab_size)
+        self.config.get_text_config().vocab_size = vocab_size
+        self.config.copilot_config.vocab_size = vocab_size
+        return embeddings
+
+    def prepare_decoder_input_ids_from_labels(self, labels: torch.Tensor) -> torch.Tensor:
+        """The Pilot's own shift (T5: pad first; BART: decoder_start_token_id first), as DataCollatorForSeq2Seq uses."""
+        return self.pilot.prepare_decoder_input_ids_from_labels(labels=labels)
+
+    # ----------------------------------------------------------------------------------------------
+    # Forward
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        decoder_input_ids: torch.LongTensor | None = None,
+        decoder_attention_mask: torch.Tensor | None = None,
+        encoder_outputs: ModelOutput | tuple | None = None,
+        labels: torch.LongTensor | None = None,
+        cache: PilotCopilotEncoderDecoderCache | None = None,
+        use_cache: bool | None = None,
+        num_items_in_batch: torch.Tensor | int | None = None,
+        copilot_lambda: float | None = None,
+        fusion: str | None = None,
+        copilot_feedback: str | None = None,
+        return_fused: bool = False,
+        return_mistake_log: bool = False,
+        copilot_batch: MistakeLogEntry | None = None,
+        copilot_feedback_fraction: float = 0.0,
+        **kwargs,
+    ) -> PilotCopilotSeq2SeqOutput:
+        """Teacher-forced pass (training, evaluation) or one incremental generation step (with `cache`).
+
+        As in T5/BART, `labels` alone give `decoder_input_ids` (the labels shifted right). With labels:
+        `loss = pilot_loss + copilot_loss`, where `pilot_loss` is exactly the Pilot's own loss (with
+        `num_items_in_batch`: its token cross-entropy summed and divided by it, exact under gradient
+        accumulation) and `copilot_loss` the paper's RMSE over decoder positions whose label is not -100.
+        """
+        copilot_lambda, fusion, copilot_feedback = self.fusion_settings(
+            copilot_lambda, fusion, copilot_feedback
+        )
+        if cache is not None and not isinstance(cache, PilotCopilotEncoderDecoderCache):
+            raise ValueError(
+                f"PilotCopilotForSeq2SeqLM keeps the Copilot's state in a PilotCopilotEncoderDecoderCache, got "
+                f"{type(cache).__name__}. Let generate() create the cache."
+            )
+        if labels is not None and decoder_input_ids is None and kwargs.get("decoder_inputs_embeds") is None:
+            decoder_input_ids = self.prepare_decoder_input_ids_from_labels(labels)
+        if decoder_input_ids is None:
+            raise ValueError(
+                "PilotCopilotForSeq2SeqLM needs decoder_input_ids or labels: the Copilot reads the decoder tokens' errors."
+            )
+        kwargs.pop("return_dict", None)
+        wants_hidden_states = kwargs.pop("output_hidden_states", False)
+        if cache is None and use_cache:
+            decoder_config = self.config.get_text_config(decoder=True)
+            cache = PilotCopilotEncoderDecoderCache(
+                DynamicCache(config=decoder_config), DynamicCache(config=decoder_config)
+            )
+        pilot_out = self.pilot(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            decoder_input_ids=decoder_input_ids,
+            decoder_attention_mask=decoder_attention_mask,
+            encoder_outputs=encoder_outputs,
+            labels=labels,
+            cache=cache,
+            # Without a cache, the Pilot's own default: T5's arithmetic differs slightly with and without one.
+            use_cache=True if cache is not None else use_cache,
+            output_hidden_states=True,
+            return_dict=True,
+            **kwargs,
+        )
+        logits = pilot_out.logits
+        entry = mistake_log_entry_from_seq2seq_pass(
+            decoder_input_ids,
+            decoder_attention_mask,
+            labels,
+            logits,
+            pilot_out.encoder_last_hidden_state,
+            attention_mask,
+            pilot_out.decoder_hidden_states,
+        )
+        if cache is not None:
+            predicted_errors = copilot_generation_step(
+                self.copilot, decoder_input_ids, decoder_attention_mask, entry, cache, copilot_feedback
+            )
+        else:
+            copilot_entry = entry if copilot_batch is None else copilot_batch.to(logits.device)
+            stream = copilot_stream(self.copilot, copilot_entry, copilot_feedback_fraction)
+            predicted_errors = copilot_on_entry(self.copilot, stream, copilot_entry)
+
+        output = PilotCopilotSeq2SeqOutput(
+            logits=logits,
+            cache=cache,
+            predicted_error=predicted_errors,
+            encoder_last_hidden_state=pilot_out.encoder_last_hidden_state,
+            decoder_hidden_states=pilot_out.decoder_hidden_states if wants_hidden_states else None,
+            encoder_hidden_states=pilot_out.encoder_hidden_states if wants_hidden_states else None,
+            mistake_log_entry=entry if return_mistake_log else None,
+        )
+        if return_fused:
+            output.fused_logits = fuse_scores(logits, predicted_errors, copilot_lambda, fusion)
+        if labels is not None:
+            squared_error, num_tokens = copilot_squared_error(predicted_errors, copilot_entry)
+            output.copilot_squared_error, output.copilot_num_tokens = squared_error, num_tokens
+            if num_tokens == 0:
+                warnings.warn(
+                    "Every label in this batch is -100: there is nothing to learn from, so the losses are 0. "
+                    "Check that your collator does not mask the answers.",
+                    stacklevel=2,
+                )
+                output.pilot_loss = logits.sum() * 0.0
+                output.copilot_loss = predicted_errors.sum() * 0.0
+            else:
+                output.pilot_loss = pilot_out.loss
+                if num_items_in_batch is not None:
+                    # T5/BART average over this micro-batch: summed here and divided by the optimizer batch's count.
+                    flat = logits.float().reshape(-1, logits.shape[-1])
+                    summed = F.cross_entropy(flat, labels.reshape(-1).to(logits.device), reduction="sum")
+                    output.pilot_loss = summed / torch.as_tensor(num_items_in_batch, device=logits.device)
+                output.copilot_loss = torch.sqrt(squared_error / num_tokens)
+            output.loss = output.pilot_loss + output.copilot_loss
+        return output
+
+    def fusion_settings(
+        self, copilot_lambda: float | None, fusion: str | None, copilot_feedback: str | None
+    ) -> tuple[float, str, str]:
+        """Per-call overrides fall back on the config."""
+        copilot_lambda = self.config.copilot_lambda if copilot_lambda is None else copilot_lambda
+        fusion = fusion or self.config.fusion
+        copilot_feedback = copilot_feedback or self.config.copilot_feedback
+        validate_fusion_settings(copilot_lambda, fusion, copilot_feedback)
+        return copilot_lambda, fusion, copilot_feedback
+
+    # ----------------------------------------------------------------------------------------------
+    # generate() hooks
+    def _prepare_text_encoder_decoder_kwargs_for_generation(
+        self, inputs_tensor, model_kwargs, *args, **kwargs
+    ):
+        # The fusion settings are this model's, not the encoder's: generate() would hand them to it.
+        fusion = {k: model_kwargs.pop(k) for k in FUSION_FIELDS if k in model_kwargs}
+        model_kwargs = super()._prepare_text_encoder_decoder_kwargs_for_generation(
+            inputs_tensor, model_kwargs, *args, **kwargs
+        )
+        model_kwargs.update(fusion)
+        return model_kwargs
+
+    def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
+        # The Copilot's state lives in the cache, so fused generation always uses one (see the causal wrapper).
+        generation_config.use_cache = True
+        super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
+        cache = model_kwargs.get("cache")
+        if isinstance(cache, PilotCopilotEncoderDecoderCache):
+            return
+        if (
+            getattr(cache, "_is_user_defined", False)
+            or type(cache) is not EncoderDecoderCache
+            or type(cache.self_attention_cache) is not DynamicCache
+        ):
+            raise ValueError(
+                f"Fused generation needs a PilotCopilotEncoderDecoderCache, got {type(cache).__name__}: use the "
+                "default dynamic cache (no cache_implementation)."
+            )
+        # The two empty dynamic caches generate() just built, with the Copilot's state alongside.
+        model_kwargs["cache"] = PilotCopilotEncoderDecoderCache(
+            cache.self_attention_cache, cache.cross_attention_cache
+        )
+
+    def _get_logits_processor(
+        self, generation_config, input_ids_seq_length=None, *args, model_kwargs=None, **kwargs
+    ):
+        processors = super()._get_logits_processor(
+            generation_config, input_ids_seq_length, *args, model_kwargs=model_kwargs, **kwargs
+        )
+        model_kwargs = model_kwargs or {}
+        copilot_lambda, fusion, _ = self.fusion_settings(
+            model_kwargs.get("copilot_lambda"),
+            model_kwargs.get("fusion"),
+            model_kwargs.get("copilot_feedback"),
+        )
+        cache = model_kwargs["cache"]
+        # The decoder prompt (the start token, or decoder_input_ids given to generate()) is known.
+        cache.prompt_length = input_ids_seq_length
+        processors.insert(0, CopilotLogitsProcessor(cache, copilot_lambda, fusion))
+        return processors
+
+    def _get_candidate_generator(self, *args, **kwargs):
+        raise NotImplementedError(
+            "Assisted decoding is not supported with an encoder-decoder Pilot + Copilot yet: generate without "
+            "assistant_model / prompt_lookup_num_tokens."
+        )
+
+
+__all__ = ["PilotCopilotForSeq2SeqLM", "PilotCopilotSeq2SeqOutput"]

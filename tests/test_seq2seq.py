@@ -1,0 +1,848 @@
+"""Encoder-decoder Pilots (SPEC section 8): `PilotCopilotForSeq2SeqLM` around T5 and BART.
+
+The Pilots are tiny random T5 / BART models built from configs. Their weights are re-drawn with a larger std:
+at the default init a random T5 repeats its decoder start token and a random BART stops at once, so no test
+could tell the Copilot's effect from the Pilot's. As in test_generation.py, every fused test first checks that
+the Copilot changes the output, and references recompute both models over the whole sequence at every step,
+without any cache, in float64.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import FIRST_REGULAR_TOKEN, PAD_TOKEN_ID, VOCAB_SIZE, build_pilot, tiny_copilot_config
+from huggingface_hub.errors import StrictDataclassClassValidationError
+from safetensors.torch import load_file
+from transformers import (
+    AutoModelForSeq2SeqLM,
+    BartConfig,
+    BartForConditionalGeneration,
+    PreTrainedModel,
+    T5Config,
+    T5ForConditionalGeneration,
+)
+
+from hf_copilot import (
+    CopilotConfig,
+    MistakeLog,
+    PilotCopilotForCausalLM,
+    PilotCopilotForSeq2SeqLM,
+    PilotCopilotSeq2SeqConfig,
+    fuse_scores,
+)
+from hf_copilot.generation_pilot_copilot import PilotCopilotEncoderDecoderCache
+from hf_copilot.mistake_log_entry import shift_right
+
+ARCHITECTURES = ("t5", "bart")
+FUSION_SPACES = ("probs", "logits")
+FEEDBACK_MODES = ("copilot", "observed")
+NEW_TOKENS = 10
+SPECIAL_TOKENS = dict(pad_token_id=0, bos_token_id=1, eos_token_id=2)
+_PILOTS = {
+    # T5 starts decoding from the pad token, BART from EOS; both as their released checkpoints do.
+    "t5": (
+        T5Config,
+        T5ForConditionalGeneration,
+        dict(
+            d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4, dropout_rate=0.0, decoder_start_token_id=0
+        ),
+    ),
+    "bart": (
+        BartConfig,
+        BartForConditionalGeneration,
+        dict(
+            d_model=32,
+            encoder_layers=2,
+            decoder_layers=2,
+            encoder_attention_heads=4,
+            decoder_attention_heads=4,
+            encoder_ffn_dim=64,
+            decoder_ffn_dim=64,
+            max_position_embeddings=64,
+            dropout=0.0,
+            decoder_start_token_id=2,
+            forced_eos_token_id=None,
+        ),
+    ),
+}
+
+
+@torch.no_grad()
+def build_seq2seq_pilot(arch: str, seed: int = 0) -> PreTrainedModel:
+    config_class, model_class, kwargs = _PILOTS[arch]
+    torch.manual_seed(seed)
+    pilot = model_class(config_class(vocab_size=VOCAB_SIZE, **SPECIAL_TOKENS, **kwargs))
+    generator = torch.Generator().manual_seed(seed)
+    for name, parameter in pilot.named_parameters():
+        if (
+            parameter.ndim == 2
+        ):  # embeddings smaller, so the tied LM head does not just repeat the input token
+            std = 0.2 if "shared" in name or "embed" in name else 0.5
+            parameter.copy_(torch.randn(parameter.shape, generator=generator) * std)
+    return pilot.eval()
+
+
+@torch.no_grad()
+def build_model(
+    arch: str = "t5", copilot_std: float | None = 0.5, seed: int = 0, pilot=None, **fusion
+) -> PilotCopilotForSeq2SeqLM:
+    """A tiny Pilot with a tiny encoder-decoder Copilot (2 layers, hidden 32), its Linear weights re-drawn with
+    `copilot_std` so that it acts (as conftest's build_pilot_copilot does)."""
+    pilot = pilot if pilot is not None else build_seq2seq_pilot(arch, seed)
+    model = PilotCopilotForSeq2SeqLM.from_pilot(pilot, tiny_copilot_config(), **fusion)
+    if copilot_std is not None:
+        generator = torch.Generator().manual_seed(seed + 1)
+        for module in model.copilot.modules():
+            if isinstance(module, torch.nn.Linear):
+                module.weight.copy_(torch.randn(module.weight.shape, generator=generator) * copilot_std)
+    return model.eval()
+
+
+# W_out shrunk so that f_C is on the scale of the Pilot's probabilities: the random BART Pilot is the surer.
+ERROR_HEAD_SCALE = {"t5": 0.01, "bart": 0.03}
+# Logit-space fusion adds probability-scale errors to logits: it takes a larger lambda to change decisions.
+LOGITS_LAMBDA = 30.0
+
+
+@torch.no_grad()
+def fused_model(arch: str = "t5", **fusion) -> PilotCopilotForSeq2SeqLM:
+    """float64, no EOS (every sequence runs to max_new_tokens, as the references assume), f_C on the scale of
+    the Pilot's probabilities so that both models matter and lambda and the fusion space change decisions."""
+    model = build_model(arch, **fusion).double()
+    model.copilot.error_head.weight.mul_(ERROR_HEAD_SCALE[arch])
+    model.generation_config.eos_token_id = None
+    return model
+
+
+def source(batch_size: int = 1, length: int = 6, seed: int = 0, right_padding: tuple[int, ...] = ()):
+    """Source tokens and mask, right-padded (`right_padding[i]` pads in row i) as T5/BART tokenizers pad."""
+    generator = torch.Generator().manual_seed(seed)
+    input_ids = torch.randint(FIRST_REGULAR_TOKEN, VOCAB_SIZE, (batch_size, length), generator=generator)
+    attention_mask = torch.ones(batch_size, length, dtype=torch.long)
+    for row, pad in enumerate(right_padding):
+        if pad:
+            input_ids[row, -pad:] = PAD_TOKEN_ID
+            attention_mask[row, -pad:] = 0
+    return {"input_ids": input_ids, "attention_mask": attention_mask}
+
+
+def target_labels(batch_size: int = 2, length: int = 5, right_padding=(0, 2), seed: int = 1) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    labels = torch.randint(FIRST_REGULAR_TOKEN, VOCAB_SIZE, (batch_size, length), generator=generator)
+    for row, pad in enumerate(right_padding):
+        if pad:
+            labels[row, -pad:] = -100
+    return labels
+
+
+def training_batch(seed: int = 0) -> dict[str, torch.Tensor]:
+    return {**source(2, 6, seed, right_padding=(0, 2)), "labels": target_labels(seed=seed + 1)}
+
+
+def generate(model, inputs, seed: int | None = None, **kwargs) -> torch.Tensor:
+    if seed is not None:
+        torch.manual_seed(seed)
+    kwargs.setdefault("max_new_tokens", NEW_TOKENS)
+    return model.generate(**inputs, **kwargs)
+
+
+def greedy(model, inputs, **kwargs) -> torch.Tensor:
+    return generate(model, inputs, do_sample=False, **kwargs)
+
+
+# --------------------------------------------------------------------------------------------------
+# The slow reference: both models over the whole decoder sequence, no cache
+
+
+@torch.no_grad()
+def reference_step(model, inputs, sequence: torch.Tensor, feedback: str, prompt_length: int = 1):
+    """The Pilot's logits and f_C at the last decoder position of `sequence`, from scratch.
+
+    The Copilot's input at position j is W_in e_{j-1}, e_{j-1} = onehot(sequence[j]) - softmax(z_{j-1}), with
+    e_{-1} = 0; in "copilot" mode a generated position j reads W_in f_C_{j-1} instead, fixed one position per pass.
+    """
+    out = model(**inputs, decoder_input_ids=sequence)
+    probs = out.logits.double().softmax(-1)
+    errors = torch.zeros_like(probs)
+    errors[:, :-1] = F.one_hot(sequence[:, 1:], VOCAB_SIZE).double() - probs[:, :-1]
+    stream = shift_right(
+        errors.to(model.copilot.error_proj.weight.dtype) @ model.copilot.error_proj.weight.t()
+    )
+    hidden = model.pilot(**inputs, decoder_input_ids=sequence, output_hidden_states=True)
+    x_tilde, h_bar = hidden.encoder_last_hidden_state, torch.stack(hidden.decoder_hidden_states[1:]).mean(0)
+    mask = inputs["attention_mask"].bool()
+    copilot_errors = model.copilot(stream, x_tilde, h_bar, encoder_attention_mask=mask)
+    if feedback == "copilot":
+        for _ in range(sequence.shape[1] - prompt_length):
+            own = model.copilot.embed_predicted_errors(copilot_errors[:, prompt_length - 1 : -1])
+            stream = torch.cat([stream[:, :prompt_length], own], dim=1)
+            copilot_errors = model.copilot(stream, x_tilde, h_bar, encoder_attention_mask=mask)
+    return out.logits[:, -1], copilot_errors[:, -1]
+
+
+def start_tokens(model, batch_size: int) -> torch.Tensor:
+    return torch.full((batch_size, 1), model.generation_config.decoder_start_token_id)
+
+
+def reference_greedy(model, inputs, new_tokens: int = NEW_TOKENS) -> torch.Tensor:
+    config = model.config
+    sequence = start_tokens(model, inputs["input_ids"].shape[0])
+    for _ in range(new_tokens):
+        logits, copilot_errors = reference_step(model, inputs, sequence, config.copilot_feedback)
+        scores = fuse_scores(logits, copilot_errors, config.copilot_lambda, config.fusion)
+        sequence = torch.cat([sequence, scores.argmax(-1, keepdim=True)], dim=1)
+    return sequence
+
+
+def reference_beam_search(model, inputs, num_beams: int, new_tokens: int = NEW_TOKENS) -> torch.Tensor:
+    """HF beam search without EOS (see test_generation.py): the processors see log-probabilities."""
+    config = model.config
+    beams_inputs = {name: tensor.repeat(num_beams, 1) for name, tensor in inputs.items()}
+    sequences = start_tokens(model, num_beams)
+    scores = torch.full((num_beams,), -1e9, dtype=torch.float64)
+    scores[0] = 0.0
+    for _ in range(new_tokens):
+        logits, copilot_errors = reference_step(model, beams_inputs, sequences, config.copilot_feedback)
+        log_probs = fuse_scores(logits.log_softmax(-1), copilot_errors, config.copilot_lambda, config.fusion)
+        scores, flat = (scores[:, None] + log_probs).flatten().topk(num_beams)
+        beams, tokens = flat // log_probs.shape[-1], flat % log_probs.shape[-1]
+        sequences = torch.cat([sequences[beams], tokens[:, None]], dim=1)
+    return sequences
+
+
+# --------------------------------------------------------------------------------------------------
+# Losses and the Mistake Log entry
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+@torch.no_grad()
+def test_pilot_loss_is_exactly_the_pilots_own_loss(arch):
+    model, batch = build_model(arch), training_batch()
+    expected = model.pilot(**batch).loss
+    out = model(**batch)
+    assert torch.equal(out.pilot_loss, expected)
+    assert torch.equal(out.loss, out.pilot_loss + out.copilot_loss)
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+@torch.no_grad()
+def test_pilot_loss_under_gradient_accumulation_is_normalised_by_the_whole_optimizer_batch(arch):
+    """T5/BART average over their own micro-batch; with num_items_in_batch the micro-batches' losses add up to
+    the Pilot's own loss over the whole batch, as Trainer's accumulation needs."""
+    model = build_model(arch)
+    first, second = training_batch(seed=0), training_batch(seed=5)
+    num_items = (first["labels"] != -100).sum() + (second["labels"] != -100).sum()
+    whole = {name: torch.cat([first[name], second[name]]) for name in first}
+    accumulated = sum(model(**batch, num_items_in_batch=num_items).pilot_loss for batch in (first, second))
+    torch.testing.assert_close(accumulated, model.pilot(**whole).loss, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_copilot_loss_backpropagates_into_no_pilot_parameter(arch):
+    model = build_model(arch)
+    model(**training_batch()).copilot_loss.backward()
+    assert all(p.grad is None for p in model.pilot.parameters())
+    assert all(p.grad is not None for p in model.copilot.parameters())
+    assert any(p.grad.abs().sum() > 0 for p in model.copilot.parameters())
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+@torch.no_grad()
+def test_entry_is_the_encoder_output_the_decoder_layer_mean_and_the_error_against_the_labels(arch):
+    model, batch = build_model(arch), training_batch()
+    pilot = model.pilot(**batch, output_hidden_states=True)
+    out = model(**batch, return_mistake_log=True)
+    entry = out.mistake_log_entry
+    assert torch.equal(entry.x_tilde, pilot.encoder_last_hidden_state)
+    torch.testing.assert_close(entry.h_bar, torch.stack(pilot.decoder_hidden_states[1:]).mean(0))
+    assert torch.equal(entry.encoder_attention_mask, batch["attention_mask"].bool())
+    # Decoder position j predicts labels[j] (its input is labels[j-1]): error and loss where labels[j] != -100.
+    labels = batch["labels"]
+    known = labels != -100
+    expected = F.one_hot(labels.clamp_min(0), VOCAB_SIZE).float() - pilot.logits.softmax(-1)
+    torch.testing.assert_close(entry.errors.dense(), expected * known.unsqueeze(-1))
+    assert torch.equal(entry.loss_mask, known) and not known.all()
+    squared = (out.predicted_error - expected).square().sum(-1)
+    torch.testing.assert_close(out.copilot_loss, squared[known].mean().sqrt())
+
+
+# --------------------------------------------------------------------------------------------------
+# The encoder-decoder Copilot: causal over decoder positions, every real source position visible
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+@torch.no_grad()
+def test_changing_decoder_position_k_changes_no_copilot_output_before_it(arch):
+    """labels[k] is the target of position k and the input of position k+1: outputs up to k stay unchanged."""
+    model, batch = build_model(arch), training_batch()
+    reference = model(**batch).predicted_error
+    for k in (1, 3):
+        changed = {**batch, "labels": batch["labels"].clone()}
+        changed["labels"][:, k:] = FIRST_REGULAR_TOKEN + (batch["labels"][:, k:].clamp_min(0) + 7) % 50
+        out = model(**changed).predicted_error
+        assert torch.equal(out[:, : k + 1], reference[:, : k + 1]), k
+        assert not torch.allclose(out[:, k + 1], reference[:, k + 1]), k
+
+
+@torch.no_grad()
+def test_every_real_source_position_is_visible_to_every_decoder_position():
+    model = build_model("t5")
+    generator = torch.Generator().manual_seed(0)
+    stream = torch.randn(2, 5, 32, generator=generator)
+    x_tilde, h_bar = torch.randn(2, 7, 32, generator=generator), torch.randn(2, 5, 32, generator=generator)
+    mask = torch.ones(2, 7, dtype=torch.bool)
+    mask[1, -3:] = False  # row 1: 3 source pads
+    reference = model.copilot(stream, x_tilde, h_bar, encoder_attention_mask=mask)
+    last_real = x_tilde.clone()
+    last_real[:, 3] += 1.0  # the last source token of row 1 and a middle one of row 0
+    changed = model.copilot(stream, last_real, h_bar, encoder_attention_mask=mask)
+    assert not torch.isclose(changed, reference).all(-1).any()  # every position of both rows moved
+    padded = x_tilde.clone()
+    padded[1, -3:] += 100.0
+    assert torch.equal(model.copilot(stream, padded, h_bar, encoder_attention_mask=mask)[1], reference[1])
+
+
+def test_every_copilot_layer_self_attends_and_cross_attends():
+    copilot = build_model("bart", copilot_std=None).copilot
+    assert copilot.config.encoder_decoder and len(copilot.layers) == 2
+    for layer in copilot.layers:
+        assert {"self_attn", "cross_attn", "mlp"} <= dict(layer.named_children()).keys()
+    with pytest.raises(StrictDataclassClassValidationError, match="even and >= 2"):
+        CopilotConfig(num_hidden_layers=3)  # a decoder-only Pilot's Copilot alternates
+    odd = CopilotConfig(hidden_size=32, num_hidden_layers=3, num_attention_heads=4, encoder_decoder=True)
+    assert len(PilotCopilotForSeq2SeqLM.from_pilot(build_seq2seq_pilot("t5"), odd).copilot.layers) == 3
+
+
+@torch.no_grad()
+def test_copilot_init_copies_a_pretrained_decoder_into_all_but_the_cross_attention():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(7)
+    decoder = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=VOCAB_SIZE,
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            intermediate_size=48,
+        )
+    )
+    copilot = PilotCopilotForSeq2SeqLM.from_pilot(build_seq2seq_pilot("bart"), copilot_init=decoder).copilot
+    assert copilot.config.encoder_decoder and copilot.config.intermediate_size == 48
+    assert torch.equal(copilot.error_proj.weight, decoder.model.embed_tokens.weight.t())
+    source_layers = dict(decoder.model.layers.named_parameters())
+    for name, value in copilot.layers.named_parameters():
+        if "cross_att" in name:  # the decoder has none: it keeps its own initialisation
+            twin = source_layers.get(name.replace("cross_attn", "self_attn"))
+            assert twin is None or not torch.equal(value, twin), name
+        else:
+            assert torch.equal(value, source_layers[name]), name
+
+
+# --------------------------------------------------------------------------------------------------
+# Wrapping, and the causal wrapper's refusal
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+@torch.no_grad()
+def test_wrapping_does_not_change_the_pilot(arch):
+    pilot, batch = build_seq2seq_pilot(arch), training_batch()
+    before = pilot(**batch).logits
+    model = build_model(arch, pilot=pilot)
+    assert model.pilot is pilot
+    assert torch.equal(pilot(**batch).logits, before)
+    assert torch.equal(model(**batch).logits, before)
+
+
+def test_the_causal_wrapper_refuses_an_encoder_decoder_pilot():
+    with pytest.raises(ValueError, match="PilotCopilotForSeq2SeqLM"):
+        PilotCopilotForCausalLM.from_pilot(build_seq2seq_pilot("t5"), tiny_copilot_config())
+    with pytest.raises(ValueError, match="PilotCopilotForCausalLM"):
+        PilotCopilotForSeq2SeqLM.from_pilot(build_pilot("llama"), tiny_copilot_config())
+
+
+# --------------------------------------------------------------------------------------------------
+# Generation
+
+DECODING = {
+    "greedy": dict(do_sample=False),
+    "beam": dict(num_beams=4, do_sample=False),
+    "sampling": dict(do_sample=True, top_k=0),
+}
+
+
+@pytest.mark.parametrize("decoding", list(DECODING))
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_lambda_zero_is_the_pilots_own_generate(arch, decoding):
+    model = build_model(arch)  # float32, with the Pilot's EOS
+    inputs, kwargs = source(batch_size=2), DECODING[decoding]
+    pilot = generate(model.pilot, inputs, seed=0, **kwargs)
+    assert not torch.equal(generate(model, inputs, seed=0, **kwargs), pilot), "the Copilot must act"
+
+    assert torch.equal(generate(model, inputs, seed=0, copilot_lambda=0.0, **kwargs), pilot)
+
+
+@pytest.mark.parametrize("feedback", FEEDBACK_MODES)
+@pytest.mark.parametrize("fusion", FUSION_SPACES)
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_fused_greedy_equals_full_recomputation(arch, fusion, feedback):
+    copilot_lambda = LOGITS_LAMBDA if fusion == "logits" else 1.0
+    model = fused_model(arch, fusion=fusion, copilot_feedback=feedback, copilot_lambda=copilot_lambda)
+    inputs = source(batch_size=2, right_padding=(0, 2))
+    fused = greedy(model, inputs)
+    assert not torch.equal(fused, greedy(model, inputs, copilot_lambda=0.0))
+
+    assert torch.equal(fused, reference_greedy(model, inputs))
+
+
+@pytest.mark.parametrize("feedback", FEEDBACK_MODES)
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_beam_search_equals_reference_beam_search(arch, feedback):
+    model = fused_model(arch, copilot_feedback=feedback)
+    inputs, num_beams = source(seed=2), 4
+    beams = dict(num_beams=num_beams, num_return_sequences=num_beams, do_sample=False)
+    out = generate(model, inputs, return_dict_in_generate=True, **beams)
+    assert not torch.equal(out.sequences, generate(model, inputs, copilot_lambda=0.0, **beams))
+    ancestors = out.beam_indices[:, 1:]  # beams were reordered (step 0: every hypothesis starts from beam 0)
+    assert (ancestors != ancestors[:, :1]).any()
+
+    assert torch.equal(out.sequences, reference_beam_search(model, inputs, num_beams))
+
+
+@pytest.mark.parametrize("feedback", FEEDBACK_MODES)
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_padded_batch_equals_one_source_at_a_time(arch, feedback):
+    model = fused_model(arch, copilot_feedback=feedback)
+    lengths = (7, 4, 2)
+    sources = [source(length=length, seed=length)["input_ids"][0] for length in lengths]
+    input_ids = torch.full((len(sources), max(lengths)), PAD_TOKEN_ID)
+    attention_mask = torch.zeros_like(input_ids)
+    for row, tokens in enumerate(sources):
+        input_ids[row, : len(tokens)], attention_mask[row, : len(tokens)] = tokens, 1
+
+    batched = greedy(model, {"input_ids": input_ids, "attention_mask": attention_mask})
+    for row, tokens in enumerate(sources):
+        alone = {"input_ids": tokens[None], "attention_mask": torch.ones(1, len(tokens), dtype=torch.long)}
+        expected = greedy(model, alone)
+        assert not torch.equal(expected, greedy(model, alone, copilot_lambda=0.0)), row
+        assert torch.equal(batched[row : row + 1], expected), f"source {row}"
+
+
+def test_num_return_sequences_with_sampling():
+    model = fused_model("bart")
+    inputs, samples = source(batch_size=2, right_padding=(0, 1)), dict(do_sample=True, num_return_sequences=3)
+    out = generate(model, inputs, seed=3, **samples)
+    assert out.shape == (6, 1 + NEW_TOKENS)
+    assert not torch.equal(out, generate(model, inputs, seed=3, copilot_lambda=0.0, **samples))
+    assert not torch.equal(out[0], out[1])
+    # With top_k=1 every sample is fused greedy: each expanded row carries the Copilot state of its own source.
+    top1 = generate(model, inputs, seed=3, top_k=1, **samples)
+    assert torch.equal(top1, greedy(model, inputs).repeat_interleave(3, dim=0))
+
+
+@pytest.mark.parametrize(
+    "override", [dict(copilot_lambda=0.0), dict(fusion="logits"), dict(copilot_feedback="copilot")]
+)
+def test_per_call_overrides_equal_config_defaults(override):
+    model, configured = fused_model(), fused_model(**override)
+    inputs = source(seed=5)
+    default = greedy(model, inputs)
+    overridden = greedy(model, inputs, **override)
+    assert not torch.equal(overridden, default)
+    assert torch.equal(overridden, greedy(configured, inputs))
+    assert torch.equal(greedy(model, inputs), default)  # the override lasts one call
+
+
+def test_one_copilot_step_per_token_and_the_encoder_output_projected_once():
+    model = fused_model()
+    steps, memories = [], []
+    model.copilot.register_forward_hook(lambda module, args, output: steps.append(args[0].shape[1]))
+    model.copilot.memory_proj.register_forward_hook(
+        lambda module, args, output: memories.append(args[0].shape[1])
+    )
+    greedy(model, source(length=6))
+    # The last generated token is never fed back: NEW_TOKENS forwards in all, one decoder position each.
+    assert steps == [1] * NEW_TOKENS
+    # The first step projects the 6 source positions and its own h_bar; later steps their h_bar only.
+    assert memories == [7] + [1] * (NEW_TOKENS - 1)
+
+
+def test_generation_uses_the_encoder_decoder_cache_carrying_the_copilot_state():
+    model = fused_model()
+    caches = []
+    model.register_forward_hook(lambda module, args, output: caches.append(output.cache))
+    greedy(model, source(), max_new_tokens=3)
+    assert len({id(cache) for cache in caches}) == 1
+    cache = caches[0]
+    assert isinstance(cache, PilotCopilotEncoderDecoderCache) and cache.copilot is not None
+    assert cache.get_seq_length() == cache.copilot.kv_cache.length == 3
+    # Self-attention slots hold one key per decoder position; cross-attention slots the 6 source positions too.
+    assert [keys.shape[2] for keys in cache.copilot.kv_cache.keys] == [3, 9, 3, 9]
+
+
+# --------------------------------------------------------------------------------------------------
+# Checkpoints
+
+HUB_FILES = {
+    "checkpointing.py",
+    "configuration_pilot_copilot.py",
+    "generation_pilot_copilot.py",
+    "mistake_log_entry.py",
+    "modeling_copilot.py",
+    "modeling_pilot_copilot_seq2seq.py",
+}
+
+
+def assert_same_outputs(model, loaded):
+    batch = training_batch()
+    with torch.no_grad():
+        expected, actual = model(**batch), loaded(**batch)
+    assert torch.equal(actual.logits, expected.logits)
+    assert torch.equal(actual.predicted_error, expected.predicted_error)
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_save_pretrained_loads_back_through_auto_model_for_seq2seq_lm(arch, tmp_path):
+    model = build_model(arch, copilot_lambda=0.7, fusion="logits", copilot_feedback="copilot")
+    model.save_pretrained(tmp_path)
+    assert set(os.listdir(tmp_path)) == HUB_FILES | {
+        "config.json",
+        "generation_config.json",
+        "model.safetensors",
+    }
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["model_type"] == "pilot_copilot_seq2seq" and config["is_encoder_decoder"]
+    assert config["auto_map"] == {
+        "AutoConfig": "configuration_pilot_copilot.PilotCopilotSeq2SeqConfig",
+        "AutoModelForSeq2SeqLM": "modeling_pilot_copilot_seq2seq.PilotCopilotForSeq2SeqLM",
+    }
+    weights = load_file(tmp_path / "model.safetensors")
+    assert {name.split(".")[0] for name in weights} == {"pilot", "copilot"}
+    for loader in (AutoModelForSeq2SeqLM, PilotCopilotForSeq2SeqLM):
+        loaded, info = loader.from_pretrained(tmp_path, output_loading_info=True)
+        loaded.eval()
+        assert type(loaded) is PilotCopilotForSeq2SeqLM
+        assert (
+            isinstance(loaded.config, PilotCopilotSeq2SeqConfig)
+            and loaded.config.copilot_config.encoder_decoder
+        )
+        assert (loaded.config.copilot_lambda, loaded.config.fusion, loaded.config.copilot_feedback) == (
+            0.7,
+            "logits",
+            "copilot",
+        )
+        assert not info["missing_keys"] and not info["unexpected_keys"]
+        # The Pilot's embeddings stay tied (T5: encoder, decoder and LM head; BART: encoder and decoder).
+        assert loaded.pilot.get_encoder().embed_tokens.weight is loaded.pilot.get_input_embeddings().weight
+        assert_same_outputs(model, loaded)
+        inputs = source(batch_size=2, right_padding=(0, 2))
+        assert torch.equal(greedy(loaded, inputs), greedy(model, inputs))
+
+
+def test_a_plain_seq2seq_folder_is_refused_with_how_to_attach_a_copilot(tmp_path):
+    build_seq2seq_pilot("t5").save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match=r"PilotCopilotForSeq2SeqLM\.from_pilot\(AutoModelForSeq2SeqLM"):
+        PilotCopilotForSeq2SeqLM.from_pretrained(tmp_path)
+
+
+REMOTE_CODE_SCRIPT = textwrap.dedent(
+    """
+    import sys
+
+    sys.modules["hf_copilot"] = None  # `import hf_copilot` now raises ImportError
+    import torch
+    from transformers import AutoModelForSeq2SeqLM
+
+    checkpoint, inputs_path, output_path = sys.argv[1:]
+    model = AutoModelForSeq2SeqLM.from_pretrained(checkpoint, trust_remote_code=True).eval()
+    inputs = torch.load(inputs_path)
+    with torch.no_grad():
+        out = model(**inputs["forward"])
+        tokens = {name: model.generate(**inputs["source"], **kwargs) for name, kwargs in inputs["generate"].items()}
+    torch.save(
+        {
+            "module": type(model).__module__,
+            "logits": out.logits,
+            "predicted_error": out.predicted_error,
+            "tokens": tokens,
+        },
+        output_path,
+    )
+    """
+)
+
+
+def test_remote_code_loads_without_hf_copilot_and_gives_identical_outputs(tmp_path):
+    model = build_model("t5", copilot_lambda=0.8)
+    model.save_pretrained(tmp_path / "checkpoint")
+    decoding = {
+        "greedy": dict(max_new_tokens=6, do_sample=False),
+        "beam": dict(max_new_tokens=6, num_beams=3),
+        "copilot_feedback": dict(max_new_tokens=6, do_sample=False, copilot_feedback="copilot"),
+    }
+    inputs = source(batch_size=2, right_padding=(0, 2))
+    torch.save({"forward": training_batch(), "source": inputs, "generate": decoding}, tmp_path / "inputs.pt")
+    (tmp_path / "load_remote.py").write_text(REMOTE_CODE_SCRIPT)
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "HF_MODULES_CACHE": str(tmp_path / "modules"),
+        "PYTHONPATH": "",
+        "OMP_NUM_THREADS": "1",  # as in this process (conftest.py), so the arithmetic is the same
+    }
+    arguments = [
+        tmp_path / "load_remote.py",
+        tmp_path / "checkpoint",
+        tmp_path / "inputs.pt",
+        tmp_path / "out.pt",
+    ]
+    result = subprocess.run(
+        [sys.executable, *map(str, arguments)],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    remote = torch.load(tmp_path / "out.pt")
+    assert remote["module"].startswith("transformers_modules")
+    with torch.no_grad():
+        local = model(**training_batch())
+    assert torch.equal(remote["logits"], local.logits)
+    assert torch.equal(remote["predicted_error"], local.predicted_error)
+    for name, kwargs in decoding.items():
+        expected = generate(model, inputs, **kwargs)
+        assert torch.equal(remote["tokens"][name], expected), name
+    assert not torch.equal(expected, generate(model, inputs, **{**kwargs, "copilot_lambda": 0.0}))
+
+
+# --------------------------------------------------------------------------------------------------
+# Training with CopilotTrainer
+
+
+def reversal_rows(n: int = 16, seed: int = 0) -> list[dict[str, list[int]]]:
+    """Sources of 3-8 tokens; the target is the source reversed, then EOS."""
+    generator = torch.Generator().manual_seed(seed)
+    rows = []
+    for i in range(n):
+        length = 3 + (i * 5) % 6
+        ids = torch.randint(FIRST_REGULAR_TOKEN, VOCAB_SIZE, (length,), generator=generator).tolist()
+        rows.append({"input_ids": ids, "labels": ids[::-1] + [SPECIAL_TOKENS["eos_token_id"]]})
+    return rows
+
+
+def collate_seq2seq(rows: list[dict[str, list[int]]]) -> dict[str, torch.Tensor]:
+    """Right-pads sources with PAD (attention 0) and labels with -100, as DataCollatorForSeq2Seq does."""
+    width, label_width = max(len(r["input_ids"]) for r in rows), max(len(r["labels"]) for r in rows)
+    input_ids = torch.full((len(rows), width), PAD_TOKEN_ID)
+    attention_mask = torch.zeros_like(input_ids)
+    labels = torch.full((len(rows), label_width), -100)
+    for i, row in enumerate(rows):
+        input_ids[i, : len(row["input_ids"])] = torch.tensor(row["input_ids"])
+        attention_mask[i, : len(row["input_ids"])] = 1
+        labels[i, : len(row["labels"])] = torch.tensor(row["labels"])
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+def training_settings(tmp_path, **overrides) -> dict:
+    return {
+        "output_dir": str(tmp_path / "run"),
+        "per_device_train_batch_size": 4,
+        "max_steps": 4,
+        "learning_rate": 1e-2,
+        "logging_steps": 1,
+        "save_strategy": "no",
+        "report_to": [],
+        "disable_tqdm": True,
+        "seed": 0,
+        "dataloader_pin_memory": False,
+        **overrides,
+    }
+
+
+def copilot_trainer(tmp_path, arch: str = "t5", model=None, rows=None, trainer_class=None, **overrides):
+    from hf_copilot import CopilotTrainer, CopilotTrainingArguments
+
+    return (trainer_class or CopilotTrainer)(
+        model=build_model(arch, copilot_std=None) if model is None else model,
+        args=CopilotTrainingArguments(
+            **training_settings(tmp_path, **{"copilot_learning_rate": 3e-2, **overrides})
+        ),
+        train_dataset=reversal_rows() if rows is None else rows,
+        data_collator=collate_seq2seq,
+    )
+
+
+def logged(trainer, key: str) -> list[float]:
+    return [entry[key] for entry in trainer.state.log_history if key in entry]
+
+
+def max_difference(a: torch.nn.Module, b: torch.nn.Module) -> float:
+    return max((p - q).abs().max().item() for p, q in zip(a.parameters(), b.parameters(), strict=True))
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_copilot_trainer_fine_tunes_the_pilot_exactly_as_the_stock_trainer(arch, tmp_path):
+    from transformers import Trainer, TrainingArguments
+
+    stock_pilot = build_seq2seq_pilot(arch)
+    stock = Trainer(
+        model=stock_pilot,
+        args=TrainingArguments(**training_settings(tmp_path)),
+        train_dataset=reversal_rows(),
+        data_collator=collate_seq2seq,
+    )
+    stock.train()
+    trainer = copilot_trainer(tmp_path, arch)
+    copilot_before = {name: p.detach().clone() for name, p in trainer.model.copilot.named_parameters()}
+    trainer.train()
+
+    assert logged(trainer, "pilot_loss") == pytest.approx(logged(stock, "loss"), rel=1e-5)
+    assert max_difference(trainer.model.pilot, stock_pilot) < 1e-6
+    assert all(not torch.equal(p, copilot_before[n]) for n, p in trainer.model.copilot.named_parameters())
+    assert all(math.isfinite(value) for value in logged(trainer, "copilot_loss"))
+
+
+def test_copilot_trainer_gradient_accumulation_4x2_updates_both_models_exactly_as_batch_8(tmp_path):
+    """In float64: the micro-batches pad to other lengths than the whole batch, and float32 rounding of a few
+    1e-6, amplified over the steps, would hide the comparison with per-micro-batch normalisation."""
+    from hf_copilot import CopilotTrainer
+
+    class PerMicroBatchTrainer(CopilotTrainer):
+        """The naive alternative: each micro-batch normalised by its own token count, then divided by 4."""
+
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.model_accepts_loss_kwargs = False  # Trainer then counts no num_items_in_batch
+
+    def run(batch_size, accumulation, trainer_class=CopilotTrainer):
+        model = build_model("t5", copilot_std=None).double()
+        trainer = copilot_trainer(
+            tmp_path,
+            model=model,
+            trainer_class=trainer_class,
+            optim="sgd",
+            learning_rate=0.1,
+            copilot_learning_rate=0.3,
+            per_device_train_batch_size=batch_size,
+            gradient_accumulation_steps=accumulation,
+        )
+        trainer.train()
+        return trainer
+
+    big, accumulated, naive = run(8, 1), run(2, 4), run(2, 4, PerMicroBatchTrainer)
+
+    # The micro-batches carry different numbers of labels, so per-micro-batch means weigh tokens unequally.
+    batches = list(accumulated.get_train_dataloader())
+    assert len({int((batch["labels"] != -100).sum()) for batch in batches}) > 2
+    assert (
+        max_difference(big.model, build_model("t5", copilot_std=None).double()) > 1e-3
+    )  # the parameters moved
+    for part in ("pilot", "copilot"):
+        assert max_difference(getattr(big.model, part), getattr(accumulated.model, part)) < 1e-10, part
+        assert max_difference(getattr(big.model, part), getattr(naive.model, part)) > 1e-5, part
+    # The logs pass through float32.
+    assert logged(accumulated, "pilot_loss") == pytest.approx(logged(big, "pilot_loss"), rel=1e-6)
+    assert logged(accumulated, "copilot_loss") == pytest.approx(logged(big, "copilot_loss"), rel=1e-6)
+
+
+def test_copilot_trainer_with_a_window_replays_encoder_decoder_entries(tmp_path):
+    """Log rows of different source and target lengths are collated into the Copilot's batch."""
+    trainer = copilot_trainer(tmp_path, mistake_log_window=4, mistake_log_replay=1, max_steps=6)
+    trainer.train()
+    log = trainer.mistake_log_callback.mistake_log
+    assert len(log) == 6 and all(entry.is_encoder_decoder for entry in log)
+    rows = log.sample_rows(8, 4)
+    assert rows.x_tilde.shape[1] == rows.encoder_attention_mask.shape[1] > 0
+    assert rows.h_bar.shape[1] == rows.loss_mask.shape[1]
+    # The log's checkpoint format carries the source padding too.
+    restored = MistakeLog(size=log.size, topk=log.topk)
+    restored.load_state_dict(log.state_dict())
+    for ours, theirs in zip(restored, log, strict=True):
+        assert torch.equal(ours.encoder_attention_mask, theirs.encoder_attention_mask)
+        assert torch.equal(ours.x_tilde, theirs.x_tilde)
+    assert all(math.isfinite(value) for value in logged(trainer, "copilot_loss"))
+
+
+def test_evaluation_reports_pilot_and_fused_token_accuracy_on_unshifted_labels(tmp_path):
+    model = build_model("t5")
+    trainer = copilot_trainer(tmp_path, model=model, per_device_eval_batch_size=3)
+    rows = reversal_rows(7, seed=1)
+    metrics = trainer.evaluate(eval_dataset=rows)
+
+    model.eval()
+    labels = pilot_correct = fused_correct = 0
+    for start in range(0, len(rows), 3):
+        batch = collate_seq2seq(rows[start : start + 3])
+        with torch.no_grad():
+            out = model(**batch, return_fused=True)
+        mask = batch["labels"] != -100  # decoder position j predicts labels[j]
+        labels += int(mask.sum())
+        pilot_correct += int(((out.logits.argmax(-1) == batch["labels"]) & mask).sum())
+        fused_correct += int(((out.fused_logits.argmax(-1) == batch["labels"]) & mask).sum())
+    assert metrics["eval_pilot_token_accuracy"] == pytest.approx(pilot_correct / labels)
+    assert metrics["eval_fused_token_accuracy"] == pytest.approx(fused_correct / labels)
+    assert metrics["eval_pilot_token_accuracy"] != metrics["eval_fused_token_accuracy"]
+
+
+def test_copilot_seq2seq_trainer_predicts_with_the_fused_generate(tmp_path):
+    """Seq2SeqTrainer's predict_with_generate: the predictions are the Pilot + Copilot's; eval_loss the Pilot's."""
+    from hf_copilot import CopilotSeq2SeqTrainer, CopilotSeq2SeqTrainingArguments
+
+    model = build_model("t5")
+    model.generation_config.eos_token_id = None  # every prediction runs to generation_max_length
+    args = CopilotSeq2SeqTrainingArguments(
+        **training_settings(tmp_path, max_steps=2, per_device_eval_batch_size=3),
+        predict_with_generate=True,
+        generation_max_length=6,
+    )
+    rows = reversal_rows(7, seed=1)
+    trainer = CopilotSeq2SeqTrainer(
+        model=model,
+        args=args,
+        train_dataset=reversal_rows(),
+        eval_dataset=rows,
+        data_collator=collate_seq2seq,
+    )
+    trainer.train()
+    output = trainer.predict(rows)
+
+    model.eval()
+    expected, pilot_losses, pilot_tokens = [], 0.0, 0
+    for start in range(0, len(rows), 3):
+        batch = collate_seq2seq(rows[start : start + 3])
+        inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+        expected.append(model.generate(**inputs, max_length=6, do_sample=False))
+        with torch.no_grad():
+            count = int((batch["labels"] != -100).sum())
+            pilot_losses += float(model.pilot(**batch).loss) * count
+            pilot_tokens += count
+    expected = torch.cat(expected)
+    predictions = torch.as_tensor(output.predictions)  # padded to generation_config.max_length
+    assert torch.equal(predictions[:, :6], expected) and not predictions[:, 6:].any()
+    pilot_only = torch.cat(
+        [
+            model.generate(
+                **source_of(rows[start : start + 3]), max_length=6, do_sample=False, copilot_lambda=0.0
+            )
+            for start in range(0, len(rows), 3)
+        ]
+    )
+    assert not torch.equal(expected, pilot_only)  # the Copilot steers the predictions
+    assert "test_fused_token_accuracy" in output.metrics  # CopilotTrainer's evaluation sums were kept
+    assert output.metrics["test_pilot_loss"] == pytest.approx(pilot_losses / pilot_tokens, rel=1e-5)
+
+
+def source_of(rows: list[dict[str, list[int]]]) -> dict[str, torch.Tensor]:
+    batch = collate_seq2seq(rows)
+    return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
