@@ -33,6 +33,7 @@ AutoModelForSeq2SeqLM.register(PilotCopilotSeq2SeqConfig, PilotCopilotForSeq2Seq
 PilotCopilotSeq2SeqConfig.register_for_auto_class()
 PilotCopilotForSeq2SeqLM.register_for_auto_class("AutoModelForSeq2SeqLM")
 attach_push_methods(PilotCopilotForCausalLM)
+attach_push_methods(PilotCopilotForSeq2SeqLM)
 
 # Training classes import transformers.Trainer (and accelerate): loaded on first use only.
 _LAZY_ATTRIBUTES = {

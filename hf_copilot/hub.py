@@ -138,7 +138,7 @@ def build_model_card(
         copilot_metadata["pilot_fingerprint_sha256"] = digest
     eval_results = [
         EvalResult(
-            task_type="text-generation",
+            task_type=_pipeline_tag(model),
             dataset_type=eval_dataset or "custom",
             dataset_name=eval_dataset or "custom",
             metric_type=metric,
@@ -151,7 +151,7 @@ def build_model_card(
         base_model=base_id,
         base_model_relation="adapter" if copilot_only and base_id else None,
         library_name="transformers",
-        pipeline_tag="text-generation",
+        pipeline_tag=_pipeline_tag(model),
         tags=card_tags,
         language=language,
         license=license,
@@ -179,6 +179,22 @@ def _training_section(training_args, training_details: str | None) -> str | None
     if training_details:
         lines += ["", training_details.strip()] if lines else [training_details.strip()]
     return "\n".join(lines) or None
+
+
+def _check_uploadable(model, copilot_only: bool) -> None:
+    if copilot_only and model.config.is_encoder_decoder:
+        raise NotImplementedError(
+            "Copilot-only checkpoints of encoder-decoder Pilots are not supported yet: upload the whole model "
+            "(copilot_only=False, model.push_to_hub)."
+        )
+
+
+def _auto_class(model) -> str:
+    return "AutoModelForSeq2SeqLM" if model.config.is_encoder_decoder else "AutoModelForCausalLM"
+
+
+def _pipeline_tag(model) -> str:
+    return "text2text-generation" if model.config.is_encoder_decoder else "text-generation"
 
 
 def _requirements(model) -> list[str]:
@@ -243,12 +259,12 @@ def _card_body(
         f"`pip install {' '.join(_requirements(model))}`, then:",
         "",
         "```python",
-        "from transformers import AutoModelForCausalLM, AutoTokenizer",
+        f"from transformers import {_auto_class(model)}, AutoTokenizer",
         "",
         # AutoTokenizer reads the repository's config.json too, whose auto_map names the model's code.
         f'tokenizer = AutoTokenizer.from_pretrained("{tokenizer}"{", trust_remote_code=True" if tokenizer == repo else ""})',
         loads,
-        f'model = AutoModelForCausalLM.from_pretrained("{repo}", trust_remote_code=True)',
+        f'model = {_auto_class(model)}.from_pretrained("{repo}", trust_remote_code=True)',
         "",
         f'inputs = tokenizer(["{USAGE_PROMPT}"], return_tensors="pt")  # batches: tokenizer.padding_side = "left"',
         "# copilot_lambda=0 gives the Pilot's own output; the default is the checkpoint's "
@@ -289,6 +305,7 @@ def stage_for_upload(
     failure leaves no partial folder behind.
     """
     folder = os.fspath(folder)
+    _check_uploadable(model, copilot_only)
     if os.path.isfile(folder) or (os.path.isdir(folder) and os.listdir(folder)):
         raise FileExistsError(f"stage_for_upload writes a new folder; {folder!r} already holds files.")
     base = base_model or model.pilot.config.name_or_path or None
@@ -351,6 +368,7 @@ def push_to_hub(
     The arguments are those of `PreTrainedModel.push_to_hub` plus the card's (see `build_model_card`).
     The card replaces any README.md in the repository. Returns the `CommitInfo`.
     """
+    _check_uploadable(model, copilot_only)
     api = HfApi(library_name="hf_copilot")
     repo_id = api.create_repo(repo_id, private=private, token=token, exist_ok=True).repo_id
     with tempfile.TemporaryDirectory() as tmp:

@@ -19,7 +19,14 @@ import textwrap
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import FIRST_REGULAR_TOKEN, PAD_TOKEN_ID, VOCAB_SIZE, build_pilot, tiny_copilot_config
+from conftest import (
+    FIRST_REGULAR_TOKEN,
+    PAD_TOKEN_ID,
+    VOCAB_SIZE,
+    build_pilot,
+    char_tokenizer,
+    tiny_copilot_config,
+)
 from huggingface_hub.errors import StrictDataclassClassValidationError
 from safetensors.torch import load_file
 from transformers import (
@@ -846,3 +853,29 @@ def test_copilot_seq2seq_trainer_predicts_with_the_fused_generate(tmp_path):
 def source_of(rows: list[dict[str, list[int]]]) -> dict[str, torch.Tensor]:
     batch = collate_seq2seq(rows)
     return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+
+
+def test_the_whole_model_uploads_with_a_card_whose_usage_runs_without_hf_copilot(tmp_path):
+    from hf_copilot.hub import README_NAME, USAGE_PROMPT, stage_for_upload
+
+    tokenizer, model = char_tokenizer(), build_model("t5")
+    repo = "me/t5-copilot"
+    stage_for_upload(model, tmp_path / repo, repo_id=repo, tokenizer=tokenizer)
+    text = (tmp_path / repo / README_NAME).read_text()
+    assert "pipeline_tag: text2text-generation" in text
+    code = text.split("```python\n", 1)[1].split("```", 1)[0]
+    assert f'AutoModelForSeq2SeqLM.from_pretrained("{repo}", trust_remote_code=True)' in code
+    script = 'import sys\nsys.modules["hf_copilot"] = None  # not installed\n' + code
+    env = {**os.environ, "HF_MODULES_CACHE": str(tmp_path / "modules"), "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run(
+        [sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    with torch.no_grad():
+        inputs = tokenizer([USAGE_PROMPT], return_tensors="pt")
+        expected = tokenizer.batch_decode(
+            model.generate(**inputs, max_new_tokens=32), skip_special_tokens=True
+        )
+    assert result.stdout.strip() == repr(expected)
+    with pytest.raises(NotImplementedError, match="Copilot-only checkpoints of encoder-decoder Pilots"):
+        model.push_copilot_to_hub("me/t5-copilot-only")
