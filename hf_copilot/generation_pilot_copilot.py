@@ -10,10 +10,14 @@ from __future__ import annotations
 
 import torch
 from transformers import DynamicCache, EncoderDecoderCache, LogitsProcessor
+from transformers.generation.utils import ALL_CACHE_NAMES
 
 from .mistake_log_entry import MistakeLogEntry, PilotErrors, answer_token_positions, shift_right
 
 PROBABILITY_FLOOR = 1e-10
+# What forward() calls its cache argument and generate() its model_kwargs key: `cache` from transformers 5.24,
+# `past_key_values` before. The wrappers accept both and hand the Pilot the one it knows.
+CACHE_KEYWORD = ALL_CACHE_NAMES[0]
 
 
 def fuse_scores(
@@ -376,6 +380,7 @@ def observed_feedback(
 
 
 __all__ = [
+    "CACHE_KEYWORD",
     "CopilotLogitsProcessor",
     "CopilotStateCache",
     "PilotCopilotCache",

@@ -37,6 +37,7 @@ from .configuration_pilot_copilot import (
     validate_fusion_settings,
 )
 from .generation_pilot_copilot import (
+    CACHE_KEYWORD,
     CopilotLogitsProcessor,
     PilotCopilotCache,
     copilot_generation_step,
@@ -60,6 +61,8 @@ class PilotCopilotOutput(ModelOutput):
     loss: torch.Tensor | None = None
     logits: torch.Tensor | None = None
     cache: PilotCopilotCache | None = None
+    if CACHE_KEYWORD != "cache":  # transformers < 5.24 reads the cache under its old name
+        past_key_values: PilotCopilotCache | None = None
     pilot_loss: torch.Tensor | None = None
     copilot_loss: torch.Tensor | None = None
     copilot_squared_error: torch.Tensor | None = None
@@ -324,6 +327,7 @@ class PilotCopilotForCausalLM(PreTrainedModel, GenerationMixin):
         copilot_lambda, fusion, copilot_feedback = self.fusion_settings(
             copilot_lambda, fusion, copilot_feedback
         )
+        cache = kwargs.pop("past_key_values", None) if cache is None else cache  # transformers < 5.24
         if input_ids is None:
             raise ValueError("PilotCopilotForCausalLM needs input_ids: the Copilot reads the tokens' errors.")
         if cache is not None and not isinstance(cache, PilotCopilotCache):
@@ -345,7 +349,7 @@ class PilotCopilotForCausalLM(PreTrainedModel, GenerationMixin):
             attention_mask=attention_mask,
             position_ids=position_ids,
             labels=labels,
-            cache=cache,
+            **{CACHE_KEYWORD: cache},
             use_cache=cache is not None,
             output_hidden_states=True,
             return_dict=True,
@@ -369,7 +373,7 @@ class PilotCopilotForCausalLM(PreTrainedModel, GenerationMixin):
 
         output = PilotCopilotOutput(
             logits=logits,
-            cache=cache,
+            **{CACHE_KEYWORD: cache},
             predicted_error=predicted_errors,
             hidden_states=pilot_out.hidden_states if wants_hidden_states else None,
             mistake_log_entry=entry if return_mistake_log else None,
@@ -408,7 +412,7 @@ class PilotCopilotForCausalLM(PreTrainedModel, GenerationMixin):
         # use_cache says (Trainer saves Pilots with use_cache=False); the tokens are the same either way.
         generation_config.use_cache = True
         super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
-        cache = model_kwargs.get("cache")
+        cache = model_kwargs.get(CACHE_KEYWORD)
         if not isinstance(cache, PilotCopilotCache):
             if getattr(cache, "_is_user_defined", False) or type(cache).__name__ != "DynamicCache":
                 raise ValueError(
@@ -416,12 +420,12 @@ class PilotCopilotForCausalLM(PreTrainedModel, GenerationMixin):
                     "dynamic cache (no cache_implementation) or pass PilotCopilotCache(config=model.config)."
                 )
             # The dynamic cache generate() just built, with the Copilot's state: same settings.
-            model_kwargs["cache"] = PilotCopilotCache(
+            model_kwargs[CACHE_KEYWORD] = PilotCopilotCache(
                 config=self.config.get_text_config(decoder=True),
                 offloading=generation_config.cache_implementation == "offloaded",
             )
             if generation_config.is_assistant:
-                model_kwargs["cache"].activate_past_recording()
+                model_kwargs[CACHE_KEYWORD].activate_past_recording()
 
     def _get_logits_processor(
         self, generation_config, input_ids_seq_length=None, *args, model_kwargs=None, **kwargs
@@ -435,7 +439,7 @@ class PilotCopilotForCausalLM(PreTrainedModel, GenerationMixin):
             model_kwargs.get("fusion"),
             model_kwargs.get("copilot_feedback"),
         )
-        cache = model_kwargs["cache"]
+        cache = model_kwargs[CACHE_KEYWORD]
         # The prompt's tokens are known: the Copilot reads their observed errors (copilot_generation_step).
         cache.prompt_length = input_ids_seq_length
         processors.insert(0, CopilotLogitsProcessor(cache, copilot_lambda, fusion))

@@ -41,6 +41,7 @@ from .configuration_pilot_copilot import (
     validate_fusion_settings,
 )
 from .generation_pilot_copilot import (
+    CACHE_KEYWORD,
     CopilotLogitsProcessor,
     PilotCopilotEncoderDecoderCache,
     copilot_generation_step,
@@ -61,6 +62,8 @@ class PilotCopilotSeq2SeqOutput(ModelOutput):
     loss: torch.Tensor | None = None
     logits: torch.Tensor | None = None
     cache: PilotCopilotEncoderDecoderCache | None = None
+    if CACHE_KEYWORD != "cache":  # transformers < 5.24 reads the cache under its old name
+        past_key_values: PilotCopilotEncoderDecoderCache | None = None
     pilot_loss: torch.Tensor | None = None
     copilot_loss: torch.Tensor | None = None
     copilot_squared_error: torch.Tensor | None = None
@@ -256,6 +259,7 @@ class PilotCopilotForSeq2SeqLM(PreTrainedModel, GenerationMixin):
         copilot_lambda, fusion, copilot_feedback = self.fusion_settings(
             copilot_lambda, fusion, copilot_feedback
         )
+        cache = kwargs.pop("past_key_values", None) if cache is None else cache  # transformers < 5.24
         if cache is not None and not isinstance(cache, PilotCopilotEncoderDecoderCache):
             raise ValueError(
                 f"PilotCopilotForSeq2SeqLM keeps the Copilot's state in a PilotCopilotEncoderDecoderCache, got "
@@ -281,7 +285,7 @@ class PilotCopilotForSeq2SeqLM(PreTrainedModel, GenerationMixin):
             decoder_attention_mask=decoder_attention_mask,
             encoder_outputs=encoder_outputs,
             labels=labels,
-            cache=cache,
+            **{CACHE_KEYWORD: cache},
             # Without a cache, the Pilot's own default: T5's arithmetic differs slightly with and without one.
             use_cache=True if cache is not None else use_cache,
             output_hidden_states=True,
@@ -309,7 +313,7 @@ class PilotCopilotForSeq2SeqLM(PreTrainedModel, GenerationMixin):
 
         output = PilotCopilotSeq2SeqOutput(
             logits=logits,
-            cache=cache,
+            **{CACHE_KEYWORD: cache},
             predicted_error=predicted_errors,
             encoder_last_hidden_state=pilot_out.encoder_last_hidden_state,
             decoder_hidden_states=pilot_out.decoder_hidden_states if wants_hidden_states else None,
@@ -367,7 +371,7 @@ class PilotCopilotForSeq2SeqLM(PreTrainedModel, GenerationMixin):
         # The Copilot's state lives in the cache, so fused generation always uses one (see the causal wrapper).
         generation_config.use_cache = True
         super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
-        cache = model_kwargs.get("cache")
+        cache = model_kwargs.get(CACHE_KEYWORD)
         if isinstance(cache, PilotCopilotEncoderDecoderCache):
             return
         if (
@@ -380,7 +384,7 @@ class PilotCopilotForSeq2SeqLM(PreTrainedModel, GenerationMixin):
                 "default dynamic cache (no cache_implementation)."
             )
         # The two empty dynamic caches generate() just built, with the Copilot's state alongside.
-        model_kwargs["cache"] = PilotCopilotEncoderDecoderCache(
+        model_kwargs[CACHE_KEYWORD] = PilotCopilotEncoderDecoderCache(
             cache.self_attention_cache, cache.cross_attention_cache
         )
 
@@ -396,7 +400,7 @@ class PilotCopilotForSeq2SeqLM(PreTrainedModel, GenerationMixin):
             model_kwargs.get("fusion"),
             model_kwargs.get("copilot_feedback"),
         )
-        cache = model_kwargs["cache"]
+        cache = model_kwargs[CACHE_KEYWORD]
         # The decoder prompt (the start token, or decoder_input_ids given to generate()) is known.
         cache.prompt_length = input_ids_seq_length
         processors.insert(0, CopilotLogitsProcessor(cache, copilot_lambda, fusion))

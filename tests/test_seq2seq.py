@@ -46,7 +46,7 @@ from hf_copilot import (
     PilotCopilotSeq2SeqConfig,
     fuse_scores,
 )
-from hf_copilot.generation_pilot_copilot import PilotCopilotEncoderDecoderCache
+from hf_copilot.generation_pilot_copilot import CACHE_KEYWORD, PilotCopilotEncoderDecoderCache
 from hf_copilot.mistake_log_entry import shift_right
 
 ARCHITECTURES = ("t5", "bart")
@@ -486,7 +486,7 @@ def test_one_copilot_step_per_token_and_the_encoder_output_projected_once():
 def test_generation_uses_the_encoder_decoder_cache_carrying_the_copilot_state():
     model = fused_model()
     caches = []
-    model.register_forward_hook(lambda module, args, output: caches.append(output.cache))
+    model.register_forward_hook(lambda module, args, output: caches.append(getattr(output, CACHE_KEYWORD)))
     greedy(model, source(), max_new_tokens=3)
     assert len({id(cache) for cache in caches}) == 1
     cache = caches[0]
