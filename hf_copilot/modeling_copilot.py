@@ -348,4 +348,32 @@ class CopilotModel(CopilotPreTrainedModel):
         return memory, positions, padding
 
 
-__all__ = ["CopilotEncoderDecoderLayer", "CopilotModel", "CopilotPreTrainedModel"]
+class PilotEmbeddingsMixin:
+    """For the Pilot + Copilot wrappers: their embeddings are the Pilot's, and resizing the vocabulary resizes the
+    Copilot's W_in and W_out with it, so a resized model still trains, saves and reloads."""
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.pilot.get_input_embeddings()
+
+    def set_input_embeddings(self, value: nn.Module) -> None:
+        self.pilot.set_input_embeddings(value)
+
+    def get_output_embeddings(self) -> nn.Module | None:
+        return self.pilot.get_output_embeddings()
+
+    def resize_token_embeddings(
+        self,
+        new_num_tokens: int | None = None,
+        pad_to_multiple_of: int | None = None,
+        mean_resizing: bool = True,
+    ) -> nn.Embedding:
+        """The Pilot's `resize_token_embeddings`, then the Copilot's W_in and W_out to the same vocabulary."""
+        embeddings = self.pilot.resize_token_embeddings(new_num_tokens, pad_to_multiple_of, mean_resizing)
+        vocab_size = embeddings.weight.shape[0]
+        self.copilot.resize_vocabulary(vocab_size)
+        self.config.get_text_config().vocab_size = vocab_size
+        self.config.copilot_config.vocab_size = vocab_size
+        return embeddings
+
+
+__all__ = ["CopilotEncoderDecoderLayer", "CopilotModel", "CopilotPreTrainedModel", "PilotEmbeddingsMixin"]

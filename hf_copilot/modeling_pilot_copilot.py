@@ -13,7 +13,6 @@ import warnings
 from dataclasses import dataclass
 
 import torch
-from torch import nn
 from transformers import AutoModelForCausalLM, GenerationMixin, PreTrainedModel
 from transformers.dynamic_module_utils import custom_object_save
 from transformers.utils import ModelOutput
@@ -49,7 +48,7 @@ from .mistake_log_entry import (
     copilot_squared_error,
     mistake_log_entry_from_pilot_pass,
 )
-from .modeling_copilot import CopilotModel
+from .modeling_copilot import CopilotModel, PilotEmbeddingsMixin
 
 FUSION_FIELDS = ("copilot_lambda", "fusion", "copilot_feedback")
 
@@ -73,7 +72,7 @@ class PilotCopilotOutput(ModelOutput):
     mistake_log_entry: MistakeLogEntry | None = None
 
 
-class PilotCopilotForCausalLM(PreTrainedModel, GenerationMixin):
+class PilotCopilotForCausalLM(PilotEmbeddingsMixin, PreTrainedModel, GenerationMixin):
     """A fine-tuned causal LM (the Pilot) with a Copilot that rectifies its next-token distribution."""
 
     config_class = PilotCopilotConfig
@@ -273,29 +272,6 @@ class PilotCopilotForCausalLM(PreTrainedModel, GenerationMixin):
             return super().save_pretrained(save_directory, **kwargs)
         with atomic_save_directory(save_directory) as staging:
             super().save_pretrained(staging, **kwargs)
-
-    def get_input_embeddings(self) -> nn.Module:
-        return self.pilot.get_input_embeddings()
-
-    def set_input_embeddings(self, value: nn.Module) -> None:
-        self.pilot.set_input_embeddings(value)
-
-    def get_output_embeddings(self) -> nn.Module | None:
-        return self.pilot.get_output_embeddings()
-
-    def resize_token_embeddings(
-        self,
-        new_num_tokens: int | None = None,
-        pad_to_multiple_of: int | None = None,
-        mean_resizing: bool = True,
-    ) -> nn.Embedding:
-        """The Pilot's `resize_token_embeddings`, then the Copilot's W_in and W_out to the same vocabulary."""
-        embeddings = self.pilot.resize_token_embeddings(new_num_tokens, pad_to_multiple_of, mean_resizing)
-        vocab_size = embeddings.weight.shape[0]
-        self.copilot.resize_vocabulary(vocab_size)
-        self.config.get_text_config().vocab_size = vocab_size
-        self.config.copilot_config.vocab_size = vocab_size
-        return embeddings
 
     # ----------------------------------------------------------------------------------------------
     # Forward

@@ -50,7 +50,7 @@ from .generation_pilot_copilot import (
     fuse_scores,
 )
 from .mistake_log_entry import MistakeLogEntry, copilot_squared_error, mistake_log_entry_from_seq2seq_pass
-from .modeling_copilot import CopilotModel
+from .modeling_copilot import CopilotModel, PilotEmbeddingsMixin
 
 FUSION_FIELDS = ("copilot_lambda", "fusion", "copilot_feedback")
 
@@ -76,7 +76,7 @@ class PilotCopilotSeq2SeqOutput(ModelOutput):
     mistake_log_entry: MistakeLogEntry | None = None
 
 
-class PilotCopilotForSeq2SeqLM(PreTrainedModel, GenerationMixin):
+class PilotCopilotForSeq2SeqLM(PilotEmbeddingsMixin, PreTrainedModel, GenerationMixin):
     """A fine-tuned encoder-decoder LM (the Pilot) with a Copilot that rectifies its next-token distribution."""
 
     config_class = PilotCopilotSeq2SeqConfig
@@ -199,29 +199,6 @@ class PilotCopilotForSeq2SeqLM(PreTrainedModel, GenerationMixin):
 
     def get_decoder(self) -> nn.Module:
         return self.pilot.get_decoder()
-
-    def get_input_embeddings(self) -> nn.Module:
-        return self.pilot.get_input_embeddings()
-
-    def set_input_embeddings(self, value: nn.Module) -> None:
-        self.pilot.set_input_embeddings(value)
-
-    def get_output_embeddings(self) -> nn.Module | None:
-        return self.pilot.get_output_embeddings()
-
-    def resize_token_embeddings(
-        self,
-        new_num_tokens: int | None = None,
-        pad_to_multiple_of: int | None = None,
-        mean_resizing: bool = True,
-    ) -> nn.Embedding:
-        """The Pilot's `resize_token_embeddings`, then the Copilot's W_in and W_out to the same vocabulary."""
-        embeddings = self.pilot.resize_token_embeddings(new_num_tokens, pad_to_multiple_of, mean_resizing)
-        vocab_size = embeddings.weight.shape[0]
-        self.copilot.resize_vocabulary(vocab_size)
-        self.config.get_text_config().vocab_size = vocab_size
-        self.config.copilot_config.vocab_size = vocab_size
-        return embeddings
 
     def prepare_decoder_input_ids_from_labels(self, labels: torch.Tensor) -> torch.Tensor:
         """The Pilot's own shift (T5: pad first; BART: decoder_start_token_id first), as DataCollatorForSeq2Seq uses."""
