@@ -30,6 +30,11 @@ Fixtures:
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
@@ -189,3 +194,27 @@ def char_tokenizer() -> PreTrainedTokenizerFast:
     return PreTrainedTokenizerFast(
         tokenizer_object=tokenizer, pad_token="<pad>", bos_token="<s>", eos_token="</s>", padding_side="left"
     )
+
+
+def run_without_hf_copilot(script: str, cwd, *args) -> subprocess.CompletedProcess:
+    """Run Python source `script` (with `args` as sys.argv[1:]) where only transformers is installed: a new
+    interpreter that cannot import hf_copilot, offline, copying remote code under `cwd`, one thread as here (so
+    the arithmetic is the same). Asserts that it succeeded."""
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "HF_MODULES_CACHE": str(Path(cwd) / "modules"),
+        "PYTHONPATH": "",
+        "OMP_NUM_THREADS": "1",
+    }
+    code = 'import sys\nsys.modules["hf_copilot"] = None  # how Python spells "not installed"\n' + script
+    result = subprocess.run(
+        [sys.executable, "-c", code, *map(str, args)],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    return result

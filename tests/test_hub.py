@@ -11,15 +11,13 @@ import hashlib
 import json
 import os
 import shutil
-import subprocess
-import sys
 import textwrap
 
 import pytest
 import torch
 import transformers
 import transformers.modeling_utils
-from conftest import build_batch, build_pilot, build_pilot_copilot, char_tokenizer
+from conftest import build_batch, build_pilot, build_pilot_copilot, char_tokenizer, run_without_hf_copilot
 from huggingface_hub import HfApi, ModelCard, RepoUrl
 from transformers import AutoModelForCausalLM
 
@@ -200,11 +198,7 @@ def test_whole_model_folder_loads_with_trust_remote_code_without_hf_copilot(tmp_
         print("loaded without hf_copilot")
         """
     )
-    env = {**os.environ, "HF_MODULES_CACHE": str(tmp_path / "modules"), "HF_HUB_OFFLINE": "1"}
-    result = subprocess.run(
-        [sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
-    )
-    assert result.returncode == 0, result.stderr
+    result = run_without_hf_copilot(script, tmp_path)
     assert "loaded without hf_copilot" in result.stdout
 
 
@@ -373,12 +367,7 @@ def test_the_card_usage_runs_as_written_without_hf_copilot(tmp_path, copilot_onl
         f'AutoTokenizer.from_pretrained("{repo}", trust_remote_code=True)' in code
         and str(tmp_path) not in code
     )
-    script = 'import sys\nsys.modules["hf_copilot"] = None  # not installed\n' + code
-    env = {**os.environ, "HF_MODULES_CACHE": str(tmp_path / "modules"), "HF_HUB_OFFLINE": "1"}
-    result = subprocess.run(
-        [sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
+    result = run_without_hf_copilot(code, tmp_path)
     with torch.no_grad():
         inputs = tokenizer([USAGE_PROMPT], return_tensors="pt")
         expected = tokenizer.batch_decode(

@@ -12,16 +12,21 @@
 from __future__ import annotations
 
 import json
-import os
 import re
-import subprocess
 import sys
 import textwrap
 import warnings
 
 import pytest
 import torch
-from conftest import FIRST_REGULAR_TOKEN, VOCAB_SIZE, build_batch, build_pilot, build_pilot_copilot
+from conftest import (
+    FIRST_REGULAR_TOKEN,
+    VOCAB_SIZE,
+    build_batch,
+    build_pilot,
+    build_pilot_copilot,
+    run_without_hf_copilot,
+)
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
@@ -150,23 +155,7 @@ def test_remote_code_rebuilds_the_lora_pilot_without_hf_copilot(tmp_path):
     model = build_pilot_copilot(trained_lora(build_pilot("llama")))
     model.save_pretrained(tmp_path / "saved")
     torch.save(build_batch(), tmp_path / "batch.pt")
-    (tmp_path / "load.py").write_text(REMOTE_CODE_SCRIPT)
-    env = {
-        **os.environ,
-        "HF_HUB_OFFLINE": "1",
-        "HF_MODULES_CACHE": str(tmp_path / "modules"),
-        "PYTHONPATH": "",
-        "OMP_NUM_THREADS": "1",
-    }
-    result = subprocess.run(
-        [sys.executable, "load.py", "saved", "batch.pt", "out.pt"],
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=tmp_path,
-        timeout=300,
-    )
-    assert result.returncode == 0, result.stderr[-4000:]
+    run_without_hf_copilot(REMOTE_CODE_SCRIPT, tmp_path, "saved", "batch.pt", "out.pt")
     remote = torch.load(tmp_path / "out.pt")
     assert remote["module"].startswith("transformers_modules")
     assert remote["pilot"] == "PeftModelForCausalLM"

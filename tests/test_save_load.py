@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import build_batch, build_pilot, build_pilot_copilot
+from conftest import build_batch, build_pilot, build_pilot_copilot, run_without_hf_copilot
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
@@ -227,24 +227,9 @@ def test_remote_code_loads_without_hf_copilot_and_gives_identical_outputs(kind, 
         {"forward": inputs(), "generate": prompt, "generate_kwargs": GENERATE},
         tmp_path / "inputs.pt",
     )
-    script = tmp_path / "load_remote.py"
-    script.write_text(REMOTE_CODE_SCRIPT)
-    env = {
-        **os.environ,
-        "HF_HUB_OFFLINE": "1",
-        "HF_MODULES_CACHE": str(tmp_path / "modules"),  # where transformers copies the remote code
-        "PYTHONPATH": "",
-        "OMP_NUM_THREADS": "1",  # as in this process (conftest.py), so the arithmetic is the same
-    }
-    result = subprocess.run(
-        [sys.executable, str(script), str(checkpoint), str(tmp_path / "inputs.pt"), str(tmp_path / "out.pt")],
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=tmp_path,
-        timeout=300,
+    run_without_hf_copilot(
+        REMOTE_CODE_SCRIPT, tmp_path, checkpoint, tmp_path / "inputs.pt", tmp_path / "out.pt"
     )
-    assert result.returncode == 0, result.stderr[-4000:]
     remote = torch.load(tmp_path / "out.pt")
     assert remote["module"].startswith("transformers_modules")
     with torch.no_grad():

@@ -12,8 +12,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
@@ -25,6 +23,7 @@ from conftest import (
     VOCAB_SIZE,
     build_pilot,
     char_tokenizer,
+    run_without_hf_copilot,
     tiny_copilot_config,
 )
 from huggingface_hub.errors import StrictDataclassClassValidationError
@@ -598,29 +597,9 @@ def test_remote_code_loads_without_hf_copilot_and_gives_identical_outputs(tmp_pa
     }
     inputs = source(batch_size=2, right_padding=(0, 2))
     torch.save({"forward": training_batch(), "source": inputs, "generate": decoding}, tmp_path / "inputs.pt")
-    (tmp_path / "load_remote.py").write_text(REMOTE_CODE_SCRIPT)
-    env = {
-        **os.environ,
-        "HF_HUB_OFFLINE": "1",
-        "HF_MODULES_CACHE": str(tmp_path / "modules"),
-        "PYTHONPATH": "",
-        "OMP_NUM_THREADS": "1",  # as in this process (conftest.py), so the arithmetic is the same
-    }
-    arguments = [
-        tmp_path / "load_remote.py",
-        tmp_path / "checkpoint",
-        tmp_path / "inputs.pt",
-        tmp_path / "out.pt",
-    ]
-    result = subprocess.run(
-        [sys.executable, *map(str, arguments)],
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=tmp_path,
-        timeout=300,
+    run_without_hf_copilot(
+        REMOTE_CODE_SCRIPT, tmp_path, tmp_path / "checkpoint", tmp_path / "inputs.pt", tmp_path / "out.pt"
     )
-    assert result.returncode == 0, result.stderr[-4000:]
     remote = torch.load(tmp_path / "out.pt")
     assert remote["module"].startswith("transformers_modules")
     with torch.no_grad():
@@ -865,12 +844,7 @@ def test_the_whole_model_uploads_with_a_card_whose_usage_runs_without_hf_copilot
     assert "pipeline_tag: text2text-generation" in text
     code = text.split("```python\n", 1)[1].split("```", 1)[0]
     assert f'AutoModelForSeq2SeqLM.from_pretrained("{repo}", trust_remote_code=True)' in code
-    script = 'import sys\nsys.modules["hf_copilot"] = None  # not installed\n' + code
-    env = {**os.environ, "HF_MODULES_CACHE": str(tmp_path / "modules"), "HF_HUB_OFFLINE": "1"}
-    result = subprocess.run(
-        [sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
+    result = run_without_hf_copilot(code, tmp_path)
     with torch.no_grad():
         inputs = tokenizer([USAGE_PROMPT], return_tensors="pt")
         expected = tokenizer.batch_decode(
