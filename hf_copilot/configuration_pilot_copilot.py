@@ -19,6 +19,7 @@ from transformers.utils.type_validators import activation_fn_key, interval, posi
 FUSION_SPACES = ("probs", "logits")
 INITIAL_ERROR_NORM = 0.1  # ||f_C|| of a Copilot initialised from a pretrained decoder (copilot_init)
 COPILOT_FEEDBACK_MODES = ("copilot", "observed")
+FUSION_FIELDS = ("copilot_lambda", "fusion", "copilot_feedback")  # how a model fuses; per generate() call too
 
 
 def check_copilot_lambda(copilot_lambda) -> None:

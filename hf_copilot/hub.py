@@ -32,7 +32,8 @@ from huggingface_hub.errors import HFValidationError
 from huggingface_hub.utils import validate_repo_id
 
 from .checkpointing import atomic_save_directory, pilot_fingerprint
-from .modeling_pilot_copilot import FUSION_FIELDS, PilotCopilotForCausalLM
+from .configuration_pilot_copilot import FUSION_FIELDS
+from .modeling_pilot_copilot import PilotCopilotForCausalLM
 
 PAPER = "Transformer Copilot: Learning from The Mistake Log in LLM Fine-tuning (Zou et al., 2025)"
 PAPER_URL = "https://arxiv.org/abs/2505.16270"

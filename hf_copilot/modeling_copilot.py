@@ -8,13 +8,16 @@ Hub-facing: copied next to checkpoints for `trust_remote_code`, so it imports on
 
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import PreTrainedModel
 from transformers.activations import ACT2FN
 
-from .configuration_pilot_copilot import CopilotConfig
+from .checkpointing import atomic_save_directory
+from .configuration_pilot_copilot import CopilotConfig, validate_fusion_settings
 from .generation_pilot_copilot import CopilotKVCache
 from .mistake_log_entry import PilotErrors
 
@@ -348,9 +351,31 @@ class CopilotModel(CopilotPreTrainedModel):
         return memory, positions, padding
 
 
-class PilotEmbeddingsMixin:
-    """For the Pilot + Copilot wrappers: their embeddings are the Pilot's, and resizing the vocabulary resizes the
-    Copilot's W_in and W_out with it, so a resized model still trains, saves and reloads."""
+class PilotCopilotMixin:
+    """What the Pilot + Copilot wrappers share: their embeddings are the Pilot's (resizing the vocabulary resizes
+    the Copilot's W_in and W_out with it), fusion settings fall back on the config, saves are atomic."""
+
+    def fusion_settings(
+        self, copilot_lambda: float | None, fusion: str | None, copilot_feedback: str | None
+    ) -> tuple[float, str, str]:
+        """Per-call overrides fall back on the config."""
+        copilot_lambda = self.config.copilot_lambda if copilot_lambda is None else copilot_lambda
+        fusion = fusion or self.config.fusion
+        copilot_feedback = copilot_feedback or self.config.copilot_feedback
+        validate_fusion_settings(copilot_lambda, fusion, copilot_feedback)
+        return copilot_lambda, fusion, copilot_feedback
+
+    def save_pretrained(self, save_directory: str | os.PathLike, *args, **kwargs) -> None:
+        """`PreTrainedModel.save_pretrained`, written atomically (`atomic_save_directory`).
+
+        Saves that push or run on several processes keep the stock behaviour.
+        """
+        if args or kwargs.get("push_to_hub") or not kwargs.get("is_main_process", True):
+            return super().save_pretrained(save_directory, *args, **kwargs)
+        if os.path.isfile(save_directory):
+            return super().save_pretrained(save_directory, **kwargs)
+        with atomic_save_directory(save_directory) as staging:
+            super().save_pretrained(staging, **kwargs)
 
     def get_input_embeddings(self) -> nn.Module:
         return self.pilot.get_input_embeddings()
@@ -376,4 +401,4 @@ class PilotEmbeddingsMixin:
         return embeddings
 
 
-__all__ = ["CopilotEncoderDecoderLayer", "CopilotModel", "CopilotPreTrainedModel", "PilotEmbeddingsMixin"]
+__all__ = ["CopilotEncoderDecoderLayer", "CopilotModel", "CopilotPreTrainedModel", "PilotCopilotMixin"]

@@ -30,6 +30,7 @@ from .checkpointing import (
     same_pilot,
 )
 from .configuration_pilot_copilot import (
+    FUSION_FIELDS,
     CopilotConfig,
     PilotCopilotConfig,
     copilot_config_like,
@@ -48,9 +49,7 @@ from .mistake_log_entry import (
     copilot_squared_error,
     mistake_log_entry_from_pilot_pass,
 )
-from .modeling_copilot import CopilotModel, PilotEmbeddingsMixin
-
-FUSION_FIELDS = ("copilot_lambda", "fusion", "copilot_feedback")
+from .modeling_copilot import CopilotModel, PilotCopilotMixin
 
 
 @dataclass
@@ -72,7 +71,7 @@ class PilotCopilotOutput(ModelOutput):
     mistake_log_entry: MistakeLogEntry | None = None
 
 
-class PilotCopilotForCausalLM(PilotEmbeddingsMixin, PreTrainedModel, GenerationMixin):
+class PilotCopilotForCausalLM(PilotCopilotMixin, PreTrainedModel, GenerationMixin):
     """A fine-tuned causal LM (the Pilot) with a Copilot that rectifies its next-token distribution."""
 
     config_class = PilotCopilotConfig
@@ -259,19 +258,11 @@ class PilotCopilotForCausalLM(PilotEmbeddingsMixin, PreTrainedModel, GenerationM
             self.copilot.config = original
 
     def save_pretrained(self, save_directory: str | os.PathLike, *args, **kwargs) -> None:
-        """`PreTrainedModel.save_pretrained`, written atomically (`atomic_save_directory`).
-
-        A PEFT Pilot's tensors keep their names (`pilot.base_model.model.*`, `lora_*`), as Trainer resume needs;
-        config.json records its adapters (`pilot_peft_config`), so every loader rebuilds them (with peft).
-        Saves that push or run on several processes keep the stock behaviour.
-        """
+        """Atomic (`PilotCopilotMixin.save_pretrained`). A PEFT Pilot's tensors keep their names
+        (`pilot.base_model.model.*`, `lora_*`), as Trainer resume needs; config.json records its adapters
+        (`pilot_peft_config`), so every loader rebuilds them (with peft)."""
         self.config.pilot_peft_config = pilot_adapter_configs(self.pilot)
-        if args or kwargs.get("push_to_hub") or not kwargs.get("is_main_process", True):
-            return super().save_pretrained(save_directory, *args, **kwargs)
-        if os.path.isfile(save_directory):
-            return super().save_pretrained(save_directory, **kwargs)
-        with atomic_save_directory(save_directory) as staging:
-            super().save_pretrained(staging, **kwargs)
+        return super().save_pretrained(save_directory, *args, **kwargs)
 
     # ----------------------------------------------------------------------------------------------
     # Forward
@@ -372,16 +363,6 @@ class PilotCopilotForCausalLM(PilotEmbeddingsMixin, PreTrainedModel, GenerationM
                 output.copilot_loss = torch.sqrt(squared_error / num_tokens)
             output.loss = output.pilot_loss + output.copilot_loss
         return output
-
-    def fusion_settings(
-        self, copilot_lambda: float | None, fusion: str | None, copilot_feedback: str | None
-    ) -> tuple[float, str, str]:
-        """Per-call overrides fall back on the config."""
-        copilot_lambda = self.config.copilot_lambda if copilot_lambda is None else copilot_lambda
-        fusion = fusion or self.config.fusion
-        copilot_feedback = copilot_feedback or self.config.copilot_feedback
-        validate_fusion_settings(copilot_lambda, fusion, copilot_feedback)
-        return copilot_lambda, fusion, copilot_feedback
 
     def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
         # The Copilot's state lives in the cache, so fused generation always uses one, whatever the Pilot's

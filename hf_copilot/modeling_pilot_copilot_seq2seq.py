@@ -29,12 +29,12 @@ from transformers.utils import ModelOutput
 
 from .checkpointing import (
     HUB_KWARGS,
-    atomic_save_directory,
     check_loaded_tensors,
     copy_pretrained_decoder,
     read_checkpoint_config,
 )
 from .configuration_pilot_copilot import (
+    FUSION_FIELDS,
     CopilotConfig,
     PilotCopilotSeq2SeqConfig,
     copilot_config_like,
@@ -50,9 +50,7 @@ from .generation_pilot_copilot import (
     fuse_scores,
 )
 from .mistake_log_entry import MistakeLogEntry, copilot_squared_error, mistake_log_entry_from_seq2seq_pass
-from .modeling_copilot import CopilotModel, PilotEmbeddingsMixin
-
-FUSION_FIELDS = ("copilot_lambda", "fusion", "copilot_feedback")
+from .modeling_copilot import CopilotModel, PilotCopilotMixin
 
 
 @dataclass
@@ -76,7 +74,7 @@ class PilotCopilotSeq2SeqOutput(ModelOutput):
     mistake_log_entry: MistakeLogEntry | None = None
 
 
-class PilotCopilotForSeq2SeqLM(PilotEmbeddingsMixin, PreTrainedModel, GenerationMixin):
+class PilotCopilotForSeq2SeqLM(PilotCopilotMixin, PreTrainedModel, GenerationMixin):
     """A fine-tuned encoder-decoder LM (the Pilot) with a Copilot that rectifies its next-token distribution."""
 
     config_class = PilotCopilotSeq2SeqConfig
@@ -184,15 +182,6 @@ class PilotCopilotForSeq2SeqLM(PilotEmbeddingsMixin, PreTrainedModel, Generation
         )
         check_loaded_tensors(info, pretrained_model_name_or_path)
         return (model, info) if wants_info else model
-
-    def save_pretrained(self, save_directory: str | os.PathLike, *args, **kwargs) -> None:
-        """`PreTrainedModel.save_pretrained`, written atomically (`atomic_save_directory`)."""
-        if args or kwargs.get("push_to_hub") or not kwargs.get("is_main_process", True):
-            return super().save_pretrained(save_directory, *args, **kwargs)
-        if os.path.isfile(save_directory):
-            return super().save_pretrained(save_directory, **kwargs)
-        with atomic_save_directory(save_directory) as staging:
-            super().save_pretrained(staging, **kwargs)
 
     def get_encoder(self, modality: str | None = None) -> nn.Module:
         return self.pilot.get_encoder()
@@ -320,16 +309,6 @@ class PilotCopilotForSeq2SeqLM(PilotEmbeddingsMixin, PreTrainedModel, Generation
                 output.copilot_loss = torch.sqrt(squared_error / num_tokens)
             output.loss = output.pilot_loss + output.copilot_loss
         return output
-
-    def fusion_settings(
-        self, copilot_lambda: float | None, fusion: str | None, copilot_feedback: str | None
-    ) -> tuple[float, str, str]:
-        """Per-call overrides fall back on the config."""
-        copilot_lambda = self.config.copilot_lambda if copilot_lambda is None else copilot_lambda
-        fusion = fusion or self.config.fusion
-        copilot_feedback = copilot_feedback or self.config.copilot_feedback
-        validate_fusion_settings(copilot_lambda, fusion, copilot_feedback)
-        return copilot_lambda, fusion, copilot_feedback
 
     # ----------------------------------------------------------------------------------------------
     # generate() hooks
