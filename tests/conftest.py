@@ -61,6 +61,16 @@ from hf_copilot import CopilotConfig, PilotCopilotForCausalLM
 # made the suite several times slower than this.
 torch.set_num_threads(1)
 
+# The Hub-facing files a save copies next to the weights (for trust_remote_code), per wrapper.
+SHARED_HUB_FILES = {
+    "checkpointing.py",
+    "configuration_pilot_copilot.py",
+    "generation_pilot_copilot.py",
+    "mistake_log_entry.py",
+    "modeling_copilot.py",
+}
+CAUSAL_HUB_FILES = SHARED_HUB_FILES | {"modeling_pilot_copilot.py"}
+SEQ2SEQ_HUB_FILES = SHARED_HUB_FILES | {"modeling_pilot_copilot_seq2seq.py"}
 VOCAB_SIZE = 64
 HIDDEN_SIZE = 32
 PAD_TOKEN_ID, BOS_TOKEN_ID, EOS_TOKEN_ID = 0, 1, 2

@@ -12,22 +12,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import build_pilot_copilot
+from conftest import CAUSAL_HUB_FILES, build_pilot_copilot
 
 from hf_copilot import PilotCopilotForCausalLM, checkpointing
 from hf_copilot.checkpointing import atomic_save_directory
 
-WHOLE_MODEL_FILES = {
-    "checkpointing.py",
-    "config.json",
-    "configuration_pilot_copilot.py",
-    "generation_config.json",
-    "generation_pilot_copilot.py",
-    "mistake_log_entry.py",
-    "model.safetensors",
-    "modeling_copilot.py",
-    "modeling_pilot_copilot.py",
-}
+WHOLE_MODEL_FILES = CAUSAL_HUB_FILES | {"config.json", "generation_config.json", "model.safetensors"}
 EXTRAS = {"optimizer.pt": b"optimizer state", "README.md": b"# card", "logs/events.txt": b"step 1"}
 STAGING = re.compile(r"\.model\.[0-9a-f]{8}\.tmp")  # what a killed save leaves beside the folder
 

@@ -17,25 +17,23 @@ import pytest
 import torch
 import transformers
 import transformers.modeling_utils
-from conftest import build_batch, build_pilot, build_pilot_copilot, char_tokenizer, run_without_hf_copilot
+from conftest import (
+    CAUSAL_HUB_FILES,
+    build_batch,
+    build_pilot,
+    build_pilot_copilot,
+    char_tokenizer,
+    run_without_hf_copilot,
+)
 from huggingface_hub import HfApi, ModelCard, RepoUrl
 from transformers import AutoModelForCausalLM
 
 from hf_copilot import CopilotTrainingArguments, PilotCopilotForCausalLM, pilot_fingerprint
 from hf_copilot.hub import README_NAME, USAGE_PROMPT, build_model_card, hub_model_id, stage_for_upload
 
-WHOLE_MODEL_FILES = [
-    "README.md",
-    "checkpointing.py",
-    "config.json",
-    "configuration_pilot_copilot.py",
-    "generation_config.json",
-    "generation_pilot_copilot.py",
-    "mistake_log_entry.py",
-    "model.safetensors",
-    "modeling_copilot.py",
-    "modeling_pilot_copilot.py",
-]
+WHOLE_MODEL_FILES = sorted(
+    CAUSAL_HUB_FILES | {"README.md", "config.json", "generation_config.json", "model.safetensors"}
+)
 COPILOT_ONLY_FILES = sorted(set(WHOLE_MODEL_FILES) - {"generation_config.json"})
 HUB_PILOT = "org/tiny-llama"
 EVALUATION = {"pilot_accuracy": 0.5, "fused_accuracy": 0.625}

@@ -8,18 +8,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+from conftest import CAUSAL_HUB_FILES, SEQ2SEQ_HUB_FILES
+
 import hf_copilot
 
 PACKAGE = Path(hf_copilot.__file__).parent
-HUB_FACING = {
-    "checkpointing.py",
-    "configuration_pilot_copilot.py",
-    "generation_pilot_copilot.py",
-    "mistake_log_entry.py",
-    "modeling_copilot.py",
-    "modeling_pilot_copilot.py",
-    "modeling_pilot_copilot_seq2seq.py",
-}
+HUB_FACING = CAUSAL_HUB_FILES | SEQ2SEQ_HUB_FILES
 
 
 def plugin_imports() -> dict[str, set[str]]:

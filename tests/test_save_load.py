@@ -12,21 +12,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import build_batch, build_pilot, build_pilot_copilot, run_without_hf_copilot
+from conftest import CAUSAL_HUB_FILES, build_batch, build_pilot, build_pilot_copilot, run_without_hf_copilot
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
 import hf_copilot
 from hf_copilot import CopilotConfig, PilotCopilotForCausalLM, pilot_fingerprint
 
-HUB_FILES = {
-    "checkpointing.py",
-    "configuration_pilot_copilot.py",
-    "generation_pilot_copilot.py",
-    "mistake_log_entry.py",
-    "modeling_copilot.py",
-    "modeling_pilot_copilot.py",
-}
+HUB_FILES = CAUSAL_HUB_FILES
 GENERATE = dict(max_new_tokens=5, do_sample=False, copilot_lambda=1.0)
 
 

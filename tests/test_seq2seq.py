@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from conftest import (
     FIRST_REGULAR_TOKEN,
     PAD_TOKEN_ID,
+    SEQ2SEQ_HUB_FILES,
     VOCAB_SIZE,
     build_pilot,
     char_tokenizer,
@@ -498,14 +499,7 @@ def test_generation_uses_the_encoder_decoder_cache_carrying_the_copilot_state():
 # --------------------------------------------------------------------------------------------------
 # Checkpoints
 
-HUB_FILES = {
-    "checkpointing.py",
-    "configuration_pilot_copilot.py",
-    "generation_pilot_copilot.py",
-    "mistake_log_entry.py",
-    "modeling_copilot.py",
-    "modeling_pilot_copilot_seq2seq.py",
-}
+HUB_FILES = SEQ2SEQ_HUB_FILES
 
 
 def assert_same_outputs(model, loaded):
