@@ -25,6 +25,7 @@ from conftest import (
     build_pilot_copilot,
     char_tokenizer,
 )
+from torch.overrides import TorchFunctionMode
 from transformers import AutoModelForCausalLM, pipeline
 from transformers.dynamic_module_utils import get_class_from_dynamic_module
 from transformers.generation.streamers import BaseStreamer
@@ -485,3 +486,31 @@ def test_the_vocabulary_head_runs_only_where_generate_reads_it(copilot_feedback)
     hook.remove()
     assert rows == [2, 1, 1, 1]
     assert torch.equal(tokens, reference_greedy(model, input_ids, new_tokens=4))
+
+
+class SoftmaxCounter(TorchFunctionMode):
+    """Counts the softmax calls torch sees, whoever makes them."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func in (torch.softmax, torch.nn.functional.softmax, torch.Tensor.softmax):
+            self.calls += 1
+        return func(*args, **(kwargs or {}))
+
+
+def softmax_calls(model, input_ids, **kwargs) -> int:
+    with SoftmaxCounter() as counter:
+        greedy(model, input_ids, max_new_tokens=5, **kwargs)
+    return counter.calls
+
+
+@pytest.mark.parametrize("copilot_feedback", ["observed", "copilot"])
+def test_fused_decoding_adds_one_softmax_per_step(copilot_feedback):
+    """The Mistake Log entry's probabilities serve the fusion too: no second softmax over the vocabulary."""
+    model = fused_model(copilot_feedback=copilot_feedback)
+    input_ids = prompt(length=6, batch_size=2)
+    pilot_only = softmax_calls(model.pilot, input_ids)
+    assert softmax_calls(model, input_ids) - pilot_only == 5  # one per forward: the prefill and 4 steps
