@@ -19,6 +19,9 @@ from transformers.utils.type_validators import activation_fn_key, interval, posi
 FUSION_SPACES = ("probs", "logits")
 INITIAL_ERROR_NORM = 0.1  # ||f_C|| of a Copilot initialised from a pretrained decoder (copilot_init)
 COPILOT_FEEDBACK_MODES = ("copilot", "observed")
+# How the Copilot's head output becomes f_C: "linear" is the paper's (f_C = W_out h); "reweight" makes W_out h
+# a logit correction of the Pilot's own distribution, f_C = softmax(log p + W_out h) - p (see CopilotModel).
+ERROR_FORMS = ("linear", "reweight")
 FUSION_FIELDS = ("copilot_lambda", "fusion", "copilot_feedback")  # how a model fuses; per generate() call too
 
 
@@ -37,6 +40,13 @@ def check_initial_error_norm(norm) -> None:
         isinstance(norm, bool) or not isinstance(norm, (int, float)) or not math.isfinite(norm) or norm <= 0
     ):
         raise ValueError(f"initial_error_norm must be a finite number > 0, or None, got {norm!r}.")
+
+
+def check_error_form(error_form) -> None:
+    if error_form not in ERROR_FORMS:
+        raise ValueError(
+            f"Unknown error_form={error_form!r}: use one of {ERROR_FORMS} ('linear' is the paper's)."
+        )
 
 
 def check_fusion(fusion) -> None:
@@ -83,11 +93,14 @@ class CopilotConfig(PreTrainedConfig):
     hidden_dropout: int | float = probability(default=0.0)
     rms_norm_eps: int | float = interval(min=0.0, exclude_min=True)(default=1e-6)
     initializer_range: int | float = interval(min=0.0, max=1.0)(default=0.02)
-    # Optional: W_out drawn so that ||f_C|| starts near this (near "no correction") instead of at
+    # Optional, for the linear head: W_out drawn so that ||f_C|| starts near this (near "no correction") instead of at
     # initializer_range, where a random head predicts errors of norm ~std * sqrt(V * d) >> ||e|| <= sqrt(2).
     # Measured: it helps a Copilot trained alone on a frozen Pilot and hurts joint training in every seed
     # (benchmarks/results/initial_error_norm/quality.md), so the default leaves it off.
     initial_error_norm: int | float | None = validated_field(check_initial_error_norm, default=None)
+    # "reweight" learnt faster and lifted more where the Pilot's own candidates hold the answer (sorting) and
+    # learnt less elsewhere (benchmarks/results/error_form/), so the paper's head stays the default.
+    error_form: str = validated_field(check_error_form, default="linear")
     base_model_name_or_path: str | None = None
     pilot_fingerprint: str | None = None
     # The paper's Copilot for an encoder-decoder Pilot: self- and cross-attention in every layer, the

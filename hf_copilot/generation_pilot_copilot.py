@@ -9,10 +9,11 @@ cropping) moves the Copilot's state together with the Pilot's keys and values.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from transformers import DynamicCache, EncoderDecoderCache, LogitsProcessor
 from transformers.generation.utils import ALL_CACHE_NAMES
 
-from .mistake_log_entry import MistakeLogEntry, PilotErrors, answer_token_positions, shift_right
+from .mistake_log_entry import MistakeLogEntry, answer_token_positions, shift_right
 
 PROBABILITY_FLOOR = 1e-10
 # What forward() calls its cache argument and generate() its model_kwargs key: `cache` from transformers 5.24,
@@ -106,12 +107,49 @@ class CopilotKVCache:
         self.length = min(self.length, length)
 
 
+class PositionRows:
+    """Rows [B, d] indexed by absolute position, in a buffer that grows by doubling (in-place writes)."""
+
+    def __init__(self):
+        self.buffer: torch.Tensor | None = None  # [B, capacity, d]
+        self.start = self.end = 0
+
+    def write(self, start: int, rows: torch.Tensor) -> None:
+        """Rows [B, n, d] for positions start..start+n-1; positions from `start` on are replaced."""
+        if self.buffer is None or not self.start <= start <= self.end:
+            self.buffer, self.start = None, start
+        offset, end = start - self.start, start + rows.shape[1]
+        if self.buffer is None or end - self.start > self.buffer.shape[1]:
+            grown = rows.new_empty(rows.shape[0], 2 * (end - self.start), rows.shape[2])
+            if self.buffer is not None:
+                grown[:, :offset] = self.buffer[:, :offset]
+            self.buffer = grown
+        self.buffer[:, offset : end - self.start] = rows
+        self.end = end
+
+    def at(self, position: int) -> torch.Tensor:
+        if not self.start <= position < self.end:
+            raise RuntimeError(
+                f"The Copilot holds no feedback for position {position} (it holds {self.start}..{self.end - 1}); "
+                "was the cache reused across generate() calls?"
+            )
+        return self.buffer[:, position - self.start]
+
+    def crop(self, length: int) -> None:
+        self.end = min(self.end, length)
+
+    def map_batch(self, fn) -> None:
+        if self.buffer is not None:
+            self.buffer = fn(self.buffer)
+
+
 class CopilotDecodingState:
     """The Copilot's keys/values and the feedback its next step needs.
 
     `predicted_errors`/`probs` hold f_C and the Pilot's p_hat for the positions of the last forward call
     that generate() scores, starting at absolute position `start`: the processor reads the row of the
-    position it scores, and cropping back into that call (assisted decoding) knows the feedback to resume from.
+    position it scores. The feedback a next step reads, W_in p_j and W_in f_C_j, is kept for every decoded
+    position (d_C per row, not V), so that a rollback of several tokens (assisted decoding) resumes exactly.
     """
 
     def __init__(self, kv_cache):
@@ -119,17 +157,21 @@ class CopilotDecodingState:
         self.predicted_errors: torch.Tensor | None = None  # [B, n, V]
         self.probs: torch.Tensor | None = None  # [B, n, V]
         self.start = 0
+        self.embedded_probs = PositionRows()  # W_in p_j: the observed error of j once token j+1 is known
+        self.embedded_predicted_errors = PositionRows()  # W_in f_C_j: the paper's feedback
 
-    def record(self, predicted_errors: torch.Tensor, probs: torch.Tensor, start: int) -> None:
+    def record(
+        self,
+        predicted_errors: torch.Tensor,
+        probs: torch.Tensor,
+        start: int,
+        embedded_probs: torch.Tensor,
+        embedded_predicted_errors: torch.Tensor | None,
+    ) -> None:
         self.predicted_errors, self.probs, self.start = predicted_errors.detach(), probs.detach(), start
-
-    @property
-    def last_predicted_error(self) -> torch.Tensor:
-        return self.predicted_errors[:, -1]
-
-    @property
-    def last_probs(self) -> torch.Tensor:
-        return self.probs[:, -1]
+        self.embedded_probs.write(start, embedded_probs.detach())
+        if embedded_predicted_errors is not None:
+            self.embedded_predicted_errors.write(start, embedded_predicted_errors.detach())
 
     def at(self, position: int) -> tuple[torch.Tensor, torch.Tensor]:
         """f_C and the Pilot's probabilities at `position`."""
@@ -143,18 +185,22 @@ class CopilotDecodingState:
 
     def map_batch(self, fn) -> None:
         self.kv_cache.map_batch(fn)
+        self.embedded_probs.map_batch(fn)
+        self.embedded_predicted_errors.map_batch(fn)
         if self.predicted_errors is not None:
             self.predicted_errors, self.probs = fn(self.predicted_errors), fn(self.probs)
 
     def crop(self, length: int) -> None:
-        keep = length - self.start
-        if self.predicted_errors is not None and not 1 <= keep <= self.predicted_errors.shape[1]:
+        if self.predicted_errors is not None and length <= self.embedded_probs.start:
             raise ValueError(
-                f"Cannot crop the Copilot's state to {length} positions: only positions from {self.start} on "
-                "can be returned to."
+                f"Cannot crop the Copilot's state to {length} positions: only positions from "
+                f"{self.embedded_probs.start + 1} on can be returned to."
             )
         self.kv_cache.crop(length)
+        self.embedded_probs.crop(length)
+        self.embedded_predicted_errors.crop(length)
         if self.predicted_errors is not None:
+            keep = max(length - self.start, 0)
             self.predicted_errors, self.probs = self.predicted_errors[:, :keep], self.probs[:, :keep]
 
 
@@ -275,6 +321,7 @@ def copilot_on_entry(copilot, stream: torch.Tensor, entry: MistakeLogEntry, **kw
         entry.h_bar,
         entry.attention_mask,
         encoder_attention_mask=entry.encoder_attention_mask,
+        pilot_errors=entry.errors,
         **kwargs,
     )
 
@@ -325,11 +372,16 @@ def copilot_generation_step(
                 state.kv_cache,
                 keep,
                 encoder_attention_mask=entry.encoder_attention_mask,
+                pilot_errors=head.errors,
             )
         )
-    feedback = outputs[0][:, -1] if outputs else state.last_predicted_error
+    fed = []  # W_in f_C of every recorded row, the paper's feedback
+    if copilot_feedback == "copilot":
+        if outputs:
+            fed.append(copilot.embed_predicted_errors(outputs[0]))
+        feedback = fed[0] if outputs else state.embedded_predicted_errors.at(past - 1).unsqueeze(1)
     for position in range(known, new):
-        stream = copilot.embed_predicted_errors(feedback).unsqueeze(1)
+        stream = feedback[:, -1:]
         length = state.kv_cache.length + 1
         step_mask = None if attention_mask is None else attention_mask[:, :length]
         step = entry.map_positions(lambda t, position=position: t[:, position : position + 1])
@@ -340,12 +392,22 @@ def copilot_generation_step(
             step_mask,
             state.kv_cache,
             encoder_attention_mask=entry.encoder_attention_mask,
+            pilot_errors=step.errors,
         )
         outputs.append(predicted_error)
-        feedback = predicted_error[:, 0]
+        feedback = copilot.embed_predicted_errors(predicted_error)
+        fed.append(feedback)
     predicted_errors = outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=1)
     rows = predicted_errors.shape[1]
-    state.record(predicted_errors, entry.errors.probs[:, new - rows :], start=past + new - rows)
+    probs = entry.errors.probs[:, new - rows :]
+    embedded_predicted_errors = (fed[0] if len(fed) == 1 else torch.cat(fed, dim=1)) if fed else None
+    state.record(
+        predicted_errors,
+        probs,
+        past + new - rows,
+        F.linear(probs.to(copilot.error_proj.weight.dtype), copilot.error_proj.weight),
+        embedded_predicted_errors,
+    )
     return predicted_errors
 
 
@@ -362,13 +424,8 @@ def observed_feedback(
             has_next = torch.ones_like(input_ids[:, :1], dtype=torch.bool)
         else:
             has_next = attention_mask[:, past - 1 : past + 1].bool().all(dim=1, keepdim=True)
-        previous = PilotErrors(
-            targets=input_ids[:, :1],
-            mask=has_next,
-            vocab_size=errors.vocab_size,
-            probs=state.last_probs.unsqueeze(1),
-        )
-        first = copilot.embed_errors(previous)
+        gold = F.embedding(input_ids[:, :1], copilot.error_proj.weight.t())
+        first = (gold - state.embedded_probs.at(past - 1).unsqueeze(1)) * has_next.unsqueeze(-1)
     else:
         weight = copilot.error_proj.weight
         first = weight.new_zeros(input_ids.shape[0], 1, weight.shape[0])

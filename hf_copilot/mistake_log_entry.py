@@ -104,14 +104,17 @@ class PilotErrors:
             predicted_error, self._safe_targets(), self.mask, self.probs, self.topk_indices, self.topk_values
         )
 
+    def probabilities(self) -> torch.Tensor:
+        """The Pilot's p_j [B,T,V]; compact errors give their top-k, zero elsewhere."""
+        if not self.is_compact:
+            return self.probs
+        shape = (*self.targets.shape, self.vocab_size)
+        probs = torch.zeros(shape, dtype=self.topk_values.dtype, device=self.topk_values.device)
+        return probs.scatter_(-1, self.topk_indices, self.topk_values)
+
     def dense(self) -> torch.Tensor:
         """The error tensor [B,T,V] (for tests, research and small vocabularies)."""
-        if self.is_compact:
-            shape = (*self.targets.shape, self.vocab_size)
-            probs = torch.zeros(shape, dtype=self.topk_values.dtype, device=self.topk_values.device)
-            probs.scatter_(-1, self.topk_indices, self.topk_values)
-        else:
-            probs = self.probs
+        probs = self.probabilities()
         onehot = F.one_hot(self._safe_targets(), self.vocab_size).to(probs.dtype)
         return (onehot - probs) * self.mask.unsqueeze(-1).to(probs.dtype)
 

@@ -200,6 +200,19 @@ def build_attention_mask(
     return mask.masked_fill(~allowed, torch.finfo(dtype).min)
 
 
+def reweighted_error(head_output: torch.Tensor, pilot_probs: torch.Tensor) -> torch.Tensor:
+    """f_C = softmax(log p + W_out h) - p: the head re-weights the Pilot's distribution p.
+
+    The paper's linear head must rebuild -p from the Pilot's hidden states through a vocabulary-sized
+    projection before it can predict anything; here p is given and the head only says which of the Pilot's
+    candidates to move mass to. A head output of zero is exactly "no correction", and p + 1 * f_C is a
+    distribution. Tokens where p is zero (outside a compact entry's top-k) keep a negligible share.
+    """
+    probs = pilot_probs.float()
+    logits = probs.clamp_min(1e-30).log() + head_output.float()
+    return (torch.softmax(logits, dim=-1) - probs).to(head_output.dtype)
+
+
 class CopilotPreTrainedModel(PreTrainedModel):
     config_class = CopilotConfig
     base_model_prefix = "copilot"
@@ -280,6 +293,7 @@ class CopilotModel(CopilotPreTrainedModel):
         kv_cache: CopilotKVCache | None = None,
         errors_to_keep: int = 0,
         encoder_attention_mask: torch.Tensor | None = None,
+        pilot_errors: PilotErrors | None = None,
     ) -> torch.Tensor:
         """stream: [B,T,d_C], already W_in e_{j-1}; h_bar: [B,T,d_P] for the same positions; x_tilde: [B,T,d_P]
         for them too, or for an encoder-decoder Pilot its encoder output [B,S,d_P] with `encoder_attention_mask`
@@ -287,6 +301,8 @@ class CopilotModel(CopilotPreTrainedModel):
 
         `attention_mask` [B, past + T] covers the cached positions too. Returns f_C [B,T,V], or for the last
         `errors_to_keep` positions only (0: all): a prefill needs the vocabulary-sized head at its last one.
+        `pilot_errors`: the Pilot's errors at these T positions, whose probabilities the "reweight" error form
+        corrects (`config.error_form`).
         """
         batch, length, _ = stream.shape
         past = kv_cache.length if kv_cache is not None else 0
@@ -317,7 +333,14 @@ class CopilotModel(CopilotPreTrainedModel):
             hidden = layer(hidden, memory, positions, masks, kv_cache)
         if kv_cache is not None:
             kv_cache.length = past + length
-        return self.error_head(self.norm(hidden[:, -errors_to_keep:]))
+        head_output = self.error_head(self.norm(hidden[:, -errors_to_keep:]))
+        if self.config.error_form == "linear":
+            return head_output
+        if pilot_errors is None:
+            raise ValueError(
+                "A Copilot with error_form='reweight' needs the Pilot's errors (`pilot_errors=`)."
+            )
+        return reweighted_error(head_output, pilot_errors.probabilities()[:, -head_output.shape[1] :])
 
     @staticmethod
     def encoder_decoder_memory(

@@ -41,6 +41,7 @@ from .generation_pilot_copilot import (
     CopilotLogitsProcessor,
     PilotCopilotCache,
     copilot_generation_step,
+    copilot_on_entry,
     copilot_stream,
     fuse_scores,
 )
@@ -334,9 +335,7 @@ class PilotCopilotForCausalLM(PilotCopilotMixin, PreTrainedModel, GenerationMixi
         else:
             copilot_entry = entry if copilot_batch is None else copilot_batch.to(logits.device)
             stream = copilot_stream(self.copilot, copilot_entry, copilot_feedback_fraction)
-            predicted_errors = self.copilot(
-                stream, copilot_entry.x_tilde, copilot_entry.h_bar, copilot_entry.attention_mask
-            )
+            predicted_errors = copilot_on_entry(self.copilot, stream, copilot_entry)
 
         output = PilotCopilotOutput(
             logits=logits,

@@ -29,6 +29,7 @@ BAD_FIELDS = [
     ({"attention_bias": 1}, "attention_bias", "expected bool, got int"),
     ({"initial_error_norm": 0.0}, "initial_error_norm", "finite number > 0, or None, got 0.0"),
     ({"initial_error_norm": float("inf")}, "initial_error_norm", "finite number > 0, or None, got inf"),
+    ({"error_form": "logits"}, "error_form", "Unknown error_form='logits': use one of"),
 ]
 
 

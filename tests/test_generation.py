@@ -24,6 +24,7 @@ from conftest import (
     build_pilot,
     build_pilot_copilot,
     char_tokenizer,
+    tiny_copilot_config,
 )
 from torch.overrides import TorchFunctionMode
 from transformers import AutoModelForCausalLM, pipeline
@@ -34,6 +35,7 @@ from hf_copilot import PilotCopilotCache, PilotCopilotForCausalLM, fuse_scores
 
 FUSION_SPACES = ("probs", "logits")
 FEEDBACK_MODES = ("copilot", "observed")
+ERROR_FORMS = ("linear", "reweight")
 NEW_TOKENS = 12
 
 
@@ -43,12 +45,15 @@ def prompt(length: int = 6, batch_size: int = 1, seed: int = 0) -> torch.Tensor:
 
 
 @torch.no_grad()
-def fused_model(arch: str = "llama", **fusion) -> PilotCopilotForCausalLM:
+def fused_model(arch: str = "llama", error_form: str = "linear", **fusion) -> PilotCopilotForCausalLM:
     """A float64 Pilot+Copilot without EOS (every sequence runs to max_new_tokens, as the references
-    assume). The large-std Copilot's W_out is shrunk so that f_C is on the scale of the Pilot's
-    probabilities: both then matter, and lambda and the fusion space change decisions."""
-    model = build_pilot_copilot(arch, **fusion).double()
-    model.copilot.error_head.weight.mul_(0.01)
+    assume). The large-std linear Copilot's W_out is shrunk so that f_C is on the scale of the Pilot's
+    probabilities: both then matter, and lambda and the fusion space change decisions (a "reweight"
+    Copilot's f_C is on that scale by construction)."""
+    copilot_config = tiny_copilot_config(error_form=error_form)
+    model = build_pilot_copilot(arch, copilot_config, **fusion).double()
+    if error_form == "linear":
+        model.copilot.error_head.weight.mul_(0.01)
     model.generation_config.eos_token_id = None
     return model
 
@@ -80,12 +85,12 @@ def reference_step(model: PilotCopilotForCausalLM, sequence: torch.Tensor, promp
     entry = out.mistake_log_entry
     observed = model.copilot.embed_errors(entry.errors)  # W_in e_j
     stream = torch.cat([torch.zeros_like(observed[:, :1]), observed[:, :-1]], dim=1)
-    copilot_errors = model.copilot(stream, entry.x_tilde, entry.h_bar)
+    copilot_errors = model.copilot(stream, entry.x_tilde, entry.h_bar, pilot_errors=entry.errors)
     if feedback == "copilot":
         for _ in range(sequence.shape[1] - prompt_length):
             own = model.copilot.embed_predicted_errors(copilot_errors[:, prompt_length - 1 : -1])
             stream = torch.cat([stream[:, :prompt_length], own], dim=1)
-            copilot_errors = model.copilot(stream, entry.x_tilde, entry.h_bar)
+            copilot_errors = model.copilot(stream, entry.x_tilde, entry.h_bar, pilot_errors=entry.errors)
     return out.logits[:, -1].float(), copilot_errors[:, -1]
 
 
@@ -148,10 +153,11 @@ def test_lambda_zero_is_the_pilots_own_generate(arch, decoding):
 # Fused decoding equals the slow reference
 
 
+@pytest.mark.parametrize("error_form", ERROR_FORMS)
 @pytest.mark.parametrize("feedback", FEEDBACK_MODES)
 @pytest.mark.parametrize("fusion", FUSION_SPACES)
-def test_fused_greedy_equals_full_recomputation(fusion, feedback):
-    model = fused_model(fusion=fusion, copilot_feedback=feedback)
+def test_fused_greedy_equals_full_recomputation(fusion, feedback, error_form):
+    model = fused_model(error_form=error_form, fusion=fusion, copilot_feedback=feedback)
     input_ids = prompt()
     fused = greedy(model, input_ids)
     assert not torch.equal(fused, greedy(model, input_ids, copilot_lambda=0.0))
@@ -185,10 +191,11 @@ def test_left_padded_batch_equals_one_prompt_at_a_time(arch, feedback):
         assert torch.equal(batched[row : row + 1], alone), f"prompt {row}"
 
 
+@pytest.mark.parametrize("error_form", ERROR_FORMS)
 @pytest.mark.parametrize("feedback", FEEDBACK_MODES)
 @pytest.mark.parametrize("fusion", FUSION_SPACES)
-def test_beam_search_equals_reference_beam_search(fusion, feedback):
-    model = fused_model(fusion=fusion, copilot_feedback=feedback)
+def test_beam_search_equals_reference_beam_search(fusion, feedback, error_form):
+    model = fused_model(error_form=error_form, fusion=fusion, copilot_feedback=feedback)
     input_ids, num_beams = prompt(), 4
     beams = dict(num_beams=num_beams, num_return_sequences=num_beams, do_sample=False)
     out = generate(model, input_ids, return_dict_in_generate=True, **beams)
@@ -347,7 +354,8 @@ def prefilled(feedback: str = "copilot", batch_size: int = 2):
 
 def copilot_tensors(cache: PilotCopilotCache) -> list[torch.Tensor]:
     state = cache.copilot
-    return [*state.kv_cache.keys, *state.kv_cache.values, state.predicted_errors, state.probs]
+    feedback = [state.embedded_probs.buffer, state.embedded_predicted_errors.buffer]
+    return [*state.kv_cache.keys, *state.kv_cache.values, state.predicted_errors, state.probs, *feedback]
 
 
 @pytest.mark.parametrize(
@@ -379,6 +387,27 @@ def test_crop_rolls_the_copilot_back_and_resumes_from_there(feedback):
     with torch.no_grad():
         resumed = model(tokens[:, 6:], cache=cache, use_cache=True).predicted_error
     torch.testing.assert_close(resumed, predictions[:, 1:])
+
+
+@pytest.mark.parametrize("feedback", FEEDBACK_MODES)
+def test_crop_after_one_token_steps_resumes_from_an_earlier_step(feedback):
+    """An assistant drafts one token per forward and is then rolled back several tokens: the feedback of the
+    position it returns to comes from an earlier call than the last."""
+    model = fused_model(copilot_feedback=feedback)
+    tokens = prompt(length=9, batch_size=2)
+    cache = PilotCopilotCache(config=model.config.get_text_config(decoder=True))
+    with torch.no_grad():
+        model(tokens[:, :5], cache=cache, use_cache=True)
+        steps = [
+            model(tokens[:, j : j + 1], cache=cache, use_cache=True).predicted_error for j in range(5, 9)
+        ]
+        cache.crop(-3)
+        assert cache.get_seq_length() == cache.copilot.kv_cache.length == 6
+        resumed = model(tokens[:, 6:], cache=cache, use_cache=True).predicted_error
+    assert not torch.allclose(steps[1], steps[2])
+    torch.testing.assert_close(resumed, torch.cat(steps[1:], dim=1))
+    with pytest.raises(ValueError, match="only positions from"):
+        cache.crop(-9)  # back past the first recorded position
 
 
 def spy(method, calls: list):
@@ -454,7 +483,7 @@ def test_copilot_stream_feeds_answer_positions_the_copilots_own_first_pass_predi
     # reads W_in f_{j-1} from a pass over the observed stream instead.
     observed = torch.zeros(2, 8, copilot.config.hidden_size)
     observed[:, 1:] = entry.errors.dense()[:, :-1] @ copilot.error_proj.weight.t()
-    first = copilot(observed, entry.x_tilde, entry.h_bar, entry.attention_mask)
+    first = copilot(observed, entry.x_tilde, entry.h_bar, entry.attention_mask, pilot_errors=entry.errors)
     expected = observed.clone()
     for row in range(2):
         for j in range(1, 8):

@@ -167,7 +167,8 @@ def random_copilot_inputs(model, batch_size=2, seq_len=7, seed=0):
 
 def copilot_output(model, x_tilde, h_bar, errors):
     stream = shift_right(model.copilot.embed_errors(errors))
-    return model.copilot(stream, x_tilde, h_bar, torch.ones(x_tilde.shape[:2], dtype=torch.long))
+    mask = torch.ones(x_tilde.shape[:2], dtype=torch.long)
+    return model.copilot(stream, x_tilde, h_bar, mask, pilot_errors=errors)
 
 
 def perturbed_from(tensor: torch.Tensor, start: int) -> torch.Tensor:
@@ -176,25 +177,31 @@ def perturbed_from(tensor: torch.Tensor, start: int) -> torch.Tensor:
     return changed
 
 
+@pytest.mark.parametrize("error_form", ["linear", "reweight"])
 @pytest.mark.parametrize("copilot_hidden", [32, 16])  # 16: the memory is projected d_P -> d_C
 @pytest.mark.parametrize("j", [0, 3, 5])
 @torch.no_grad()
-def test_copilot_output_at_j_ignores_everything_after_j(j, copilot_hidden):
-    model = build_pilot_copilot("llama", copilot_config=tiny_copilot_config(hidden_size=copilot_hidden))
+def test_copilot_output_at_j_ignores_everything_after_j(j, copilot_hidden, error_form):
+    copilot_config = tiny_copilot_config(hidden_size=copilot_hidden, error_form=error_form)
+    model = build_pilot_copilot("llama", copilot_config=copilot_config)
     x_tilde, h_bar, errors = random_copilot_inputs(model)
     reference = copilot_output(model, x_tilde, h_bar, errors)
-    later_errors = errors.map_tensors(lambda t: t.clone())
-    later_errors.probs[:, j:] = torch.randn(later_errors.probs[:, j:].shape).softmax(-1)
-    later_errors.targets[:, j:] = (errors.targets[:, j:] + 1) % VOCAB_SIZE
+    later_targets, later_probs = (errors.map_tensors(lambda t: t.clone()) for _ in range(2))
+    later_targets.targets[:, j:] = (errors.targets[:, j:] + 1) % VOCAB_SIZE
+    later_probs.probs[:, j + 1 :] = torch.randn(later_probs.probs[:, j + 1 :].shape).softmax(-1)
     changes = {
         "x_tilde": (perturbed_from(x_tilde, j + 1), h_bar, errors),
         "h_bar": (x_tilde, perturbed_from(h_bar, j + 1), errors),
-        # e_j contains token j+1: position j must not see it (its stream holds e_{j-1}).
-        "errors": (x_tilde, h_bar, later_errors),
+        # e_j contains token j+1: position j must not see it (its stream holds e_{j-1}). The Pilot's own
+        # p_j is known at position j (the reweight head corrects it), p_{j+1} is not.
+        "targets": (x_tilde, h_bar, later_targets),
+        "probs": (x_tilde, h_bar, later_probs),
     }
     for name, inputs in changes.items():
         changed = copilot_output(model, *inputs)
         assert torch.equal(changed[:, : j + 1], reference[:, : j + 1]), name
+        if name == "probs" and error_form == "linear" and j + 2 == x_tilde.shape[1]:
+            continue  # the last position has no error, so the linear head never reads its p
         assert not torch.allclose(changed[:, j + 1 :], reference[:, j + 1 :]), f"{name} changes nothing later"
 
 
@@ -441,7 +448,7 @@ def test_initial_error_norm_starts_the_copilot_near_no_correction():
     for norm in (0.1, 0.01):
         torch.manual_seed(0)
         model = PilotCopilotForCausalLM.from_pilot(
-            build_pilot("llama"), tiny_copilot_config(initial_error_norm=norm)
+            build_pilot("llama"), tiny_copilot_config(initial_error_norm=norm, error_form="linear")
         )
         with torch.no_grad():
             predicted = model(**inputs).predicted_error.norm(dim=-1)[real]
@@ -449,3 +456,28 @@ def test_initial_error_norm_starts_the_copilot_near_no_correction():
     torch.manual_seed(0)  # the default: W_out at initializer_range like every other weight
     model = PilotCopilotForCausalLM.from_pilot(build_pilot("llama"), tiny_copilot_config())
     assert model.copilot.error_head.weight.std().item() == pytest.approx(0.02, rel=0.1)
+
+
+@torch.no_grad()
+def test_reweight_error_form_moves_the_pilots_own_probability_mass():
+    """error_form="reweight": f_C = softmax(log p + W_out h) - p, so p + f_C is a distribution, and a zero head
+    predicts no correction."""
+    batch = build_batch()
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    model = build_pilot_copilot("llama", tiny_copilot_config(error_form="reweight"), copilot_std=0.1)
+    out = model(**inputs, return_mistake_log=True)
+    probs = out.mistake_log_entry.errors.probs.double()
+    model.copilot.config.error_form = "linear"  # the same network's raw head output, W_out h
+    head_output = model(**inputs).predicted_error.double()
+    reweighted = probs * head_output.exp()
+    expected = reweighted / reweighted.sum(-1, keepdim=True) - probs
+    torch.testing.assert_close(out.predicted_error.double(), expected, rtol=0, atol=1e-6)
+    assert not torch.allclose(out.predicted_error, torch.zeros_like(out.predicted_error), atol=1e-3)
+    torch.testing.assert_close((probs + out.predicted_error).sum(-1), torch.ones_like(probs[..., 0]))
+
+    model.copilot.config.error_form = "reweight"
+    model.copilot.error_head.weight.zero_()
+    torch.testing.assert_close(model(**inputs).predicted_error, torch.zeros_like(out.predicted_error))
+    copilot_inputs = random_copilot_inputs(model)
+    with pytest.raises(ValueError, match="error_form='reweight' needs the Pilot's errors"):
+        model.copilot(model.copilot.embed_errors(copilot_inputs[2]), *copilot_inputs[:2])

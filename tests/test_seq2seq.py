@@ -47,7 +47,7 @@ from hf_copilot import (
     fuse_scores,
 )
 from hf_copilot.generation_pilot_copilot import CACHE_KEYWORD, PilotCopilotEncoderDecoderCache
-from hf_copilot.mistake_log_entry import shift_right
+from hf_copilot.mistake_log_entry import PilotErrors, shift_right
 
 ARCHITECTURES = ("t5", "bart")
 FUSION_SPACES = ("probs", "logits")
@@ -125,7 +125,8 @@ def fused_model(arch: str = "t5", **fusion) -> PilotCopilotForSeq2SeqLM:
     """float64, no EOS (every sequence runs to max_new_tokens, as the references assume), f_C on the scale of
     the Pilot's probabilities so that both models matter and lambda and the fusion space change decisions."""
     model = build_model(arch, **fusion).double()
-    model.copilot.error_head.weight.mul_(ERROR_HEAD_SCALE[arch])
+    if model.copilot.config.error_form == "linear":  # a reweight head's f_C is on that scale by construction
+        model.copilot.error_head.weight.mul_(ERROR_HEAD_SCALE[arch])
     model.generation_config.eos_token_id = None
     return model
 
@@ -187,12 +188,19 @@ def reference_step(model, inputs, sequence: torch.Tensor, feedback: str, prompt_
     hidden = model.pilot(**inputs, decoder_input_ids=sequence, output_hidden_states=True)
     x_tilde, h_bar = hidden.encoder_last_hidden_state, torch.stack(hidden.decoder_hidden_states[1:]).mean(0)
     mask = inputs["attention_mask"].bool()
-    copilot_errors = model.copilot(stream, x_tilde, h_bar, encoder_attention_mask=mask)
+    # The reweight head reads the Pilot's probabilities at every position (targets and mask play no part).
+    unused = torch.zeros_like(sequence)
+    pilot = PilotErrors(
+        unused, unused.bool(), VOCAB_SIZE, probs=probs.to(model.copilot.error_proj.weight.dtype)
+    )
+    copilot_errors = model.copilot(stream, x_tilde, h_bar, encoder_attention_mask=mask, pilot_errors=pilot)
     if feedback == "copilot":
         for _ in range(sequence.shape[1] - prompt_length):
             own = model.copilot.embed_predicted_errors(copilot_errors[:, prompt_length - 1 : -1])
             stream = torch.cat([stream[:, :prompt_length], own], dim=1)
-            copilot_errors = model.copilot(stream, x_tilde, h_bar, encoder_attention_mask=mask)
+            copilot_errors = model.copilot(
+                stream, x_tilde, h_bar, encoder_attention_mask=mask, pilot_errors=pilot
+            )
     return out.logits[:, -1], copilot_errors[:, -1]
 
 
@@ -303,6 +311,7 @@ def test_changing_decoder_position_k_changes_no_copilot_output_before_it(arch):
 @torch.no_grad()
 def test_every_real_source_position_is_visible_to_every_decoder_position():
     model = build_model("t5")
+    model.copilot.config.error_form = "linear"  # what attention sees, read straight off the head
     generator = torch.Generator().manual_seed(0)
     stream = torch.randn(2, 5, 32, generator=generator)
     x_tilde, h_bar = torch.randn(2, 7, 32, generator=generator), torch.randn(2, 5, 32, generator=generator)

@@ -321,6 +321,7 @@ def test_copilot_objective_counts_fresh_and_replayed_positions_of_the_whole_step
             replay.x_tilde,
             replay.h_bar,
             replay.attention_mask,
+            pilot_errors=replay.errors,
         )
         replay_error, _ = copilot_squared_error(predictions, replay)
         expected = out.pilot_loss + 0.5 * (out.copilot_squared_error + replay_error) / step.num_tokens
@@ -362,6 +363,7 @@ def test_with_a_window_the_copilot_trains_on_log_rows_of_recent_rounds_only(tmp_
             sampled.x_tilde,
             sampled.h_bar,
             sampled.attention_mask,
+            pilot_errors=sampled.errors,
         )
         squared_error, count = copilot_squared_error(predicted, sampled)
     assert loss.item() == pytest.approx((out.pilot_loss + squared_error / count).item(), rel=1e-6)
