@@ -19,6 +19,7 @@ import argparse
 import json
 import os
 import statistics
+import sys
 import time
 
 import torch
@@ -29,17 +30,7 @@ from hf_copilot.experiments.evaluation import evaluate_task
 from hf_copilot.experiments.recipes import PilotShape, TrainingRecipe, task_tokenizer
 from hf_copilot.experiments.tasks import get_task
 
-# How the committed results were produced: two processes (one core each), then a merge.
-REPRODUCE = (
-    "python benchmarks/copilot_training.py --tasks sorting --variants baseline exposure observed "
-    "observed+window_16 observed+window_64 observed+lr_2x --output /tmp/ct2/a",
-    "python benchmarks/copilot_training.py --tasks sorting --variants observed+constant_schedule "
-    "observed+final_epoch observed+final_3_epochs observed+window_16+constant "
-    "observed+window_16+constant+lr_2x --output /tmp/ct2/b",
-    "python benchmarks/copilot_training.py --from-records /tmp/ct2/a/copilot_training.json "
-    "/tmp/ct2/b/copilot_training.json",
-)
-COPILOT = CopilotConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4)
+COPILOT_SHAPE = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4}
 SWEEP = (0.0, 0.5, 1.0, 2.0)
 # One change at a time from the previous defaults (fresh entry, Pilot's lr, paper's feedback untrained).
 BASELINE = {
@@ -49,6 +40,7 @@ BASELINE = {
     "copilot_final_epochs": 0.0,
     "copilot_lr_scheduler_type": None,
     "copilot_feedback": "copilot",
+    "error_form": "linear",
 }
 OBSERVED = {"copilot_feedback": "observed"}
 # Round 1, the feedback mode; round 2, each training option on top of round 1's winner (observed).
@@ -73,6 +65,23 @@ VARIANTS = {
         "mistake_log_window": 16,
         "copilot_lr_scheduler_type": "constant_with_warmup",
         "copilot_learning_rate_multiple": 2.0,
+    },
+    # Round 4: the error form, on the defaults that round 2 chose (observed, constant schedule).
+    "observed+constant+reweight": {
+        **OBSERVED,
+        "copilot_lr_scheduler_type": "constant_with_warmup",
+        "error_form": "reweight",
+    },
+    "observed+constant+final_epoch": {
+        **OBSERVED,
+        "copilot_lr_scheduler_type": "constant_with_warmup",
+        "copilot_final_epochs": 1.0,
+    },
+    "observed+constant+final_epoch+reweight": {
+        **OBSERVED,
+        "copilot_lr_scheduler_type": "constant_with_warmup",
+        "copilot_final_epochs": 1.0,
+        "error_form": "reweight",
     },
 }
 # (task options, training examples, epochs): Pilots that stay between 20% and 80% exact match.
@@ -100,7 +109,8 @@ def run(task_name: str, seed: int, variant: str, eval_size: int) -> dict:
         "disable_tqdm": True,
     }
     pilot = PilotShape(64, 2, 4).build(tokenizer, seed)
-    model = PilotCopilotForCausalLM.from_pilot(pilot, COPILOT, copilot_feedback=settings["copilot_feedback"])
+    copilot = CopilotConfig(**COPILOT_SHAPE, error_form=settings["error_form"])
+    model = PilotCopilotForCausalLM.from_pilot(pilot, copilot, copilot_feedback=settings["copilot_feedback"])
     args = recipe.arguments(f"/tmp/copilot_training/{task_name}-{seed}-{variant}", with_copilot=True)
     collator = DataCollatorForCompletion(tokenizer)
     trainer = CopilotTrainer(
@@ -168,19 +178,23 @@ def summarise(records: list[dict]) -> list[dict]:
     return rows
 
 
-def write(records: list[dict], output: str) -> None:
+def write(records: list[dict], output: str, commands: list[str]) -> None:
     os.makedirs(output, exist_ok=True)
     rows = summarise(records)
     with open(os.path.join(output, "copilot_training.json"), "w") as f:
-        json.dump({"commands": REPRODUCE, "summary": rows, "records": records}, f, indent=1)
+        json.dump({"commands": commands, "summary": rows, "records": records}, f, indent=1)
+    tasks = "; ".join(
+        f"{task} {SETTINGS[task][0]} on {SETTINGS[task][1]:,} examples for {SETTINGS[task][2]:g} epochs"
+        for task in dict.fromkeys(r["task"] for r in records)
+    )
     lines = [
         "# Copilot training: one change at a time (validation, scratch regime)",
         "",
-        "Committed results: " + "; then ".join(f"`{line}`" for line in REPRODUCE) + ".",
+        "Committed results: " + "; then ".join(f"`{line}`" for line in commands) + ".",
         "",
-        "Sorting 8 digits, Pilot LLaMA 64 x 2 layers trained from scratch on 2,000 examples for 2 epochs, Copilot "
-        "32 x 2 layers; 400 validation prompts. R^2 and token accuracies teacher forced; exact match through "
-        "generate() with lambda the best of {0.5, 1, 2} (the Pilot at lambda 0).",
+        f"Pilot LLaMA 64 x 2 layers trained from scratch ({tasks}), Copilot 32 x 2 layers; 400 validation "
+        "prompts. R^2 and token accuracies teacher forced; exact match through generate() with lambda the best "
+        "of {0.5, 1, 2} (the Pilot at lambda 0).",
         "",
         "| task | variant | seeds | R^2 | Pilot exact | fused exact | lift per seed | Pilot token acc | fused token acc |",
         "| --- | --- | ---: | ---: | ---: | ---: | --- | ---: | ---: |",
@@ -197,31 +211,34 @@ def write(records: list[dict], output: str) -> None:
 
 
 def plot(records: list[dict], path: str) -> None:
-    """Held-out R^2 and exact match per variant: bars are means, dots the seeds."""
+    """Held-out R^2 and exact match per variant, one row per task: bars are means, dots the seeds."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    variants = [v for v in VARIANTS if any(r["variant"] == v for r in records)]
-    figure, (r2_axis, exact_axis) = plt.subplots(1, 2, figsize=(13, 5))
-    for index, variant in enumerate(variants):
-        chosen = [r for r in records if r["variant"] == variant]
-        r2 = [r["r2"] for r in chosen]
-        fused = [r["fused_exact"] for r in chosen]
-        r2_axis.barh(index, statistics.mean(r2), color="tab:blue")
-        r2_axis.plot(r2, [index] * len(r2), "k.")
-        exact_axis.barh(index, statistics.mean(fused), color="tab:green")
-        exact_axis.plot(fused, [index] * len(fused), "k.")
-    pilot = statistics.mean(r["pilot_exact"] for r in records)
-    exact_axis.axvline(pilot, color="tab:red", label=f"Pilot alone ({pilot:.3f})")
-    for axis in (r2_axis, exact_axis):
-        axis.set_yticks(range(len(variants)), variants if axis is r2_axis else [""] * len(variants))
-        axis.invert_yaxis()
-    r2_axis.set_xlabel("held-out R^2 of the Copilot")
-    exact_axis.set_xlabel("fused exact match (validation)")
-    exact_axis.legend(loc="lower right")
-    figure.suptitle("Copilot training, one change at a time (sorting, 3 seeds)")
+    tasks = list(dict.fromkeys(r["task"] for r in records))
+    figure, axes = plt.subplots(len(tasks), 2, figsize=(13, 4.5 * len(tasks)), squeeze=False)
+    for (r2_axis, exact_axis), task in zip(axes, tasks, strict=True):
+        chosen_task = [r for r in records if r["task"] == task]
+        variants = [v for v in VARIANTS if any(r["variant"] == v for r in chosen_task)]
+        for index, variant in enumerate(variants):
+            chosen = [r for r in chosen_task if r["variant"] == variant]
+            r2 = [r["r2"] for r in chosen]
+            fused = [r["fused_exact"] for r in chosen]
+            r2_axis.barh(index, statistics.mean(r2), color="tab:blue")
+            r2_axis.plot(r2, [index] * len(r2), "k.")
+            exact_axis.barh(index, statistics.mean(fused), color="tab:green")
+            exact_axis.plot(fused, [index] * len(fused), "k.")
+        pilot = statistics.mean(r["pilot_exact"] for r in chosen_task)
+        exact_axis.axvline(pilot, color="tab:red", label=f"Pilot alone ({pilot:.3f})")
+        for axis in (r2_axis, exact_axis):
+            axis.set_yticks(range(len(variants)), variants if axis is r2_axis else [""] * len(variants))
+            axis.invert_yaxis()
+        r2_axis.set_xlabel(f"{task}: held-out R^2 of the Copilot")
+        exact_axis.set_xlabel(f"{task}: fused exact match (validation)")
+        exact_axis.legend(loc="lower right")
+    figure.suptitle("Copilot training, one change at a time (scratch regime, mean of seeds)")
     figure.tight_layout()
     figure.savefig(path, dpi=100)
     plt.close(figure)
@@ -237,9 +254,12 @@ def main() -> None:
     parser.add_argument("--from-records", nargs="+", help="merge record files instead of running")
     args = parser.parse_args()
     torch.set_num_threads(1)
+    command = "python benchmarks/copilot_training.py " + " ".join(sys.argv[1:])
     if args.from_records:
-        records = [r for path in args.from_records for r in json.load(open(path))["records"]]
-        write(records, args.output)
+        merged = [json.load(open(path)) for path in args.from_records]
+        records = [r for result in merged for r in result["records"]]
+        earlier = [c for result in merged for c in result["commands"] if "--from-records" not in c]
+        write(records, args.output, [*dict.fromkeys(earlier), command])
         return
     records = []
     for task in args.tasks:
@@ -254,7 +274,7 @@ def main() -> None:
                     f"{record['train_seconds']} s",
                     flush=True,
                 )
-                write(records, args.output)
+                write(records, args.output, [command])
 
 
 if __name__ == "__main__":

@@ -8,6 +8,8 @@ Arms (same Pilot initialisation, data order and steps):
   pilot               the Pilot fine-tuned alone with the stock Trainer
   pilot_copilot       Pilot + a randomly initialised Copilot, CopilotTrainer with the package defaults and
                       copilot_final_epochs=1
+  pilot_copilot_reweight  the ablation of CopilotConfig.error_form: pilot_copilot with the "reweight" head
+                      (f_C = softmax(log p + W_out h) - p) instead of the paper's linear one
   pilot_copilot_small_head  the ablation of CopilotConfig.initial_error_norm: pilot_copilot with its output
                       head drawn so that ||f_C|| starts at 0.1 (observed feedback only)
   pilot_copilot_paper the same trained for the paper's feedback mode (copilot_feedback="copilot", the
@@ -49,27 +51,12 @@ from hf_copilot.experiments.evaluation import DEFAULT_LAMBDAS, evaluate_task
 from hf_copilot.experiments.recipes import PilotShape, matched_shape, task_tokenizer
 from hf_copilot.experiments.tasks import get_task
 
-# How the committed results were produced (one core each, some in parallel), then merged.
-REPRODUCE = (
-    "python benchmarks/model_family.py",
-    "python benchmarks/quality.py --regime pretrained --output /tmp/q/pretrained (stopped after word_problems; "
-    "the other families ran as below, in parallel)",
-    "python benchmarks/quality.py --regime pretrained --tasks arithmetic --arms pilot_copilot_paper "
-    "--output /tmp/q/pretrained_paper",
-    "python benchmarks/quality.py --regime pretrained --tasks word_problems --arms pilot_copilot_paper "
-    "--output /tmp/q/pretrained_paper_wp",
-    "python benchmarks/quality.py --regime pretrained --tasks recommendation --output /tmp/q/pretrained_rec",
-    "python benchmarks/quality.py --regime pretrained --tasks multiple_choice --arms pilot pilot_copilot "
-    "pilot_matched --output /tmp/q/pretrained_mc",
-    "python benchmarks/quality.py --regime scratch --output /tmp/q/scratch",
-    "python benchmarks/quality.py --regime scratch --arms pilot_copilot_paper --output /tmp/q/scratch_paper",
-    "python benchmarks/quality.py --from-records /tmp/q/*/quality.json",
-)
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 FEEDBACK_MODES = ("observed", "copilot")
 ARMS = (
     "pilot",
     "pilot_copilot",
+    "pilot_copilot_reweight",
     "pilot_copilot_small_head",
     "pilot_copilot_paper",
     "pilot_copilot_init",
@@ -135,8 +122,17 @@ def arguments(setting: Setting, seed: int, output_dir: str, with_copilot: bool, 
 class Experiment:
     """One regime, task and seed: the data, the tokenizer, and how each arm's model is made."""
 
-    def __init__(self, regime: str, setting: Setting, seed: int, eval_size: int, family=None):
+    def __init__(
+        self,
+        regime: str,
+        setting: Setting,
+        seed: int,
+        eval_size: int,
+        family=None,
+        error_form: str | None = None,
+    ):
         self.regime, self.setting, self.seed = regime, setting, seed
+        self.error_form = error_form
         self.task = get_task(setting.task, **setting.options)
         self.family = family
         if family is not None:
@@ -161,9 +157,16 @@ class Experiment:
         return self.setting.shape.build(self.tokenizer, self.seed)
 
     def copilot_config(self) -> CopilotConfig:
+        """The Copilot's shape (the small family member's in the pretrained regime) with the chosen error form."""
         if self.family is None:
-            return SCRATCH_COPILOT
-        return copilot_config_like(AutoModelForCausalLM.from_pretrained(self.family.members["small"]).config)
+            config = SCRATCH_COPILOT
+        else:
+            config = copilot_config_like(
+                AutoModelForCausalLM.from_pretrained(self.family.members["small"]).config
+            )
+        if self.error_form is None:
+            return config
+        return CopilotConfig.from_dict(config.to_dict() | {"error_form": self.error_form})
 
     def copilot_parameters(self) -> int:
         model = PilotCopilotForCausalLM.from_pilot(
@@ -194,9 +197,19 @@ class Experiment:
         )["accuracy"]
 
 
-def run(regime: str, setting: Setting, seed: int, eval_size: int, family, arms=ARMS) -> list[dict]:
-    """The arms of one regime, task and seed."""
-    experiment = Experiment(regime, setting, seed, eval_size, family)
+def run(
+    regime: str,
+    setting: Setting,
+    seed: int,
+    eval_size: int,
+    family,
+    arms=ARMS,
+    feedback_modes: tuple[str, ...] = FEEDBACK_MODES,
+    error_form: str | None = None,
+) -> list[dict]:
+    """The arms of one regime, task and seed, each Copilot arm scored in `feedback_modes`; `error_form`
+    replaces the package's default head in every Copilot arm but the reweight ablation."""
+    experiment = Experiment(regime, setting, seed, eval_size, family, error_form)
     base = {"regime": regime, "task": setting.task, "seed": seed}
     records = []
 
@@ -236,6 +249,7 @@ def run(regime: str, setting: Setting, seed: int, eval_size: int, family, arms=A
                     "lambda": best,
                     "test_accuracy": accuracy,
                     "params": model.num_parameters(),
+                    "error_form": model.copilot.config.error_form,
                     "pilot_accuracy": own_pilot,
                     "validation_sweep": {str(k): v for k, v in sweep.items()},
                     "copilot_r2": r2,
@@ -249,7 +263,13 @@ def run(regime: str, setting: Setting, seed: int, eval_size: int, family, arms=A
     if "pilot_copilot" in arms:
         torch.manual_seed(seed + 1)
         joint = PilotCopilotForCausalLM.from_pilot(experiment.pilot(), experiment.copilot_config())
-        copilot_records("pilot_copilot", FEEDBACK_MODES, *experiment.fine_tune(joint, with_copilot=True))
+        copilot_records("pilot_copilot", feedback_modes, *experiment.fine_tune(joint, with_copilot=True))
+    if "pilot_copilot_reweight" in arms:
+        torch.manual_seed(seed + 1)
+        reweight = experiment.copilot_config().to_dict() | {"error_form": "reweight"}
+        joint = PilotCopilotForCausalLM.from_pilot(experiment.pilot(), reweight)
+        trained = experiment.fine_tune(joint, with_copilot=True)
+        copilot_records("pilot_copilot_reweight", feedback_modes, *trained)
     if "pilot_copilot_small_head" in arms:
         torch.manual_seed(seed + 1)
         small = experiment.copilot_config().to_dict() | {"initial_error_norm": INITIAL_ERROR_NORM}
@@ -264,15 +284,17 @@ def run(regime: str, setting: Setting, seed: int, eval_size: int, family, arms=A
         )
         copilot_records("pilot_copilot_paper", ("copilot",), *experiment.fine_tune(joint, with_copilot=True))
     if family is not None and {"pilot_copilot_init", "transfer"} & set(arms):
-        joint = PilotCopilotForCausalLM.from_pilot(experiment.pilot(), copilot_init=family.members["small"])
-        copilot_records("pilot_copilot_init", FEEDBACK_MODES, *experiment.fine_tune(joint, with_copilot=True))
+        joint = PilotCopilotForCausalLM.from_pilot(
+            experiment.pilot(), experiment.copilot_config(), copilot_init=family.members["small"]
+        )
+        copilot_records("pilot_copilot_init", feedback_modes, *experiment.fine_tune(joint, with_copilot=True))
         # The paper's transfer: this Copilot on a Pilot fine-tuned from the same base with another data order.
         other, _, _ = experiment.fine_tune(experiment.pilot(), with_copilot=False, data_seed=seed + 1000)
         folder, pilot_folder = (os.path.join(experiment.scratch, name) for name in ("copilot", "pilot"))
         joint.pilot.save_pretrained(pilot_folder)  # the Copilot's own (fine-tuned) Pilot, as its base
         joint.save_copilot(folder, base_model_name_or_path=pilot_folder)
         moved = PilotCopilotForCausalLM.from_pretrained(folder, pilot=other, allow_other_pilot=True).eval()
-        copilot_records("transfer", FEEDBACK_MODES, moved, 0.0, None)
+        copilot_records("transfer", feedback_modes, moved, 0.0, None)
     if "pilot_matched" in arms:
         pilot_record(
             "pilot_matched", *experiment.fine_tune(experiment.pilot("large"), with_copilot=False)[:2]
@@ -339,11 +361,12 @@ def summarise(records: list[dict], default_feedback: str) -> list[dict]:
     return rows
 
 
-def markdown(rows: list[dict]) -> str:
+def markdown(rows: list[dict], commands: list[str], note: str | None = None) -> str:
     lines = [
         "# Quality: Pilot alone, Pilot + Copilot, and a bigger Pilot",
         "",
-        "Committed results: " + "; ".join(f"`{line}`" for line in REPRODUCE) + ".  ",
+        "Committed results: " + "; ".join(f"`{line}`" for line in commands) + ".  ",
+        *([note + "  "] if note else []),
         f"Machine: {os.cpu_count()} CPU cores, torch {torch.__version__}, transformers {transformers.__version__}, "
         f"Python {platform.python_version()}. Test exact match, mean over seeds; lambda chosen on validation for "
         "each arm and feedback mode; per-seed lift: accuracy minus that of the very Pilot it rectifies "
@@ -397,14 +420,14 @@ def plot(rows: list[dict], path: str) -> None:
     plt.close(figure)
 
 
-def write(records: list[dict], output: str, command: str) -> None:
+def write(records: list[dict], output: str, commands: list[str], note: str | None = None) -> None:
     os.makedirs(output, exist_ok=True)
     default_feedback = PilotCopilotForCausalLM.config_class().copilot_feedback
     rows = summarise(records, default_feedback)
     with open(os.path.join(output, "quality.json"), "w") as handle:
-        json.dump({"command": command, "summary": rows, "records": records}, handle, indent=1)
+        json.dump({"commands": commands, "note": note, "summary": rows, "records": records}, handle, indent=1)
     with open(os.path.join(output, "quality.md"), "w") as handle:
-        handle.write(markdown(rows))
+        handle.write(markdown(rows, commands, note))
     if rows:
         plot(rows, os.path.join(output, "quality.png"))
 
@@ -419,6 +442,19 @@ def main() -> None:
     parser.add_argument("--eval-size", type=int, default=400)
     parser.add_argument("--output", default=RESULTS)
     parser.add_argument("--arms", nargs="+", choices=ARMS, default=list(ARMS))
+    parser.add_argument(
+        "--feedback",
+        nargs="+",
+        choices=FEEDBACK_MODES,
+        default=list(FEEDBACK_MODES),
+        help="the feedback modes each Copilot arm is scored in",
+    )
+    parser.add_argument(
+        "--error-form",
+        choices=("linear", "reweight"),
+        help="the Copilot arms' CopilotConfig.error_form (default: the package's)",
+    )
+    parser.add_argument("--note", help="a line for the markdown under the commands (what a reader must know)")
     parser.add_argument("--quick", action="store_true", help="smoke run: 200 examples, half an epoch")
     parser.add_argument(
         "--from-records", nargs="+", help="merge earlier quality.json files instead of running"
@@ -428,8 +464,10 @@ def main() -> None:
     transformers.utils.logging.set_verbosity_error()
     command = "python benchmarks/quality.py " + " ".join(sys.argv[1:])
     if args.from_records:
-        records = [r for path in args.from_records for r in json.load(open(path))["records"]]
-        write(records, args.output, command)
+        merged = [json.load(open(path)) for path in args.from_records]
+        records = [r for result in merged for r in result["records"]]
+        earlier = [c for result in merged for c in result["commands"] if "--from-records" not in c]
+        write(records, args.output, [*dict.fromkeys(earlier), command], args.note)
         return
     family = None
     if args.regime == "pretrained":
@@ -443,11 +481,20 @@ def main() -> None:
             continue
         if args.quick:
             setting = Setting(setting.task, setting.options, 200, 0.5, setting.learning_rate, setting.shape)
-        if args.quick:
-            setting = Setting(setting.task, setting.options, 200, 0.5, setting.learning_rate, setting.shape)
         for seed in args.seeds:
-            records.extend(run(args.regime, setting, seed, args.eval_size, family, args.arms))
-            write(records, args.output, command)
+            records.extend(
+                run(
+                    args.regime,
+                    setting,
+                    seed,
+                    args.eval_size,
+                    family,
+                    args.arms,
+                    tuple(args.feedback),
+                    args.error_form,
+                )
+            )
+            write(records, args.output, [command], args.note)
 
 
 if __name__ == "__main__":
