@@ -15,7 +15,7 @@ from .hub import attach_push_methods
 from .mistake_log import MistakeLog
 from .mistake_log_entry import MistakeLogEntry, PilotErrors
 from .modeling_pilot_copilot import CopilotCheckpointForCausalLM, CopilotModel, PilotCopilotForCausalLM
-from .modeling_pilot_copilot_seq2seq import PilotCopilotForSeq2SeqLM
+from .modeling_pilot_copilot_seq2seq import CopilotCheckpointForSeq2SeqLM, PilotCopilotForSeq2SeqLM
 
 __version__ = "0.1.0"
 
@@ -30,6 +30,7 @@ PilotCopilotForCausalLM.register_for_auto_class("AutoModelForCausalLM")
 # Encoder-decoder Pilots (T5, BART): their own config, so each Auto class maps one config to one model.
 AutoConfig.register(PilotCopilotSeq2SeqConfig.model_type, PilotCopilotSeq2SeqConfig, exist_ok=True)
 AutoModelForSeq2SeqLM.register(PilotCopilotSeq2SeqConfig, PilotCopilotForSeq2SeqLM, exist_ok=True)
+AutoModelForSeq2SeqLM.register(CopilotConfig, CopilotCheckpointForSeq2SeqLM, exist_ok=True)
 PilotCopilotSeq2SeqConfig.register_for_auto_class()
 PilotCopilotForSeq2SeqLM.register_for_auto_class("AutoModelForSeq2SeqLM")
 attach_push_methods(PilotCopilotForCausalLM)
@@ -58,6 +59,8 @@ def __getattr__(name: str):
 
 __all__ = [
     "__version__",
+    "CopilotCheckpointForCausalLM",
+    "CopilotCheckpointForSeq2SeqLM",
     "CopilotConfig",
     "CopilotLogitsProcessor",
     "CopilotModel",

@@ -182,14 +182,6 @@ def _training_section(training_args, training_details: str | None) -> str | None
     return "\n".join(lines) or None
 
 
-def _check_uploadable(model, copilot_only: bool) -> None:
-    if copilot_only and model.config.is_encoder_decoder:
-        raise NotImplementedError(
-            "Copilot-only checkpoints of encoder-decoder Pilots are not supported yet: upload the whole model "
-            "(copilot_only=False, model.push_to_hub)."
-        )
-
-
 def _auto_class(model) -> str:
     return "AutoModelForSeq2SeqLM" if model.config.is_encoder_decoder else "AutoModelForCausalLM"
 
@@ -306,7 +298,6 @@ def stage_for_upload(
     failure leaves no partial folder behind.
     """
     folder = os.fspath(folder)
-    _check_uploadable(model, copilot_only)
     if os.path.isfile(folder) or (os.path.isdir(folder) and os.listdir(folder)):
         raise FileExistsError(f"stage_for_upload writes a new folder; {folder!r} already holds files.")
     base = base_model or model.pilot.config.name_or_path or None
@@ -369,7 +360,6 @@ def push_to_hub(
     The arguments are those of `PreTrainedModel.push_to_hub` plus the card's (see `build_model_card`).
     The card replaces any README.md in the repository. Returns the `CommitInfo`.
     """
-    _check_uploadable(model, copilot_only)
     api = HfApi(library_name="hf_copilot")
     repo_id = api.create_repo(repo_id, private=private, token=token, exist_ok=True).repo_id
     with tempfile.TemporaryDirectory() as tmp:

@@ -15,9 +15,16 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import PreTrainedModel
 from transformers.activations import ACT2FN
+from transformers.dynamic_module_utils import custom_object_save
 
-from .checkpointing import atomic_save_directory
-from .configuration_pilot_copilot import CopilotConfig, validate_fusion_settings
+from .checkpointing import (
+    atomic_save_directory,
+    check_copilot_fits_pilot,
+    check_loaded_tensors,
+    pilot_fingerprint,
+    same_pilot,
+)
+from .configuration_pilot_copilot import FUSION_FIELDS, CopilotConfig, validate_fusion_settings
 from .generation_pilot_copilot import CopilotKVCache
 from .mistake_log_entry import PilotErrors
 
@@ -376,7 +383,105 @@ class CopilotModel(CopilotPreTrainedModel):
 
 class PilotCopilotMixin:
     """What the Pilot + Copilot wrappers share: their embeddings are the Pilot's (resizing the vocabulary resizes
-    the Copilot's W_in and W_out with it), fusion settings fall back on the config, saves are atomic."""
+    the Copilot's W_in and W_out with it), fusion settings fall back on the config, saves are atomic, and
+    Copilot-only checkpoints save and load the same way.
+
+    Each wrapper sets `wrapper_class` (itself: what loading returns, also from its Copilot-only checkpoint
+    class), `pilot_auto_class` (the Auto class of its Pilots) and `copilot_checkpoint_class` (the auto_map entry
+    that loads its Copilot-only folders).
+    """
+
+    wrapper_class: type
+    pilot_auto_class: type
+    copilot_checkpoint_class: str
+
+    @classmethod
+    def from_copilot_folder(
+        cls,
+        path: str | os.PathLike,
+        config: dict,
+        allow_other_pilot: bool,
+        wants_info: bool,
+        hub_kwargs,
+        kwargs,
+    ):
+        """Load a Copilot-only folder (its config.json already read as data) onto its base Pilot."""
+        is_seq2seq = cls.pilot_auto_class.__name__ == "AutoModelForSeq2SeqLM"
+        if bool(config.get("encoder_decoder")) != is_seq2seq:
+            kind, other = (
+                ("a decoder-only", "PilotCopilotForCausalLM")
+                if is_seq2seq
+                else (
+                    "an encoder-decoder",
+                    "PilotCopilotForSeq2SeqLM",
+                )
+            )
+            raise ValueError(f"{os.fspath(path)} holds the Copilot of {kind} Pilot: load it with {other}.")
+        kwargs.pop("config", None)  # the Copilot's, not the Pilot's
+        pilot = kwargs.pop("pilot", None) or config.get("base_model_name_or_path")
+        if pilot is None:
+            raise ValueError("This Copilot checkpoint names no base Pilot: pass pilot=<model or path>.")
+        info = {"missing_keys": set(), "unexpected_keys": set(), "mismatched_keys": set(), "error_msgs": []}
+        from_folder = isinstance(pilot, (str, os.PathLike))  # else a model: a PeftModel is no PreTrainedModel
+        if from_folder:  # the user's kwargs: trust_remote_code is theirs to give
+            pilot, info = cls.pilot_auto_class.from_pretrained(pilot, output_loading_info=True, **kwargs)
+        model = cls.wrapper_class.from_copilot_checkpoint(pilot, path, allow_other_pilot, **hub_kwargs)
+        if from_folder:  # this folder alone rebuilds the model: what a PEFT adapter on it names as its base
+            model.config.name_or_path = model.name_or_path = os.fspath(path)
+        return (model, info) if wants_info else model  # the Pilot's info: the Copilot's tensors are checked
+
+    @classmethod
+    def from_copilot_checkpoint(
+        cls, pilot: PreTrainedModel, copilot_path: str, allow_other_pilot: bool = False, **kwargs
+    ):
+        """Attach a Copilot saved with `save_copilot` to `pilot`, refusing a Pilot it was not trained with.
+
+        `allow_other_pilot=True` attaches it to another Pilot of the same sizes on purpose (a merged LoRA
+        Pilot, the paper's transfer experiment), with a warning: see `check_copilot_fits_pilot`.
+        """
+        copilot, info = CopilotModel.from_pretrained(copilot_path, output_loading_info=True, **kwargs)
+        check_loaded_tensors(info, copilot_path)
+        check_copilot_fits_pilot(copilot.config, pilot, allow_other_pilot)
+        fusion = {k: getattr(copilot.config, k) for k in FUSION_FIELDS if hasattr(copilot.config, k)}
+        model = cls.from_pilot(pilot, copilot_config=copilot.config, **fusion)
+        model.copilot.load_state_dict(copilot.state_dict())
+        return model
+
+    def save_copilot(
+        self, save_directory: str | os.PathLike, base_model_name_or_path: str | None = None, **kwargs
+    ) -> None:
+        """PEFT-style save: Copilot weights + a config naming the base Pilot and its fingerprint.
+
+        The base Pilot defaults to the Pilot's `name_or_path`. Written atomically (`atomic_save_directory`).
+        """
+        fingerprint = pilot_fingerprint(self.pilot)
+        base = base_model_name_or_path or self.pilot.config.name_or_path or None
+        attached = getattr(self, "attached_pilot_fingerprint", None)
+        unchanged = attached is None or same_pilot(attached, fingerprint)
+        if base_model_name_or_path is None and base is not None and not unchanged:
+            raise ValueError(
+                f"The Pilot was fine-tuned after it was loaded from {base!r}: this Copilot belongs to the fine-tuned "
+                f"Pilot and would be refused on {base!r}. Save that Pilot and name it: "
+                "model.pilot.save_pretrained(pilot_dir); model.save_copilot(path, base_model_name_or_path=pilot_dir) "
+                "(or save the whole model with save_pretrained)."
+            )
+        config = CopilotConfig(**self.copilot.config.to_dict())
+        config.base_model_name_or_path, config.pilot_fingerprint = base, fingerprint
+        for key in FUSION_FIELDS:
+            setattr(config, key, getattr(self.config, key))
+        # The Auto classes load it too, with trust_remote_code where hf_copilot is not installed.
+        config.auto_map = {
+            "AutoConfig": "configuration_pilot_copilot.CopilotConfig",
+            self.pilot_auto_class.__name__: self.copilot_checkpoint_class,
+        }
+        original = self.copilot.config
+        self.copilot.config = config
+        try:
+            with atomic_save_directory(save_directory) as staging:
+                self.copilot.save_pretrained(staging, **kwargs)
+                custom_object_save(self, staging)  # the Hub-facing files
+        finally:
+            self.copilot.config = original
 
     def fusion_settings(
         self, copilot_lambda: float | None, fusion: str | None, copilot_feedback: str | None

@@ -14,20 +14,16 @@ from dataclasses import dataclass
 
 import torch
 from transformers import AutoModelForCausalLM, GenerationMixin, PreTrainedModel
-from transformers.dynamic_module_utils import custom_object_save
 from transformers.utils import ModelOutput
 
 from .checkpointing import (
     HUB_KWARGS,
     apply_pilot_adapters,
-    atomic_save_directory,
-    check_copilot_fits_pilot,
     check_loaded_tensors,
     copy_pretrained_decoder,
     pilot_adapter_configs,
     pilot_fingerprint,
     read_checkpoint_config,
-    same_pilot,
 )
 from .configuration_pilot_copilot import (
     FUSION_FIELDS,
@@ -83,6 +79,8 @@ class PilotCopilotForCausalLM(PilotCopilotMixin, PreTrainedModel, GenerationMixi
     _supports_flex_attn = True
     _supports_attention_backend = True
     _no_split_modules = ["CopilotLayer"]
+    pilot_auto_class = AutoModelForCausalLM
+    copilot_checkpoint_class = "modeling_pilot_copilot.CopilotCheckpointForCausalLM"
 
     def __init__(self, config: PilotCopilotConfig, pilot: PreTrainedModel | None = None):
         config.validate_architecture()
@@ -190,73 +188,9 @@ class PilotCopilotForCausalLM(PilotCopilotMixin, PreTrainedModel, GenerationMixi
                 for name, parameter in model.pilot.named_parameters():
                     parameter.requires_grad_(name in trainable)
             return (model, info) if wants_info else model
-        kwargs.pop("config", None)  # the Copilot's, not the Pilot's
-        pilot = kwargs.pop("pilot", None) or config.get("base_model_name_or_path")
-        if pilot is None:
-            raise ValueError("This Copilot checkpoint names no base Pilot: pass pilot=<model or path>.")
-        info = {"missing_keys": set(), "unexpected_keys": set(), "mismatched_keys": set(), "error_msgs": []}
-        from_folder = isinstance(pilot, (str, os.PathLike))  # else a model: a PeftModel is no PreTrainedModel
-        if from_folder:  # the user's kwargs: trust_remote_code is theirs to give
-            pilot, info = AutoModelForCausalLM.from_pretrained(pilot, output_loading_info=True, **kwargs)
-        model = PilotCopilotForCausalLM.from_copilot_checkpoint(
-            pilot, pretrained_model_name_or_path, allow, **hub_kwargs
+        return cls.from_copilot_folder(
+            pretrained_model_name_or_path, config, allow, wants_info, hub_kwargs, kwargs
         )
-        if from_folder:  # this folder alone rebuilds the model: what a PEFT adapter on it names as its base
-            model.config.name_or_path = model.name_or_path = os.fspath(pretrained_model_name_or_path)
-        return (model, info) if wants_info else model  # the Pilot's info: the Copilot's tensors are checked
-
-    @classmethod
-    def from_copilot_checkpoint(
-        cls, pilot: PreTrainedModel, copilot_path: str, allow_other_pilot: bool = False, **kwargs
-    ) -> PilotCopilotForCausalLM:
-        """Attach a Copilot saved with `save_copilot` to `pilot`, refusing a Pilot it was not trained with.
-
-        `allow_other_pilot=True` attaches it to another Pilot of the same sizes on purpose (a merged LoRA
-        Pilot, the paper's transfer experiment), with a warning: see `check_copilot_fits_pilot`.
-        """
-        copilot, info = CopilotModel.from_pretrained(copilot_path, output_loading_info=True, **kwargs)
-        check_loaded_tensors(info, copilot_path)
-        check_copilot_fits_pilot(copilot.config, pilot, allow_other_pilot)
-        fusion = {k: getattr(copilot.config, k) for k in FUSION_FIELDS if hasattr(copilot.config, k)}
-        model = cls.from_pilot(pilot, copilot_config=copilot.config, **fusion)
-        model.copilot.load_state_dict(copilot.state_dict())
-        return model
-
-    def save_copilot(
-        self, save_directory: str | os.PathLike, base_model_name_or_path: str | None = None, **kwargs
-    ) -> None:
-        """PEFT-style save: Copilot weights + a config naming the base Pilot and its fingerprint.
-
-        The base Pilot defaults to the Pilot's `name_or_path`. Written atomically (`atomic_save_directory`).
-        """
-        fingerprint = pilot_fingerprint(self.pilot)
-        base = base_model_name_or_path or self.pilot.config.name_or_path or None
-        attached = getattr(self, "attached_pilot_fingerprint", None)
-        unchanged = attached is None or same_pilot(attached, fingerprint)
-        if base_model_name_or_path is None and base is not None and not unchanged:
-            raise ValueError(
-                f"The Pilot was fine-tuned after it was loaded from {base!r}: this Copilot belongs to the fine-tuned "
-                f"Pilot and would be refused on {base!r}. Save that Pilot and name it: "
-                "model.pilot.save_pretrained(pilot_dir); model.save_copilot(path, base_model_name_or_path=pilot_dir) "
-                "(or save the whole model with save_pretrained)."
-            )
-        config = CopilotConfig(**self.copilot.config.to_dict())
-        config.base_model_name_or_path, config.pilot_fingerprint = base, fingerprint
-        for key in FUSION_FIELDS:
-            setattr(config, key, getattr(self.config, key))
-        # The Auto classes load it too, with trust_remote_code where hf_copilot is not installed.
-        config.auto_map = {
-            "AutoConfig": "configuration_pilot_copilot.CopilotConfig",
-            "AutoModelForCausalLM": "modeling_pilot_copilot.CopilotCheckpointForCausalLM",
-        }
-        original = self.copilot.config
-        self.copilot.config = config
-        try:
-            with atomic_save_directory(save_directory) as staging:
-                self.copilot.save_pretrained(staging, **kwargs)
-                custom_object_save(self, staging)  # the Hub-facing files
-        finally:
-            self.copilot.config = original
 
     def save_pretrained(self, save_directory: str | os.PathLike, *args, **kwargs) -> None:
         """Atomic (`PilotCopilotMixin.save_pretrained`). A PEFT Pilot's tensors keep their names
@@ -413,6 +347,9 @@ class PilotCopilotForCausalLM(PilotCopilotMixin, PreTrainedModel, GenerationMixi
         return super()._get_candidate_generator(
             *args, logits_processor=logits_processor, model_kwargs=model_kwargs, **kwargs
         )
+
+
+PilotCopilotForCausalLM.wrapper_class = PilotCopilotForCausalLM
 
 
 class CopilotCheckpointForCausalLM(PilotCopilotForCausalLM):

@@ -31,6 +31,7 @@ from .checkpointing import (
     HUB_KWARGS,
     check_loaded_tensors,
     copy_pretrained_decoder,
+    pilot_fingerprint,
     read_checkpoint_config,
 )
 from .configuration_pilot_copilot import (
@@ -86,6 +87,8 @@ class PilotCopilotForSeq2SeqLM(PilotCopilotMixin, PreTrainedModel, GenerationMix
     _supports_flex_attn = True
     _supports_attention_backend = True
     _no_split_modules = ["CopilotEncoderDecoderLayer"]
+    pilot_auto_class = AutoModelForSeq2SeqLM
+    copilot_checkpoint_class = "modeling_pilot_copilot_seq2seq.CopilotCheckpointForSeq2SeqLM"
 
     def __init__(self, config: PilotCopilotSeq2SeqConfig, pilot: PreTrainedModel | None = None):
         config.validate_architecture()
@@ -147,6 +150,8 @@ class PilotCopilotForSeq2SeqLM(PilotCopilotMixin, PreTrainedModel, GenerationMix
         )
         config.name_or_path = pilot.config.name_or_path
         model = cls(config, pilot=pilot)
+        # What save_copilot's default base names; a jointly fine-tuned Pilot no longer matches it.
+        model.attached_pilot_fingerprint = pilot_fingerprint(pilot)
         model.to(device=pilot.device, dtype=next(pilot.parameters()).dtype)
         model.generation_config = pilot.generation_config
         if copilot_init is not None:
@@ -164,10 +169,10 @@ class PilotCopilotForSeq2SeqLM(PilotCopilotMixin, PreTrainedModel, GenerationMix
         tensors that the checkpoint lacks or has in excess are refused (`check_loaded_tensors`)."""
         hub_kwargs = {k: kwargs[k] for k in HUB_KWARGS if k in kwargs}
         try:
-            read_checkpoint_config(
+            config = read_checkpoint_config(
                 pretrained_model_name_or_path,
                 kwargs.get("config"),
-                (PilotCopilotSeq2SeqConfig.model_type,),
+                (PilotCopilotSeq2SeqConfig.model_type, CopilotConfig.model_type),
                 **hub_kwargs,
             )
         except ValueError as error:
@@ -176,7 +181,11 @@ class PilotCopilotForSeq2SeqLM(PilotCopilotMixin, PreTrainedModel, GenerationMix
                 "Copilot to a plain encoder-decoder model with "
                 "PilotCopilotForSeq2SeqLM.from_pilot(AutoModelForSeq2SeqLM.from_pretrained(path))."
             ) from error
-        wants_info = kwargs.pop("output_loading_info", False)
+        allow, wants_info = kwargs.pop("allow_other_pilot", False), kwargs.pop("output_loading_info", False)
+        if config["model_type"] == CopilotConfig.model_type:
+            return cls.from_copilot_folder(
+                pretrained_model_name_or_path, config, allow, wants_info, hub_kwargs, kwargs
+            )
         model, info = super().from_pretrained(
             pretrained_model_name_or_path, *args, output_loading_info=True, **kwargs
         )
@@ -369,4 +378,14 @@ class PilotCopilotForSeq2SeqLM(PilotCopilotMixin, PreTrainedModel, GenerationMix
         )
 
 
-__all__ = ["PilotCopilotForSeq2SeqLM", "PilotCopilotSeq2SeqOutput"]
+PilotCopilotForSeq2SeqLM.wrapper_class = PilotCopilotForSeq2SeqLM
+
+
+class CopilotCheckpointForSeq2SeqLM(PilotCopilotForSeq2SeqLM):
+    """What `AutoModelForSeq2SeqLM` loads from a Copilot-only folder: its base Pilot with the Copilot attached
+    (its own class only because an Auto class pairs one model class with one config class)."""
+
+    config_class = CopilotConfig
+
+
+__all__ = ["CopilotCheckpointForSeq2SeqLM", "PilotCopilotForSeq2SeqLM", "PilotCopilotSeq2SeqOutput"]

@@ -23,6 +23,7 @@ from conftest import (
     SEQ2SEQ_HUB_FILES,
     VOCAB_SIZE,
     build_pilot,
+    build_pilot_copilot,
     char_tokenizer,
     run_without_hf_copilot,
     tiny_copilot_config,
@@ -854,5 +855,64 @@ def test_the_whole_model_uploads_with_a_card_whose_usage_runs_without_hf_copilot
             model.generate(**inputs, max_new_tokens=32), skip_special_tokens=True
         )
     assert result.stdout.strip() == repr(expected)
-    with pytest.raises(NotImplementedError, match="Copilot-only checkpoints of encoder-decoder Pilots"):
-        model.push_copilot_to_hub("me/t5-copilot-only")
+
+
+def saved_pilot(arch: str, folder) -> PreTrainedModel:
+    """A Pilot saved to `folder` and loaded back from it, so that its name_or_path names the folder."""
+    build_seq2seq_pilot(arch).save_pretrained(folder)
+    return AutoModelForSeq2SeqLM.from_pretrained(folder).eval()
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_a_copilot_only_checkpoint_reloads_onto_its_base_pilot(arch, tmp_path):
+    model = build_model(arch, pilot=saved_pilot(arch, tmp_path / "pilot"), copilot_lambda=0.7)
+    model.save_copilot(tmp_path / "copilot")
+    assert not any(name.startswith("pilot") for name in load_file(tmp_path / "copilot" / "model.safetensors"))
+    inputs = source(batch_size=2, right_padding=(0, 2))
+    expected = greedy(model, inputs)
+    assert not torch.equal(expected, greedy(model, inputs, copilot_lambda=0.0))
+    for loader in (PilotCopilotForSeq2SeqLM, AutoModelForSeq2SeqLM):
+        loaded = loader.from_pretrained(tmp_path / "copilot").eval()
+        assert type(loaded) is PilotCopilotForSeq2SeqLM and loaded.config.copilot_lambda == 0.7
+        assert torch.equal(greedy(loaded, inputs), expected)
+    with pytest.raises(
+        ValueError, match="holds the Copilot of an encoder-decoder Pilot: load it with PilotCopilotFor"
+    ):
+        PilotCopilotForCausalLM.from_pretrained(tmp_path / "copilot")
+    with pytest.raises(ValueError, match="This Copilot was trained with a different Pilot"):
+        PilotCopilotForSeq2SeqLM.from_pretrained(
+            tmp_path / "copilot", pilot=build_seq2seq_pilot(arch, seed=5)
+        )
+
+
+def test_a_decoder_only_copilot_folder_is_refused_by_the_seq2seq_wrapper(tmp_path):
+    build_pilot_copilot("llama").save_copilot(tmp_path / "copilot", base_model_name_or_path="org/tiny-llama")
+    with pytest.raises(
+        ValueError, match="holds the Copilot of a decoder-only Pilot: load it with PilotCopilotForCausalLM"
+    ):
+        PilotCopilotForSeq2SeqLM.from_pretrained(tmp_path / "copilot")
+
+
+def test_the_copilot_only_upload_card_usage_runs_without_hf_copilot(tmp_path):
+    """Offline, folders named like the repository ids stand in for the Hub repositories."""
+    from hf_copilot.hub import README_NAME, USAGE_PROMPT, stage_for_upload
+
+    tokenizer, base, repo = char_tokenizer(), "org/tiny-t5", "me/t5-copilot"
+    model = build_model("t5", pilot=saved_pilot("t5", tmp_path / base))
+    stage_for_upload(
+        model, tmp_path / repo, copilot_only=True, base_model=base, repo_id=repo, tokenizer=tokenizer
+    )
+    config = json.loads((tmp_path / repo / "config.json").read_text())
+    assert config["auto_map"]["AutoModelForSeq2SeqLM"] == (
+        "modeling_pilot_copilot_seq2seq.CopilotCheckpointForSeq2SeqLM"
+    )
+    assert config["base_model_name_or_path"] == base
+    code = (tmp_path / repo / README_NAME).read_text().split("```python\n", 1)[1].split("```", 1)[0]
+    assert f'AutoModelForSeq2SeqLM.from_pretrained("{repo}", trust_remote_code=True)' in code
+    result = run_without_hf_copilot(code, tmp_path)
+    with torch.no_grad():
+        inputs = tokenizer([USAGE_PROMPT], return_tensors="pt")
+        expected = tokenizer.batch_decode(
+            model.generate(**inputs, max_new_tokens=32), skip_special_tokens=True
+        )
+    assert result.stdout.strip() == repr(expected)
