@@ -228,3 +228,18 @@ def run_without_hf_copilot(script: str, cwd, *args) -> subprocess.CompletedProce
     )
     assert result.returncode == 0, result.stderr[-4000:]
     return result
+
+
+def assert_card_usage_prints_the_models_generation(folder, model, tokenizer, cwd) -> None:
+    """The python block of the model card in `folder`, run where hf_copilot is absent, prints what `model`
+    generates for the card's prompt."""
+    from hf_copilot.hub import README_NAME, USAGE_PROMPT
+
+    code = (Path(folder) / README_NAME).read_text().split("```python\n", 1)[1].split("```", 1)[0]
+    result = run_without_hf_copilot(code, cwd)
+    with torch.no_grad():
+        inputs = tokenizer([USAGE_PROMPT], return_tensors="pt")
+        expected = tokenizer.batch_decode(
+            model.generate(**inputs, max_new_tokens=32), skip_special_tokens=True
+        )
+    assert result.stdout.strip() == repr(expected)

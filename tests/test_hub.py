@@ -19,6 +19,7 @@ import transformers
 import transformers.modeling_utils
 from conftest import (
     CAUSAL_HUB_FILES,
+    assert_card_usage_prints_the_models_generation,
     build_batch,
     build_pilot,
     build_pilot_copilot,
@@ -29,7 +30,7 @@ from huggingface_hub import HfApi, ModelCard, RepoUrl
 from transformers import AutoModelForCausalLM
 
 from hf_copilot import CopilotTrainingArguments, PilotCopilotForCausalLM, pilot_fingerprint
-from hf_copilot.hub import README_NAME, USAGE_PROMPT, build_model_card, hub_model_id, stage_for_upload
+from hf_copilot.hub import README_NAME, build_model_card, hub_model_id, stage_for_upload
 
 WHOLE_MODEL_FILES = sorted(
     CAUSAL_HUB_FILES | {"README.md", "config.json", "generation_config.json", "model.safetensors"}
@@ -365,13 +366,7 @@ def test_the_card_usage_runs_as_written_without_hf_copilot(tmp_path, copilot_onl
         f'AutoTokenizer.from_pretrained("{repo}", trust_remote_code=True)' in code
         and str(tmp_path) not in code
     )
-    result = run_without_hf_copilot(code, tmp_path)
-    with torch.no_grad():
-        inputs = tokenizer([USAGE_PROMPT], return_tensors="pt")
-        expected = tokenizer.batch_decode(
-            model.generate(**inputs, max_new_tokens=32), skip_special_tokens=True
-        )
-    assert result.stdout.strip() == repr(expected)
+    assert_card_usage_prints_the_models_generation(tmp_path / repo, model, tokenizer, tmp_path)
 
 
 def test_the_card_lists_hyperparameters_and_framework_versions(hub_named_model, tmp_path):

@@ -22,6 +22,7 @@ from conftest import (
     PAD_TOKEN_ID,
     SEQ2SEQ_HUB_FILES,
     VOCAB_SIZE,
+    assert_card_usage_prints_the_models_generation,
     build_pilot,
     build_pilot_copilot,
     char_tokenizer,
@@ -838,25 +839,6 @@ def source_of(rows: list[dict[str, list[int]]]) -> dict[str, torch.Tensor]:
     return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
 
 
-def test_the_whole_model_uploads_with_a_card_whose_usage_runs_without_hf_copilot(tmp_path):
-    from hf_copilot.hub import README_NAME, USAGE_PROMPT, stage_for_upload
-
-    tokenizer, model = char_tokenizer(), build_model("t5")
-    repo = "me/t5-copilot"
-    stage_for_upload(model, tmp_path / repo, repo_id=repo, tokenizer=tokenizer)
-    text = (tmp_path / repo / README_NAME).read_text()
-    assert "pipeline_tag: text2text-generation" in text
-    code = text.split("```python\n", 1)[1].split("```", 1)[0]
-    assert f'AutoModelForSeq2SeqLM.from_pretrained("{repo}", trust_remote_code=True)' in code
-    result = run_without_hf_copilot(code, tmp_path)
-    with torch.no_grad():
-        inputs = tokenizer([USAGE_PROMPT], return_tensors="pt")
-        expected = tokenizer.batch_decode(
-            model.generate(**inputs, max_new_tokens=32), skip_special_tokens=True
-        )
-    assert result.stdout.strip() == repr(expected)
-
-
 def saved_pilot(arch: str, folder) -> PreTrainedModel:
     """A Pilot saved to `folder` and loaded back from it, so that its name_or_path names the folder."""
     build_seq2seq_pilot(arch).save_pretrained(folder)
@@ -893,26 +875,21 @@ def test_a_decoder_only_copilot_folder_is_refused_by_the_seq2seq_wrapper(tmp_pat
         PilotCopilotForSeq2SeqLM.from_pretrained(tmp_path / "copilot")
 
 
-def test_the_copilot_only_upload_card_usage_runs_without_hf_copilot(tmp_path):
-    """Offline, folders named like the repository ids stand in for the Hub repositories."""
-    from hf_copilot.hub import README_NAME, USAGE_PROMPT, stage_for_upload
+@pytest.mark.parametrize("copilot_only", [False, True])
+def test_the_upload_card_usage_runs_without_hf_copilot(tmp_path, copilot_only):
+    """Offline, folders named like the repository ids stand in for the Hub repositories (the base Pilot's too)."""
+    from hf_copilot.hub import README_NAME, stage_for_upload
 
     tokenizer, base, repo = char_tokenizer(), "org/tiny-t5", "me/t5-copilot"
     model = build_model("t5", pilot=saved_pilot("t5", tmp_path / base))
-    stage_for_upload(
-        model, tmp_path / repo, copilot_only=True, base_model=base, repo_id=repo, tokenizer=tokenizer
-    )
-    config = json.loads((tmp_path / repo / "config.json").read_text())
-    assert config["auto_map"]["AutoModelForSeq2SeqLM"] == (
-        "modeling_pilot_copilot_seq2seq.CopilotCheckpointForSeq2SeqLM"
-    )
-    assert config["base_model_name_or_path"] == base
-    code = (tmp_path / repo / README_NAME).read_text().split("```python\n", 1)[1].split("```", 1)[0]
-    assert f'AutoModelForSeq2SeqLM.from_pretrained("{repo}", trust_remote_code=True)' in code
-    result = run_without_hf_copilot(code, tmp_path)
-    with torch.no_grad():
-        inputs = tokenizer([USAGE_PROMPT], return_tensors="pt")
-        expected = tokenizer.batch_decode(
-            model.generate(**inputs, max_new_tokens=32), skip_special_tokens=True
+    stage_for_upload(model, tmp_path / repo, copilot_only, base_model=base, repo_id=repo, tokenizer=tokenizer)
+    text = (tmp_path / repo / README_NAME).read_text()
+    assert "pipeline_tag: text2text-generation" in text
+    assert f'AutoModelForSeq2SeqLM.from_pretrained("{repo}", trust_remote_code=True)' in text
+    if copilot_only:
+        config = json.loads((tmp_path / repo / "config.json").read_text())
+        assert config["auto_map"]["AutoModelForSeq2SeqLM"] == (
+            "modeling_pilot_copilot_seq2seq.CopilotCheckpointForSeq2SeqLM"
         )
-    assert result.stdout.strip() == repr(expected)
+        assert config["base_model_name_or_path"] == base
+    assert_card_usage_prints_the_models_generation(tmp_path / repo, model, tokenizer, tmp_path)
