@@ -25,7 +25,7 @@ from .checkpointing import (
     same_pilot,
 )
 from .configuration_pilot_copilot import FUSION_FIELDS, CopilotConfig, validate_fusion_settings
-from .generation_pilot_copilot import CopilotKVCache
+from .generation_pilot_copilot import CopilotKVCache, CopilotLogitsProcessor
 from .mistake_log_entry import PilotErrors
 
 
@@ -504,6 +504,19 @@ class PilotCopilotMixin:
             return super().save_pretrained(save_directory, **kwargs)
         with atomic_save_directory(save_directory) as staging:
             super().save_pretrained(staging, **kwargs)
+
+    def _get_candidate_generator(self, *args, logits_processor=None, model_kwargs=None, **kwargs):
+        # An assistant drafts from its own scores: this model's Copilot predicted_errors and fusion
+        # settings belong to this model's positions, so neither is handed to the assistant's generate().
+        if logits_processor is not None:
+            logits_processor = type(logits_processor)(
+                p for p in logits_processor if not isinstance(p, CopilotLogitsProcessor)
+            )
+        if model_kwargs is not None:
+            model_kwargs = {k: v for k, v in model_kwargs.items() if k not in FUSION_FIELDS}
+        return super()._get_candidate_generator(
+            *args, logits_processor=logits_processor, model_kwargs=model_kwargs, **kwargs
+        )
 
     def get_input_embeddings(self) -> nn.Module:
         return self.pilot.get_input_embeddings()

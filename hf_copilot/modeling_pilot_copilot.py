@@ -26,7 +26,6 @@ from .checkpointing import (
     read_checkpoint_config,
 )
 from .configuration_pilot_copilot import (
-    FUSION_FIELDS,
     CopilotConfig,
     PilotCopilotConfig,
     copilot_config_like,
@@ -334,19 +333,6 @@ class PilotCopilotForCausalLM(PilotCopilotMixin, PreTrainedModel, GenerationMixi
         cache.prompt_length = input_ids_seq_length
         processors.insert(0, CopilotLogitsProcessor(cache, copilot_lambda, fusion))
         return processors
-
-    def _get_candidate_generator(self, *args, logits_processor=None, model_kwargs=None, **kwargs):
-        # An assistant drafts from its own scores: this model's Copilot predicted_errors and fusion
-        # settings belong to this model's positions, so neither is handed to the assistant's generate().
-        if logits_processor is not None:
-            logits_processor = type(logits_processor)(
-                p for p in logits_processor if not isinstance(p, CopilotLogitsProcessor)
-            )
-        if model_kwargs is not None:
-            model_kwargs = {k: v for k, v in model_kwargs.items() if k not in FUSION_FIELDS}
-        return super()._get_candidate_generator(
-            *args, logits_processor=logits_processor, model_kwargs=model_kwargs, **kwargs
-        )
 
 
 PilotCopilotForCausalLM.wrapper_class = PilotCopilotForCausalLM

@@ -371,12 +371,6 @@ class PilotCopilotForSeq2SeqLM(PilotCopilotMixin, PreTrainedModel, GenerationMix
         processors.insert(0, CopilotLogitsProcessor(cache, copilot_lambda, fusion))
         return processors
 
-    def _get_candidate_generator(self, *args, **kwargs):
-        raise NotImplementedError(
-            "Assisted decoding is not supported with an encoder-decoder Pilot + Copilot yet: generate without "
-            "assistant_model / prompt_lookup_num_tokens."
-        )
-
 
 PilotCopilotForSeq2SeqLM.wrapper_class = PilotCopilotForSeq2SeqLM
 

@@ -424,6 +424,29 @@ def test_fused_greedy_equals_full_recomputation(arch, fusion, feedback):
 
 @pytest.mark.parametrize("feedback", FEEDBACK_MODES)
 @pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_assisted_decoding_matches_fused_greedy(arch, feedback, monkeypatch):
+    """Drafts from the fused model's own Pilot are accepted or rejected by the fused scores, so the tokens are
+    fused greedy's; rejected drafts roll the Copilot's state back several positions."""
+    model = fused_model(arch, copilot_feedback=feedback, copilot_lambda=0.3)
+    inputs = source()
+    expected = greedy(model, inputs)
+    assert not torch.equal(expected, greedy(model, inputs, copilot_lambda=0.0))
+    crops = []
+    original_crop = PilotCopilotEncoderDecoderCache.crop
+
+    def recorded_crop(cache, tokens_to_remove):
+        crops.append(tokens_to_remove)
+        return original_crop(cache, tokens_to_remove)
+
+    monkeypatch.setattr(PilotCopilotEncoderDecoderCache, "crop", recorded_crop)
+    assert torch.equal(greedy(model, inputs, assistant_model=model.pilot), expected)
+    assert any(tokens_to_remove < 0 for tokens_to_remove in crops)
+    other_pilot = build_seq2seq_pilot(arch, seed=1).double()
+    assert torch.equal(greedy(model, inputs, assistant_model=other_pilot), expected)
+
+
+@pytest.mark.parametrize("feedback", FEEDBACK_MODES)
+@pytest.mark.parametrize("arch", ARCHITECTURES)
 def test_beam_search_equals_reference_beam_search(arch, feedback):
     model = fused_model(arch, copilot_feedback=feedback)
     inputs, num_beams = source(seed=2), 4
