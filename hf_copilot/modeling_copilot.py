@@ -18,9 +18,11 @@ from transformers.activations import ACT2FN
 from transformers.dynamic_module_utils import custom_object_save
 
 from .checkpointing import (
+    apply_pilot_adapters,
     atomic_save_directory,
     check_copilot_fits_pilot,
     check_loaded_tensors,
+    pilot_adapter_configs,
     pilot_fingerprint,
     same_pilot,
 )
@@ -493,11 +495,43 @@ class PilotCopilotMixin:
         validate_fusion_settings(copilot_lambda, fusion, copilot_feedback)
         return copilot_lambda, fusion, copilot_feedback
 
+    def prepared_pilot(self, config, pilot: nn.Module | None) -> nn.Module:
+        """The Pilot to hold: the given one (initialised already), or one built from the config, wrapped in the
+        PEFT adapters the config records (`pilot_peft_config`) so that a PEFT Pilot's saved tensors match."""
+        if pilot is not None:
+            # post_init must not re-draw modules it does not flag (a PEFT Pilot's LoRA layers are not
+            # PreTrainedModel modules).
+            for module in pilot.modules():
+                module._is_hf_initialized = True
+        else:
+            pilot = self.pilot_auto_class.from_config(config.text_config)
+            if config.pilot_peft_config:
+                pilot = apply_pilot_adapters(pilot, config.pilot_peft_config)
+                self._peft_trainable = {name for name, p in pilot.named_parameters() if p.requires_grad}
+        if hasattr(pilot, "get_base_model"):
+            # A PeftModel answers its base model's tied weights (post_init reads them), named as if it were that
+            # model: name them where they are, under base_model.model.
+            base = pilot.get_base_model()
+            inner = next(name for name, module in pilot.named_modules() if module is base)
+            tied = getattr(base, "all_tied_weights_keys", {}).items()
+            pilot.all_tied_weights_keys = {f"{inner}.{k}": f"{inner}.{v}" for k, v in tied}
+        return pilot
+
+    def restore_peft_trainable(self) -> None:
+        """Loading makes every tensor trainable: a PEFT Pilot's go back to how peft left them."""
+        trainable = getattr(self, "_peft_trainable", None)
+        if trainable is not None:
+            for name, parameter in self.pilot.named_parameters():
+                parameter.requires_grad_(name in trainable)
+
     def save_pretrained(self, save_directory: str | os.PathLike, *args, **kwargs) -> None:
         """`PreTrainedModel.save_pretrained`, written atomically (`atomic_save_directory`).
 
-        Saves that push or run on several processes keep the stock behaviour.
+        A PEFT Pilot's tensors keep their names (`pilot.base_model.model.*`, `lora_*`), as Trainer resume
+        needs; config.json records its adapters (`pilot_peft_config`), so every loader rebuilds them (with
+        peft). Saves that push or run on several processes keep the stock behaviour.
         """
+        self.config.pilot_peft_config = pilot_adapter_configs(self.pilot)
         if args or kwargs.get("push_to_hub") or not kwargs.get("is_main_process", True):
             return super().save_pretrained(save_directory, *args, **kwargs)
         if os.path.isfile(save_directory):

@@ -18,10 +18,8 @@ from transformers.utils import ModelOutput
 
 from .checkpointing import (
     HUB_KWARGS,
-    apply_pilot_adapters,
     check_loaded_tensors,
     copy_pretrained_decoder,
-    pilot_adapter_configs,
     pilot_fingerprint,
     read_checkpoint_config,
 )
@@ -84,24 +82,7 @@ class PilotCopilotForCausalLM(PilotCopilotMixin, PreTrainedModel, GenerationMixi
     def __init__(self, config: PilotCopilotConfig, pilot: PreTrainedModel | None = None):
         config.validate_architecture()
         super().__init__(config)
-        if pilot is not None:
-            # A given Pilot is initialised already: post_init must not re-draw modules it does not flag
-            # (a PEFT Pilot's LoRA layers are not PreTrainedModel modules).
-            for module in pilot.modules():
-                module._is_hf_initialized = True
-        if pilot is None:
-            pilot = AutoModelForCausalLM.from_config(config.text_config)
-            if config.pilot_peft_config:  # saved with a PEFT Pilot: the same adapters, so the tensors match
-                pilot = apply_pilot_adapters(pilot, config.pilot_peft_config)
-                self._peft_trainable = {name for name, p in pilot.named_parameters() if p.requires_grad}
-        if hasattr(pilot, "get_base_model"):
-            # A PeftModel answers its base model's tied weights (post_init reads them), named as if it were that
-            # model: name them where they are, under base_model.model.
-            base = pilot.get_base_model()
-            inner = next(name for name, module in pilot.named_modules() if module is base)
-            tied = getattr(base, "all_tied_weights_keys", {}).items()
-            pilot.all_tied_weights_keys = {f"{inner}.{k}": f"{inner}.{v}" for k, v in tied}
-        self.pilot = pilot
+        self.pilot = self.prepared_pilot(config, pilot)
         self.copilot = CopilotModel(config.copilot_config)
         self.post_init()
 
@@ -182,21 +163,11 @@ class PilotCopilotForCausalLM(PilotCopilotMixin, PreTrainedModel, GenerationMixi
                 pretrained_model_name_or_path, *args, output_loading_info=True, **kwargs
             )
             check_loaded_tensors(info, pretrained_model_name_or_path)
-            trainable = getattr(model, "_peft_trainable", None)
-            if trainable is not None:  # loading made every tensor trainable: a PEFT Pilot's as peft left them
-                for name, parameter in model.pilot.named_parameters():
-                    parameter.requires_grad_(name in trainable)
+            model.restore_peft_trainable()
             return (model, info) if wants_info else model
         return cls.from_copilot_folder(
             pretrained_model_name_or_path, config, allow, wants_info, hub_kwargs, kwargs
         )
-
-    def save_pretrained(self, save_directory: str | os.PathLike, *args, **kwargs) -> None:
-        """Atomic (`PilotCopilotMixin.save_pretrained`). A PEFT Pilot's tensors keep their names
-        (`pilot.base_model.model.*`, `lora_*`), as Trainer resume needs; config.json records its adapters
-        (`pilot_peft_config`), so every loader rebuilds them (with peft)."""
-        self.config.pilot_peft_config = pilot_adapter_configs(self.pilot)
-        return super().save_pretrained(save_directory, *args, **kwargs)
 
     # ----------------------------------------------------------------------------------------------
     # Forward

@@ -93,13 +93,7 @@ class PilotCopilotForSeq2SeqLM(PilotCopilotMixin, PreTrainedModel, GenerationMix
     def __init__(self, config: PilotCopilotSeq2SeqConfig, pilot: PreTrainedModel | None = None):
         config.validate_architecture()
         super().__init__(config)
-        if pilot is not None:
-            # A given Pilot is initialised already: post_init must not re-draw it.
-            for module in pilot.modules():
-                module._is_hf_initialized = True
-        else:
-            pilot = AutoModelForSeq2SeqLM.from_config(config.text_config)
-        self.pilot = pilot
+        self.pilot = self.prepared_pilot(config, pilot)
         self.copilot = CopilotModel(config.copilot_config)
         self.post_init()
 
@@ -190,6 +184,7 @@ class PilotCopilotForSeq2SeqLM(PilotCopilotMixin, PreTrainedModel, GenerationMix
             pretrained_model_name_or_path, *args, output_loading_info=True, **kwargs
         )
         check_loaded_tensors(info, pretrained_model_name_or_path)
+        model.restore_peft_trainable()
         return (model, info) if wants_info else model
 
     def get_encoder(self, modality: str | None = None) -> nn.Module:

@@ -862,6 +862,49 @@ def source_of(rows: list[dict[str, list[int]]]) -> dict[str, torch.Tensor]:
     return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
 
 
+@pytest.mark.parametrize(("arch", "target_modules"), [("t5", ["q", "v"]), ("bart", ["q_proj", "v_proj"])])
+def test_a_lora_pilot_checkpoint_rebuilds_its_adapter_through_both_loaders(arch, target_modules, tmp_path):
+    peft = pytest.importorskip("peft")
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=target_modules, task_type="SEQ_2_SEQ_LM")
+    pilot = peft.get_peft_model(build_seq2seq_pilot(arch), config)
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # lora_B starts at zero: drawn so that the adapter changes the Pilot
+        for name, parameter in pilot.named_parameters():
+            if "lora_B" in name:
+                parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.3)
+    model = build_model(arch, pilot=pilot)
+    model.save_pretrained(tmp_path / "saved")
+    saved = json.loads((tmp_path / "saved" / "config.json").read_text())["pilot_peft_config"]
+    assert saved["default"]["peft_type"] == "LORA" and saved["default"]["target_modules"] == sorted(
+        target_modules
+    )
+    batch, inputs = training_batch(), source(batch_size=2, right_padding=(0, 2))
+    with torch.no_grad():
+        expected = model(**batch)
+    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+    assert any("lora_A" in name for name in trainable) and not any("base_layer" in name for name in trainable)
+    for loader in (PilotCopilotForSeq2SeqLM, AutoModelForSeq2SeqLM):
+        loaded = loader.from_pretrained(tmp_path / "saved").eval()
+        assert isinstance(loaded.pilot, peft.PeftModel)
+        with torch.no_grad():
+            out = loaded(**batch)
+        assert torch.equal(out.logits, expected.logits)
+        assert torch.equal(out.predicted_error, expected.predicted_error)
+        assert {name for name, p in loaded.named_parameters() if p.requires_grad} == trainable
+        assert torch.equal(greedy(loaded, inputs), greedy(model, inputs))
+
+
+def test_copilot_trainer_trains_a_lora_pilots_adapter_and_the_copilot_only(tmp_path):
+    peft = pytest.importorskip("peft")
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q", "v"], task_type="SEQ_2_SEQ_LM")
+    model = build_model("t5", copilot_std=None, pilot=peft.get_peft_model(build_seq2seq_pilot("t5"), config))
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    copilot_trainer(tmp_path, model=model).train()
+    changed = {name for name, p in model.named_parameters() if not torch.equal(p, before[name])}
+    assert any("lora_B" in name for name in changed) and any(name.startswith("copilot.") for name in changed)
+    assert not any(name.startswith("pilot.") and "lora_" not in name for name in changed)
+
+
 def saved_pilot(arch: str, folder) -> PreTrainedModel:
     """A Pilot saved to `folder` and loaded back from it, so that its name_or_path names the folder."""
     build_seq2seq_pilot(arch).save_pretrained(folder)
