@@ -44,11 +44,21 @@ import torch
 import transformers
 from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainingArguments
 
-from hf_copilot import CopilotConfig, CopilotTrainer, CopilotTrainingArguments, PilotCopilotForCausalLM
+from hf_copilot import (
+    CopilotConfig,
+    CopilotTrainer,
+    CopilotTrainingArguments,
+    PilotCopilotForCausalLM,
+    PilotCopilotForSeq2SeqLM,
+)
 from hf_copilot.configuration_pilot_copilot import INITIAL_ERROR_NORM, copilot_config_like
-from hf_copilot.experiments.data import DataCollatorForCompletion, tokenize_examples
+from hf_copilot.experiments.data import (
+    DataCollatorForCompletion,
+    tokenize_examples,
+    tokenize_seq2seq_examples,
+)
 from hf_copilot.experiments.evaluation import DEFAULT_LAMBDAS, evaluate_task
-from hf_copilot.experiments.recipes import PilotShape, matched_shape, task_tokenizer
+from hf_copilot.experiments.recipes import PilotShape, T5Shape, matched_shape, task_tokenizer
 from hf_copilot.experiments.tasks import get_task
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
@@ -78,7 +88,7 @@ class Setting:
     train_size: int = 2000
     epochs: float = 2.0
     learning_rate: float = 3e-3
-    shape: PilotShape = field(default_factory=lambda: PilotShape(64, 2, 4))
+    shape: PilotShape | T5Shape = field(default_factory=lambda: PilotShape(64, 2, 4))
 
 
 SETTINGS = {
@@ -87,6 +97,11 @@ SETTINGS = {
         Setting("word_problems", {"max_number": 8}, 3000, 4.0, 2e-3),
         Setting("recommendation", {"num_items": 60, "num_genres": 4}, 3000, 3.0, 2e-3),
         Setting("multiple_choice", {"num_choices": 2}, 2000, 3.0, 2e-3),
+    ],
+    # Encoder-decoder Pilots (T5 layout) trained from scratch: the prompt is the source, the answer the target.
+    "scratch_t5": [
+        Setting("sorting", {"length": 8}, 2000, 6.0, shape=T5Shape(64, 2, 4)),
+        Setting("recommendation", {"num_items": 60, "num_genres": 4}, 4000, 8.0, shape=T5Shape(64, 2, 4)),
     ],
     "scratch": [
         Setting("sorting", {"length": 8}, 2000, 2.0),
@@ -144,7 +159,10 @@ class Experiment:
         self.validation = self.task.examples("validation", eval_size, seed=seed)
         self.test = self.task.examples("test", eval_size, seed=seed)
         self.collator = DataCollatorForCompletion(self.tokenizer)
-        self.dataset = tokenize_examples(self.train, self.tokenizer)
+        self.seq2seq = isinstance(setting.shape, T5Shape)
+        self.wrapper = PilotCopilotForSeq2SeqLM if self.seq2seq else PilotCopilotForCausalLM
+        self.tokenize = tokenize_seq2seq_examples if self.seq2seq else tokenize_examples
+        self.dataset = self.tokenize(self.train, self.tokenizer)
         self.scratch = tempfile.mkdtemp(prefix="quality-")
 
     def pilot(self, member: str = "base"):
@@ -169,15 +187,13 @@ class Experiment:
         return CopilotConfig.from_dict(config.to_dict() | {"error_form": self.error_form})
 
     def copilot_parameters(self) -> int:
-        model = PilotCopilotForCausalLM.from_pilot(
-            self.setting.shape.build(self.tokenizer, 0), SCRATCH_COPILOT
-        )
+        model = self.wrapper.from_pilot(self.setting.shape.build(self.tokenizer, 0), SCRATCH_COPILOT)
         return model.copilot.num_parameters()
 
     def fine_tune(self, model, with_copilot: bool, data_seed: int | None = None):
         args = arguments(self.setting, self.seed, self.scratch, with_copilot, data_seed)
         trainer_class = CopilotTrainer if with_copilot else Trainer
-        evaluation = tokenize_examples(self.validation, self.tokenizer) if with_copilot else None
+        evaluation = self.tokenize(self.validation, self.tokenizer) if with_copilot else None
         trainer = trainer_class(
             model=model,
             args=args,
@@ -262,24 +278,24 @@ def run(
         pilot_record("pilot", *experiment.fine_tune(experiment.pilot(), with_copilot=False)[:2])
     if "pilot_copilot" in arms:
         torch.manual_seed(seed + 1)
-        joint = PilotCopilotForCausalLM.from_pilot(experiment.pilot(), experiment.copilot_config())
+        joint = experiment.wrapper.from_pilot(experiment.pilot(), experiment.copilot_config())
         copilot_records("pilot_copilot", feedback_modes, *experiment.fine_tune(joint, with_copilot=True))
     if "pilot_copilot_reweight" in arms:
         torch.manual_seed(seed + 1)
         reweight = experiment.copilot_config().to_dict() | {"error_form": "reweight"}
-        joint = PilotCopilotForCausalLM.from_pilot(experiment.pilot(), reweight)
+        joint = experiment.wrapper.from_pilot(experiment.pilot(), reweight)
         trained = experiment.fine_tune(joint, with_copilot=True)
         copilot_records("pilot_copilot_reweight", feedback_modes, *trained)
     if "pilot_copilot_small_head" in arms:
         torch.manual_seed(seed + 1)
         small = experiment.copilot_config().to_dict() | {"initial_error_norm": INITIAL_ERROR_NORM}
-        joint = PilotCopilotForCausalLM.from_pilot(experiment.pilot(), small)
+        joint = experiment.wrapper.from_pilot(experiment.pilot(), small)
         trained = experiment.fine_tune(joint, with_copilot=True)
         copilot_records("pilot_copilot_small_head", ("observed",), *trained)
     if "pilot_copilot_paper" in arms:
         # The paper's feedback mode, trained for it: answer positions read the Copilot's own predictions.
         torch.manual_seed(seed + 1)
-        joint = PilotCopilotForCausalLM.from_pilot(
+        joint = experiment.wrapper.from_pilot(
             experiment.pilot(), experiment.copilot_config(), copilot_feedback="copilot"
         )
         copilot_records("pilot_copilot_paper", ("copilot",), *experiment.fine_tune(joint, with_copilot=True))

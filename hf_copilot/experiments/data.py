@@ -1,4 +1,4 @@
-"""Examples -> tokenized `datasets.Dataset` for causal-LM fine-tuning, and the collator that batches it.
+"""Examples -> tokenized `datasets.Dataset` for fine-tuning a causal or encoder-decoder LM, and the collator.
 
 The loss is on the answer only: prompt tokens get label -100, the answer and a closing eos keep
 their ids, so the model learns to answer and then stop. The prompt is tokenized on its own, exactly
@@ -37,12 +37,30 @@ def tokenize_examples(examples: Sequence[Example], tokenizer: PreTrainedTokenize
     )
 
 
+def tokenize_seq2seq_examples(examples: Sequence[Example], tokenizer: PreTrainedTokenizerBase) -> Dataset:
+    """The same examples for an encoder-decoder Pilot: the prompt is the source, the answer and eos the labels."""
+    if not examples:
+        raise ValueError("tokenize_seq2seq_examples got no examples: generate or load some first.")
+    if tokenizer.eos_token_id is None:
+        raise ValueError("The tokenizer has no eos token: set one so the model learns where answers end.")
+    sources = tokenizer([e.prompt for e in examples])["input_ids"]
+    answers = tokenizer([e.answer for e in examples], add_special_tokens=False)["input_ids"]
+    return Dataset.from_dict(
+        {
+            "input_ids": sources,
+            "attention_mask": [[1] * len(ids) for ids in sources],
+            "labels": [a + [tokenizer.eos_token_id] for a in answers],
+        }
+    )
+
+
 @dataclass
 class DataCollatorForCompletion:
     """Pads a batch on the right: inputs with the pad token, attention mask with 0, labels with -100.
 
     Right padding keeps every example's positions the same as unpadded, whatever the tokenizer's
-    (generation-side) padding setting.
+    (generation-side) padding setting. Each key is padded to its own longest row, so the same collator
+    batches an encoder-decoder Pilot's sources and labels.
     """
 
     tokenizer: PreTrainedTokenizerBase
@@ -54,9 +72,9 @@ class DataCollatorForCompletion:
             )
 
     def __call__(self, features: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        width = max(len(f["input_ids"]) for f in features)
         padding = {"input_ids": self.tokenizer.pad_token_id, "attention_mask": 0, "labels": IGNORE_INDEX}
-        return {
-            key: torch.tensor([list(f[key]) + [value] * (width - len(f[key])) for f in features])
-            for key, value in padding.items()
-        }
+        batch = {}
+        for key, value in padding.items():
+            width = max(len(f[key]) for f in features)
+            batch[key] = torch.tensor([list(f[key]) + [value] * (width - len(f[key])) for f in features])
+        return batch

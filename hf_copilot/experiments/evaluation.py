@@ -75,7 +75,9 @@ def _generate(
     with torch.no_grad():
         output = model.generate(**inputs, **generate_kwargs)
     sequences = output if isinstance(output, torch.Tensor) else output.sequences
-    texts = tokenizer.batch_decode(sequences[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+    if not model.config.is_encoder_decoder:  # a decoder-only model's output starts with the prompt
+        sequences = sequences[:, inputs["input_ids"].shape[1] :]
+    texts = tokenizer.batch_decode(sequences, skip_special_tokens=True)
     per_prompt = len(texts) // len(prompts)
     return [texts[i * per_prompt : (i + 1) * per_prompt] for i in range(len(prompts))]
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from transformers import (
@@ -18,6 +18,8 @@ from transformers import (
     LlamaForCausalLM,
     PreTrainedModel,
     PreTrainedTokenizerBase,
+    T5Config,
+    T5ForConditionalGeneration,
     Trainer,
     TrainingArguments,
 )
@@ -59,6 +61,34 @@ class PilotShape:
             tie_word_embeddings=False,
         )
         return LlamaForCausalLM(config)
+
+
+@dataclass
+class T5Shape:
+    """A T5-layout encoder-decoder Pilot built from a config with random weights."""
+
+    hidden_size: int = 64
+    num_hidden_layers: int = 2  # in the encoder and in the decoder
+    num_attention_heads: int = 4
+    dropout_rate: float = 0.1  # T5's own default
+
+    def build(self, tokenizer: PreTrainedTokenizerBase, seed: int) -> T5ForConditionalGeneration:
+        torch.manual_seed(seed)
+        config = T5Config(
+            vocab_size=len(tokenizer),
+            d_model=self.hidden_size,
+            d_kv=self.hidden_size // self.num_attention_heads,
+            d_ff=2 * self.hidden_size,
+            num_layers=self.num_hidden_layers,
+            num_decoder_layers=self.num_hidden_layers,
+            num_heads=self.num_attention_heads,
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            decoder_start_token_id=tokenizer.pad_token_id,
+            dropout_rate=self.dropout_rate,
+            tie_word_embeddings=False,
+        )
+        return T5ForConditionalGeneration(config)
 
 
 @dataclass
@@ -123,9 +153,16 @@ def load_pilot(pilot: str, **kwargs) -> tuple[PreTrainedModel, PreTrainedTokeniz
 
 
 def matched_shape(
-    shape: PilotShape, target_parameters: int, tokenizer: PreTrainedTokenizerBase
-) -> PilotShape:
-    """The Pilot shape (more layers, then wider) whose parameter count is closest to `target_parameters`."""
+    shape: PilotShape | T5Shape, target_parameters: int, tokenizer: PreTrainedTokenizerBase
+) -> PilotShape | T5Shape:
+    """The Pilot shape (more layers, then wider; a T5 only wider) whose parameter count is closest to
+    `target_parameters`."""
+    if isinstance(
+        shape, T5Shape
+    ):  # counted by building: T5's relative-position tables make a formula brittle
+        widths = range(shape.hidden_size, 4 * shape.hidden_size + 1, 2 * shape.num_attention_heads)
+        candidates = [replace(shape, hidden_size=width) for width in widths]
+        return min(candidates, key=lambda c: abs(c.build(tokenizer, 0).num_parameters() - target_parameters))
     best, best_gap = shape, float("inf")
     for layers in range(shape.num_hidden_layers, 4 * shape.num_hidden_layers + 1):
         for hidden in range(shape.hidden_size, 4 * shape.hidden_size + 1, shape.num_attention_heads * 2):

@@ -5,7 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from hf_copilot.experiments.data import DataCollatorForCompletion, tokenize_examples
+from hf_copilot.experiments.data import (
+    DataCollatorForCompletion,
+    tokenize_examples,
+    tokenize_seq2seq_examples,
+)
 from hf_copilot.experiments.tasks import Example
 from hf_copilot.experiments.tokenizer import build_char_tokenizer
 
@@ -38,6 +42,15 @@ def test_collator_pads_on_the_right_whatever_the_tokenizer_side(tokenizer):
     assert torch.equal(
         batch["labels"], torch.tensor([[-100] * 6 + [6, 10, 2], [-100] * 5 + [13, 2, -100, -100]])
     )
+
+
+def test_seq2seq_examples_are_the_prompt_as_source_and_the_answer_as_labels(tokenizer):
+    dataset = tokenize_seq2seq_examples([Example("12+3=", "15"), Example("9+9=", "8")], tokenizer)
+    assert dataset[0] == {"input_ids": [1, 6, 7, 4, 8, 15], "attention_mask": [1] * 6, "labels": [6, 10, 2]}
+    batch = DataCollatorForCompletion(tokenizer)([dataset[0], dataset[1]])  # each key to its own width
+    assert torch.equal(batch["input_ids"], torch.tensor([[1, 6, 7, 4, 8, 15], [1, 14, 4, 14, 15, 0]]))
+    assert torch.equal(batch["attention_mask"], torch.tensor([[1] * 6, [1] * 5 + [0]]))
+    assert torch.equal(batch["labels"], torch.tensor([[6, 10, 2], [13, 2, -100]]))
 
 
 def test_empty_examples_are_an_error(tokenizer):

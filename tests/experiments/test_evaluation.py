@@ -6,8 +6,13 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from hf_copilot.experiments.data import DataCollatorForCompletion, tokenize_examples
+from hf_copilot.experiments.data import (
+    DataCollatorForCompletion,
+    tokenize_examples,
+    tokenize_seq2seq_examples,
+)
 from hf_copilot.experiments.evaluation import DEFAULT_LAMBDAS, evaluate_task, sweep_lambda
+from hf_copilot.experiments.recipes import T5Shape
 from hf_copilot.experiments.tasks import ArithmeticTask, RecommendationTask
 from hf_copilot.experiments.tokenizer import build_char_tokenizer
 
@@ -68,6 +73,22 @@ def test_a_pilot_fit_on_the_examples_scores_one():
     assert result["accuracy"] == 1.0
     assert result["predictions"] == [e.answer for e in examples]
     assert model.training  # evaluation puts the model back in the mode it found it in
+
+
+def test_an_encoder_decoder_pilot_fit_on_the_examples_scores_one():
+    """Its generate() returns the decoder's tokens only: nothing of the prompt is cut from them."""
+    examples = TASK.examples("train", 8)
+    model = T5Shape(32, 1, 4, dropout_rate=0.0).build(TOKENIZER, seed=0)
+    batch = DataCollatorForCompletion(TOKENIZER)(list(tokenize_seq2seq_examples(examples, TOKENIZER)))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    model.train()
+    for _ in range(200):
+        model(**batch).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    result = evaluate_task(model, TOKENIZER, examples, TASK, progress=False)
+    assert result["predictions"] == [e.answer for e in examples]
+    assert result["accuracy"] == 1.0
 
 
 def test_several_returned_sequences_give_ranked_predictions():
