@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import statistics
 import sys
 import time
@@ -254,7 +255,7 @@ def main() -> None:
     parser.add_argument("--from-records", nargs="+", help="merge record files instead of running")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    command = "python benchmarks/copilot_training.py " + " ".join(sys.argv[1:])
+    command = "python benchmarks/copilot_training.py " + shlex.join(sys.argv[1:])
     if args.from_records:
         merged = [json.load(open(path)) for path in args.from_records]
         records = [r for result in merged for r in result["records"]]

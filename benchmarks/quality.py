@@ -34,6 +34,7 @@ import argparse
 import json
 import os
 import platform
+import shlex
 import statistics
 import sys
 import tempfile
@@ -478,7 +479,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
     transformers.utils.logging.set_verbosity_error()
-    command = "python benchmarks/quality.py " + " ".join(sys.argv[1:])
+    command = "python benchmarks/quality.py " + shlex.join(sys.argv[1:])
     if args.from_records:
         merged = [json.load(open(path)) for path in args.from_records]
         records = [r for result in merged for r in result["records"]]
