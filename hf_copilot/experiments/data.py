@@ -20,14 +20,22 @@ from .tasks import Example
 IGNORE_INDEX = -100
 
 
-def tokenize_examples(examples: Sequence[Example], tokenizer: PreTrainedTokenizerBase) -> Dataset:
-    """A Dataset with `input_ids`, `attention_mask` and `labels` (prompt masked to -100) per example."""
+def prompt_and_answer_ids(
+    examples: Sequence[Example], tokenizer: PreTrainedTokenizerBase
+) -> tuple[list[list[int]], list[list[int]]]:
+    """Each prompt tokenized as generate() will see it, and each answer without special tokens."""
     if not examples:
-        raise ValueError("tokenize_examples got no examples: generate or load some first.")
+        raise ValueError("Got no examples to tokenize: generate or load some first.")
     if tokenizer.eos_token_id is None:
         raise ValueError("The tokenizer has no eos token: set one so the model learns where answers end.")
     prompts = tokenizer([e.prompt for e in examples])["input_ids"]
     answers = tokenizer([e.answer for e in examples], add_special_tokens=False)["input_ids"]
+    return prompts, answers
+
+
+def tokenize_examples(examples: Sequence[Example], tokenizer: PreTrainedTokenizerBase) -> Dataset:
+    """A Dataset with `input_ids`, `attention_mask` and `labels` (prompt masked to -100) per example."""
+    prompts, answers = prompt_and_answer_ids(examples, tokenizer)
     input_ids = [p + a + [tokenizer.eos_token_id] for p, a in zip(prompts, answers, strict=True)]
     labels = [
         [IGNORE_INDEX] * len(p) + a + [tokenizer.eos_token_id] for p, a in zip(prompts, answers, strict=True)
@@ -39,12 +47,7 @@ def tokenize_examples(examples: Sequence[Example], tokenizer: PreTrainedTokenize
 
 def tokenize_seq2seq_examples(examples: Sequence[Example], tokenizer: PreTrainedTokenizerBase) -> Dataset:
     """The same examples for an encoder-decoder Pilot: the prompt is the source, the answer and eos the labels."""
-    if not examples:
-        raise ValueError("tokenize_seq2seq_examples got no examples: generate or load some first.")
-    if tokenizer.eos_token_id is None:
-        raise ValueError("The tokenizer has no eos token: set one so the model learns where answers end.")
-    sources = tokenizer([e.prompt for e in examples])["input_ids"]
-    answers = tokenizer([e.answer for e in examples], add_special_tokens=False)["input_ids"]
+    sources, answers = prompt_and_answer_ids(examples, tokenizer)
     return Dataset.from_dict(
         {
             "input_ids": sources,
