@@ -116,6 +116,8 @@ class PositionRows:
 
     def write(self, start: int, rows: torch.Tensor) -> None:
         """Rows [B, n, d] for positions start..start+n-1; positions from `start` on are replaced."""
+        if rows.shape[1] == 0:
+            return
         if self.buffer is None or not self.start <= start <= self.end:
             self.buffer, self.start = None, start
         offset, end = start - self.start, start + rows.shape[1]
@@ -148,8 +150,9 @@ class CopilotDecodingState:
 
     `predicted_errors`/`probs` hold f_C and the Pilot's p_hat for the positions of the last forward call
     that generate() scores, starting at absolute position `start`: the processor reads the row of the
-    position it scores. The feedback a next step reads, W_in p_j and W_in f_C_j, is kept for every decoded
-    position (d_C per row, not V), so that a rollback of several tokens (assisted decoding) resumes exactly.
+    position it scores. The feedback a next step reads is kept for every decoded position (d_C per row, not
+    V): W_in p_j where the next position reads observed errors, W_in f_C_j in the paper's mode. A rollback of
+    several tokens (assisted decoding) then resumes exactly.
     """
 
     def __init__(self, kv_cache):
@@ -401,11 +404,14 @@ def copilot_generation_step(
     rows = predicted_errors.shape[1]
     probs = entry.errors.probs[:, new - rows :]
     embedded_predicted_errors = (fed[0] if len(fed) == 1 else torch.cat(fed, dim=1)) if fed else None
+    # The paper's mode reads W_in p only at prompt positions (observed errors): generated rows skip it.
+    observed_rows = rows if copilot_feedback == "observed" else rows - (new - known)
+    weight = copilot.error_proj.weight
     state.record(
         predicted_errors,
         probs,
         past + new - rows,
-        F.linear(probs.to(copilot.error_proj.weight.dtype), copilot.error_proj.weight),
+        F.linear(probs[:, :observed_rows].to(weight.dtype), weight),
         embedded_predicted_errors,
     )
     return predicted_errors
