@@ -8,12 +8,13 @@ Hub-facing: copied next to checkpoints for `trust_remote_code`, so it imports on
 
 from __future__ import annotations
 
+import copy
 import os
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import PreTrainedModel
+from transformers import AutoModelForCausalLM, PreTrainedModel
 from transformers.activations import ACT2FN
 from transformers.dynamic_module_utils import custom_object_save
 
@@ -22,12 +23,18 @@ from .checkpointing import (
     atomic_save_directory,
     check_copilot_fits_pilot,
     check_loaded_tensors,
+    copy_pretrained_decoder,
     pilot_adapter_configs,
     pilot_fingerprint,
     same_pilot,
 )
-from .configuration_pilot_copilot import FUSION_FIELDS, CopilotConfig, validate_fusion_settings
-from .generation_pilot_copilot import CopilotKVCache, CopilotLogitsProcessor
+from .configuration_pilot_copilot import (
+    FUSION_FIELDS,
+    CopilotConfig,
+    copilot_config_like,
+    validate_fusion_settings,
+)
+from .generation_pilot_copilot import CACHE_KEYWORD, CopilotKVCache, CopilotLogitsProcessor
 from .mistake_log_entry import PilotErrors
 
 
@@ -396,6 +403,54 @@ class PilotCopilotMixin:
     wrapper_class: type
     pilot_auto_class: type
     copilot_checkpoint_class: str
+    copilot_config_defaults: dict = {}  # what a Copilot config given as a dict starts from
+
+    @classmethod
+    def attach_new_copilot(
+        cls,
+        pilot: PreTrainedModel,
+        copilot_config: CopilotConfig | dict | None,
+        copilot_init: PreTrainedModel | str | None,
+        copilot_lambda: float,
+        fusion: str,
+        copilot_feedback: str,
+    ):
+        """What both wrappers' `from_pilot` do once the Pilot's kind is checked: the Copilot's config (from
+        `copilot_init` when none is given), the wrapper's config around the Pilot's, and the weights copied."""
+        if isinstance(copilot_init, (str, os.PathLike)):
+            copilot_init = AutoModelForCausalLM.from_pretrained(copilot_init)
+        if isinstance(copilot_config, dict):
+            copilot_config = CopilotConfig(**{**cls.copilot_config_defaults, **copilot_config})
+        elif copilot_config is not None:
+            # The wrapper fills in this Pilot's sizes: the caller's config stays free for another Pilot.
+            copilot_config = copy.deepcopy(copilot_config)
+        if copilot_config is None:
+            copilot_config = (
+                copilot_config_like(copilot_init.config) if copilot_init is not None else CopilotConfig()
+            )
+        config = cls.config_class(
+            text_config=pilot.config,
+            copilot_config=copilot_config,
+            copilot_lambda=copilot_lambda,
+            fusion=fusion,
+            copilot_feedback=copilot_feedback,
+            # The config setter would otherwise overwrite the Pilot's attention implementation.
+            attn_implementation={"text_config": pilot.config._attn_implementation},
+        )
+        config.name_or_path = pilot.config.name_or_path
+        model = cls(config, pilot=pilot)
+        # What save_copilot's default base names; a jointly fine-tuned Pilot no longer matches it.
+        model.attached_pilot_fingerprint = pilot_fingerprint(pilot)
+        model.to(device=pilot.device, dtype=next(pilot.parameters()).dtype)
+        model.generation_config = pilot.generation_config
+        if copilot_init is not None:
+            if copilot_init.config.get_text_config().vocab_size != model.copilot.config.vocab_size:
+                raise ValueError(
+                    "copilot_init must share the Pilot's vocabulary "
+                    f"({copilot_init.config.get_text_config().vocab_size} != {model.copilot.config.vocab_size})."
+                )
+            copy_pretrained_decoder(model.copilot, copilot_init)
+        return model
 
     @classmethod
     def from_copilot_folder(
@@ -551,6 +606,25 @@ class PilotCopilotMixin:
         return super()._get_candidate_generator(
             *args, logits_processor=logits_processor, model_kwargs=model_kwargs, **kwargs
         )
+
+    def _get_logits_processor(
+        self, generation_config, input_ids_seq_length=None, *args, model_kwargs=None, **kwargs
+    ):
+        processors = super()._get_logits_processor(
+            generation_config, input_ids_seq_length, *args, model_kwargs=model_kwargs, **kwargs
+        )
+        model_kwargs = model_kwargs or {}
+        copilot_lambda, fusion, _ = self.fusion_settings(
+            model_kwargs.get("copilot_lambda"),
+            model_kwargs.get("fusion"),
+            model_kwargs.get("copilot_feedback"),
+        )
+        cache = model_kwargs[CACHE_KEYWORD]
+        # The prompt's tokens (a decoder prompt: the start token or decoder_input_ids) are known: the Copilot
+        # reads their observed errors (copilot_generation_step).
+        cache.prompt_length = input_ids_seq_length
+        processors.insert(0, CopilotLogitsProcessor(cache, copilot_lambda, fusion))
+        return processors
 
     def get_input_embeddings(self) -> nn.Module:
         return self.pilot.get_input_embeddings()

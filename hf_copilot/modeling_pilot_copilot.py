@@ -7,8 +7,6 @@ Pilot step -> Copilot step -> `CopilotLogitsProcessor` (generation).
 
 from __future__ import annotations
 
-import copy
-import os
 import warnings
 from dataclasses import dataclass
 
@@ -19,19 +17,16 @@ from transformers.utils import ModelOutput
 from .checkpointing import (
     HUB_KWARGS,
     check_loaded_tensors,
-    copy_pretrained_decoder,
     pilot_fingerprint,
     read_checkpoint_config,
 )
 from .configuration_pilot_copilot import (
     CopilotConfig,
     PilotCopilotConfig,
-    copilot_config_like,
     validate_fusion_settings,
 )
 from .generation_pilot_copilot import (
     CACHE_KEYWORD,
-    CopilotLogitsProcessor,
     PilotCopilotCache,
     copilot_generation_step,
     copilot_on_entry,
@@ -109,41 +104,9 @@ class PilotCopilotForCausalLM(PilotCopilotMixin, PreTrainedModel, GenerationMixi
                 f"{type(pilot).__name__} is an encoder-decoder model: wrap it with PilotCopilotForSeq2SeqLM.from_pilot, "
                 "which gives it the paper's encoder-decoder Copilot."
             )
-        if isinstance(copilot_init, (str, os.PathLike)):
-            copilot_init = AutoModelForCausalLM.from_pretrained(copilot_init)
-        if isinstance(copilot_config, dict):
-            copilot_config = CopilotConfig(**copilot_config)
-        elif copilot_config is not None:
-            # The wrapper fills in this Pilot's sizes: the caller's config stays free for another Pilot.
-            copilot_config = copy.deepcopy(copilot_config)
-        if copilot_config is None:
-            copilot_config = (
-                copilot_config_like(copilot_init.config) if copilot_init is not None else CopilotConfig()
-            )
-        pilot_attn = pilot.config._attn_implementation
-        config = PilotCopilotConfig(
-            text_config=pilot.config,
-            copilot_config=copilot_config,
-            copilot_lambda=copilot_lambda,
-            fusion=fusion,
-            copilot_feedback=copilot_feedback,
-            # The config setter would otherwise overwrite the Pilot's attention implementation.
-            attn_implementation={"text_config": pilot_attn},
+        return cls.attach_new_copilot(
+            pilot, copilot_config, copilot_init, copilot_lambda, fusion, copilot_feedback
         )
-        config.name_or_path = pilot.config.name_or_path
-        model = cls(config, pilot=pilot)
-        # What save_copilot's default base names; a jointly fine-tuned Pilot no longer matches it.
-        model.attached_pilot_fingerprint = pilot_fingerprint(pilot)
-        model.to(device=pilot.device, dtype=next(pilot.parameters()).dtype)
-        model.generation_config = pilot.generation_config
-        if copilot_init is not None:
-            if copilot_init.config.get_text_config().vocab_size != model.copilot.config.vocab_size:
-                raise ValueError(
-                    "copilot_init must share the Pilot's vocabulary "
-                    f"({copilot_init.config.get_text_config().vocab_size} != {model.copilot.config.vocab_size})."
-                )
-            copy_pretrained_decoder(model.copilot, copilot_init)
-        return model
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
@@ -286,24 +249,6 @@ class PilotCopilotForCausalLM(PilotCopilotMixin, PreTrainedModel, GenerationMixi
             )
             if generation_config.is_assistant:
                 model_kwargs[CACHE_KEYWORD].activate_past_recording()
-
-    def _get_logits_processor(
-        self, generation_config, input_ids_seq_length=None, *args, model_kwargs=None, **kwargs
-    ):
-        processors = super()._get_logits_processor(
-            generation_config, input_ids_seq_length, *args, model_kwargs=model_kwargs, **kwargs
-        )
-        model_kwargs = model_kwargs or {}
-        copilot_lambda, fusion, _ = self.fusion_settings(
-            model_kwargs.get("copilot_lambda"),
-            model_kwargs.get("fusion"),
-            model_kwargs.get("copilot_feedback"),
-        )
-        cache = model_kwargs[CACHE_KEYWORD]
-        # The prompt's tokens are known: the Copilot reads their observed errors (copilot_generation_step).
-        cache.prompt_length = input_ids_seq_length
-        processors.insert(0, CopilotLogitsProcessor(cache, copilot_lambda, fusion))
-        return processors
 
 
 PilotCopilotForCausalLM.wrapper_class = PilotCopilotForCausalLM

@@ -9,7 +9,6 @@ differs is the entry (`x_tilde` is the encoder output, one row per decoder posit
 
 from __future__ import annotations
 
-import copy
 import os
 import warnings
 from dataclasses import dataclass
@@ -18,7 +17,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import (
-    AutoModelForCausalLM,
     AutoModelForSeq2SeqLM,
     DynamicCache,
     EncoderDecoderCache,
@@ -30,20 +28,16 @@ from transformers.utils import ModelOutput
 from .checkpointing import (
     HUB_KWARGS,
     check_loaded_tensors,
-    copy_pretrained_decoder,
-    pilot_fingerprint,
     read_checkpoint_config,
 )
 from .configuration_pilot_copilot import (
     FUSION_FIELDS,
     CopilotConfig,
     PilotCopilotSeq2SeqConfig,
-    copilot_config_like,
     validate_fusion_settings,
 )
 from .generation_pilot_copilot import (
     CACHE_KEYWORD,
-    CopilotLogitsProcessor,
     PilotCopilotEncoderDecoderCache,
     copilot_generation_step,
     copilot_on_entry,
@@ -89,6 +83,7 @@ class PilotCopilotForSeq2SeqLM(PilotCopilotMixin, PreTrainedModel, GenerationMix
     _no_split_modules = ["CopilotEncoderDecoderLayer"]
     pilot_auto_class = AutoModelForSeq2SeqLM
     copilot_checkpoint_class = "modeling_pilot_copilot_seq2seq.CopilotCheckpointForSeq2SeqLM"
+    copilot_config_defaults = {"encoder_decoder": True}  # a dict may give an odd number of layers
 
     def __init__(self, config: PilotCopilotSeq2SeqConfig, pilot: PreTrainedModel | None = None):
         config.validate_architecture()
@@ -120,42 +115,9 @@ class PilotCopilotForSeq2SeqLM(PilotCopilotMixin, PreTrainedModel, GenerationMix
                 f"PilotCopilotForSeq2SeqLM wraps an encoder-decoder Pilot (T5, BART, ...), got "
                 f"{type(pilot).__name__}: use PilotCopilotForCausalLM.from_pilot for a decoder-only Pilot."
             )
-        if isinstance(copilot_init, (str, os.PathLike)):
-            copilot_init = AutoModelForCausalLM.from_pretrained(copilot_init)
-        if isinstance(copilot_config, dict):
-            copilot_config = CopilotConfig(**{"encoder_decoder": True, **copilot_config})
-        elif copilot_config is not None:
-            copilot_config = copy.deepcopy(
-                copilot_config
-            )  # filled in for this Pilot; the caller's stays free
-        if copilot_config is None:
-            copilot_config = (
-                copilot_config_like(copilot_init.config) if copilot_init is not None else CopilotConfig()
-            )
-        pilot_attn = pilot.config._attn_implementation
-        config = PilotCopilotSeq2SeqConfig(
-            text_config=pilot.config,
-            copilot_config=copilot_config,
-            copilot_lambda=copilot_lambda,
-            fusion=fusion,
-            copilot_feedback=copilot_feedback,
-            # The config setter would otherwise overwrite the Pilot's attention implementation.
-            attn_implementation={"text_config": pilot_attn},
+        return cls.attach_new_copilot(
+            pilot, copilot_config, copilot_init, copilot_lambda, fusion, copilot_feedback
         )
-        config.name_or_path = pilot.config.name_or_path
-        model = cls(config, pilot=pilot)
-        # What save_copilot's default base names; a jointly fine-tuned Pilot no longer matches it.
-        model.attached_pilot_fingerprint = pilot_fingerprint(pilot)
-        model.to(device=pilot.device, dtype=next(pilot.parameters()).dtype)
-        model.generation_config = pilot.generation_config
-        if copilot_init is not None:
-            if copilot_init.config.get_text_config().vocab_size != model.copilot.config.vocab_size:
-                raise ValueError(
-                    "copilot_init must share the Pilot's vocabulary "
-                    f"({copilot_init.config.get_text_config().vocab_size} != {model.copilot.config.vocab_size})."
-                )
-            copy_pretrained_decoder(model.copilot, copilot_init)
-        return model
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
@@ -347,24 +309,6 @@ class PilotCopilotForSeq2SeqLM(PilotCopilotMixin, PreTrainedModel, GenerationMix
         model_kwargs[CACHE_KEYWORD] = PilotCopilotEncoderDecoderCache(
             cache.self_attention_cache, cache.cross_attention_cache
         )
-
-    def _get_logits_processor(
-        self, generation_config, input_ids_seq_length=None, *args, model_kwargs=None, **kwargs
-    ):
-        processors = super()._get_logits_processor(
-            generation_config, input_ids_seq_length, *args, model_kwargs=model_kwargs, **kwargs
-        )
-        model_kwargs = model_kwargs or {}
-        copilot_lambda, fusion, _ = self.fusion_settings(
-            model_kwargs.get("copilot_lambda"),
-            model_kwargs.get("fusion"),
-            model_kwargs.get("copilot_feedback"),
-        )
-        cache = model_kwargs[CACHE_KEYWORD]
-        # The decoder prompt (the start token, or decoder_input_ids given to generate()) is known.
-        cache.prompt_length = input_ids_seq_length
-        processors.insert(0, CopilotLogitsProcessor(cache, copilot_lambda, fusion))
-        return processors
 
 
 PilotCopilotForSeq2SeqLM.wrapper_class = PilotCopilotForSeq2SeqLM
