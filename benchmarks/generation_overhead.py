@@ -17,8 +17,12 @@ one warm-up generate() per arm and shape.
 
     python benchmarks/generation_overhead.py            # full run (~10-15 min on 2 CPU cores)
     python benchmarks/generation_overhead.py --quick    # a small Pilot, one round: a smoke test
+    python benchmarks/generation_overhead.py --cache-implementation static --compile   # compiled decoding
+    python benchmarks/generation_overhead.py --device cuda --dtype bfloat16 --cache-implementation static --compile
 
-Writes benchmarks/results/generation_overhead{,_quick}.{json,md,png}.
+Both arms decode the same way: with `--compile` generate() compiles the Pilot's per-token forward (for the
+fused model, its Pilot's call; the Copilot's step runs eagerly). Writes
+benchmarks/results/generation_overhead{_static,_compiled}{_<device>}{_quick}.{json,md,png}.
 """
 
 from __future__ import annotations
@@ -35,7 +39,7 @@ from dataclasses import asdict, dataclass
 import torch
 from common import copilot_param_count, layer_matmul_params, machine_info
 from tqdm.auto import tqdm
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import CompileConfig, LlamaConfig, LlamaForCausalLM
 from transformers.generation.streamers import BaseStreamer
 from transformers.utils import logging as hf_logging
 
@@ -158,10 +162,12 @@ class StepClock(BaseStreamer):
     """generate() streams the prompt once, then the new tokens once per decoding step: the gaps between
     calls are the step times (the first gap includes the prefill)."""
 
-    def __init__(self):
+    def __init__(self, device: torch.device):
         self.marks: list[tuple[float, float]] = []
+        self.device = device
 
     def put(self, value):
+        synchronize(self.device)
         self.marks.append((time.perf_counter(), time.process_time()))
 
     def end(self):
@@ -199,9 +205,16 @@ class CopilotClock:
             handle.remove()
 
 
-def timed_generate(model, input_ids: torch.Tensor, new_tokens: int) -> dict[str, float]:
-    clock = StepClock()
+def synchronize(device: torch.device) -> None:
+    """Wait for queued GPU work, so that a clock reading covers it."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed_generate(model, input_ids: torch.Tensor, new_tokens: int, **generate_kwargs) -> dict[str, float]:
+    clock = StepClock(input_ids.device)
     copilot_clock = CopilotClock(model) if isinstance(model, PilotCopilotForCausalLM) else None
+    synchronize(input_ids.device)
     wall, cpu = time.perf_counter(), time.process_time()
     try:
         with torch.inference_mode():
@@ -211,7 +224,9 @@ def timed_generate(model, input_ids: torch.Tensor, new_tokens: int) -> dict[str,
                 max_new_tokens=new_tokens,
                 min_new_tokens=new_tokens,
                 streamer=clock,
+                **generate_kwargs,
             )
+        synchronize(input_ids.device)
     finally:
         wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
         if copilot_clock is not None:
@@ -234,6 +249,15 @@ def timed_generate(model, input_ids: torch.Tensor, new_tokens: int) -> dict[str,
 # Reporting
 
 
+def generation_summary(generation: dict | None) -> str:
+    """How both arms decoded (results written before these options existed: CPU, float32, dynamic cache)."""
+    generation = generation or {"device": "cpu", "dtype": "float32", "cache_implementation": "dynamic"}
+    text = f"{generation['device']}, {generation['dtype']}, {generation['cache_implementation']} KV cache"
+    if generation.get("compile"):
+        text += "; generate() compiles the Pilot's per-token forward (the fused model's Copilot step runs eagerly)"
+    return text
+
+
 def write_markdown(path: str, result: dict) -> None:
     setup, rows = result["setup"], result["rows"]
     lines = [
@@ -245,6 +269,8 @@ def write_markdown(path: str, result: dict) -> None:
         f"{setup['vocab_size']}, random weights, {result['pilot_params'] / 1e6:.1f}M parameters. Greedy "
         f"generate(), {setup['new_tokens']} new tokens (min_new_tokens = max_new_tokens), paper defaults "
         f"(probs fusion, copilot feedback, lambda 1). {setup['rounds']} interleaved rounds; medians.",
+        "",
+        f"Decoding: {generation_summary(result.get('generation'))}.",
         "",
         "- throughput: batch x new tokens / generate() wall time (prefill included), prompt of "
         f"{setup['contexts'][0]} tokens; ratio = fused / Pilot-only (per round, then the median).",
@@ -390,8 +416,37 @@ def main(argv: list[str] | None = None) -> dict:
         help="torch intra-op threads (default 1: on a shared machine a descheduled OpenMP worker stalls "
         "every operator, which penalises small-operator code such as a decoding step many times over)",
     )
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    parser.add_argument(
+        "--cache-implementation",
+        choices=("dynamic", "static"),
+        default="dynamic",
+        help="the KV cache of both arms",
+    )
+    parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="compile the per-token forward (needs --cache-implementation static)",
+    )
     parser.add_argument("--output-dir", default=RESULTS_DIR)
     args = parser.parse_args(argv)
+    if args.compile and args.cache_implementation != "static":
+        parser.error(
+            "--compile needs --cache-implementation static: generate() compiles only over a static cache"
+        )
+    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    generate_kwargs = {}
+    if args.cache_implementation == "static":
+        generate_kwargs["cache_implementation"] = "static"
+        # generate() compiles whenever the cache is static on an accelerator; on CPU only when told to.
+        compile_config = CompileConfig() if args.compile else None
+        if compile_config is not None and device.type == "cpu":
+            compile_config = CompileConfig(mode="default")  # CUDA graphs ("reduce-overhead") need a GPU
+            compile_config._compile_all_devices = True
+        generate_kwargs["disable_compile"] = not args.compile
+        if compile_config is not None:
+            generate_kwargs["compile_config"] = compile_config
 
     setup = QUICK if args.quick else Setup()
     if args.rounds:
@@ -401,7 +456,7 @@ def main(argv: list[str] | None = None) -> dict:
     load_start = " ".join(f"{x:.2f}" for x in os.getloadavg())
 
     torch.manual_seed(0)
-    pilot = LlamaForCausalLM(pilot_config(setup)).eval()
+    pilot = LlamaForCausalLM(pilot_config(setup)).to(device, dtype).eval()
     pilot_params = sum(p.numel() for p in pilot.parameters())
     # The shapes of benchmarks/training_overhead.py, plus the 2-layer Copilot nearest ratio 0.1: at a
     # 32k vocabulary W_in and W_out hold most of a small Copilot's parameters, and on CPU each extra
@@ -410,14 +465,14 @@ def main(argv: list[str] | None = None) -> dict:
     shapes.insert(0, (TARGET_RATIOS[0], copilot_for_ratio(TARGET_RATIOS[0], setup, pilot_params, (2,))))
     arms = []
     for target, config in shapes:
-        model = PilotCopilotForCausalLM.from_pilot(pilot, config).eval()
+        model = PilotCopilotForCausalLM.from_pilot(pilot, config).to(device, dtype).eval()
         params = sum(p.numel() for p in model.copilot.parameters())
         assert params == copilot_param_count(config, setup.hidden_size, setup.vocab_size), "parameter formula"
         arms.append({"target": target, "config": model.copilot.config, "model": model, "params": params})
 
     generator = torch.Generator().manual_seed(0)
     prompts = {
-        (batch, context): torch.randint(3, setup.vocab_size, (batch, context), generator=generator)
+        (batch, context): torch.randint(3, setup.vocab_size, (batch, context), generator=generator).to(device)
         for batch in setup.batch_sizes
         for context in setup.contexts
     }
@@ -428,16 +483,23 @@ def main(argv: list[str] | None = None) -> dict:
     order = [None, *range(len(arms))]
     total = len(order) * (len(setup.batch_sizes) + len(shapes) * setup.rounds)
     with tqdm(total=total, desc="generate() calls", unit="call") as progress:
-        for batch in setup.batch_sizes:  # warm-up: allocator and kernels, with the shortest prompt
+        for batch in setup.batch_sizes:  # warm-up: allocator and kernels (compiled: the largest static cache)
             for which in order:
                 model = pilot if which is None else arms[which]["model"]
-                timed_generate(model, prompts[(batch, setup.contexts[0])], min(8, setup.new_tokens))
+                if args.compile:
+                    timed_generate(
+                        model, prompts[(batch, setup.contexts[-1])], setup.new_tokens, **generate_kwargs
+                    )
+                else:
+                    timed_generate(model, prompts[(batch, setup.contexts[0])], min(8, setup.new_tokens))
                 progress.update(1)
         for shape in shapes:
             for round_index in range(setup.rounds):
                 for which in order if round_index % 2 == 0 else order[::-1]:
                     model = pilot if which is None else arms[which]["model"]
-                    timings[which][shape].append(timed_generate(model, prompts[shape], setup.new_tokens))
+                    timings[which][shape].append(
+                        timed_generate(model, prompts[shape], setup.new_tokens, **generate_kwargs)
+                    )
                     progress.update(1)
 
     def median_of(runs: list[dict], key: str) -> float:
@@ -500,6 +562,12 @@ def main(argv: list[str] | None = None) -> dict:
     result = {
         "command": command.strip(),
         "setup": asdict(setup),
+        "generation": {
+            "device": str(device),
+            "dtype": args.dtype,
+            "cache_implementation": args.cache_implementation,
+            "compile": args.compile,
+        },
         "pilot_params": pilot_params,
         "pilot_flops_per_token": {str(c): pilot_flops_per_token(pilot.config, c) for c in setup.contexts},
         "rows": rows,
@@ -516,7 +584,9 @@ def main(argv: list[str] | None = None) -> dict:
         ],
     }
     os.makedirs(args.output_dir, exist_ok=True)
-    stem = os.path.join(args.output_dir, "generation_overhead" + ("_quick" if args.quick else ""))
+    variant = "_compiled" if args.compile else ("_static" if args.cache_implementation == "static" else "")
+    variant += "" if device.type == "cpu" else f"_{device.type}"
+    stem = os.path.join(args.output_dir, "generation_overhead" + variant + ("_quick" if args.quick else ""))
     with open(stem + ".json", "w") as handle:
         json.dump(result, handle, indent=2)
     write_markdown(stem + ".md", result)

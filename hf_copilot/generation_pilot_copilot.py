@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from transformers import DynamicCache, EncoderDecoderCache, LogitsProcessor
+from transformers import DynamicCache, EncoderDecoderCache, LogitsProcessor, StaticCache
 from transformers.generation.utils import ALL_CACHE_NAMES
 
 from .mistake_log_entry import MistakeLogEntry, answer_token_positions, shift_right
@@ -252,6 +252,11 @@ class CopilotStateCache:
 
 class PilotCopilotCache(CopilotStateCache, DynamicCache):
     """The Pilot's dynamic cache plus the Copilot's decoding state for one generation."""
+
+
+class PilotCopilotStaticCache(CopilotStateCache, StaticCache):
+    """The Pilot's static cache (preallocated keys/values, what compiled decoding needs) plus the Copilot's
+    decoding state for one generation."""
 
 
 class PilotCopilotEncoderDecoderCache(CopilotStateCache, EncoderDecoderCache):

@@ -9,6 +9,7 @@ Hub-facing: copied next to checkpoints for `trust_remote_code`, so it imports on
 from __future__ import annotations
 
 import copy
+import functools
 import os
 
 import torch
@@ -593,6 +594,18 @@ class PilotCopilotMixin:
             return super().save_pretrained(save_directory, **kwargs)
         with atomic_save_directory(save_directory) as staging:
             super().save_pretrained(staging, **kwargs)
+
+    def get_compiled_call(self, compile_config):
+        """The forward generate() calls per token once the cache is static: with the Pilot's forward compiled
+        (fixed shapes over its static cache). The Copilot's step stays eager: its decoding state is Python
+        bookkeeping whose lengths change every step, which would recompile a compiled graph each time."""
+        return functools.partial(self.__call__, pilot_forward=self.pilot.get_compiled_call(compile_config))
+
+    def create_masks_for_generate(self, attention_mask: torch.Tensor | None = None, **kwargs):
+        """generate() turns the padding mask into the Pilot's 4D mask up front when the cache is static; the
+        Copilot and the Mistake Log entry read the 2D padding mask, so it is kept and the Pilot builds its own
+        4D mask from it, as it does with a dynamic cache."""
+        return attention_mask
 
     def _get_candidate_generator(self, *args, logits_processor=None, model_kwargs=None, **kwargs):
         # An assistant drafts from its own scores: this model's Copilot predicted_errors and fusion

@@ -8,6 +8,7 @@ Pilot step -> Copilot step -> `CopilotLogitsProcessor` (generation).
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -27,7 +28,9 @@ from .configuration_pilot_copilot import (
 )
 from .generation_pilot_copilot import (
     CACHE_KEYWORD,
+    CopilotStateCache,
     PilotCopilotCache,
+    PilotCopilotStaticCache,
     copilot_generation_step,
     copilot_on_entry,
     copilot_stream,
@@ -150,6 +153,7 @@ class PilotCopilotForCausalLM(PilotCopilotMixin, PreTrainedModel, GenerationMixi
         return_mistake_log: bool = False,
         copilot_batch: MistakeLogEntry | None = None,
         copilot_feedback_fraction: float = 0.0,
+        pilot_forward: Callable | None = None,
         **kwargs,
     ) -> PilotCopilotOutput:
         """Teacher-forced pass (training, evaluation) or one incremental generation step (with `cache`).
@@ -157,7 +161,8 @@ class PilotCopilotForCausalLM(PilotCopilotMixin, PreTrainedModel, GenerationMixi
         With labels: `loss = pilot_loss + copilot_loss`, where `pilot_loss` is exactly the Pilot's own
         loss and `copilot_loss` the paper's RMSE over positions whose next label is not -100.
         `copilot_batch` (Mistake Log rows) replaces this pass's fresh entry as the Copilot's input and
-        target; `copilot_feedback_fraction`: see `copilot_stream`.
+        target; `copilot_feedback_fraction`: see `copilot_stream`. `pilot_forward`: the Pilot's compiled call,
+        which generate() hands over through `get_compiled_call`.
         """
         copilot_lambda, fusion, copilot_feedback = self.fusion_settings(
             copilot_lambda, fusion, copilot_feedback
@@ -165,10 +170,11 @@ class PilotCopilotForCausalLM(PilotCopilotMixin, PreTrainedModel, GenerationMixi
         cache = kwargs.pop("past_key_values", None) if cache is None else cache  # transformers < 5.24
         if input_ids is None:
             raise ValueError("PilotCopilotForCausalLM needs input_ids: the Copilot reads the tokens' errors.")
-        if cache is not None and not isinstance(cache, PilotCopilotCache):
+        if cache is not None and not isinstance(cache, CopilotStateCache):
             raise ValueError(
-                f"PilotCopilotForCausalLM keeps the Copilot's state in a PilotCopilotCache, got {type(cache).__name__}. "
-                "Let generate() create the cache, or pass PilotCopilotCache(config=model.config)."
+                f"PilotCopilotForCausalLM keeps the Copilot's state in a PilotCopilotCache (or PilotCopilotStaticCache), "
+                f"got {type(cache).__name__}. Let generate() create the cache, or pass "
+                "PilotCopilotCache(config=model.config)."
             )
         padding_mask = attention_mask  # None: no padding (generate() drops an all-ones mask)
         if attention_mask is None:
@@ -179,7 +185,7 @@ class PilotCopilotForCausalLM(PilotCopilotMixin, PreTrainedModel, GenerationMixi
         if cache is None and use_cache:
             cache = PilotCopilotCache(config=self.config.get_text_config(decoder=True))
         pilot_kwargs = {"num_items_in_batch": num_items_in_batch} if labels is not None else {}
-        pilot_out = self.pilot(
+        pilot_out = (pilot_forward or self.pilot)(
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
@@ -236,19 +242,26 @@ class PilotCopilotForCausalLM(PilotCopilotMixin, PreTrainedModel, GenerationMixi
         generation_config.use_cache = True
         super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
         cache = model_kwargs.get(CACHE_KEYWORD)
-        if not isinstance(cache, PilotCopilotCache):
-            if getattr(cache, "_is_user_defined", False) or type(cache).__name__ != "DynamicCache":
-                raise ValueError(
-                    f"Fused generation needs a PilotCopilotCache, got {type(cache).__name__}: use the default "
-                    "dynamic cache (no cache_implementation) or pass PilotCopilotCache(config=model.config)."
-                )
-            # The dynamic cache generate() just built, with the Copilot's state: same settings.
-            model_kwargs[CACHE_KEYWORD] = PilotCopilotCache(
-                config=self.config.get_text_config(decoder=True),
-                offloading=generation_config.cache_implementation == "offloaded",
+        if isinstance(cache, CopilotStateCache):
+            return
+        kind = type(cache).__name__
+        if getattr(cache, "_is_user_defined", False) or kind not in ("DynamicCache", "StaticCache"):
+            raise ValueError(
+                f"Fused generation needs a PilotCopilotCache, got {kind}: use the default dynamic cache or "
+                "cache_implementation='static', or pass PilotCopilotCache(config=model.config)."
             )
-            if generation_config.is_assistant:
-                model_kwargs[CACHE_KEYWORD].activate_past_recording()
+        # The cache generate() just built, with the Copilot's state: same kind, same settings.
+        config = self.config.get_text_config(decoder=True)
+        offloading = "offloaded" in (generation_config.cache_implementation or "")
+        if kind == "StaticCache":
+            max_cache_len = cache.get_max_length()
+            model_kwargs[CACHE_KEYWORD] = PilotCopilotStaticCache(
+                config, max_cache_len, offloading=offloading
+            )
+            return
+        model_kwargs[CACHE_KEYWORD] = PilotCopilotCache(config=config, offloading=offloading)
+        if generation_config.is_assistant:
+            model_kwargs[CACHE_KEYWORD].activate_past_recording()
 
 
 PilotCopilotForCausalLM.wrapper_class = PilotCopilotForCausalLM

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -22,6 +23,7 @@ from transformers import (
     EncoderDecoderCache,
     GenerationMixin,
     PreTrainedModel,
+    StaticCache,
 )
 from transformers.utils import ModelOutput
 
@@ -179,6 +181,7 @@ class PilotCopilotForSeq2SeqLM(PilotCopilotMixin, PreTrainedModel, GenerationMix
         return_mistake_log: bool = False,
         copilot_batch: MistakeLogEntry | None = None,
         copilot_feedback_fraction: float = 0.0,
+        pilot_forward: Callable | None = None,
         **kwargs,
     ) -> PilotCopilotSeq2SeqOutput:
         """Teacher-forced pass (training, evaluation) or one incremental generation step (with `cache`).
@@ -187,6 +190,7 @@ class PilotCopilotForSeq2SeqLM(PilotCopilotMixin, PreTrainedModel, GenerationMix
         `loss = pilot_loss + copilot_loss`, where `pilot_loss` is exactly the Pilot's own loss (with
         `num_items_in_batch`: its token cross-entropy summed and divided by it, exact under gradient
         accumulation) and `copilot_loss` the paper's RMSE over decoder positions whose label is not -100.
+        `pilot_forward`: the Pilot's compiled call, which generate() hands over through `get_compiled_call`.
         """
         copilot_lambda, fusion, copilot_feedback = self.fusion_settings(
             copilot_lambda, fusion, copilot_feedback
@@ -210,7 +214,7 @@ class PilotCopilotForSeq2SeqLM(PilotCopilotMixin, PreTrainedModel, GenerationMix
             cache = PilotCopilotEncoderDecoderCache(
                 DynamicCache(config=decoder_config), DynamicCache(config=decoder_config)
             )
-        pilot_out = self.pilot(
+        pilot_out = (pilot_forward or self.pilot)(
             input_ids=input_ids,
             attention_mask=attention_mask,
             decoder_input_ids=decoder_input_ids,
@@ -299,13 +303,13 @@ class PilotCopilotForSeq2SeqLM(PilotCopilotMixin, PreTrainedModel, GenerationMix
         if (
             getattr(cache, "_is_user_defined", False)
             or type(cache) is not EncoderDecoderCache
-            or type(cache.self_attention_cache) is not DynamicCache
+            or type(cache.self_attention_cache) not in (DynamicCache, StaticCache)
         ):
             raise ValueError(
                 f"Fused generation needs a PilotCopilotEncoderDecoderCache, got {type(cache).__name__}: use the "
-                "default dynamic cache (no cache_implementation)."
+                "default dynamic cache or cache_implementation='static'."
             )
-        # The two empty dynamic caches generate() just built, with the Copilot's state alongside.
+        # The two empty caches generate() just built (dynamic or static), with the Copilot's state alongside.
         model_kwargs[CACHE_KEYWORD] = PilotCopilotEncoderDecoderCache(
             cache.self_attention_cache, cache.cross_attention_cache
         )

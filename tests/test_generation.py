@@ -27,11 +27,12 @@ from conftest import (
     tiny_copilot_config,
 )
 from torch.overrides import TorchFunctionMode
-from transformers import AutoModelForCausalLM, pipeline
+from transformers import AutoModelForCausalLM, CompileConfig, DynamicCache, pipeline
 from transformers.dynamic_module_utils import get_class_from_dynamic_module
 from transformers.generation.streamers import BaseStreamer
 
 from hf_copilot import PilotCopilotCache, PilotCopilotForCausalLM, fuse_scores
+from hf_copilot.generation_pilot_copilot import CACHE_KEYWORD, PilotCopilotStaticCache, copilot_stream
 
 FUSION_SPACES = ("probs", "logits")
 FEEDBACK_MODES = ("copilot", "observed")
@@ -464,8 +465,51 @@ def test_fused_generation_uses_a_cache_whatever_use_cache_says(where):
 
 def test_a_cache_that_cannot_carry_the_copilot_is_refused():
     model = build_pilot_copilot("llama")
+    user_cache = DynamicCache(config=model.config.get_text_config(decoder=True))
     with pytest.raises(ValueError, match="PilotCopilotCache"):
-        greedy(model, prompt(), cache_implementation="static")
+        greedy(model, prompt(), **{CACHE_KEYWORD: user_cache})
+
+
+# ------------------------------------------------------------------------------------------------
+# Static cache and compiled decoding
+
+STATIC_DECODING = {
+    "greedy": dict(do_sample=False),
+    "beam": dict(num_beams=4, num_return_sequences=4, do_sample=False),
+    "sampling": dict(do_sample=True, num_return_sequences=2),
+}
+
+
+@pytest.mark.parametrize("decoding", list(STATIC_DECODING))
+@pytest.mark.parametrize("feedback", FEEDBACK_MODES)
+def test_static_cache_gives_the_dynamic_caches_tokens(feedback, decoding):
+    model = fused_model(copilot_feedback=feedback)
+    model.generation_config.pad_token_id = PAD_TOKEN_ID
+    input_ids, attention_mask = left_padded([prompt(length, seed=length)[0] for length in (7, 4)])
+    kwargs = dict(attention_mask=attention_mask, **STATIC_DECODING[decoding])
+    dynamic = generate(model, input_ids, seed=0, **kwargs)
+    assert not torch.equal(dynamic, generate(model, input_ids, seed=0, copilot_lambda=0.0, **kwargs))
+
+    out = generate(
+        model, input_ids, seed=0, cache_implementation="static", return_dict_in_generate=True, **kwargs
+    )
+    assert isinstance(out[CACHE_KEYWORD], PilotCopilotStaticCache)
+    assert torch.equal(out.sequences, dynamic)
+
+
+@pytest.mark.parametrize("feedback", FEEDBACK_MODES)
+def test_compiled_decoding_compiles_the_pilot_and_gives_the_same_tokens(feedback):
+    """generate() compiles the per-token forward with a static cache (on CPU only when asked): the Pilot's
+    call is compiled, the Copilot's step runs eagerly, and the tokens are those of eager decoding."""
+    model = fused_model(copilot_feedback=feedback)
+    input_ids = prompt(batch_size=2)
+    expected = greedy(model, input_ids)
+    compile_config = CompileConfig(backend="eager", mode=None)
+    compile_config._compile_all_devices = True  # generate() compiles on accelerators only, unless told
+
+    compiled = greedy(model, input_ids, cache_implementation="static", compile_config=compile_config)
+    assert hasattr(model.pilot, "_compiled_call") and not hasattr(model, "_compiled_call")
+    assert torch.equal(compiled, expected)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -473,8 +517,6 @@ def test_a_cache_that_cannot_carry_the_copilot_is_refused():
 
 
 def test_copilot_stream_feeds_answer_positions_the_copilots_own_first_pass_prediction():
-    from hf_copilot.generation_pilot_copilot import copilot_stream
-
     model = build_pilot_copilot("llama", copilot_std=0.5)
     batch = build_batch(batch_size=2, seq_len=8, left_padding=(0, 0), prompt_len=3)
     entry = model(**batch, return_mistake_log=True).mistake_log_entry

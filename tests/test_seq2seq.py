@@ -36,6 +36,7 @@ from transformers import (
     BartConfig,
     BartForConditionalGeneration,
     PreTrainedModel,
+    StaticCache,
     T5Config,
     T5ForConditionalGeneration,
 )
@@ -457,6 +458,21 @@ def test_beam_search_equals_reference_beam_search(arch, feedback):
     assert (ancestors != ancestors[:, :1]).any()
 
     assert torch.equal(out.sequences, reference_beam_search(model, inputs, num_beams))
+
+
+@pytest.mark.parametrize("decoding", ["greedy", "beam"])
+@pytest.mark.parametrize("feedback", FEEDBACK_MODES)
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_static_cache_gives_the_dynamic_caches_tokens(arch, feedback, decoding):
+    model = fused_model(arch, copilot_feedback=feedback)
+    inputs = source(batch_size=2, right_padding=(0, 2))
+    kwargs = dict(do_sample=False, num_beams=4 if decoding == "beam" else 1)
+    dynamic = generate(model, inputs, **kwargs)
+    assert not torch.equal(dynamic, generate(model, inputs, copilot_lambda=0.0, **kwargs))
+
+    out = generate(model, inputs, cache_implementation="static", return_dict_in_generate=True, **kwargs)
+    assert isinstance(out[CACHE_KEYWORD].self_attention_cache, StaticCache)
+    assert torch.equal(out.sequences, dynamic)
 
 
 @pytest.mark.parametrize("feedback", FEEDBACK_MODES)
