@@ -42,6 +42,7 @@ BASELINE = {
     "copilot_lr_scheduler_type": None,
     "copilot_feedback": "copilot",
     "error_form": "linear",
+    "state_in_stream": False,
 }
 OBSERVED = {"copilot_feedback": "observed"}
 # Round 1, the feedback mode; round 2, each training option on top of round 1's winner (observed).
@@ -84,6 +85,13 @@ VARIANTS = {
         "copilot_final_epochs": 1.0,
         "error_form": "reweight",
     },
+    # Round 5: the Pilot's state at each position added to the Copilot's input there.
+    "observed+constant+final_epoch+state": {
+        **OBSERVED,
+        "copilot_lr_scheduler_type": "constant_with_warmup",
+        "copilot_final_epochs": 1.0,
+        "state_in_stream": True,
+    },
 }
 # (task options, training examples, epochs): Pilots that stay between 20% and 80% exact match.
 SETTINGS = {
@@ -110,7 +118,11 @@ def run(task_name: str, seed: int, variant: str, eval_size: int) -> dict:
         "disable_tqdm": True,
     }
     pilot = PilotShape(64, 2, 4).build(tokenizer, seed)
-    copilot = CopilotConfig(**COPILOT_SHAPE, error_form=settings["error_form"])
+    copilot = CopilotConfig(
+        **COPILOT_SHAPE,
+        error_form=settings["error_form"],
+        state_in_stream=settings["state_in_stream"],
+    )
     model = PilotCopilotForCausalLM.from_pilot(pilot, copilot, copilot_feedback=settings["copilot_feedback"])
     args = recipe.arguments(f"/tmp/copilot_training/{task_name}-{seed}-{variant}", with_copilot=True)
     collator = DataCollatorForCompletion(tokenizer)
