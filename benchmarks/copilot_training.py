@@ -42,7 +42,6 @@ BASELINE = {
     "copilot_lr_scheduler_type": None,
     "copilot_feedback": "copilot",
     "error_form": "linear",
-    "state_in_stream": False,
 }
 OBSERVED = {"copilot_feedback": "observed"}
 # Round 1, the feedback mode; round 2, each training option on top of round 1's winner (observed).
@@ -84,13 +83,6 @@ VARIANTS = {
         "copilot_lr_scheduler_type": "constant_with_warmup",
         "copilot_final_epochs": 1.0,
         "error_form": "reweight",
-    },
-    # Round 5: the Pilot's state at each position added to the Copilot's input there.
-    "observed+constant+final_epoch+state": {
-        **OBSERVED,
-        "copilot_lr_scheduler_type": "constant_with_warmup",
-        "copilot_final_epochs": 1.0,
-        "state_in_stream": True,
     },
 }
 # (task options, training examples, epochs): Pilots that stay between 20% and 80% exact match.

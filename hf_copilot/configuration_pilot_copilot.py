@@ -101,9 +101,6 @@ class CopilotConfig(PreTrainedConfig):
     # "reweight" learnt faster and lifted more where the Pilot's own candidates hold the answer (sorting) and
     # learnt less elsewhere (benchmarks/results/error_form/), so the paper's head stays the default.
     error_form: str = validated_field(check_error_form, default="linear")
-    # Position j's input also carries the Pilot's state there (h_bar_j, RMS-normed and projected): without
-    # positions, the Copilot otherwise has to find that state among its memory by content alone.
-    state_in_stream: bool = False
     base_model_name_or_path: str | None = None
     pilot_fingerprint: str | None = None
     # The paper's Copilot for an encoder-decoder Pilot: self- and cross-attention in every layer, the

@@ -241,8 +241,6 @@ class CopilotPreTrainedModel(PreTrainedModel):
         if module is getattr(self, "error_head", None) and self.config.initial_error_norm is not None:
             # W_out so that ||f_C|| ~ initial_error_norm for the RMS-normed hidden states it reads.
             std = self.config.initial_error_norm / module.weight.numel() ** 0.5
-        if module is getattr(self, "state_proj", None):
-            std = 0.0  # starts as the paper's input stream; learns how much of the Pilot's state to add
         if isinstance(module, nn.Linear):
             nn.init.normal_(module.weight, mean=0.0, std=std)
             if module.bias is not None:
@@ -268,9 +266,6 @@ class CopilotModel(CopilotPreTrainedModel):
             self.memory_proj = nn.Linear(config.pilot_hidden_size, config.hidden_size, bias=False)
         else:
             self.memory_proj = nn.Identity()
-        if config.state_in_stream:
-            self.state_norm = CopilotRMSNorm(config.pilot_hidden_size, config.rms_norm_eps)
-            self.state_proj = nn.Linear(config.pilot_hidden_size, config.hidden_size, bias=False)
         layer_class = CopilotEncoderDecoderLayer if config.encoder_decoder else CopilotLayer
         self.layers = nn.ModuleList(layer_class(config, idx) for idx in range(config.num_hidden_layers))
         self.norm = CopilotRMSNorm(config.hidden_size, config.rms_norm_eps)
@@ -351,8 +346,6 @@ class CopilotModel(CopilotPreTrainedModel):
         masks: dict = {"build": build}
         positions = (query_positions, memory_positions)
         hidden = stream
-        if self.config.state_in_stream:
-            hidden = stream + self.state_proj(self.state_norm(h_bar.to(stream.dtype)))
         for layer in self.layers:
             hidden = layer(hidden, memory, positions, masks, kv_cache)
         if kv_cache is not None:
