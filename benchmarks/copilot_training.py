@@ -42,6 +42,7 @@ BASELINE = {
     "copilot_lr_scheduler_type": None,
     "copilot_feedback": "copilot",
     "error_form": "linear",
+    "error_proj_init_std": None,
 }
 OBSERVED = {"copilot_feedback": "observed"}
 # Round 1, the feedback mode; round 2, each training option on top of round 1's winner (observed).
@@ -84,6 +85,13 @@ VARIANTS = {
         "copilot_final_epochs": 1.0,
         "error_form": "reweight",
     },
+    # Round 6: W_in drawn at std 1, so that the error stream enters the Copilot at unit scale.
+    "observed+constant+final_epoch+unit_input": {
+        **OBSERVED,
+        "copilot_lr_scheduler_type": "constant_with_warmup",
+        "copilot_final_epochs": 1.0,
+        "error_proj_init_std": 1.0,
+    },
 }
 # (task options, training examples, epochs): Pilots that stay between 20% and 80% exact match.
 SETTINGS = {
@@ -113,7 +121,7 @@ def run(task_name: str, seed: int, variant: str, eval_size: int) -> dict:
     copilot = CopilotConfig(
         **COPILOT_SHAPE,
         error_form=settings["error_form"],
-        state_in_stream=settings["state_in_stream"],
+        error_proj_init_std=settings["error_proj_init_std"],
     )
     model = PilotCopilotForCausalLM.from_pilot(pilot, copilot, copilot_feedback=settings["copilot_feedback"])
     args = recipe.arguments(f"/tmp/copilot_training/{task_name}-{seed}-{variant}", with_copilot=True)

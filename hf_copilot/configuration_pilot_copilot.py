@@ -42,6 +42,13 @@ def check_initial_error_norm(norm) -> None:
         raise ValueError(f"initial_error_norm must be a finite number > 0, or None, got {norm!r}.")
 
 
+def check_error_proj_init_std(std) -> None:
+    if std is not None and (
+        isinstance(std, bool) or not isinstance(std, (int, float)) or not math.isfinite(std) or std <= 0
+    ):
+        raise ValueError(f"error_proj_init_std must be a finite number > 0, or None, got {std!r}.")
+
+
 def check_error_form(error_form) -> None:
     if error_form not in ERROR_FORMS:
         raise ValueError(
@@ -101,6 +108,9 @@ class CopilotConfig(PreTrainedConfig):
     # "reweight" learnt faster and lifted more where the Pilot's own candidates hold the answer (sorting) and
     # learnt less elsewhere (benchmarks/results/error_form/), so the paper's head stays the default.
     error_form: str = validated_field(check_error_form, default="linear")
+    # W_in's initial std (None: initializer_range). The error stream W_in e enters the residual stream at
+    # ~std * ||e||, next to cross-attention outputs computed from the Pilot's unnormalised states.
+    error_proj_init_std: int | float | None = validated_field(check_error_proj_init_std, default=None)
     base_model_name_or_path: str | None = None
     pilot_fingerprint: str | None = None
     # The paper's Copilot for an encoder-decoder Pilot: self- and cross-attention in every layer, the

@@ -241,6 +241,8 @@ class CopilotPreTrainedModel(PreTrainedModel):
         if module is getattr(self, "error_head", None) and self.config.initial_error_norm is not None:
             # W_out so that ||f_C|| ~ initial_error_norm for the RMS-normed hidden states it reads.
             std = self.config.initial_error_norm / module.weight.numel() ** 0.5
+        if module is getattr(self, "error_proj", None) and self.config.error_proj_init_std is not None:
+            std = self.config.error_proj_init_std
         if isinstance(module, nn.Linear):
             nn.init.normal_(module.weight, mean=0.0, std=std)
             if module.bias is not None:

@@ -30,6 +30,8 @@ BAD_FIELDS = [
     ({"initial_error_norm": 0.0}, "initial_error_norm", "finite number > 0, or None, got 0.0"),
     ({"initial_error_norm": float("inf")}, "initial_error_norm", "finite number > 0, or None, got inf"),
     ({"error_form": "logits"}, "error_form", "Unknown error_form='logits': use one of"),
+    ({"error_proj_init_std": -1.0}, "error_proj_init_std", "finite number > 0, or None, got -1.0"),
+    ({"error_proj_init_std": float("nan")}, "error_proj_init_std", "finite number > 0, or None, got nan"),
 ]
 
 
