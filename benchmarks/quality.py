@@ -12,8 +12,8 @@ Arms (same Pilot initialisation, data order and steps):
                       (f_C = softmax(log p + W_out h) - p) instead of the paper's linear one
   pilot_copilot_small_head  the ablation of CopilotConfig.initial_error_norm: pilot_copilot with its output
                       head drawn so that ||f_C|| starts at 0.1 (observed feedback only)
-  pilot_copilot_unit_input  the ablation of CopilotConfig.error_proj_init_std: pilot_copilot with W_in drawn
-                      at std 1, so that the error stream enters the Copilot at unit scale
+  pilot_copilot_small_input  the ablation of CopilotConfig.error_proj_init_std: pilot_copilot with W_in drawn
+                      at initializer_range (0.02) like every other weight, the default before 1
   pilot_copilot_paper the same trained for the paper's feedback mode (copilot_feedback="copilot", the
                       Copilot reads its own predictions at answer positions in training too)
   pilot_copilot_init  pilot_copilot with the Copilot initialised from the smaller family member (pretrained only)
@@ -71,7 +71,7 @@ ARMS = (
     "pilot_copilot",
     "pilot_copilot_reweight",
     "pilot_copilot_small_head",
-    "pilot_copilot_unit_input",
+    "pilot_copilot_small_input",
     "pilot_copilot_paper",
     "pilot_copilot_init",
     "transfer",
@@ -296,12 +296,12 @@ def run(
         joint = experiment.wrapper.from_pilot(experiment.pilot(), small)
         trained = experiment.fine_tune(joint, with_copilot=True)
         copilot_records("pilot_copilot_small_head", ("observed",), *trained)
-    if "pilot_copilot_unit_input" in arms:
+    if "pilot_copilot_small_input" in arms:
         torch.manual_seed(seed + 1)
-        unit_input = experiment.copilot_config().to_dict() | {"error_proj_init_std": 1.0}
-        joint = experiment.wrapper.from_pilot(experiment.pilot(), unit_input)
+        small_input = experiment.copilot_config().to_dict() | {"error_proj_init_std": None}
+        joint = experiment.wrapper.from_pilot(experiment.pilot(), small_input)
         trained = experiment.fine_tune(joint, with_copilot=True)
-        copilot_records("pilot_copilot_unit_input", feedback_modes, *trained)
+        copilot_records("pilot_copilot_small_input", feedback_modes, *trained)
     if "pilot_copilot_paper" in arms:
         # The paper's feedback mode, trained for it: answer positions read the Copilot's own predictions.
         torch.manual_seed(seed + 1)

@@ -458,14 +458,16 @@ def test_initial_error_norm_starts_the_copilot_near_no_correction():
     assert model.copilot.error_head.weight.std().item() == pytest.approx(0.02, rel=0.1)
 
 
-@pytest.mark.parametrize("std", [1.0, 0.3, None])
-def test_error_proj_init_std_sets_the_scale_of_the_error_stream_only(std):
+@pytest.mark.parametrize(
+    ("setting", "std"),
+    [({}, 1.0), ({"error_proj_init_std": 0.3}, 0.3), ({"error_proj_init_std": None}, 0.02)],
+)
+def test_error_proj_init_std_sets_the_scale_of_the_error_stream_only(setting, std):
+    """Default 1: the error stream enters at unit scale; None: W_in at initializer_range like the rest."""
     torch.manual_seed(0)
-    model = PilotCopilotForCausalLM.from_pilot(
-        build_pilot("llama"), tiny_copilot_config(error_proj_init_std=std)
-    )
+    model = PilotCopilotForCausalLM.from_pilot(build_pilot("llama"), tiny_copilot_config(**setting))
     copilot = model.copilot
-    assert copilot.error_proj.weight.std().item() == pytest.approx(std or 0.02, rel=0.05)
+    assert copilot.error_proj.weight.std().item() == pytest.approx(std, rel=0.05)
     assert copilot.error_head.weight.std().item() == pytest.approx(0.02, rel=0.1)
     assert copilot.layers[0].self_attn.q_proj.weight.std().item() == pytest.approx(0.02, rel=0.1)
     # The stream a position reads is W_in e_{j-1}: its per-coordinate scale is std * ||e||.
@@ -474,7 +476,7 @@ def test_error_proj_init_std_sets_the_scale_of_the_error_stream_only(std):
     has_error = error_norm > 0  # not padding, not the last position
     stream_norm = copilot.embed_errors(entry.errors).norm(dim=-1)
     ratio = stream_norm[has_error] / (error_norm[has_error] * copilot.config.hidden_size**0.5)
-    assert ratio.mean().item() == pytest.approx(std or 0.02, rel=0.15)
+    assert ratio.mean().item() == pytest.approx(std, rel=0.15)
 
 
 @torch.no_grad()

@@ -164,6 +164,11 @@ def test_the_pilot_trains_exactly_as_under_sft_trainer_and_the_copilot_trains_to
     monkeypatch.setattr(hf_copilot.sft, "_METRICS_CHUNK", 5)  # trl's metrics read the logits in chunks
     model = make_model()
     copilot_before = [p.detach().clone() for p in model.copilot.parameters()]
+    gradient_seen = {name: False for name, _ in model.copilot.named_parameters()}
+    for name, parameter in model.copilot.named_parameters():
+        parameter.register_hook(
+            lambda grad, name=name: gradient_seen.update({name: gradient_seen[name] or bool(grad.any())})
+        )
     trainer = copilot_trainer(tmp_path, DATASETS[data](), model=model, **options)
     trainer.train()
     reference = SFTTrainer(
@@ -185,7 +190,11 @@ def test_the_pilot_trains_exactly_as_under_sft_trainer_and_the_copilot_trains_to
         (p - q).abs().max() > 1e-3
         for p, q in zip(model.pilot.parameters(), build_pilot("llama").parameters(), strict=True)
     )
-    assert all(not torch.equal(p, q) for p, q in zip(model.copilot.parameters(), copilot_before, strict=True))
+    # Every Copilot weight is reached by the Copilot's loss; SGD moves all but the smallest gradients (a
+    # cross-attention layer's query norm can get ~1e-7, below float32's resolution at 1.0 at this rate).
+    assert all(gradient_seen.values()), [name for name, seen in gradient_seen.items() if not seen]
+    changed = [not torch.equal(p, q) for p, q in zip(model.copilot.parameters(), copilot_before, strict=True)]
+    assert sum(changed) >= len(changed) - 1
     assert len(logged(trainer, "copilot_loss")) == len(logged(trainer, "copilot_r2")) == 3
     assert logged(trainer, "joint_loss")[0] > logged(trainer, "loss")[0]
     assert "forward" not in vars(model)  # trl's fused LM head is removed from the wrapper
