@@ -18,11 +18,11 @@ one warm-up generate() per arm and shape.
     python benchmarks/generation_overhead.py            # full run (~10-15 min on 2 CPU cores)
     python benchmarks/generation_overhead.py --quick    # a small Pilot, one round: a smoke test
     python benchmarks/generation_overhead.py --cache-implementation static --compile   # compiled decoding
-    python benchmarks/generation_overhead.py --device cuda --dtype bfloat16 --cache-implementation static --compile
+    python benchmarks/generation_overhead.py --shape 1b --device cuda --dtype bfloat16 --cache-implementation static --compile
 
 Both arms decode the same way: with `--compile` generate() compiles the Pilot's per-token forward (for the
 fused model, its Pilot's call; the Copilot's step runs eagerly). Writes
-benchmarks/results/generation_overhead{_static,_compiled}{_<device>}{_quick}.{json,md,png}.
+benchmarks/results/generation_overhead{_1b}{_static,_compiled}{_bf16}{_<device>}{_quick}.{json,md,png}.
 """
 
 from __future__ import annotations
@@ -65,6 +65,9 @@ class Setup:
     new_tokens: int = 128
     rounds: int = 3
 
+
+# A TinyLlama-shaped Pilot (1.26B parameters with untied 32k embeddings) for a GPU.
+ONE_B = Setup(hidden_size=2048, num_hidden_layers=22, num_attention_heads=32, intermediate_size=5632)
 
 QUICK = Setup(
     vocab_size=8000,
@@ -408,6 +411,9 @@ def write_plot(path: str, result: dict) -> None:
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="a small Pilot, short runs, one round")
+    parser.add_argument(
+        "--shape", choices=("default", "1b"), default="default", help="1b: a 1.26B Pilot, for a GPU"
+    )
     parser.add_argument("--rounds", type=int, help="interleaved rounds (default: 3, quick: 1)")
     parser.add_argument(
         "--threads",
@@ -448,7 +454,7 @@ def main(argv: list[str] | None = None) -> dict:
         if compile_config is not None:
             generate_kwargs["compile_config"] = compile_config
 
-    setup = QUICK if args.quick else Setup()
+    setup = QUICK if args.quick else (ONE_B if args.shape == "1b" else Setup())
     if args.rounds:
         setup.rounds = args.rounds
     torch.set_num_threads(args.threads)
@@ -461,7 +467,9 @@ def main(argv: list[str] | None = None) -> dict:
     # The shapes of benchmarks/training_overhead.py, plus the 2-layer Copilot nearest ratio 0.1: at a
     # 32k vocabulary W_in and W_out hold most of a small Copilot's parameters, and on CPU each extra
     # layer costs a fixed ~0.1 ms of operator dispatch per token whatever its width.
-    shapes = [(target, copilot_for_ratio(target, setup, pilot_params)) for target in TARGET_RATIOS]
+    # A 1B Pilot on a GPU: the ratios of the issue's GPU target (ratio 1 would double a long run).
+    ratios = TARGET_RATIOS[:2] if args.shape == "1b" else TARGET_RATIOS
+    shapes = [(target, copilot_for_ratio(target, setup, pilot_params)) for target in ratios]
     shapes.insert(0, (TARGET_RATIOS[0], copilot_for_ratio(TARGET_RATIOS[0], setup, pilot_params, (2,))))
     arms = []
     for target, config in shapes:
@@ -584,7 +592,9 @@ def main(argv: list[str] | None = None) -> dict:
         ],
     }
     os.makedirs(args.output_dir, exist_ok=True)
-    variant = "_compiled" if args.compile else ("_static" if args.cache_implementation == "static" else "")
+    variant = "_1b" if args.shape == "1b" else ""
+    variant += "_compiled" if args.compile else ("_static" if args.cache_implementation == "static" else "")
+    variant += "_bf16" if args.dtype == "bfloat16" else ""
     variant += "" if device.type == "cpu" else f"_{device.type}"
     stem = os.path.join(args.output_dir, "generation_overhead" + variant + ("_quick" if args.quick else ""))
     with open(stem + ".json", "w") as handle:

@@ -12,8 +12,9 @@ allocator warm-up). Process CPU time per step is recorded next to wall time.
 
     python benchmarks/training_overhead.py            # full run (~10-15 min on 2 CPU cores)
     python benchmarks/training_overhead.py --quick    # a small Pilot, one round: a smoke test
+    python benchmarks/training_overhead.py --shape 1b --bf16   # on a GPU: a 1.26B Pilot, bf16 mixed precision
 
-Writes benchmarks/results/training_overhead{,_quick}.{json,md,png}.
+Trainer runs on the GPU when one is visible. Writes benchmarks/results/training_overhead{_1b}{_bf16}{_quick}.*
 """
 
 from __future__ import annotations
@@ -73,6 +74,19 @@ class Setup:
     warmup_steps: int = 1
     measured_steps: int = 2
 
+
+# A TinyLlama-shaped Pilot (1.26B parameters with untied 32k embeddings) for a GPU.
+ONE_B = Setup(
+    hidden_size=2048,
+    num_hidden_layers=22,
+    num_attention_heads=32,
+    intermediate_size=5632,
+    seq_len=1024,
+    batch_size=4,
+    rounds=3,
+    warmup_steps=2,
+    measured_steps=5,
+)
 
 QUICK = Setup(
     vocab_size=8000,
@@ -175,6 +189,8 @@ class StepTimer(TrainerCallback):
         self.marks = [(time.perf_counter(), time.process_time())]
 
     def on_step_end(self, args, state, control, **kwargs):
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()  # the step's queued GPU work belongs to this step
         self.marks.append((time.perf_counter(), time.process_time()))
         self.progress.update(1)
 
@@ -192,7 +208,7 @@ def synthetic_dataset(setup: Setup, num_batches: int, seed: int) -> list[dict[st
     return rows
 
 
-def _arguments(args_class, setup: Setup, output_dir: str, **extra):
+def _arguments(args_class, setup: Setup, output_dir: str, bf16: bool = False, **extra):
     return args_class(
         output_dir=output_dir,
         per_device_train_batch_size=setup.batch_size,
@@ -206,6 +222,7 @@ def _arguments(args_class, setup: Setup, output_dir: str, **extra):
         disable_tqdm=True,
         dataloader_num_workers=0,
         use_cpu=not torch.cuda.is_available(),
+        bf16=bf16,
         seed=0,
         **extra,
     )
@@ -222,7 +239,7 @@ def copilot_trainer_classes():
 
 
 def run_trainer(
-    model, setup: Setup, progress: tqdm, copilot: bool, seed: int
+    model, setup: Setup, progress: tqdm, copilot: bool, seed: int, bf16: bool = False
 ) -> tuple[list[float], list[float]]:
     """One short training run; returns the per-step (wall, CPU) seconds after the warm-up steps."""
     data = synthetic_dataset(setup, setup.warmup_steps + setup.measured_steps, seed)
@@ -233,7 +250,10 @@ def run_trainer(
         else:
             trainer_class, args_class = Trainer, TrainingArguments
         trainer = trainer_class(
-            model=model, args=_arguments(args_class, setup, output_dir), train_dataset=data, callbacks=[timer]
+            model=model,
+            args=_arguments(args_class, setup, output_dir, bf16=bf16),
+            train_dataset=data,
+            callbacks=[timer],
         )
         trainer.remove_callback(PrinterCallback)  # no end-of-run metrics dict under the progress bar
         trainer.train()
@@ -365,7 +385,8 @@ def write_markdown(path: str, result: dict) -> None:
         f"Runner: {result['runner_description']}. Pilot: LLaMA-like, hidden {setup['hidden_size']}, "
         f"{setup['num_hidden_layers']} layers, vocabulary {setup['vocab_size']}, random weights, "
         f"{result['pilot_params'] / 1e6:.1f}M parameters; batch {setup['batch_size']} x {setup['seq_len']} "
-        f"synthetic tokens; AdamW. {setup['rounds']} interleaved rounds x {setup['measured_steps']} measured "
+        f"synthetic tokens; AdamW; {result.get('device', 'cpu')}, {result.get('precision', 'float32')}. "
+        f"{setup['rounds']} interleaved rounds x {setup['measured_steps']} measured "
         f"steps per arm (after {setup['warmup_steps']} warm-up step per run); the Pilot's median step: "
         f"{result['pilot_step_s']:.3f} s wall, {result['pilot_step_cpu_s']:.3f} s CPU.",
         "",
@@ -399,6 +420,9 @@ def write_markdown(path: str, result: dict) -> None:
     ]
     for row in rows:
         b = row["cpu_breakdown_s"]
+        if b is None:  # a GPU run: no CPU-time breakdown
+            lines.append(f"| {row['copilot_layers']} x {row['copilot_hidden']} | not measured on a GPU run |")
+            continue
         lines.append(
             f"| {row['copilot_layers']} x {row['copilot_hidden']} | {b['pilot_fwd_bwd']:.3f} | "
             f"{b['pilot_copilot_fwd_bwd']:.3f} | {b['copilot_fwd_bwd']:.3f} | "
@@ -494,13 +518,21 @@ def main(argv: list[str] | None = None) -> dict:
         help="auto: "
         "CopilotTrainer vs the stock Trainer when hf_copilot.trainer imports, else model-level steps",
     )
+    parser.add_argument(
+        "--shape", choices=("default", "1b"), default="default", help="1b: a 1.26B Pilot, for a GPU"
+    )
+    parser.add_argument(
+        "--bf16", action="store_true", help="bf16 mixed precision for both arms (Trainer's bf16)"
+    )
     parser.add_argument("--rounds", type=int, help="interleaved rounds (default: 5, quick: 1)")
     parser.add_argument("--steps", type=int, help="measured steps per run (default: 2)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--output-dir", default=RESULTS_DIR)
     args = parser.parse_args(argv)
 
-    setup = QUICK if args.quick else Setup()
+    setup = QUICK if args.quick else (ONE_B if args.shape == "1b" else Setup())
+    if args.bf16 and args.runner == "model":
+        parser.error("--bf16 needs the trainer runner")
     if args.rounds:
         setup.rounds = args.rounds
     if args.steps:
@@ -521,7 +553,8 @@ def main(argv: list[str] | None = None) -> dict:
     pilot_params = sum(p.numel() for p in pilot.parameters())
     pilot_flops = pilot_train_flops_per_token(pilot.config, setup.seq_len)
     arms = []
-    for target in TARGET_RATIOS:
+    # A 1B Pilot on a GPU: the ratios of the issue's GPU target (ratio 1 would double a long run).
+    for target in TARGET_RATIOS[:2] if args.shape == "1b" else TARGET_RATIOS:
         config = copilot_for_ratio(target, setup, pilot_params)
         model = PilotCopilotForCausalLM.from_pilot(pilot, config)
         params = sum(p.numel() for p in model.copilot.parameters())
@@ -531,8 +564,10 @@ def main(argv: list[str] | None = None) -> dict:
         )
         arms.append({"target": target, "config": config, "model": model, "params": params, "flops": flops})
     memory = mistake_log_memory(arms[0]["model"], setup)
-    for arm in tqdm(arms, desc="CPU-time breakdown", unit="arm"):
-        arm["breakdown"] = component_breakdown(arm["model"], setup)
+    on_gpu = torch.cuda.is_available()
+    for arm in tqdm(arms, desc="CPU-time breakdown", unit="arm", disable=on_gpu):
+        # Process CPU time says nothing about GPU kernels; the breakdown is a CPU measurement.
+        arm["breakdown"] = None if on_gpu else component_breakdown(arm["model"], setup)
 
     steps_per_run = setup.warmup_steps + setup.measured_steps
     total = setup.rounds * (1 + len(arms)) * steps_per_run
@@ -545,7 +580,8 @@ def main(argv: list[str] | None = None) -> dict:
                 order.reverse()
             for which in order:
                 model = pilot if which is None else arms[which]["model"]
-                wall, cpu = run(model, setup, progress, which is not None, seed=round_index)
+                extra = {"bf16": True} if args.bf16 else {}
+                wall, cpu = run(model, setup, progress, which is not None, seed=round_index, **extra)
                 (pilot_times if which is None else arm_times[which]).append(list(zip(wall, cpu, strict=True)))
 
     def median(runs, index):
@@ -598,6 +634,8 @@ def main(argv: list[str] | None = None) -> dict:
             else "model-level step (forward with labels + backward + AdamW), Pilot alone vs Pilot + Copilot"
         ),
         "setup": asdict(setup),
+        "precision": "bf16 mixed" if args.bf16 else "float32",
+        "device": "cuda" if on_gpu else "cpu",
         "pilot_params": pilot_params,
         "pilot_flops_per_token": pilot_flops,
         "pilot_step_s": median(pilot_times, 0),
@@ -611,7 +649,10 @@ def main(argv: list[str] | None = None) -> dict:
         "notes": NOTES,
     }
     os.makedirs(args.output_dir, exist_ok=True)
-    stem = os.path.join(args.output_dir, "training_overhead" + ("_quick" if args.quick else ""))
+    variant = (
+        ("_1b" if args.shape == "1b" else "") + ("_bf16" if args.bf16 else "") + ("_cuda" if on_gpu else "")
+    )
+    stem = os.path.join(args.output_dir, "training_overhead" + variant + ("_quick" if args.quick else ""))
     with open(stem + ".json", "w") as handle:
         json.dump(result, handle, indent=2)
     write_markdown(stem + ".md", result)
