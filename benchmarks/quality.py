@@ -363,7 +363,9 @@ def summarise(records: list[dict], default_feedback: str) -> list[dict]:
             "pilot": statistics.mean(pilot.values()),
             "pilot_std": statistics.stdev(pilot.values()) if len(seeds) > 1 else 0.0,
         }
-        for arm in ARMS[1:]:
+        # Arms of earlier versions of this script (records kept with the command that made them) too.
+        earlier = [r["arm"] for r in records if r["arm"] not in ARMS]
+        for arm in [*ARMS[1:], *dict.fromkeys(earlier)]:
             for feedback in FEEDBACK_MODES if arm != "pilot_matched" else (None,):
                 chosen = find(records, regime=regime, task=task, arm=arm, feedback=feedback)
                 if len(chosen) != len(seeds):
