@@ -35,18 +35,19 @@ def check_copilot_lambda(copilot_lambda) -> None:
         raise ValueError(f"copilot_lambda must be a finite number >= 0, got {copilot_lambda!r}.")
 
 
-def check_initial_error_norm(norm) -> None:
-    if norm is not None and (
-        isinstance(norm, bool) or not isinstance(norm, (int, float)) or not math.isfinite(norm) or norm <= 0
-    ):
-        raise ValueError(f"initial_error_norm must be a finite number > 0, or None, got {norm!r}.")
+def positive_scale_or_none(name: str):
+    """A field validator: a finite number > 0, or None (the initialisation scales are such fields)."""
 
+    def check(value) -> None:
+        if value is not None and (
+            isinstance(value, bool)
+            or not isinstance(value, (int, float))
+            or not math.isfinite(value)
+            or value <= 0
+        ):
+            raise ValueError(f"{name} must be a finite number > 0, or None, got {value!r}.")
 
-def check_error_proj_init_std(std) -> None:
-    if std is not None and (
-        isinstance(std, bool) or not isinstance(std, (int, float)) or not math.isfinite(std) or std <= 0
-    ):
-        raise ValueError(f"error_proj_init_std must be a finite number > 0, or None, got {std!r}.")
+    return check
 
 
 def check_error_form(error_form) -> None:
@@ -104,14 +105,18 @@ class CopilotConfig(PreTrainedConfig):
     # initializer_range, where a random head predicts errors of norm ~std * sqrt(V * d) >> ||e|| <= sqrt(2).
     # Measured: it helps a Copilot trained alone on a frozen Pilot and hurts joint training in every seed
     # (benchmarks/results/initial_error_norm/quality.md), so the default leaves it off.
-    initial_error_norm: int | float | None = validated_field(check_initial_error_norm, default=None)
+    initial_error_norm: int | float | None = validated_field(
+        positive_scale_or_none("initial_error_norm"), default=None
+    )
     # "reweight" learnt faster and lifted more where the Pilot's own candidates hold the answer (sorting) and
     # learnt less elsewhere (benchmarks/results/error_form/), so the paper's head stays the default.
     error_form: str = validated_field(check_error_form, default="linear")
     # W_in's initial std (None: initializer_range): the error stream W_in e enters the Copilot at ~std * ||e||
     # per coordinate. At 1 rather than 0.02 the Copilot learnt more on every task measured, pretrained
     # arithmetic most (benchmarks/results/error_proj_init_std/); copilot_init copies W_in instead.
-    error_proj_init_std: int | float | None = validated_field(check_error_proj_init_std, default=1.0)
+    error_proj_init_std: int | float | None = validated_field(
+        positive_scale_or_none("error_proj_init_std"), default=1.0
+    )
     base_model_name_or_path: str | None = None
     pilot_fingerprint: str | None = None
     # The paper's Copilot for an encoder-decoder Pilot: self- and cross-attention in every layer, the
