@@ -43,6 +43,7 @@ BASELINE = {
     "copilot_feedback": "copilot",
     "error_form": "linear",
     "error_proj_init_std": None,
+    "position_encoding": "none",
 }
 OBSERVED = {"copilot_feedback": "observed"}
 # Round 1, the feedback mode; round 2, each training option on top of round 1's winner (observed).
@@ -92,6 +93,14 @@ VARIANTS = {
         "copilot_final_epochs": 1.0,
         "error_proj_init_std": 1.0,
     },
+    # Round 7: rotary positions in the Copilot's attention, so it can find the Pilot's state at its own position.
+    "observed+constant+final_epoch+unit_input+rope": {
+        **OBSERVED,
+        "copilot_lr_scheduler_type": "constant_with_warmup",
+        "copilot_final_epochs": 1.0,
+        "error_proj_init_std": 1.0,
+        "position_encoding": "rope",
+    },
 }
 # (task options, training examples, epochs): Pilots that stay between 20% and 80% exact match.
 SETTINGS = {
@@ -122,6 +131,7 @@ def run(task_name: str, seed: int, variant: str, eval_size: int) -> dict:
         **COPILOT_SHAPE,
         error_form=settings["error_form"],
         error_proj_init_std=settings["error_proj_init_std"],
+        position_encoding=settings["position_encoding"],
     )
     model = PilotCopilotForCausalLM.from_pilot(pilot, copilot, copilot_feedback=settings["copilot_feedback"])
     args = recipe.arguments(f"/tmp/copilot_training/{task_name}-{seed}-{variant}", with_copilot=True)

@@ -22,6 +22,10 @@ COPILOT_FEEDBACK_MODES = ("copilot", "observed")
 # How the Copilot's head output becomes f_C: "linear" is the paper's (f_C = W_out h); "reweight" makes W_out h
 # a logit correction of the Pilot's own distribution, f_C = softmax(log p + W_out h) - p (see CopilotModel).
 ERROR_FORMS = ("linear", "reweight")
+# Where the Copilot's attention gets its sense of order: "none" is the paper's (no positional encoding; causal
+# masking and the Pilot's states carry order); "rope" rotates queries and keys by their positions as LLaMA does.
+POSITION_ENCODINGS = ("none", "rope")
+ROPE_THETA = 10000.0
 FUSION_FIELDS = ("copilot_lambda", "fusion", "copilot_feedback")  # how a model fuses; per generate() call too
 
 
@@ -54,6 +58,14 @@ def check_error_form(error_form) -> None:
     if error_form not in ERROR_FORMS:
         raise ValueError(
             f"Unknown error_form={error_form!r}: use one of {ERROR_FORMS} ('linear' is the paper's)."
+        )
+
+
+def check_position_encoding(position_encoding) -> None:
+    if position_encoding not in POSITION_ENCODINGS:
+        raise ValueError(
+            f"Unknown position_encoding={position_encoding!r}: use one of {POSITION_ENCODINGS} "
+            "('none' is the paper's)."
         )
 
 
@@ -117,6 +129,7 @@ class CopilotConfig(PreTrainedConfig):
     error_proj_init_std: int | float | None = validated_field(
         positive_scale_or_none("error_proj_init_std"), default=1.0
     )
+    position_encoding: str = validated_field(check_position_encoding, default="none")
     base_model_name_or_path: str | None = None
     pilot_fingerprint: str | None = None
     # The paper's Copilot for an encoder-decoder Pilot: self- and cross-attention in every layer, the
@@ -146,6 +159,11 @@ class CopilotConfig(PreTrainedConfig):
             raise ValueError(
                 f"hidden_size ({self.hidden_size}) must be divisible by num_attention_heads "
                 f"({self.num_attention_heads})."
+            )
+        if self.position_encoding == "rope" and self.head_dim % 2:
+            raise ValueError(
+                f"position_encoding='rope' rotates pairs of coordinates: head_dim (hidden_size / "
+                f"num_attention_heads = {self.head_dim}) must be even."
             )
         if self.num_attention_heads % self.num_key_value_heads:
             raise ValueError(

@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import functools
 import os
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -31,6 +32,7 @@ from .checkpointing import (
 )
 from .configuration_pilot_copilot import (
     FUSION_FIELDS,
+    ROPE_THETA,
     CopilotConfig,
     copilot_config_like,
     validate_fusion_settings,
@@ -66,8 +68,37 @@ class CopilotMLP(nn.Module):
         return self.down_proj(self.act_fn(self.gate_proj(hidden)) * self.up_proj(hidden))
 
 
+Rotation = tuple[torch.Tensor, torch.Tensor]  # cos, sin [L, head_dim] of the positions of L rows
+
+
+@dataclass
+class Positions:
+    """The positions of the new stream rows and memory entries, and their rotary angles if the Copilot rotates."""
+
+    stream: torch.Tensor
+    memory: torch.Tensor
+    rotations: tuple[Rotation, Rotation] | None = None  # stream's, memory's
+
+
+def rotation_at(positions: torch.Tensor, head_dim: int, dtype: torch.dtype) -> Rotation:
+    """LLaMA's rotary angles at `positions` [L] (rotate-half layout, so a pretrained LLaMA decoder's query/key
+    weights keep their meaning). Position -1 (an encoder-decoder Pilot's encoder output) is not rotated: every
+    query sees it at the same angle."""
+    half = head_dim // 2
+    frequencies = ROPE_THETA ** (-torch.arange(half, device=positions.device, dtype=torch.float32) / half)
+    angles = positions.clamp_min(0).float()[:, None] * frequencies[None, :]  # [L, half]
+    return angles.cos().repeat(1, 2).to(dtype), angles.sin().repeat(1, 2).to(dtype)
+
+
+def rotate(states: torch.Tensor, rotation: Rotation) -> torch.Tensor:
+    """`states` [B, H, L, head_dim] rotated by the angles of their L positions."""
+    cos, sin = rotation
+    half = states.shape[-1] // 2
+    return states * cos + torch.cat([-states[..., half:], states[..., :half]], dim=-1) * sin
+
+
 class CopilotAttention(nn.Module):
-    """Multi-head attention without positional encoding; self- or cross-attention by its inputs."""
+    """Multi-head attention, self- or cross- by its inputs; rotary positions when the config asks for them."""
 
     def __init__(self, config: CopilotConfig):
         super().__init__()
@@ -81,17 +112,29 @@ class CopilotAttention(nn.Module):
         self.v_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=bias)
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=False)
 
-    def project_keys_values(self, source: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def project_keys_values(
+        self, source: torch.Tensor, rotation: Rotation | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         batch, length, _ = source.shape
         keys = self.k_proj(source).view(batch, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
         values = self.v_proj(source).view(batch, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        if rotation is not None:
+            keys = rotate(keys, rotation)
         return keys, values  # [B, H_kv, L, head_dim]
 
     def forward(
-        self, hidden: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor
+        self,
+        hidden: torch.Tensor,
+        rotation: Rotation | None,
+        keys: torch.Tensor,
+        values: torch.Tensor,
+        mask: torch.Tensor,
     ) -> torch.Tensor:
+        """`hidden` [B, T, d] attends to `keys`/`values` (already rotated when `rotation`, the queries' angles)."""
         batch, length, _ = hidden.shape
         queries = self.q_proj(hidden).view(batch, length, self.num_heads, self.head_dim).transpose(1, 2)
+        if rotation is not None:
+            queries = rotate(queries, rotation)
         groups = self.num_heads // self.num_kv_heads
         if groups > 1:
             keys, values = keys.repeat_interleave(groups, 1), values.repeat_interleave(groups, 1)
@@ -105,20 +148,24 @@ def attend(
     attention: CopilotAttention,
     normed: torch.Tensor,
     source: torch.Tensor,
-    positions: tuple[torch.Tensor, torch.Tensor],
+    positions: Positions,
     masks: dict,
     kv_cache: CopilotKVCache | None,
     slot: int,
     is_cross_attention: bool,
 ) -> torch.Tensor:
-    """One attention of a layer: keys from `source` (cached in `slot`), the mask of its kind built once."""
-    keys, values = attention.project_keys_values(source)
-    key_positions = positions[1] if is_cross_attention else positions[0]
+    """One attention of a layer: keys from `source` (cached in `slot`, rotated before), the mask of its kind
+    built once."""
+    key_positions = positions.memory if is_cross_attention else positions.stream
+    query_rotation = key_rotation = None
+    if positions.rotations is not None:
+        query_rotation, key_rotation = positions.rotations[0], positions.rotations[is_cross_attention]
+    keys, values = attention.project_keys_values(source, key_rotation)
     if kv_cache is not None:
         keys, values, key_positions = kv_cache.update(slot, keys, values, key_positions)
     if is_cross_attention not in masks:
         masks[is_cross_attention] = masks["build"](key_positions, is_cross_attention)
-    return attention(normed, keys, values, masks[is_cross_attention])
+    return attention(normed, query_rotation, keys, values, masks[is_cross_attention])
 
 
 class CopilotLayer(nn.Module):
@@ -139,7 +186,7 @@ class CopilotLayer(nn.Module):
         self,
         hidden: torch.Tensor,
         memory: torch.Tensor,
-        positions: tuple[torch.Tensor, torch.Tensor],
+        positions: Positions,
         masks: dict[bool, torch.Tensor],
         kv_cache: CopilotKVCache | None,
     ) -> torch.Tensor:
@@ -183,7 +230,7 @@ class CopilotEncoderDecoderLayer(nn.Module):
         self,
         hidden: torch.Tensor,
         memory: torch.Tensor,
-        positions: tuple[torch.Tensor, torch.Tensor],
+        positions: Positions,
         masks: dict[bool, torch.Tensor],
         kv_cache: CopilotKVCache | None,
     ) -> torch.Tensor:
@@ -346,7 +393,10 @@ class CopilotModel(CopilotPreTrainedModel):
             return build_attention_mask(query_positions, key_positions, padding, stream.dtype)
 
         masks: dict = {"build": build}
-        positions = (query_positions, memory_positions)
+        positions = Positions(query_positions, memory_positions)
+        if self.config.position_encoding == "rope":
+            angles = functools.partial(rotation_at, head_dim=self.config.head_dim, dtype=stream.dtype)
+            positions.rotations = (angles(query_positions), angles(memory_positions))
         hidden = stream
         for layer in self.layers:
             hidden = layer(hidden, memory, positions, masks, kv_cache)

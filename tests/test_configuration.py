@@ -30,6 +30,7 @@ BAD_FIELDS = [
     ({"initial_error_norm": 0.0}, "initial_error_norm", "finite number > 0, or None, got 0.0"),
     ({"initial_error_norm": float("inf")}, "initial_error_norm", "finite number > 0, or None, got inf"),
     ({"error_form": "logits"}, "error_form", "Unknown error_form='logits': use one of"),
+    ({"position_encoding": "alibi"}, "position_encoding", "Unknown position_encoding='alibi': use one of"),
     ({"error_proj_init_std": -1.0}, "error_proj_init_std", "finite number > 0, or None, got -1.0"),
     ({"error_proj_init_std": float("nan")}, "error_proj_init_std", "finite number > 0, or None, got nan"),
 ]
@@ -58,6 +59,12 @@ def test_copilot_layers_must_be_even_and_at_least_two(layers):
 def test_copilot_hidden_size_must_split_into_heads():
     with pytest.raises(StrictDataclassClassValidationError, match=r"hidden_size \(30\) must be divisible by"):
         CopilotConfig(hidden_size=30, num_hidden_layers=2, num_attention_heads=4)
+
+
+def test_rotary_copilot_needs_an_even_head_dim():
+    CopilotConfig(hidden_size=36, num_hidden_layers=2, num_attention_heads=4)  # head_dim 9 without rotation
+    with pytest.raises(StrictDataclassClassValidationError, match=r"head_dim .* = 9\) must be even"):
+        CopilotConfig(hidden_size=36, num_hidden_layers=2, num_attention_heads=4, position_encoding="rope")
 
 
 def test_copilot_query_heads_must_be_a_multiple_of_key_value_heads():

@@ -46,12 +46,14 @@ def prompt(length: int = 6, batch_size: int = 1, seed: int = 0) -> torch.Tensor:
 
 
 @torch.no_grad()
-def fused_model(arch: str = "llama", error_form: str = "linear", **fusion) -> PilotCopilotForCausalLM:
+def fused_model(
+    arch: str = "llama", error_form: str = "linear", position_encoding: str = "none", **fusion
+) -> PilotCopilotForCausalLM:
     """A float64 Pilot+Copilot without EOS (every sequence runs to max_new_tokens, as the references
     assume). The large-std linear Copilot's W_out is shrunk so that f_C is on the scale of the Pilot's
     probabilities: both then matter, and lambda and the fusion space change decisions (a "reweight"
     Copilot's f_C is on that scale by construction)."""
-    copilot_config = tiny_copilot_config(error_form=error_form)
+    copilot_config = tiny_copilot_config(error_form=error_form, position_encoding=position_encoding)
     model = build_pilot_copilot(arch, copilot_config, **fusion).double()
     if error_form == "linear":
         model.copilot.error_head.weight.mul_(0.01)
@@ -207,6 +209,31 @@ def test_beam_search_equals_reference_beam_search(fusion, feedback, error_form):
     assert (ancestors != ancestors[:, :1]).any()
 
     assert torch.equal(out.sequences, reference_beam_search(model, input_ids, num_beams))
+
+
+@pytest.mark.parametrize("feedback", FEEDBACK_MODES)
+def test_rotary_copilot_decodes_as_the_full_recomputation(feedback):
+    """position_encoding="rope": cached keys keep the rotation of their own positions, so greedy, beam search
+    and a left-padded batch (positions shifted by the padding) give the references' tokens."""
+    model = fused_model(position_encoding="rope", copilot_feedback=feedback)
+    input_ids = prompt()
+    fused = greedy(model, input_ids)
+    assert not torch.equal(fused, greedy(model, input_ids, copilot_lambda=0.0))
+    assert not torch.equal(fused, greedy(fused_model(copilot_feedback=feedback), input_ids))
+    assert torch.equal(fused, reference_greedy(model, input_ids))
+    beams = dict(num_beams=4, num_return_sequences=4, do_sample=False)
+    assert torch.equal(generate(model, input_ids, **beams), reference_beam_search(model, input_ids, 4))
+
+    model.generation_config.pad_token_id = PAD_TOKEN_ID
+    prompts = [prompt(length, seed=length)[0] for length in (7, 4, 2)]
+    padded, attention_mask = left_padded(prompts)
+    batched = greedy(model, padded, attention_mask=attention_mask)[:, padded.shape[1] :]
+    static = greedy(model, padded, attention_mask=attention_mask, cache_implementation="static")
+    assert torch.equal(static[:, padded.shape[1] :], batched)
+    for row, tokens in enumerate(prompts):
+        assert torch.equal(batched[row : row + 1], greedy(model, tokens[None])[:, len(tokens) :]), (
+            f"prompt {row}"
+        )
 
 
 @pytest.mark.parametrize("feedback", FEEDBACK_MODES)

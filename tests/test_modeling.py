@@ -27,10 +27,13 @@ from transformers import (
     Qwen2Config,
     Qwen2ForCausalLM,
 )
+from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding, apply_rotary_pos_emb
 
 from hf_copilot import PilotCopilotConfig, PilotCopilotForCausalLM, PilotErrors, fuse_scores
 from hf_copilot.checkpointing import INITIAL_ERROR_NORM
+from hf_copilot.configuration_pilot_copilot import ROPE_THETA
 from hf_copilot.mistake_log_entry import shift_right
+from hf_copilot.modeling_copilot import rotate, rotation_at
 
 
 def pilot_inputs(batch):
@@ -177,12 +180,15 @@ def perturbed_from(tensor: torch.Tensor, start: int) -> torch.Tensor:
     return changed
 
 
+@pytest.mark.parametrize("position_encoding", ["none", "rope"])
 @pytest.mark.parametrize("error_form", ["linear", "reweight"])
 @pytest.mark.parametrize("copilot_hidden", [32, 16])  # 16: the memory is projected d_P -> d_C
 @pytest.mark.parametrize("j", [0, 3, 5])
 @torch.no_grad()
-def test_copilot_output_at_j_ignores_everything_after_j(j, copilot_hidden, error_form):
-    copilot_config = tiny_copilot_config(hidden_size=copilot_hidden, error_form=error_form)
+def test_copilot_output_at_j_ignores_everything_after_j(j, copilot_hidden, error_form, position_encoding):
+    copilot_config = tiny_copilot_config(
+        hidden_size=copilot_hidden, error_form=error_form, position_encoding=position_encoding
+    )
     model = build_pilot_copilot("llama", copilot_config=copilot_config)
     x_tilde, h_bar, errors = random_copilot_inputs(model)
     reference = copilot_output(model, x_tilde, h_bar, errors)
@@ -203,6 +209,49 @@ def test_copilot_output_at_j_ignores_everything_after_j(j, copilot_hidden, error
         if name == "probs" and error_form == "linear" and j + 2 == x_tilde.shape[1]:
             continue  # the last position has no error, so the linear head never reads its p
         assert not torch.allclose(changed[:, j + 1 :], reference[:, j + 1 :]), f"{name} changes nothing later"
+
+
+def swap_first_two_positions(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor[:, [1, 0, *range(2, tensor.shape[1])]]
+
+
+@pytest.mark.parametrize("position_encoding", ["none", "rope"])
+@torch.no_grad()
+def test_only_a_rotary_copilot_knows_the_order_of_earlier_positions(position_encoding):
+    """Without positions, attention sees a set: swapping positions 0 and 1 of every input (stream and memory)
+    leaves f_C at the later positions as it was (two layers: only the first reads the stream's earlier
+    positions, and it reads them as keys). Rotary positions make the order visible."""
+    model = build_pilot_copilot("llama", tiny_copilot_config(position_encoding=position_encoding)).double()
+    x_tilde, h_bar, errors = random_copilot_inputs(model)
+    x_tilde, h_bar, errors = x_tilde.double(), h_bar.double(), errors.map_tensors(lambda t: t.clone())
+    errors.probs = errors.probs.double()
+    errors.mask[:, :2] = True
+    reference = copilot_output(model, x_tilde, h_bar, errors)
+    # The stream at j holds e_{j-1}: swapping the stream's positions 0 and 1 swaps e_{-1} (zero) and e_0.
+    stream = swap_first_two_positions(shift_right(model.copilot.embed_errors(errors)))
+    mask = torch.ones(x_tilde.shape[:2], dtype=torch.long)
+    swapped = model.copilot(
+        stream, swap_first_two_positions(x_tilde), swap_first_two_positions(h_bar), mask, pilot_errors=errors
+    )
+    same_later = torch.allclose(swapped[:, 2:], reference[:, 2:], atol=1e-12, rtol=0)
+    assert same_later == (position_encoding == "none")
+
+
+@torch.no_grad()
+def test_rotary_positions_are_llamas():
+    """The Copilot rotates queries and keys as LLaMA does, so a LLaMA decoder's attention weights keep their
+    meaning under copilot_init; position -1 (an encoder output) is not rotated."""
+    head_dim, positions = 8, torch.tensor([-1, 0, 3, 4, 9])
+    states = torch.randn(2, 3, len(positions), head_dim, generator=torch.Generator().manual_seed(0))
+    llama = LlamaConfig(hidden_size=3 * head_dim, num_attention_heads=3, rope_theta=ROPE_THETA)
+    cos, sin = LlamaRotaryEmbedding(llama)(states, positions.clamp_min(0)[None])
+    expected, _ = apply_rotary_pos_emb(states, states, cos, sin)
+    assert torch.allclose(
+        rotate(states, rotation_at(positions, head_dim, states.dtype)), expected, atol=1e-6, rtol=0
+    )
+    assert torch.equal(
+        rotate(states, rotation_at(positions, head_dim, states.dtype))[:, :, 0], states[:, :, 0]
+    )
 
 
 @torch.no_grad()

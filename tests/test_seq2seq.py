@@ -103,12 +103,18 @@ def build_seq2seq_pilot(arch: str, seed: int = 0) -> PreTrainedModel:
 
 @torch.no_grad()
 def build_model(
-    arch: str = "t5", copilot_std: float | None = 0.5, seed: int = 0, pilot=None, **fusion
+    arch: str = "t5",
+    copilot_std: float | None = 0.5,
+    seed: int = 0,
+    pilot=None,
+    position_encoding: str = "none",
+    **fusion,
 ) -> PilotCopilotForSeq2SeqLM:
     """A tiny Pilot with a tiny encoder-decoder Copilot (2 layers, hidden 32), its Linear weights re-drawn with
     `copilot_std` so that it acts (as conftest's build_pilot_copilot does)."""
     pilot = pilot if pilot is not None else build_seq2seq_pilot(arch, seed)
-    model = PilotCopilotForSeq2SeqLM.from_pilot(pilot, tiny_copilot_config(), **fusion)
+    copilot_config = tiny_copilot_config(position_encoding=position_encoding)
+    model = PilotCopilotForSeq2SeqLM.from_pilot(pilot, copilot_config, **fusion)
     if copilot_std is not None:
         generator = torch.Generator().manual_seed(seed + 1)
         for module in model.copilot.modules():
@@ -473,6 +479,28 @@ def test_static_cache_gives_the_dynamic_caches_tokens(arch, feedback, decoding):
     out = generate(model, inputs, cache_implementation="static", return_dict_in_generate=True, **kwargs)
     assert isinstance(out[CACHE_KEYWORD].self_attention_cache, StaticCache)
     assert torch.equal(out.sequences, dynamic)
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_rotary_copilot_is_causal_and_decodes_as_the_full_recomputation(arch):
+    """position_encoding="rope" with an encoder-decoder Pilot: decoder positions are rotated, the encoder output
+    (position -1) is not; later labels change nothing earlier, and greedy and beam search give the references'
+    tokens."""
+    model, batch = build_model(arch, position_encoding="rope"), training_batch()
+    reference = model(**batch).predicted_error
+    changed = {**batch, "labels": batch["labels"].clone()}
+    changed["labels"][:, 3:] = FIRST_REGULAR_TOKEN + (batch["labels"][:, 3:].clamp_min(0) + 7) % 50
+    assert torch.equal(model(**changed).predicted_error[:, :4], reference[:, :4])
+
+    model = fused_model(arch, position_encoding="rope")
+    inputs = source(batch_size=2, right_padding=(0, 2))
+    fused = greedy(model, inputs)
+    assert not torch.equal(fused, greedy(model, inputs, copilot_lambda=0.0))
+    assert not torch.equal(fused, greedy(fused_model(arch), inputs))
+    assert torch.equal(fused, reference_greedy(model, inputs))
+    one = source(seed=2)
+    beams = greedy(model, one, num_beams=4, num_return_sequences=4)
+    assert torch.equal(beams, reference_beam_search(model, one, num_beams=4))
 
 
 @pytest.mark.parametrize("feedback", FEEDBACK_MODES)
