@@ -14,8 +14,8 @@ Arms (same Pilot initialisation, data order and steps):
                       head drawn so that ||f_C|| starts at 0.1 (observed feedback only)
   pilot_copilot_small_input  the ablation of CopilotConfig.error_proj_init_std: pilot_copilot with W_in drawn
                       at initializer_range (0.02) like every other weight, the default before 1
-  pilot_copilot_rope  the ablation of CopilotConfig.position_encoding: pilot_copilot with rotary positions in
-                      the Copilot's attention
+  pilot_copilot_no_positions  the ablation of CopilotConfig.position_encoding: pilot_copilot without positions
+                      in the Copilot's attention (the paper's, the default before "rope")
   pilot_copilot_paper the same trained for the paper's feedback mode (copilot_feedback="copilot", the
                       Copilot reads its own predictions at answer positions in training too)
   pilot_copilot_init  pilot_copilot with the Copilot initialised from the smaller family member (pretrained only)
@@ -74,7 +74,7 @@ ARMS = (
     "pilot_copilot_reweight",
     "pilot_copilot_small_head",
     "pilot_copilot_small_input",
-    "pilot_copilot_rope",
+    "pilot_copilot_no_positions",
     "pilot_copilot_paper",
     "pilot_copilot_init",
     "transfer",
@@ -305,12 +305,12 @@ def run(
         joint = experiment.wrapper.from_pilot(experiment.pilot(), small_input)
         trained = experiment.fine_tune(joint, with_copilot=True)
         copilot_records("pilot_copilot_small_input", feedback_modes, *trained)
-    if "pilot_copilot_rope" in arms:
+    if "pilot_copilot_no_positions" in arms:
         torch.manual_seed(seed + 1)
-        rope = experiment.copilot_config().to_dict() | {"position_encoding": "rope"}
-        joint = experiment.wrapper.from_pilot(experiment.pilot(), rope)
+        no_positions = experiment.copilot_config().to_dict() | {"position_encoding": "none"}
+        joint = experiment.wrapper.from_pilot(experiment.pilot(), no_positions)
         trained = experiment.fine_tune(joint, with_copilot=True)
-        copilot_records("pilot_copilot_rope", feedback_modes, *trained)
+        copilot_records("pilot_copilot_no_positions", feedback_modes, *trained)
     if "pilot_copilot_paper" in arms:
         # The paper's feedback mode, trained for it: answer positions read the Copilot's own predictions.
         torch.manual_seed(seed + 1)

@@ -62,7 +62,7 @@ def test_copilot_hidden_size_must_split_into_heads():
 
 
 def test_rotary_copilot_needs_an_even_head_dim():
-    CopilotConfig(hidden_size=36, num_hidden_layers=2, num_attention_heads=4)  # head_dim 9 without rotation
+    CopilotConfig(hidden_size=36, num_hidden_layers=2, num_attention_heads=4, position_encoding="none")
     with pytest.raises(StrictDataclassClassValidationError, match=r"head_dim .* = 9\) must be even"):
         CopilotConfig(hidden_size=36, num_hidden_layers=2, num_attention_heads=4, position_encoding="rope")
 

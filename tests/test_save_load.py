@@ -12,7 +12,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import CAUSAL_HUB_FILES, build_batch, build_pilot, build_pilot_copilot, run_without_hf_copilot
+from conftest import (
+    CAUSAL_HUB_FILES,
+    build_batch,
+    build_pilot,
+    build_pilot_copilot,
+    run_without_hf_copilot,
+    tiny_copilot_config,
+)
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
@@ -361,6 +368,27 @@ def test_copilot_checkpoint_loads_onto_its_base_pilot_in_one_call(arch, tmp_path
         assert_tied(loaded.pilot)
     _, info = PilotCopilotForCausalLM.from_pretrained(tmp_path / "copilot", output_loading_info=True)
     assert info == NO_LOADING_PROBLEMS  # the Pilot's loading info: the Copilot's tensors are checked
+
+
+@pytest.mark.parametrize("copilot_only", [False, True])
+def test_a_checkpoint_saved_before_position_encoding_existed_loads_without_positions(copilot_only, tmp_path):
+    """Such files have no `position_encoding`: they load as the Copilot they were saved with ("none"), not with
+    today's default, and give the same outputs."""
+    pilot = saved_pilot("llama", tmp_path / "pilot")
+    model = build_pilot_copilot(pilot, tiny_copilot_config(position_encoding="none"))
+    folder = tmp_path / "model"
+    model.save_copilot(folder) if copilot_only else model.save_pretrained(folder)
+    config = json.loads((folder / "config.json").read_text())
+    if copilot_only:
+        del config["position_encoding"]
+    else:
+        del config["copilot_config"]["position_encoding"]
+    (folder / "config.json").write_text(json.dumps(config))
+    assert CopilotConfig().position_encoding == "rope"
+
+    loaded = PilotCopilotForCausalLM.from_pretrained(folder).eval()
+    assert loaded.copilot.config.position_encoding == "none"
+    assert_same_outputs(model, loaded)
 
 
 def test_copilot_checkpoint_without_a_named_base_needs_the_pilot(tmp_path):
