@@ -301,7 +301,9 @@ class CopilotPreTrainedModel(PreTrainedModel):
 class CopilotModel(CopilotPreTrainedModel):
     """Predicts the Pilot's error f_C [B,T,V] from the shifted error stream and the Pilot's states.
 
-    Position j receives W_in e_{j-1}; no positional embeddings. Decoder-only Pilot: odd layers self-attend
+    Position j receives W_in e_{j-1}; no positional embeddings, but with `position_encoding="rope"` (the default)
+    attention rotates queries and keys by their positions, memory entries of position j like stream position j
+    (the paper's Copilot, "none", has no positions). Decoder-only Pilot: odd layers self-attend
     causally over the stream, even layers cross-attend to M = [x_tilde ; h_bar] restricted to positions <= j.
     Encoder-decoder Pilot (`config.encoder_decoder`): every layer does both, and its cross-attention reads the
     encoder output x_tilde (every source position that is not padding) followed by h_bar of positions <= j.
