@@ -19,6 +19,8 @@ Arms (same Pilot initialisation, data order and steps):
   pilot_copilot_paper the same trained for the paper's feedback mode (copilot_feedback="copilot", the
                       Copilot reads its own predictions at answer positions in training too)
   pilot_copilot_init  pilot_copilot with the Copilot initialised from the smaller family member (pretrained only)
+  pilot_copilot_init_embedding_scale  the ablation of copilot_init's W_in scale: pilot_copilot_init with W_in left at
+                      the embeddings' own scale (error_proj_init_std=None) instead of std 1
   pilot_matched       the next family size (pretrained) or a Pilot with as many parameters (scratch)
   transfer            pilot_copilot_init's Copilot attached to a Pilot fine-tuned independently (another data
                       order), as in the paper's Table 3 (pretrained only)
@@ -77,6 +79,7 @@ ARMS = (
     "pilot_copilot_no_positions",
     "pilot_copilot_paper",
     "pilot_copilot_init",
+    "pilot_copilot_init_embedding_scale",
     "transfer",
     "pilot_matched",
 )
@@ -287,30 +290,24 @@ def run(
         torch.manual_seed(seed + 1)
         joint = experiment.wrapper.from_pilot(experiment.pilot(), experiment.copilot_config())
         copilot_records("pilot_copilot", feedback_modes, *experiment.fine_tune(joint, with_copilot=True))
+
+    def ablation_records(arm: str, change: dict, modes=feedback_modes) -> None:
+        """pilot_copilot with one CopilotConfig field changed, from the same seeds."""
+        torch.manual_seed(seed + 1)
+        config = experiment.copilot_config().to_dict() | change
+        joint = experiment.wrapper.from_pilot(experiment.pilot(), config)
+        copilot_records(arm, modes, *experiment.fine_tune(joint, with_copilot=True))
+
     if "pilot_copilot_reweight" in arms:
-        torch.manual_seed(seed + 1)
-        reweight = experiment.copilot_config().to_dict() | {"error_form": "reweight"}
-        joint = experiment.wrapper.from_pilot(experiment.pilot(), reweight)
-        trained = experiment.fine_tune(joint, with_copilot=True)
-        copilot_records("pilot_copilot_reweight", feedback_modes, *trained)
+        ablation_records("pilot_copilot_reweight", {"error_form": "reweight"})
     if "pilot_copilot_small_head" in arms:
-        torch.manual_seed(seed + 1)
-        small = experiment.copilot_config().to_dict() | {"initial_error_norm": INITIAL_ERROR_NORM}
-        joint = experiment.wrapper.from_pilot(experiment.pilot(), small)
-        trained = experiment.fine_tune(joint, with_copilot=True)
-        copilot_records("pilot_copilot_small_head", ("observed",), *trained)
+        ablation_records(
+            "pilot_copilot_small_head", {"initial_error_norm": INITIAL_ERROR_NORM}, ("observed",)
+        )
     if "pilot_copilot_small_input" in arms:
-        torch.manual_seed(seed + 1)
-        small_input = experiment.copilot_config().to_dict() | {"error_proj_init_std": None}
-        joint = experiment.wrapper.from_pilot(experiment.pilot(), small_input)
-        trained = experiment.fine_tune(joint, with_copilot=True)
-        copilot_records("pilot_copilot_small_input", feedback_modes, *trained)
+        ablation_records("pilot_copilot_small_input", {"error_proj_init_std": None})
     if "pilot_copilot_no_positions" in arms:
-        torch.manual_seed(seed + 1)
-        no_positions = experiment.copilot_config().to_dict() | {"position_encoding": "none"}
-        joint = experiment.wrapper.from_pilot(experiment.pilot(), no_positions)
-        trained = experiment.fine_tune(joint, with_copilot=True)
-        copilot_records("pilot_copilot_no_positions", feedback_modes, *trained)
+        ablation_records("pilot_copilot_no_positions", {"position_encoding": "none"})
     if "pilot_copilot_paper" in arms:
         # The paper's feedback mode, trained for it: answer positions read the Copilot's own predictions.
         torch.manual_seed(seed + 1)
@@ -318,18 +315,32 @@ def run(
             experiment.pilot(), experiment.copilot_config(), copilot_feedback="copilot"
         )
         copilot_records("pilot_copilot_paper", ("copilot",), *experiment.fine_tune(joint, with_copilot=True))
-    if family is not None and {"pilot_copilot_init", "transfer"} & set(arms):
+
+    def initialised(change: dict | None = None):
+        """Pilot + the Copilot initialised from the smaller family member (copilot_init), from the same seeds."""
+        torch.manual_seed(seed + 1)
+        config = experiment.copilot_config().to_dict() | (change or {})
         joint = PilotCopilotForCausalLM.from_pilot(
-            experiment.pilot(), experiment.copilot_config(), copilot_init=family.members["small"]
+            experiment.pilot(), config, copilot_init=family.members["small"]
         )
-        copilot_records("pilot_copilot_init", feedback_modes, *experiment.fine_tune(joint, with_copilot=True))
-        # The paper's transfer: this Copilot on a Pilot fine-tuned from the same base with another data order.
-        other, _, _ = experiment.fine_tune(experiment.pilot(), with_copilot=False, data_seed=seed + 1000)
-        folder, pilot_folder = (os.path.join(experiment.scratch, name) for name in ("copilot", "pilot"))
-        joint.pilot.save_pretrained(pilot_folder)  # the Copilot's own (fine-tuned) Pilot, as its base
-        joint.save_copilot(folder, base_model_name_or_path=pilot_folder)
-        moved = PilotCopilotForCausalLM.from_pretrained(folder, pilot=other, allow_other_pilot=True).eval()
-        copilot_records("transfer", feedback_modes, moved, 0.0, None)
+        return experiment.fine_tune(joint, with_copilot=True)
+
+    if family is not None and {"pilot_copilot_init", "transfer"} & set(arms):
+        joint, seconds, r2 = initialised()
+        copilot_records("pilot_copilot_init", feedback_modes, joint, seconds, r2)
+        if "transfer" in arms:
+            # The paper's transfer: this Copilot on a Pilot fine-tuned from the same base with another data order.
+            other, _, _ = experiment.fine_tune(experiment.pilot(), with_copilot=False, data_seed=seed + 1000)
+            folder, pilot_folder = (os.path.join(experiment.scratch, name) for name in ("copilot", "pilot"))
+            joint.pilot.save_pretrained(pilot_folder)  # the Copilot's own (fine-tuned) Pilot, as its base
+            joint.save_copilot(folder, base_model_name_or_path=pilot_folder)
+            moved = PilotCopilotForCausalLM.from_pretrained(
+                folder, pilot=other, allow_other_pilot=True
+            ).eval()
+            copilot_records("transfer", feedback_modes, moved, 0.0, None)
+    if family is not None and "pilot_copilot_init_embedding_scale" in arms:
+        embedding_scale = initialised({"error_proj_init_std": None})
+        copilot_records("pilot_copilot_init_embedding_scale", feedback_modes, *embedding_scale)
     if "pilot_matched" in arms:
         pilot_record(
             "pilot_matched", *experiment.fine_tune(experiment.pilot("large"), with_copilot=False)[:2]

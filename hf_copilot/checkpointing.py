@@ -341,7 +341,8 @@ def copy_pretrained_decoder(copilot: PreTrainedModel, decoder: PreTrainedModel) 
     """Initialise `copilot` (a CopilotModel) from a LLaMA/Qwen2/Mistral-layout decoder (SPEC section 3).
 
     Layer weights where shapes match; W_in from the token embeddings (so W_in e embeds the error
-    distribution) and W_out from the LM head, rescaled to probability scale. Returns the names copied.
+    distribution), rescaled to std `config.error_proj_init_std` unless that is None, and W_out from the LM head,
+    rescaled to probability scale. Returns the names copied.
     """
     source = decoder.state_dict()
     prefix = next((p for p in ("model.", "") if f"{p}embed_tokens.weight" in source), None)
@@ -370,6 +371,12 @@ def copy_pretrained_decoder(copilot: PreTrainedModel, decoder: PreTrainedModel) 
         if value.shape == target[name].shape:
             target[name].copy_(value)
             copied.append(name)
+    input_std = copilot.config.error_proj_init_std
+    if "error_proj.weight" in copied and input_std is not None:
+        # The same directions at the scale a random W_in gets: embeddings (std ~0.02-0.05) would make the error
+        # stream small next to the Pilot's states, which measured worse for random Copilots.
+        embedding = target["error_proj.weight"]
+        embedding.mul_(input_std / embedding.float().std().clamp_min(1e-12))
     if "error_head.weight" in copied:
         # The LM head outputs logits (norm ~10-100) where the Copilot predicts probability-scale errors
         # (norm <= sqrt(2)): rescaled so the initial ||f_C|| is about INITIAL_ERROR_NORM, near "no correction".

@@ -25,7 +25,6 @@ ERROR_FORMS = ("linear", "reweight")
 # Where the Copilot's attention gets its sense of order: "none" is the paper's (no positional encoding; causal
 # masking and the Pilot's states carry order); "rope" rotates queries and keys by their positions as LLaMA does.
 POSITION_ENCODINGS = ("none", "rope")
-ROPE_THETA = 10000.0
 # Copilots saved before `position_encoding` existed had no positions: their files load as such, whatever the default.
 SAVED_WITHOUT_POSITION_ENCODING = "none"
 FUSION_FIELDS = ("copilot_lambda", "fusion", "copilot_feedback")  # how a model fuses; per generate() call too
@@ -139,6 +138,9 @@ class CopilotConfig(PreTrainedConfig):
     # "rope" measured better where order matters (scratch recommendation R^2 0.039 -> 0.194, pretrained
     # recommendation) and level elsewhere (benchmarks/results/position_encoding/).
     position_encoding: str = validated_field(check_position_encoding, default="rope")
+    # The rotary base (LLaMA's rope_theta); copilot_init copies the decoder's, so its attention weights keep their
+    # meaning.
+    rotary_base: int | float = interval(min=1.0, exclude_min=True)(default=10000.0)
     base_model_name_or_path: str | None = None
     pilot_fingerprint: str | None = None
     # The paper's Copilot for an encoder-decoder Pilot: self- and cross-attention in every layer, the
@@ -278,7 +280,9 @@ def copilot_config_like(decoder_config) -> CopilotConfig:
     """A Copilot shaped like a pretrained decoder, so all of its layer weights can be copied."""
     text = decoder_config.get_text_config()
     layers = text.num_hidden_layers - text.num_hidden_layers % 2
+    rope = getattr(text, "rope_parameters", None) or {}
     return CopilotConfig(
+        rotary_base=rope.get("rope_theta", CopilotConfig().rotary_base),
         hidden_size=text.hidden_size,
         num_hidden_layers=max(2, layers),
         num_attention_heads=text.num_attention_heads,

@@ -32,7 +32,6 @@ from .checkpointing import (
 )
 from .configuration_pilot_copilot import (
     FUSION_FIELDS,
-    ROPE_THETA,
     CopilotConfig,
     copilot_config_like,
     validate_fusion_settings,
@@ -80,12 +79,12 @@ class Positions:
     rotations: tuple[Rotation, Rotation] | None = None  # stream's, memory's
 
 
-def rotation_at(positions: torch.Tensor, head_dim: int, dtype: torch.dtype) -> Rotation:
+def rotation_at(positions: torch.Tensor, head_dim: int, base: float, dtype: torch.dtype) -> Rotation:
     """LLaMA's rotary angles at `positions` [L] (rotate-half layout, so a pretrained LLaMA decoder's query/key
     weights keep their meaning). Position -1 (an encoder-decoder Pilot's encoder output) is not rotated: every
     query sees it at the same angle."""
     half = head_dim // 2
-    frequencies = ROPE_THETA ** (-torch.arange(half, device=positions.device, dtype=torch.float32) / half)
+    frequencies = base ** (-torch.arange(half, device=positions.device, dtype=torch.float32) / half)
     angles = positions.clamp_min(0).float()[:, None] * frequencies[None, :]  # [L, half]
     return angles.cos().repeat(1, 2).to(dtype), angles.sin().repeat(1, 2).to(dtype)
 
@@ -397,7 +396,9 @@ class CopilotModel(CopilotPreTrainedModel):
         masks: dict = {"build": build}
         positions = Positions(query_positions, memory_positions)
         if self.config.position_encoding == "rope":
-            angles = functools.partial(rotation_at, head_dim=self.config.head_dim, dtype=stream.dtype)
+            angles = functools.partial(
+                rotation_at, head_dim=self.config.head_dim, base=self.config.rotary_base, dtype=stream.dtype
+            )
             positions.rotations = (angles(query_positions), angles(memory_positions))
         hidden = stream
         for layer in self.layers:

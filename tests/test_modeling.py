@@ -31,7 +31,7 @@ from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding, apply
 
 from hf_copilot import PilotCopilotConfig, PilotCopilotForCausalLM, PilotErrors, fuse_scores
 from hf_copilot.checkpointing import INITIAL_ERROR_NORM
-from hf_copilot.configuration_pilot_copilot import ROPE_THETA
+from hf_copilot.configuration_pilot_copilot import copilot_config_like
 from hf_copilot.mistake_log_entry import shift_right
 from hf_copilot.modeling_copilot import rotate, rotation_at
 
@@ -243,15 +243,13 @@ def test_rotary_positions_are_llamas():
     meaning under copilot_init; position -1 (an encoder output) is not rotated."""
     head_dim, positions = 8, torch.tensor([-1, 0, 3, 4, 9])
     states = torch.randn(2, 3, len(positions), head_dim, generator=torch.Generator().manual_seed(0))
-    llama = LlamaConfig(hidden_size=3 * head_dim, num_attention_heads=3, rope_theta=ROPE_THETA)
-    cos, sin = LlamaRotaryEmbedding(llama)(states, positions.clamp_min(0)[None])
-    expected, _ = apply_rotary_pos_emb(states, states, cos, sin)
-    assert torch.allclose(
-        rotate(states, rotation_at(positions, head_dim, states.dtype)), expected, atol=1e-6, rtol=0
-    )
-    assert torch.equal(
-        rotate(states, rotation_at(positions, head_dim, states.dtype))[:, :, 0], states[:, :, 0]
-    )
+    for base in (10000.0, 500000.0):
+        llama = LlamaConfig(hidden_size=3 * head_dim, num_attention_heads=3, rope_theta=base)
+        cos, sin = LlamaRotaryEmbedding(llama)(states, positions.clamp_min(0)[None])
+        expected, _ = apply_rotary_pos_emb(states, states, cos, sin)
+        rotated = rotate(states, rotation_at(positions, head_dim, base, states.dtype))
+        assert torch.allclose(rotated, expected, atol=1e-6, rtol=0), base
+        assert torch.equal(rotated[:, :, 0], states[:, :, 0])
 
 
 @torch.no_grad()
@@ -368,10 +366,14 @@ DECODERS = {
 }
 
 
+ROTARY_BASE = {"llama": 10000.0, "qwen2": 1000000.0, "mistral": 500000.0}
+
+
 def build_decoder(family: str, vocab_size: int = VOCAB_SIZE, tie_word_embeddings: bool = False):
     config_class, model_class = DECODERS[family]
     torch.manual_seed(7)
     config = config_class(
+        rope_theta=ROTARY_BASE[family],
         vocab_size=vocab_size,
         hidden_size=32,
         num_hidden_layers=2,
@@ -387,7 +389,10 @@ def build_decoder(family: str, vocab_size: int = VOCAB_SIZE, tie_word_embeddings
 
 def assert_copilot_copies_decoder(model, decoder):
     copilot, source = model.copilot, decoder.model
-    assert torch.equal(copilot.error_proj.weight, source.embed_tokens.weight.t())
+    # The token embeddings' directions at the std of a random W_in (error_proj_init_std).
+    embedding, error_proj = source.embed_tokens.weight.t(), copilot.error_proj.weight
+    torch.testing.assert_close(error_proj, embedding * (error_proj.norm() / embedding.norm()))
+    assert error_proj.std() == pytest.approx(copilot.config.error_proj_init_std, rel=1e-5)
     # The LM head's directions, rescaled from logit scale to an initial ||f_C|| of about 0.1.
     head, lm_head = copilot.error_head.weight, decoder.lm_head.weight
     torch.testing.assert_close(head, lm_head * (head.norm() / lm_head.norm()))
@@ -410,6 +415,7 @@ def test_copilot_init_copies_a_pretrained_decoder(family, tie_word_embeddings):
     assert (config.hidden_size, config.num_hidden_layers, config.num_attention_heads) == (32, 2, 4)
     assert (config.num_key_value_heads, config.intermediate_size) == (2, 48)
     assert (config.hidden_act, config.rms_norm_eps) == ("gelu", 1e-5)
+    assert config.rotary_base == ROTARY_BASE[family]
     assert_copilot_copies_decoder(model, decoder)
 
 
@@ -419,6 +425,15 @@ def test_copilot_init_from_a_saved_decoder_path(tmp_path):
     decoder.save_pretrained(tmp_path)
     model = PilotCopilotForCausalLM.from_pilot(build_pilot("llama"), copilot_init=str(tmp_path))
     assert_copilot_copies_decoder(model, decoder)
+
+
+@torch.no_grad()
+def test_copilot_init_keeps_the_embeddings_scale_when_error_proj_init_std_is_none():
+    decoder = build_decoder("llama")
+    copilot_config = copilot_config_like(decoder.config)
+    copilot_config.error_proj_init_std = None
+    model = PilotCopilotForCausalLM.from_pilot(build_pilot("llama"), copilot_config, copilot_init=decoder)
+    assert torch.equal(model.copilot.error_proj.weight, decoder.model.embed_tokens.weight.t())
 
 
 def test_copilot_init_with_another_vocabulary_raises():
