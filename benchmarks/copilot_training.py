@@ -101,6 +101,21 @@ VARIANTS = {
         "error_proj_init_std": 1.0,
         "position_encoding": "rope",
     },
+    # Round 8: the paper's feedback (trained on its own predictions at answer positions) with and without
+    # positions: a rotary Copilot can find x_tilde_j, the token just emitted, at distance 0 in its memory.
+    "paper+constant+final_epoch+unit_input": {
+        "copilot_feedback_fraction": 1.0,
+        "copilot_lr_scheduler_type": "constant_with_warmup",
+        "copilot_final_epochs": 1.0,
+        "error_proj_init_std": 1.0,
+    },
+    "paper+constant+final_epoch+unit_input+rope": {
+        "copilot_feedback_fraction": 1.0,
+        "copilot_lr_scheduler_type": "constant_with_warmup",
+        "copilot_final_epochs": 1.0,
+        "error_proj_init_std": 1.0,
+        "position_encoding": "rope",
+    },
 }
 # (task options, training examples, epochs): Pilots that stay between 20% and 80% exact match.
 SETTINGS = {
