@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from transformers import PreTrainedConfig, PreTrainedModel
 
-from .configuration_pilot_copilot import INITIAL_ERROR_NORM
+from .configuration_pilot_copilot import INITIAL_ERROR_NORM, T5_MODEL_TYPES
 
 HUB_KWARGS = ("revision", "token", "cache_dir", "local_files_only")  # where a checkpoint's files come from
 FINGERPRINT_TENSORS = 16  # tensors sampled for the fingerprint
@@ -336,40 +336,93 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
         raise
 
 
+T5_DECODER_LAYER_NAMES = {
+    "input_layernorm.weight": "layer.0.layer_norm.weight",
+    "self_attn.q_proj.weight": "layer.0.SelfAttention.q.weight",
+    "self_attn.k_proj.weight": "layer.0.SelfAttention.k.weight",
+    "self_attn.v_proj.weight": "layer.0.SelfAttention.v.weight",
+    "self_attn.o_proj.weight": "layer.0.SelfAttention.o.weight",
+    "cross_attention_layernorm.weight": "layer.1.layer_norm.weight",
+    "cross_attn.q_proj.weight": "layer.1.EncDecAttention.q.weight",
+    "cross_attn.k_proj.weight": "layer.1.EncDecAttention.k.weight",
+    "cross_attn.v_proj.weight": "layer.1.EncDecAttention.v.weight",
+    "cross_attn.o_proj.weight": "layer.1.EncDecAttention.o.weight",
+    "post_attention_layernorm.weight": "layer.2.layer_norm.weight",
+    "mlp.gate_proj.weight": "layer.2.DenseReluDense.wi_0.weight",  # gated T5 (v1.1, FLAN-T5) only
+    "mlp.up_proj.weight": "layer.2.DenseReluDense.wi_1.weight",
+    "mlp.down_proj.weight": "layer.2.DenseReluDense.wo.weight",
+}
+"""A T5 decoder block's weights under the encoder-decoder Copilot's names: self-attention, cross-attention and
+gated MLP, each behind its RMS norm, as in the Copilot's layer."""
+
+
+def is_t5_decoder(model: PreTrainedModel) -> bool:
+    """A T5-layout encoder-decoder (T5, FLAN-T5, mT5, UMT5) whose decoder can initialise a Copilot."""
+    return model.config.get_text_config().model_type in T5_MODEL_TYPES
+
+
+def _llama_layout_map(
+    copilot: PreTrainedModel, decoder: PreTrainedModel
+) -> dict[str, tuple[str, float | None]]:
+    source = decoder.state_dict()
+    prefix = next((p for p in ("model.", "") if f"{p}embed_tokens.weight" in source), None)
+    if prefix is None:
+        raise ValueError(
+            "copilot_init needs a LLaMA, Qwen2 or Mistral-layout decoder (`model.embed_tokens`), or a T5-layout "
+            "encoder-decoder for PilotCopilotForSeq2SeqLM."
+        )
+    mapping = {
+        "error_proj.weight": f"{prefix}embed_tokens.weight",
+        "error_head.weight": "lm_head.weight"
+        if "lm_head.weight" in source
+        else f"{prefix}embed_tokens.weight",
+        "norm.weight": f"{prefix}norm.weight",
+    }
+    mapping |= {
+        name: f"{prefix}{name}" for name, _ in copilot.named_parameters() if name.startswith("layers.")
+    }
+    return {name: (source_name, None) for name, source_name in mapping.items()}
+
+
+def _t5_layout_map(copilot: PreTrainedModel, decoder: PreTrainedModel) -> dict[str, tuple[str, float | None]]:
+    # T5 does not divide attention scores by sqrt(head_dim) (its initialisation absorbs it); the Copilot does, so
+    # its copied queries are scaled up by as much and every attention weight matches T5's.
+    query_scale = copilot.config.head_dim**0.5
+    mapping = {
+        "error_proj.weight": ("decoder.embed_tokens.weight", None),
+        "error_head.weight": ("lm_head.weight", None),
+        "norm.weight": ("decoder.final_layer_norm.weight", None),
+    }
+    # T5 v1.0's MLP is relu(wi x) (no gate): the Copilot's gated MLP then keeps its own initialisation.
+    gated = decoder.config.get_text_config().is_gated_act
+    for index in range(copilot.config.num_hidden_layers):
+        for name, t5_name in T5_DECODER_LAYER_NAMES.items():
+            if name.startswith("mlp.") and not gated:
+                continue
+            scale = query_scale if name.endswith("q_proj.weight") else None
+            mapping[f"layers.{index}.{name}"] = (f"decoder.block.{index}.{t5_name}", scale)
+    return mapping
+
+
 @torch.no_grad()
 def copy_pretrained_decoder(copilot: PreTrainedModel, decoder: PreTrainedModel) -> list[str]:
-    """Initialise `copilot` (a CopilotModel) from a LLaMA/Qwen2/Mistral-layout decoder (SPEC section 3).
+    """Initialise `copilot` (a CopilotModel) from a pretrained decoder (SPEC section 3): a LLaMA/Qwen2/Mistral
+    layout, or for the encoder-decoder Copilot a T5 layout's decoder.
 
     Layer weights where shapes match; W_in from the token embeddings (so W_in e embeds the error
     distribution), rescaled to std `config.error_proj_init_std` unless that is None, and W_out from the LM head,
     rescaled to probability scale. Returns the names copied.
     """
     source = decoder.state_dict()
-    prefix = next((p for p in ("model.", "") if f"{p}embed_tokens.weight" in source), None)
-    if prefix is None:
-        raise ValueError(
-            f"copilot_init: {type(decoder).__name__} has no `model.embed_tokens`; use a LLaMA, Qwen2 or "
-            "Mistral-layout decoder."
-        )
-    mapping = {
-        "error_proj.weight": (f"{prefix}embed_tokens.weight", True),
-        "error_head.weight": (
-            "lm_head.weight" if "lm_head.weight" in source else f"{prefix}embed_tokens.weight",
-            False,
-        ),
-        "norm.weight": (f"{prefix}norm.weight", False),
-    }
-    for name, _ in copilot.named_parameters():
-        if name.startswith("layers."):
-            mapping[name] = (f"{prefix}{name}", False)
+    layout_map = _t5_layout_map if is_t5_decoder(decoder) else _llama_layout_map
     copied = []
     target = copilot.state_dict()
-    for name, (source_name, transpose) in mapping.items():
-        if source_name not in source:
+    for name, (source_name, scale) in layout_map(copilot, decoder).items():
+        if source_name not in source or name not in target:
             continue
-        value = source[source_name].t() if transpose else source[source_name]
+        value = source[source_name].t() if name == "error_proj.weight" else source[source_name]
         if value.shape == target[name].shape:
-            target[name].copy_(value)
+            target[name].copy_(value if scale is None else value * scale)
             copied.append(name)
     input_std = copilot.config.error_proj_init_std
     if "error_proj.weight" in copied and input_std is not None:
@@ -395,6 +448,7 @@ __all__ = [
     "check_loaded_tensors",
     "copy_pretrained_decoder",
     "atomic_torch_save",
+    "is_t5_decoder",
     "pilot_adapter_configs",
     "pilot_fingerprint",
     "read_checkpoint_config",

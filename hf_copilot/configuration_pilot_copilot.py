@@ -17,6 +17,7 @@ from transformers.configuration_utils import SubConfigSpec
 from transformers.utils.type_validators import activation_fn_key, interval, positive_int_field, probability
 
 FUSION_SPACES = ("probs", "logits")
+T5_MODEL_TYPES = ("t5", "mt5", "umt5")  # decoders copilot_config_like shapes an encoder-decoder Copilot after
 INITIAL_ERROR_NORM = 0.1  # ||f_C|| of a Copilot initialised from a pretrained decoder (copilot_init)
 COPILOT_FEEDBACK_MODES = ("copilot", "observed")
 # How the Copilot's head output becomes f_C: "linear" is the paper's (f_C = W_out h); "reweight" makes W_out h
@@ -277,8 +278,20 @@ class PilotCopilotSeq2SeqConfig(PilotCopilotConfig):
 
 
 def copilot_config_like(decoder_config) -> CopilotConfig:
-    """A Copilot shaped like a pretrained decoder, so all of its layer weights can be copied."""
+    """A Copilot shaped like a pretrained decoder, so all of its layer weights can be copied: a LLaMA/Qwen2/
+    Mistral layout, or a T5 layout's decoder (then the encoder-decoder Copilot, one layer per decoder block)."""
     text = decoder_config.get_text_config()
+    if text.model_type in T5_MODEL_TYPES:
+        return CopilotConfig(
+            hidden_size=text.d_model,
+            num_hidden_layers=text.num_decoder_layers,
+            num_attention_heads=text.num_heads,
+            num_key_value_heads=text.num_heads,
+            intermediate_size=text.d_ff,
+            hidden_act=text.dense_act_fn,
+            rms_norm_eps=text.layer_norm_epsilon,
+            encoder_decoder=True,
+        )
     layers = text.num_hidden_layers - text.num_hidden_layers % 2
     rope = getattr(text, "rope_parameters", None) or {}
     return CopilotConfig(

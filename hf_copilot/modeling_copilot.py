@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import AutoModelForCausalLM, PreTrainedModel
+from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, PreTrainedModel
 from transformers.activations import ACT2FN
 from transformers.dynamic_module_utils import custom_object_save
 
@@ -26,6 +26,7 @@ from .checkpointing import (
     check_copilot_fits_pilot,
     check_loaded_tensors,
     copy_pretrained_decoder,
+    is_t5_decoder,
     pilot_adapter_configs,
     pilot_fingerprint,
     same_pilot,
@@ -474,7 +475,19 @@ class PilotCopilotMixin:
         """What both wrappers' `from_pilot` do once the Pilot's kind is checked: the Copilot's config (from
         `copilot_init` when none is given), the wrapper's config around the Pilot's, and the weights copied."""
         if isinstance(copilot_init, (str, os.PathLike)):
-            copilot_init = AutoModelForCausalLM.from_pretrained(copilot_init)
+            encoder_decoder = AutoConfig.from_pretrained(copilot_init).is_encoder_decoder
+            auto_class = AutoModelForSeq2SeqLM if encoder_decoder else AutoModelForCausalLM
+            copilot_init = auto_class.from_pretrained(copilot_init)
+        if (
+            copilot_init is not None
+            and is_t5_decoder(copilot_init)
+            and not cls.config_class.is_encoder_decoder
+        ):
+            raise ValueError(
+                f"copilot_init: a T5 decoder ({type(copilot_init).__name__}) initialises the encoder-decoder Copilot "
+                "of PilotCopilotForSeq2SeqLM; for PilotCopilotForCausalLM use a LLaMA, Qwen2 or Mistral-layout "
+                "decoder."
+            )
         if isinstance(copilot_config, dict):
             copilot_config = CopilotConfig(**{**cls.copilot_config_defaults, **copilot_config})
         elif copilot_config is not None:

@@ -108,8 +108,9 @@ class PilotCopilotForSeq2SeqLM(PilotCopilotMixin, PreTrainedModel, GenerationMix
     ) -> PilotCopilotForSeq2SeqLM:
         """Attach a new encoder-decoder Copilot to `pilot` (T5, FLAN-T5, BART, ...) without changing the Pilot.
 
-        `copilot_init` (a LLaMA/Qwen2/Mistral-layout decoder or its path) initialises the Copilot's
-        self-attention, MLP, norms, W_in and W_out; its cross-attention stays randomly initialised.
+        `copilot_init` (a pretrained model or its path) initialises the Copilot: a T5-layout encoder-decoder of
+        the Pilot's family (the paper's choice) gives every weight of its decoder, cross-attention included; a
+        LLaMA/Qwen2/Mistral-layout decoder gives all but the cross-attention.
         """
         validate_fusion_settings(copilot_lambda, fusion, copilot_feedback)
         if not getattr(pilot.config, "is_encoder_decoder", False):

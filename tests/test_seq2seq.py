@@ -376,6 +376,79 @@ def test_copilot_init_copies_a_pretrained_decoder_into_all_but_the_cross_attenti
             assert torch.equal(value, source_layers[name]), name
 
 
+def build_t5_decoder(feed_forward_proj: str = "gated-gelu") -> T5ForConditionalGeneration:
+    """A pretrained-family stand-in: T5 v1.1 / FLAN-T5 layout (gated-gelu, untied head), 2 decoder blocks."""
+    torch.manual_seed(11)
+    config = T5Config(
+        vocab_size=VOCAB_SIZE,
+        d_model=32,
+        d_kv=8,
+        d_ff=48,
+        num_layers=3,
+        num_decoder_layers=2,
+        num_heads=4,
+        feed_forward_proj=feed_forward_proj,
+        tie_word_embeddings=False,
+        dropout_rate=0.0,
+        **SPECIAL_TOKENS,
+    )
+    return T5ForConditionalGeneration(config).eval()
+
+
+@torch.no_grad()
+def test_copilot_init_from_a_t5_decoder_computes_its_attention_mlp_and_norms():
+    """Every block of a T5 decoder lands in the Copilot layer of the same index and computes what it computed
+    in T5: its (unscaled) attention weights, gated MLP and RMS norms, on the same inputs."""
+    decoder = build_t5_decoder()
+    copilot = PilotCopilotForSeq2SeqLM.from_pilot(build_seq2seq_pilot("t5"), copilot_init=decoder).copilot
+    config = copilot.config
+    assert config.encoder_decoder and (config.hidden_size, config.num_hidden_layers) == (32, 2)
+    assert (config.num_attention_heads, config.intermediate_size, config.hidden_act) == (4, 48, "gelu_new")
+    assert config.rms_norm_eps == decoder.config.layer_norm_epsilon
+    generator = torch.Generator().manual_seed(3)
+    x, source = torch.randn(2, 5, 32, generator=generator), torch.randn(2, 7, 32, generator=generator)
+    no_mask = torch.zeros(1, 1, 5, 7)
+    for layer, block in zip(copilot.layers, decoder.decoder.block, strict=True):
+        keys, values = layer.cross_attn.project_keys_values(source, None)
+        torch.testing.assert_close(
+            layer.cross_attn(x, None, keys, values, no_mask),
+            block.layer[1].EncDecAttention(x, key_value_states=source)[0],
+        )
+        torch.testing.assert_close(layer.mlp(x), block.layer[2].DenseReluDense(x))
+        norms = (layer.input_layernorm, layer.cross_attention_layernorm, layer.post_attention_layernorm)
+        for norm, t5_layer in zip(norms, block.layer, strict=True):
+            torch.testing.assert_close(norm(x), t5_layer.layer_norm(x))
+        t5_self = block.layer[0].SelfAttention
+        for name in "kvo":
+            assert torch.equal(getattr(layer.self_attn, f"{name}_proj").weight, getattr(t5_self, name).weight)
+        torch.testing.assert_close(layer.self_attn.q_proj.weight, t5_self.q.weight * 8**0.5)
+    assert torch.equal(copilot.norm.weight, decoder.decoder.final_layer_norm.weight)
+    embedding = decoder.decoder.embed_tokens.weight.t()  # its directions, at a random W_in's std
+    torch.testing.assert_close(
+        copilot.error_proj.weight, embedding * (copilot.error_proj.weight.norm() / embedding.norm())
+    )
+    head = copilot.error_head.weight
+    torch.testing.assert_close(head, decoder.lm_head.weight * (head.norm() / decoder.lm_head.weight.norm()))
+
+
+@torch.no_grad()
+def test_copilot_init_from_a_saved_t5_folder_and_a_relu_t5_keeps_the_copilots_own_mlp(tmp_path):
+    decoder = build_t5_decoder("relu")
+    decoder.save_pretrained(tmp_path)
+    copilot = PilotCopilotForSeq2SeqLM.from_pilot(
+        build_seq2seq_pilot("t5"), copilot_init=str(tmp_path)
+    ).copilot
+    block = decoder.decoder.block[1]
+    assert torch.equal(copilot.layers[1].cross_attn.v_proj.weight, block.layer[1].EncDecAttention.v.weight)
+    # T5 v1.0's MLP is relu(wi x), which the gated MLP cannot compute: none of it is copied.
+    assert not torch.equal(copilot.layers[1].mlp.down_proj.weight, block.layer[2].DenseReluDense.wo.weight)
+
+
+def test_the_causal_wrapper_refuses_a_t5_copilot_init():
+    with pytest.raises(ValueError, match="T5 decoder .*PilotCopilotForSeq2SeqLM.*LLaMA, Qwen2 or Mistral"):
+        PilotCopilotForCausalLM.from_pilot(build_pilot("llama"), copilot_init=build_t5_decoder())
+
+
 # --------------------------------------------------------------------------------------------------
 # Wrapping, and the causal wrapper's refusal
 
