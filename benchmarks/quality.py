@@ -3,6 +3,7 @@
 Regimes:
   pretrained  the paper's: a small LLaMA family pretrained offline on a broad generated corpus
               (benchmarks/model_family.py), fine-tuned on task families that are not in that corpus
+  pretrained_t5  the same with a small FLAN-T5-layout family (benchmarks/t5_family.py) in PilotCopilotForSeq2SeqLM
   scratch     tiny Pilots trained from random initialisation on one task
 Arms (same Pilot initialisation, data order and steps):
   pilot               the Pilot fine-tuned alone with the stock Trainer
@@ -16,6 +17,7 @@ Arms (same Pilot initialisation, data order and steps):
                       at initializer_range (0.02) like every other weight, the default before 1
   pilot_copilot_no_positions  the ablation of CopilotConfig.position_encoding: pilot_copilot without positions
                       in the Copilot's attention (the paper's, the default before "rope")
+  pilot_copilot_final_3_epochs  pilot_copilot with three Copilot-only epochs on the final Pilot instead of one
   pilot_copilot_paper the same trained for the paper's feedback mode (copilot_feedback="copilot", the
                       Copilot reads its own predictions at answer positions in training too)
   pilot_copilot_init  pilot_copilot with the Copilot initialised from the smaller family member (pretrained only)
@@ -49,7 +51,14 @@ from dataclasses import dataclass, field
 
 import torch
 import transformers
-from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainingArguments
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoModelForSeq2SeqLM,
+    AutoTokenizer,
+    Trainer,
+    TrainingArguments,
+)
 
 from hf_copilot import (
     CopilotConfig,
@@ -77,6 +86,7 @@ ARMS = (
     "pilot_copilot_small_head",
     "pilot_copilot_small_input",
     "pilot_copilot_no_positions",
+    "pilot_copilot_final_3_epochs",
     "pilot_copilot_paper",
     "pilot_copilot_init",
     "pilot_copilot_init_embedding_scale",
@@ -108,6 +118,13 @@ SETTINGS = {
         Setting("recommendation", {"num_items": 60, "num_genres": 4}, 3000, 3.0, 2e-3),
         Setting("multiple_choice", {"num_choices": 2}, 2000, 3.0, 2e-3),
     ],
+    # The pretrained T5 family (benchmarks/t5_family.py, FLAN-T5 layout): the same tasks and fine-tuning.
+    "pretrained_t5": [
+        Setting("arithmetic", {"digits": 2, "operations": "+-"}, 4000, 6.0, 2e-3, T5Shape()),
+        Setting("word_problems", {"max_number": 8}, 3000, 4.0, 2e-3, T5Shape()),
+        Setting("recommendation", {"num_items": 60, "num_genres": 4}, 3000, 3.0, 2e-3, T5Shape()),
+        Setting("multiple_choice", {"num_choices": 2}, 2000, 3.0, 2e-3, T5Shape()),
+    ],
     # Encoder-decoder Pilots (T5 layout) trained from scratch: the prompt is the source, the answer the target.
     "scratch_t5": [
         Setting("sorting", {"length": 8}, 2000, 6.0, shape=T5Shape(64, 2, 4)),
@@ -122,8 +139,16 @@ SETTINGS = {
 }
 
 
-def arguments(setting: Setting, seed: int, output_dir: str, with_copilot: bool, data_seed: int | None = None):
-    """The optimisation every arm shares; the Copilot arms add only the package's Copilot defaults."""
+def arguments(
+    setting: Setting,
+    seed: int,
+    output_dir: str,
+    with_copilot: bool,
+    data_seed: int | None = None,
+    copilot_change: dict | None = None,
+):
+    """The optimisation every arm shares; the Copilot arms add only the package's Copilot defaults, or
+    `copilot_change` to them."""
     common = dict(
         output_dir=output_dir,
         per_device_train_batch_size=32,
@@ -141,7 +166,8 @@ def arguments(setting: Setting, seed: int, output_dir: str, with_copilot: bool, 
     )
     if not with_copilot:
         return TrainingArguments(**common)
-    return CopilotTrainingArguments(**common, copilot_final_epochs=COPILOT_FINAL_EPOCHS)
+    copilot = {"copilot_final_epochs": COPILOT_FINAL_EPOCHS} | (copilot_change or {})
+    return CopilotTrainingArguments(**common, **copilot)
 
 
 class Experiment:
@@ -178,7 +204,8 @@ class Experiment:
     def pilot(self, member: str = "base"):
         torch.manual_seed(self.seed)
         if self.family is not None:
-            return AutoModelForCausalLM.from_pretrained(self.family.members[member])
+            auto_class = AutoModelForSeq2SeqLM if self.seq2seq else AutoModelForCausalLM
+            return auto_class.from_pretrained(self.family.members[member])
         if member == "large":
             target = self.pilot().num_parameters() + self.copilot_parameters()
             return matched_shape(self.setting.shape, target, self.tokenizer).build(self.tokenizer, self.seed)
@@ -189,9 +216,7 @@ class Experiment:
         if self.family is None:
             config = SCRATCH_COPILOT
         else:
-            config = copilot_config_like(
-                AutoModelForCausalLM.from_pretrained(self.family.members["small"]).config
-            )
+            config = copilot_config_like(AutoConfig.from_pretrained(self.family.members["small"]))
         if self.error_form is None:
             return config
         return CopilotConfig.from_dict(config.to_dict() | {"error_form": self.error_form})
@@ -200,8 +225,14 @@ class Experiment:
         model = self.wrapper.from_pilot(self.setting.shape.build(self.tokenizer, 0), SCRATCH_COPILOT)
         return model.copilot.num_parameters()
 
-    def fine_tune(self, model, with_copilot: bool, data_seed: int | None = None):
-        args = arguments(self.setting, self.seed, self.scratch, with_copilot, data_seed)
+    def fine_tune(
+        self,
+        model,
+        with_copilot: bool,
+        data_seed: int | None = None,
+        copilot_change: dict | None = None,
+    ):
+        args = arguments(self.setting, self.seed, self.scratch, with_copilot, data_seed, copilot_change)
         trainer_class = CopilotTrainer if with_copilot else Trainer
         evaluation = self.tokenize(self.validation, self.tokenizer) if with_copilot else None
         trainer = trainer_class(
@@ -291,12 +322,13 @@ def run(
         joint = experiment.wrapper.from_pilot(experiment.pilot(), experiment.copilot_config())
         copilot_records("pilot_copilot", feedback_modes, *experiment.fine_tune(joint, with_copilot=True))
 
-    def ablation_records(arm: str, change: dict, modes=feedback_modes) -> None:
-        """pilot_copilot with one CopilotConfig field changed, from the same seeds."""
+    def ablation_records(arm: str, change: dict, modes=feedback_modes, training: dict | None = None) -> None:
+        """pilot_copilot with one CopilotConfig field (`change`) or training argument (`training`) changed,
+        from the same seeds."""
         torch.manual_seed(seed + 1)
         config = experiment.copilot_config().to_dict() | change
         joint = experiment.wrapper.from_pilot(experiment.pilot(), config)
-        copilot_records(arm, modes, *experiment.fine_tune(joint, with_copilot=True))
+        copilot_records(arm, modes, *experiment.fine_tune(joint, with_copilot=True, copilot_change=training))
 
     if "pilot_copilot_reweight" in arms:
         ablation_records("pilot_copilot_reweight", {"error_form": "reweight"})
@@ -308,6 +340,8 @@ def run(
         ablation_records("pilot_copilot_small_input", {"error_proj_init_std": None})
     if "pilot_copilot_no_positions" in arms:
         ablation_records("pilot_copilot_no_positions", {"position_encoding": "none"})
+    if "pilot_copilot_final_3_epochs" in arms:
+        ablation_records("pilot_copilot_final_3_epochs", {}, training={"copilot_final_epochs": 3.0})
     if "pilot_copilot_paper" in arms:
         # The paper's feedback mode, trained for it: answer positions read the Copilot's own predictions.
         torch.manual_seed(seed + 1)
@@ -320,7 +354,7 @@ def run(
         """Pilot + the Copilot initialised from the smaller family member (copilot_init), from the same seeds."""
         torch.manual_seed(seed + 1)
         config = experiment.copilot_config().to_dict() | (change or {})
-        joint = PilotCopilotForCausalLM.from_pilot(
+        joint = experiment.wrapper.from_pilot(
             experiment.pilot(), config, copilot_init=family.members["small"]
         )
         return experiment.fine_tune(joint, with_copilot=True)
@@ -334,9 +368,7 @@ def run(
             folder, pilot_folder = (os.path.join(experiment.scratch, name) for name in ("copilot", "pilot"))
             joint.pilot.save_pretrained(pilot_folder)  # the Copilot's own (fine-tuned) Pilot, as its base
             joint.save_copilot(folder, base_model_name_or_path=pilot_folder)
-            moved = PilotCopilotForCausalLM.from_pretrained(
-                folder, pilot=other, allow_other_pilot=True
-            ).eval()
+            moved = experiment.wrapper.from_pretrained(folder, pilot=other, allow_other_pilot=True).eval()
             copilot_records("transfer", feedback_modes, moved, 0.0, None)
     if family is not None and "pilot_copilot_init_embedding_scale" in arms:
         embedding_scale = initialised({"error_proj_init_std": None})
@@ -518,11 +550,12 @@ def main() -> None:
         write(records, args.output, [*dict.fromkeys(earlier), command], args.note)
         return
     family = None
-    if args.regime == "pretrained":
+    if args.regime.startswith("pretrained"):
         sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
         from model_family import load_family
+        from t5_family import load_t5_family
 
-        family = load_family()
+        family = load_t5_family() if args.regime == "pretrained_t5" else load_family()
     records = []
     for setting in SETTINGS[args.regime]:
         if args.tasks and setting.task not in args.tasks:
