@@ -11,15 +11,28 @@ import math
 import torch
 from torch import nn
 from transformers import Trainer, get_scheduler
+from transformers.trainer_utils import has_length
 
 from .mistake_log_entry import copilot_target_norm
 from .training_errors import NonFiniteTrainingError
+
+
+def check_sized_train_dataset(dataset) -> None:
+    """The phase counts epochs of the training data: refuse a stream up front, before a joint run is spent."""
+    if dataset is not None and not has_length(dataset):
+        raise ValueError(
+            f"copilot_final_epochs counts epochs of train_dataset, but it has no length "
+            f"({type(dataset).__name__}, e.g. a streaming dataset). Train with copilot_final_epochs=0, then set "
+            "trainer.train_dataset to a sized dataset (e.g. datasets.Dataset.from_list(list(stream.take(n)))) "
+            "and call trainer.train_copilot_on_final_pilot(epochs)."
+        )
 
 
 def train_copilot_on_final_pilot(trainer: Trainer, epochs: float) -> None:
     """For a CopilotTrainer: AdamW at the Copilot's peak learning rate with a cosine decay over the phase, the
     Copilot's MSE per batch, gradients clipped to `max_grad_norm` (averaged across processes); logged as
     `copilot_final/*`."""
+    check_sized_train_dataset(trainer.train_dataset)
     pilot_copilot = trainer.pilot_copilot()
     pilot, copilot = pilot_copilot.pilot, pilot_copilot.copilot
     dataloader = trainer.get_train_dataloader()

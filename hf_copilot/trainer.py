@@ -63,7 +63,7 @@ from .complete_checkpoints import (
     newest_complete_checkpoint,
     rotate_complete_checkpoints,
 )
-from .copilot_final_phase import train_copilot_on_final_pilot
+from .copilot_final_phase import check_sized_train_dataset, train_copilot_on_final_pilot
 from .generation_pilot_copilot import (
     copilot_on_entry,
     copilot_stream,
@@ -377,6 +377,8 @@ class CopilotTrainer(Trainer):
                 "train_dataset is empty (0 examples): there is nothing to train on. Check the data files and "
                 "the preprocessing (filters, or grouping texts into blocks longer than the whole corpus)."
             )
+        if self.args.copilot_final_epochs > 0:
+            check_sized_train_dataset(dataset)
         if resume_from_checkpoint is True:
             resume_from_checkpoint = newest_complete_checkpoint(self.args.output_dir)
         elif resume_from_checkpoint:

@@ -392,6 +392,29 @@ def test_copilot_final_epochs_train_the_copilot_alone_on_the_final_pilot(tmp_pat
     assert all(p.requires_grad for p in model.pilot.parameters())  # restored for later training
 
 
+def test_copilot_final_epochs_refuse_a_stream_before_the_joint_run(tmp_path):
+    rows = list(counting_rows())
+
+    class Stream(torch.utils.data.IterableDataset):
+        def __iter__(self):
+            return iter(rows)
+
+    trainer = make_trainer(tmp_path, rows=Stream(), max_steps=2, copilot_final_epochs=1.0)
+    before = snapshot(trainer.model)
+    with pytest.raises(
+        ValueError, match="no length .*Stream.*copilot_final_epochs=0.*train_copilot_on_final_pilot"
+    ):
+        trainer.train()
+    assert trainer.state.global_step == 0
+    assert all(torch.equal(value, before[name]) for name, value in trainer.model.state_dict().items())
+    # The way the message names: the joint run on the stream, then the phase on a sized dataset.
+    trainer.args.copilot_final_epochs = 0.0
+    trainer.train()
+    trainer.train_dataset = rows
+    trainer.train_copilot_on_final_pilot(1.0)
+    assert logged(trainer, "copilot_final/step")[-1] == 4  # 16 rows / batch 4
+
+
 # --------------------------------------------------------------------------------------------------
 # Logging and evaluation
 
