@@ -23,6 +23,7 @@ Arms (same Pilot initialisation, data order and steps):
   pilot_copilot_init  pilot_copilot with the Copilot initialised from the smaller family member (pretrained only)
   pilot_copilot_init_embedding_scale  the ablation of copilot_init's W_in scale: pilot_copilot_init with W_in left at
                       the embeddings' own scale (error_proj_init_std=None) instead of std 1
+  pilot_copilot_init_final_3_epochs  pilot_copilot_init with three Copilot-only epochs on the final Pilot
   pilot_matched       the next family size (pretrained) or a Pilot with as many parameters (scratch)
   transfer            pilot_copilot_init's Copilot attached to a Pilot fine-tuned independently (another data
                       order), as in the paper's Table 3 (pretrained only)
@@ -90,6 +91,7 @@ ARMS = (
     "pilot_copilot_paper",
     "pilot_copilot_init",
     "pilot_copilot_init_embedding_scale",
+    "pilot_copilot_init_final_3_epochs",
     "transfer",
     "pilot_matched",
 )
@@ -350,14 +352,14 @@ def run(
         )
         copilot_records("pilot_copilot_paper", ("copilot",), *experiment.fine_tune(joint, with_copilot=True))
 
-    def initialised(change: dict | None = None):
+    def initialised(change: dict | None = None, training: dict | None = None):
         """Pilot + the Copilot initialised from the smaller family member (copilot_init), from the same seeds."""
         torch.manual_seed(seed + 1)
         config = experiment.copilot_config().to_dict() | (change or {})
         joint = experiment.wrapper.from_pilot(
             experiment.pilot(), config, copilot_init=family.members["small"]
         )
-        return experiment.fine_tune(joint, with_copilot=True)
+        return experiment.fine_tune(joint, with_copilot=True, copilot_change=training)
 
     if family is not None and {"pilot_copilot_init", "transfer"} & set(arms):
         joint, seconds, r2 = initialised()
@@ -373,6 +375,9 @@ def run(
     if family is not None and "pilot_copilot_init_embedding_scale" in arms:
         embedding_scale = initialised({"error_proj_init_std": None})
         copilot_records("pilot_copilot_init_embedding_scale", feedback_modes, *embedding_scale)
+    if family is not None and "pilot_copilot_init_final_3_epochs" in arms:
+        three_epochs = initialised(training={"copilot_final_epochs": 3.0})
+        copilot_records("pilot_copilot_init_final_3_epochs", feedback_modes, *three_epochs)
     if "pilot_matched" in arms:
         pilot_record(
             "pilot_matched", *experiment.fine_tune(experiment.pilot("large"), with_copilot=False)[:2]
