@@ -7,8 +7,8 @@ Regimes:
   scratch     tiny Pilots trained from random initialisation on one task
 Arms (same Pilot initialisation, data order and steps):
   pilot               the Pilot fine-tuned alone with the stock Trainer
-  pilot_copilot       Pilot + a randomly initialised Copilot, CopilotTrainer with the package defaults and
-                      copilot_final_epochs=1
+  pilot_copilot       Pilot + a randomly initialised Copilot, CopilotTrainer with the package defaults (their
+                      Copilot-only phase: 3 epochs, at most as many batches as the joint run)
   pilot_copilot_reweight  the ablation of CopilotConfig.error_form: pilot_copilot with the "reweight" head
                       (f_C = softmax(log p + W_out h) - p) instead of the paper's linear one
   pilot_copilot_small_head  the ablation of CopilotConfig.initial_error_norm: pilot_copilot with its output
@@ -17,13 +17,14 @@ Arms (same Pilot initialisation, data order and steps):
                       at initializer_range (0.02) like every other weight, the default before 1
   pilot_copilot_no_positions  the ablation of CopilotConfig.position_encoding: pilot_copilot without positions
                       in the Copilot's attention (the paper's, the default before "rope")
-  pilot_copilot_final_3_epochs  pilot_copilot with three Copilot-only epochs on the final Pilot instead of one
+  pilot_copilot_final_1_epoch  the ablation of copilot_final_epochs: one Copilot-only epoch on the final Pilot,
+                      the benchmarks' setting before the default phase
   pilot_copilot_paper the same trained for the paper's feedback mode (copilot_feedback="copilot", the
                       Copilot reads its own predictions at answer positions in training too)
   pilot_copilot_init  pilot_copilot with the Copilot initialised from the smaller family member (pretrained only)
   pilot_copilot_init_embedding_scale  the ablation of copilot_init's W_in scale: pilot_copilot_init with W_in left at
                       the embeddings' own scale (error_proj_init_std=None) instead of std 1
-  pilot_copilot_init_final_3_epochs  pilot_copilot_init with three Copilot-only epochs on the final Pilot
+  pilot_copilot_init_final_1_epoch  pilot_copilot_init with one Copilot-only epoch
   pilot_matched       the next family size (pretrained) or a Pilot with as many parameters (scratch)
   transfer            pilot_copilot_init's Copilot attached to a Pilot fine-tuned independently (another data
                       order), as in the paper's Table 3 (pretrained only)
@@ -87,18 +88,15 @@ ARMS = (
     "pilot_copilot_small_head",
     "pilot_copilot_small_input",
     "pilot_copilot_no_positions",
-    "pilot_copilot_final_3_epochs",
+    "pilot_copilot_final_1_epoch",
     "pilot_copilot_paper",
     "pilot_copilot_init",
     "pilot_copilot_init_embedding_scale",
-    "pilot_copilot_init_final_3_epochs",
+    "pilot_copilot_init_final_1_epoch",
     "transfer",
     "pilot_matched",
 )
 SCRATCH_COPILOT = CopilotConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4)
-# The package's defaults plus the one-argument Copilot-only epoch on the final Pilot, which
-# benchmarks/results/copilot_training.md measured as the largest single gain.
-COPILOT_FINAL_EPOCHS = 1.0
 
 
 @dataclass
@@ -168,8 +166,7 @@ def arguments(
     )
     if not with_copilot:
         return TrainingArguments(**common)
-    copilot = {"copilot_final_epochs": COPILOT_FINAL_EPOCHS} | (copilot_change or {})
-    return CopilotTrainingArguments(**common, **copilot)
+    return CopilotTrainingArguments(**common, **(copilot_change or {}))
 
 
 class Experiment:
@@ -342,8 +339,8 @@ def run(
         ablation_records("pilot_copilot_small_input", {"error_proj_init_std": None})
     if "pilot_copilot_no_positions" in arms:
         ablation_records("pilot_copilot_no_positions", {"position_encoding": "none"})
-    if "pilot_copilot_final_3_epochs" in arms:
-        ablation_records("pilot_copilot_final_3_epochs", {}, training={"copilot_final_epochs": 3.0})
+    if "pilot_copilot_final_1_epoch" in arms:
+        ablation_records("pilot_copilot_final_1_epoch", {}, training={"copilot_final_epochs": 1.0})
     if "pilot_copilot_paper" in arms:
         # The paper's feedback mode, trained for it: answer positions read the Copilot's own predictions.
         torch.manual_seed(seed + 1)
@@ -375,9 +372,9 @@ def run(
     if family is not None and "pilot_copilot_init_embedding_scale" in arms:
         embedding_scale = initialised({"error_proj_init_std": None})
         copilot_records("pilot_copilot_init_embedding_scale", feedback_modes, *embedding_scale)
-    if family is not None and "pilot_copilot_init_final_3_epochs" in arms:
-        three_epochs = initialised(training={"copilot_final_epochs": 3.0})
-        copilot_records("pilot_copilot_init_final_3_epochs", feedback_modes, *three_epochs)
+    if family is not None and "pilot_copilot_init_final_1_epoch" in arms:
+        one_epoch = initialised(training={"copilot_final_epochs": 1.0})
+        copilot_records("pilot_copilot_init_final_1_epoch", feedback_modes, *one_epoch)
     if "pilot_matched" in arms:
         pilot_record(
             "pilot_matched", *experiment.fine_tune(experiment.pilot("large"), with_copilot=False)[:2]

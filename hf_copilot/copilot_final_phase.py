@@ -16,6 +16,21 @@ from transformers.trainer_utils import has_length
 from .mistake_log_entry import copilot_target_norm
 from .training_errors import NonFiniteTrainingError
 
+DEFAULT_FINAL_EPOCHS = 3.0
+"""Measured: one Copilot-only epoch lifted more than any other change, three more than one
+(benchmarks/results/final_epochs/)."""
+
+
+def final_phase_batches(epochs: float | None, dataloader, joint_batches: int) -> int:
+    """How many batches the phase trains: `epochs` of the data when given; by default DEFAULT_FINAL_EPOCHS,
+    capped at the joint run's own batches so that the phase never costs more than the run it follows (it only
+    runs the Pilot forward), and on a stream (no length) as many batches as the joint run."""
+    if epochs is not None:
+        return max(1, math.ceil(epochs * len(dataloader)))
+    if not has_length(dataloader):
+        return joint_batches
+    return min(math.ceil(DEFAULT_FINAL_EPOCHS * len(dataloader)), joint_batches)
+
 
 def check_sized_train_dataset(dataset) -> None:
     """The phase counts epochs of the training data: refuse a stream up front, before a joint run is spent."""
@@ -28,72 +43,107 @@ def check_sized_train_dataset(dataset) -> None:
         )
 
 
-def train_copilot_on_final_pilot(trainer: Trainer, epochs: float) -> None:
-    """For a CopilotTrainer: AdamW at the Copilot's peak learning rate with a cosine decay over the phase, the
-    Copilot's MSE per batch, gradients clipped to `max_grad_norm` (averaged across processes); logged as
-    `copilot_final/*`."""
-    check_sized_train_dataset(trainer.train_dataset)
+def micro_batches(dataloader, total: int):
+    """`total` batches of `dataloader`, read again from its start as often as needed; a pass that yields nothing
+    ends it (a stream that cannot be read twice)."""
+    produced = 0
+    while produced < total:
+        before = produced
+        for inputs in dataloader:
+            if produced == total:
+                return
+            yield inputs
+            produced += 1
+        if produced == before:
+            return
+
+
+def train_copilot_on_final_pilot(trainer: Trainer, epochs: float | None, joint_batches: int = 0) -> None:
+    """For a CopilotTrainer: AdamW at the Copilot's peak learning rate with a cosine decay over the phase, one
+    step per `gradient_accumulation_steps` batches on the Copilot's MSE over all of their positions (and all
+    processes'), gradients clipped to `max_grad_norm`; logged as `copilot_final/*`. Its length in batches:
+    `final_phase_batches`."""
+    if epochs is not None:
+        check_sized_train_dataset(trainer.train_dataset)
     pilot_copilot = trainer.pilot_copilot()
     pilot, copilot = pilot_copilot.pilot, pilot_copilot.copilot
     dataloader = trainer.get_train_dataloader()
-    total = max(1, math.ceil(epochs * len(dataloader)))
+    total = final_phase_batches(epochs, dataloader, joint_batches)
+    if total == 0:
+        return
+    accumulation = trainer.args.gradient_accumulation_steps
     optimizer = torch.optim.AdamW(
         copilot.parameters(),
         lr=trainer.args.copilot_peak_learning_rate,
         weight_decay=trainer.args.weight_decay,
     )
-    schedule = get_scheduler("cosine", optimizer=optimizer, num_warmup_steps=0, num_training_steps=total)
+    schedule = get_scheduler(
+        "cosine", optimizer=optimizer, num_warmup_steps=0, num_training_steps=math.ceil(total / accumulation)
+    )
     fraction = trainer._copilot_feedback_fraction()
     trainable = [p.requires_grad for p in pilot.parameters()]
     pilot.requires_grad_(False)
     pilot.eval()
     copilot.train()
-    sums, step = torch.zeros(3, dtype=torch.float64), 0
+    sums, step, pending, group_tokens = torch.zeros(3, dtype=torch.float64), 0, 0, 0.0
+
+    def optimizer_step() -> None:
+        """The accumulated gradients of summed squared errors, divided by the group's positions: the exact MSE."""
+        nonlocal step, pending, group_tokens
+        tokens = torch.tensor(group_tokens, device=trainer.args.device)
+        if trainer.args.world_size > 1:  # each rank saw its shard: sum as one batch would
+            torch.distributed.all_reduce(tokens)
+            for parameter in copilot.parameters():
+                if parameter.grad is not None:
+                    torch.distributed.all_reduce(parameter.grad)
+        for parameter in copilot.parameters():
+            if parameter.grad is not None:
+                parameter.grad /= tokens.clamp_min(1)
+        grad_norm = nn.utils.clip_grad_norm_(copilot.parameters(), trainer.args.max_grad_norm)
+        if not torch.isfinite(grad_norm):
+            raise NonFiniteTrainingError(
+                f"The Copilot's gradient norm is {grad_norm.item()} at step {step + 1} of the "
+                "Copilot-only phase; the Copilot was not updated. Lower copilot_learning_rate."
+            )
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad(set_to_none=True)
+        step, pending, group_tokens = step + 1, 0, 0.0
+
+    def log() -> None:
+        squared_error, num_tokens, target_norm = sums.tolist()
+        trainer.log(
+            {
+                "copilot_final/copilot_loss": math.sqrt(squared_error / max(num_tokens, 1)),
+                "copilot_final/copilot_r2": 1.0 - squared_error / target_norm if target_norm else 0.0,
+                "copilot_final/step": step,
+            }
+        )
+        sums.zero_()
+
     try:
-        while step < total:
-            for inputs in dataloader:
-                if step == total:
-                    break
-                inputs = trainer._prepare_inputs(inputs)
-                out = pilot_copilot(**inputs, return_mistake_log=True, copilot_feedback_fraction=fraction)
-                loss = out.copilot_squared_error / out.copilot_num_tokens.clamp_min(1)
-                if not torch.isfinite(loss.detach()):
-                    raise NonFiniteTrainingError(
-                        f"copilot_loss is {loss.item()} at step {step + 1} of the Copilot-only phase; the "
-                        "Copilot was not updated. Lower copilot_learning_rate and keep max_grad_norm on."
-                    )
-                loss.backward()
-                if trainer.args.world_size > 1:  # each rank sees its shard: average like DDP would
-                    for parameter in copilot.parameters():
-                        if parameter.grad is not None:
-                            torch.distributed.all_reduce(parameter.grad)
-                            parameter.grad /= trainer.args.world_size
-                grad_norm = nn.utils.clip_grad_norm_(copilot.parameters(), trainer.args.max_grad_norm)
-                if not torch.isfinite(grad_norm):
-                    raise NonFiniteTrainingError(
-                        f"The Copilot's gradient norm is {grad_norm.item()} at step {step + 1} of the "
-                        "Copilot-only phase; the Copilot was not updated. Lower copilot_learning_rate."
-                    )
-                optimizer.step()
-                schedule.step()
-                optimizer.zero_grad(set_to_none=True)
-                step += 1
-                target = copilot_target_norm(out.mistake_log_entry)
-                sums += torch.stack(
-                    [out.copilot_squared_error.detach(), out.copilot_num_tokens, target]
-                ).cpu()
-                if step % trainer.args.logging_steps == 0 or step == total:
-                    squared_error, num_tokens, target_norm = sums.tolist()
-                    trainer.log(
-                        {
-                            "copilot_final/copilot_loss": math.sqrt(squared_error / max(num_tokens, 1)),
-                            "copilot_final/copilot_r2": 1.0 - squared_error / target_norm
-                            if target_norm
-                            else 0.0,
-                            "copilot_final/step": step,
-                        }
-                    )
-                    sums.zero_()
+        for inputs in micro_batches(dataloader, total):
+            inputs = trainer._prepare_inputs(inputs)
+            out = pilot_copilot(**inputs, return_mistake_log=True, copilot_feedback_fraction=fraction)
+            squared_error = out.copilot_squared_error
+            if not torch.isfinite(squared_error.detach()):
+                loss = squared_error.item() / max(out.copilot_num_tokens.item(), 1)
+                raise NonFiniteTrainingError(
+                    f"copilot_loss is {loss} at step {step + 1} of the Copilot-only phase; the "
+                    "Copilot was not updated. Lower copilot_learning_rate and keep max_grad_norm on."
+                )
+            squared_error.backward()
+            pending, group_tokens = pending + 1, group_tokens + out.copilot_num_tokens.item()
+            target = copilot_target_norm(out.mistake_log_entry)
+            sums += torch.stack([squared_error.detach(), out.copilot_num_tokens, target]).cpu()
+            if pending == accumulation:
+                optimizer_step()
+                if step % trainer.args.logging_steps == 0:
+                    log()
+        if pending:  # the last, shorter group
+            optimizer_step()
+        if sums[1] > 0:
+            log()
     finally:
         for parameter, flag in zip(pilot.parameters(), trainable, strict=True):
             parameter.requires_grad_(flag)

@@ -377,7 +377,7 @@ class CopilotTrainer(Trainer):
                 "train_dataset is empty (0 examples): there is nothing to train on. Check the data files and "
                 "the preprocessing (filters, or grouping texts into blocks longer than the whole corpus)."
             )
-        if self.args.copilot_final_epochs > 0:
+        if self.args.copilot_final_epochs:
             check_sized_train_dataset(dataset)
         if resume_from_checkpoint is True:
             resume_from_checkpoint = newest_complete_checkpoint(self.args.output_dir)
@@ -395,12 +395,15 @@ class CopilotTrainer(Trainer):
             )
         self._reset_train_metrics()
         output = super().train(resume_from_checkpoint or None, trial, ignore_keys_for_eval)
-        if self.args.copilot_final_epochs > 0:
-            self.train_copilot_on_final_pilot(self.args.copilot_final_epochs)
+        epochs = self.args.copilot_final_epochs
+        if epochs or (epochs is None and not self.args.freeze_pilot):  # freeze_pilot: the run was the phase
+            joint_batches = self.state.global_step * self.args.gradient_accumulation_steps
+            train_copilot_on_final_pilot(self, epochs, joint_batches)
         return output
 
     def train_copilot_on_final_pilot(self, epochs: float) -> None:
-        """Train the Copilot alone on the errors of the final, frozen Pilot (`copilot_final_epochs`).
+        """Train the Copilot alone for `epochs` on the errors of the final, frozen Pilot (what `train()` does
+        after the joint run, `copilot_final_epochs`).
 
         AdamW at the Copilot's peak learning rate with a cosine decay, the Copilot's MSE per batch, its
         gradients clipped to `max_grad_norm`; logged as `copilot_final/*` (`copilot_final_phase.py`).

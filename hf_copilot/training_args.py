@@ -46,11 +46,12 @@ class CopilotTrainingArguments(TrainingArguments):
             "observed error)."
         },
     )
-    copilot_final_epochs: float = field(
-        default=0.0,
+    copilot_final_epochs: float | None = field(
+        default=None,
         metadata={
             "help": "After joint training, train the Copilot alone for this many epochs on the final, frozen "
-            "Pilot (its errors are the ones generation will see)."
+            "Pilot (its errors are the ones generation will see; 0: no such phase). None: 3 epochs, but never "
+            "more batches than the joint run trained (a stream: that many), and none with freeze_pilot."
         },
     )
     copilot_loss_weight: float = field(
@@ -147,8 +148,12 @@ class CopilotTrainingArguments(TrainingArguments):
         if not (isinstance(fraction, (int, float)) and 0 <= fraction <= 1):
             raise ValueError(f"copilot_feedback_fraction must be a number in [0, 1], got {fraction!r}.")
         epochs = self.copilot_final_epochs
-        if not (isinstance(epochs, (int, float)) and math.isfinite(epochs) and epochs >= 0):
-            raise ValueError(f"copilot_final_epochs must be a finite number >= 0, got {epochs!r}.")
+        if epochs is not None and not (
+            isinstance(epochs, (int, float)) and math.isfinite(epochs) and epochs >= 0
+        ):
+            raise ValueError(
+                f"copilot_final_epochs must be a finite number >= 0, or None for the default, got {epochs!r}."
+            )
         if self.copilot_lr_scheduler_type is not None:
             self.copilot_lr_scheduler_type = SchedulerType(self.copilot_lr_scheduler_type).value
         if self.freeze_pilot and weight == 0:

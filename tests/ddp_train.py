@@ -48,6 +48,7 @@ def copilot_arguments(output_dir: str, replay: int, **overrides) -> CopilotTrain
         dataloader_pin_memory=False,
         seed=0,
         use_cpu=True,  # on CPU, accelerate sets up DDP (gloo) only when asked to use the CPU
+        copilot_final_epochs=0.0,  # the joint run alone; train() asks for the phase where it tests it
     )
     return CopilotTrainingArguments(**{**settings, **overrides})
 

@@ -94,6 +94,7 @@ def training_args(tmp_path, **overrides) -> CopilotTrainingArguments:
         seed=0,
         use_cpu=True,
         dataloader_pin_memory=False,
+        copilot_final_epochs=0.0,
     )
     return CopilotTrainingArguments(**{**settings, **overrides})
 

@@ -810,7 +810,9 @@ def copilot_trainer(tmp_path, arch: str = "t5", model=None, rows=None, trainer_c
     return (trainer_class or CopilotTrainer)(
         model=build_model(arch, copilot_std=None) if model is None else model,
         args=CopilotTrainingArguments(
-            **training_settings(tmp_path, **{"copilot_learning_rate": 3e-2, **overrides})
+            **training_settings(
+                tmp_path, **{"copilot_learning_rate": 3e-2, "copilot_final_epochs": 0.0, **overrides}
+            )
         ),
         train_dataset=reversal_rows() if rows is None else rows,
         data_collator=collate_seq2seq,

@@ -120,7 +120,7 @@ def settings(tmp_path, **overrides) -> dict:
 def copilot_trainer(tmp_path, dataset, model=None, **overrides) -> CopilotSFTTrainer:
     return CopilotSFTTrainer(
         model=make_model() if model is None else model,
-        args=CopilotSFTConfig(**settings(tmp_path, **overrides)),
+        args=CopilotSFTConfig(**{"copilot_final_epochs": 0.0, **settings(tmp_path, **overrides)}),
         train_dataset=dataset,
         processing_class=char_tokenizer(),
     )

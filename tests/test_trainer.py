@@ -14,6 +14,7 @@ import warnings
 import pytest
 import torch
 from conftest import FIRST_REGULAR_TOKEN, PAD_TOKEN_ID, VOCAB_SIZE, build_pilot, tiny_copilot_config
+from torch.optim.optimizer import register_optimizer_step_pre_hook
 from transformers import HfArgumentParser, Trainer, TrainerCallback, TrainingArguments
 
 from hf_copilot import PilotCopilotCache, PilotCopilotForCausalLM, fuse_scores
@@ -79,9 +80,14 @@ def settings(tmp_path, **overrides) -> dict:
     }
 
 
-def make_args(tmp_path, copilot_learning_rate=3e-2, **overrides) -> CopilotTrainingArguments:
+def make_args(
+    tmp_path, copilot_learning_rate=3e-2, copilot_final_epochs=0.0, **overrides
+) -> CopilotTrainingArguments:
+    """The joint run alone unless a test asks for the Copilot-only phase after it."""
     return CopilotTrainingArguments(
-        copilot_learning_rate=copilot_learning_rate, **settings(tmp_path, **overrides)
+        copilot_learning_rate=copilot_learning_rate,
+        copilot_final_epochs=copilot_final_epochs,
+        **settings(tmp_path, **overrides),
     )
 
 
@@ -283,6 +289,42 @@ def test_gradient_accumulation_4x2_updates_both_models_exactly_as_batch_8(tmp_pa
     assert logged(accumulated, "copilot_loss") == pytest.approx(logged(big, "copilot_loss"), rel=1e-6)
 
 
+def test_the_copilot_only_phase_accumulates_exactly_as_one_batch(tmp_path):
+    """Its step is the user's optimizer batch, not the micro-batch: the same gradients at 2 x 4 as at 8 x 1."""
+    sgd = dict(optim="sgd", learning_rate=0.1, copilot_learning_rate=0.3, copilot_final_epochs=2.0)
+    gradients = {}
+
+    def phase_gradients(**settings):
+        """The gradients each step of the phase's AdamW applies (the joint run's optimizer is SGD)."""
+        captured = []
+
+        def capture(optimizer, args, kwargs):
+            if isinstance(optimizer, torch.optim.AdamW):
+                captured.append([p.grad.clone() for p in optimizer.param_groups[0]["params"]])
+
+        handle = register_optimizer_step_pre_hook(capture)
+        try:
+            trainer = make_trainer(tmp_path, **sgd, **settings)
+            trainer.train()
+        finally:
+            handle.remove()
+        return trainer, captured
+
+    big, gradients["big"] = phase_gradients(per_device_train_batch_size=8)
+    accumulated, gradients["accumulated"] = phase_gradients(
+        per_device_train_batch_size=2, gradient_accumulation_steps=4
+    )
+    assert logged(accumulated, "copilot_final/step") == logged(big, "copilot_final/step") == [1, 2, 3, 4]
+    assert logged(accumulated, "copilot_final/copilot_loss") == pytest.approx(
+        logged(big, "copilot_final/copilot_loss"), rel=1e-5
+    )
+    assert len(gradients["big"]) == len(gradients["accumulated"]) == 4
+    # The first step's gradients from the same weights (later, AdamW turns float noise in near-zero gradients
+    # into whole steps). Micro-batches carry different numbers of labels: a mean of per-micro-batch means differs.
+    for expected, actual in zip(gradients["big"][0], gradients["accumulated"][0], strict=True):
+        torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-8)
+
+
 def test_copilot_objective_counts_fresh_and_replayed_positions_of_the_whole_step(tmp_path):
     """L = L_P + w * (sum of squared errors over fresh + replayed positions) / N_C of the optimizer step."""
     trainer = make_trainer(
@@ -413,6 +455,32 @@ def test_copilot_final_epochs_refuse_a_stream_before_the_joint_run(tmp_path):
     trainer.train_dataset = rows
     trainer.train_copilot_on_final_pilot(1.0)
     assert logged(trainer, "copilot_final/step")[-1] == 4  # 16 rows / batch 4
+
+
+@pytest.mark.parametrize(("max_steps", "phase_steps"), [(2, 2), (6, 6), (20, 12)])
+def test_the_default_phase_is_three_epochs_but_never_longer_than_the_joint_run(
+    tmp_path, max_steps, phase_steps
+):
+    trainer = make_trainer(tmp_path, max_steps=max_steps, copilot_final_epochs=None, logging_steps=1)
+    trainer.train()
+    # 16 rows / batch 4 = 4 batches an epoch: three epochs are 12 batches, capped at the joint run's.
+    assert logged(trainer, "copilot_final/step") == list(range(1, phase_steps + 1))
+
+
+def test_the_default_phase_on_a_stream_is_as_long_as_the_joint_run_and_absent_with_freeze_pilot(tmp_path):
+    rows = list(counting_rows())
+
+    class Stream(torch.utils.data.IterableDataset):
+        def __iter__(self):
+            return iter(rows)
+
+    streamed = make_trainer(tmp_path, rows=Stream(), max_steps=6, copilot_final_epochs=None, logging_steps=1)
+    streamed.train()
+    assert logged(streamed, "copilot_final/step") == [1, 2, 3, 4, 5, 6]  # the stream read again past its end
+    frozen = make_trainer(tmp_path, freeze_pilot=True, max_steps=2, copilot_final_epochs=None)
+    frozen.train()  # the whole run already trained the Copilot alone on the final Pilot
+    assert logged(frozen, "copilot_final/step") == []
+    assert CopilotTrainingArguments(output_dir=str(tmp_path)).copilot_final_epochs is None
 
 
 # --------------------------------------------------------------------------------------------------
@@ -603,7 +671,14 @@ def resume_settings(tmp_path, name: str) -> dict:
     )
 
 
-@pytest.mark.parametrize("sampling", [{"mistake_log_window": 0}, {"mistake_log_window": 2}])
+@pytest.mark.parametrize(
+    "sampling",
+    [
+        {"mistake_log_window": 0},
+        {"mistake_log_window": 2},
+        {"mistake_log_window": 0, "copilot_final_epochs": None},  # the default Copilot-only phase after it
+    ],
+)
 def test_resume_from_checkpoint_continues_exactly(tmp_path, sampling):
     uninterrupted = make_trainer(tmp_path, **resume_settings(tmp_path, "uninterrupted"), **sampling)
     uninterrupted.train()
@@ -629,6 +704,9 @@ def test_resume_from_checkpoint_continues_exactly(tmp_path, sampling):
     for key in ("pilot_loss", "copilot_loss", "loss"):
         assert len(logged(resumed, key)) == 6
         assert logged(resumed, key) == pytest.approx(logged(uninterrupted, key), rel=1e-6), key
+    final_losses = logged(resumed, "copilot_final/copilot_loss")
+    assert len(final_losses) == (6 if "copilot_final_epochs" in sampling else 0)
+    assert final_losses == pytest.approx(logged(uninterrupted, "copilot_final/copilot_loss"), rel=1e-6)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -116,8 +116,8 @@ def build_parser() -> argparse.ArgumentParser:
         command.add_argument(
             "--copilot-final-epochs",
             type=float,
-            default=0.0,
-            help="then train the Copilot alone on the final Pilot for this many epochs",
+            help="then train the Copilot alone on the final Pilot for this many epochs (0: not at all; default: "
+            "CopilotTrainingArguments' own)",
         )
     evaluate = commands.add_parser("evaluate", help="evaluate a saved Pilot + Copilot: Pilot alone vs fused")
     add_common_arguments(evaluate)
@@ -156,7 +156,9 @@ def train_command(args: argparse.Namespace) -> dict:
         seed=args.seed,
         logging_steps=10,
         freeze_pilot=args.freeze_pilot,
-        extra={"copilot_final_epochs": args.copilot_final_epochs} if args.copilot_final_epochs else {},
+        extra={}
+        if args.copilot_final_epochs is None
+        else {"copilot_final_epochs": args.copilot_final_epochs},
     )
     started = time.time()
     model, history = train_arm(
