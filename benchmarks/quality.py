@@ -541,13 +541,26 @@ def main() -> None:
     parser.add_argument(
         "--from-records", nargs="+", help="merge earlier quality.json files instead of running"
     )
+    parser.add_argument(
+        "--rename",
+        nargs="+",
+        default=[],
+        metavar="OLD=NEW",
+        help="with --from-records: report arm OLD's records as arm NEW (kept as measured_as), for an arm "
+        "measured under another name before it became the default",
+    )
     args = parser.parse_args()
     torch.set_num_threads(1)
     transformers.utils.logging.set_verbosity_error()
     command = "python benchmarks/quality.py " + shlex.join(sys.argv[1:])
     if args.from_records:
         merged = [json.load(open(path)) for path in args.from_records]
-        records = [r for result in merged for r in result["records"]]
+        renames = dict(pair.split("=", 1) for pair in args.rename)
+        records = [
+            {**r, "arm": renames[r["arm"]], "measured_as": r["arm"]} if r["arm"] in renames else r
+            for result in merged
+            for r in result["records"]
+        ]
         earlier = [c for result in merged for c in result["commands"] if "--from-records" not in c]
         write(records, args.output, [*dict.fromkeys(earlier), command], args.note)
         return
