@@ -405,8 +405,9 @@ class CopilotTrainer(Trainer):
         """Train the Copilot alone for `epochs` on the errors of the final, frozen Pilot (what `train()` does
         after the joint run, `copilot_final_epochs`).
 
-        AdamW at the Copilot's peak learning rate with a cosine decay, the Copilot's MSE per batch, its
-        gradients clipped to `max_grad_norm`; logged as `copilot_final/*` (`copilot_final_phase.py`).
+        AdamW at the Copilot's peak learning rate with a cosine decay, one step per `gradient_accumulation_steps`
+        batches on the Copilot's MSE over them, its gradients clipped to `max_grad_norm`; logged as
+        `copilot_final/*` (`copilot_final_phase.py`).
         """
         train_copilot_on_final_pilot(self, epochs)
 
