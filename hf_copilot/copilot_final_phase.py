@@ -1,4 +1,4 @@
-"""The optional Copilot-only phase at the end of a joint run (`copilot_final_epochs`).
+"""The Copilot-only phase at the end of a joint run (`copilot_final_epochs`, on by default) and its length.
 
 During joint training the Copilot learnt the errors of Pilots that kept changing; generation pairs it with the
 last one. This phase trains the Copilot alone on the errors of that final, frozen Pilot.
