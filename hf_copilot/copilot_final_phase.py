@@ -85,12 +85,12 @@ def train_copilot_on_final_pilot(trainer: Trainer, epochs: float | None, joint_b
     pilot.requires_grad_(False)
     pilot.eval()
     copilot.train()
-    sums, step, pending, group_tokens = torch.zeros(3, dtype=torch.float64), 0, 0, 0.0
+    sums, step, pending, group_tokens = torch.zeros(3, dtype=torch.float64), 0, 0, 0
 
     def optimizer_step() -> None:
         """The accumulated gradients of summed squared errors, divided by the group's positions: the exact MSE."""
         nonlocal step, pending, group_tokens
-        tokens = torch.tensor(group_tokens, device=trainer.args.device)
+        tokens = torch.as_tensor(group_tokens, device=trainer.args.device)
         if trainer.args.world_size > 1:  # each rank saw its shard: sum as one batch would
             torch.distributed.all_reduce(tokens)
             for parameter in copilot.parameters():
@@ -108,7 +108,7 @@ def train_copilot_on_final_pilot(trainer: Trainer, epochs: float | None, joint_b
         optimizer.step()
         schedule.step()
         optimizer.zero_grad(set_to_none=True)
-        step, pending, group_tokens = step + 1, 0, 0.0
+        step, pending, group_tokens = step + 1, 0, 0
 
     def log() -> None:
         squared_error, num_tokens, target_norm = sums.tolist()
@@ -133,7 +133,7 @@ def train_copilot_on_final_pilot(trainer: Trainer, epochs: float | None, joint_b
                     "Copilot was not updated. Lower copilot_learning_rate and keep max_grad_norm on."
                 )
             squared_error.backward()
-            pending, group_tokens = pending + 1, group_tokens + out.copilot_num_tokens.item()
+            pending, group_tokens = pending + 1, group_tokens + out.copilot_num_tokens.detach()
             target = copilot_target_norm(out.mistake_log_entry)
             sums += torch.stack([squared_error.detach(), out.copilot_num_tokens, target]).cpu()
             if pending == accumulation:
