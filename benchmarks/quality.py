@@ -118,9 +118,8 @@ SETTINGS = {
         Setting("recommendation", {"num_items": 60, "num_genres": 4}, 3000, 3.0, 2e-3),
         Setting("multiple_choice", {"num_choices": 2}, 2000, 3.0, 2e-3),
     ],
-    # The pretrained T5 family (benchmarks/t5_family.py, FLAN-T5 layout). Calibrated on the Pilot alone (seed 0,
-    # validation): arithmetic 0.010 at 6 epochs / 5e-3, 0.033 at 12 / 2e-3; recommendation 0.075 at 3 / 5e-3,
-    # 0.125 at 6 / 2e-3; sorting 0.013 at 3 or 6 epochs. The family's T5s stay far below the 20-80% band.
+    # The pretrained T5 family (benchmarks/t5_family.py, FLAN-T5 layout): the longest of the fine-tuning lengths
+    # tried on the Pilot alone (seed 0, validation), whose Pilots still stay far below the 20-80% band.
     "pretrained_t5": [
         Setting("arithmetic", {"digits": 2, "operations": "+-"}, 4000, 12.0, 2e-3, T5Shape()),
         Setting("recommendation", {"num_items": 60, "num_genres": 4}, 3000, 6.0, 2e-3, T5Shape()),
