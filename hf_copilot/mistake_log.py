@@ -109,12 +109,13 @@ class MistakeLog:
     """Ring buffer of the most recent `size` Mistake Log entries, written once per training step.
 
     `topk=0` stores the Pilot's probabilities exactly (dense [B,T,V]); `topk>0` keeps only the top-k
-    per position (SPEC: compact storage, default 64), see `reconstruction_bound`.
+    per position (SPEC: compact storage, default 64), see `reconstruction_bound`. `size=0` keeps no entries,
+    only the latest entry's statistics: what a run needs whose Copilot reads nothing but the fresh entry.
     """
 
     def __init__(self, size: int = 128, topk: int = 64, store_device: str | torch.device = "cpu") -> None:
-        if size < 1:
-            raise ValueError(f"MistakeLog size must be >= 1, got {size}.")
+        if size < 0:
+            raise ValueError(f"MistakeLog size must be >= 0 (0 = keep no entries), got {size}.")
         if topk < 0:
             raise ValueError(f"MistakeLog topk must be >= 0 (0 = exact storage), got {topk}.")
         self.size = size
@@ -174,6 +175,9 @@ class MistakeLog:
         """Validate, compact (if `topk > 0`), move to `store_device` and write over the oldest slot."""
         self._validate(entry)
         errors = entry.errors
+        if self.size == 0:  # nothing is kept: statistics only, no compaction or copy
+            self._latest_stats, self.latest_error_norm_sum = self._entry_stats(entry, errors)
+            return
         if self.topk and not errors.is_compact:
             errors = errors.compact(self.topk)
         self._latest_stats, self.latest_error_norm_sum = self._entry_stats(entry, errors)
@@ -391,7 +395,7 @@ class MistakeLog:
                 kept, sizes = kept[1:], sizes[1:]
         slots, next_slot = self._slots, self._next
         if len(kept) < len(chronological):
-            slots, next_slot = kept, len(kept) % self.size
+            slots, next_slot = kept, len(kept) % max(1, self.size)
         return {
             "format_version": _FORMAT_VERSION,
             "size": self.size,

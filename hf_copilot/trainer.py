@@ -159,7 +159,7 @@ class CopilotTrainer(Trainer):
         )
         if self.mistake_log_callback is None:
             self.mistake_log_callback = MistakeLogCallback(
-                MistakeLog(size=self.args.mistake_log_size, topk=self.args.mistake_log_topk),
+                MistakeLog(size=self.args.mistake_log_entries, topk=self.args.mistake_log_topk),
                 replay=self.args.mistake_log_replay,
                 seed=self.args.seed,
                 window=self.args.mistake_log_window,

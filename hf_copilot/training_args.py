@@ -14,6 +14,8 @@ from transformers.trainer_utils import SchedulerType
 
 # The Copilot's defaults were chosen on benchmarks/results/copilot_training.md (docs/results.md quotes it).
 
+PAPER_MISTAKE_LOG_SIZE = 128
+
 
 @dataclass
 class CopilotTrainingArguments(TrainingArguments):
@@ -65,10 +67,12 @@ class CopilotTrainingArguments(TrainingArguments):
             "(no gradients, no optimizer state) and the Pilot runs in eval mode, as it will at inference."
         },
     )
-    mistake_log_size: int = field(
-        default=128,
+    mistake_log_size: int | None = field(
+        default=None,
         metadata={
-            "help": "Ring-buffer length of the Mistake Log, in entries (one per forward pass; paper: 128)."
+            "help": "Ring-buffer length of the Mistake Log, in entries (one per forward pass; paper: 128). None: "
+            "as many as the Copilot reads: the window's with mistake_log_window, 128 with replay, none "
+            "otherwise (the fresh entry goes straight to the Copilot, and the log keeps its statistics only)."
         },
     )
     mistake_log_window: int = field(
@@ -103,6 +107,15 @@ class CopilotTrainingArguments(TrainingArguments):
     )
 
     @property
+    def mistake_log_entries(self) -> int:
+        """The log's length: `mistake_log_size`, or by default as many entries as the Copilot reads."""
+        if self.mistake_log_size is not None:
+            return self.mistake_log_size
+        if self.mistake_log_window:
+            return self.mistake_log_window
+        return PAPER_MISTAKE_LOG_SIZE if self.mistake_log_replay else 0
+
+    @property
     def copilot_peak_learning_rate(self) -> float:
         """`copilot_learning_rate`, or the Pilot's `learning_rate`."""
         return self.learning_rate if self.copilot_learning_rate is None else self.copilot_learning_rate
@@ -117,8 +130,16 @@ class CopilotTrainingArguments(TrainingArguments):
         weight = self.copilot_loss_weight
         if not (isinstance(weight, (int, float)) and math.isfinite(weight) and weight >= 0):
             raise ValueError(f"copilot_loss_weight must be a finite number >= 0, got {weight!r}.")
+        if self.mistake_log_size is not None and (
+            isinstance(self.mistake_log_size, bool)
+            or not isinstance(self.mistake_log_size, int)
+            or self.mistake_log_size < 0
+        ):
+            raise ValueError(
+                f"mistake_log_size must be an integer >= 0, or None for what the Copilot reads, got "
+                f"{self.mistake_log_size!r}."
+            )
         for name, minimum in (
-            ("mistake_log_size", 1),
             ("mistake_log_window", 0),
             ("mistake_log_replay", 0),
             ("mistake_log_topk", 0),
@@ -126,13 +147,13 @@ class CopilotTrainingArguments(TrainingArguments):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
                 raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}.")
-        if self.mistake_log_replay > self.mistake_log_size:
+        if self.mistake_log_replay > self.mistake_log_entries:
             raise ValueError(
                 f"mistake_log_replay ({self.mistake_log_replay}) cannot exceed mistake_log_size "
                 f"({self.mistake_log_size}): the log never holds more entries than its size. Raise "
                 "mistake_log_size or lower mistake_log_replay."
             )
-        if self.mistake_log_window > self.mistake_log_size:
+        if self.mistake_log_window > self.mistake_log_entries:
             raise ValueError(
                 f"mistake_log_window ({self.mistake_log_window}) cannot exceed mistake_log_size "
                 f"({self.mistake_log_size}): the log keeps only that many rounds. Raise mistake_log_size."

@@ -200,6 +200,22 @@ def test_stats_describe_the_latest_entry_over_its_loss_mask(topk):
         assert "mistake_log/topk_dropped_mass" not in stats
 
 
+def test_a_log_of_size_zero_keeps_nothing_but_the_latest_entrys_statistics():
+    kept, empty = MistakeLog(size=4, topk=5), MistakeLog(size=0, topk=5)
+    for seed in (1, 2):
+        kept.add(make_entry(seed=seed))
+        empty.add(make_entry(seed=seed))
+    assert len(empty) == 0 and empty.memory_bytes() == 0 and empty.state_dict()["entries"] == []
+    assert empty.latest_error_norm_sum == pytest.approx(kept.latest_error_norm_sum, rel=1e-6)
+    stats = empty.stats()
+    assert stats.pop("mistake_log/entries") == 0.0 and stats.pop("mistake_log/memory_mb") == 0.0
+    assert "mistake_log/topk_dropped_mass" not in stats  # nothing was compacted
+    expected = {k: v for k, v in kept.stats().items() if k in stats}
+    assert stats == pytest.approx(expected, rel=1e-6) and len(stats) == 2
+    with pytest.raises(ValueError, match="probabilities contains NaN"):
+        empty.add(_with_nan(make_entry()))  # still checked
+
+
 def _with_grad(entry):
     entry.h_bar.requires_grad_(True)
     return entry

@@ -897,7 +897,7 @@ def test_copilot_trainer_with_a_window_replays_encoder_decoder_entries(tmp_path)
     trainer = copilot_trainer(tmp_path, mistake_log_window=4, mistake_log_replay=1, max_steps=6)
     trainer.train()
     log = trainer.mistake_log_callback.mistake_log
-    assert len(log) == 6 and all(entry.is_encoder_decoder for entry in log)
+    assert len(log) == 4 and all(entry.is_encoder_decoder for entry in log)  # the window's entries
     rows = log.sample_rows(8, 4)
     assert rows.x_tilde.shape[1] == rows.encoder_attention_mask.shape[1] > 0
     assert rows.h_bar.shape[1] == rows.loss_mask.shape[1]

@@ -376,7 +376,7 @@ def test_config_keeps_sft_config_defaults_and_adds_the_copilots(tmp_path):
     reference = SFTConfig(output_dir=str(tmp_path), use_cpu=True)
     for name in ("learning_rate", "logging_steps", "gradient_checkpointing", "bf16", "max_length", "packing"):
         assert getattr(config, name) == getattr(reference, name), name
-    assert (config.copilot_loss_weight, config.freeze_pilot, config.mistake_log_size) == (1.0, False, 128)
+    assert (config.copilot_loss_weight, config.freeze_pilot, config.mistake_log_size) == (1.0, False, None)
 
 
 def test_importing_hf_copilot_does_not_import_trl_and_the_sft_classes_name_the_extra_without_it():

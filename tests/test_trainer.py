@@ -120,7 +120,7 @@ def test_arguments_default_to_the_papers_method_and_parse_from_the_command_line(
     args = CopilotTrainingArguments(output_dir=str(tmp_path))
     assert isinstance(args, TrainingArguments)
     assert (args.copilot_learning_rate, args.copilot_loss_weight, args.freeze_pilot) == (None, 1.0, False)
-    assert (args.mistake_log_size, args.mistake_log_replay, args.mistake_log_topk) == (128, 0, 64)
+    assert (args.mistake_log_size, args.mistake_log_replay, args.mistake_log_topk) == (None, 0, 64)
 
     (parsed,) = HfArgumentParser(CopilotTrainingArguments).parse_args_into_dataclasses(
         [
@@ -142,7 +142,8 @@ def test_arguments_default_to_the_papers_method_and_parse_from_the_command_line(
         ({"copilot_learning_rate": 0.0}, "copilot_learning_rate must be a positive number"),
         ({"copilot_learning_rate": float("nan")}, "copilot_learning_rate must be a positive number"),
         ({"copilot_loss_weight": -1.0}, "copilot_loss_weight must be a finite number >= 0"),
-        ({"mistake_log_size": 0}, "mistake_log_size must be an integer >= 1"),
+        ({"mistake_log_size": -1}, "mistake_log_size must be an integer >= 0, or None"),
+        ({"mistake_log_size": 0, "mistake_log_window": 2}, r"mistake_log_window \(2\) cannot exceed"),
         ({"mistake_log_replay": -1}, "mistake_log_replay must be an integer >= 0"),
         ({"mistake_log_topk": -2}, "mistake_log_topk must be an integer >= 0"),
         ({"mistake_log_size": 4, "mistake_log_replay": 5}, r"mistake_log_replay \(5\) cannot exceed"),
@@ -153,6 +154,39 @@ def test_arguments_default_to_the_papers_method_and_parse_from_the_command_line(
 def test_arguments_reject_invalid_values(tmp_path, overrides, message):
     with pytest.raises(ValueError, match=message):
         CopilotTrainingArguments(output_dir=str(tmp_path), **overrides)
+
+
+@pytest.mark.parametrize(
+    ("settings", "entries"),
+    [
+        ({}, 0),  # the Copilot reads only the fresh entry
+        ({"mistake_log_window": 3}, 3),
+        ({"mistake_log_window": 3, "mistake_log_replay": 1}, 3),  # replay draws its rows from the window
+        ({"mistake_log_replay": 2}, 128),  # replay draws whole entries from the paper's log
+        ({"mistake_log_size": 16}, 16),
+        ({"mistake_log_size": 0}, 0),
+    ],
+)
+def test_the_log_keeps_as_many_entries_as_the_copilot_reads_unless_told(tmp_path, settings, entries):
+    args = CopilotTrainingArguments(output_dir=str(tmp_path), **settings)
+    assert args.mistake_log_entries == entries
+    trainer = make_trainer(tmp_path, **settings)
+    assert trainer.mistake_log_callback.mistake_log.capacity == entries
+
+
+def test_a_log_that_keeps_no_entries_trains_exactly_as_a_full_one_and_logs_the_same_statistics(tmp_path):
+    kept = make_trainer(tmp_path, logging_steps=1, mistake_log_size=128)
+    kept.train()
+    default = make_trainer(tmp_path, logging_steps=1)
+    default.train()
+    assert max_difference(default.model, kept.model) == 0.0
+    assert (
+        len(default.mistake_log_callback.mistake_log) == 0 and len(kept.mistake_log_callback.mistake_log) == 4
+    )
+    assert logged(default, "mistake_log/entries") == [0.0] * 4
+    for name in ("copilot_r2", "mistake_log/mean_error_norm", "mistake_log/pilot_gold_prob"):
+        assert logged(default, name) == logged(kept, name), name
+    assert logged(default, "mistake_log/memory_mb") == [0.0] * 4
 
 
 def test_trainer_names_the_fix_for_stock_arguments_or_a_bare_pilot(tmp_path):
@@ -488,9 +522,9 @@ def test_the_default_phase_on_a_stream_is_as_long_as_the_joint_run_and_absent_wi
 
 
 def test_logs_pilot_loss_copilot_rmse_and_mistake_log_stats_averaged_over_the_window(tmp_path):
-    every_step = make_trainer(tmp_path, logging_steps=1)
+    every_step = make_trainer(tmp_path, logging_steps=1, mistake_log_size=8)
     every_step.train()
-    every_two = make_trainer(tmp_path, logging_steps=2)
+    every_two = make_trainer(tmp_path, logging_steps=2, mistake_log_size=8)
     every_two.train()
 
     pilot = logged(every_step, "pilot_loss")
