@@ -188,8 +188,12 @@ class CopilotTrainer(Trainer):
         warn_if_adapter_base_is_the_pilot(model, pilot_copilot)
 
     def pilot_copilot(self) -> PilotCopilotForCausalLM:
-        """The `PilotCopilotForCausalLM` under any DDP/PEFT wrappers."""
-        return unwrap_peft_model(self.accelerator.unwrap_model(self.model))
+        """The `PilotCopilotForCausalLM` under any DDP/PEFT wrappers, unwrapped once per `self.model`: unwrapping
+        walks every module, a fixed cost that every training step would otherwise pay several times."""
+        if getattr(self, "_unwrapped_from", None) is not self.model:
+            self._unwrapped = unwrap_peft_model(self.accelerator.unwrap_model(self.model))
+            self._unwrapped_from = self.model
+        return self._unwrapped
 
     # ---- optimizer --------------------------------------------------------------------------------
     def create_optimizer(self, model=None) -> torch.optim.Optimizer:
