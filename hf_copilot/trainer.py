@@ -296,16 +296,25 @@ class CopilotTrainer(Trainer):
             or (is_sagemaker_mp_enabled() and self.args.fp16)
         ):
             return super()._clip_grad_norm(model)
-        copilot_ids = {id(p) for p in self.pilot_copilot().copilot.parameters()}
-        params = [p for p in model.parameters() if p.grad is not None]
         self.accelerator.unscale_gradients()
         norms = [
-            nn.utils.clip_grad_norm_(
-                [p for p in params if (id(p) in copilot_ids) == is_copilot], self.args.max_grad_norm
-            )
-            for is_copilot in (False, True)
+            nn.utils.clip_grad_norm_([p for p in group if p.grad is not None], self.args.max_grad_norm)
+            for group in self._pilot_and_copilot_parameters(model)
         ]
         return torch.linalg.vector_norm(torch.stack(norms))
+
+    def _pilot_and_copilot_parameters(self, model) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+        """`model`'s parameters split into the Pilot's and the Copilot's, once per model: walking every module
+        at every step was a fixed cost of the training step."""
+        if getattr(self, "_parameter_split_of", None) is not model:
+            copilot_ids = {id(p) for p in self.pilot_copilot().copilot.parameters()}
+            parameters = list(model.parameters())
+            self._parameter_split = tuple(
+                [p for p in parameters if (id(p) in copilot_ids) == is_copilot]
+                for is_copilot in (False, True)
+            )
+            self._parameter_split_of = model
+        return self._parameter_split
 
     def _get_grad_norm(self, model, grad_norm=None):
         """Trainer's gradient norm, refused when not finite: raised before the optimizer applies it.
