@@ -8,7 +8,7 @@ Regimes:
 Arms (same Pilot initialisation, data order and steps):
   pilot               the Pilot fine-tuned alone with the stock Trainer
   pilot_copilot       Pilot + a randomly initialised Copilot, CopilotTrainer with the package defaults (their
-                      Copilot-only phase: 3 epochs, at most as many batches as the joint run)
+                      Copilot-only phase: 12 epochs, at most 4 x the joint run's batches)
   pilot_copilot_reweight  the ablation of CopilotConfig.error_form: pilot_copilot with the "reweight" head
                       (f_C = softmax(log p + W_out h) - p) instead of the paper's linear one
   pilot_copilot_small_head  the ablation of CopilotConfig.initial_error_norm: pilot_copilot with its output
@@ -19,12 +19,14 @@ Arms (same Pilot initialisation, data order and steps):
                       in the Copilot's attention (the paper's, the default before "rope")
   pilot_copilot_final_1_epoch  the ablation of copilot_final_epochs: one Copilot-only epoch on the final Pilot,
                       the benchmarks' setting before the default phase
+  pilot_copilot_final_{3,6,24}_epochs  the other side of that ablation: 3, 6 or 24 Copilot-only epochs
   pilot_copilot_paper the same trained for the paper's feedback mode (copilot_feedback="copilot", the
                       Copilot reads its own predictions at answer positions in training too)
   pilot_copilot_init  pilot_copilot with the Copilot initialised from the smaller family member (pretrained only)
   pilot_copilot_init_embedding_scale  the ablation of copilot_init's W_in scale: pilot_copilot_init with W_in left at
                       the embeddings' own scale (error_proj_init_std=None) instead of std 1
   pilot_copilot_init_final_1_epoch  pilot_copilot_init with one Copilot-only epoch
+  pilot_copilot_init_final_{3,6}_epochs  pilot_copilot_init with 3 or 6 Copilot-only epochs
   pilot_matched       the next family size (pretrained) or a Pilot with as many parameters (scratch)
   transfer            pilot_copilot_init's Copilot attached to a Pilot fine-tuned independently (another data
                       order), as in the paper's Table 3 (pretrained only)
@@ -89,10 +91,15 @@ ARMS = (
     "pilot_copilot_small_input",
     "pilot_copilot_no_positions",
     "pilot_copilot_final_1_epoch",
+    "pilot_copilot_final_3_epochs",
+    "pilot_copilot_final_6_epochs",
+    "pilot_copilot_final_24_epochs",
     "pilot_copilot_paper",
     "pilot_copilot_init",
     "pilot_copilot_init_embedding_scale",
     "pilot_copilot_init_final_1_epoch",
+    "pilot_copilot_init_final_3_epochs",
+    "pilot_copilot_init_final_6_epochs",
     "transfer",
     "pilot_matched",
 )
@@ -340,6 +347,10 @@ def run(
         ablation_records("pilot_copilot_no_positions", {"position_encoding": "none"})
     if "pilot_copilot_final_1_epoch" in arms:
         ablation_records("pilot_copilot_final_1_epoch", {}, training={"copilot_final_epochs": 1.0})
+    for epochs in (3, 6, 24):
+        if f"pilot_copilot_final_{epochs}_epochs" in arms:
+            arm = f"pilot_copilot_final_{epochs}_epochs"
+            ablation_records(arm, {}, training={"copilot_final_epochs": float(epochs)})
     if "pilot_copilot_paper" in arms:
         # The paper's feedback mode, trained for it: answer positions read the Copilot's own predictions.
         torch.manual_seed(seed + 1)
@@ -374,6 +385,10 @@ def run(
     if family is not None and "pilot_copilot_init_final_1_epoch" in arms:
         one_epoch = initialised(training={"copilot_final_epochs": 1.0})
         copilot_records("pilot_copilot_init_final_1_epoch", feedback_modes, *one_epoch)
+    for epochs in (3, 6):
+        if family is not None and f"pilot_copilot_init_final_{epochs}_epochs" in arms:
+            longer = initialised(training={"copilot_final_epochs": float(epochs)})
+            copilot_records(f"pilot_copilot_init_final_{epochs}_epochs", feedback_modes, *longer)
     if "pilot_matched" in arms:
         pilot_record(
             "pilot_matched", *experiment.fine_tune(experiment.pilot("large"), with_copilot=False)[:2]

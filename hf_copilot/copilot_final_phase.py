@@ -16,20 +16,23 @@ from transformers.trainer_utils import has_length
 from .mistake_log_entry import copilot_target_norm
 from .training_errors import NonFiniteTrainingError
 
-DEFAULT_FINAL_EPOCHS = 3.0
-"""Measured: one Copilot-only epoch lifted more than any other change, three more than one
-(benchmarks/results/final_epochs/)."""
+DEFAULT_FINAL_EPOCHS = 12.0
+MAX_DEFAULT_JOINT_MULTIPLE = 4
+"""Measured: every doubling of the phase from 1 to 12 epochs lifted the fused model further
+(benchmarks/results/final_epochs/). A phase batch runs the Pilot forward only, about half a joint step, so the cap
+of 4 joint runs' batches keeps `train()` within about three times the joint run."""
 
 
 def final_phase_batches(epochs: float | None, dataloader, joint_batches: int) -> int:
     """How many batches the phase trains: `epochs` of the data when given; by default DEFAULT_FINAL_EPOCHS,
-    capped at the joint run's own batches so that the phase never costs more than the run it follows (it only
-    runs the Pilot forward), and on a stream (no length) as many batches as the joint run."""
+    capped at MAX_DEFAULT_JOINT_MULTIPLE times the joint run's own batches, and on a stream (no length) that
+    many batches."""
     if epochs is not None:
         return max(1, math.ceil(epochs * len(dataloader)))
+    cap = MAX_DEFAULT_JOINT_MULTIPLE * joint_batches
     if not has_length(dataloader):
-        return joint_batches
-    return min(math.ceil(DEFAULT_FINAL_EPOCHS * len(dataloader)), joint_batches)
+        return cap
+    return min(math.ceil(DEFAULT_FINAL_EPOCHS * len(dataloader)), cap)
 
 
 def check_sized_train_dataset(dataset) -> None:

@@ -52,8 +52,8 @@ class CopilotTrainingArguments(TrainingArguments):
         default=None,
         metadata={
             "help": "After joint training, train the Copilot alone for this many epochs on the final, frozen "
-            "Pilot (its errors are the ones generation will see; 0: no such phase). None: 3 epochs, but never "
-            "more batches than the joint run trained (a stream: that many), and none with freeze_pilot."
+            "Pilot (its errors are the ones generation will see; 0: no such phase). None: 12 epochs, but never "
+            "more than 4 x the batches the joint run trained (a stream: that many), and none with freeze_pilot."
         },
     )
     copilot_loss_weight: float = field(
