@@ -12,7 +12,7 @@ within 1.2 x the Copilot/Pilot FLOP ratio.
 
 The arms run in interleaved rounds (Pilot, then each Copilot; the order alternates between rounds), so
 load from other processes on a shared machine falls on all of them; process CPU time is recorded next
-to wall time. Greedy decoding, paper defaults (probs fusion, "copilot" feedback), torch.inference_mode,
+to wall time. Greedy decoding, the package's fusion defaults (recorded in the result), torch.inference_mode,
 one warm-up generate() per arm and shape.
 
     python benchmarks/generation_overhead.py            # full run (~10-15 min on 2 CPU cores)
@@ -270,8 +270,9 @@ def write_markdown(path: str, result: dict) -> None:
         "",
         f"Pilot: LLaMA-like, hidden {setup['hidden_size']}, {setup['num_hidden_layers']} layers, vocabulary "
         f"{setup['vocab_size']}, random weights, {result['pilot_params'] / 1e6:.1f}M parameters. Greedy "
-        f"generate(), {setup['new_tokens']} new tokens (min_new_tokens = max_new_tokens), paper defaults "
-        f"(probs fusion, copilot feedback, lambda 1). {setup['rounds']} interleaved rounds; medians.",
+        f"generate(), {setup['new_tokens']} new tokens (min_new_tokens = max_new_tokens), the package's fusion "
+        f"defaults ({result.get('fusion', 'probs fusion, copilot feedback, lambda 1')}). {setup['rounds']} "
+        "interleaved rounds; medians.",
         "",
         f"Decoding: {generation_summary(result.get('generation'))}.",
         "",
@@ -570,6 +571,10 @@ def main(argv: list[str] | None = None) -> dict:
     result = {
         "command": command.strip(),
         "setup": asdict(setup),
+        "fusion": "{} fusion, {} feedback, lambda {:g}".format(
+            *(arms[0]["model"].config.fusion, arms[0]["model"].config.copilot_feedback),
+            arms[0]["model"].config.copilot_lambda,
+        ),
         "generation": {
             "device": str(device),
             "dtype": args.dtype,

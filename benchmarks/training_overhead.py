@@ -2,8 +2,9 @@
 
 For Copilot/Pilot parameter ratios near 0.1, 0.25 and 1 this measures the median wall time per optimizer
 step and compares the overhead with the analytic ratio of training FLOPs per token (the Copilot's V-sized
-W_in and W_out included). Target: overhead <= 1.3 x the FLOP ratio (the paper reports +2% to +6.5% training
-time with a 1B Copilot on 1B-8B Pilots). It also measures the Mistake Log's memory per entry, exact vs
+W_in and W_out included). Target: overhead <= 1.2 x the FLOP ratio (the paper reports +2% to +6.5% training
+time with a 1B Copilot on 1B-8B Pilots); at the tiny shape, where every step's fixed costs weigh most,
+overhead <= 1.3 x the FLOP ratio. It also measures the Mistake Log's memory per entry, exact vs
 compact top-k.
 
 The arms run in interleaved rounds (Pilot, then each Copilot, in alternating order), so load from other
@@ -12,9 +13,10 @@ allocator warm-up). Process CPU time per step is recorded next to wall time.
 
     python benchmarks/training_overhead.py            # full run (~10-15 min on 2 CPU cores)
     python benchmarks/training_overhead.py --quick    # a small Pilot, one round: a smoke test
+    python benchmarks/training_overhead.py --shape tiny --threads 1   # a 2-layer 64-wide Pilot, 100-step runs
     python benchmarks/training_overhead.py --shape 1b --bf16   # on a GPU: a 1.26B Pilot, bf16 mixed precision
 
-Trainer runs on the GPU when one is visible. Writes benchmarks/results/training_overhead{_1b}{_bf16}{_quick}.*
+Trainer runs on the GPU when one is visible. Writes benchmarks/results/training_overhead{_1b|_tiny}{_bf16}{_quick}.*
 """
 
 from __future__ import annotations
@@ -42,7 +44,7 @@ from hf_copilot.mistake_log_entry import copilot_squared_error, mistake_log_entr
 
 RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 TARGET_RATIOS = (0.1, 0.25, 1.0)
-TARGET_FACTOR = 1.3
+TARGET_FACTOR = {"default": 1.2, "1b": 1.2, "tiny": 1.3}
 NOTES = [
     "- The FLOP ratio counts matmuls and attention only. The Copilot also makes memory-bound passes over "
     "[B,T,V] tensors that cost no matmul FLOPs: the softmax of the Mistake Log entry, the squared-error "
@@ -86,6 +88,20 @@ ONE_B = Setup(
     rounds=3,
     warmup_steps=2,
     measured_steps=5,
+)
+
+# The smallest shape: a step's fixed costs (entry, log, statistics, Python) against very little compute.
+TINY = Setup(
+    vocab_size=48,
+    hidden_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    intermediate_size=172,
+    seq_len=40,
+    batch_size=64,
+    rounds=2,
+    warmup_steps=5,
+    measured_steps=100,
 )
 
 QUICK = Setup(
@@ -155,11 +171,13 @@ def copilot_train_flops_per_token(
 
 def copilot_for_ratio(target: float, setup: Setup, pilot_params: int) -> CopilotConfig:
     """The Copilot shape nearest `target` x the Pilot's parameters: LLaMA-like proportions, hidden a multiple
-    of 32, heads of 32 or 64 dims, at most as many layers as the Pilot; fewer layers on a tie."""
+    of half the Pilot's head size, heads of the Pilot's size or half of it, at most as many layers as the
+    Pilot; fewer layers on a tie."""
     ff_ratio = setup.intermediate_size / setup.hidden_size
+    pilot_head = setup.hidden_size // setup.num_attention_heads
     best = None
-    for hidden in range(64, 4 * setup.hidden_size + 1, 32):
-        head_dim = 64 if hidden % 64 == 0 else 32
+    for hidden in range(pilot_head, 4 * setup.hidden_size + 1, pilot_head // 2):
+        head_dim = pilot_head if hidden % pilot_head == 0 else pilot_head // 2
         for layers in range(2, setup.num_hidden_layers + 1, 2):
             config = CopilotConfig(
                 hidden_size=hidden,
@@ -251,7 +269,10 @@ def run_trainer(
             trainer_class, args_class = Trainer, TrainingArguments
         trainer = trainer_class(
             model=model,
-            args=_arguments(args_class, setup, output_dir, bf16=bf16),
+            # Joint steps only: the Copilot-only phase after them is not a step of the run being compared.
+            args=_arguments(
+                args_class, setup, output_dir, bf16=bf16, **({"copilot_final_epochs": 0.0} if copilot else {})
+            ),
             train_dataset=data,
             callbacks=[timer],
         )
@@ -392,7 +413,7 @@ def write_markdown(path: str, result: dict) -> None:
         "",
         "Overhead = median step time with the Copilot / median Pilot step time - 1 (per round, then the "
         "median over rounds). FLOP ratio = analytic training FLOPs per token, Copilot / Pilot (W_in, W_out "
-        f"included). Target: overhead <= {TARGET_FACTOR} x FLOP ratio.",
+        f"included). Target: overhead <= {rows[0]['target_factor']} x FLOP ratio.",
         "",
         "| target ratio | Copilot (layers x hidden) | Copilot params | param ratio | FLOP ratio | step (s) | "
         "overhead (wall) | per-round range | overhead (CPU time) | overhead / FLOP ratio | target met |",
@@ -479,11 +500,11 @@ def write_plot(path: str, result: dict) -> None:
     )
     left.scatter(
         list(positions),
-        [TARGET_FACTOR * row["flop_ratio"] for row in rows],
+        [row["target_factor"] * row["flop_ratio"] for row in rows],
         marker="_",
         s=600,
         color="black",
-        label=f"target ({TARGET_FACTOR} x FLOP ratio)",
+        label=f"target ({rows[0]['target_factor']} x FLOP ratio)",
     )
     left.set_xticks(list(positions), labels)
     left.set_xlabel("Copilot / Pilot parameters")
@@ -519,7 +540,10 @@ def main(argv: list[str] | None = None) -> dict:
         "CopilotTrainer vs the stock Trainer when hf_copilot.trainer imports, else model-level steps",
     )
     parser.add_argument(
-        "--shape", choices=("default", "1b"), default="default", help="1b: a 1.26B Pilot, for a GPU"
+        "--shape",
+        choices=("default", "1b", "tiny"),
+        default="default",
+        help="1b: a 1.26B Pilot, for a GPU; tiny: a 2 x 64 Pilot, vocabulary 48, where fixed costs dominate",
     )
     parser.add_argument(
         "--bf16", action="store_true", help="bf16 mixed precision for both arms (Trainer's bf16)"
@@ -530,7 +554,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--output-dir", default=RESULTS_DIR)
     args = parser.parse_args(argv)
 
-    setup = QUICK if args.quick else (ONE_B if args.shape == "1b" else Setup())
+    setup = QUICK if args.quick else {"1b": ONE_B, "tiny": TINY}.get(args.shape, Setup())
     if args.bf16 and args.runner == "model":
         parser.error("--bf16 needs the trainer runner")
     if args.rounds:
@@ -616,7 +640,8 @@ def main(argv: list[str] | None = None) -> dict:
                 "overhead_per_round": per_round,
                 "overhead_cpu": statistics.median(per_round_cpu),
                 "overhead_over_flop_ratio": overhead / flop_ratio,
-                "target_met": overhead <= TARGET_FACTOR * flop_ratio,
+                "target_factor": TARGET_FACTOR[args.shape],
+                "target_met": overhead <= TARGET_FACTOR[args.shape] * flop_ratio,
                 "step_times_s": times,
                 "cpu_breakdown_s": arm["breakdown"],
             }
@@ -628,8 +653,9 @@ def main(argv: list[str] | None = None) -> dict:
         "command": command.strip(),
         "runner": runner,
         "runner_description": (
-            "stock `Trainer` on the Pilot vs `CopilotTrainer` (CopilotTrainingArguments defaults: compact "
-            "Mistake Log top-64, 128 entries, no replay) on Pilot + Copilot"
+            "stock `Trainer` on the Pilot vs `CopilotTrainer` (CopilotTrainingArguments defaults: the Copilot "
+            "trains on the fresh entry and the Mistake Log keeps no entries; the Copilot-only phase after the "
+            "joint steps is off, copilot_final_epochs=0) on Pilot + Copilot"
             if runner == "trainer"
             else "model-level step (forward with labels + backward + AdamW), Pilot alone vs Pilot + Copilot"
         ),
@@ -650,7 +676,9 @@ def main(argv: list[str] | None = None) -> dict:
     }
     os.makedirs(args.output_dir, exist_ok=True)
     variant = (
-        ("_1b" if args.shape == "1b" else "") + ("_bf16" if args.bf16 else "") + ("_cuda" if on_gpu else "")
+        ("" if args.shape == "default" else f"_{args.shape}")
+        + ("_bf16" if args.bf16 else "")
+        + ("_cuda" if on_gpu else "")
     )
     stem = os.path.join(args.output_dir, "training_overhead" + variant + ("_quick" if args.quick else ""))
     with open(stem + ".json", "w") as handle:
