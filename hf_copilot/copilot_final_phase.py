@@ -18,7 +18,7 @@ from .training_errors import NonFiniteTrainingError
 
 DEFAULT_FINAL_EPOCHS = 12.0
 MAX_DEFAULT_JOINT_MULTIPLE = 4
-"""Measured: every doubling of the phase from 1 to 12 epochs lifted the fused model further
+"""Measured: each longer phase (1, 3, 6, 12 epochs) lifted the fused model further
 (benchmarks/results/final_epochs/). A phase batch runs the Pilot forward only, about half a joint step, so the cap
 of 4 joint runs' batches keeps `train()` within about three times the joint run."""
 

@@ -175,12 +175,11 @@ class MistakeLog:
         """Validate, compact (if `topk > 0`), move to `store_device` and write over the oldest slot."""
         self._validate(entry)
         errors = entry.errors
-        if self.size == 0:  # nothing is kept: statistics only, no compaction or copy
-            self._latest_stats, self.latest_error_norm_sum = self._entry_stats(entry, errors)
-            return
-        if self.topk and not errors.is_compact:
+        if self.size and self.topk and not errors.is_compact:  # a log of size 0 stores nothing to compact
             errors = errors.compact(self.topk)
         self._latest_stats, self.latest_error_norm_sum = self._entry_stats(entry, errors)
+        if self.size == 0:
+            return
         stored = MistakeLogEntry(
             entry.x_tilde,
             entry.h_bar,

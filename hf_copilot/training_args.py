@@ -150,13 +150,13 @@ class CopilotTrainingArguments(TrainingArguments):
         if self.mistake_log_replay > self.mistake_log_entries:
             raise ValueError(
                 f"mistake_log_replay ({self.mistake_log_replay}) cannot exceed mistake_log_size "
-                f"({self.mistake_log_size}): the log never holds more entries than its size. Raise "
+                f"({self.mistake_log_entries}): the log never holds more entries than its size. Raise "
                 "mistake_log_size or lower mistake_log_replay."
             )
         if self.mistake_log_window > self.mistake_log_entries:
             raise ValueError(
                 f"mistake_log_window ({self.mistake_log_window}) cannot exceed mistake_log_size "
-                f"({self.mistake_log_size}): the log keeps only that many rounds. Raise mistake_log_size."
+                f"({self.mistake_log_entries}): the log keeps only that many rounds. Raise mistake_log_size."
             )
         budget = self.mistake_log_checkpoint_mb
         if budget is not None and not (
