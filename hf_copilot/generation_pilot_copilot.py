@@ -13,7 +13,13 @@ import torch.nn.functional as F
 from transformers import DynamicCache, EncoderDecoderCache, LogitsProcessor, StaticCache
 from transformers.generation.utils import ALL_CACHE_NAMES
 
-from .mistake_log_entry import MistakeLogEntry, answer_token_positions, shift_right
+from .mistake_log_entry import (
+    MistakeLogEntry,
+    answer_token_positions,
+    copilot_head_squared_error,
+    copilot_squared_error,
+    shift_right,
+)
 
 PROBABILITY_FLOOR = 1e-10
 # What forward() calls its cache argument and generate() its model_kwargs key: `cache` from transformers 5.24,
@@ -334,6 +340,17 @@ def copilot_on_entry(copilot, stream: torch.Tensor, entry: MistakeLogEntry, **kw
     )
 
 
+def copilot_squared_error_on_entry(
+    copilot, stream: torch.Tensor, entry: MistakeLogEntry
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The Copilot's training loss terms on a teacher-forced entry: summed ||f_C - e||^2 over the loss mask and
+    the count. A linear head's f_C [B,T,V] is never formed (`PilotErrors.head_squared_distance`)."""
+    if not copilot.computes_loss_without_output:
+        return copilot_squared_error(copilot_on_entry(copilot, stream, entry), entry)
+    head_input = copilot_on_entry(copilot, stream, entry, return_head_input=True)
+    return copilot_head_squared_error(head_input, copilot.error_head.weight, entry)
+
+
 def copilot_generation_step(
     copilot,
     input_ids: torch.Tensor,
@@ -455,6 +472,7 @@ __all__ = [
     "PilotCopilotEncoderDecoderCache",
     "copilot_on_entry",
     "copilot_generation_step",
+    "copilot_squared_error_on_entry",
     "copilot_stream",
     "fuse_scores",
     "predicted_errors_as_generated",

@@ -59,6 +59,66 @@ class _SquaredDistance(torch.autograd.Function):
         return grad.to(predicted_error.dtype), None, None, None, None, None
 
 
+class _HeadSquaredDistance(torch.autograd.Function):
+    """`||W h_j - e_j||^2` per position for the Copilot's linear head W [V,d] without forming f = W h [B,T,V].
+
+    `||W h||^2 = h.(W^T W) h` and `(W h).e = h.(W^T e)`, where `W^T e` is the error embedded through W (one
+    [B,T,V] x [V,d] product, the cost of f itself). Backward: `2 g (W^T W h - W^T e)` for h and
+    `W (sum g h h^T) - sum g e h^T` (x2) for W, so a training step keeps no vocabulary-sized tensor of its own
+    and runs one vocabulary-sized product each way instead of one forward and two backward.
+    """
+
+    @staticmethod
+    def forward(ctx, head_input, weight, targets, mask, probs, topk_indices, topk_values):
+        dtype = torch.promote_types(head_input.dtype, torch.float32)
+        h, w = head_input.to(dtype), weight.to(dtype)
+        errors = PilotErrors(targets, mask, w.shape[0], probs, topk_indices, topk_values)
+        gram_h = h @ (w.t() @ w)  # W^T W h [B,T,d]
+        embedded = errors.embed(w.t())  # W^T e [B,T,d], zero where there is no error
+        error_norm, _ = error_norm_and_gold_prob(errors, dtype)
+        distance = (h * gram_h).sum(-1) - 2.0 * (h * embedded).sum(-1) + error_norm
+        ctx.save_for_backward(
+            head_input,
+            weight,
+            targets,
+            mask,
+            distance >= 0,
+            probs,
+            topk_indices,
+            topk_values,
+            gram_h,
+            embedded,
+        )
+        return distance.clamp_min(0.0)
+
+    @staticmethod
+    def backward(ctx, grad_distance):
+        head_input, weight, targets, mask, positive, probs, topk_indices, topk_values, gram_h, embedded = (
+            ctx.saved_tensors
+        )
+        dtype = gram_h.dtype
+        scale = (2.0 * grad_distance.to(dtype) * positive).unsqueeze(-1)  # [B,T,1]
+        grad_input = (scale * (gram_h - embedded)).to(head_input.dtype) if ctx.needs_input_grad[0] else None
+        grad_weight = None
+        if ctx.needs_input_grad[1]:
+            width = head_input.shape[-1]
+            h = head_input.to(dtype).reshape(-1, width)
+            scaled = scale.reshape(-1, 1) * h  # g h [N,d]
+            grad = weight.to(dtype) @ (h.t() @ scaled)  # W sum g h h^T
+            error_scaled = scaled * mask.reshape(-1, 1).to(dtype)  # g h where there is an error
+            grad.index_add_(0, targets.reshape(-1), -error_scaled)  # - sum g onehot h^T
+            if probs is not None:  # + sum g p h^T
+                grad.addmm_(probs.reshape(-1, probs.shape[-1]).to(dtype).t(), error_scaled)
+            else:
+                k = topk_indices.shape[-1]
+                values = topk_values.reshape(-1, k, 1).to(dtype)
+                grad.index_add_(
+                    0, topk_indices.reshape(-1), (values * error_scaled.unsqueeze(1)).reshape(-1, width)
+                )
+            grad_weight = grad.to(weight.dtype)
+        return grad_input, grad_weight, None, None, None, None, None
+
+
 @dataclass
 class PilotErrors:
     """The Pilot's error `e_j = onehot(targets_j) - p_j` without materialising one-hot tensors.
@@ -104,6 +164,18 @@ class PilotErrors:
             predicted_error, self._safe_targets(), self.mask, self.probs, self.topk_indices, self.topk_values
         )
 
+    def head_squared_distance(self, head_input: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """`||W h_j - e_j||^2` [B,T] for a linear head W [V,d] and its input h [B,T,d], without f = W h."""
+        return _HeadSquaredDistance.apply(
+            head_input,
+            weight,
+            self._safe_targets(),
+            self.mask,
+            self.probs,
+            self.topk_indices,
+            self.topk_values,
+        )
+
     def probabilities(self) -> torch.Tensor:
         """The Pilot's p_j [B,T,V]; compact errors give their top-k, zero elsewhere."""
         if not self.is_compact:
@@ -135,14 +207,16 @@ class PilotErrors:
         return replace(self, **changes)
 
 
-def error_norm_and_gold_prob(errors: PilotErrors) -> tuple[torch.Tensor, torch.Tensor]:
+def error_norm_and_gold_prob(
+    errors: PilotErrors, dtype: torch.dtype = torch.float32
+) -> tuple[torch.Tensor, torch.Tensor]:
     """`||e_j||^2 = 1 - 2 p_gold + sum p^2` and `p_gold` [B,T] without a dense error; 0 off the mask."""
     targets = torch.where(errors.mask, errors.targets, 0).unsqueeze(-1)
     if errors.is_compact:
-        values = errors.topk_values.float()
+        values = errors.topk_values.to(dtype)
         p_gold = (values * (errors.topk_indices == targets)).sum(-1)
     else:
-        values = errors.probs.float()
+        values = errors.probs.to(dtype)
         p_gold = values.gather(-1, targets).squeeze(-1)
     norm = 1.0 - 2.0 * p_gold + torch.linalg.vector_norm(values, dim=-1).square()  # no [B,T,V] temporary
     return norm * errors.mask, p_gold * errors.mask
@@ -291,6 +365,15 @@ def copilot_squared_error(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Sum over loss-mask positions of ||f_C_j - e_j||^2, and the number of those positions."""
     distances = entry.errors.squared_distance(predicted_errors)
+    mask = entry.loss_mask
+    return (distances * mask).sum(), mask.sum()
+
+
+def copilot_head_squared_error(
+    head_input: torch.Tensor, weight: torch.Tensor, entry: MistakeLogEntry
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`copilot_squared_error` of the linear head W [V,d] on its input h [B,T,d], without forming f_C = W h."""
+    distances = entry.errors.head_squared_distance(head_input, weight)
     mask = entry.loss_mask
     return (distances * mask).sum(), mask.sum()
 

@@ -344,6 +344,15 @@ class CopilotModel(CopilotPreTrainedModel):
         self.error_head.weight.requires_grad_(old_out.requires_grad)
         self.config.vocab_size = vocab_size
 
+    @property
+    def computes_loss_without_output(self) -> bool:
+        """True when f_C is a plain linear map of the head's input, so the training loss can apply W_out
+        implicitly (`PilotErrors.head_squared_distance`); an adapter-wrapped head, a head with hooks (they
+        would not run) or the reweight form cannot."""
+        head = self.error_head
+        hooked = head._forward_hooks or head._forward_pre_hooks
+        return self.config.error_form == "linear" and type(head) is nn.Linear and not hooked
+
     def embed_errors(self, errors: PilotErrors) -> torch.Tensor:
         """W_in e_j [B,T,d_C] (not yet shifted)."""
         return errors.embed(self.error_proj.weight)
@@ -362,6 +371,7 @@ class CopilotModel(CopilotPreTrainedModel):
         errors_to_keep: int = 0,
         encoder_attention_mask: torch.Tensor | None = None,
         pilot_errors: PilotErrors | None = None,
+        return_head_input: bool = False,
     ) -> torch.Tensor:
         """stream: [B,T,d_C], already W_in e_{j-1}; h_bar: [B,T,d_P] for the same positions; x_tilde: [B,T,d_P]
         for them too, or for an encoder-decoder Pilot its encoder output [B,S,d_P] with `encoder_attention_mask`
@@ -370,7 +380,8 @@ class CopilotModel(CopilotPreTrainedModel):
         `attention_mask` [B, past + T] covers the cached positions too. Returns f_C [B,T,V], or for the last
         `errors_to_keep` positions only (0: all): a prefill needs the vocabulary-sized head at its last one.
         `pilot_errors`: the Pilot's errors at these T positions, whose probabilities the "reweight" error form
-        corrects (`config.error_form`).
+        corrects (`config.error_form`). `return_head_input`: return what W_out reads [B,T,d_C] instead of f_C
+        (for a loss that applies W_out implicitly, see `computes_loss_without_output`).
         """
         batch, length, _ = stream.shape
         past = kv_cache.length if kv_cache is not None else 0
@@ -406,7 +417,10 @@ class CopilotModel(CopilotPreTrainedModel):
             hidden = layer(hidden, memory, positions, masks, kv_cache)
         if kv_cache is not None:
             kv_cache.length = past + length
-        head_output = self.error_head(self.norm(hidden[:, -errors_to_keep:]))
+        head_input = self.norm(hidden[:, -errors_to_keep:])
+        if return_head_input:
+            return head_input
+        head_output = self.error_head(head_input)
         if self.config.error_form == "linear":
             return head_output
         if pilot_errors is None:

@@ -33,6 +33,7 @@ from .generation_pilot_copilot import (
     PilotCopilotStaticCache,
     copilot_generation_step,
     copilot_on_entry,
+    copilot_squared_error_on_entry,
     copilot_stream,
     fuse_scores,
 )
@@ -46,7 +47,8 @@ from .modeling_copilot import CopilotModel, PilotCopilotMixin
 
 @dataclass
 class PilotCopilotOutput(ModelOutput):
-    """`logits` are the Pilot's; `predicted_error` is f_C, the Copilot's predicted error."""
+    """`logits` are the Pilot's; `predicted_error` is f_C, the Copilot's predicted error (None from a training
+    pass, see `return_predicted_error`)."""
 
     loss: torch.Tensor | None = None
     logits: torch.Tensor | None = None
@@ -154,6 +156,7 @@ class PilotCopilotForCausalLM(PilotCopilotMixin, PreTrainedModel, GenerationMixi
         copilot_batch: MistakeLogEntry | None = None,
         copilot_feedback_fraction: float = 0.0,
         pilot_forward: Callable | None = None,
+        return_predicted_error: bool | None = None,
         **kwargs,
     ) -> PilotCopilotOutput:
         """Teacher-forced pass (training, evaluation) or one incremental generation step (with `cache`).
@@ -162,7 +165,9 @@ class PilotCopilotForCausalLM(PilotCopilotMixin, PreTrainedModel, GenerationMixi
         loss and `copilot_loss` the paper's RMSE over positions whose next label is not -100.
         `copilot_batch` (Mistake Log rows) replaces this pass's fresh entry as the Copilot's input and
         target; `copilot_feedback_fraction`: see `copilot_stream`. `pilot_forward`: the Pilot's compiled call,
-        which generate() hands over through `get_compiled_call`.
+        which generate() hands over through `get_compiled_call`. `return_predicted_error`: None returns f_C except
+        from a training pass (labels, the Copilot in train mode, gradients on), whose Copilot loss then never
+        forms the [B,T,V] f_C (`copilot_squared_error_on_entry`); True or `return_fused` always return it.
         """
         copilot_lambda, fusion, copilot_feedback = self.fusion_settings(
             copilot_lambda, fusion, copilot_feedback
@@ -208,7 +213,15 @@ class PilotCopilotForCausalLM(PilotCopilotMixin, PreTrainedModel, GenerationMixi
         else:
             copilot_entry = entry if copilot_batch is None else copilot_batch.to(logits.device)
             stream = copilot_stream(self.copilot, copilot_entry, copilot_feedback_fraction)
-            predicted_errors = copilot_on_entry(self.copilot, stream, copilot_entry)
+            if return_predicted_error is None:  # a training pass needs only the loss
+                return_predicted_error = not (
+                    labels is not None and self.copilot.training and torch.is_grad_enabled()
+                )
+            if return_predicted_error or return_fused or labels is None:
+                predicted_errors = copilot_on_entry(self.copilot, stream, copilot_entry)
+            else:
+                predicted_errors = None
+                copilot_terms = copilot_squared_error_on_entry(self.copilot, stream, copilot_entry)
 
         output = PilotCopilotOutput(
             logits=logits,
@@ -220,7 +233,9 @@ class PilotCopilotForCausalLM(PilotCopilotMixin, PreTrainedModel, GenerationMixi
         if return_fused:
             output.fused_logits = fuse_scores(logits, predicted_errors, copilot_lambda, fusion)
         if labels is not None:
-            squared_error, num_tokens = copilot_squared_error(predicted_errors, copilot_entry)
+            if predicted_errors is not None:
+                copilot_terms = copilot_squared_error(predicted_errors, copilot_entry)
+            squared_error, num_tokens = copilot_terms
             output.copilot_squared_error, output.copilot_num_tokens = squared_error, num_tokens
             if num_tokens == 0:
                 warnings.warn(
@@ -229,7 +244,7 @@ class PilotCopilotForCausalLM(PilotCopilotMixin, PreTrainedModel, GenerationMixi
                     stacklevel=2,
                 )
                 output.pilot_loss = logits.sum() * 0.0
-                output.copilot_loss = predicted_errors.sum() * 0.0
+                output.copilot_loss = squared_error * 0.0
             else:
                 output.pilot_loss = pilot_out.loss
                 output.copilot_loss = torch.sqrt(squared_error / num_tokens)

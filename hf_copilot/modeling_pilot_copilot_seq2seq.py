@@ -43,6 +43,7 @@ from .generation_pilot_copilot import (
     PilotCopilotEncoderDecoderCache,
     copilot_generation_step,
     copilot_on_entry,
+    copilot_squared_error_on_entry,
     copilot_stream,
     fuse_scores,
 )
@@ -52,7 +53,8 @@ from .modeling_copilot import CopilotModel, PilotCopilotMixin
 
 @dataclass
 class PilotCopilotSeq2SeqOutput(ModelOutput):
-    """`logits` are the Pilot's; `predicted_error` is f_C, the Copilot's predicted error per decoder position."""
+    """`logits` are the Pilot's; `predicted_error` is f_C, the Copilot's predicted error per decoder position
+    (None from a training pass, see `return_predicted_error`)."""
 
     loss: torch.Tensor | None = None
     logits: torch.Tensor | None = None
@@ -183,6 +185,7 @@ class PilotCopilotForSeq2SeqLM(PilotCopilotMixin, PreTrainedModel, GenerationMix
         copilot_batch: MistakeLogEntry | None = None,
         copilot_feedback_fraction: float = 0.0,
         pilot_forward: Callable | None = None,
+        return_predicted_error: bool | None = None,
         **kwargs,
     ) -> PilotCopilotSeq2SeqOutput:
         """Teacher-forced pass (training, evaluation) or one incremental generation step (with `cache`).
@@ -192,6 +195,7 @@ class PilotCopilotForSeq2SeqLM(PilotCopilotMixin, PreTrainedModel, GenerationMix
         `num_items_in_batch`: its token cross-entropy summed and divided by it, exact under gradient
         accumulation) and `copilot_loss` the paper's RMSE over decoder positions whose label is not -100.
         `pilot_forward`: the Pilot's compiled call, which generate() hands over through `get_compiled_call`.
+        `return_predicted_error`: see PilotCopilotForCausalLM.forward.
         """
         copilot_lambda, fusion, copilot_feedback = self.fusion_settings(
             copilot_lambda, fusion, copilot_feedback
@@ -246,7 +250,15 @@ class PilotCopilotForSeq2SeqLM(PilotCopilotMixin, PreTrainedModel, GenerationMix
         else:
             copilot_entry = entry if copilot_batch is None else copilot_batch.to(logits.device)
             stream = copilot_stream(self.copilot, copilot_entry, copilot_feedback_fraction)
-            predicted_errors = copilot_on_entry(self.copilot, stream, copilot_entry)
+            if return_predicted_error is None:  # a training pass needs only the loss
+                return_predicted_error = not (
+                    labels is not None and self.copilot.training and torch.is_grad_enabled()
+                )
+            if return_predicted_error or return_fused or labels is None:
+                predicted_errors = copilot_on_entry(self.copilot, stream, copilot_entry)
+            else:
+                predicted_errors = None
+                copilot_terms = copilot_squared_error_on_entry(self.copilot, stream, copilot_entry)
 
         output = PilotCopilotSeq2SeqOutput(
             logits=logits,
@@ -260,7 +272,9 @@ class PilotCopilotForSeq2SeqLM(PilotCopilotMixin, PreTrainedModel, GenerationMix
         if return_fused:
             output.fused_logits = fuse_scores(logits, predicted_errors, copilot_lambda, fusion)
         if labels is not None:
-            squared_error, num_tokens = copilot_squared_error(predicted_errors, copilot_entry)
+            if predicted_errors is not None:
+                copilot_terms = copilot_squared_error(predicted_errors, copilot_entry)
+            squared_error, num_tokens = copilot_terms
             output.copilot_squared_error, output.copilot_num_tokens = squared_error, num_tokens
             if num_tokens == 0:
                 warnings.warn(
@@ -269,7 +283,7 @@ class PilotCopilotForSeq2SeqLM(PilotCopilotMixin, PreTrainedModel, GenerationMix
                     stacklevel=2,
                 )
                 output.pilot_loss = logits.sum() * 0.0
-                output.copilot_loss = predicted_errors.sum() * 0.0
+                output.copilot_loss = squared_error * 0.0
             else:
                 output.pilot_loss = pilot_out.loss
                 if num_items_in_batch is not None:

@@ -65,14 +65,14 @@ from .complete_checkpoints import (
 )
 from .copilot_final_phase import check_sized_train_dataset, train_copilot_on_final_pilot
 from .generation_pilot_copilot import (
-    copilot_on_entry,
+    copilot_squared_error_on_entry,
     copilot_stream,
     fuse_scores,
     predicted_errors_as_generated,
 )
 from .mistake_log import MistakeLog
 from .mistake_log_callback import MistakeLogCallback
-from .mistake_log_entry import MistakeLogEntry, copilot_squared_error, copilot_target_norm
+from .mistake_log_entry import MistakeLogEntry, copilot_target_norm
 from .modeling_pilot_copilot import PilotCopilotForCausalLM
 from .modeling_pilot_copilot_seq2seq import PilotCopilotForSeq2SeqLM
 from .peft_checks import check_copilot_trains, warn_if_adapter_base_is_the_pilot
@@ -558,8 +558,7 @@ class CopilotTrainer(Trainer):
         copilot = pilot_copilot.copilot
         with self.accelerator.autocast():
             stream = copilot_stream(copilot, entry, fraction)
-            predicted_errors = copilot_on_entry(copilot, stream, entry)
-        return copilot_squared_error(predicted_errors, entry)
+            return copilot_squared_error_on_entry(copilot, stream, entry)
 
     def _raise_if_not_finite(self, pilot_loss: torch.Tensor, copilot_loss: torch.Tensor) -> None:
         finite = torch.isfinite(torch.stack([pilot_loss.detach().float(), copilot_loss.detach().float()]))

@@ -1,4 +1,5 @@
-"""`PilotErrors.squared_distance`: the Copilot's loss term and its hand-written gradient (SPEC section 4)."""
+"""`PilotErrors.squared_distance` and `head_squared_distance`: the Copilot's loss term and its hand-written
+gradients (SPEC section 4)."""
 
 from __future__ import annotations
 
@@ -47,4 +48,41 @@ def test_squared_distance_of_a_low_precision_prediction_is_computed_in_float32()
     distance.sum().backward()
     assert prediction.grad.dtype == torch.bfloat16
     reference = (prediction.detach().float() - e.dense()).square().sum(-1)
+    torch.testing.assert_close(distance.detach(), reference)
+
+
+@pytest.mark.parametrize("compact_k", [None, 4])
+def test_head_squared_distance_and_its_gradients_match_the_head_applied_explicitly(compact_k):
+    e = errors(compact_k)
+    head_input = torch.randn(B, T, 6, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(V, 6, dtype=torch.float64, requires_grad=True)
+    weights = torch.rand(B, T, dtype=torch.float64)
+    distance = e.head_squared_distance(head_input, weight)
+    (distance * weights).sum().backward()
+    expected_input = head_input.detach().clone().requires_grad_()
+    expected_weight = weight.detach().clone().requires_grad_()
+    reference = (expected_input @ expected_weight.t() - e.dense().to(torch.float64)).square().sum(-1)
+    (reference * weights).sum().backward()
+    torch.testing.assert_close(distance.detach(), reference.detach())
+    torch.testing.assert_close(head_input.grad, expected_input.grad)
+    torch.testing.assert_close(weight.grad, expected_weight.grad)
+
+
+@pytest.mark.parametrize("compact_k", [None, 4])
+def test_head_squared_distance_passes_gradcheck(compact_k):
+    e = errors(compact_k)
+    head_input = torch.randn(B, T, 6, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(V, 6, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(e.head_squared_distance, (head_input, weight))
+
+
+def test_head_squared_distance_of_low_precision_inputs_is_computed_in_float32():
+    e = errors(dtype=torch.float32)
+    head_input = torch.randn(B, T, 6).to(torch.bfloat16).requires_grad_()
+    weight = torch.randn(V, 6).to(torch.bfloat16).requires_grad_()
+    distance = e.head_squared_distance(head_input, weight)
+    assert distance.dtype == torch.float32
+    distance.sum().backward()
+    assert head_input.grad.dtype == weight.grad.dtype == torch.bfloat16
+    reference = (head_input.detach().float() @ weight.detach().float().t() - e.dense()).square().sum(-1)
     torch.testing.assert_close(distance.detach(), reference)

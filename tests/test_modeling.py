@@ -84,6 +84,38 @@ def test_copilot_loss_backpropagates_into_no_pilot_parameter(arch):
     assert any(g.abs().sum() > 0 for g in copilot_grads)
 
 
+@pytest.mark.parametrize("error_form", ["linear", "reweight"])
+def test_a_training_pass_gives_the_same_copilot_loss_and_gradients_without_forming_f_c(error_form):
+    model = build_pilot_copilot("llama", copilot_config=tiny_copilot_config(error_form=error_form))
+    model.double().train()
+    batch = build_batch()
+
+    def loss_and_gradients(**kwargs):
+        model.zero_grad(set_to_none=True)
+        out = model(**batch, **kwargs)
+        out.loss.backward()
+        return out, [p.grad.clone() for p in model.copilot.parameters()]
+
+    training, gradients = loss_and_gradients()
+    explicit, expected_gradients = loss_and_gradients(return_predicted_error=True)
+    assert training.predicted_error is None
+    assert explicit.predicted_error is not None
+    assert model.copilot.computes_loss_without_output == (error_form == "linear")
+    torch.testing.assert_close(training.copilot_loss, explicit.copilot_loss)
+    assert torch.equal(training.pilot_loss, explicit.pilot_loss)
+    assert torch.equal(training.copilot_num_tokens, explicit.copilot_num_tokens)
+    for got, expected in zip(gradients, expected_gradients, strict=True):
+        torch.testing.assert_close(got, expected)
+    with torch.no_grad():  # evaluation, and training-mode passes without gradients, still return f_C
+        assert model(**batch).predicted_error is not None
+    assert model.eval()(**batch).predicted_error is not None
+    calls = []
+    model.copilot.error_head.register_forward_hook(lambda *args: calls.append(1))
+    assert not model.copilot.computes_loss_without_output  # a hooked head runs its forward
+    model.train()(**batch).loss.backward()
+    assert calls == [1]
+
+
 @torch.no_grad()
 def test_copilot_loss_is_the_rmse_over_loss_mask_positions(arch):
     model = build_pilot_copilot(arch)

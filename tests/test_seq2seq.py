@@ -280,6 +280,25 @@ def test_copilot_loss_backpropagates_into_no_pilot_parameter(arch):
 
 
 @pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_a_training_pass_gives_the_same_copilot_loss_and_gradients_without_forming_f_c(arch):
+    model, batch = build_model(arch).double().train(), training_batch()
+    model.pilot.eval()  # no dropout: both passes see the same Pilot
+
+    def loss_and_gradients(**kwargs):
+        model.zero_grad(set_to_none=True)
+        out = model(**batch, **kwargs)
+        out.copilot_loss.backward()
+        return out, [p.grad.clone() for p in model.copilot.parameters()]
+
+    training, gradients = loss_and_gradients()
+    explicit, expected_gradients = loss_and_gradients(return_predicted_error=True)
+    assert training.predicted_error is None and explicit.predicted_error is not None
+    torch.testing.assert_close(training.copilot_loss, explicit.copilot_loss)
+    for got, expected in zip(gradients, expected_gradients, strict=True):
+        torch.testing.assert_close(got, expected)
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
 @torch.no_grad()
 def test_entry_is_the_encoder_output_the_decoder_layer_mean_and_the_error_against_the_labels(arch):
     model, batch = build_model(arch), training_batch()

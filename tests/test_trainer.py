@@ -349,14 +349,17 @@ def test_the_copilot_only_phase_accumulates_exactly_as_one_batch(tmp_path):
         per_device_train_batch_size=2, gradient_accumulation_steps=4
     )
     assert logged(accumulated, "copilot_final/step") == logged(big, "copilot_final/step") == [1, 2, 3, 4]
-    assert logged(accumulated, "copilot_final/copilot_loss") == pytest.approx(
-        logged(big, "copilot_final/copilot_loss"), rel=1e-5
-    )
+    # The first step's loss and gradients come from the same weights; later, AdamW turns float noise in
+    # near-zero gradients into whole steps (this tiny Copilot overshoots to a loss of ~13 at step 2), so later
+    # losses agree only to 1e-3. Micro-batches carry different numbers of labels: a mean of means differs.
+    big_losses, accumulated_losses = (logged(t, "copilot_final/copilot_loss") for t in (big, accumulated))
+    assert accumulated_losses[0] == pytest.approx(big_losses[0], rel=1e-6)
+    assert accumulated_losses[1:] == pytest.approx(big_losses[1:], rel=1e-3)
     assert len(gradients["big"]) == len(gradients["accumulated"]) == 4
-    # The first step's gradients from the same weights (later, AdamW turns float noise in near-zero gradients
-    # into whole steps). Micro-batches carry different numbers of labels: a mean of per-micro-batch means differs.
+    # W_out's gradient is a difference of two sums (W sum g h h^T - sum g e h^T): its rounding scales with the
+    # tensor's largest entries, so near-zero entries are compared at that scale.
     for expected, actual in zip(gradients["big"][0], gradients["accumulated"][0], strict=True):
-        torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-8)
+        torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-6 * float(expected.abs().max()))
 
 
 def test_copilot_objective_counts_fresh_and_replayed_positions_of_the_whole_step(tmp_path):
@@ -903,7 +906,8 @@ def test_sequences_longer_than_the_pilot_accepts_name_the_limit(tmp_path, arch):
 )
 def test_a_non_finite_loss_stops_training_naming_the_step(tmp_path, part, name, step):
     model = make_model()
-    head = model.pilot.lm_head if part == "pilot" else model.copilot.error_head
+    # The Copilot's final norm: training applies W_out implicitly to its output (a hooked head would run).
+    head = model.pilot.lm_head if part == "pilot" else model.copilot.norm
     calls = []
 
     def poison(module, inputs, output):
