@@ -107,8 +107,8 @@ class _HeadSquaredDistance(torch.autograd.Function):
             grad = weight.to(dtype) @ (h.t() @ scaled)  # W sum g h h^T
             error_scaled = scaled * mask.reshape(-1, 1).to(dtype)  # g h where there is an error
             grad.index_add_(0, targets.reshape(-1), -error_scaled)  # - sum g onehot h^T
-            if probs is not None:  # + sum g p h^T
-                grad.addmm_(probs.reshape(-1, probs.shape[-1]).to(dtype).t(), error_scaled)
+            if probs is not None:  # + sum g p h^T, as (h^T g P)^T: a transposed P makes a slower product
+                grad += (error_scaled.t() @ probs.reshape(-1, probs.shape[-1]).to(dtype)).t()
             else:
                 k = topk_indices.shape[-1]
                 values = topk_values.reshape(-1, k, 1).to(dtype)
