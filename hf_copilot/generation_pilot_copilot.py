@@ -351,6 +351,27 @@ def copilot_squared_error_on_entry(
     return copilot_head_squared_error(head_input, copilot.error_head.weight, entry)
 
 
+def copilot_teacher_forced_pass(
+    copilot,
+    entry: MistakeLogEntry,
+    copilot_feedback_fraction: float,
+    has_labels: bool,
+    return_predicted_error: bool | None,
+) -> tuple[torch.Tensor | None, tuple[torch.Tensor, torch.Tensor] | None]:
+    """The wrappers' Copilot pass on a teacher-forced entry: f_C, and with labels the loss terms of
+    `copilot_squared_error`. `return_predicted_error` None: no f_C from a training pass (labels, the Copilot in
+    train mode, gradients on), whose loss then applies W_out implicitly; f_C otherwise."""
+    stream = copilot_stream(copilot, entry, copilot_feedback_fraction)
+    if return_predicted_error is None:
+        return_predicted_error = not (has_labels and copilot.training and torch.is_grad_enabled())
+    if not has_labels:
+        return copilot_on_entry(copilot, stream, entry), None
+    if not return_predicted_error:
+        return None, copilot_squared_error_on_entry(copilot, stream, entry)
+    predicted_errors = copilot_on_entry(copilot, stream, entry)
+    return predicted_errors, copilot_squared_error(predicted_errors, entry)
+
+
 def copilot_generation_step(
     copilot,
     input_ids: torch.Tensor,
@@ -474,6 +495,7 @@ __all__ = [
     "copilot_generation_step",
     "copilot_squared_error_on_entry",
     "copilot_stream",
+    "copilot_teacher_forced_pass",
     "fuse_scores",
     "predicted_errors_as_generated",
 ]

@@ -32,14 +32,11 @@ from .generation_pilot_copilot import (
     PilotCopilotCache,
     PilotCopilotStaticCache,
     copilot_generation_step,
-    copilot_on_entry,
-    copilot_squared_error_on_entry,
-    copilot_stream,
+    copilot_teacher_forced_pass,
     fuse_scores,
 )
 from .mistake_log_entry import (
     MistakeLogEntry,
-    copilot_squared_error,
     mistake_log_entry_from_pilot_pass,
 )
 from .modeling_copilot import CopilotModel, PilotCopilotMixin
@@ -212,16 +209,13 @@ class PilotCopilotForCausalLM(PilotCopilotMixin, PreTrainedModel, GenerationMixi
             )
         else:
             copilot_entry = entry if copilot_batch is None else copilot_batch.to(logits.device)
-            stream = copilot_stream(self.copilot, copilot_entry, copilot_feedback_fraction)
-            if return_predicted_error is None:  # a training pass needs only the loss
-                return_predicted_error = not (
-                    labels is not None and self.copilot.training and torch.is_grad_enabled()
-                )
-            if return_predicted_error or return_fused or labels is None:
-                predicted_errors = copilot_on_entry(self.copilot, stream, copilot_entry)
-            else:
-                predicted_errors = None
-                copilot_terms = copilot_squared_error_on_entry(self.copilot, stream, copilot_entry)
+            predicted_errors, copilot_terms = copilot_teacher_forced_pass(
+                self.copilot,
+                copilot_entry,
+                copilot_feedback_fraction,
+                labels is not None,
+                True if return_fused else return_predicted_error,
+            )
 
         output = PilotCopilotOutput(
             logits=logits,
@@ -233,8 +227,6 @@ class PilotCopilotForCausalLM(PilotCopilotMixin, PreTrainedModel, GenerationMixi
         if return_fused:
             output.fused_logits = fuse_scores(logits, predicted_errors, copilot_lambda, fusion)
         if labels is not None:
-            if predicted_errors is not None:
-                copilot_terms = copilot_squared_error(predicted_errors, copilot_entry)
             squared_error, num_tokens = copilot_terms
             output.copilot_squared_error, output.copilot_num_tokens = squared_error, num_tokens
             if num_tokens == 0:
