@@ -22,6 +22,7 @@ Trainer runs on the GPU when one is visible. Writes benchmarks/results/training_
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import os
@@ -39,22 +40,29 @@ from transformers.trainer_callback import PrinterCallback
 from transformers.utils import logging as hf_logging
 
 from hf_copilot import CopilotConfig, PilotCopilotForCausalLM
+from hf_copilot.generation_pilot_copilot import copilot_squared_error_on_entry
 from hf_copilot.mistake_log import MistakeLog
-from hf_copilot.mistake_log_entry import copilot_squared_error, mistake_log_entry_from_pilot_pass, shift_right
+from hf_copilot.mistake_log_entry import (
+    copilot_head_squared_error,
+    copilot_squared_error,
+    mistake_log_entry_from_pilot_pass,
+    shift_right,
+)
 
 RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 TARGET_RATIOS = (0.1, 0.25, 1.0)
 TARGET_FACTOR = {"default": 1.2, "1b": 1.2, "tiny": 1.3}
 NOTES = [
     "- The FLOP ratio counts matmuls and attention only. The Copilot also makes memory-bound passes over "
-    "[B,T,V] tensors that cost no matmul FLOPs: the softmax of the Mistake Log entry, the squared-error "
-    "loss and its gradient, and the top-k compaction when the entry is written to the log. On this VM each "
-    "fresh [B,T,V] float32 buffer (131 MB at the full setup) also costs ~70-100 ms of page faults. This "
-    "weighs most at the smallest ratio, where the Copilot's matmuls are cheap.",
-    "- Optimised after profiling (same results, tested): `PilotErrors.squared_distance` has a hand-written "
-    "backward (one [B,T,V] gradient instead of several autograd temporaries; 0.83 s -> 0.07-0.13 s per step "
-    "at the full setup, single thread) and `MistakeLog.add` no longer builds [B,T,V] temporaries for its "
-    "statistics (0.32 s -> 0.08 s).",
+    "[B,T,V] tensors that cost no matmul FLOPs: the softmax of the Mistake Log entry, and with a log that "
+    "stores entries the top-k compaction. On this VM each fresh [B,T,V] float32 buffer (131 MB at the full "
+    "setup) also costs ~70-100 ms of page faults. This weighs most at the smallest ratio, where the Copilot's "
+    "matmuls are cheap.",
+    "- Optimised after profiling (same results, tested): a training step applies W_out implicitly "
+    "(`PilotErrors.head_squared_distance`: no [B,T,V] f_C or gradient of it, one vocabulary-sized product "
+    "each way instead of three; the --formed-head arms run the former path in the same rounds), "
+    "`PilotErrors.squared_distance` has a hand-written backward, and `MistakeLog.add` builds no [B,T,V] "
+    "temporaries for its statistics.",
     "- The machine is shared with other processes (see the load average): two OpenMP threads stall when one "
     "is descheduled, so the committed run uses one thread (`--threads 1`); CPU time per step is reported next "
     "to wall time as the less contention-sensitive measure.",
@@ -335,25 +343,29 @@ def component_breakdown(model: PilotCopilotForCausalLM, setup: Setup) -> dict[st
         loss.backward()
         module.zero_grad(set_to_none=True)
 
-    def copilot_step():
-        predictions = copilot(
-            shift_right(copilot.embed_errors(entry.errors)), entry.x_tilde, entry.h_bar, entry.attention_mask
-        )
-        squared_error, count = copilot_squared_error(predictions, entry)
+    def copilot_step():  # what a training step runs: W_out applied implicitly
+        stream = shift_right(copilot.embed_errors(entry.errors))
+        squared_error, count = copilot_squared_error_on_entry(copilot, stream, entry)
         backward(copilot, squared_error / count)
 
-    predictions = torch.randn(entry.errors.probs.shape, requires_grad=True)
+    head = copilot.error_head
+    head_input = torch.randn(*entry.errors.targets.shape, head.in_features, requires_grad=True)
 
-    def loss_step():
-        copilot_squared_error(predictions, entry)[0].backward()
-        predictions.grad = None
+    def head_and_loss_step(implicit: bool):
+        if implicit:
+            squared_error, _ = copilot_head_squared_error(head_input, head.weight, entry)
+        else:  # f_C = W_out h formed, then its squared distance to the error
+            squared_error, _ = copilot_squared_error(head(head_input), entry)
+        backward(head, squared_error)
+        head_input.grad = None
 
     log = MistakeLog(size=4, topk=64)
     return {
         "pilot_fwd_bwd": _cpu_seconds(lambda: backward(pilot, pilot(**inputs).loss)),
         "pilot_copilot_fwd_bwd": _cpu_seconds(lambda: backward(model, model(**inputs).loss)),
         "copilot_fwd_bwd": _cpu_seconds(copilot_step),
-        "copilot_loss_fwd_bwd": _cpu_seconds(loss_step),
+        "head_and_loss_fwd_bwd": _cpu_seconds(lambda: head_and_loss_step(implicit=True)),
+        "head_and_loss_formed_fwd_bwd": _cpu_seconds(lambda: head_and_loss_step(implicit=False)),
         "mistake_log_entry": _cpu_seconds(
             lambda: mistake_log_entry_from_pilot_pass(
                 inputs["input_ids"],
@@ -415,13 +427,14 @@ def write_markdown(path: str, result: dict) -> None:
         "median over rounds). FLOP ratio = analytic training FLOPs per token, Copilot / Pilot (W_in, W_out "
         f"included). Target: overhead <= {rows[0]['target_factor']} x FLOP ratio.",
         "",
-        "| target ratio | Copilot (layers x hidden) | Copilot params | param ratio | FLOP ratio | step (s) | "
-        "overhead (wall) | per-round range | overhead (CPU time) | overhead / FLOP ratio | target met |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| target ratio | Copilot (layers x hidden) | W_out in training | Copilot params | param ratio | FLOP ratio | "
+        "step (s) | overhead (wall) | per-round range | overhead (CPU time) | overhead / FLOP ratio | target met |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for row in rows:
         lines.append(
             f"| {row['target_ratio']} | {row['copilot_layers']} x {row['copilot_hidden']} | "
+            f"{'implicit' if row.get('head', 'implicit') == 'implicit' else 'f_C formed'} | "
             f"{row['copilot_params'] / 1e6:.2f}M | {row['param_ratio']:.3f} | {row['flop_ratio']:.3f} | "
             f"{row['step_s']:.3f} | {row['overhead']:+.1%} | "
             f"{min(row['overhead_per_round']):+.0%} .. {max(row['overhead_per_round']):+.0%} | "
@@ -432,12 +445,14 @@ def write_markdown(path: str, result: dict) -> None:
         "",
         "## Where the Copilot's time goes (model level: one forward + backward, CPU seconds, median of 3)",
         "",
-        "Expected = FLOP ratio x the Pilot's forward + backward. The loss row is the squared-error term alone "
-        "(part of the Copilot row); the Mistake Log rows are not in the model's step but in CopilotTrainer's.",
+        "Expected = FLOP ratio x the Pilot's forward + backward. Head + loss: W_out and the squared error "
+        "alone (part of the Copilot column), as training computes them (W_out applied implicitly, no [B,T,V] "
+        "f_C) and with f_C formed, side by side; the Mistake Log columns are not in the model's step but in "
+        "CopilotTrainer's.",
         "",
-        "| Copilot | Pilot | Pilot + Copilot | Copilot | expected from FLOPs | of which loss | log entry | "
-        "log add (top-64) |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| Copilot | Pilot | Pilot + Copilot | Copilot | expected from FLOPs | head + loss | head + loss, f_C "
+        "formed | log entry | log add (top-64) |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for row in rows:
         b = row["cpu_breakdown_s"]
@@ -445,9 +460,11 @@ def write_markdown(path: str, result: dict) -> None:
             lines.append(f"| {row['copilot_layers']} x {row['copilot_hidden']} | not measured on a GPU run |")
             continue
         lines.append(
-            f"| {row['copilot_layers']} x {row['copilot_hidden']} | {b['pilot_fwd_bwd']:.3f} | "
+            f"| {row['copilot_layers']} x {row['copilot_hidden']}"
+            f"{', f_C formed' if row.get('head') == 'formed' else ''} | {b['pilot_fwd_bwd']:.3f} | "
             f"{b['pilot_copilot_fwd_bwd']:.3f} | {b['copilot_fwd_bwd']:.3f} | "
-            f"{row['flop_ratio'] * b['pilot_fwd_bwd']:.3f} | {b['copilot_loss_fwd_bwd']:.3f} | "
+            f"{row['flop_ratio'] * b['pilot_fwd_bwd']:.3f} | {b['head_and_loss_fwd_bwd']:.3f} | "
+            f"{b['head_and_loss_formed_fwd_bwd']:.3f} | "
             f"{b['mistake_log_entry']:.3f} | {b['mistake_log_add_top64']:.3f} |"
         )
     compact_key = next(k for k in memory if k.startswith("compact_top") and k.endswith("_bytes_per_entry"))
@@ -488,7 +505,9 @@ def write_plot(path: str, result: dict) -> None:
     rows = result["rows"]
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
     positions = range(len(rows))
-    labels = [f"{row['param_ratio']:.2f}" for row in rows]
+    labels = [
+        f"{row['param_ratio']:.2f}" + ("\nf_C formed" if row.get("head") == "formed" else "") for row in rows
+    ]
     width = 0.27
     left.bar([p - width for p in positions], [row["flop_ratio"] for row in rows], width, label="FLOP ratio")
     left.bar(positions, [row["overhead"] for row in rows], width, label="overhead (wall)")
@@ -551,6 +570,15 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--rounds", type=int, help="interleaved rounds (default: 5, quick: 1)")
     parser.add_argument("--steps", type=int, help="measured steps per run (default: 2)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    parser.add_argument(
+        "--ratios", type=float, nargs="+", choices=TARGET_RATIOS, help="Copilot ratios (default: all)"
+    )
+    parser.add_argument(
+        "--formed-head",
+        action="store_true",
+        help="per ratio, a second arm whose training forms f_C = W_out h (as before W_out was applied "
+        "implicitly), in the same interleaved rounds",
+    )
     parser.add_argument("--output-dir", default=RESULTS_DIR)
     args = parser.parse_args(argv)
 
@@ -578,15 +606,29 @@ def main(argv: list[str] | None = None) -> dict:
     pilot_flops = pilot_train_flops_per_token(pilot.config, setup.seq_len)
     arms = []
     # A 1B Pilot on a GPU: the ratios of the GPU target (ratio 1 would double a long run).
-    for target in TARGET_RATIOS[:2] if args.shape == "1b" else TARGET_RATIOS:
+    ratios = args.ratios or (TARGET_RATIOS[:2] if args.shape == "1b" else TARGET_RATIOS)
+    for target, head in itertools.product(
+        ratios, ("implicit", "formed") if args.formed_head else ("implicit",)
+    ):
         config = copilot_for_ratio(target, setup, pilot_params)
         model = PilotCopilotForCausalLM.from_pilot(pilot, config)
+        if head == "formed":  # a hooked head runs its forward: training then forms f_C
+            model.copilot.error_head.register_forward_hook(lambda module, inputs, output: None)
         params = sum(p.numel() for p in model.copilot.parameters())
         assert params == copilot_param_count(config, setup.hidden_size, setup.vocab_size), "parameter formula"
         flops = copilot_train_flops_per_token(
             model.copilot.config, setup.hidden_size, setup.vocab_size, setup.seq_len
         )
-        arms.append({"target": target, "config": config, "model": model, "params": params, "flops": flops})
+        arms.append(
+            {
+                "target": target,
+                "head": head,
+                "config": config,
+                "model": model,
+                "params": params,
+                "flops": flops,
+            }
+        )
     memory = mistake_log_memory(arms[0]["model"], setup)
     on_gpu = torch.cuda.is_available()
     for arm in tqdm(arms, desc="CPU-time breakdown", unit="arm", disable=on_gpu):
@@ -626,6 +668,7 @@ def main(argv: list[str] | None = None) -> dict:
         rows.append(
             {
                 "target_ratio": arm["target"],
+                "head": arm["head"],
                 "copilot_layers": arm["config"].num_hidden_layers,
                 "copilot_hidden": arm["config"].hidden_size,
                 "copilot_heads": arm["config"].num_attention_heads,
