@@ -20,6 +20,10 @@ Arms (same Pilot initialisation, data order and steps):
   pilot_copilot_final_1_epoch  the ablation of copilot_final_epochs: one Copilot-only epoch on the final Pilot,
                       the benchmarks' setting before the default phase
   pilot_copilot_final_{3,6,24}_epochs  the other side of that ablation: 3, 6 or 24 Copilot-only epochs
+  pilot_copilot_lr_{half,3x}  the ablation of copilot_learning_rate: pilot_copilot with the Copilot's peak
+                      learning rate (joint run and Copilot-only phase) at 0.5x or 3x the Pilot's (3x: the top of
+                      the paper's range)
+  pilot_copilot_deep  a capacity diagnostic: pilot_copilot with twice the Copilot's layers (twice its compute)
   pilot_copilot_paper the same trained for the paper's feedback mode (copilot_feedback="copilot", the
                       Copilot reads its own predictions at answer positions in training too)
   pilot_copilot_init  pilot_copilot with the Copilot initialised from the smaller family member (pretrained only)
@@ -94,6 +98,9 @@ ARMS = (
     "pilot_copilot_final_3_epochs",
     "pilot_copilot_final_6_epochs",
     "pilot_copilot_final_24_epochs",
+    "pilot_copilot_lr_half",
+    "pilot_copilot_lr_3x",
+    "pilot_copilot_deep",
     "pilot_copilot_paper",
     "pilot_copilot_init",
     "pilot_copilot_init_embedding_scale",
@@ -351,6 +358,13 @@ def run(
         if f"pilot_copilot_final_{epochs}_epochs" in arms:
             arm = f"pilot_copilot_final_{epochs}_epochs"
             ablation_records(arm, {}, training={"copilot_final_epochs": float(epochs)})
+    for arm, multiple in (("pilot_copilot_lr_half", 0.5), ("pilot_copilot_lr_3x", 3.0)):
+        if arm in arms:
+            learning_rate = multiple * experiment.setting.learning_rate
+            ablation_records(arm, {}, training={"copilot_learning_rate": learning_rate})
+    if "pilot_copilot_deep" in arms:
+        layers = 2 * experiment.copilot_config().num_hidden_layers
+        ablation_records("pilot_copilot_deep", {"num_hidden_layers": layers})
     if "pilot_copilot_paper" in arms:
         # The paper's feedback mode, trained for it: answer positions read the Copilot's own predictions.
         torch.manual_seed(seed + 1)
