@@ -20,6 +20,8 @@ class _SquaredDistance(torch.autograd.Function):
     """
 
     @staticmethod
+    @torch.autocast("cuda", enabled=False)
+    @torch.autocast("cpu", enabled=False)
     def forward(ctx, predicted_error, targets, mask, probs, topk_indices, topk_values):
         dtype = torch.promote_types(predicted_error.dtype, torch.float32)
         f = predicted_error.to(dtype)
@@ -45,6 +47,8 @@ class _SquaredDistance(torch.autograd.Function):
         return distance.clamp_min(0.0)
 
     @staticmethod
+    @torch.autocast("cuda", enabled=False)
+    @torch.autocast("cpu", enabled=False)
     def backward(ctx, grad_distance):
         predicted_error, targets, mask, positive, probs, topk_indices, topk_values = ctx.saved_tensors
         scale = (2.0 * grad_distance.to(mask.dtype) * positive).unsqueeze(-1)  # [B,T,1]
@@ -69,7 +73,10 @@ class _HeadSquaredDistance(torch.autograd.Function):
     """
 
     @staticmethod
+    @torch.autocast("cuda", enabled=False)
+    @torch.autocast("cpu", enabled=False)
     def forward(ctx, head_input, weight, targets, mask, probs, topk_indices, topk_values):
+        # Autocast off: the distance is a difference of larger terms, which bf16 products would swamp.
         dtype = torch.promote_types(head_input.dtype, torch.float32)
         h, w = head_input.to(dtype), weight.to(dtype)
         errors = PilotErrors(targets, mask, w.shape[0], probs, topk_indices, topk_values)
@@ -92,6 +99,8 @@ class _HeadSquaredDistance(torch.autograd.Function):
         return distance.clamp_min(0.0)
 
     @staticmethod
+    @torch.autocast("cuda", enabled=False)
+    @torch.autocast("cpu", enabled=False)
     def backward(ctx, grad_distance):
         head_input, weight, targets, mask, positive, probs, topk_indices, topk_values, gram_h, embedded = (
             ctx.saved_tensors

@@ -86,3 +86,27 @@ def test_head_squared_distance_of_low_precision_inputs_is_computed_in_float32():
     assert head_input.grad.dtype == weight.grad.dtype == torch.bfloat16
     reference = (head_input.detach().float() @ weight.detach().float().t() - e.dense()).square().sum(-1)
     torch.testing.assert_close(distance.detach(), reference)
+
+
+def test_squared_distance_under_autocast_keeps_float32_products():
+    e = errors(dtype=torch.float32)
+    prediction = torch.randn(B, T, V)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        distance = e.squared_distance(prediction)
+    torch.testing.assert_close(distance, e.squared_distance(prediction))
+
+
+def test_head_squared_distance_under_autocast_keeps_float32_products():
+    """The distance is a difference of larger terms: bf16 products inside it would swamp it."""
+    e = errors(dtype=torch.float32)
+    head_input = torch.randn(B, T, 6, requires_grad=True)
+    weight = torch.randn(V, 6, requires_grad=True)
+    expected = e.head_squared_distance(head_input, weight)
+    expected.sum().backward()
+    expected_grads = head_input.grad.clone(), weight.grad.clone()
+    head_input.grad = weight.grad = None
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        distance = e.head_squared_distance(head_input, weight)
+        distance.sum().backward()
+    torch.testing.assert_close(distance, expected)
+    torch.testing.assert_close((head_input.grad, weight.grad), expected_grads)
