@@ -347,8 +347,8 @@ class CopilotModel(CopilotPreTrainedModel):
     @property
     def computes_loss_without_output(self) -> bool:
         """True when f_C is a plain linear map of the head's input, so the training loss can apply W_out
-        implicitly (`PilotErrors.head_squared_distance`); an adapter-wrapped head, a head with hooks (they
-        would not run) or the reweight form cannot."""
+        implicitly (`PilotErrors.head_squared_distance`); an adapter- or FSDP-wrapped head, a head with hooks
+        (they would not run; DeepSpeed ZeRO-3 gathers its weight in one) or the reweight form cannot."""
         head = self.error_head
         hooked = head._forward_hooks or head._forward_pre_hooks
         return self.config.error_form == "linear" and type(head) is nn.Linear and not hooked
