@@ -261,6 +261,10 @@ def generation_summary(generation: dict | None) -> str:
     return text
 
 
+def fusion_defaults(config) -> str:
+    return f"{config.fusion} fusion, {config.copilot_feedback} feedback, lambda {config.copilot_lambda:g}"
+
+
 def write_markdown(path: str, result: dict) -> None:
     setup, rows = result["setup"], result["rows"]
     lines = [
@@ -571,10 +575,7 @@ def main(argv: list[str] | None = None) -> dict:
     result = {
         "command": command.strip(),
         "setup": asdict(setup),
-        "fusion": "{} fusion, {} feedback, lambda {:g}".format(
-            *(arms[0]["model"].config.fusion, arms[0]["model"].config.copilot_feedback),
-            arms[0]["model"].config.copilot_lambda,
-        ),
+        "fusion": fusion_defaults(arms[0]["model"].config),
         "generation": {
             "device": str(device),
             "dtype": args.dtype,
