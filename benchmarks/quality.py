@@ -25,7 +25,11 @@ Arms (same Pilot initialisation, data order and steps):
                       the paper's range)
   pilot_copilot_deep  a capacity diagnostic: pilot_copilot with twice the Copilot's layers (twice its compute)
   pilot_copilot_paper the same trained for the paper's feedback mode (copilot_feedback="copilot", the
-                      Copilot reads its own predictions at answer positions in training too)
+                      Copilot reads its own predictions at answer positions in training too; built for that
+                      mode, it has memory_norm by default)
+  pilot_copilot_memory_norm  pilot_copilot with the Pilot's states RMS-normalised before the Copilot's memory
+                      projection (CopilotConfig.memory_norm=True; the default for the paper's feedback mode only)
+  pilot_copilot_paper_no_memory_norm  pilot_copilot_paper without it (memory_norm=False), as before that default
   pilot_copilot_init  pilot_copilot with the Copilot initialised from the smaller family member (pretrained only)
   pilot_copilot_init_embedding_scale  the ablation of copilot_init's W_in scale: pilot_copilot_init with W_in left at
                       the embeddings' own scale (error_proj_init_std=None) instead of std 1
@@ -47,6 +51,7 @@ test_accuracy, params, plus validation accuracy, the Copilot's held-out R^2 and 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -102,6 +107,8 @@ ARMS = (
     "pilot_copilot_lr_3x",
     "pilot_copilot_deep",
     "pilot_copilot_paper",
+    "pilot_copilot_memory_norm",
+    "pilot_copilot_paper_no_memory_norm",
     "pilot_copilot_init",
     "pilot_copilot_init_embedding_scale",
     "pilot_copilot_init_final_1_epoch",
@@ -123,6 +130,11 @@ class Setting:
     epochs: float = 2.0
     learning_rate: float = 3e-3
     shape: PilotShape | T5Shape = field(default_factory=lambda: PilotShape(64, 2, 4))
+    label: str = ""  # the name records and --tasks use where one task has two settings
+
+    @property
+    def name(self) -> str:
+        return self.label or self.task
 
 
 SETTINGS = {
@@ -131,6 +143,15 @@ SETTINGS = {
         Setting("word_problems", {"max_number": 8}, 3000, 4.0, 2e-3),
         Setting("recommendation", {"num_items": 60, "num_genres": 4}, 3000, 3.0, 2e-3),
         Setting("multiple_choice", {"num_choices": 2}, 2000, 3.0, 2e-3),
+        # The answer with its worked solution, as the paper's GSM8K targets: the bare answer leaves the Pilot at 9%.
+        Setting(
+            "word_problems",
+            {"max_number": 8, "rationale": True},
+            3000,
+            4.0,
+            2e-3,
+            label="word_problems_worked",
+        ),
     ],
     # The pretrained T5 family (benchmarks/t5_family.py, FLAN-T5 layout): the longest of the fine-tuning lengths
     # tried on the Pilot alone (seed 0, validation), whose Pilots still stay far below the 20-80% band.
@@ -279,7 +300,7 @@ def run(
     """The arms of one regime, task and seed, each Copilot arm scored in `feedback_modes`; `error_form`
     replaces the package's default head in every Copilot arm but the reweight ablation."""
     experiment = Experiment(regime, setting, seed, eval_size, family, error_form)
-    base = {"regime": regime, "task": setting.task, "seed": seed}
+    base = {"regime": regime, "task": setting.name, "seed": seed}
     records = []
 
     def pilot_record(arm: str, model, seconds: float) -> None:
@@ -372,6 +393,17 @@ def run(
             experiment.pilot(), experiment.copilot_config(), copilot_feedback="copilot"
         )
         copilot_records("pilot_copilot_paper", ("copilot",), *experiment.fine_tune(joint, with_copilot=True))
+    if "pilot_copilot_memory_norm" in arms:
+        ablation_records("pilot_copilot_memory_norm", {"memory_norm": True})
+    if "pilot_copilot_paper_no_memory_norm" in arms:
+        torch.manual_seed(seed + 1)
+        config = experiment.copilot_config().to_dict() | {"memory_norm": False}
+        joint = experiment.wrapper.from_pilot(experiment.pilot(), config, copilot_feedback="copilot")
+        copilot_records(
+            "pilot_copilot_paper_no_memory_norm",
+            ("copilot",),
+            *experiment.fine_tune(joint, with_copilot=True),
+        )
 
     def initialised(change: dict | None = None, training: dict | None = None):
         """Pilot + the Copilot initialised from the smaller family member (copilot_init), from the same seeds."""
@@ -551,7 +583,7 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--eval-size", type=int, default=400)
     parser.add_argument("--output", default=RESULTS)
-    parser.add_argument("--arms", nargs="+", choices=ARMS, default=list(ARMS))
+    parser.add_argument("--arms", nargs="+", choices=ARMS, help="default: every arm")
     parser.add_argument(
         "--feedback",
         nargs="+",
@@ -567,7 +599,10 @@ def main() -> None:
     parser.add_argument("--note", help="a line for the markdown under the commands (what a reader must know)")
     parser.add_argument("--quick", action="store_true", help="smoke run: 200 examples, half an epoch")
     parser.add_argument(
-        "--from-records", nargs="+", help="merge earlier quality.json files instead of running"
+        "--from-records",
+        nargs="+",
+        help="merge earlier quality.json files instead of running (only their records of --arms and --tasks, "
+        "after --rename)",
     )
     parser.add_argument(
         "--rename",
@@ -584,10 +619,15 @@ def main() -> None:
     if args.from_records:
         merged = [json.load(open(path)) for path in args.from_records]
         renames = dict(pair.split("=", 1) for pair in args.rename)
-        records = [
+        renamed = (
             {**r, "arm": renames[r["arm"]], "measured_as": r["arm"]} if r["arm"] in renames else r
             for result in merged
             for r in result["records"]
+        )
+        records = [
+            r
+            for r in renamed
+            if (not args.arms or r["arm"] in args.arms) and (not args.tasks or r["task"] in args.tasks)
         ]
         earlier = [c for result in merged for c in result["commands"] if "--from-records" not in c]
         write(records, args.output, [*dict.fromkeys(earlier), command], args.note)
@@ -601,10 +641,10 @@ def main() -> None:
         family = load_t5_family() if args.regime == "pretrained_t5" else load_family()
     records = []
     for setting in SETTINGS[args.regime]:
-        if args.tasks and setting.task not in args.tasks:
+        if args.tasks and setting.name not in args.tasks:
             continue
         if args.quick:
-            setting = Setting(setting.task, setting.options, 200, 0.5, setting.learning_rate, setting.shape)
+            setting = dataclasses.replace(setting, train_size=200, epochs=0.5)
         for seed in args.seeds:
             records.extend(
                 run(
@@ -613,7 +653,7 @@ def main() -> None:
                     seed,
                     args.eval_size,
                     family,
-                    args.arms,
+                    args.arms or ARMS,
                     tuple(args.feedback),
                     args.error_form,
                 )

@@ -26,7 +26,8 @@ ERROR_FORMS = ("linear", "reweight")
 # Where the Copilot's attention gets its sense of order: "none" is the paper's (no positional encoding; causal
 # masking and the Pilot's states carry order); "rope" rotates queries and keys by their positions as LLaMA does.
 POSITION_ENCODINGS = ("none", "rope")
-# Copilots saved before `position_encoding` existed had no positions: their files load as such, whatever the default.
+# Copilots saved before `position_encoding` (`memory_norm`) existed had no positions (no memory norm): their files load
+# as such, whatever the default.
 SAVED_WITHOUT_POSITION_ENCODING = "none"
 FUSION_FIELDS = ("copilot_lambda", "fusion", "copilot_feedback")  # how a model fuses; per generate() call too
 
@@ -73,7 +74,7 @@ def check_position_encoding(position_encoding) -> None:
 
 def saved_copilot_dict(config_dict: dict) -> dict:
     """A Copilot config read from a file, with the fields that files of earlier versions leave out."""
-    return {"position_encoding": SAVED_WITHOUT_POSITION_ENCODING, **config_dict}
+    return {"position_encoding": SAVED_WITHOUT_POSITION_ENCODING, "memory_norm": False, **config_dict}
 
 
 def check_fusion(fusion) -> None:
@@ -139,6 +140,13 @@ class CopilotConfig(PreTrainedConfig):
     # "rope" measured better where order matters (scratch recommendation R^2 0.039 -> 0.194, pretrained
     # recommendation) and level elsewhere (benchmarks/results/position_encoding/).
     position_encoding: str = validated_field(check_position_encoding, default="rope")
+    # RMS-normalise each of the Pilot's states (learnt scale) before the Copilot's memory projection. The Pilot's input
+    # embeddings x_tilde are often far smaller than its layer-mean states h_bar (0.04 against 0.6 RMS in the
+    # benchmarks' family), so without it the Copilot's cross-attention barely reads the tokens themselves. None: on
+    # for a Copilot built for the paper's feedback mode (PilotCopilotConfig.copilot_feedback="copilot"), whose
+    # stream carries no observed error at generated positions (measured: that mode then learns; observed feedback
+    # lost with it, benchmarks/results/memory_norm/), off otherwise.
+    memory_norm: bool | None = None
     # The rotary base (LLaMA's rope_theta); copilot_init copies the decoder's, so its attention weights keep their
     # meaning.
     rotary_base: int | float = interval(min=1.0, exclude_min=True)(default=10000.0)
@@ -220,6 +228,8 @@ class PilotCopilotConfig(PreTrainedConfig):
             self.copilot_config.vocab_size = pilot.vocab_size
         if self.copilot_config.pilot_hidden_size is None:
             self.copilot_config.pilot_hidden_size = pilot.hidden_size
+        if self.copilot_config.memory_norm is None:  # the Copilot is built for the feedback it will read
+            self.copilot_config.memory_norm = self.copilot_feedback == "copilot"
         self.check_copilot_fits_pilot()
 
     def validate_architecture(self):

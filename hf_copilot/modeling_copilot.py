@@ -313,6 +313,11 @@ class CopilotModel(CopilotPreTrainedModel):
         config.validate_architecture()  # a config edited after construction is checked again here
         super().__init__(config)
         self.error_proj = nn.Linear(config.vocab_size, config.hidden_size, bias=False)  # W_in
+        self.memory_norm = (
+            CopilotRMSNorm(config.pilot_hidden_size, config.rms_norm_eps)
+            if config.memory_norm
+            else nn.Identity()
+        )
         if config.pilot_hidden_size != config.hidden_size:
             self.memory_proj = nn.Linear(config.pilot_hidden_size, config.hidden_size, bias=False)
         else:
@@ -397,7 +402,7 @@ class CopilotModel(CopilotPreTrainedModel):
             memory = torch.stack([x_tilde, h_bar], dim=2).reshape(batch, 2 * length, -1)
             memory_positions = query_positions.repeat_interleave(2)
             memory_padding = None if attention_mask is None else attention_mask.repeat_interleave(2, dim=1)
-        memory = self.memory_proj(memory.to(self.error_proj.weight.dtype))
+        memory = self.memory_proj(self.memory_norm(memory.to(self.error_proj.weight.dtype)))
 
         def build(key_positions: torch.Tensor, is_cross: bool) -> torch.Tensor | None:
             padding = memory_padding if is_cross else attention_mask

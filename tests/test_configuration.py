@@ -263,3 +263,17 @@ def test_a_config_edited_after_construction_is_refused_when_a_model_is_built_or_
     with pytest.raises(Exception, match="num_hidden_layers must be even and >= 2"):
         model.save_pretrained(tmp_path / "saved")
     assert not (tmp_path / "saved").exists()
+
+
+@pytest.mark.parametrize(
+    ("feedback", "memory_norm", "expected"),
+    [("observed", None, False), ("copilot", None, True), ("copilot", False, False), ("observed", True, True)],
+)
+def test_the_memory_norm_follows_the_feedback_the_copilot_is_built_for(feedback, memory_norm, expected):
+    """Unset, the Copilot RMS-normalises the Pilot's states exactly when it is built for the paper's feedback
+    mode; set, it is what the user asked for. The caller's config is left unset."""
+    config = tiny_copilot_config(memory_norm=memory_norm)
+    model = PilotCopilotForCausalLM.from_pilot(build_pilot("llama"), config, copilot_feedback=feedback)
+    assert model.copilot.config.memory_norm is expected
+    assert isinstance(model.copilot.memory_norm, torch.nn.Identity) is not expected
+    assert config.memory_norm is memory_norm

@@ -598,3 +598,20 @@ def test_reweight_error_form_moves_the_pilots_own_probability_mass():
     copilot_inputs = random_copilot_inputs(model)
     with pytest.raises(ValueError, match="error_form='reweight' needs the Pilot's errors"):
         model.copilot(model.copilot.embed_errors(copilot_inputs[2]), *copilot_inputs[:2])
+
+
+@pytest.mark.parametrize("memory_norm", [False, True])
+@torch.no_grad()
+def test_a_memory_norm_reads_every_pilot_state_at_the_same_scale(memory_norm):
+    """With `memory_norm` each of the Pilot's states enters the Copilot's memory RMS-normalised: scaling the
+    input embeddings (often far smaller than the layer-mean states) leaves f_C as it was."""
+    config = tiny_copilot_config(
+        memory_norm=memory_norm, rms_norm_eps=1e-12
+    )  # so the scale is all that differs
+    model = build_pilot_copilot("llama", config).double()
+    x_tilde, h_bar, errors = random_copilot_inputs(model)
+    x_tilde, h_bar, errors = x_tilde.double(), h_bar.double(), errors.map_tensors(lambda t: t.clone())
+    errors.probs = errors.probs.double()
+    reference = copilot_output(model, x_tilde, h_bar, errors)
+    scaled = copilot_output(model, 0.05 * x_tilde, h_bar, errors)
+    assert torch.allclose(scaled, reference, atol=1e-5, rtol=0) == memory_norm  # the norm computes in float32

@@ -391,6 +391,38 @@ def test_a_checkpoint_saved_before_position_encoding_existed_loads_without_posit
     assert_same_outputs(model, loaded)
 
 
+def test_a_copilot_with_a_memory_norm_saves_its_scale_and_loads_as_saved(tmp_path):
+    model = build_pilot_copilot("llama", tiny_copilot_config(memory_norm=True))
+    with torch.no_grad():
+        model.copilot.memory_norm.weight.uniform_(0.5, 2.0, generator=torch.Generator().manual_seed(0))
+    model.save_pretrained(tmp_path)
+    assert torch.equal(
+        load_file(tmp_path / "model.safetensors")["copilot.memory_norm.weight"],
+        model.copilot.memory_norm.weight,
+    )
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert loaded.copilot.config.memory_norm
+    assert_same_outputs(model.eval(), loaded)
+
+
+@pytest.mark.parametrize("copilot_only", [False, True])
+def test_a_paper_mode_checkpoint_saved_before_memory_norm_existed_loads_without_it(copilot_only, tmp_path):
+    """Such files have no `memory_norm`: a Copilot built for the paper's feedback mode would get one today; it
+    loads as it was trained, without, and gives the same outputs."""
+    pilot = saved_pilot("llama", tmp_path / "pilot")
+    model = build_pilot_copilot(pilot, tiny_copilot_config(memory_norm=False), copilot_feedback="copilot")
+    folder = tmp_path / "model"
+    model.save_copilot(folder) if copilot_only else model.save_pretrained(folder)
+    config = json.loads((folder / "config.json").read_text())
+    del (config if copilot_only else config["copilot_config"])["memory_norm"]
+    (folder / "config.json").write_text(json.dumps(config))
+
+    loaded = PilotCopilotForCausalLM.from_pretrained(folder).eval()
+    assert loaded.config.copilot_feedback == "copilot"
+    assert loaded.copilot.config.memory_norm is False
+    assert_same_outputs(model.eval(), loaded)
+
+
 def test_copilot_checkpoint_without_a_named_base_needs_the_pilot(tmp_path):
     model = build_pilot_copilot("llama")  # built in memory: its Pilot has no name_or_path
     model.save_copilot(tmp_path)
