@@ -563,6 +563,9 @@ class PilotCopilotMixin:
             )
             raise ValueError(f"{os.fspath(path)} holds the Copilot of {kind} Pilot: load it with {other}.")
         kwargs.pop("config", None)  # the Copilot's, not the Pilot's
+        # Set by an Auto class that routed here; the Pilot's Auto class sets it again (from transformers 5.25 as a
+        # separate keyword, so passing it on would give it twice).
+        kwargs.pop("_from_auto", None)
         pilot = kwargs.pop("pilot", None) or config.get("base_model_name_or_path")
         if pilot is None:
             raise ValueError("This Copilot checkpoint names no base Pilot: pass pilot=<model or path>.")
