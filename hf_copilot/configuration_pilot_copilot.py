@@ -26,9 +26,8 @@ ERROR_FORMS = ("linear", "reweight")
 # Where the Copilot's attention gets its sense of order: "none" is the paper's (no positional encoding; causal
 # masking and the Pilot's states carry order); "rope" rotates queries and keys by their positions as LLaMA does.
 POSITION_ENCODINGS = ("none", "rope")
-# Copilots saved before `position_encoding` (`memory_norm`) existed had no positions (no memory norm): their files load
-# as such, whatever the default.
-SAVED_WITHOUT_POSITION_ENCODING = "none"
+# What a Copilot saved before a field existed was built with: its file loads as that Copilot, whatever the default.
+FIELDS_OF_EARLIER_FILES = {"position_encoding": "none", "memory_norm": False}
 FUSION_FIELDS = ("copilot_lambda", "fusion", "copilot_feedback")  # how a model fuses; per generate() call too
 
 
@@ -74,7 +73,7 @@ def check_position_encoding(position_encoding) -> None:
 
 def saved_copilot_dict(config_dict: dict) -> dict:
     """A Copilot config read from a file, with the fields that files of earlier versions leave out."""
-    return {"position_encoding": SAVED_WITHOUT_POSITION_ENCODING, "memory_norm": False, **config_dict}
+    return {**FIELDS_OF_EARLIER_FILES, **config_dict}
 
 
 def check_fusion(fusion) -> None:
