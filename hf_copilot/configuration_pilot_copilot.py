@@ -140,7 +140,7 @@ class CopilotConfig(PreTrainedConfig):
     # recommendation) and level elsewhere (benchmarks/results/position_encoding/).
     position_encoding: str = validated_field(check_position_encoding, default="rope")
     # RMS-normalise each of the Pilot's states (learnt scale) before the Copilot's memory projection. The Pilot's input
-    # embeddings x_tilde are often far smaller than its layer-mean states h_bar (0.04 against 0.6 RMS in the
+    # embeddings x_tilde are often far smaller than its layer-mean states h_bar (0.05 against 0.7-0.9 RMS in the
     # benchmarks' family), so without it the Copilot's cross-attention barely reads the tokens themselves. None: on
     # for a Copilot built for the paper's feedback mode (PilotCopilotConfig.copilot_feedback="copilot"), whose
     # stream carries no observed error at generated positions (measured: that mode then learns; observed feedback
