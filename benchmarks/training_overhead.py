@@ -40,7 +40,7 @@ from transformers.trainer_callback import PrinterCallback
 from transformers.utils import logging as hf_logging
 
 from hf_copilot import CopilotConfig, PilotCopilotForCausalLM
-from hf_copilot.generation_pilot_copilot import copilot_squared_error_on_entry
+from hf_copilot.generation_pilot_copilot import copilot_loss_terms_on_entry
 from hf_copilot.mistake_log import MistakeLog
 from hf_copilot.mistake_log_entry import (
     copilot_head_squared_error,
@@ -345,8 +345,8 @@ def component_breakdown(model: PilotCopilotForCausalLM, setup: Setup) -> dict[st
 
     def copilot_step():  # what a training step runs: W_out applied implicitly
         stream = shift_right(copilot.embed_errors(entry.errors))
-        squared_error, count = copilot_squared_error_on_entry(copilot, stream, entry)
-        backward(copilot, squared_error / count)
+        _, terms = copilot_loss_terms_on_entry(copilot, stream, entry)
+        backward(copilot, terms.objective / terms.num_tokens)
 
     head = copilot.error_head
     head_input = torch.randn(*entry.errors.targets.shape, head.in_features, requires_grad=True)

@@ -23,11 +23,12 @@ COPILOT_FEEDBACK_MODES = ("copilot", "observed")
 # How the Copilot's head output becomes f_C: "linear" is the paper's (f_C = W_out h); "reweight" makes W_out h
 # a logit correction of the Pilot's own distribution, f_C = softmax(log p + W_out h) - p (see CopilotModel).
 ERROR_FORMS = ("linear", "reweight")
+ERROR_LOSSES = ("squared_error", "cross_entropy")
 # Where the Copilot's attention gets its sense of order: "none" is the paper's (no positional encoding; causal
 # masking and the Pilot's states carry order); "rope" rotates queries and keys by their positions as LLaMA does.
 POSITION_ENCODINGS = ("none", "rope")
 # What a Copilot saved before a field existed was built with: its file loads as that Copilot, whatever the default.
-FIELDS_OF_EARLIER_FILES = {"position_encoding": "none", "memory_norm": False}
+FIELDS_OF_EARLIER_FILES = {"position_encoding": "none", "memory_norm": False, "error_loss": "squared_error"}
 FUSION_FIELDS = ("copilot_lambda", "fusion", "copilot_feedback")  # how a model fuses; per generate() call too
 
 
@@ -60,6 +61,14 @@ def check_error_form(error_form) -> None:
     if error_form not in ERROR_FORMS:
         raise ValueError(
             f"Unknown error_form={error_form!r}: use one of {ERROR_FORMS} ('linear' is the paper's)."
+        )
+
+
+def check_error_loss(error_loss) -> None:
+    if error_loss is not None and error_loss not in ERROR_LOSSES:
+        raise ValueError(
+            f"Unknown error_loss={error_loss!r}: use one of {ERROR_LOSSES} ('squared_error' is the paper's), or "
+            "None for the error form's own."
         )
 
 
@@ -130,6 +139,10 @@ class CopilotConfig(PreTrainedConfig):
     # "reweight" learnt faster and lifted more where the Pilot's own candidates hold the answer (sorting) and
     # learnt less elsewhere (benchmarks/results/error_form/), so the paper's head stays the default.
     error_form: str = validated_field(check_error_form, default="linear")
+    # What the Copilot's training minimises per position: the paper's squared error ||f_C - e||^2, or, for the reweight
+    # form, whose p + f_C is a distribution, the cross-entropy of the observed token under it (the fused
+    # distribution at lambda 1). None: cross-entropy for "reweight", the squared error for "linear".
+    error_loss: str | None = validated_field(check_error_loss, default=None)
     # W_in's initial std (None: initializer_range): the error stream W_in e enters the Copilot at ~std * ||e||
     # per coordinate. At 1 rather than 0.02 the Copilot learnt more on every task measured, pretrained
     # arithmetic most (benchmarks/results/error_proj_init_std/); copilot_init copies W_in instead.
@@ -160,6 +173,8 @@ class CopilotConfig(PreTrainedConfig):
             self.num_key_value_heads = self.num_attention_heads
         if self.intermediate_size is None:
             self.intermediate_size = 4 * self.hidden_size
+        if self.error_loss is None:
+            self.error_loss = "cross_entropy" if self.error_form == "reweight" else "squared_error"
         super().__post_init__(**kwargs)
 
     def validate_architecture(self):
@@ -183,6 +198,12 @@ class CopilotConfig(PreTrainedConfig):
             raise ValueError(
                 f"position_encoding='rope' rotates pairs of coordinates: head_dim (hidden_size / "
                 f"num_attention_heads = {self.head_dim}) must be even."
+            )
+        if self.error_loss == "cross_entropy" and self.error_form != "reweight":
+            raise ValueError(
+                f"error_loss='cross_entropy' scores p + f_C as a distribution, which only error_form='reweight' "
+                f"guarantees; got error_form={self.error_form!r}. Set error_form='reweight', or error_loss="
+                "'squared_error' (or None, the error form's own)."
             )
         if self.num_attention_heads % self.num_key_value_heads:
             raise ValueError(

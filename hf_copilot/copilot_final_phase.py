@@ -13,7 +13,7 @@ from torch import nn
 from transformers import Trainer, get_scheduler
 from transformers.trainer_utils import has_length
 
-from .mistake_log_entry import copilot_target_norm
+from .mistake_log_entry import copilot_loss_from_sums, copilot_target_norm
 from .training_errors import NonFiniteTrainingError
 
 DEFAULT_FINAL_EPOCHS = 12.0
@@ -63,8 +63,8 @@ def micro_batches(dataloader, total: int):
 
 def train_copilot_on_final_pilot(trainer: Trainer, epochs: float | None, joint_batches: int = 0) -> None:
     """For a CopilotTrainer: AdamW at the Copilot's peak learning rate with a cosine decay over the phase, one
-    step per `gradient_accumulation_steps` batches on the Copilot's MSE over all of their positions (and all
-    processes'), gradients clipped to `max_grad_norm`; logged as `copilot_final/*`. Its length in batches:
+    step per `gradient_accumulation_steps` batches on the Copilot's mean loss (`CopilotConfig.error_loss`) over all of
+    their positions (and all processes'), gradients clipped to `max_grad_norm`; logged as `copilot_final/*`. Its length in batches:
     `final_phase_batches`."""
     if epochs is not None:
         check_sized_train_dataset(trainer.train_dataset)
@@ -88,10 +88,10 @@ def train_copilot_on_final_pilot(trainer: Trainer, epochs: float | None, joint_b
     pilot.requires_grad_(False)
     pilot.eval()
     copilot.train()
-    sums, step, pending, group_tokens = torch.zeros(3, dtype=torch.float64), 0, 0, 0
+    sums, step, pending, group_tokens = torch.zeros(4, dtype=torch.float64), 0, 0, 0
 
     def optimizer_step() -> None:
-        """The accumulated gradients of summed squared errors, divided by the group's positions: the exact MSE."""
+        """The accumulated gradients of summed losses, divided by the group's positions: the exact mean."""
         nonlocal step, pending, group_tokens
         tokens = torch.as_tensor(group_tokens, device=trainer.args.device)
         if trainer.args.world_size > 1:  # each rank saw its shard: sum as one batch would
@@ -114,10 +114,13 @@ def train_copilot_on_final_pilot(trainer: Trainer, epochs: float | None, joint_b
         step, pending, group_tokens = step + 1, 0, 0
 
     def log() -> None:
-        squared_error, num_tokens, target_norm = sums.tolist()
+        squared_error, num_tokens, target_norm, objective = sums.tolist()
+        error_loss = copilot.config.error_loss
         trainer.log(
             {
-                "copilot_final/copilot_loss": math.sqrt(squared_error / max(num_tokens, 1)),
+                "copilot_final/copilot_loss": copilot_loss_from_sums(
+                    objective, max(num_tokens, 1), error_loss
+                ),
                 "copilot_final/copilot_r2": 1.0 - squared_error / target_norm if target_norm else 0.0,
                 "copilot_final/step": step,
             }
@@ -128,17 +131,18 @@ def train_copilot_on_final_pilot(trainer: Trainer, epochs: float | None, joint_b
         for inputs in micro_batches(dataloader, total):
             inputs = trainer._prepare_inputs(inputs)
             out = pilot_copilot(**inputs, return_mistake_log=True, copilot_feedback_fraction=fraction)
-            squared_error = out.copilot_squared_error
-            if not torch.isfinite(squared_error.detach()):
-                loss = squared_error.item() / max(out.copilot_num_tokens.item(), 1)
+            objective = out.copilot_loss_sum
+            if not torch.isfinite(objective.detach()):
+                loss = objective.item() / max(out.copilot_num_tokens.item(), 1)
                 raise NonFiniteTrainingError(
                     f"copilot_loss is {loss} at step {step + 1} of the Copilot-only phase; the "
                     "Copilot was not updated. Lower copilot_learning_rate and keep max_grad_norm on."
                 )
-            squared_error.backward()
+            objective.backward()
             pending, group_tokens = pending + 1, group_tokens + out.copilot_num_tokens.detach()
             target = copilot_target_norm(out.mistake_log_entry)
-            sums += torch.stack([squared_error.detach(), out.copilot_num_tokens, target]).cpu()
+            terms = [out.copilot_squared_error.detach(), out.copilot_num_tokens, target, objective.detach()]
+            sums += torch.stack(terms).cpu()
             if pending == accumulation:
                 optimizer_step()
                 if step % trainer.args.logging_steps == 0:

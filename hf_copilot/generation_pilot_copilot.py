@@ -14,8 +14,10 @@ from transformers import DynamicCache, EncoderDecoderCache, LogitsProcessor, Sta
 from transformers.generation.utils import ALL_CACHE_NAMES
 
 from .mistake_log_entry import (
+    CopilotLossTerms,
     MistakeLogEntry,
     answer_token_positions,
+    copilot_cross_entropy,
     copilot_head_squared_error,
     copilot_squared_error,
     shift_right,
@@ -340,15 +342,25 @@ def copilot_on_entry(copilot, stream: torch.Tensor, entry: MistakeLogEntry, **kw
     )
 
 
-def copilot_squared_error_on_entry(
-    copilot, stream: torch.Tensor, entry: MistakeLogEntry
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The Copilot's training loss terms on a teacher-forced entry: summed ||f_C - e||^2 over the loss mask and
-    the count. A linear head's f_C [B,T,V] is never formed (`PilotErrors.head_squared_distance`)."""
-    if not copilot.computes_loss_without_output:
-        return copilot_squared_error(copilot_on_entry(copilot, stream, entry), entry)
+def copilot_loss_terms_on_entry(
+    copilot, stream: torch.Tensor, entry: MistakeLogEntry, return_predicted_error: bool = False
+) -> tuple[torch.Tensor | None, CopilotLossTerms]:
+    """The Copilot's training loss on a teacher-forced entry (`CopilotConfig.error_loss`), and f_C where it is
+    formed anyway or asked for. Under the squared error a linear head's f_C [B,T,V] is not formed unless asked
+    for (`PilotErrors.head_squared_distance`)."""
+    if copilot.config.error_loss == "cross_entropy":
+        head_input = copilot_on_entry(copilot, stream, entry, return_head_input=True)
+        predicted_errors, fused_logits = copilot.error_and_fused_logits(head_input, entry.errors)
+        squared_error, num_tokens = copilot_squared_error(predicted_errors.detach(), entry)
+        objective = copilot_cross_entropy(fused_logits, entry)
+        return predicted_errors, CopilotLossTerms(objective, squared_error, num_tokens)
+    if return_predicted_error or not copilot.computes_loss_without_output:
+        predicted_errors = copilot_on_entry(copilot, stream, entry)
+        squared_error, num_tokens = copilot_squared_error(predicted_errors, entry)
+        return predicted_errors, CopilotLossTerms(squared_error, squared_error, num_tokens)
     head_input = copilot_on_entry(copilot, stream, entry, return_head_input=True)
-    return copilot_head_squared_error(head_input, copilot.error_head.weight, entry)
+    squared_error, num_tokens = copilot_head_squared_error(head_input, copilot.error_head.weight, entry)
+    return None, CopilotLossTerms(squared_error, squared_error, num_tokens)
 
 
 def copilot_teacher_forced_pass(
@@ -357,19 +369,17 @@ def copilot_teacher_forced_pass(
     copilot_feedback_fraction: float,
     has_labels: bool,
     return_predicted_error: bool | None,
-) -> tuple[torch.Tensor | None, tuple[torch.Tensor, torch.Tensor] | None]:
-    """The wrappers' Copilot pass on a teacher-forced entry: f_C, and with labels the loss terms of
-    `copilot_squared_error`. `return_predicted_error` None: no f_C from a training pass (labels, the Copilot in
-    train mode, gradients on), whose loss then applies W_out implicitly; f_C otherwise."""
+) -> tuple[torch.Tensor | None, CopilotLossTerms | None]:
+    """The wrappers' Copilot pass on a teacher-forced entry: f_C, and with labels the loss terms
+    (`copilot_loss_terms_on_entry`). `return_predicted_error` None: no f_C from a training pass (labels, the
+    Copilot in train mode, gradients on), whose loss then need not form it; f_C otherwise."""
     stream = copilot_stream(copilot, entry, copilot_feedback_fraction)
     if return_predicted_error is None:
         return_predicted_error = not (has_labels and copilot.training and torch.is_grad_enabled())
     if not has_labels:
         return copilot_on_entry(copilot, stream, entry), None
-    if not return_predicted_error:
-        return None, copilot_squared_error_on_entry(copilot, stream, entry)
-    predicted_errors = copilot_on_entry(copilot, stream, entry)
-    return predicted_errors, copilot_squared_error(predicted_errors, entry)
+    predicted_errors, terms = copilot_loss_terms_on_entry(copilot, stream, entry, return_predicted_error)
+    return (predicted_errors if return_predicted_error else None), terms
 
 
 def copilot_generation_step(
@@ -493,7 +503,7 @@ __all__ = [
     "PilotCopilotEncoderDecoderCache",
     "copilot_on_entry",
     "copilot_generation_step",
-    "copilot_squared_error_on_entry",
+    "copilot_loss_terms_on_entry",
     "copilot_stream",
     "copilot_teacher_forced_pass",
     "fuse_scores",

@@ -6,6 +6,7 @@ Hub-facing: copied next to checkpoints for `trust_remote_code`, so it imports no
 from __future__ import annotations
 
 from dataclasses import dataclass, fields, replace
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -367,6 +368,35 @@ def copilot_target_norm(entry: MistakeLogEntry) -> torch.Tensor:
     """Sum over loss-mask positions of ||e_j||^2: R^2 = 1 - copilot_squared_error / this."""
     norm, _ = error_norm_and_gold_prob(entry.errors)
     return (norm * entry.loss_mask).sum()
+
+
+class CopilotLossTerms(NamedTuple):
+    """The Copilot's loss on some positions, as sums, so that micro-batches and processes add up exactly.
+
+    `objective`: what its training minimises, summed over the loss-mask positions (`CopilotConfig.error_loss`: the
+    squared error, or the cross-entropy of the observed token under p + f_C); `squared_error`: sum of
+    ||f_C - e||^2 (the same tensor under the squared error; detached otherwise), from which R^2 is computed;
+    `num_tokens`: the positions counted.
+    """
+
+    objective: torch.Tensor
+    squared_error: torch.Tensor
+    num_tokens: torch.Tensor
+
+
+def copilot_loss_from_sums(objective, num_tokens, error_loss: str):
+    """`copilot_loss` (returned and logged) from summed terms, tensors or floats, `num_tokens` > 0: the paper's
+    RMSE for the squared error, the mean per position for the cross-entropy."""
+    mean = objective / num_tokens
+    return mean**0.5 if error_loss == "squared_error" else mean
+
+
+def copilot_cross_entropy(fused_logits: torch.Tensor, entry: MistakeLogEntry) -> torch.Tensor:
+    """Sum over loss-mask positions of -log softmax(fused_logits)[y_j], the observed next token y_j (fused_logits
+    in fp32 or wider)."""
+    log_probs = torch.log_softmax(fused_logits, dim=-1)
+    gold = log_probs.gather(-1, entry.errors._safe_targets().unsqueeze(-1)).squeeze(-1)
+    return -(gold * entry.loss_mask).sum()
 
 
 def copilot_squared_error(

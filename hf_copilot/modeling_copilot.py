@@ -272,9 +272,15 @@ def reweighted_error(head_output: torch.Tensor, pilot_probs: torch.Tensor) -> to
     candidates to move mass to. A head output of zero is exactly "no correction", and p + 1 * f_C is a
     distribution. Tokens where p is zero (outside a compact entry's top-k) keep a negligible share.
     """
-    probs = pilot_probs.float()
-    logits = probs.clamp_min(1e-30).log() + head_output.float()
-    return (torch.softmax(logits, dim=-1) - probs).to(head_output.dtype)
+    logits = reweighted_logits(head_output, pilot_probs)
+    return (torch.softmax(logits, dim=-1) - pilot_probs.to(logits.dtype)).to(head_output.dtype)
+
+
+def reweighted_logits(head_output: torch.Tensor, pilot_probs: torch.Tensor) -> torch.Tensor:
+    """log p + W_out h, in fp32 at least: the reweight form's p + f_C is their softmax (its cross-entropy reads
+    them)."""
+    dtype = torch.promote_types(head_output.dtype, torch.float32)
+    return pilot_probs.to(dtype).clamp_min(1e-30).log() + head_output.to(dtype)
 
 
 class CopilotPreTrainedModel(PreTrainedModel):
@@ -357,6 +363,15 @@ class CopilotModel(CopilotPreTrainedModel):
         head = self.error_head
         hooked = head._forward_hooks or head._forward_pre_hooks
         return self.config.error_form == "linear" and type(head) is nn.Linear and not hooked
+
+    def error_and_fused_logits(
+        self, head_input: torch.Tensor, pilot_errors: PilotErrors
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The reweight form's f_C from what W_out reads, and the logits whose softmax is p + f_C (what its
+        cross-entropy loss scores)."""
+        probs = pilot_errors.probabilities()[:, -head_input.shape[1] :]
+        head_output = self.error_head(head_input)
+        return reweighted_error(head_output, probs), reweighted_logits(head_output, probs)
 
     def embed_errors(self, errors: PilotErrors) -> torch.Tensor:
         """W_in e_j [B,T,d_C] (not yet shifted)."""

@@ -37,6 +37,7 @@ from .generation_pilot_copilot import (
 )
 from .mistake_log_entry import (
     MistakeLogEntry,
+    copilot_loss_from_sums,
     mistake_log_entry_from_pilot_pass,
 )
 from .modeling_copilot import CopilotModel, PilotCopilotMixin
@@ -56,6 +57,7 @@ class PilotCopilotOutput(ModelOutput):
     copilot_loss: torch.Tensor | None = None
     copilot_squared_error: torch.Tensor | None = None
     copilot_num_tokens: torch.Tensor | None = None
+    copilot_loss_sum: torch.Tensor | None = None
     predicted_error: torch.Tensor | None = None
     fused_logits: torch.Tensor | None = None
     hidden_states: tuple[torch.Tensor, ...] | None = None
@@ -159,12 +161,13 @@ class PilotCopilotForCausalLM(PilotCopilotMixin, PreTrainedModel, GenerationMixi
         """Teacher-forced pass (training, evaluation) or one incremental generation step (with `cache`).
 
         With labels: `loss = pilot_loss + copilot_loss`, where `pilot_loss` is exactly the Pilot's own
-        loss and `copilot_loss` the paper's RMSE over positions whose next label is not -100.
+        loss and `copilot_loss` the Copilot's over positions whose next label is not -100: the paper's RMSE, or
+        the mean cross-entropy (`CopilotConfig.error_loss`); `copilot_loss_sum` is its sum that training minimises.
         `copilot_batch` (Mistake Log rows) replaces this pass's fresh entry as the Copilot's input and
         target; `copilot_feedback_fraction`: see `copilot_stream`. `pilot_forward`: the Pilot's compiled call,
         which generate() hands over through `get_compiled_call`. `return_predicted_error`: None returns f_C except
         from a training pass (labels, the Copilot in train mode, gradients on), whose Copilot loss then never
-        forms the [B,T,V] f_C (`copilot_squared_error_on_entry`); True or `return_fused` always return it.
+        forms the [B,T,V] f_C unless it needs it (`copilot_loss_terms_on_entry`); True or `return_fused` always return it.
         """
         copilot_lambda, fusion, copilot_feedback = self.fusion_settings(
             copilot_lambda, fusion, copilot_feedback
@@ -227,8 +230,8 @@ class PilotCopilotForCausalLM(PilotCopilotMixin, PreTrainedModel, GenerationMixi
         if return_fused:
             output.fused_logits = fuse_scores(logits, predicted_errors, copilot_lambda, fusion)
         if labels is not None:
-            squared_error, num_tokens = copilot_terms
-            output.copilot_squared_error, output.copilot_num_tokens = squared_error, num_tokens
+            objective, output.copilot_squared_error, num_tokens = copilot_terms
+            output.copilot_loss_sum, output.copilot_num_tokens = objective, num_tokens
             if num_tokens == 0:
                 warnings.warn(
                     "Every label in this batch is -100: there is nothing to learn from, so the losses are 0. "
@@ -236,10 +239,11 @@ class PilotCopilotForCausalLM(PilotCopilotMixin, PreTrainedModel, GenerationMixi
                     stacklevel=2,
                 )
                 output.pilot_loss = logits.sum() * 0.0
-                output.copilot_loss = squared_error * 0.0
+                output.copilot_loss = objective * 0.0
             else:
                 output.pilot_loss = pilot_out.loss
-                output.copilot_loss = torch.sqrt(squared_error / num_tokens)
+                error_loss = self.copilot.config.error_loss
+                output.copilot_loss = copilot_loss_from_sums(objective, num_tokens, error_loss)
             output.loss = output.pilot_loss + output.copilot_loss
         return output
 

@@ -45,7 +45,11 @@ from .generation_pilot_copilot import (
     copilot_teacher_forced_pass,
     fuse_scores,
 )
-from .mistake_log_entry import MistakeLogEntry, mistake_log_entry_from_seq2seq_pass
+from .mistake_log_entry import (
+    MistakeLogEntry,
+    copilot_loss_from_sums,
+    mistake_log_entry_from_seq2seq_pass,
+)
 from .modeling_copilot import CopilotModel, PilotCopilotMixin
 
 
@@ -63,6 +67,7 @@ class PilotCopilotSeq2SeqOutput(ModelOutput):
     copilot_loss: torch.Tensor | None = None
     copilot_squared_error: torch.Tensor | None = None
     copilot_num_tokens: torch.Tensor | None = None
+    copilot_loss_sum: torch.Tensor | None = None
     predicted_error: torch.Tensor | None = None
     fused_logits: torch.Tensor | None = None
     decoder_hidden_states: tuple[torch.Tensor, ...] | None = None
@@ -191,7 +196,8 @@ class PilotCopilotForSeq2SeqLM(PilotCopilotMixin, PreTrainedModel, GenerationMix
         As in T5/BART, `labels` alone give `decoder_input_ids` (the labels shifted right). With labels:
         `loss = pilot_loss + copilot_loss`, where `pilot_loss` is exactly the Pilot's own loss (with
         `num_items_in_batch`: its token cross-entropy summed and divided by it, exact under gradient
-        accumulation) and `copilot_loss` the paper's RMSE over decoder positions whose label is not -100.
+        accumulation) and `copilot_loss` the Copilot's over decoder positions whose label is not -100 (the
+        paper's RMSE, or the mean cross-entropy: `CopilotConfig.error_loss`; `copilot_loss_sum` is its sum).
         `pilot_forward`: the Pilot's compiled call, which generate() hands over through `get_compiled_call`.
         `return_predicted_error`: see PilotCopilotForCausalLM.forward.
         """
@@ -267,8 +273,8 @@ class PilotCopilotForSeq2SeqLM(PilotCopilotMixin, PreTrainedModel, GenerationMix
         if return_fused:
             output.fused_logits = fuse_scores(logits, predicted_errors, copilot_lambda, fusion)
         if labels is not None:
-            squared_error, num_tokens = copilot_terms
-            output.copilot_squared_error, output.copilot_num_tokens = squared_error, num_tokens
+            objective, output.copilot_squared_error, num_tokens = copilot_terms
+            output.copilot_loss_sum, output.copilot_num_tokens = objective, num_tokens
             if num_tokens == 0:
                 warnings.warn(
                     "Every label in this batch is -100: there is nothing to learn from, so the losses are 0. "
@@ -276,7 +282,7 @@ class PilotCopilotForSeq2SeqLM(PilotCopilotMixin, PreTrainedModel, GenerationMix
                     stacklevel=2,
                 )
                 output.pilot_loss = logits.sum() * 0.0
-                output.copilot_loss = squared_error * 0.0
+                output.copilot_loss = objective * 0.0
             else:
                 output.pilot_loss = pilot_out.loss
                 if num_items_in_batch is not None:
@@ -284,7 +290,8 @@ class PilotCopilotForSeq2SeqLM(PilotCopilotMixin, PreTrainedModel, GenerationMix
                     flat = logits.float().reshape(-1, logits.shape[-1])
                     summed = F.cross_entropy(flat, labels.reshape(-1).to(logits.device), reduction="sum")
                     output.pilot_loss = summed / torch.as_tensor(num_items_in_batch, device=logits.device)
-                output.copilot_loss = torch.sqrt(squared_error / num_tokens)
+                error_loss = self.copilot.config.error_loss
+                output.copilot_loss = copilot_loss_from_sums(objective, num_tokens, error_loss)
             output.loss = output.pilot_loss + output.copilot_loss
         return output
 

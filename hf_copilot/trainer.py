@@ -18,7 +18,9 @@ exactly like Trainer's own loss, because DDP averages gradients. The Pilot's los
 the same way, so accumulation 4 x batch 2 updates both models exactly as batch 8 does. The logged
 `copilot_loss` is the paper's RMSE, `sqrt(sum ||f_C - e||^2 / count)` over the fresh entries of the logging
 window (all ranks). The MSE objective and the paper's RMSE differ only by the gradient scale
-`1 / (2 * RMSE)`, which varies slowly and which Adam normalises away (SPEC section 4).
+`1 / (2 * RMSE)`, which varies slowly and which Adam normalises away (SPEC section 4). With
+`CopilotConfig.error_loss="cross_entropy"` the per-position term is -log (p + f_C)[y_j] instead, normalised the
+same way, and the logged `copilot_loss` is its mean; `copilot_r2` always comes from the squared error.
 
 Replay (`mistake_log_replay = R > 0`): at the start of each optimizer step, every micro-batch draws R
 entries from the log as it stood after the previous step; their positions join the Copilot's batch and N_C,
@@ -65,14 +67,19 @@ from .complete_checkpoints import (
 )
 from .copilot_final_phase import check_sized_train_dataset, train_copilot_on_final_pilot
 from .generation_pilot_copilot import (
-    copilot_squared_error_on_entry,
+    copilot_loss_terms_on_entry,
     copilot_stream,
     fuse_scores,
     predicted_errors_as_generated,
 )
 from .mistake_log import MistakeLog
 from .mistake_log_callback import MistakeLogCallback
-from .mistake_log_entry import MistakeLogEntry, copilot_target_norm
+from .mistake_log_entry import (
+    CopilotLossTerms,
+    MistakeLogEntry,
+    copilot_loss_from_sums,
+    copilot_target_norm,
+)
 from .modeling_pilot_copilot import PilotCopilotForCausalLM
 from .modeling_pilot_copilot_seq2seq import PilotCopilotForSeq2SeqLM
 from .peft_checks import check_copilot_trains, warn_if_adapter_base_is_the_pilot
@@ -494,25 +501,25 @@ class CopilotTrainer(Trainer):
         )
 
         replay = step.replays.popleft() if step is not None and step.replays else None
-        squared_error = outputs.copilot_squared_error
+        objective = outputs.copilot_loss_sum
         num_tokens = outputs.copilot_num_tokens
         if replay is not None:
-            replay_error, replay_tokens = self._replay_squared_error(pilot_copilot, replay, fraction)
-            squared_error, num_tokens = squared_error + replay_error, num_tokens + replay_tokens
+            replay_terms = self._replay_loss_terms(pilot_copilot, replay, fraction)
+            objective, num_tokens = objective + replay_terms.objective, num_tokens + replay_terms.num_tokens
 
         if num_items_in_batch is not None:
             # Normalised by the whole optimizer batch (all micro-batches, all ranks): see the module docstring.
             global_tokens = (
                 step.num_tokens if step is not None and step.num_tokens is not None else num_tokens
             )
-            copilot_loss = squared_error / global_tokens.clamp_min(1)
+            copilot_loss = objective / global_tokens.clamp_min(1)
             loss_scale = 1.0
             if self.args.average_tokens_across_devices:
                 # DDP averages gradients; Trainer scales its own loss the same way.
                 loss_scale = self.accelerator.num_processes // self.get_tp_size()
             log_scale = loss_scale
         else:  # per-micro-batch mean; Trainer divides the loss by the accumulation steps
-            copilot_loss = squared_error / num_tokens.clamp_min(1)
+            copilot_loss = objective / num_tokens.clamp_min(1)
             loss_scale, log_scale = 1.0, 1.0 / self.current_gradient_accumulation_steps
 
         pilot_loss = outputs.pilot_loss
@@ -550,15 +557,15 @@ class CopilotTrainer(Trainer):
             return 0.0
         return self.args.copilot_feedback_fraction
 
-    def _replay_squared_error(
+    def _replay_loss_terms(
         self, pilot_copilot: PilotCopilotForCausalLM, replay: MistakeLogEntry, fraction: float
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """The Copilot on replayed entries (read from the log, so no Pilot pass): sum of squared errors, count."""
+    ) -> CopilotLossTerms:
+        """The Copilot on replayed entries (read from the log, so no Pilot pass): its loss terms."""
         entry = replay.to(self.args.device)
         copilot = pilot_copilot.copilot
         with self.accelerator.autocast():
             stream = copilot_stream(copilot, entry, fraction)
-            return copilot_squared_error_on_entry(copilot, stream, entry)
+            return copilot_loss_terms_on_entry(copilot, stream, entry)[1]
 
     def _raise_if_not_finite(self, pilot_loss: torch.Tensor, copilot_loss: torch.Tensor) -> None:
         finite = torch.isfinite(torch.stack([pilot_loss.detach().float(), copilot_loss.detach().float()]))
@@ -574,7 +581,7 @@ class CopilotTrainer(Trainer):
 
     # ---- logging ----------------------------------------------------------------------------------
     def _reset_train_metrics(self) -> None:
-        self._train_sums = torch.zeros(4, dtype=torch.float64, device=self.args.device)
+        self._train_sums = torch.zeros(5, dtype=torch.float64, device=self.args.device)
         self._train_stats: dict[str, list[float]] = {}
         self._window_start_step: int | None = None
 
@@ -582,14 +589,21 @@ class CopilotTrainer(Trainer):
         if self._window_start_step is None:
             self._window_start_step = self.state.global_step
         values = torch.stack(
-            [pilot_loss, outputs.copilot_squared_error.detach(), outputs.copilot_num_tokens, target_norm]
+            [
+                pilot_loss,
+                outputs.copilot_squared_error.detach(),
+                outputs.copilot_num_tokens,
+                target_norm,
+                outputs.copilot_loss_sum.detach(),
+            ]
         )
         self._train_sums += values.to(self._train_sums)
         for key, value in self.mistake_log_callback.stats().items():
             self._train_stats.setdefault(key, []).append(value)
 
     def _pop_train_metrics(self) -> dict[str, float]:
-        """pilot_loss: mean per-step Pilot loss; copilot_loss: RMSE; copilot_r2; mistake_log/*: means (all ranks).
+        """pilot_loss: mean per-step Pilot loss; copilot_loss (`copilot_loss_from_sums`); copilot_r2; mistake_log/*:
+        means (all ranks).
 
         copilot_r2 = 1 - sum ||f_C - e||^2 / sum ||e||^2 over the Copilot's batches: 0 is a Copilot that
         predicts nothing, 1 one that predicts the Pilot's error exactly.
@@ -604,16 +618,16 @@ class CopilotTrainer(Trainer):
         world = self.args.world_size
         if world > 1:
             values = self.accelerator.reduce(values, reduction="sum")
-        pilot_sum, squared_error, num_tokens, target_norm = values[:4].tolist()
+        pilot_sum, squared_error, num_tokens, target_norm, objective = values[:5].tolist()
         pilot_loss = pilot_sum / world / max(steps, 1)
-        mse = squared_error / num_tokens if num_tokens else 0.0
+        error_loss = self.pilot_copilot().copilot.config.error_loss
         metrics = {
             "pilot_loss": pilot_loss,
-            "copilot_loss": math.sqrt(mse),
+            "copilot_loss": copilot_loss_from_sums(objective, max(num_tokens, 1), error_loss),
             "copilot_r2": 1.0 - squared_error / target_norm if target_norm else 0.0,
-            "joint_loss": pilot_loss + self.args.copilot_loss_weight * mse,
+            "joint_loss": pilot_loss + self.args.copilot_loss_weight * objective / max(num_tokens, 1),
         }
-        metrics.update({key: value / world for key, value in zip(keys, values[4:].tolist(), strict=True)})
+        metrics.update({key: value / world for key, value in zip(keys, values[5:].tolist(), strict=True)})
         self._reset_train_metrics()
         return metrics
 
@@ -656,6 +670,7 @@ class CopilotTrainer(Trainer):
                 outputs.copilot_num_tokens,
                 ((fused_observed[:, :end].argmax(-1) == labels) & label_mask).sum(),
                 copilot_target_norm(outputs.mistake_log_entry),
+                outputs.copilot_loss_sum,
             ]
         ).to(torch.float64)
         self._eval_sums = sums if self._eval_sums is None else self._eval_sums + sums
@@ -679,7 +694,7 @@ class CopilotTrainer(Trainer):
         sums = self._eval_sums
         self._eval_sums = None
         if sums is None:  # no labelled batch on this process (every rank still joins the reduction)
-            sums = torch.zeros(8, dtype=torch.float64)
+            sums = torch.zeros(9, dtype=torch.float64)
         sums = sums.to(self.args.device)
         if self.args.world_size > 1:
             sums = self.accelerator.reduce(sums, reduction="sum")
@@ -692,14 +707,19 @@ class CopilotTrainer(Trainer):
             num_tokens,
             observed_correct,
             target_norm,
+            objective,
         ) = sums.tolist()
         if labels:
-            mse = squared_error / max(num_tokens, 1)
+            error_loss = self.pilot_copilot().copilot.config.error_loss
+            copilot_objective = objective / max(num_tokens, 1)
             output.metrics.update(
                 {
-                    f"{metric_key_prefix}_joint_loss": nll / labels + self.args.copilot_loss_weight * mse,
+                    f"{metric_key_prefix}_joint_loss": nll / labels
+                    + self.args.copilot_loss_weight * copilot_objective,
                     f"{metric_key_prefix}_pilot_loss": nll / labels,
-                    f"{metric_key_prefix}_copilot_loss": math.sqrt(mse),
+                    f"{metric_key_prefix}_copilot_loss": copilot_loss_from_sums(
+                        objective, max(num_tokens, 1), error_loss
+                    ),
                     f"{metric_key_prefix}_pilot_token_accuracy": pilot_correct / labels,
                     f"{metric_key_prefix}_fused_token_accuracy": fused_correct / labels,
                     f"{metric_key_prefix}_fused_token_accuracy_observed": observed_correct / labels,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from conftest import HIDDEN_SIZE, VOCAB_SIZE, build_pilot, build_pilot_copilot, tiny_copilot_config
@@ -31,6 +33,7 @@ BAD_FIELDS = [
     ({"initial_error_norm": float("inf")}, "initial_error_norm", "finite number > 0, or None, got inf"),
     ({"error_form": "logits"}, "error_form", "Unknown error_form='logits': use one of"),
     ({"position_encoding": "alibi"}, "position_encoding", "Unknown position_encoding='alibi': use one of"),
+    ({"error_loss": "huber"}, "error_loss", "Unknown error_loss='huber': use one of"),
     ({"error_proj_init_std": -1.0}, "error_proj_init_std", "finite number > 0, or None, got -1.0"),
     ({"error_proj_init_std": float("nan")}, "error_proj_init_std", "finite number > 0, or None, got nan"),
 ]
@@ -277,3 +280,29 @@ def test_the_memory_norm_follows_the_feedback_the_copilot_is_built_for(feedback,
     assert model.copilot.config.memory_norm is expected
     assert isinstance(model.copilot.memory_norm, torch.nn.Identity) is not expected
     assert config.memory_norm is memory_norm
+
+
+@pytest.mark.parametrize(
+    ("error_form", "error_loss", "expected"),
+    [
+        ("linear", None, "squared_error"),
+        ("reweight", None, "cross_entropy"),
+        ("reweight", "squared_error", "squared_error"),
+        ("reweight", "cross_entropy", "cross_entropy"),
+    ],
+)
+def test_the_error_loss_defaults_to_the_error_forms_own(error_form, error_loss, expected, tmp_path):
+    config = tiny_copilot_config(error_form=error_form, error_loss=error_loss)
+    assert config.error_loss == expected
+    config.save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "config.json").read_text())["error_loss"] == expected
+
+
+def test_a_cross_entropy_loss_needs_the_reweight_form():
+    """A linear head's p + f_C is not a distribution: there is no log-loss to take."""
+    with pytest.raises(StrictDataclassClassValidationError, match="only error_form='reweight' guarantees"):
+        tiny_copilot_config(error_form="linear", error_loss="cross_entropy")
+    config = tiny_copilot_config(error_form="reweight")
+    config.error_form = "linear"  # the resolved cross-entropy stays: refused by the rules between fields
+    with pytest.raises(ValueError, match="Set error_form='reweight', or error_loss='squared_error'"):
+        config.validate_architecture()

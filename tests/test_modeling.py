@@ -131,6 +131,39 @@ def test_copilot_loss_is_the_rmse_over_loss_mask_positions(arch):
     assert int(out.copilot_num_tokens) == int(loss_mask.sum())
 
 
+def test_a_cross_entropy_copilot_loss_is_the_log_loss_of_the_observed_token_under_p_plus_f_c():
+    """error_loss="cross_entropy" (the reweight form's default): copilot_loss is the mean over loss-mask positions
+    of -log softmax(log p + W_out h)[y], with its gradients; the squared error is still reported for R^2."""
+    model = build_pilot_copilot("llama", tiny_copilot_config(error_form="reweight"), copilot_std=0.1)
+    model.double().train()
+    batch = build_batch()
+    out = model(**batch, return_mistake_log=True)
+    out.copilot_loss.backward()
+    gradients = [p.grad.clone() for p in model.copilot.parameters()]
+    model.zero_grad(set_to_none=True)
+
+    entry = out.mistake_log_entry
+    stream = shift_right(model.copilot.embed_errors(entry.errors))
+    head_input = model.copilot(
+        stream, entry.x_tilde, entry.h_bar, entry.attention_mask, return_head_input=True
+    )
+    probs = out.logits.softmax(-1)
+    log_fused = (probs.log() + model.copilot.error_head(head_input)).log_softmax(-1)
+    loss_mask = entry.loss_mask
+    targets = batch["input_ids"].roll(-1, dims=1)
+    expected = -log_fused.gather(-1, targets.unsqueeze(-1)).squeeze(-1)[loss_mask].mean()
+    expected.backward()
+    torch.testing.assert_close(out.copilot_loss, expected.detach())
+    torch.testing.assert_close(out.copilot_loss_sum, expected.detach() * loss_mask.sum())
+    for got, want in zip(gradients, [p.grad for p in model.copilot.parameters()], strict=True):
+        torch.testing.assert_close(got, want)
+
+    error = direct_errors(out.logits, batch["input_ids"], batch["attention_mask"]).double()
+    squared = (log_fused.exp() - probs - error).square().sum(-1)[loss_mask].sum()
+    torch.testing.assert_close(out.copilot_squared_error, squared.detach())
+    assert not out.copilot_squared_error.requires_grad  # a report, not what training minimises
+
+
 def test_all_labels_masked_gives_a_zero_loss_and_a_warning(arch):
     model = build_pilot_copilot(arch)
     batch = build_batch()

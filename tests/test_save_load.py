@@ -423,6 +423,27 @@ def test_a_paper_mode_checkpoint_saved_before_memory_norm_existed_loads_without_
     assert_same_outputs(model.eval(), loaded)
 
 
+@pytest.mark.parametrize("copilot_only", [False, True])
+def test_a_reweight_checkpoint_saved_before_error_loss_existed_trains_on_as_it_was_trained(
+    copilot_only, tmp_path
+):
+    """Such files have no `error_loss`: a reweight Copilot would get the cross-entropy today; it keeps the squared
+    error it was trained with (what resumed training or more epochs on it minimise)."""
+    pilot = saved_pilot("llama", tmp_path / "pilot")
+    model = build_pilot_copilot(pilot, tiny_copilot_config(error_form="reweight"))
+    assert model.copilot.config.error_loss == "cross_entropy"
+    folder = tmp_path / "model"
+    model.save_copilot(folder) if copilot_only else model.save_pretrained(folder)
+    config = json.loads((folder / "config.json").read_text())
+    assert PilotCopilotForCausalLM.from_pretrained(folder).copilot.config.error_loss == "cross_entropy"
+    del (config if copilot_only else config["copilot_config"])["error_loss"]
+    (folder / "config.json").write_text(json.dumps(config))
+
+    loaded = PilotCopilotForCausalLM.from_pretrained(folder).eval()
+    assert loaded.copilot.config.error_loss == "squared_error"
+    assert_same_outputs(model.eval(), loaded)
+
+
 def test_copilot_checkpoint_without_a_named_base_needs_the_pilot(tmp_path):
     model = build_pilot_copilot("llama")  # built in memory: its Pilot has no name_or_path
     model.save_copilot(tmp_path)

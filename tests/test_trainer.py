@@ -56,10 +56,11 @@ def collate(rows: list[dict[str, list[int]]]) -> dict[str, torch.Tensor]:
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 
 
-def make_model(seed: int = 0, pilot=None) -> PilotCopilotForCausalLM:
+def make_model(seed: int = 0, pilot=None, error_form: str = "linear") -> PilotCopilotForCausalLM:
     pilot = build_pilot("llama", seed=seed) if pilot is None else pilot
     torch.manual_seed(seed + 1)
-    return PilotCopilotForCausalLM.from_pilot(pilot, tiny_copilot_config(intermediate_size=64))
+    config = tiny_copilot_config(intermediate_size=64, error_form=error_form)
+    return PilotCopilotForCausalLM.from_pilot(pilot, config)
 
 
 def settings(tmp_path, **overrides) -> dict:
@@ -297,14 +298,22 @@ class PerMicroBatchTrainer(CopilotTrainer):
         self.model_accepts_loss_kwargs = False  # Trainer then counts no num_items_in_batch
 
 
-def test_gradient_accumulation_4x2_updates_both_models_exactly_as_batch_8(tmp_path):
+@pytest.mark.parametrize("error_form", ["linear", "reweight"])  # the squared error and the cross-entropy
+def test_gradient_accumulation_4x2_updates_both_models_exactly_as_batch_8(tmp_path, error_form):
     sgd = dict(optim="sgd", learning_rate=0.1, copilot_learning_rate=0.3)
-    big = make_trainer(tmp_path, per_device_train_batch_size=8, **sgd)
+    big = make_trainer(tmp_path, make_model(error_form=error_form), per_device_train_batch_size=8, **sgd)
     big.train()
-    accumulated = make_trainer(tmp_path, per_device_train_batch_size=2, gradient_accumulation_steps=4, **sgd)
+    accumulated = make_trainer(
+        tmp_path,
+        make_model(error_form=error_form),
+        per_device_train_batch_size=2,
+        gradient_accumulation_steps=4,
+        **sgd,
+    )
     accumulated.train()
     naive = make_trainer(
         tmp_path,
+        make_model(error_form=error_form),
         per_device_train_batch_size=2,
         gradient_accumulation_steps=4,
         trainer_class=PerMicroBatchTrainer,
@@ -315,7 +324,7 @@ def test_gradient_accumulation_4x2_updates_both_models_exactly_as_batch_8(tmp_pa
     # The micro-batches carry different numbers of labels, so per-micro-batch means weigh tokens unequally.
     batches = list(accumulated.get_train_dataloader())
     assert len({int((batch["labels"][:, 1:] != -100).sum()) for batch in batches}) > 2
-    assert max_difference(big.model, make_model()) > 1e-3  # the parameters moved
+    assert max_difference(big.model, make_model(error_form=error_form)) > 1e-3  # the parameters moved
     for part in ("pilot", "copilot"):
         assert max_difference(getattr(big.model, part), getattr(accumulated.model, part)) < 1e-7
         assert max_difference(getattr(big.model, part), getattr(naive.model, part)) > 1e-5
@@ -323,7 +332,8 @@ def test_gradient_accumulation_4x2_updates_both_models_exactly_as_batch_8(tmp_pa
     assert logged(accumulated, "copilot_loss") == pytest.approx(logged(big, "copilot_loss"), rel=1e-6)
 
 
-def test_the_copilot_only_phase_accumulates_exactly_as_one_batch(tmp_path):
+@pytest.mark.parametrize("error_form", ["linear", "reweight"])  # the squared error and the cross-entropy
+def test_the_copilot_only_phase_accumulates_exactly_as_one_batch(tmp_path, error_form):
     """Its step is the user's optimizer batch, not the micro-batch: the same gradients at 2 x 4 as at 8 x 1."""
     sgd = dict(optim="sgd", learning_rate=0.1, copilot_learning_rate=0.3, copilot_final_epochs=2.0)
     gradients = {}
@@ -338,7 +348,7 @@ def test_the_copilot_only_phase_accumulates_exactly_as_one_batch(tmp_path):
 
         handle = register_optimizer_step_pre_hook(capture)
         try:
-            trainer = make_trainer(tmp_path, **sgd, **settings)
+            trainer = make_trainer(tmp_path, make_model(error_form=error_form), **sgd, **settings)
             trainer.train()
         finally:
             handle.remove()
@@ -645,9 +655,10 @@ class RecordingTrainer(CopilotTrainer):
         return super().compute_loss(model, inputs, *args, **kwargs)
 
 
-def r2_reference(model, batches) -> float:
-    """1 - sum ||f_C - e||^2 / sum ||e||^2 over loss-mask positions, from dense errors."""
-    residual = total = 0.0
+def r2_and_loss_reference(model, batches) -> tuple[float, float]:
+    """R^2 = 1 - sum ||f_C - e||^2 / sum ||e||^2 over loss-mask positions, from dense errors; and copilot_loss:
+    the RMSE, or under the cross-entropy the mean of -log (p + f_C)[y]."""
+    residual = total = log_loss = count = 0.0
     for batch, pilot, copilot in batches:
         if pilot is not None:
             model.pilot.load_state_dict(pilot)
@@ -658,12 +669,24 @@ def r2_reference(model, batches) -> float:
         mask = out.mistake_log_entry.loss_mask
         residual += float(((out.predicted_error - error).square().sum(-1) * mask).sum())
         total += float((error.square().sum(-1) * mask).sum())
-    return 1.0 - residual / total
+        fused = out.logits.softmax(-1) + out.predicted_error
+        gold = fused.gather(-1, batch["input_ids"].roll(-1, dims=1).unsqueeze(-1)).squeeze(-1)
+        log_loss += float(-(gold.log() * mask).sum())
+        count += float(mask.sum())
+    if model.copilot.config.error_loss == "squared_error":
+        return 1.0 - residual / total, math.sqrt(residual / count)
+    return 1.0 - residual / total, log_loss / count
 
 
-def test_copilot_r2_in_logs_and_evaluation_equals_an_independent_computation(tmp_path):
+@pytest.mark.parametrize("error_form", ["linear", "reweight"])  # the squared error and the cross-entropy
+def test_copilot_r2_and_loss_in_logs_and_evaluation_equal_an_independent_computation(tmp_path, error_form):
     trainer = make_trainer(
-        tmp_path, trainer_class=RecordingTrainer, max_steps=3, logging_steps=3, copilot_feedback_fraction=0.0
+        tmp_path,
+        make_model(error_form=error_form),
+        trainer_class=RecordingTrainer,
+        max_steps=3,
+        logging_steps=3,
+        copilot_feedback_fraction=0.0,
     )
     trainer.recorded = []
     trainer.train()
@@ -672,12 +695,15 @@ def test_copilot_r2_in_logs_and_evaluation_equals_an_independent_computation(tmp
     rows = counting_rows(7, seed=1)
     metrics = trainer.evaluate(eval_dataset=rows)
     model.eval()
-    assert metrics["eval_copilot_r2"] == pytest.approx(
-        r2_reference(model, [(collate(rows[i : i + 8]), None, None) for i in range(0, 7, 8)]), rel=1e-4
-    )
+    r2, loss = r2_and_loss_reference(model, [(collate(rows[i : i + 8]), None, None) for i in range(0, 7, 8)])
+    assert (metrics["eval_copilot_r2"], metrics["eval_copilot_loss"]) == pytest.approx((r2, loss), rel=1e-4)
     # Training: each step's Copilot, before its update, on that step's batch, over the logging window.
     model.train()
-    assert logged(trainer, "copilot_r2") == pytest.approx([r2_reference(model, trainer.recorded)], rel=1e-4)
+    r2, loss = r2_and_loss_reference(model, trainer.recorded)
+    assert (logged(trainer, "copilot_r2"), logged(trainer, "copilot_loss")) == (
+        pytest.approx([r2], rel=1e-4),
+        pytest.approx([loss], rel=1e-4),
+    )
     model.load_state_dict(final)
 
 
