@@ -394,9 +394,8 @@ def copilot_loss_from_sums(objective, num_tokens, error_loss: str):
 def copilot_cross_entropy(fused_logits: torch.Tensor, entry: MistakeLogEntry) -> torch.Tensor:
     """Sum over loss-mask positions of -log softmax(fused_logits)[y_j], the observed next token y_j (fused_logits
     in fp32 or wider)."""
-    log_probs = torch.log_softmax(fused_logits, dim=-1)
-    gold = log_probs.gather(-1, entry.errors._safe_targets().unsqueeze(-1)).squeeze(-1)
-    return -(gold * entry.loss_mask).sum()
+    gold = fused_logits.gather(-1, entry.errors._safe_targets().unsqueeze(-1)).squeeze(-1)
+    return ((torch.logsumexp(fused_logits, dim=-1) - gold) * entry.loss_mask).sum()
 
 
 def copilot_squared_error(
