@@ -7,12 +7,13 @@ Regimes:
   scratch     tiny Pilots trained from random initialisation on one task
 Arms (same Pilot initialisation, data order and steps):
   pilot               the Pilot fine-tuned alone with the stock Trainer
-  pilot_copilot       Pilot + a randomly initialised Copilot, CopilotTrainer with the package defaults (their
-                      Copilot-only phase: 12 epochs, at most 4 x the joint run's batches)
-  pilot_copilot_reweight  the ablation of CopilotConfig.error_form: pilot_copilot with the "reweight" head
-                      (f_C = softmax(log p + W_out h) - p) instead of the paper's linear one, on the squared error
-  pilot_copilot_cross_entropy  the ablation of CopilotConfig.error_loss: the reweight head trained on the
-                      cross-entropy of the observed token under p + f_C instead of the squared error
+  pilot_copilot       Pilot + a randomly initialised Copilot, CopilotTrainer with the package defaults (the
+                      reweight head on the cross-entropy; the Copilot-only phase: 12 epochs, at most 4 x the joint
+                      run's batches)
+  pilot_copilot_linear  the ablation of CopilotConfig.error_form: pilot_copilot with the paper's linear head on
+                      the squared error instead of the "reweight" head (f_C = softmax(log p + W_out h) - p) on the
+                      cross-entropy of the observed token under p + f_C (the default before the latter)
+  pilot_copilot_reweight  the ablation of CopilotConfig.error_loss: the reweight head on the squared error
   pilot_copilot_small_head  the ablation of CopilotConfig.initial_error_norm: pilot_copilot with its output
                       head drawn so that ||f_C|| starts at 0.1 (observed feedback only)
   pilot_copilot_small_input  the ablation of CopilotConfig.error_proj_init_std: pilot_copilot with W_in drawn
@@ -35,7 +36,7 @@ Arms (same Pilot initialisation, data order and steps):
   pilot_copilot_init  pilot_copilot with the Copilot initialised from the smaller family member (pretrained only)
   pilot_copilot_init_embedding_scale  the ablation of copilot_init's W_in scale: pilot_copilot_init with W_in left at
                       the embeddings' own scale (error_proj_init_std=None) instead of std 1
-  pilot_copilot_init_cross_entropy  pilot_copilot_init with the reweight head on the cross-entropy
+  pilot_copilot_init_linear  pilot_copilot_init with the paper's linear head on the squared error
   pilot_copilot_init_final_1_epoch  pilot_copilot_init with one Copilot-only epoch
   pilot_copilot_init_final_{3,6}_epochs  pilot_copilot_init with 3 or 6 Copilot-only epochs
   pilot_matched       the next family size (pretrained) or a Pilot with as many parameters (scratch)
@@ -98,8 +99,8 @@ FEEDBACK_MODES = ("observed", "copilot")
 ARMS = (
     "pilot",
     "pilot_copilot",
+    "pilot_copilot_linear",
     "pilot_copilot_reweight",
-    "pilot_copilot_cross_entropy",
     "pilot_copilot_small_head",
     "pilot_copilot_small_input",
     "pilot_copilot_no_positions",
@@ -115,7 +116,7 @@ ARMS = (
     "pilot_copilot_paper_no_memory_norm",
     "pilot_copilot_init",
     "pilot_copilot_init_embedding_scale",
-    "pilot_copilot_init_cross_entropy",
+    "pilot_copilot_init_linear",
     "pilot_copilot_init_final_1_epoch",
     "pilot_copilot_init_final_3_epochs",
     "pilot_copilot_init_final_6_epochs",
@@ -257,7 +258,8 @@ class Experiment:
             config = copilot_config_like(AutoConfig.from_pretrained(self.family.members["small"]))
         if self.error_form is None:
             return config
-        return CopilotConfig.from_dict(config.to_dict() | {"error_form": self.error_form})
+        # error_loss None: the form's own loss (the cross-entropy needs the reweight form).
+        return CopilotConfig.from_dict(config.to_dict() | {"error_form": self.error_form, "error_loss": None})
 
     def copilot_parameters(self) -> int:
         model = self.wrapper.from_pilot(self.setting.shape.build(self.tokenizer, 0), SCRATCH_COPILOT)
@@ -303,7 +305,7 @@ def run(
     error_form: str | None = None,
 ) -> list[dict]:
     """The arms of one regime, task and seed, each Copilot arm scored in `feedback_modes`; `error_form`
-    replaces the package's default head in every Copilot arm but the reweight ablation."""
+    replaces the package's default head (with that head's own loss) in every Copilot arm but the head ablations."""
     experiment = Experiment(regime, setting, seed, eval_size, family, error_form)
     base = {"regime": regime, "task": setting.name, "seed": seed}
     records = []
@@ -368,12 +370,11 @@ def run(
         joint = experiment.wrapper.from_pilot(experiment.pilot(), config)
         copilot_records(arm, modes, *experiment.fine_tune(joint, with_copilot=True, copilot_change=training))
 
-    reweight = {"error_form": "reweight", "error_loss": "squared_error"}
-    cross_entropy = {"error_form": "reweight", "error_loss": "cross_entropy"}
+    linear = {"error_form": "linear", "error_loss": "squared_error"}
+    if "pilot_copilot_linear" in arms:
+        ablation_records("pilot_copilot_linear", linear)
     if "pilot_copilot_reweight" in arms:
-        ablation_records("pilot_copilot_reweight", reweight)
-    if "pilot_copilot_cross_entropy" in arms:
-        ablation_records("pilot_copilot_cross_entropy", cross_entropy)
+        ablation_records("pilot_copilot_reweight", {"error_form": "reweight", "error_loss": "squared_error"})
     if "pilot_copilot_small_head" in arms:
         ablation_records(
             "pilot_copilot_small_head", {"initial_error_norm": INITIAL_ERROR_NORM}, ("observed",)
@@ -437,8 +438,8 @@ def run(
     if family is not None and "pilot_copilot_init_embedding_scale" in arms:
         embedding_scale = initialised({"error_proj_init_std": None})
         copilot_records("pilot_copilot_init_embedding_scale", feedback_modes, *embedding_scale)
-    if family is not None and "pilot_copilot_init_cross_entropy" in arms:
-        copilot_records("pilot_copilot_init_cross_entropy", feedback_modes, *initialised(cross_entropy))
+    if family is not None and "pilot_copilot_init_linear" in arms:
+        copilot_records("pilot_copilot_init_linear", feedback_modes, *initialised(linear))
     if family is not None and "pilot_copilot_init_final_1_epoch" in arms:
         one_epoch = initialised(training={"copilot_final_epochs": 1.0})
         copilot_records("pilot_copilot_init_final_1_epoch", feedback_modes, *one_epoch)
@@ -605,7 +606,7 @@ def main() -> None:
     parser.add_argument(
         "--error-form",
         choices=("linear", "reweight"),
-        help="the Copilot arms' CopilotConfig.error_form (default: the package's)",
+        help="the Copilot arms' CopilotConfig.error_form, with its own error_loss (default: the package's)",
     )
     parser.add_argument("--note", help="a line for the markdown under the commands (what a reader must know)")
     parser.add_argument("--quick", action="store_true", help="smoke run: 200 examples, half an epoch")

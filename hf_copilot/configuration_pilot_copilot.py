@@ -28,7 +28,12 @@ ERROR_LOSSES = ("squared_error", "cross_entropy")
 # masking and the Pilot's states carry order); "rope" rotates queries and keys by their positions as LLaMA does.
 POSITION_ENCODINGS = ("none", "rope")
 # What a Copilot saved before a field existed was built with: its file loads as that Copilot, whatever the default.
-FIELDS_OF_EARLIER_FILES = {"position_encoding": "none", "memory_norm": False, "error_loss": "squared_error"}
+FIELDS_OF_EARLIER_FILES = {
+    "error_form": "linear",
+    "error_loss": "squared_error",
+    "position_encoding": "none",
+    "memory_norm": False,
+}
 FUSION_FIELDS = ("copilot_lambda", "fusion", "copilot_feedback")  # how a model fuses; per generate() call too
 
 
@@ -138,7 +143,7 @@ class CopilotConfig(PreTrainedConfig):
     )
     # "reweight" learnt faster and lifted more where the Pilot's own candidates hold the answer (sorting) and
     # learnt less elsewhere (benchmarks/results/error_form/), so the paper's head stays the default.
-    error_form: str = validated_field(check_error_form, default="linear")
+    error_form: str = validated_field(check_error_form, default="reweight")
     # What the Copilot's training minimises per position: the paper's squared error ||f_C - e||^2, or, for the reweight
     # form, whose p + f_C is a distribution, the cross-entropy of the observed token under it (the fused
     # distribution at lambda 1). None: cross-entropy for "reweight", the squared error for "linear".

@@ -118,7 +118,7 @@ def test_a_training_pass_gives_the_same_copilot_loss_and_gradients_without_formi
 
 @torch.no_grad()
 def test_copilot_loss_is_the_rmse_over_loss_mask_positions(arch):
-    model = build_pilot_copilot(arch)
+    model = build_pilot_copilot(arch, tiny_copilot_config(error_form="linear"))  # the paper's head and loss
     batch = build_batch()
     out = model(**batch, return_mistake_log=True)
     error = direct_errors(out.logits, batch["input_ids"], batch["attention_mask"])
