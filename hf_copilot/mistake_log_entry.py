@@ -194,6 +194,20 @@ class PilotErrors:
         probs = torch.zeros(shape, dtype=self.topk_values.dtype, device=self.topk_values.device)
         return probs.scatter_(-1, self.topk_indices, self.topk_values)
 
+    def probabilities_spread(self) -> torch.Tensor:
+        """p_j [B,T,V] with the mass outside a compact entry's top k spread evenly over the other tokens.
+
+        What the reweight head reads (log p): a zero there would make a token the Pilot ranked below its top k
+        unreachable and, under the cross-entropy, cost ~69 nats wherever it is the observed one.
+        """
+        probs = self.probabilities()
+        if not self.is_compact:
+            return probs
+        others = self.vocab_size - self.topk_indices.shape[-1]
+        rest = (1.0 - self.topk_values.sum(-1, keepdim=True)).clamp_min(0.0) / max(others, 1)
+        spread = rest.expand_as(probs).scatter(-1, self.topk_indices, torch.zeros_like(self.topk_values))
+        return probs + spread
+
     def dense(self) -> torch.Tensor:
         """The error tensor [B,T,V] (for tests, research and small vocabularies)."""
         probs = self.probabilities()

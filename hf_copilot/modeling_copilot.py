@@ -270,7 +270,8 @@ def reweighted_error(head_output: torch.Tensor, pilot_probs: torch.Tensor) -> to
     The paper's linear head must rebuild -p from the Pilot's hidden states through a vocabulary-sized
     projection before it can predict anything; here p is given and the head only says which of the Pilot's
     candidates to move mass to. A head output of zero is exactly "no correction", and p + 1 * f_C is a
-    distribution. Tokens where p is zero (outside a compact entry's top-k) keep a negligible share.
+    distribution. A compact entry's mass outside its top k is read spread over those tokens
+    (`PilotErrors.probabilities_spread`); tokens where p is zero keep a negligible share.
     """
     logits = reweighted_logits(head_output, pilot_probs)
     return (torch.softmax(logits, dim=-1) - pilot_probs.to(logits.dtype)).to(head_output.dtype)
@@ -369,7 +370,7 @@ class CopilotModel(CopilotPreTrainedModel):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """The reweight form's f_C from what W_out reads, and the logits whose softmax is p + f_C (what its
         cross-entropy loss scores)."""
-        probs = pilot_errors.probabilities()[:, -head_input.shape[1] :]
+        probs = pilot_errors.probabilities_spread()[:, -head_input.shape[1] :]
         head_output = self.error_head(head_input)
         return reweighted_error(head_output, probs), reweighted_logits(head_output, probs)
 
@@ -447,7 +448,7 @@ class CopilotModel(CopilotPreTrainedModel):
             raise ValueError(
                 "A Copilot with error_form='reweight' needs the Pilot's errors (`pilot_errors=`)."
             )
-        return reweighted_error(head_output, pilot_errors.probabilities()[:, -head_output.shape[1] :])
+        return reweighted_error(head_output, pilot_errors.probabilities_spread()[:, -head_output.shape[1] :])
 
     @staticmethod
     def encoder_decoder_memory(

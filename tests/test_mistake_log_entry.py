@@ -110,3 +110,20 @@ def test_head_squared_distance_under_autocast_keeps_float32_products():
         distance.sum().backward()
     torch.testing.assert_close(distance, expected)
     torch.testing.assert_close((head_input.grad, weight.grad), expected_grads)
+
+
+def test_a_compact_entry_spreads_the_mass_outside_its_top_k_evenly_for_the_reweight_head():
+    """Where the Pilot's distribution is uniform outside its top k, the spread compact entry is the dense one, so a
+    reweight head reads the same log p from both; a dense entry is returned as it is."""
+    generator = torch.Generator().manual_seed(0)
+    top = torch.rand(B, T, 4, generator=generator, dtype=torch.float64) + 1.0
+    rest = torch.rand(B, T, 1, generator=generator, dtype=torch.float64)
+    probs = torch.cat([top, rest.expand(B, T, V - 4)], dim=-1)
+    probs = probs / probs.sum(-1, keepdim=True)
+    probs = probs[..., torch.randperm(V, generator=generator)]
+    targets = torch.randint(0, V, (B, T), generator=generator)
+    dense = PilotErrors(targets=targets, mask=torch.ones(B, T, dtype=torch.bool), vocab_size=V, probs=probs)
+    assert dense.probabilities_spread() is probs
+    compact = dense.compact(4)
+    assert (compact.probabilities() == 0).sum() == B * T * (V - 4)  # what the squared error reads
+    torch.testing.assert_close(compact.probabilities_spread(), probs)

@@ -633,6 +633,21 @@ def test_reweight_error_form_moves_the_pilots_own_probability_mass():
         model.copilot(model.copilot.embed_errors(copilot_inputs[2]), *copilot_inputs[:2])
 
 
+@torch.no_grad()
+def test_a_reweight_head_reads_a_compact_entry_with_its_remaining_mass_spread():
+    """Log rows keep the Pilot's top k: the reweight head reads the rest of the mass spread over the other
+    tokens, exactly as from a dense entry holding that spread distribution (same stream, same memory)."""
+    model = build_pilot_copilot("llama", tiny_copilot_config(error_form="reweight"), copilot_std=0.1)
+    x_tilde, h_bar, errors = random_copilot_inputs(model)
+    compact = errors.compact(8)
+    spread = PilotErrors(errors.targets, errors.mask, VOCAB_SIZE, probs=compact.probabilities_spread())
+    stream = shift_right(model.copilot.embed_errors(compact))
+    mask = torch.ones(x_tilde.shape[:2], dtype=torch.long)
+    got = model.copilot(stream, x_tilde, h_bar, mask, pilot_errors=compact)
+    torch.testing.assert_close(got, model.copilot(stream, x_tilde, h_bar, mask, pilot_errors=spread))
+    assert (compact.probabilities() == 0).any() and (compact.probabilities_spread() > 0).all()
+
+
 @pytest.mark.parametrize("memory_norm", [False, True])
 @torch.no_grad()
 def test_a_memory_norm_reads_every_pilot_state_at_the_same_scale(memory_norm):
