@@ -13,7 +13,7 @@ def plot_training_and_sweep(history: list[dict], sweeps: dict[str, dict[float, f
     stays at 0); right: validation accuracy by copilot_lambda, one line per feedback mode (lambda = 0 is the
     Pilot alone)."""
     figure, (losses, r2, lambdas) = plt.subplots(1, 3, figsize=(15, 4))
-    for key, label in (("pilot_loss", "Pilot loss (CE)"), ("copilot_loss", "Copilot loss (RMSE)")):
+    for key, label in (("pilot_loss", "Pilot loss (CE)"), ("copilot_loss", "Copilot loss (error_loss)")):
         points = [(row["step"], row[key]) for row in history if key in row]
         if points:
             losses.plot(*zip(*points, strict=True), marker=".", label=label)
