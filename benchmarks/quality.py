@@ -29,7 +29,9 @@ Arms (same Pilot initialisation, data order and steps):
   pilot_copilot_deep  a capacity diagnostic: pilot_copilot with twice the Copilot's layers (twice its compute)
   pilot_copilot_paper the same trained for the paper's feedback mode (copilot_feedback="copilot", the
                       Copilot reads its own predictions at answer positions in training too; built for that
-                      mode, it has memory_norm by default)
+                      mode, it has memory_norm and the paper's linear head on the squared error by default)
+  pilot_copilot_paper_reweight  pilot_copilot_paper with the reweight head on the cross-entropy, the observed
+                      mode's default head
   pilot_copilot_memory_norm  pilot_copilot with the Pilot's states RMS-normalised before the Copilot's memory
                       projection (CopilotConfig.memory_norm=True; the default for the paper's feedback mode only)
   pilot_copilot_paper_no_memory_norm  pilot_copilot_paper without it (memory_norm=False), as before that default
@@ -114,6 +116,7 @@ ARMS = (
     "pilot_copilot_paper",
     "pilot_copilot_memory_norm",
     "pilot_copilot_paper_no_memory_norm",
+    "pilot_copilot_paper_reweight",
     "pilot_copilot_init",
     "pilot_copilot_init_embedding_scale",
     "pilot_copilot_init_linear",
@@ -405,15 +408,15 @@ def run(
         copilot_records("pilot_copilot_paper", ("copilot",), *experiment.fine_tune(joint, with_copilot=True))
     if "pilot_copilot_memory_norm" in arms:
         ablation_records("pilot_copilot_memory_norm", {"memory_norm": True})
-    if "pilot_copilot_paper_no_memory_norm" in arms:
-        torch.manual_seed(seed + 1)
-        config = experiment.copilot_config().to_dict() | {"memory_norm": False}
-        joint = experiment.wrapper.from_pilot(experiment.pilot(), config, copilot_feedback="copilot")
-        copilot_records(
-            "pilot_copilot_paper_no_memory_norm",
-            ("copilot",),
-            *experiment.fine_tune(joint, with_copilot=True),
-        )
+    for arm, change in (
+        ("pilot_copilot_paper_no_memory_norm", {"memory_norm": False}),
+        ("pilot_copilot_paper_reweight", {"error_form": "reweight"}),
+    ):
+        if arm in arms:
+            torch.manual_seed(seed + 1)
+            config = experiment.copilot_config().to_dict() | change
+            joint = experiment.wrapper.from_pilot(experiment.pilot(), config, copilot_feedback="copilot")
+            copilot_records(arm, ("copilot",), *experiment.fine_tune(joint, with_copilot=True))
 
     def initialised(change: dict | None = None, training: dict | None = None):
         """Pilot + the Copilot initialised from the smaller family member (copilot_init), from the same seeds."""

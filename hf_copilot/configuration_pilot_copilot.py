@@ -63,9 +63,10 @@ def positive_scale_or_none(name: str):
 
 
 def check_error_form(error_form) -> None:
-    if error_form not in ERROR_FORMS:
+    if error_form is not None and error_form not in ERROR_FORMS:
         raise ValueError(
-            f"Unknown error_form={error_form!r}: use one of {ERROR_FORMS} ('linear' is the paper's)."
+            f"Unknown error_form={error_form!r}: use one of {ERROR_FORMS} ('linear' is the paper's), or None for "
+            "the feedback mode's own."
         )
 
 
@@ -141,9 +142,11 @@ class CopilotConfig(PreTrainedConfig):
     initial_error_norm: int | float | None = validated_field(
         positive_scale_or_none("initial_error_norm"), default=None
     )
-    # "reweight" learnt faster and lifted more where the Pilot's own candidates hold the answer (sorting) and
-    # learnt less elsewhere (benchmarks/results/error_form/), so the paper's head stays the default.
-    error_form: str = validated_field(check_error_form, default="reweight")
+    # "linear" (the paper's f_C = W_out h) or "reweight" (f_C = softmax(log p + W_out h) - p). None: set when the
+    # Copilot is attached, by the feedback it is built for (`resolve_for_feedback`): "reweight" with observed
+    # feedback, where it lifted every pretrained family trained on the cross-entropy, "linear" for the paper's mode,
+    # where the reweight head lifted less (benchmarks/results/error_loss/).
+    error_form: str | None = validated_field(check_error_form, default=None)
     # What the Copilot's training minimises per position: the paper's squared error ||f_C - e||^2, or, for the reweight
     # form, whose p + f_C is a distribution, the cross-entropy of the observed token under it (the fused
     # distribution at lambda 1). None: cross-entropy for "reweight", the squared error for "linear".
@@ -178,9 +181,20 @@ class CopilotConfig(PreTrainedConfig):
             self.num_key_value_heads = self.num_attention_heads
         if self.intermediate_size is None:
             self.intermediate_size = 4 * self.hidden_size
-        if self.error_loss is None:
+        if self.error_loss is None and self.error_form is not None:
             self.error_loss = "cross_entropy" if self.error_form == "reweight" else "squared_error"
         super().__post_init__(**kwargs)
+
+    def resolve_for_feedback(self, copilot_feedback: str) -> None:
+        """Fill the fields left to the feedback mode the Copilot is built for (`memory_norm`, `error_form`, then
+        `error_loss`), each chosen on measured evidence (see the fields' comments)."""
+        paper_mode = copilot_feedback == "copilot"
+        if self.memory_norm is None:
+            self.memory_norm = paper_mode
+        if self.error_form is None:  # a cross-entropy asked for needs the reweight form
+            self.error_form = "linear" if paper_mode and self.error_loss != "cross_entropy" else "reweight"
+        if self.error_loss is None:
+            self.error_loss = "cross_entropy" if self.error_form == "reweight" else "squared_error"
 
     def validate_architecture(self):
         """Part of `@strict`-powered validation: the rules between fields. Call it again after a change."""
@@ -204,7 +218,7 @@ class CopilotConfig(PreTrainedConfig):
                 f"position_encoding='rope' rotates pairs of coordinates: head_dim (hidden_size / "
                 f"num_attention_heads = {self.head_dim}) must be even."
             )
-        if self.error_loss == "cross_entropy" and self.error_form != "reweight":
+        if self.error_loss == "cross_entropy" and self.error_form == "linear":
             raise ValueError(
                 f"error_loss='cross_entropy' scores p + f_C as a distribution, which only error_form='reweight' "
                 f"guarantees; got error_form={self.error_form!r}. Set error_form='reweight', or error_loss="
@@ -253,8 +267,7 @@ class PilotCopilotConfig(PreTrainedConfig):
             self.copilot_config.vocab_size = pilot.vocab_size
         if self.copilot_config.pilot_hidden_size is None:
             self.copilot_config.pilot_hidden_size = pilot.hidden_size
-        if self.copilot_config.memory_norm is None:  # the Copilot is built for the feedback it will read
-            self.copilot_config.memory_norm = self.copilot_feedback == "copilot"
+        self.copilot_config.resolve_for_feedback(self.copilot_feedback)  # built for the feedback it will read
         self.check_copilot_fits_pilot()
 
     def validate_architecture(self):

@@ -283,6 +283,29 @@ def test_the_memory_norm_follows_the_feedback_the_copilot_is_built_for(feedback,
 
 
 @pytest.mark.parametrize(
+    ("feedback", "error_form", "error_loss", "expected"),
+    [
+        ("observed", None, None, ("reweight", "cross_entropy")),
+        ("copilot", None, None, ("linear", "squared_error")),
+        ("copilot", None, "cross_entropy", ("reweight", "cross_entropy")),
+        ("observed", "linear", None, ("linear", "squared_error")),
+        ("copilot", "reweight", None, ("reweight", "cross_entropy")),
+    ],
+)
+def test_the_head_follows_the_feedback_the_copilot_is_built_for(feedback, error_form, error_loss, expected):
+    """Unset, the Copilot gets the reweight head on the cross-entropy for observed feedback and the paper's
+    linear head on the squared error for the paper's mode; a field set is kept. The caller's config is left
+    unset, and the Copilot computes what its config says."""
+    config = tiny_copilot_config(error_form=error_form, error_loss=error_loss)
+    model = PilotCopilotForCausalLM.from_pilot(build_pilot("llama"), config, copilot_feedback=feedback)
+    assert (model.copilot.config.error_form, model.copilot.config.error_loss) == expected
+    assert config.error_form == error_form
+    if error_form is None:  # a form set resolves its own loss at once; without one it waits for the feedback
+        assert config.error_loss == error_loss
+    assert model.copilot.computes_loss_without_output == (expected[0] == "linear")
+
+
+@pytest.mark.parametrize(
     ("error_form", "error_loss", "expected"),
     [
         ("linear", None, "squared_error"),
