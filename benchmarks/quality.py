@@ -624,8 +624,8 @@ def main() -> None:
         nargs="+",
         default=[],
         metavar="OLD=NEW",
-        help="with --from-records: report arm OLD's records as arm NEW (kept as measured_as), for an arm "
-        "measured under another name before it became the default",
+        help="with --from-records: report arm OLD's records as arm NEW (the name it first ran under kept as "
+        "measured_as), for an arm measured under another name before it became the default",
     )
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -635,7 +635,9 @@ def main() -> None:
         merged = [json.load(open(path)) for path in args.from_records]
         renames = dict(pair.split("=", 1) for pair in args.rename)
         renamed = (
-            {**r, "arm": renames[r["arm"]], "measured_as": r["arm"]} if r["arm"] in renames else r
+            {**r, "arm": renames[r["arm"]], "measured_as": r.get("measured_as", r["arm"])}
+            if r["arm"] in renames
+            else r
             for result in merged
             for r in result["records"]
         )
