@@ -70,6 +70,11 @@ def check_error_form(error_form) -> None:
         )
 
 
+def default_error_loss(error_form: str) -> str:
+    """The loss each head trains on unless told: the cross-entropy where p + f_C is a distribution."""
+    return "cross_entropy" if error_form == "reweight" else "squared_error"
+
+
 def check_error_loss(error_loss) -> None:
     if error_loss is not None and error_loss not in ERROR_LOSSES:
         raise ValueError(
@@ -182,7 +187,7 @@ class CopilotConfig(PreTrainedConfig):
         if self.intermediate_size is None:
             self.intermediate_size = 4 * self.hidden_size
         if self.error_loss is None and self.error_form is not None:
-            self.error_loss = "cross_entropy" if self.error_form == "reweight" else "squared_error"
+            self.error_loss = default_error_loss(self.error_form)
         super().__post_init__(**kwargs)
 
     def resolve_for_feedback(self, copilot_feedback: str) -> None:
@@ -194,7 +199,7 @@ class CopilotConfig(PreTrainedConfig):
         if self.error_form is None:  # a cross-entropy asked for needs the reweight form
             self.error_form = "linear" if paper_mode and self.error_loss != "cross_entropy" else "reweight"
         if self.error_loss is None:
-            self.error_loss = "cross_entropy" if self.error_form == "reweight" else "squared_error"
+            self.error_loss = default_error_loss(self.error_form)
 
     def validate_architecture(self):
         """Part of `@strict`-powered validation: the rules between fields. Call it again after a change."""

@@ -63,9 +63,9 @@ def micro_batches(dataloader, total: int):
 
 def train_copilot_on_final_pilot(trainer: Trainer, epochs: float | None, joint_batches: int = 0) -> None:
     """For a CopilotTrainer: AdamW at the Copilot's peak learning rate with a cosine decay over the phase, one
-    step per `gradient_accumulation_steps` batches on the Copilot's mean loss (`CopilotConfig.error_loss`) over all of
-    their positions (and all processes'), gradients clipped to `max_grad_norm`; logged as `copilot_final/*`. Its length in batches:
-    `final_phase_batches`."""
+    step per `gradient_accumulation_steps` batches on the Copilot's mean loss (`CopilotConfig.error_loss`) over all
+    of their positions (and all processes'), gradients clipped to `max_grad_norm`; logged as `copilot_final/*`. Its
+    length in batches: `final_phase_batches`."""
     if epochs is not None:
         check_sized_train_dataset(trainer.train_dataset)
     pilot_copilot = trainer.pilot_copilot()

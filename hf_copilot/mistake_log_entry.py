@@ -200,13 +200,12 @@ class PilotErrors:
         What the reweight head reads (log p): a zero there would make a token the Pilot ranked below its top k
         unreachable and, under the cross-entropy, cost ~69 nats wherever it is the observed one.
         """
-        probs = self.probabilities()
         if not self.is_compact:
-            return probs
+            return self.probs
         others = self.vocab_size - self.topk_indices.shape[-1]
         rest = (1.0 - self.topk_values.sum(-1, keepdim=True)).clamp_min(0.0) / max(others, 1)
-        spread = rest.expand_as(probs).scatter(-1, self.topk_indices, torch.zeros_like(self.topk_values))
-        return probs + spread
+        spread = rest.expand(*self.targets.shape, self.vocab_size).clone()
+        return spread.scatter_(-1, self.topk_indices, self.topk_values)
 
     def dense(self) -> torch.Tensor:
         """The error tensor [B,T,V] (for tests, research and small vocabularies)."""

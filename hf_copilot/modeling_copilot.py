@@ -273,8 +273,14 @@ def reweighted_error(head_output: torch.Tensor, pilot_probs: torch.Tensor) -> to
     distribution. A compact entry's mass outside its top k is read spread over those tokens
     (`PilotErrors.probabilities_spread`); tokens where p is zero keep a negligible share.
     """
-    logits = reweighted_logits(head_output, pilot_probs)
-    return (torch.softmax(logits, dim=-1) - pilot_probs.to(logits.dtype)).to(head_output.dtype)
+    return error_of_fused_logits(reweighted_logits(head_output, pilot_probs), pilot_probs, head_output.dtype)
+
+
+def error_of_fused_logits(
+    logits: torch.Tensor, pilot_probs: torch.Tensor, dtype: torch.dtype
+) -> torch.Tensor:
+    """f_C = softmax(logits) - p in `dtype`, for logits = log p + W_out h (`reweighted_logits`)."""
+    return (torch.softmax(logits, dim=-1) - pilot_probs.to(logits.dtype)).to(dtype)
 
 
 def reweighted_logits(head_output: torch.Tensor, pilot_probs: torch.Tensor) -> torch.Tensor:
@@ -372,7 +378,8 @@ class CopilotModel(CopilotPreTrainedModel):
         cross-entropy loss scores)."""
         probs = pilot_errors.probabilities_spread()[:, -head_input.shape[1] :]
         head_output = self.error_head(head_input)
-        return reweighted_error(head_output, probs), reweighted_logits(head_output, probs)
+        logits = reweighted_logits(head_output, probs)
+        return error_of_fused_logits(logits, probs, head_output.dtype), logits
 
     def embed_errors(self, errors: PilotErrors) -> torch.Tensor:
         """W_in e_j [B,T,d_C] (not yet shifted)."""

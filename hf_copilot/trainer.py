@@ -132,9 +132,10 @@ class CopilotTrainer(Trainer):
     `loss`, `train_loss` and `eval_loss` are the Pilot's, exactly as the stock Trainer reports them for the
     Pilot alone (perplexity and `load_best_model_at_end` keep their meaning); the objective `L_P + weight * L_C`
     is logged as `joint_loss` / `eval_joint_loss`. Also logged: `pilot_loss` (the same per step),
-    `copilot_loss` (mean cross-entropy or RMSE: `copilot_loss_from_sums`), `copilot_r2` and `mistake_log/*`; evaluation adds `eval_pilot_loss` (per token),
-    `eval_copilot_loss`, `eval_copilot_r2`, `eval_pilot_token_accuracy` and `eval_fused_token_accuracy`.
-    Prediction outputs are the Pilot's logits, as with the stock Trainer.
+    `copilot_loss` (mean cross-entropy or RMSE: `copilot_loss_from_sums`), `copilot_r2` and `mistake_log/*`;
+    evaluation adds `eval_pilot_loss` (per token), `eval_copilot_loss`, `eval_copilot_r2`,
+    `eval_pilot_token_accuracy` and `eval_fused_token_accuracy`. Prediction outputs are the Pilot's logits, as with
+    the stock Trainer.
     """
 
     def __init__(
