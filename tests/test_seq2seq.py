@@ -115,7 +115,7 @@ def build_model(
     """A tiny Pilot with a tiny encoder-decoder Copilot (2 layers, hidden 32), its Linear weights re-drawn with
     `copilot_std` so that it acts (as conftest's build_pilot_copilot does). The paper's linear head, as in
     test_generation.py: a reweight head re-drawn at std 0.5 reads log p, which entries keep in fp32, and in the
-    paper's feedback mode feeds its output back, so fp32 rounding (1e-7) grows step over step (to 0.1 in ten
+    paper's feedback mode feeds its output back, so fp32 rounding (1e-7) grows step over step (to 0.15 in ten
     steps of beam search against the float64 reference): a test of that chaos, not of the Copilot."""
     pilot = pilot if pilot is not None else build_seq2seq_pilot(arch, seed)
     copilot_config = tiny_copilot_config(position_encoding=position_encoding, error_form=error_form)
