@@ -326,7 +326,9 @@ def test_gradient_accumulation_4x2_updates_both_models_exactly_as_batch_8(tmp_pa
     assert len({int((batch["labels"][:, 1:] != -100).sum()) for batch in batches}) > 2
     assert max_difference(big.model, make_model(error_form=error_form)) > 1e-3  # the parameters moved
     for part in ("pilot", "copilot"):
-        assert max_difference(getattr(big.model, part), getattr(accumulated.model, part)) < 1e-7
+        # A few float32 ulps of a unit-scale weight (norm weights start at 1): sums taken in another order
+        # round differently on some CPUs; the per-micro-batch means are off by far more.
+        assert max_difference(getattr(big.model, part), getattr(accumulated.model, part)) < 5e-7
         assert max_difference(getattr(big.model, part), getattr(naive.model, part)) > 1e-5
     assert logged(accumulated, "pilot_loss") == pytest.approx(logged(big, "pilot_loss"), rel=1e-6)
     assert logged(accumulated, "copilot_loss") == pytest.approx(logged(big, "copilot_loss"), rel=1e-6)
