@@ -18,6 +18,7 @@ from .mistake_log_entry import (
     MistakeLogEntry,
     answer_token_positions,
     copilot_cross_entropy,
+    copilot_head_cross_entropy,
     copilot_head_squared_error,
     copilot_squared_error,
     shift_right,
@@ -346,21 +347,33 @@ def copilot_loss_terms_on_entry(
     copilot, stream: torch.Tensor, entry: MistakeLogEntry, return_predicted_error: bool = False
 ) -> tuple[torch.Tensor | None, CopilotLossTerms]:
     """The Copilot's training loss on a teacher-forced entry (`CopilotConfig.error_loss`), and f_C where it is
-    formed anyway or asked for. Under the squared error a linear head's f_C [B,T,V] is not formed unless asked
-    for (`PilotErrors.head_squared_distance`)."""
-    if copilot.config.error_loss == "cross_entropy":
-        head_input = copilot_on_entry(copilot, stream, entry, return_head_input=True)
+    formed anyway or asked for (`copilot_head_loss_terms`)."""
+    head_input = copilot_on_entry(copilot, stream, entry, return_head_input=True)
+    return copilot_head_loss_terms(copilot, head_input, entry, return_predicted_error)
+
+
+def copilot_head_loss_terms(
+    copilot, head_input: torch.Tensor, entry: MistakeLogEntry, return_predicted_error: bool = False
+) -> tuple[torch.Tensor | None, CopilotLossTerms]:
+    """`copilot_loss_terms_on_entry` from what W_out reads [B,T,d_C]. Unless f_C is asked for, a plain head's
+    loss reads W_out's weight (`computes_loss_without_output`): the linear head's squared error forms no f_C
+    (`PilotErrors.head_squared_distance`), the reweight head's cross-entropy one vocabulary-sized buffer
+    (`PilotErrors.head_cross_entropy`)."""
+    cross_entropy = copilot.config.error_loss == "cross_entropy"
+    if not return_predicted_error and copilot.computes_loss_without_output:
+        weight = copilot.error_head.weight
+        if cross_entropy:
+            return None, copilot_head_cross_entropy(head_input, weight, entry)
+        squared_error, num_tokens = copilot_head_squared_error(head_input, weight, entry)
+        return None, CopilotLossTerms(squared_error, squared_error, num_tokens)
+    if cross_entropy:
         predicted_errors, fused_logits = copilot.error_and_fused_logits(head_input, entry.errors)
         squared_error, num_tokens = copilot_squared_error(predicted_errors.detach(), entry)
         objective = copilot_cross_entropy(fused_logits, entry)
         return predicted_errors, CopilotLossTerms(objective, squared_error, num_tokens)
-    if return_predicted_error or not copilot.computes_loss_without_output:
-        predicted_errors = copilot_on_entry(copilot, stream, entry)
-        squared_error, num_tokens = copilot_squared_error(predicted_errors, entry)
-        return predicted_errors, CopilotLossTerms(squared_error, squared_error, num_tokens)
-    head_input = copilot_on_entry(copilot, stream, entry, return_head_input=True)
-    squared_error, num_tokens = copilot_head_squared_error(head_input, copilot.error_head.weight, entry)
-    return None, CopilotLossTerms(squared_error, squared_error, num_tokens)
+    predicted_errors = copilot.predicted_error(head_input, entry.errors)
+    squared_error, num_tokens = copilot_squared_error(predicted_errors, entry)
+    return predicted_errors, CopilotLossTerms(squared_error, squared_error, num_tokens)
 
 
 def copilot_teacher_forced_pass(

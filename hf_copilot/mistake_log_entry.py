@@ -129,6 +129,76 @@ class _HeadSquaredDistance(torch.autograd.Function):
         return grad_input, grad_weight, None, None, None, None, None
 
 
+class _HeadCrossEntropy(torch.autograd.Function):
+    """The reweight head's loss per position, `-log q_j[y_j]` with `q_j = softmax(log p_j + W h_j)` = p + f_C,
+    and (no gradient) its squared error `||f_C - e||^2 = ||q_j - onehot(y_j)||^2` for R^2.
+
+    One [N,V] buffer serves as log p, then the fused logits, then q, then (backward) the gradient
+    `g (q - onehot)` of the logits: autograd through the same formula keeps about six vocabulary-sized
+    temporaries, which on CPU cost more than the head's products. Off `mask` the squared error is 0 (such
+    positions carry no target and are never counted).
+    """
+
+    @staticmethod
+    @torch.autocast("cuda", enabled=False)
+    @torch.autocast("cpu", enabled=False)
+    def forward(ctx, head_input, weight, targets, mask, probs, topk_indices, topk_values):
+        dtype = torch.promote_types(head_input.dtype, torch.float32)
+        width = head_input.shape[-1]
+        h = head_input.reshape(-1, width).to(dtype)
+        gold_index = targets.reshape(-1, 1)
+        logits = probs.reshape(-1, probs.shape[-1]).to(dtype).clamp_min(1e-30).log_()
+        logits.addmm_(h, weight.to(dtype).t())  # log p + W h
+        gold_logit = logits.gather(-1, gold_index).squeeze(-1)
+        # softmax in place (torch.logsumexp would allocate a second [N,V] tensor)
+        top = logits.amax(-1, keepdim=True)
+        normaliser = logits.sub_(top).exp_().sum(-1, keepdim=True)
+        cross_entropy = (top + normaliser.log()).squeeze(-1) - gold_logit
+        fused = logits.div_(normaliser)  # q = p + f_C, in place of the logits
+        q_gold = fused.gather(-1, gold_index).squeeze(-1)
+        squared_error = torch.linalg.vector_norm(fused, dim=-1).square() - 2.0 * q_gold + 1.0
+        if topk_indices is not None:  # e reads zero outside the top k where p reads the spread mass r:
+            squared_error += _spread_correction(fused, gold_index, topk_indices, topk_values)
+        squared_error = (squared_error.clamp_min(0.0) * mask.reshape(-1).to(dtype)).reshape(targets.shape)
+        ctx.save_for_backward(head_input, weight, gold_index, fused)
+        ctx.mark_non_differentiable(squared_error)
+        ctx.backward_done = False
+        return cross_entropy.reshape(targets.shape), squared_error
+
+    @staticmethod
+    @torch.autocast("cuda", enabled=False)
+    @torch.autocast("cpu", enabled=False)
+    def backward(ctx, grad_cross_entropy, _grad_squared_error):
+        if ctx.backward_done:
+            raise RuntimeError(
+                "The Copilot's cross-entropy reuses its buffer in backward: backward runs once."
+            )
+        ctx.backward_done = True
+        head_input, weight, gold_index, fused = ctx.saved_tensors
+        scale = grad_cross_entropy.reshape(-1, 1).to(fused.dtype)
+        grad_logits = fused.mul_(scale).scatter_add_(-1, gold_index, -scale)  # g (q - onehot), in place
+        grad_input = grad_weight = None
+        if ctx.needs_input_grad[0]:
+            grad_input = (grad_logits @ weight.to(fused.dtype)).reshape(head_input.shape).to(head_input.dtype)
+        if ctx.needs_input_grad[1]:  # (h^T G)^T: a transposed G makes a slower product on CPU
+            h = head_input.reshape(-1, head_input.shape[-1]).to(fused.dtype)
+            grad_weight = (h.t() @ grad_logits).t().to(weight.dtype)
+        return grad_input, grad_weight, None, None, None, None, None
+
+
+def _spread_correction(fused, gold_index, topk_indices, topk_values) -> torch.Tensor:
+    """`||f_C - e||^2 - ||q - onehot||^2` for a compact entry [N]: f_C = q - p_spread and e = onehot - p_topk
+    differ from q - onehot by r = p_spread - p_topk (c on each token outside the top k), so the squared error
+    gains `-2 (q - onehot).r + ||r||^2`."""
+    k = topk_indices.shape[-1]
+    indices, values = topk_indices.reshape(-1, k), topk_values.reshape(-1, k).to(fused.dtype)
+    others = fused.shape[-1] - k
+    c = (1.0 - values.sum(-1)).clamp_min(0.0) / max(others, 1)
+    q_outside = 1.0 - fused.gather(-1, indices).sum(-1)
+    gold_outside = (indices != gold_index).all(-1).to(fused.dtype)
+    return -2.0 * c * (q_outside - gold_outside) + c.square() * others
+
+
 @dataclass
 class PilotErrors:
     """The Pilot's error `e_j = onehot(targets_j) - p_j` without materialising one-hot tensors.
@@ -182,6 +252,22 @@ class PilotErrors:
             self._safe_targets(),
             self.mask,
             self.probs,
+            self.topk_indices,
+            self.topk_values,
+        )
+
+    def head_cross_entropy(
+        self, head_input: torch.Tensor, weight: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The reweight head's cross-entropy `-log softmax(log p_j + W h_j)[y_j]` [B,T] for W [V,d] and its input
+        h [B,T,d], and its squared error `||f_C - e||^2` [B,T] (detached, 0 off the mask), with one
+        vocabulary-sized buffer; p as `probabilities_spread` reads it, e as `dense`."""
+        return _HeadCrossEntropy.apply(
+            head_input,
+            weight,
+            self._safe_targets(),
+            self.mask,
+            self.probabilities_spread(),
             self.topk_indices,
             self.topk_values,
         )
@@ -427,6 +513,17 @@ def copilot_head_squared_error(
     distances = entry.errors.head_squared_distance(head_input, weight)
     mask = entry.loss_mask
     return (distances * mask).sum(), mask.sum()
+
+
+def copilot_head_cross_entropy(
+    head_input: torch.Tensor, weight: torch.Tensor, entry: MistakeLogEntry
+) -> CopilotLossTerms:
+    """The reweight head's loss terms on its input h [B,T,d] and weight W [V,d]
+    (`PilotErrors.head_cross_entropy`): the cross-entropy and the detached squared error, summed over the loss
+    mask."""
+    cross_entropy, squared_error = entry.errors.head_cross_entropy(head_input, weight)
+    mask = entry.loss_mask
+    return CopilotLossTerms((cross_entropy * mask).sum(), (squared_error * mask).sum(), mask.sum())
 
 
 def shift_right(stream: torch.Tensor) -> torch.Tensor:

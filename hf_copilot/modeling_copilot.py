@@ -364,12 +364,16 @@ class CopilotModel(CopilotPreTrainedModel):
 
     @property
     def computes_loss_without_output(self) -> bool:
-        """True when f_C is a plain linear map of the head's input, so the training loss can apply W_out
-        implicitly (`PilotErrors.head_squared_distance`); an adapter- or FSDP-wrapped head, a head with hooks
-        (they would not run; DeepSpeed ZeRO-3 gathers its weight in one) or the reweight form cannot."""
+        """True when the training loss can read W_out's weight instead of calling the head: the linear head on
+        the squared error (`PilotErrors.head_squared_distance`, no f_C formed) and the reweight head on the
+        cross-entropy (`PilotErrors.head_cross_entropy`, one vocabulary-sized buffer). An adapter- or
+        FSDP-wrapped head, a head with hooks (they would not run; DeepSpeed ZeRO-3 gathers its weight in one)
+        and the reweight head on the squared error cannot."""
         head = self.error_head
         hooked = head._forward_hooks or head._forward_pre_hooks
-        return self.config.error_form == "linear" and type(head) is nn.Linear and not hooked
+        implicit_pairs = {("linear", "squared_error"), ("reweight", "cross_entropy")}
+        pair = (self.config.error_form, self.config.error_loss)
+        return pair in implicit_pairs and type(head) is nn.Linear and not hooked
 
     def error_and_fused_logits(
         self, head_input: torch.Tensor, pilot_errors: PilotErrors
@@ -446,8 +450,11 @@ class CopilotModel(CopilotPreTrainedModel):
         if kv_cache is not None:
             kv_cache.length = past + length
         head_input = self.norm(hidden[:, -errors_to_keep:])
-        if return_head_input:
-            return head_input
+        return head_input if return_head_input else self.predicted_error(head_input, pilot_errors)
+
+    def predicted_error(self, head_input: torch.Tensor, pilot_errors: PilotErrors | None) -> torch.Tensor:
+        """f_C [B,T,V] from what W_out reads; the reweight form corrects the Pilot's probabilities at these T
+        positions (the last T of `pilot_errors`)."""
         head_output = self.error_head(head_input)
         if self.config.error_form == "linear":
             return head_output

@@ -1,5 +1,5 @@
-"""`PilotErrors.squared_distance` and `head_squared_distance`: the Copilot's loss term and its hand-written
-gradients (SPEC section 4)."""
+"""`PilotErrors.squared_distance`, `head_squared_distance` and `head_cross_entropy`: the Copilot's loss terms and
+their hand-written gradients (SPEC section 4)."""
 
 from __future__ import annotations
 
@@ -127,3 +127,58 @@ def test_a_compact_entry_spreads_the_mass_outside_its_top_k_evenly_for_the_rewei
     compact = dense.compact(4)
     assert (compact.probabilities() == 0).sum() == B * T * (V - 4)  # what the squared error reads
     torch.testing.assert_close(compact.probabilities_spread(), probs)
+
+
+def explicit_head_cross_entropy(e: PilotErrors, head_input, weight):
+    """The reweight head's cross-entropy and squared error through autograd, as its explicit path computes them."""
+    logits = e.probabilities_spread().clamp_min(1e-30).log() + head_input @ weight.t()
+    gold = logits.gather(-1, e._safe_targets().unsqueeze(-1)).squeeze(-1)
+    predicted_error = torch.softmax(logits, dim=-1) - e.probabilities_spread()
+    return torch.logsumexp(logits, dim=-1) - gold, e.squared_distance(predicted_error.detach()) * e.mask
+
+
+@pytest.mark.parametrize("compact_k", [None, 4])
+def test_head_cross_entropy_and_its_gradients_match_the_head_applied_explicitly(compact_k):
+    e = errors(compact_k)
+    head_input = torch.randn(B, T, 6, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(V, 6, dtype=torch.float64, requires_grad=True)
+    weights = torch.rand(B, T, dtype=torch.float64)
+    cross_entropy, squared_error = e.head_cross_entropy(head_input, weight)
+    assert not squared_error.requires_grad
+    (cross_entropy * weights).sum().backward()
+    expected_input = head_input.detach().clone().requires_grad_()
+    expected_weight = weight.detach().clone().requires_grad_()
+    expected_cross_entropy, expected_squared_error = explicit_head_cross_entropy(
+        e, expected_input, expected_weight
+    )
+    (expected_cross_entropy * weights).sum().backward()
+    torch.testing.assert_close(cross_entropy.detach(), expected_cross_entropy.detach())
+    torch.testing.assert_close(squared_error, expected_squared_error)
+    torch.testing.assert_close(head_input.grad, expected_input.grad)
+    torch.testing.assert_close(weight.grad, expected_weight.grad)
+
+
+def test_head_cross_entropy_leaves_the_entry_untouched_and_refuses_a_second_backward():
+    """Its one buffer becomes the gradient in backward, so a retained graph cannot be differentiated twice."""
+    e = errors()
+    probs = e.probs.clone()
+    head_input = torch.randn(B, T, 6, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(V, 6, dtype=torch.float64, requires_grad=True)
+    cross_entropy, _ = e.head_cross_entropy(head_input, weight)
+    cross_entropy.sum().backward(retain_graph=True)
+    assert torch.equal(e.probs, probs)
+    with pytest.raises(RuntimeError, match="backward runs once"):
+        cross_entropy.sum().backward()
+
+
+def test_head_cross_entropy_of_low_precision_inputs_under_autocast_is_computed_in_float32():
+    e = errors(dtype=torch.float32)
+    head_input = torch.randn(B, T, 6).to(torch.bfloat16).requires_grad_()
+    weight = torch.randn(V, 6).to(torch.bfloat16).requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        cross_entropy, squared_error = e.head_cross_entropy(head_input, weight)
+    assert cross_entropy.dtype == squared_error.dtype == torch.float32
+    cross_entropy.sum().backward()
+    assert head_input.grad.dtype == weight.grad.dtype == torch.bfloat16
+    expected = explicit_head_cross_entropy(e, head_input.detach().float(), weight.detach().float())
+    torch.testing.assert_close((cross_entropy.detach(), squared_error), expected)

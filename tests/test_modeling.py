@@ -84,9 +84,18 @@ def test_copilot_loss_backpropagates_into_no_pilot_parameter(arch):
     assert any(g.abs().sum() > 0 for g in copilot_grads)
 
 
-@pytest.mark.parametrize("error_form", ["linear", "reweight"])
-def test_a_training_pass_gives_the_same_copilot_loss_and_gradients_without_forming_f_c(error_form):
-    model = build_pilot_copilot("llama", copilot_config=tiny_copilot_config(error_form=error_form))
+@pytest.mark.parametrize(
+    ("error_form", "error_loss", "reads_the_weight"),
+    [("linear", None, True), ("reweight", None, True), ("reweight", "squared_error", False)],
+)
+def test_a_training_pass_gives_the_same_copilot_loss_and_gradients_without_forming_f_c(
+    error_form, error_loss, reads_the_weight
+):
+    """The linear head's squared error and the reweight head's cross-entropy read W_out's weight in a training
+    pass; the reweight head on the squared error forms f_C. All match the explicit path a pass asking for f_C
+    takes."""
+    config = tiny_copilot_config(error_form=error_form, error_loss=error_loss)
+    model = build_pilot_copilot("llama", copilot_config=config)
     model.double().train()
     batch = build_batch()
 
@@ -100,8 +109,9 @@ def test_a_training_pass_gives_the_same_copilot_loss_and_gradients_without_formi
     explicit, expected_gradients = loss_and_gradients(return_predicted_error=True)
     assert training.predicted_error is None
     assert explicit.predicted_error is not None
-    assert model.copilot.computes_loss_without_output == (error_form == "linear")
+    assert model.copilot.computes_loss_without_output == reads_the_weight
     torch.testing.assert_close(training.copilot_loss, explicit.copilot_loss)
+    torch.testing.assert_close(training.copilot_squared_error, explicit.copilot_squared_error)
     assert torch.equal(training.pilot_loss, explicit.pilot_loss)
     assert torch.equal(training.copilot_num_tokens, explicit.copilot_num_tokens)
     for got, expected in zip(gradients, expected_gradients, strict=True):
