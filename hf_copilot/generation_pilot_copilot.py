@@ -501,7 +501,9 @@ def observed_feedback(
     else:
         weight = copilot.error_proj.weight
         first = weight.new_zeros(input_ids.shape[0], 1, weight.shape[0])
-    within = copilot.embed_errors(errors)[:, : new - 1]
+    if new == 1:  # a decoding step: its own error is completed by the next token
+        return first
+    within = copilot.embed_errors(errors.map_tensors(lambda t: t[:, : new - 1]))
     return torch.cat([first, within], dim=1)
 
 

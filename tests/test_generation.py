@@ -593,6 +593,36 @@ def test_the_vocabulary_head_runs_only_where_generate_reads_it(copilot_feedback)
     assert torch.equal(tokens, reference_greedy(model, input_ids, new_tokens=4))
 
 
+class ErrorEmbeddingRows(TorchFunctionMode):
+    """Counts the rows each forward of `model` embeds through the Copilot's W_in (a [rows, V] x [V, d] product)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.weight = model.copilot.error_proj.weight
+        self.rows: list[int] = []
+        self.hook = model.register_forward_pre_hook(lambda module, args: self.rows.append(0))
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func is torch.nn.functional.linear and args[1] is self.weight:
+            self.rows[-1] += args[0].shape[:-1].numel() // args[0].shape[0]
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize(("copilot_feedback", "prefill_rows"), [("observed", 8 + 2), ("copilot", 8 + 2 + 2)])
+def test_a_decoding_step_embeds_one_row_through_w_in(copilot_feedback, prefill_rows):
+    """A prefill of n tokens embeds the errors of its first n - 1 positions (the last one's is completed by the
+    next token) and the Pilot's probabilities of the two rows it keeps (the paper's mode also their f_C, which a
+    rollback to them reads); a decoding step embeds one row: W_in p observed, W_in f_C in the paper's mode. The
+    tokens are those of the full recomputation."""
+    model = fused_model(copilot_feedback=copilot_feedback)
+    input_ids = prompt(length=9, batch_size=2)
+    with ErrorEmbeddingRows(model) as embedded:
+        tokens = greedy(model, input_ids, max_new_tokens=4)
+    embedded.hook.remove()
+    assert embedded.rows == [prefill_rows, 1, 1, 1]
+    assert torch.equal(tokens, reference_greedy(model, input_ids, new_tokens=4))
+
+
 class SoftmaxCounter(TorchFunctionMode):
     """Counts the softmax calls torch sees, whoever makes them."""
 
