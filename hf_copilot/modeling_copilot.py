@@ -279,15 +279,19 @@ def reweighted_error(head_output: torch.Tensor, pilot_probs: torch.Tensor) -> to
 def error_of_fused_logits(
     logits: torch.Tensor, pilot_probs: torch.Tensor, dtype: torch.dtype
 ) -> torch.Tensor:
-    """f_C = softmax(logits) - p in `dtype`, for logits = log p + W_out h (`reweighted_logits`)."""
-    return (torch.softmax(logits, dim=-1) - pilot_probs.to(logits.dtype)).to(dtype)
+    """f_C = softmax(logits) - p in `dtype`, for logits = log p + W_out h (`reweighted_logits`); in place of the
+    softmax unless autograd needs it."""
+    fused = torch.softmax(logits, dim=-1)
+    probs = pilot_probs.to(logits.dtype)
+    predicted = fused - probs if fused.requires_grad else fused.sub_(probs)
+    return predicted.to(dtype)
 
 
 def reweighted_logits(head_output: torch.Tensor, pilot_probs: torch.Tensor) -> torch.Tensor:
     """log p + W_out h, in fp32 at least: the reweight form's p + f_C is their softmax (its cross-entropy reads
-    them)."""
+    them). One new [B,T,V] tensor."""
     dtype = torch.promote_types(head_output.dtype, torch.float32)
-    return pilot_probs.to(dtype).clamp_min(1e-30).log() + head_output.to(dtype)
+    return pilot_probs.to(dtype).clamp_min(1e-30).log_().add_(head_output.to(dtype))
 
 
 class CopilotPreTrainedModel(PreTrainedModel):
