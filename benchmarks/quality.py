@@ -27,6 +27,8 @@ Arms (same Pilot initialisation, data order and steps):
                       learning rate (joint run and Copilot-only phase) at 0.5x or 3x the Pilot's (3x: the top of
                       the paper's range)
   pilot_copilot_deep  a capacity diagnostic: pilot_copilot with twice the Copilot's layers (twice its compute)
+  pilot_copilot_dropout  a regularisation diagnostic: pilot_copilot with dropout 0.1 in the Copilot's layers
+                      (hidden_dropout and attention_dropout; the default is none)
   pilot_copilot_paper the same trained for the paper's feedback mode (copilot_feedback="copilot", the
                       Copilot reads its own predictions at answer positions in training too; built for that
                       mode, it has memory_norm and the paper's linear head on the squared error by default)
@@ -51,7 +53,8 @@ Each Copilot arm is scored in both feedback modes; lambda is chosen on validatio
     python benchmarks/quality.py --from-records /tmp/quality/*/quality.json   # writes benchmarks/results/
 
 One record per (regime, task, seed, arm, feedback) in quality.json: regime, task, seed, arm, feedback, lambda,
-test_accuracy, params, plus validation accuracy, the Copilot's held-out R^2 and the training time.
+test_accuracy, params, plus validation accuracy, the Copilot's R^2 held out and on as many of its training
+prompts, and the training time.
 """
 
 from __future__ import annotations
@@ -67,6 +70,7 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 import transformers
@@ -113,6 +117,7 @@ ARMS = (
     "pilot_copilot_lr_half",
     "pilot_copilot_lr_3x",
     "pilot_copilot_deep",
+    "pilot_copilot_dropout",
     "pilot_copilot_paper",
     "pilot_copilot_memory_norm",
     "pilot_copilot_paper_no_memory_norm",
@@ -212,6 +217,14 @@ def arguments(
     return CopilotTrainingArguments(**common, **(copilot_change or {}))
 
 
+class CopilotR2(NamedTuple):
+    """The trained Copilot's R^2 (teacher forced, answer positions) on the validation prompts and on as many of
+    its training prompts."""
+
+    held_out: float
+    train: float
+
+
 class Experiment:
     """One regime, task and seed: the data, the tokenizer, and how each arm's model is made."""
 
@@ -288,7 +301,13 @@ class Experiment:
         started = time.time()
         trainer.train()
         seconds = time.time() - started
-        r2 = trainer.evaluate()["eval_copilot_r2"] if with_copilot else None
+        r2 = None
+        if with_copilot:  # held out, and on as many training prompts: how much of R^2 carries over
+            train_prompts = self.tokenize(self.train[: len(self.validation)], self.tokenizer)
+            r2 = CopilotR2(
+                trainer.evaluate()["eval_copilot_r2"],
+                trainer.evaluate(train_prompts, metric_key_prefix="train")["train_copilot_r2"],
+            )
         return model.eval(), seconds, r2
 
     def accuracy(self, model, examples, **generate_kwargs) -> float:
@@ -328,7 +347,7 @@ def run(
         )
         progress(records[-1])
 
-    def copilot_records(arm: str, modes, model, seconds: float, r2: float | None) -> None:
+    def copilot_records(arm: str, modes, model, seconds: float, r2: CopilotR2 | None) -> None:
         own_pilot = experiment.accuracy(model, experiment.test, copilot_lambda=0.0)
         for feedback in modes:
             sweep = {
@@ -352,7 +371,8 @@ def run(
                     "error_form": model.copilot.config.error_form,
                     "pilot_accuracy": own_pilot,
                     "validation_sweep": {str(k): v for k, v in sweep.items()},
-                    "copilot_r2": r2,
+                    "copilot_r2": None if r2 is None else r2.held_out,
+                    "copilot_r2_train": None if r2 is None else r2.train,
                     "train_seconds": round(seconds, 1),
                 }
             )
@@ -399,6 +419,8 @@ def run(
     if "pilot_copilot_deep" in arms:
         layers = 2 * experiment.copilot_config().num_hidden_layers
         ablation_records("pilot_copilot_deep", {"num_hidden_layers": layers})
+    if "pilot_copilot_dropout" in arms:
+        ablation_records("pilot_copilot_dropout", {"hidden_dropout": 0.1, "attention_dropout": 0.1})
     if "pilot_copilot_paper" in arms:
         # The paper's feedback mode, trained for it: answer positions read the Copilot's own predictions.
         torch.manual_seed(seed + 1)
@@ -460,6 +482,8 @@ def run(
 def progress(record: dict) -> None:
     feedback = f" {record['feedback']} lambda {record['lambda']:g}" if record["feedback"] else ""
     r2 = f" R^2 {record['copilot_r2']:.3f}" if record.get("copilot_r2") is not None else ""
+    if record.get("copilot_r2_train") is not None:
+        r2 += f" (training prompts {record['copilot_r2_train']:.3f})"
     print(
         f"{record['regime']} {record['task']} seed {record['seed']} {record['arm']}{feedback}: "
         f"test {record['test_accuracy']:.3f}{r2}",
@@ -509,9 +533,12 @@ def summarise(records: list[dict], default_feedback: str) -> list[dict]:
                     "lift_per_seed": [round(by_seed[s] - own[s], 4) for s in seeds],
                     "relative_lift": (mean - baseline) / baseline if baseline else None,
                     "params": chosen[0]["params"],
-                    "copilot_r2": statistics.mean(r["copilot_r2"] for r in chosen)
-                    if chosen[0].get("copilot_r2") is not None
-                    else None,
+                    **{
+                        key: statistics.mean(r[key] for r in chosen)
+                        if all(r.get(key) is not None for r in chosen)
+                        else None
+                        for key in ("copilot_r2", "copilot_r2_train")
+                    },
                 }
         row["default_feedback"] = default_feedback
         rows.append(row)
@@ -529,24 +556,29 @@ def markdown(rows: list[dict], commands: list[str], note: str | None = None) -> 
         "each arm and feedback mode; per-seed lift: accuracy minus that of the very Pilot it rectifies "
         "(for transfer, the other fine-tuned Pilot).",
         "",
-        "| regime | task | Pilot | arm | feedback | accuracy | relative lift | per-seed lift | R^2 | params |",
-        "| --- | --- | ---: | --- | --- | ---: | ---: | --- | ---: | ---: |",
+        "R^2 on training prompts (where recorded): the same statistic on as many of the Copilot's own training "
+        "prompts; far above the held-out R^2, the Copilot memorises rather than generalises.",
+        "",
+        "| regime | task | Pilot | arm | feedback | accuracy | relative lift | per-seed lift | R^2 | R^2 on "
+        "training prompts | params |",
+        "| --- | --- | ---: | --- | --- | ---: | ---: | --- | ---: | ---: | ---: |",
     ]
     for row in rows:
         lines.append(
-            f"| {row['regime']} | {row['task']} | {row['pilot']:.3f} ± {row['pilot_std']:.3f} | pilot | | | | | | |"
+            f"| {row['regime']} | {row['task']} | {row['pilot']:.3f} ± {row['pilot_std']:.3f} | pilot | | | | | | | |"
         )
         for key, value in row.items():
             if not isinstance(value, dict):
                 continue
             arm, _, feedback = key.partition("/")
             lift = value["relative_lift"]
-            r2 = value["copilot_r2"]
+            r2, r2_train = value["copilot_r2"], value.get("copilot_r2_train")
             lines.append(
                 f"| | | | {arm} | {feedback} | {value['mean']:.3f} | "
                 f"{'-' if lift is None else f'{100 * lift:+.1f}%'} | "
                 f"{', '.join(f'{d:+.3f}' for d in value['lift_per_seed'])} | "
-                f"{'-' if r2 is None else f'{r2:.3f}'} | {value['params']:,} |"
+                f"{'-' if r2 is None else f'{r2:.3f}'} | {'-' if r2_train is None else f'{r2_train:.3f}'} | "
+                f"{value['params']:,} |"
             )
     return "\n".join(lines) + "\n"
 
