@@ -40,29 +40,35 @@ from transformers.trainer_callback import PrinterCallback
 from transformers.utils import logging as hf_logging
 
 from hf_copilot import CopilotConfig, PilotCopilotForCausalLM
-from hf_copilot.generation_pilot_copilot import copilot_loss_terms_on_entry
+from hf_copilot.generation_pilot_copilot import copilot_head_loss_terms, copilot_loss_terms_on_entry
 from hf_copilot.mistake_log import MistakeLog
-from hf_copilot.mistake_log_entry import (
-    copilot_head_squared_error,
-    copilot_squared_error,
-    mistake_log_entry_from_pilot_pass,
-    shift_right,
-)
+from hf_copilot.mistake_log_entry import mistake_log_entry_from_pilot_pass, shift_right
 
 RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 TARGET_RATIOS = (0.1, 0.25, 1.0)
 TARGET_FACTOR = {"default": 1.2, "1b": 1.2, "tiny": 1.3}
+HEAD_LABELS = {
+    "default": "reweight, cross-entropy",
+    "linear": "linear, squared error",
+    "formed": "reweight, f_C formed",
+    "linear_formed": "linear, f_C formed",
+}
 NOTES = [
     "- The FLOP ratio counts matmuls and attention only. The Copilot also makes memory-bound passes over "
     "[B,T,V] tensors that cost no matmul FLOPs: the softmax of the Mistake Log entry, and with a log that "
     "stores entries the top-k compaction. On this VM each fresh [B,T,V] float32 buffer (131 MB at the full "
     "setup) also costs ~70-100 ms of page faults. This weighs most at the smallest ratio, where the Copilot's "
     "matmuls are cheap.",
-    "- Optimised after profiling (same results, tested): a training step applies W_out implicitly "
-    "(`PilotErrors.head_squared_distance`: no [B,T,V] f_C or gradient of it, one vocabulary-sized product "
-    "each way instead of three; the --formed-head arms run the former path in the same rounds), "
-    "`PilotErrors.squared_distance` has a hand-written backward, and `MistakeLog.add` builds no [B,T,V] "
-    "temporaries for its statistics.",
+    "- Heads: `default` is what CopilotConfig() trains for the default observed feedback, the reweight head on "
+    "the cross-entropy, whose training pass reads W_out's weight (`PilotErrors.head_cross_entropy`: one [B,T,V] "
+    "buffer serves as the logits, q and their gradient, three vocabulary-sized products); `linear` is the "
+    "paper's head on the squared error with W_out applied implicitly (`PilotErrors.head_squared_distance`: no "
+    "[B,T,V] f_C, two vocabulary-sized products); `formed` is the default head through autograd with f_C "
+    "formed (a hooked head takes that path), as training ran it before the fused loss; `linear_formed` the "
+    "linear head with f_C formed, as training ran it before W_out was applied implicitly. All heads of a ratio "
+    "run in the same interleaved rounds.",
+    "- Optimised after profiling (same results, tested): `PilotErrors.squared_distance` has a hand-written "
+    "backward, and `MistakeLog.add` builds no [B,T,V] temporaries for its statistics.",
     "- The machine is shared with other processes (see the load average): two OpenMP threads stall when one "
     "is descheduled, so the committed run uses one thread (`--threads 1`); CPU time per step is reported next "
     "to wall time as the less contention-sensitive measure.",
@@ -343,7 +349,7 @@ def component_breakdown(model: PilotCopilotForCausalLM, setup: Setup) -> dict[st
         loss.backward()
         module.zero_grad(set_to_none=True)
 
-    def copilot_step():  # what a training step runs: W_out applied implicitly
+    def copilot_step():  # what a training step runs (its loss reads W_out's weight)
         stream = shift_right(copilot.embed_errors(entry.errors))
         _, terms = copilot_loss_terms_on_entry(copilot, stream, entry)
         backward(copilot, terms.objective / terms.num_tokens)
@@ -351,12 +357,9 @@ def component_breakdown(model: PilotCopilotForCausalLM, setup: Setup) -> dict[st
     head = copilot.error_head
     head_input = torch.randn(*entry.errors.targets.shape, head.in_features, requires_grad=True)
 
-    def head_and_loss_step(implicit: bool):
-        if implicit:
-            squared_error, _ = copilot_head_squared_error(head_input, head.weight, entry)
-        else:  # f_C = W_out h formed, then its squared distance to the error
-            squared_error, _ = copilot_squared_error(head(head_input), entry)
-        backward(head, squared_error)
+    def head_and_loss_step(formed: bool):  # formed: f_C through autograd, as a pass asking for it computes
+        _, terms = copilot_head_loss_terms(copilot, head_input, entry, return_predicted_error=formed)
+        backward(head, terms.objective)
         head_input.grad = None
 
     log = MistakeLog(size=4, topk=64)
@@ -364,8 +367,8 @@ def component_breakdown(model: PilotCopilotForCausalLM, setup: Setup) -> dict[st
         "pilot_fwd_bwd": _cpu_seconds(lambda: backward(pilot, pilot(**inputs).loss)),
         "pilot_copilot_fwd_bwd": _cpu_seconds(lambda: backward(model, model(**inputs).loss)),
         "copilot_fwd_bwd": _cpu_seconds(copilot_step),
-        "head_and_loss_fwd_bwd": _cpu_seconds(lambda: head_and_loss_step(implicit=True)),
-        "head_and_loss_formed_fwd_bwd": _cpu_seconds(lambda: head_and_loss_step(implicit=False)),
+        "head_and_loss_fwd_bwd": _cpu_seconds(lambda: head_and_loss_step(formed=False)),
+        "head_and_loss_formed_fwd_bwd": _cpu_seconds(lambda: head_and_loss_step(formed=True)),
         "mistake_log_entry": _cpu_seconds(
             lambda: mistake_log_entry_from_pilot_pass(
                 inputs["input_ids"],
@@ -427,14 +430,14 @@ def write_markdown(path: str, result: dict) -> None:
         "median over rounds). FLOP ratio = analytic training FLOPs per token, Copilot / Pilot (W_in, W_out "
         f"included). Target: overhead <= {rows[0]['target_factor']} x FLOP ratio.",
         "",
-        "| target ratio | Copilot (layers x hidden) | W_out in training | Copilot params | param ratio | FLOP ratio | "
+        "| target ratio | Copilot (layers x hidden) | head | Copilot params | param ratio | FLOP ratio | "
         "step (s) | overhead (wall) | per-round range | overhead (CPU time) | overhead / FLOP ratio | target met |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for row in rows:
         lines.append(
             f"| {row['target_ratio']} | {row['copilot_layers']} x {row['copilot_hidden']} | "
-            f"{'implicit' if row.get('head', 'implicit') == 'implicit' else 'f_C formed'} | "
+            f"{HEAD_LABELS[row['head']]} | "
             f"{row['copilot_params'] / 1e6:.2f}M | {row['param_ratio']:.3f} | {row['flop_ratio']:.3f} | "
             f"{row['step_s']:.3f} | {row['overhead']:+.1%} | "
             f"{min(row['overhead_per_round']):+.0%} .. {max(row['overhead_per_round']):+.0%} | "
@@ -445,9 +448,9 @@ def write_markdown(path: str, result: dict) -> None:
         "",
         "## Where the Copilot's time goes (model level: one forward + backward, CPU seconds, median of 3)",
         "",
-        "Expected = FLOP ratio x the Pilot's forward + backward. Head + loss: W_out and the squared error "
-        "alone (part of the Copilot column), as training computes them (W_out applied implicitly, no [B,T,V] "
-        "f_C) and with f_C formed, side by side; the Mistake Log columns are not in the model's step but in "
+        "Expected = FLOP ratio x the Pilot's forward + backward. Head + loss: W_out and the Copilot's loss "
+        "alone (part of the Copilot column), as a training pass computes them (reading W_out's weight) and with "
+        "f_C formed through autograd, side by side; the Mistake Log columns are not in the model's step but in "
         "CopilotTrainer's.",
         "",
         "| Copilot | Pilot | Pilot + Copilot | Copilot | expected from FLOPs | head + loss | head + loss, f_C "
@@ -460,8 +463,8 @@ def write_markdown(path: str, result: dict) -> None:
             lines.append(f"| {row['copilot_layers']} x {row['copilot_hidden']} | not measured on a GPU run |")
             continue
         lines.append(
-            f"| {row['copilot_layers']} x {row['copilot_hidden']}"
-            f"{', f_C formed' if row.get('head') == 'formed' else ''} | {b['pilot_fwd_bwd']:.3f} | "
+            f"| {row['copilot_layers']} x {row['copilot_hidden']}, {HEAD_LABELS[row['head']]} | "
+            f"{b['pilot_fwd_bwd']:.3f} | "
             f"{b['pilot_copilot_fwd_bwd']:.3f} | {b['copilot_fwd_bwd']:.3f} | "
             f"{row['flop_ratio'] * b['pilot_fwd_bwd']:.3f} | {b['head_and_loss_fwd_bwd']:.3f} | "
             f"{b['head_and_loss_formed_fwd_bwd']:.3f} | "
@@ -505,9 +508,7 @@ def write_plot(path: str, result: dict) -> None:
     rows = result["rows"]
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
     positions = range(len(rows))
-    labels = [
-        f"{row['param_ratio']:.2f}" + ("\nf_C formed" if row.get("head") == "formed" else "") for row in rows
-    ]
+    labels = [f"{row['param_ratio']:.2f}\n{row['head']}" for row in rows]
     width = 0.27
     left.bar([p - width for p in positions], [row["flop_ratio"] for row in rows], width, label="FLOP ratio")
     left.bar(positions, [row["overhead"] for row in rows], width, label="overhead (wall)")
@@ -574,10 +575,13 @@ def main(argv: list[str] | None = None) -> dict:
         "--ratios", type=float, nargs="+", choices=TARGET_RATIOS, help="Copilot ratios (default: all)"
     )
     parser.add_argument(
-        "--formed-head",
-        action="store_true",
-        help="per ratio, a second arm whose training forms f_C = W_out h (as before W_out was applied "
-        "implicitly), in the same interleaved rounds",
+        "--heads",
+        nargs="+",
+        choices=tuple(HEAD_LABELS),
+        default=["default"],
+        help="Copilot heads per ratio, in the same interleaved rounds: default (the reweight head on the "
+        "cross-entropy), linear (the paper's head on the squared error), formed / linear_formed (that head with "
+        "f_C formed, as a hooked head trains)",
     )
     parser.add_argument("--output-dir", default=RESULTS_DIR)
     args = parser.parse_args(argv)
@@ -607,12 +611,12 @@ def main(argv: list[str] | None = None) -> dict:
     arms = []
     # A 1B Pilot on a GPU: the ratios of the GPU target (ratio 1 would double a long run).
     ratios = args.ratios or (TARGET_RATIOS[:2] if args.shape == "1b" else TARGET_RATIOS)
-    for target, head in itertools.product(
-        ratios, ("implicit", "formed") if args.formed_head else ("implicit",)
-    ):
+    for target, head in itertools.product(ratios, args.heads):
         config = copilot_for_ratio(target, setup, pilot_params)
+        if head.startswith("linear"):
+            config.error_form = "linear"
         model = PilotCopilotForCausalLM.from_pilot(pilot, config)
-        if head == "formed":  # a hooked head runs its forward: training then forms f_C
+        if head.endswith("formed"):  # a hooked head runs its forward: training then forms f_C
             model.copilot.error_head.register_forward_hook(lambda module, inputs, output: None)
         params = sum(p.numel() for p in model.copilot.parameters())
         assert params == copilot_param_count(config, setup.hidden_size, setup.vocab_size), "parameter formula"
