@@ -20,6 +20,14 @@ def errors(compact_k: int | None = None, dtype=torch.float64) -> PilotErrors:
     return result.compact(compact_k) if compact_k else result
 
 
+def head_input_and_weight() -> tuple[torch.Tensor, torch.Tensor]:
+    """A linear head's input h [B,T,6] and weight W [V,6], float64, both requiring gradients."""
+    return (
+        torch.randn(B, T, 6, dtype=torch.float64, requires_grad=True),
+        torch.randn(V, 6, dtype=torch.float64, requires_grad=True),
+    )
+
+
 @pytest.mark.parametrize("compact_k", [None, 4])
 def test_squared_distance_and_its_gradient_match_the_dense_formula(compact_k):
     e = errors(compact_k)
@@ -54,8 +62,7 @@ def test_squared_distance_of_a_low_precision_prediction_is_computed_in_float32()
 @pytest.mark.parametrize("compact_k", [None, 4])
 def test_head_squared_distance_and_its_gradients_match_the_head_applied_explicitly(compact_k):
     e = errors(compact_k)
-    head_input = torch.randn(B, T, 6, dtype=torch.float64, requires_grad=True)
-    weight = torch.randn(V, 6, dtype=torch.float64, requires_grad=True)
+    head_input, weight = head_input_and_weight()
     weights = torch.rand(B, T, dtype=torch.float64)
     distance = e.head_squared_distance(head_input, weight)
     (distance * weights).sum().backward()
@@ -71,8 +78,7 @@ def test_head_squared_distance_and_its_gradients_match_the_head_applied_explicit
 @pytest.mark.parametrize("compact_k", [None, 4])
 def test_head_squared_distance_passes_gradcheck(compact_k):
     e = errors(compact_k)
-    head_input = torch.randn(B, T, 6, dtype=torch.float64, requires_grad=True)
-    weight = torch.randn(V, 6, dtype=torch.float64, requires_grad=True)
+    head_input, weight = head_input_and_weight()
     assert torch.autograd.gradcheck(e.head_squared_distance, (head_input, weight))
 
 
@@ -140,8 +146,7 @@ def explicit_head_cross_entropy(e: PilotErrors, head_input, weight):
 @pytest.mark.parametrize("compact_k", [None, 4])
 def test_head_cross_entropy_and_its_gradients_match_the_head_applied_explicitly(compact_k):
     e = errors(compact_k)
-    head_input = torch.randn(B, T, 6, dtype=torch.float64, requires_grad=True)
-    weight = torch.randn(V, 6, dtype=torch.float64, requires_grad=True)
+    head_input, weight = head_input_and_weight()
     weights = torch.rand(B, T, dtype=torch.float64)
     cross_entropy, squared_error = e.head_cross_entropy(head_input, weight)
     assert not squared_error.requires_grad
@@ -162,8 +167,7 @@ def test_head_cross_entropy_leaves_the_entry_untouched_and_refuses_a_second_back
     """Its one buffer becomes the gradient in backward, so a retained graph cannot be differentiated twice."""
     e = errors()
     probs = e.probs.clone()
-    head_input = torch.randn(B, T, 6, dtype=torch.float64, requires_grad=True)
-    weight = torch.randn(V, 6, dtype=torch.float64, requires_grad=True)
+    head_input, weight = head_input_and_weight()
     cross_entropy, _ = e.head_cross_entropy(head_input, weight)
     cross_entropy.sum().backward(retain_graph=True)
     assert torch.equal(e.probs, probs)
