@@ -167,7 +167,11 @@ class CopilotTrainer(Trainer):
         )
         if self.mistake_log_callback is None:
             self.mistake_log_callback = MistakeLogCallback(
-                MistakeLog(size=self.args.mistake_log_entries, topk=self.args.mistake_log_topk),
+                MistakeLog(
+                    size=self.args.mistake_log_entries,
+                    topk=self.args.mistake_log_topk,
+                    store_device=self.args.device if self.args.mistake_log_on_device else "cpu",
+                ),
                 replay=self.args.mistake_log_replay,
                 seed=self.args.seed,
                 window=self.args.mistake_log_window,

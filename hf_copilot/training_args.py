@@ -106,6 +106,15 @@ class CopilotTrainingArguments(TrainingArguments):
             "(0: store the exact full-vocabulary errors)."
         },
     )
+    mistake_log_on_device: bool = field(
+        default=False,
+        metadata={
+            "help": "Keep the Mistake Log's entries on the training device (an on-device ring buffer): no host "
+            "copy of each entry and no transfer back of the rows the Copilot reads, for device memory (the log's "
+            "size x a compact entry). False: CPU memory. Only a log that stores entries (a window or replay) "
+            "holds any."
+        },
+    )
 
     @property
     def mistake_log_entries(self) -> int:
@@ -158,6 +167,10 @@ class CopilotTrainingArguments(TrainingArguments):
             raise ValueError(
                 f"mistake_log_window ({self.mistake_log_window}) cannot exceed mistake_log_size "
                 f"({self.mistake_log_entries}): the log keeps only that many rounds. Raise mistake_log_size."
+            )
+        if not isinstance(self.mistake_log_on_device, bool):
+            raise ValueError(
+                f"mistake_log_on_device must be True or False, got {self.mistake_log_on_device!r}."
             )
         budget = self.mistake_log_checkpoint_mb
         if budget is not None and not (

@@ -150,6 +150,7 @@ def test_arguments_default_to_the_papers_method_and_parse_from_the_command_line(
         ({"mistake_log_size": 4, "mistake_log_replay": 5}, r"mistake_log_replay \(5\) cannot exceed"),
         ({"freeze_pilot": True, "copilot_loss_weight": 0.0}, "trains nothing"),
         ({"label_smoothing_factor": 0.1}, "label_smoothing_factor=0.1 is not supported"),
+        ({"mistake_log_on_device": "yes"}, "mistake_log_on_device must be True or False"),
     ],
 )
 def test_arguments_reject_invalid_values(tmp_path, overrides, message):
@@ -458,6 +459,22 @@ def test_with_a_window_the_copilot_trains_on_log_rows_of_recent_rounds_only(tmp_
         )
         squared_error, count = copilot_squared_error(predicted, sampled)
     assert loss.item() == pytest.approx((out.pilot_loss + squared_error / count).item(), rel=1e-6)
+
+
+def test_an_on_device_log_keeps_its_entries_on_the_training_device_and_trains_the_same(tmp_path):
+    """`mistake_log_on_device` puts the ring buffer on `args.device` (on a CPU-only machine that is the CPU too:
+    the test pins that the setting reaches the log and changes nothing else)."""
+    settings = dict(per_device_train_batch_size=2, mistake_log_window=2, max_steps=3, logging_steps=1)
+    host = make_trainer(tmp_path, **settings)
+    host.train()
+    on_device = make_trainer(tmp_path, mistake_log_on_device=True, **settings)
+    on_device.train()
+    host_log, device_log = (t.mistake_log_callback.mistake_log for t in (host, on_device))
+    assert host_log.store_device == torch.device("cpu")
+    assert device_log.store_device == on_device.args.device
+    assert len(device_log) == 2 and device_log.latest().x_tilde.device == on_device.args.device
+    assert logged(on_device, "copilot_loss") == logged(host, "copilot_loss")
+    assert max_difference(host.model, on_device.model) == 0.0
 
 
 def test_copilot_final_epochs_train_the_copilot_alone_on_the_final_pilot(tmp_path):
