@@ -29,6 +29,8 @@ Arms (same Pilot initialisation, data order and steps):
   pilot_copilot_deep  a capacity diagnostic: pilot_copilot with twice the Copilot's layers (twice its compute)
   pilot_copilot_dropout  a regularisation diagnostic: pilot_copilot with dropout 0.1 in the Copilot's layers
                       (hidden_dropout and attention_dropout; the default is none)
+  pilot_copilot_last_layer  an input diagnostic: the Copilot's memory holds the Pilot's last hidden state instead
+                      of the mean over its layers (h_bar, the paper's), in training and at generation
   pilot_copilot_paper the same trained for the paper's feedback mode (copilot_feedback="copilot", the
                       Copilot reads its own predictions at answer positions in training too; built for that
                       mode, it has memory_norm and the paper's linear head on the squared error by default)
@@ -71,6 +73,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from typing import NamedTuple
+from unittest import mock
 
 import torch
 import transformers
@@ -89,6 +92,7 @@ from hf_copilot import (
     CopilotTrainingArguments,
     PilotCopilotForCausalLM,
     PilotCopilotForSeq2SeqLM,
+    modeling_pilot_copilot,
 )
 from hf_copilot.configuration_pilot_copilot import INITIAL_ERROR_NORM, copilot_config_like
 from hf_copilot.experiments.data import (
@@ -118,6 +122,7 @@ ARMS = (
     "pilot_copilot_lr_3x",
     "pilot_copilot_deep",
     "pilot_copilot_dropout",
+    "pilot_copilot_last_layer",
     "pilot_copilot_paper",
     "pilot_copilot_memory_norm",
     "pilot_copilot_paper_no_memory_norm",
@@ -419,6 +424,18 @@ def run(
     if "pilot_copilot_deep" in arms:
         layers = 2 * experiment.copilot_config().num_hidden_layers
         ablation_records("pilot_copilot_deep", {"num_hidden_layers": layers})
+    if "pilot_copilot_last_layer" in arms:
+        # The Pilot's last hidden state in place of the layer mean (h_bar), in training, evaluation and
+        # generation alike: the entry function is swapped where the model calls it.
+        entry_from_pass = modeling_pilot_copilot.mistake_log_entry_from_pilot_pass
+
+        def last_layer_entry(input_ids, attention_mask, labels, logits, hidden_states):
+            return entry_from_pass(
+                input_ids, attention_mask, labels, logits, (hidden_states[0], hidden_states[-1])
+            )
+
+        with mock.patch.object(modeling_pilot_copilot, "mistake_log_entry_from_pilot_pass", last_layer_entry):
+            ablation_records("pilot_copilot_last_layer", {})
     if "pilot_copilot_dropout" in arms:
         ablation_records("pilot_copilot_dropout", {"hidden_dropout": 0.1, "attention_dropout": 0.1})
     if "pilot_copilot_paper" in arms:
