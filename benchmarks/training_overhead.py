@@ -15,6 +15,7 @@ allocator warm-up). Process CPU time per step is recorded next to wall time.
     python benchmarks/training_overhead.py --quick    # a small Pilot, one round: a smoke test
     python benchmarks/training_overhead.py --shape tiny --threads 1   # a 2-layer 64-wide Pilot, 100-step runs
     python benchmarks/training_overhead.py --shape 1b --bf16   # on a GPU: a 1.26B Pilot, bf16 mixed precision
+    python benchmarks/training_overhead.py --heads default linear formed   # the Copilot's heads side by side
 
 Trainer runs on the GPU when one is visible. Writes benchmarks/results/training_overhead{_1b|_tiny}{_bf16}{_quick}.*
 """
