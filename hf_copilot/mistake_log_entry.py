@@ -12,6 +12,12 @@ import torch
 import torch.nn.functional as F
 
 
+def floored_log(probs: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """log p in `dtype` (a new tensor), p floored at 1e-30 so that a token the Pilot's softmax underflowed to zero
+    stays reachable: what the reweight head adds its output to."""
+    return probs.to(dtype).clamp_min(1e-30).log_()
+
+
 class _SquaredDistance(torch.autograd.Function):
     """`||f - e||^2` per position, e = mask * (onehot(target) - p) with p dense or top-k.
 
@@ -142,12 +148,12 @@ class _HeadCrossEntropy(torch.autograd.Function):
     @staticmethod
     @torch.autocast("cuda", enabled=False)
     @torch.autocast("cpu", enabled=False)
-    def forward(ctx, head_input, weight, targets, mask, probs, topk_indices, topk_values):
+    def forward(ctx, head_input, weight, targets, mask, probs, topk_indices, spread_mass):
         dtype = torch.promote_types(head_input.dtype, torch.float32)
         width = head_input.shape[-1]
         h = head_input.reshape(-1, width).to(dtype)
         gold_index = targets.reshape(-1, 1)
-        logits = probs.reshape(-1, probs.shape[-1]).to(dtype).clamp_min(1e-30).log_()
+        logits = floored_log(probs.reshape(-1, probs.shape[-1]), dtype)
         logits.addmm_(h, weight.to(dtype).t())  # log p + W h
         gold_logit = logits.gather(-1, gold_index).squeeze(-1)
         # softmax in place (torch.logsumexp would allocate a second [N,V] tensor)
@@ -158,7 +164,7 @@ class _HeadCrossEntropy(torch.autograd.Function):
         q_gold = fused.gather(-1, gold_index).squeeze(-1)
         squared_error = torch.linalg.vector_norm(fused, dim=-1).square() - 2.0 * q_gold + 1.0
         if topk_indices is not None:  # e reads zero outside the top k where p reads the spread mass r:
-            squared_error += _spread_correction(fused, gold_index, topk_indices, topk_values)
+            squared_error += _spread_correction(fused, gold_index, topk_indices, spread_mass)
         squared_error = (squared_error.clamp_min(0.0) * mask.reshape(-1).to(dtype)).reshape(targets.shape)
         ctx.save_for_backward(head_input, weight, gold_index, fused)
         ctx.mark_non_differentiable(squared_error)
@@ -186,14 +192,13 @@ class _HeadCrossEntropy(torch.autograd.Function):
         return grad_input, grad_weight, None, None, None, None, None
 
 
-def _spread_correction(fused, gold_index, topk_indices, topk_values) -> torch.Tensor:
+def _spread_correction(fused, gold_index, topk_indices, spread_mass) -> torch.Tensor:
     """`||f_C - e||^2 - ||q - onehot||^2` for a compact entry [N]: f_C = q - p_spread and e = onehot - p_topk
-    differ from q - onehot by r = p_spread - p_topk (c on each token outside the top k), so the squared error
-    gains `-2 (q - onehot).r + ||r||^2`."""
+    differ from q - onehot by r = p_spread - p_topk (c = `spread_mass` on each token outside the top k), so the
+    squared error gains `-2 (q - onehot).r + ||r||^2`."""
     k = topk_indices.shape[-1]
-    indices, values = topk_indices.reshape(-1, k), topk_values.reshape(-1, k).to(fused.dtype)
+    indices, c = topk_indices.reshape(-1, k), spread_mass.reshape(-1).to(fused.dtype)
     others = fused.shape[-1] - k
-    c = (1.0 - values.sum(-1)).clamp_min(0.0) / max(others, 1)
     q_outside = 1.0 - fused.gather(-1, indices).sum(-1)
     gold_outside = (indices != gold_index).all(-1).to(fused.dtype)
     return -2.0 * c * (q_outside - gold_outside) + c.square() * others
@@ -269,7 +274,7 @@ class PilotErrors:
             self.mask,
             self.probabilities_spread(),
             self.topk_indices,
-            self.topk_values,
+            self.spread_mass() if self.is_compact else None,
         )
 
     def probabilities(self) -> torch.Tensor:
@@ -288,10 +293,13 @@ class PilotErrors:
         """
         if not self.is_compact:
             return self.probs
-        others = self.vocab_size - self.topk_indices.shape[-1]
-        rest = (1.0 - self.topk_values.sum(-1, keepdim=True)).clamp_min(0.0) / max(others, 1)
-        spread = rest.expand(*self.targets.shape, self.vocab_size).clone()
+        spread = self.spread_mass().unsqueeze(-1).expand(*self.targets.shape, self.vocab_size).clone()
         return spread.scatter_(-1, self.topk_indices, self.topk_values)
+
+    def spread_mass(self) -> torch.Tensor:
+        """[B,T] of a compact entry: the probability `probabilities_spread` gives each token outside the top k."""
+        others = self.vocab_size - self.topk_indices.shape[-1]
+        return (1.0 - self.topk_values.sum(-1)).clamp_min(0.0) / max(others, 1)
 
     def dense(self) -> torch.Tensor:
         """The error tensor [B,T,V] (for tests, research and small vocabularies)."""

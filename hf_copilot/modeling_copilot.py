@@ -38,7 +38,7 @@ from .configuration_pilot_copilot import (
     validate_fusion_settings,
 )
 from .generation_pilot_copilot import CACHE_KEYWORD, CopilotKVCache, CopilotLogitsProcessor
-from .mistake_log_entry import PilotErrors
+from .mistake_log_entry import PilotErrors, floored_log
 
 
 class CopilotRMSNorm(nn.Module):
@@ -291,7 +291,7 @@ def reweighted_logits(head_output: torch.Tensor, pilot_probs: torch.Tensor) -> t
     """log p + W_out h, in fp32 at least: the reweight form's p + f_C is their softmax (its cross-entropy reads
     them). One new [B,T,V] tensor."""
     dtype = torch.promote_types(head_output.dtype, torch.float32)
-    return pilot_probs.to(dtype).clamp_min(1e-30).log_().add_(head_output.to(dtype))
+    return floored_log(pilot_probs, dtype).add_(head_output.to(dtype))
 
 
 class CopilotPreTrainedModel(PreTrainedModel):
