@@ -177,7 +177,8 @@ class _HeadCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad_cross_entropy, _grad_squared_error):
         if ctx.backward_done:
             raise RuntimeError(
-                "The Copilot's cross-entropy reuses its buffer in backward: backward runs once."
+                "The Copilot's cross-entropy reuses its buffer in backward: backward runs once. Compute the "
+                "loss again for another backward (retain_graph=True cannot keep it)."
             )
         ctx.backward_done = True
         head_input, weight, gold_index, fused = ctx.saved_tensors
