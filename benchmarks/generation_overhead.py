@@ -21,7 +21,7 @@ one warm-up generate() per arm and shape.
     python benchmarks/generation_overhead.py --shape 1b --device cuda --dtype bfloat16 --cache-implementation static --compile
 
 Both arms decode the same way: with `--compile` generate() compiles the Pilot's per-token forward (for the
-fused model, its Pilot's call; the Copilot's step runs eagerly). Writes
+fused model, its Pilot's call and the Copilot's decoding step). Writes
 benchmarks/results/generation_overhead{_1b}{_static,_compiled}{_bf16}{_<device>}{_quick}.{json,md,png}.
 """
 
@@ -43,7 +43,7 @@ from transformers import CompileConfig, LlamaConfig, LlamaForCausalLM
 from transformers.generation.streamers import BaseStreamer
 from transformers.utils import logging as hf_logging
 
-from hf_copilot import CopilotConfig, PilotCopilotForCausalLM
+from hf_copilot import CopilotConfig, PilotCopilotForCausalLM, generation_pilot_copilot
 
 RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 TARGET_RATIOS = (0.1, 0.25, 1.0)
@@ -183,7 +183,8 @@ class StepClock(BaseStreamer):
 
 class CopilotClock:
     """Process CPU time spent in the Copilot network (its forward and the W_in of its fed-back output),
-    through forward hooks; the first Copilot forward of a generate() call reads the prompt."""
+    through forward hooks, and over a static cache in its decoding steps (`static_step`, compiled or not); the
+    first Copilot forward of a generate() call reads the prompt."""
 
     def __init__(self, model: PilotCopilotForCausalLM):
         self.calls: list[tuple[str, float]] = []
@@ -191,6 +192,15 @@ class CopilotClock:
         for name, module in (("copilot", model.copilot), ("W_in", model.copilot.error_proj)):
             self.handles.append(module.register_forward_pre_hook(self._start))
             self.handles.append(module.register_forward_hook(lambda *_, name=name: self._stop(name)))
+        self.static_step = generation_pilot_copilot.static_step
+
+        def timed_static_step(*args, **kwargs):
+            self._start()
+            predicted_error = self.static_step(*args, **kwargs)
+            self._stop("copilot")
+            return predicted_error
+
+        generation_pilot_copilot.static_step = timed_static_step
 
     def _start(self, *_):
         self.started = time.process_time()
@@ -206,6 +216,7 @@ class CopilotClock:
     def remove(self):
         for handle in self.handles:
             handle.remove()
+        generation_pilot_copilot.static_step = self.static_step
 
 
 def synchronize(device: torch.device) -> None:
@@ -257,7 +268,7 @@ def generation_summary(generation: dict | None) -> str:
     generation = generation or {"device": "cpu", "dtype": "float32", "cache_implementation": "dynamic"}
     text = f"{generation['device']}, {generation['dtype']}, {generation['cache_implementation']} KV cache"
     if generation.get("compile"):
-        text += "; generate() compiles the Pilot's per-token forward (the fused model's Copilot step runs eagerly)"
+        text += "; generate() compiles the Pilot's per-token forward (the fused model's: the Pilot's call and the Copilot's decoding step)"
     return text
 
 
@@ -331,9 +342,10 @@ def write_markdown(path: str, result: dict) -> None:
     lines += [
         "",
         '"In the Copilot network": CPU time inside the Copilot\'s forward and its W_in, per decoding step '
-        "(forward hooks; the Mistake Log entry, the fusion processor and generate()'s own work are outside it). "
-        "It grows with the context only through the Copilot's attention over its cached keys (a step writes its "
-        "new keys in place into buffers that grow by doubling); it never re-runs over the sequence.",
+        "(forward hooks; over a static cache, its decoding step; the Mistake Log entry, the fusion processor and "
+        "generate()'s own work are outside it). It grows with the context only through the Copilot's attention "
+        "over its cached keys (a step writes its new keys in place: with the dynamic cache into buffers that grow "
+        "by doubling, with a static one into buffers as long as the Pilot's); it never re-runs over the sequence.",
     ]
     lines += [
         "",
@@ -440,6 +452,13 @@ def main(argv: list[str] | None = None) -> dict:
         action="store_true",
         help="compile the per-token forward (needs --cache-implementation static)",
     )
+    parser.add_argument(
+        "--ratios",
+        type=float,
+        nargs="+",
+        choices=TARGET_RATIOS,
+        help="Copilot parameter ratios (default: all; 0.1 includes the 2-layer Copilot)",
+    )
     parser.add_argument("--output-dir", default=RESULTS_DIR)
     args = parser.parse_args(argv)
     if args.compile and args.cache_implementation != "static":
@@ -458,6 +477,9 @@ def main(argv: list[str] | None = None) -> dict:
         generate_kwargs["disable_compile"] = not args.compile
         if compile_config is not None:
             generate_kwargs["compile_config"] = compile_config
+            # One graph per arm and prompt shape (each shape has its own static cache length): dynamo's
+            # default limit of 8 per function would send the later arms back to eager decoding.
+            torch._dynamo.config.recompile_limit = 64
 
     setup = QUICK if args.quick else (ONE_B if args.shape == "1b" else Setup())
     if args.rounds:
@@ -473,9 +495,10 @@ def main(argv: list[str] | None = None) -> dict:
     # 32k vocabulary W_in and W_out hold most of a small Copilot's parameters, and on CPU each extra
     # layer costs a fixed ~0.1 ms of operator dispatch per token whatever its width.
     # A 1B Pilot on a GPU: the ratios of the issue's GPU target (ratio 1 would double a long run).
-    ratios = TARGET_RATIOS[:2] if args.shape == "1b" else TARGET_RATIOS
+    ratios = args.ratios or (TARGET_RATIOS[:2] if args.shape == "1b" else TARGET_RATIOS)
     shapes = [(target, copilot_for_ratio(target, setup, pilot_params)) for target in ratios]
-    shapes.insert(0, (TARGET_RATIOS[0], copilot_for_ratio(TARGET_RATIOS[0], setup, pilot_params, (2,))))
+    if TARGET_RATIOS[0] in ratios:
+        shapes.insert(0, (TARGET_RATIOS[0], copilot_for_ratio(TARGET_RATIOS[0], setup, pilot_params, (2,))))
     arms = []
     for target, config in shapes:
         model = PilotCopilotForCausalLM.from_pilot(pilot, config).to(device, dtype).eval()
@@ -494,17 +517,15 @@ def main(argv: list[str] | None = None) -> dict:
     timings: dict = {None: {shape: [] for shape in shapes}}
     timings |= {index: {shape: [] for shape in shapes} for index in range(len(arms))}
     order = [None, *range(len(arms))]
-    total = len(order) * (len(setup.batch_sizes) + len(shapes) * setup.rounds)
+    # Warm-up: the allocator and kernels; compiled, every shape (each static cache length compiles its graphs).
+    warm_up = shapes if args.compile else [(batch, setup.contexts[0]) for batch in setup.batch_sizes]
+    total = len(order) * (len(warm_up) + len(shapes) * setup.rounds)
     with tqdm(total=total, desc="generate() calls", unit="call") as progress:
-        for batch in setup.batch_sizes:  # warm-up: allocator and kernels (compiled: the largest static cache)
+        for shape in warm_up:
             for which in order:
                 model = pilot if which is None else arms[which]["model"]
-                if args.compile:
-                    timed_generate(
-                        model, prompts[(batch, setup.contexts[-1])], setup.new_tokens, **generate_kwargs
-                    )
-                else:
-                    timed_generate(model, prompts[(batch, setup.contexts[0])], min(8, setup.new_tokens))
+                new_tokens = setup.new_tokens if args.compile else min(8, setup.new_tokens)
+                timed_generate(model, prompts[shape], new_tokens, **generate_kwargs)
                 progress.update(1)
         for shape in shapes:
             for round_index in range(setup.rounds):

@@ -8,6 +8,8 @@ cropping) moves the Copilot's state together with the Pilot's keys and values.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from transformers import DynamicCache, EncoderDecoderCache, LogitsProcessor, StaticCache
@@ -115,6 +117,80 @@ class CopilotKVCache:
             if positions is not None:
                 self.rows[idx] = int((positions < length).sum())  # positions only grow along a layer
         self.length = min(self.length, length)
+
+
+class StaticCopilotKVCache(CopilotKVCache):
+    """The Copilot's keys/values in buffers allocated once for the whole generation, what a compiled decoding step
+    needs (`generate(cache_implementation="static")`, `CopilotModel.decoding_step`).
+
+    Row r of a slot holds position r // k (k = 1 for a self-attention, 2 for a cross-attention: x_tilde_j and h_bar_j),
+    and a row not yet written sits at a position no query reaches, so a step attends over the whole buffer with the
+    causal mask and the shapes never change. Multi-position forwards (the prefill, drafted tokens) write in order
+    and read the written rows, as with `CopilotKVCache`.
+    """
+
+    UNWRITTEN = torch.iinfo(torch.long).max
+
+    def __init__(self, rows_per_position: list[int], max_positions: int):
+        """`max_positions`: the Pilot's static cache length, which the Pilot's own cache enforces first."""
+        super().__init__(len(rows_per_position))
+        self.rows_per_position = rows_per_position
+        self.max_positions = max_positions
+        self.position: torch.Tensor | None = None  # [1]: the position the next decoding step writes
+        self.padding: torch.Tensor | None = None  # [B, max_positions]: False at padding; None: no padding
+
+    def update(self, idx: int, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor):
+        if self.buffers[idx] is None:
+            capacity = self.max_positions * self.rows_per_position[idx]
+            self.buffers[idx] = (
+                keys.new_zeros(
+                    *keys.shape[:2], capacity, keys.shape[3]
+                ),  # zeros: masked rows must not be NaN
+                values.new_zeros(*values.shape[:2], capacity, values.shape[3]),
+                positions.new_full((capacity,), self.UNWRITTEN),
+            )
+        return super().update(idx, keys, values, positions)
+
+    def step_writes(self) -> StaticStepWrites:
+        return StaticStepWrites(self)
+
+    def prepare_step(self, attention_mask: torch.Tensor | None, device: torch.device) -> None:
+        """Before a decoding step: its position as a tensor and the padding of every position so far, written
+        into buffers of fixed shape."""
+        past = self.length
+        if self.position is None:
+            self.position = torch.zeros(1, dtype=torch.long, device=device)
+        self.position.fill_(past)
+        if attention_mask is None:
+            self.padding = None
+            return
+        batch = attention_mask.shape[0]
+        if self.padding is None or self.padding.shape[0] != batch:
+            self.padding = torch.zeros(batch, self.max_positions, dtype=torch.bool, device=device)
+        self.padding[:, : past + 1] = attention_mask[:, : past + 1].bool()
+
+    def finish_step(self) -> None:
+        """After a decoding step: account for the rows it wrote."""
+        self.rows = [rows + k for rows, k in zip(self.rows, self.rows_per_position, strict=True)]
+        self.length += 1
+
+
+class StaticStepWrites:
+    """What a decoding step's attentions see as their cache: writes at the rows of `cache.position`, reads of
+    the whole buffers (`StaticCopilotKVCache`)."""
+
+    def __init__(self, cache: StaticCopilotKVCache):
+        self.cache = cache
+
+    def update(self, idx: int, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor):
+        per_position = self.cache.rows_per_position[idx]
+        offsets = torch.arange(keys.shape[2], device=positions.device) % per_position
+        rows = positions * per_position + offsets
+        key_buffer, value_buffer, position_buffer = self.cache.buffers[idx]
+        key_buffer.index_copy_(2, rows, keys)
+        value_buffer.index_copy_(2, rows, values)
+        position_buffer.index_copy_(0, rows, positions)
+        return key_buffer, value_buffer, position_buffer
 
 
 class PositionRows:
@@ -227,10 +303,16 @@ class CopilotStateCache:
         # Set by generate(): positions before it are the prompt, whose tokens are known.
         self.prompt_length: int | None = None
 
-    def copilot_state(self, num_slots: int) -> CopilotDecodingState:
-        """The state of this generation; `num_slots`: the Copilot's attentions with cached keys/values."""
+    def copilot_state(self, copilot) -> CopilotDecodingState:
+        """The state of this generation: over a static Pilot cache, a decoder-only Pilot's Copilot keeps its
+        keys/values in buffers as long as the Pilot's (`StaticCopilotKVCache`)."""
         if self.copilot is None:
-            self.copilot = CopilotDecodingState(CopilotKVCache(num_slots))
+            if isinstance(self, StaticCache) and not copilot.config.encoder_decoder:
+                per_position = [2 if layer.is_cross_attention else 1 for layer in copilot.layers]
+                kv_cache = StaticCopilotKVCache(per_position, self.get_max_length())
+            else:
+                kv_cache = CopilotKVCache(copilot.num_kv_cache_slots)
+            self.copilot = CopilotDecodingState(kv_cache)
         return self.copilot
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
@@ -403,11 +485,13 @@ def copilot_generation_step(
     entry: MistakeLogEntry,
     cache: PilotCopilotCache,
     copilot_feedback: str,
+    decoding_step: Callable | None = None,
 ) -> torch.Tensor:
     """Advance the Copilot over the new positions only, reading and updating its state in `cache`.
 
     `attention_mask` [B, past + new] is None when there is no padding: a decoding step then builds
-    no attention mask at all.
+    no attention mask at all. Over a static cache a one-position step runs `decoding_step` (generate()'s
+    compiled `CopilotModel.decoding_step`; None: the eager one) on the preallocated buffers.
 
     Prompt positions (every position in "observed" mode) read the observed errors; in "copilot"
     mode a generated position reads the Copilot's own previous predicted_error (the paper). generate()
@@ -415,7 +499,7 @@ def copilot_generation_step(
     (chunked prefill) or together with drafted tokens (assisted decoding); without it the first
     forward is the prompt.
     """
-    state = cache.copilot_state(copilot.num_kv_cache_slots)
+    state = cache.copilot_state(copilot)
     new, past = input_ids.shape[1], state.kv_cache.length
     if copilot_feedback == "observed":
         known = new
@@ -433,18 +517,21 @@ def copilot_generation_step(
         head_mask = None if attention_mask is None else attention_mask[:, : past + known]
         observed = observed_feedback(copilot, input_ids[:, :known], head_mask, head, state)
         keep = known - min(skip, known - 1)  # the last known row feeds the next step
-        outputs.append(
-            copilot(
-                observed,
-                head.x_tilde,
-                head.h_bar,
-                head_mask,
-                state.kv_cache,
-                keep,
-                encoder_attention_mask=entry.encoder_attention_mask,
-                pilot_errors=head.errors,
+        if is_static_step(state, known):
+            outputs.append(static_step(copilot, observed, head, head_mask, state, decoding_step))
+        else:
+            outputs.append(
+                copilot(
+                    observed,
+                    head.x_tilde,
+                    head.h_bar,
+                    head_mask,
+                    state.kv_cache,
+                    keep,
+                    encoder_attention_mask=entry.encoder_attention_mask,
+                    pilot_errors=head.errors,
+                )
             )
-        )
     fed = []  # W_in f_C of every recorded row, the paper's feedback
     if copilot_feedback == "copilot":
         if outputs:
@@ -455,15 +542,18 @@ def copilot_generation_step(
         length = state.kv_cache.length + 1
         step_mask = None if attention_mask is None else attention_mask[:, :length]
         step = entry.map_positions(lambda t, position=position: t[:, position : position + 1])
-        predicted_error = copilot(
-            stream,
-            step.x_tilde,
-            step.h_bar,
-            step_mask,
-            state.kv_cache,
-            encoder_attention_mask=entry.encoder_attention_mask,
-            pilot_errors=step.errors,
-        )
+        if is_static_step(state, 1):
+            predicted_error = static_step(copilot, stream, step, step_mask, state, decoding_step)
+        else:
+            predicted_error = copilot(
+                stream,
+                step.x_tilde,
+                step.h_bar,
+                step_mask,
+                state.kv_cache,
+                encoder_attention_mask=entry.encoder_attention_mask,
+                pilot_errors=step.errors,
+            )
         outputs.append(predicted_error)
         feedback = copilot.embed_predicted_errors(predicted_error)
         fed.append(feedback)
@@ -482,6 +572,30 @@ def copilot_generation_step(
         embedded_predicted_errors,
     )
     return predicted_errors
+
+
+def is_static_step(state: CopilotDecodingState, new: int) -> bool:
+    """One position after the prefill over preallocated buffers: what `CopilotModel.decoding_step` computes."""
+    return new == 1 and isinstance(state.kv_cache, StaticCopilotKVCache) and state.kv_cache.length > 0
+
+
+def static_step(
+    copilot,
+    stream: torch.Tensor,
+    step: MistakeLogEntry,
+    attention_mask: torch.Tensor | None,
+    state: CopilotDecodingState,
+    decoding_step: Callable | None,
+) -> torch.Tensor:
+    """f_C [B,1,V] of one position over a `StaticCopilotKVCache`: its bookkeeping here, the network in
+    `decoding_step` (compiled or `copilot.decoding_step`)."""
+    kv_cache = state.kv_cache
+    kv_cache.prepare_step(attention_mask, stream.device)
+    # Contiguous: a compiled step is specialised to its inputs' strides (a row sliced from the prefill's differs).
+    inputs = (stream, step.x_tilde, step.h_bar, step.errors.probs)
+    predicted_error = (decoding_step or copilot.decoding_step)(*(t.contiguous() for t in inputs), kv_cache)
+    kv_cache.finish_step()
+    return predicted_error
 
 
 def observed_feedback(
@@ -517,6 +631,7 @@ __all__ = [
     "CopilotStateCache",
     "PilotCopilotCache",
     "PilotCopilotEncoderDecoderCache",
+    "StaticCopilotKVCache",
     "copilot_on_entry",
     "copilot_generation_step",
     "copilot_loss_terms_on_entry",

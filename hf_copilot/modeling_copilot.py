@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import functools
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -37,7 +38,12 @@ from .configuration_pilot_copilot import (
     copilot_config_like,
     validate_fusion_settings,
 )
-from .generation_pilot_copilot import CACHE_KEYWORD, CopilotKVCache, CopilotLogitsProcessor
+from .generation_pilot_copilot import (
+    CACHE_KEYWORD,
+    CopilotKVCache,
+    CopilotLogitsProcessor,
+    StaticCopilotKVCache,
+)
 from .mistake_log_entry import PilotErrors, floored_log
 
 
@@ -294,6 +300,12 @@ def reweighted_logits(head_output: torch.Tensor, pilot_probs: torch.Tensor) -> t
     return floored_log(pilot_probs, dtype).add_(head_output.to(dtype))
 
 
+def interleaved_memory(x_tilde: torch.Tensor, h_bar: torch.Tensor) -> torch.Tensor:
+    """A decoder-only Pilot's memory entries [B, 2T, d_P], interleaved per position: [x_tilde_j, h_bar_j]."""
+    batch, length, _ = x_tilde.shape
+    return torch.stack([x_tilde, h_bar], dim=2).reshape(batch, 2 * length, -1)
+
+
 class CopilotPreTrainedModel(PreTrainedModel):
     config_class = CopilotConfig
     base_model_prefix = "copilot"
@@ -419,7 +431,7 @@ class CopilotModel(CopilotPreTrainedModel):
         corrects (`config.error_form`). `return_head_input`: return what W_out reads [B,T,d_C] instead of f_C
         (for a loss that applies W_out implicitly, see `computes_loss_without_output`).
         """
-        batch, length, _ = stream.shape
+        length = stream.shape[1]
         past = kv_cache.length if kv_cache is not None else 0
         query_positions = torch.arange(past, past + length, device=stream.device)
         if attention_mask is not None:
@@ -429,11 +441,10 @@ class CopilotModel(CopilotPreTrainedModel):
                 x_tilde, h_bar, query_positions, attention_mask, encoder_attention_mask, past
             )
         else:
-            # Memory entries interleaved per position: [x_tilde_j, h_bar_j].
-            memory = torch.stack([x_tilde, h_bar], dim=2).reshape(batch, 2 * length, -1)
+            memory = interleaved_memory(x_tilde, h_bar)
             memory_positions = query_positions.repeat_interleave(2)
             memory_padding = None if attention_mask is None else attention_mask.repeat_interleave(2, dim=1)
-        memory = self.memory_proj(self.memory_norm(memory.to(self.error_proj.weight.dtype)))
+        memory = self.project_memory(memory)
 
         def build(key_positions: torch.Tensor, is_cross: bool) -> torch.Tensor | None:
             padding = memory_padding if is_cross else attention_mask
@@ -442,12 +453,7 @@ class CopilotModel(CopilotPreTrainedModel):
             return build_attention_mask(query_positions, key_positions, padding, stream.dtype)
 
         masks: dict = {"build": build}
-        positions = Positions(query_positions, memory_positions)
-        if self.config.position_encoding == "rope":
-            angles = functools.partial(
-                rotation_at, head_dim=self.config.head_dim, base=self.config.rotary_base, dtype=stream.dtype
-            )
-            positions.rotations = (angles(query_positions), angles(memory_positions))
+        positions = self.positions(query_positions, memory_positions, stream.dtype)
         hidden = stream
         for layer in self.layers:
             hidden = layer(hidden, memory, positions, masks, kv_cache)
@@ -459,14 +465,73 @@ class CopilotModel(CopilotPreTrainedModel):
     def predicted_error(self, head_input: torch.Tensor, pilot_errors: PilotErrors | None) -> torch.Tensor:
         """f_C [B,T,V] from what W_out reads; the reweight form corrects the Pilot's probabilities at these T
         positions (the last T of `pilot_errors`)."""
-        head_output = self.error_head(head_input)
         if self.config.error_form == "linear":
-            return head_output
+            return self.error_head(head_input)
         if pilot_errors is None:
             raise ValueError(
                 "A Copilot with error_form='reweight' needs the Pilot's errors (`pilot_errors=`)."
             )
-        return reweighted_error(head_output, pilot_errors.probabilities_spread()[:, -head_output.shape[1] :])
+        probs = pilot_errors.probabilities_spread()[:, -head_input.shape[1] :]
+        return self.predicted_error_from_probs(head_input, probs)
+
+    def predicted_error_from_probs(self, head_input: torch.Tensor, pilot_probs: torch.Tensor) -> torch.Tensor:
+        """`predicted_error` given the Pilot's probabilities at the same positions (unused by the linear form)."""
+        head_output = self.error_head(head_input)
+        if self.config.error_form == "linear":
+            return head_output
+        return reweighted_error(head_output, pilot_probs)
+
+    def project_memory(self, memory: torch.Tensor) -> torch.Tensor:
+        """The Pilot's states as the cross-attention reads them: RMS-normed if `memory_norm`, projected to d_C."""
+        return self.memory_proj(self.memory_norm(memory.to(self.error_proj.weight.dtype)))
+
+    def positions(
+        self, query_positions: torch.Tensor, memory_positions: torch.Tensor, dtype: torch.dtype
+    ) -> Positions:
+        """The positions of new stream rows and memory entries, with their rotary angles under "rope"."""
+        positions = Positions(query_positions, memory_positions)
+        if self.config.position_encoding == "rope":
+            angles = functools.partial(
+                rotation_at, head_dim=self.config.head_dim, base=self.config.rotary_base, dtype=dtype
+            )
+            positions.rotations = (angles(query_positions), angles(memory_positions))
+        return positions
+
+    def decoding_step(
+        self,
+        stream: torch.Tensor,
+        x_tilde: torch.Tensor,
+        h_bar: torch.Tensor,
+        pilot_probs: torch.Tensor,
+        kv_cache: StaticCopilotKVCache,
+    ) -> torch.Tensor:
+        """f_C [B,1,V] at the position `kv_cache.position` [1] of a decoder-only Pilot, over the preallocated
+        buffers of a `StaticCopilotKVCache`: fixed shapes, and no Python number that changes between steps, so that
+        a compiled step (`compiled_decoding_step`) compiles once per generation. The caller advances the cache."""
+        query_positions = kv_cache.position
+        memory = self.project_memory(interleaved_memory(x_tilde, h_bar))
+        positions = self.positions(query_positions, query_positions.repeat_interleave(2), stream.dtype)
+        padding = kv_cache.padding
+
+        def build(key_positions: torch.Tensor, is_cross: bool) -> torch.Tensor:
+            key_padding = padding
+            if padding is not None and is_cross:
+                key_padding = padding.repeat_interleave(2, dim=1)
+            return build_attention_mask(query_positions, key_positions, key_padding, stream.dtype)
+
+        masks: dict = {"build": build}
+        writes = kv_cache.step_writes()
+        hidden = stream
+        for layer in self.layers:
+            hidden = layer(hidden, memory, positions, masks, writes)
+        return self.predicted_error_from_probs(self.norm(hidden), pilot_probs)
+
+    def compiled_decoding_step(self, compile_config) -> Callable:
+        """`decoding_step` compiled with generate()'s `compile_config`, compiled again only when it changes."""
+        if getattr(self, "_decoding_step_compile_config", None) != compile_config:
+            self._compiled_decoding_step = torch.compile(self.decoding_step, **compile_config.to_dict())
+            self._decoding_step_compile_config = compile_config
+        return self._compiled_decoding_step
 
     @staticmethod
     def encoder_decoder_memory(
@@ -720,10 +785,14 @@ class PilotCopilotMixin:
             super().save_pretrained(staging, **kwargs)
 
     def get_compiled_call(self, compile_config):
-        """The forward generate() calls per token once the cache is static: with the Pilot's forward compiled
-        (fixed shapes over its static cache). The Copilot's step stays eager: its decoding state is Python
-        bookkeeping whose lengths change every step, which would recompile a compiled graph each time."""
-        return functools.partial(self.__call__, pilot_forward=self.pilot.get_compiled_call(compile_config))
+        """The forward generate() calls per token once the cache is static: the Pilot's forward compiled (fixed
+        shapes over its static cache) and, for a decoder-only Pilot, the Copilot's decoding step compiled over its
+        preallocated buffers (`CopilotModel.decoding_step`). What varies per step (the cache's lengths, the
+        Mistake Log entry, the feedback rows) stays eager around them."""
+        compiled = {"pilot_forward": self.pilot.get_compiled_call(compile_config)}
+        if not self.copilot.config.encoder_decoder:
+            compiled["copilot_step"] = self.copilot.compiled_decoding_step(compile_config)
+        return functools.partial(self.__call__, **compiled)
 
     def create_masks_for_generate(self, attention_mask: torch.Tensor | None = None, **kwargs):
         """generate() turns the padding mask into the Pilot's 4D mask up front when the cache is static; the

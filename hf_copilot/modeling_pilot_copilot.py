@@ -12,6 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, GenerationMixin, PreTrainedModel
 from transformers.utils import ModelOutput
 
@@ -155,6 +156,7 @@ class PilotCopilotForCausalLM(PilotCopilotMixin, PreTrainedModel, GenerationMixi
         copilot_batch: MistakeLogEntry | None = None,
         copilot_feedback_fraction: float = 0.0,
         pilot_forward: Callable | None = None,
+        copilot_step: Callable | None = None,
         return_predicted_error: bool | None = None,
         **kwargs,
     ) -> PilotCopilotOutput:
@@ -165,7 +167,8 @@ class PilotCopilotForCausalLM(PilotCopilotMixin, PreTrainedModel, GenerationMixi
         the mean cross-entropy (`CopilotConfig.error_loss`); `copilot_loss_sum` is its sum that training minimises.
         `copilot_batch` (Mistake Log rows) replaces this pass's fresh entry as the Copilot's input and
         target; `copilot_feedback_fraction`: see `copilot_stream`. `pilot_forward`: the Pilot's compiled call,
-        which generate() hands over through `get_compiled_call`. `return_predicted_error`: None returns f_C except
+        which generate() hands over through `get_compiled_call`, with the Copilot's compiled decoding step
+        (`copilot_step`). `return_predicted_error`: None returns f_C except
         from a training pass (labels, the Copilot in train mode, gradients on), whose Copilot loss then never
         forms the [B,T,V] f_C unless it needs it (`copilot_loss_terms_on_entry`); True or `return_fused` always return it.
         """
@@ -190,9 +193,13 @@ class PilotCopilotForCausalLM(PilotCopilotMixin, PreTrainedModel, GenerationMixi
         if cache is None and use_cache:
             cache = PilotCopilotCache(config=self.config.get_text_config(decoder=True))
         pilot_kwargs = {"num_items_in_batch": num_items_in_batch} if labels is not None else {}
+        pilot_mask = attention_mask
+        if isinstance(cache, PilotCopilotStaticCache):
+            # Padded to the cache's length, as the Pilot's masking would: one shape for a compiled Pilot all along.
+            pilot_mask = F.pad(attention_mask, (0, cache.get_max_length() - attention_mask.shape[1]))
         pilot_out = (pilot_forward or self.pilot)(
             input_ids=input_ids,
-            attention_mask=attention_mask,
+            attention_mask=pilot_mask,
             position_ids=position_ids,
             labels=labels,
             **{CACHE_KEYWORD: cache},
@@ -208,7 +215,7 @@ class PilotCopilotForCausalLM(PilotCopilotMixin, PreTrainedModel, GenerationMixi
         )
         if cache is not None:
             predicted_errors = copilot_generation_step(
-                self.copilot, input_ids, padding_mask, entry, cache, copilot_feedback
+                self.copilot, input_ids, padding_mask, entry, cache, copilot_feedback, copilot_step
             )
         else:
             copilot_entry = entry if copilot_batch is None else copilot_batch.to(logits.device)

@@ -13,6 +13,7 @@ the incremental path and the reference agree exactly.
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -32,7 +33,12 @@ from transformers.dynamic_module_utils import get_class_from_dynamic_module
 from transformers.generation.streamers import BaseStreamer
 
 from hf_copilot import PilotCopilotCache, PilotCopilotForCausalLM, fuse_scores
-from hf_copilot.generation_pilot_copilot import CACHE_KEYWORD, PilotCopilotStaticCache, copilot_stream
+from hf_copilot.generation_pilot_copilot import (
+    CACHE_KEYWORD,
+    PilotCopilotStaticCache,
+    StaticCopilotKVCache,
+    copilot_stream,
+)
 
 FUSION_SPACES = ("probs", "logits")
 FEEDBACK_MODES = ("copilot", "observed")
@@ -514,10 +520,17 @@ STATIC_DECODING = {
 }
 
 
+# The paper's Copilot (linear head, no positions) and the package's default (reweight head, rotary positions).
+COPILOT_KINDS = {"paper": dict(), "default": dict(error_form="reweight", position_encoding="rope")}
+
+
+@pytest.mark.parametrize("kind", list(COPILOT_KINDS))
 @pytest.mark.parametrize("decoding", list(STATIC_DECODING))
 @pytest.mark.parametrize("feedback", FEEDBACK_MODES)
-def test_static_cache_gives_the_dynamic_caches_tokens(feedback, decoding):
-    model = fused_model(copilot_feedback=feedback)
+def test_static_cache_gives_the_dynamic_caches_tokens(feedback, decoding, kind):
+    """Over a static cache each decoding step runs the Copilot's fixed-shape step over its preallocated buffers
+    (padding, beam reordering and sampling included)."""
+    model = fused_model(copilot_feedback=feedback, **COPILOT_KINDS[kind])
     model.generation_config.pad_token_id = PAD_TOKEN_ID
     input_ids, attention_mask = left_padded([prompt(length, seed=length)[0] for length in (7, 4)])
     kwargs = dict(attention_mask=attention_mask, **STATIC_DECODING[decoding])
@@ -527,22 +540,50 @@ def test_static_cache_gives_the_dynamic_caches_tokens(feedback, decoding):
     out = generate(
         model, input_ids, seed=0, cache_implementation="static", return_dict_in_generate=True, **kwargs
     )
-    assert isinstance(out[CACHE_KEYWORD], PilotCopilotStaticCache)
+    cache = out[CACHE_KEYWORD]
+    assert isinstance(cache, PilotCopilotStaticCache)
+    assert isinstance(cache.copilot.kv_cache, StaticCopilotKVCache)
     assert torch.equal(out.sequences, dynamic)
 
 
+def graph_recorder() -> tuple[Callable, list]:
+    """A torch.compile backend that records each graph it compiles and runs it as is (a function, so that
+    generate()'s copy of the generation config keeps recording into the same list)."""
+    graphs = []
+
+    def backend(graph_module, example_inputs):
+        graphs.append(graph_module)
+        return graph_module.forward
+
+    return backend, graphs
+
+
+@pytest.mark.parametrize("kind", list(COPILOT_KINDS))
 @pytest.mark.parametrize("feedback", FEEDBACK_MODES)
-def test_compiled_decoding_compiles_the_pilot_and_gives_the_same_tokens(feedback):
-    """generate() compiles the per-token forward with a static cache (on CPU only when asked): the Pilot's
-    call is compiled, the Copilot's step runs eagerly, and the tokens are those of eager decoding."""
-    model = fused_model(copilot_feedback=feedback)
-    input_ids = prompt(batch_size=2)
-    expected = greedy(model, input_ids)
-    compile_config = CompileConfig(backend="eager", mode=None)
+def test_compiled_decoding_compiles_the_copilot_step_once_and_gives_the_same_tokens(feedback, kind):
+    """generate() compiles the per-token forward with a static cache (on CPU only when asked): the Pilot's call
+    and the Copilot's decoding step, each as one graph (fullgraph) that every later step of a padded batch reuses;
+    the tokens are those of eager decoding with the dynamic cache."""
+    model = fused_model(copilot_feedback=feedback, **COPILOT_KINDS[kind])
+    model.generation_config.pad_token_id = PAD_TOKEN_ID
+    input_ids, attention_mask = left_padded([prompt(length, seed=length)[0] for length in (7, 4)])
+    expected = greedy(model, input_ids, attention_mask=attention_mask)
+    backend, graphs = graph_recorder()
+    compile_config = CompileConfig(backend=backend, mode=None, fullgraph=True)
     compile_config._compile_all_devices = True  # generate() compiles on accelerators only, unless told
 
-    compiled = greedy(model, input_ids, cache_implementation="static", compile_config=compile_config)
+    torch._dynamo.reset()
+    compiled = greedy(
+        model,
+        input_ids,
+        attention_mask=attention_mask,
+        cache_implementation="static",
+        compile_config=compile_config,
+    )
     assert hasattr(model.pilot, "_compiled_call") and not hasattr(model, "_compiled_call")
+    # One graph each for the NEW_TOKENS - 1 decoding steps: no recompilation as the sequences grow.
+    copilot_graphs = [graph for graph in graphs if "error_head" in str(graph.graph)]
+    assert len(copilot_graphs) == 1 and len(graphs) == 2
     assert torch.equal(compiled, expected)
 
 
