@@ -142,14 +142,28 @@ class StaticCopilotKVCache(CopilotKVCache):
     def update(self, idx: int, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor):
         if self.buffers[idx] is None:
             capacity = self.max_positions * self.rows_per_position[idx]
+            # Zeros: a masked row gets weight 0, and 0 x NaN from uninitialised memory would still be NaN.
             self.buffers[idx] = (
-                keys.new_zeros(
-                    *keys.shape[:2], capacity, keys.shape[3]
-                ),  # zeros: masked rows must not be NaN
+                keys.new_zeros(*keys.shape[:2], capacity, keys.shape[3]),
                 values.new_zeros(*values.shape[:2], capacity, values.shape[3]),
                 positions.new_full((capacity,), self.UNWRITTEN),
             )
+            fixed_addresses(*self.buffers[idx])
         return super().update(idx, keys, values, positions)
+
+    def map_batch(self, fn) -> None:
+        """In place where the batch keeps its size (beam reordering): the buffers keep their addresses, which a
+        compiled step captured in CUDA graphs reads."""
+        for idx, buffer in enumerate(self.buffers):
+            if buffer is None:
+                continue
+            keys, values = fn(buffer[0]), fn(buffer[1])
+            if keys.shape == buffer[0].shape:
+                buffer[0].copy_(keys)
+                buffer[1].copy_(values)
+            else:
+                self.buffers[idx] = (keys, values, buffer[2])
+                fixed_addresses(keys, values)
 
     def step_writes(self) -> StaticStepWrites:
         return StaticStepWrites(self)
@@ -160,6 +174,7 @@ class StaticCopilotKVCache(CopilotKVCache):
         past = self.length
         if self.position is None:
             self.position = torch.zeros(1, dtype=torch.long, device=device)
+            fixed_addresses(self.position)
         self.position.fill_(past)
         if attention_mask is None:
             self.padding = None
@@ -167,12 +182,20 @@ class StaticCopilotKVCache(CopilotKVCache):
         batch = attention_mask.shape[0]
         if self.padding is None or self.padding.shape[0] != batch:
             self.padding = torch.zeros(batch, self.max_positions, dtype=torch.bool, device=device)
+            fixed_addresses(self.padding)
         self.padding[:, : past + 1] = attention_mask[:, : past + 1].bool()
 
     def finish_step(self) -> None:
         """After a decoding step: account for the rows it wrote."""
         self.rows = [rows + k for rows, k in zip(self.rows, self.rows_per_position, strict=True)]
         self.length += 1
+
+
+def fixed_addresses(*tensors: torch.Tensor) -> None:
+    """Tell torch.compile that these tensors keep their storage for the generation (as transformers' StaticCache
+    does), so that a step that writes them in place can run as CUDA graphs."""
+    for tensor in tensors:
+        torch._dynamo.mark_static_address(tensor)
 
 
 class StaticStepWrites:
