@@ -166,6 +166,7 @@ class StaticCopilotKVCache(CopilotKVCache):
                 fixed_addresses(keys, values)
 
     def step_writes(self) -> StaticStepWrites:
+        """The cache a decoding step's attentions write to and read from."""
         return StaticStepWrites(self)
 
     def prepare_step(self, attention_mask: torch.Tensor | None, device: torch.device) -> None:
