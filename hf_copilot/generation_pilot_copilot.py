@@ -536,10 +536,15 @@ def copilot_generation_step(
     # which needs the row before; earlier rows only feed the Copilot's caches.
     skip = 0 if cache.prompt_length is None else max(cache.prompt_length - 2 - past, 0)
     outputs = []
+    weight, embedded_probs = copilot.error_proj.weight, None
     if known > 0:
         head = entry if known == new else entry.map_positions(lambda t: t[:, :known])
         head_mask = None if attention_mask is None else attention_mask[:, : past + known]
-        observed = observed_feedback(copilot, input_ids[:, :known], head_mask, head, state)
+        if (
+            known > 1
+        ):  # W_in p of these positions, once: their errors and the rows recorded below both read it
+            embedded_probs = F.linear(head.errors.probs.to(weight.dtype), weight)
+        observed = observed_feedback(copilot, input_ids[:, :known], head_mask, head, state, embedded_probs)
         keep = known - min(skip, known - 1)  # the last known row feeds the next step
         if is_static_step(state, known):
             outputs.append(static_step(copilot, observed, head, head_mask, state, decoding_step))
@@ -587,14 +592,11 @@ def copilot_generation_step(
     embedded_predicted_errors = (fed[0] if len(fed) == 1 else torch.cat(fed, dim=1)) if fed else None
     # The paper's mode reads W_in p only at prompt positions (observed errors): generated rows skip it.
     observed_rows = rows if copilot_feedback == "observed" else rows - (new - known)
-    weight = copilot.error_proj.weight
-    state.record(
-        predicted_errors,
-        probs,
-        past + new - rows,
-        F.linear(probs[:, :observed_rows].to(weight.dtype), weight),
-        embedded_predicted_errors,
-    )
+    if embedded_probs is None:
+        recorded_probs = F.linear(probs[:, :observed_rows].to(weight.dtype), weight)
+    else:  # these rows lie within the known positions
+        recorded_probs = embedded_probs[:, new - rows : new - rows + observed_rows]
+    state.record(predicted_errors, probs, past + new - rows, recorded_probs, embedded_predicted_errors)
     return predicted_errors
 
 
@@ -623,9 +625,15 @@ def static_step(
 
 
 def observed_feedback(
-    copilot, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, entry: MistakeLogEntry, state
+    copilot,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    entry: MistakeLogEntry,
+    state,
+    embedded_probs: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """W_in e_{j-1} for each new position j, with e_{j-1} = onehot(x_j) - p_{j-1} (zero at padding)."""
+    """W_in e_{j-1} for each new position j, with e_{j-1} = onehot(x_j) - p_{j-1} (zero at padding);
+    `embedded_probs`: W_in p_j of the new positions, where the caller has it already."""
     new = input_ids.shape[1]
     past = state.kv_cache.length
     errors = entry.errors
@@ -642,7 +650,8 @@ def observed_feedback(
         first = weight.new_zeros(input_ids.shape[0], 1, weight.shape[0])
     if new == 1:  # a decoding step: its own error is completed by the next token
         return first
-    within = copilot.embed_errors(errors.map_tensors(lambda t: t[:, : new - 1]))
+    completed = errors.map_tensors(lambda t: t[:, : new - 1])  # the errors the new tokens complete
+    within = copilot.embed_errors(completed, None if embedded_probs is None else embedded_probs[:, : new - 1])
     return torch.cat([first, within], dim=1)
 
 

@@ -233,13 +233,16 @@ class PilotErrors:
     def _safe_targets(self) -> torch.Tensor:
         return torch.where(self.mask, self.targets, torch.zeros_like(self.targets))
 
-    def embed(self, weight: torch.Tensor) -> torch.Tensor:
-        """`W e_j` for a Linear(V -> d) weight [d, V], in O(B*T*(k+d)) for compact errors."""
+    def embed(self, weight: torch.Tensor, embedded_probs: torch.Tensor | None = None) -> torch.Tensor:
+        """`W e_j` for a Linear(V -> d) weight [d, V], in O(B*T*(k+d)) for compact errors. `embedded_probs`: `W p_j`
+        [B,T,d] of exact errors, where the caller has it already."""
         mask = self.mask.unsqueeze(-1).to(weight.dtype)
         gold = F.embedding(self._safe_targets(), weight.t())  # [B,T,d]
         if self.is_compact:
             columns = F.embedding(self.topk_indices, weight.t())  # [B,T,k,d]
             predicted = (self.topk_values.to(weight.dtype).unsqueeze(-1) * columns).sum(-2)
+        elif embedded_probs is not None:
+            predicted = embedded_probs
         else:
             predicted = F.linear(self.probs.to(weight.dtype), weight)
         return (gold - predicted) * mask

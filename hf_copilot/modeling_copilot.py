@@ -401,9 +401,9 @@ class CopilotModel(CopilotPreTrainedModel):
         logits = reweighted_logits(head_output, probs)
         return error_of_fused_logits(logits, probs, head_output.dtype), logits
 
-    def embed_errors(self, errors: PilotErrors) -> torch.Tensor:
-        """W_in e_j [B,T,d_C] (not yet shifted)."""
-        return errors.embed(self.error_proj.weight)
+    def embed_errors(self, errors: PilotErrors, embedded_probs: torch.Tensor | None = None) -> torch.Tensor:
+        """W_in e_j [B,T,d_C] (not yet shifted); `embedded_probs`: W_in p_j, where the caller has it already."""
+        return errors.embed(self.error_proj.weight, embedded_probs)
 
     def embed_predicted_errors(self, predicted_errors: torch.Tensor) -> torch.Tensor:
         """W_in f_C for the paper's inference-time feedback of the Copilot's own output."""

@@ -649,12 +649,12 @@ class ErrorEmbeddingRows(TorchFunctionMode):
         return func(*args, **(kwargs or {}))
 
 
-@pytest.mark.parametrize(("copilot_feedback", "prefill_rows"), [("observed", 8 + 2), ("copilot", 8 + 2 + 2)])
+@pytest.mark.parametrize(("copilot_feedback", "prefill_rows"), [("observed", 9), ("copilot", 9 + 2)])
 def test_a_decoding_step_embeds_one_row_through_w_in(copilot_feedback, prefill_rows):
-    """A prefill of n tokens embeds the errors of its first n - 1 positions (the last one's is completed by the
-    next token) and the Pilot's probabilities of the two rows it keeps (the paper's mode also their f_C, which a
-    rollback to them reads); a decoding step embeds one row: W_in p observed, W_in f_C in the paper's mode. The
-    tokens are those of the full recomputation."""
+    """A prefill of n tokens embeds the Pilot's probabilities of its n positions once: the errors of its first
+    n - 1 positions (the last one's is completed by the next token) and the two rows it keeps both read them (the
+    paper's mode embeds those rows' f_C too, which a rollback to them reads); a decoding step embeds one row:
+    W_in p observed, W_in f_C in the paper's mode. The tokens are those of the full recomputation."""
     model = fused_model(copilot_feedback=copilot_feedback)
     input_ids = prompt(length=9, batch_size=2)
     with ErrorEmbeddingRows(model) as embedded:
