@@ -61,10 +61,10 @@ NOTES = [
     "setup) also costs ~70-100 ms of page faults. This weighs most at the smallest ratio, where the Copilot's "
     "matmuls are cheap.",
     "- Heads: `default` is what CopilotConfig() trains for the default observed feedback, the reweight head on "
-    "the cross-entropy, whose training pass reads W_out's weight (`PilotErrors.head_cross_entropy`: one [B,T,V] "
-    "buffer serves as the logits, q and their gradient, three vocabulary-sized products); `linear` is the "
-    "paper's head on the squared error with W_out applied implicitly (`PilotErrors.head_squared_distance`: no "
-    "[B,T,V] f_C, two vocabulary-sized products); `formed` is the default head through autograd with f_C "
+    "the cross-entropy, whose training pass reads W_out's weight (`PilotErrors.head_cross_entropy`: blocks "
+    "of rows in one reused 16 MB buffer, the gradients computed with the loss, three vocabulary-sized "
+    "products); `linear` is the paper's head on the squared error with W_out applied implicitly "
+    "(`PilotErrors.head_squared_distance`: no [B,T,V] f_C, two vocabulary-sized products); `formed` is the default head through autograd with f_C "
     "formed (a hooked head takes that path), as training ran it before the fused loss; `linear_formed` the "
     "linear head with f_C formed, as training ran it before W_out was applied implicitly. All heads of a ratio "
     "run in the same interleaved rounds.",

@@ -464,8 +464,8 @@ def copilot_head_loss_terms(
 ) -> tuple[torch.Tensor | None, CopilotLossTerms]:
     """`copilot_loss_terms_on_entry` from what W_out reads [B,T,d_C]. Unless f_C is asked for, a plain head's
     loss reads W_out's weight (`computes_loss_without_output`): the linear head's squared error forms no f_C
-    (`PilotErrors.head_squared_distance`), the reweight head's cross-entropy one vocabulary-sized buffer
-    (`PilotErrors.head_cross_entropy`)."""
+    (`PilotErrors.head_squared_distance`), the reweight head's cross-entropy no [B,T,V] tensor
+    beyond a block of rows (`PilotErrors.head_cross_entropy`)."""
     cross_entropy = copilot.config.error_loss == "cross_entropy"
     if not return_predicted_error and copilot.computes_loss_without_output:
         weight = copilot.error_head.weight

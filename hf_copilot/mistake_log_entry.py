@@ -11,11 +11,17 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
+# The reweight head floors p here, so that a token the Pilot's softmax underflowed to zero stays reachable.
+PROBABILITY_FLOOR = 1e-30
+# Rows x vocabulary of the reweight head's training buffer (16 MB in fp32): small enough to be reused from the
+# allocator's free lists rather than mapped afresh each step.
+HEAD_BLOCK_ELEMENTS = 1 << 22
+
 
 def floored_log(probs: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """log p in `dtype` (a new tensor), p floored at 1e-30 so that a token the Pilot's softmax underflowed to zero
-    stays reachable: what the reweight head adds its output to."""
-    return probs.to(dtype).clamp_min(1e-30).log_()
+    """log p in `dtype` (a new tensor), p floored at `PROBABILITY_FLOOR`: what the reweight head adds its output
+    to."""
+    return probs.to(dtype).clamp_min(PROBABILITY_FLOOR).log_()
 
 
 class _SquaredDistance(torch.autograd.Function):
@@ -136,72 +142,110 @@ class _HeadSquaredDistance(torch.autograd.Function):
 
 
 class _HeadCrossEntropy(torch.autograd.Function):
-    """The reweight head's loss per position, `-log q_j[y_j]` with `q_j = softmax(log p_j + W h_j)` = p + f_C,
-    and (no gradient) its squared error `||f_C - e||^2 = ||q_j - onehot(y_j)||^2` for R^2.
+    """The reweight head's loss summed over positions with `weights`: `sum_j w_j (-log q_j[y_j])` with
+    `q_j = softmax(log p_j + W h_j)` = p + f_C, and (no gradient) `sum_j w_j ||f_C - e||^2 = ||q_j - onehot(y_j)||^2`
+    for R^2, 0 off `mask` (such positions carry no target).
 
-    One [N,V] buffer serves as log p, then the fused logits, then q, then (backward) the gradient
-    `g (q - onehot)` of the logits: autograd through the same formula keeps about six vocabulary-sized
-    temporaries, which on CPU cost more than the head's products. Off `mask` the squared error is 0 (such
-    positions carry no target and are never counted).
+    A block of rows at a time in one reused [rows, V] buffer, with the gradients in the same pass: the loss is a
+    weighted sum, so backward only scales them, and no vocabulary-sized tensor outlives its block (on CPU each
+    fresh [B,T,V] tensor costs as much in page faults as the passes over it). q is never normalised: the buffer
+    holds `p exp(s - max s)` (s = W h), one exponential per element and no logarithm, and its normaliser z scales
+    the [rows, d] products instead.
     """
 
     @staticmethod
     @torch.autocast("cuda", enabled=False)
     @torch.autocast("cpu", enabled=False)
-    def forward(ctx, head_input, weight, targets, mask, probs, topk_indices, spread_mass):
+    def forward(ctx, head_input, weight, errors, weights, compute_gradients):
         dtype = torch.promote_types(head_input.dtype, torch.float32)
-        width = head_input.shape[-1]
-        h = head_input.reshape(-1, width).to(dtype)
-        gold_index = targets.reshape(-1, 1)
-        logits = floored_log(probs.reshape(-1, probs.shape[-1]), dtype)
-        logits.addmm_(h, weight.to(dtype).t())  # log p + W h
-        gold_logit = logits.gather(-1, gold_index).squeeze(-1)
-        # softmax in place (torch.logsumexp would allocate a second [N,V] tensor)
-        top = logits.amax(-1, keepdim=True)
-        normaliser = logits.sub_(top).exp_().sum(-1, keepdim=True)
-        cross_entropy = (top + normaliser.log()).squeeze(-1) - gold_logit
-        fused = logits.div_(normaliser)  # q = p + f_C, in place of the logits
-        q_gold = fused.gather(-1, gold_index).squeeze(-1)
-        squared_error = torch.linalg.vector_norm(fused, dim=-1).square() - 2.0 * q_gold + 1.0
-        if topk_indices is not None:  # e reads zero outside the top k where p reads the spread mass r:
-            squared_error += _spread_correction(fused, gold_index, topk_indices, spread_mass)
-        squared_error = (squared_error.clamp_min(0.0) * mask.reshape(-1).to(dtype)).reshape(targets.shape)
-        ctx.save_for_backward(head_input, weight, gold_index, fused)
+        width, vocab = head_input.shape[-1], weight.shape[0]
+        h, w = head_input.reshape(-1, width).to(dtype), weight.to(dtype)
+        num_rows = h.shape[0]
+        gold = errors._safe_targets().reshape(-1)
+        weights = weights.reshape(-1).to(dtype)
+        needs_input, needs_weight = (compute_gradients and needed for needed in ctx.needs_input_grad[:2])
+        grad_input = torch.empty_like(h) if needs_input else None
+        grad_weight_t = torch.zeros(width, vocab, dtype=dtype, device=h.device) if needs_weight else None
+        spread = errors.spread_mass().reshape(-1).to(dtype) if errors.is_compact else None
+        rows = min(max(1, HEAD_BLOCK_ELEMENTS // vocab), num_rows)
+        unnormalised = torch.empty(rows, vocab, dtype=dtype, device=h.device)
+        floored = torch.empty_like(unnormalised)
+        cross_entropy = torch.empty(num_rows, dtype=dtype, device=h.device)
+        squared_error = torch.empty_like(cross_entropy)
+        for start in range(0, num_rows, rows):
+            block = slice(start, min(start + rows, num_rows))
+            size = block.stop - start
+            scores = torch.mm(h[block], w.t(), out=unnormalised[:size])  # s = W h
+            probs = _floored_probabilities(errors, block, spread, floored[:size])
+            gold_index = gold[block].unsqueeze(-1)
+            top = scores.amax(-1, keepdim=True)
+            gold_score = scores.gather(-1, gold_index)
+            u = scores.sub_(top).exp_().mul_(probs)  # p exp(s - top) = z q
+            z = u.sum(-1, keepdim=True)
+            log_gold_prob = probs.gather(-1, gold_index).log()
+            cross_entropy[block] = (top + z.log() - gold_score - log_gold_prob).squeeze(-1)
+            q_norm = torch.linalg.vector_norm(u, dim=-1, keepdim=True) / z
+            squared = q_norm.square() - 2.0 * u.gather(-1, gold_index) / z + 1.0
+            if errors.is_compact:
+                squared += _spread_correction(
+                    u, z, gold_index, errors.topk_indices.reshape(num_rows, -1)[block], spread[block]
+                )
+            squared_error[block] = squared.squeeze(-1)
+            # gradient of the logits w (q - onehot): (q - onehot) W and h^T (q - onehot), q = u / z
+            row_weight = weights[block].unsqueeze(-1)
+            if needs_input:
+                torch.mm(u, w, out=grad_input[block]).mul_(row_weight / z).sub_(w[gold[block]] * row_weight)
+            if needs_weight:
+                weighted_input = h[block] * row_weight
+                grad_weight_t.addmm_((weighted_input / z).t(), u).index_add_(
+                    1, gold[block], -weighted_input.t()
+                )
+        ctx.save_for_backward(grad_input, grad_weight_t)
+        ctx.input_shape, ctx.input_dtype, ctx.weight_dtype = head_input.shape, head_input.dtype, weight.dtype
+        squared_error = (squared_error.clamp_min_(0.0) * errors.mask.reshape(-1) * weights).sum()
         ctx.mark_non_differentiable(squared_error)
-        ctx.backward_done = False
-        return cross_entropy.reshape(targets.shape), squared_error
+        return (cross_entropy * weights).sum(), squared_error
 
     @staticmethod
     @torch.autocast("cuda", enabled=False)
     @torch.autocast("cpu", enabled=False)
     def backward(ctx, grad_cross_entropy, _grad_squared_error):
-        if ctx.backward_done:
-            raise RuntimeError(
-                "The Copilot's cross-entropy reuses its buffer in backward: backward runs once. Compute the "
-                "loss again for another backward (retain_graph=True cannot keep it)."
-            )
-        ctx.backward_done = True
-        head_input, weight, gold_index, fused = ctx.saved_tensors
-        scale = grad_cross_entropy.reshape(-1, 1).to(fused.dtype)
-        grad_logits = fused.mul_(scale).scatter_add_(-1, gold_index, -scale)  # g (q - onehot), in place
-        grad_input = grad_weight = None
-        if ctx.needs_input_grad[0]:
-            grad_input = (grad_logits @ weight.to(fused.dtype)).reshape(head_input.shape).to(head_input.dtype)
-        if ctx.needs_input_grad[1]:  # (h^T G)^T: a transposed G makes a slower product on CPU
-            h = head_input.reshape(-1, head_input.shape[-1]).to(fused.dtype)
-            grad_weight = (h.t() @ grad_logits).t().to(weight.dtype)
-        return grad_input, grad_weight, None, None, None, None, None
+        grad_input, grad_weight_t = ctx.saved_tensors
+        if grad_input is not None:
+            grad_input = (grad_input * grad_cross_entropy).reshape(ctx.input_shape).to(ctx.input_dtype)
+        if grad_weight_t is not None:
+            grad_weight_t = (grad_weight_t.t() * grad_cross_entropy).to(ctx.weight_dtype)
+        return grad_input, grad_weight_t, None, None, None
 
 
-def _spread_correction(fused, gold_index, topk_indices, spread_mass) -> torch.Tensor:
-    """`||f_C - e||^2 - ||q - onehot||^2` for a compact entry [N]: f_C = q - p_spread and e = onehot - p_topk
-    differ from q - onehot by r = p_spread - p_topk (c = `spread_mass` on each token outside the top k), so the
-    squared error gains `-2 (q - onehot).r + ||r||^2`."""
-    k = topk_indices.shape[-1]
-    indices, c = topk_indices.reshape(-1, k), spread_mass.reshape(-1).to(fused.dtype)
-    others = fused.shape[-1] - k
-    q_outside = 1.0 - fused.gather(-1, indices).sum(-1)
-    gold_outside = (indices != gold_index).all(-1).to(fused.dtype)
+def _floored_probabilities(
+    errors: PilotErrors, rows: slice, spread: torch.Tensor | None, out: torch.Tensor
+) -> torch.Tensor:
+    """Rows `rows` of p as the reweight head reads it (`PilotErrors.probabilities_spread`), floored at
+    `PROBABILITY_FLOOR` (as `floored_log`), written into `out` [rows, V]."""
+    if errors.is_compact:
+        k = errors.topk_indices.shape[-1]
+        out.copy_(spread[rows].unsqueeze(-1).expand_as(out))
+        out.scatter_(
+            -1,
+            errors.topk_indices.reshape(-1, k)[rows],
+            errors.topk_values.reshape(-1, k)[rows].to(out.dtype),
+        )
+        return out.clamp_min_(PROBABILITY_FLOOR)
+    probs = errors.probs.reshape(-1, errors.vocab_size)[rows]
+    if probs.dtype == out.dtype:
+        return torch.clamp_min(probs, PROBABILITY_FLOOR, out=out)
+    return out.copy_(probs).clamp_min_(PROBABILITY_FLOOR)
+
+
+def _spread_correction(u, z, gold_index, topk_indices, spread_mass) -> torch.Tensor:
+    """`||f_C - e||^2 - ||q - onehot||^2` [rows, 1] for rows of a compact entry, q = u / z: f_C = q - p_spread
+    and e = onehot - p_topk differ from q - onehot by r = p_spread - p_topk (c = `spread_mass` on each token
+    outside the top k), so the squared error gains `-2 (q - onehot).r + ||r||^2`."""
+    others = u.shape[-1] - topk_indices.shape[-1]
+    c = spread_mass.unsqueeze(-1)
+    q_outside = 1.0 - u.gather(-1, topk_indices).sum(-1, keepdim=True) / z
+    gold_outside = (topk_indices != gold_index).all(-1, keepdim=True).to(u.dtype)
     return -2.0 * c * (q_outside - gold_outside) + c.square() * others
 
 
@@ -266,20 +310,14 @@ class PilotErrors:
         )
 
     def head_cross_entropy(
-        self, head_input: torch.Tensor, weight: torch.Tensor
+        self, head_input: torch.Tensor, weight: torch.Tensor, weights: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """The reweight head's cross-entropy `-log softmax(log p_j + W h_j)[y_j]` [B,T] for W [V,d] and its input
-        h [B,T,d], and its squared error `||f_C - e||^2` [B,T] (detached, 0 off the mask), with one
-        vocabulary-sized buffer; p as `probabilities_spread` reads it, e as `dense`."""
-        return _HeadCrossEntropy.apply(
-            head_input,
-            weight,
-            self._safe_targets(),
-            self.mask,
-            self.probabilities_spread(),
-            self.topk_indices,
-            self.spread_mass() if self.is_compact else None,
-        )
+        """The reweight head's cross-entropy `-log softmax(log p_j + W h_j)[y_j]` for W [V,d] and its input
+        h [B,T,d], and its squared error `||f_C - e||^2` (detached, 0 off the mask), summed over positions with
+        `weights` [B,T] (the loss mask): p as `probabilities_spread` reads it, e as `dense`. No vocabulary-sized
+        tensor outlives a block of rows; the gradients are computed with the loss where autograd will ask."""
+        compute_gradients = torch.is_grad_enabled() and (head_input.requires_grad or weight.requires_grad)
+        return _HeadCrossEntropy.apply(head_input, weight, self, weights, compute_gradients)
 
     def probabilities(self) -> torch.Tensor:
         """The Pilot's p_j [B,T,V]; compact errors give their top-k, zero elsewhere."""
@@ -533,9 +571,8 @@ def copilot_head_cross_entropy(
     """The reweight head's loss terms on its input h [B,T,d] and weight W [V,d]
     (`PilotErrors.head_cross_entropy`): the cross-entropy and the detached squared error, summed over the loss
     mask."""
-    cross_entropy, squared_error = entry.errors.head_cross_entropy(head_input, weight)
-    mask = entry.loss_mask
-    return CopilotLossTerms((cross_entropy * mask).sum(), (squared_error * mask).sum(), mask.sum())
+    cross_entropy, squared_error = entry.errors.head_cross_entropy(head_input, weight, entry.loss_mask)
+    return CopilotLossTerms(cross_entropy, squared_error, entry.loss_mask.sum())
 
 
 def shift_right(stream: torch.Tensor) -> torch.Tensor:

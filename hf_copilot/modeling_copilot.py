@@ -382,7 +382,7 @@ class CopilotModel(CopilotPreTrainedModel):
     def computes_loss_without_output(self) -> bool:
         """True when the training loss can read W_out's weight instead of calling the head: the linear head on
         the squared error (`PilotErrors.head_squared_distance`, no f_C formed) and the reweight head on the
-        cross-entropy (`PilotErrors.head_cross_entropy`, one vocabulary-sized buffer). An adapter- or
+        cross-entropy (`PilotErrors.head_cross_entropy`, block by block). An adapter- or
         FSDP-wrapped head, a head with hooks (they would not run; DeepSpeed ZeRO-3 gathers its weight in one)
         and the reweight head on the squared error cannot."""
         head = self.error_head

@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from hf_copilot import mistake_log_entry
 from hf_copilot.mistake_log_entry import PilotErrors
 
 B, T, V = 3, 5, 11
@@ -135,44 +136,67 @@ def test_a_compact_entry_spreads_the_mass_outside_its_top_k_evenly_for_the_rewei
     torch.testing.assert_close(compact.probabilities_spread(), probs)
 
 
-def explicit_head_cross_entropy(e: PilotErrors, head_input, weight):
-    """The reweight head's cross-entropy and squared error through autograd, as its explicit path computes them."""
+def explicit_head_cross_entropy(e: PilotErrors, head_input, weight, weights):
+    """The reweight head's cross-entropy and squared error through autograd, as its explicit path computes them,
+    summed with `weights`."""
     logits = e.probabilities_spread().clamp_min(1e-30).log() + head_input @ weight.t()
     gold = logits.gather(-1, e._safe_targets().unsqueeze(-1)).squeeze(-1)
     predicted_error = torch.softmax(logits, dim=-1) - e.probabilities_spread()
-    return torch.logsumexp(logits, dim=-1) - gold, e.squared_distance(predicted_error.detach()) * e.mask
+    cross_entropy = torch.logsumexp(logits, dim=-1) - gold
+    squared_error = e.squared_distance(predicted_error.detach()) * e.mask
+    return (cross_entropy * weights).sum(), (squared_error * weights).sum()
 
 
+@pytest.mark.parametrize("block_rows", [None, 4])
 @pytest.mark.parametrize("compact_k", [None, 4])
-def test_head_cross_entropy_and_its_gradients_match_the_head_applied_explicitly(compact_k):
+def test_head_cross_entropy_and_its_gradients_match_the_head_applied_explicitly(
+    compact_k, block_rows, monkeypatch
+):
+    """In one block of rows and in blocks of 4 (the last one shorter), with a scaled loss, and with a token the
+    Pilot's softmax put at exactly zero as the observed one (the floor keeps it reachable)."""
+    if block_rows:
+        monkeypatch.setattr(mistake_log_entry, "HEAD_BLOCK_ELEMENTS", block_rows * V)
     e = errors(compact_k)
+    if e.probs is not None:
+        e.probs[0, 0, e.targets[0, 0]] = 0.0
     head_input, weight = head_input_and_weight()
     weights = torch.rand(B, T, dtype=torch.float64)
-    cross_entropy, squared_error = e.head_cross_entropy(head_input, weight)
+    cross_entropy, squared_error = e.head_cross_entropy(head_input, weight, weights)
     assert not squared_error.requires_grad
-    (cross_entropy * weights).sum().backward()
+    (0.7 * cross_entropy).backward()
     expected_input = head_input.detach().clone().requires_grad_()
     expected_weight = weight.detach().clone().requires_grad_()
     expected_cross_entropy, expected_squared_error = explicit_head_cross_entropy(
-        e, expected_input, expected_weight
+        e, expected_input, expected_weight, weights
     )
-    (expected_cross_entropy * weights).sum().backward()
+    (0.7 * expected_cross_entropy).backward()
+    assert torch.isfinite(expected_cross_entropy)
     torch.testing.assert_close(cross_entropy.detach(), expected_cross_entropy.detach())
     torch.testing.assert_close(squared_error, expected_squared_error)
     torch.testing.assert_close(head_input.grad, expected_input.grad)
     torch.testing.assert_close(weight.grad, expected_weight.grad)
 
 
-def test_head_cross_entropy_leaves_the_entry_untouched_and_refuses_a_second_backward():
-    """Its one buffer becomes the gradient in backward, so a retained graph cannot be differentiated twice."""
+def test_head_cross_entropy_leaves_the_entry_untouched_and_differentiates_a_retained_graph_twice():
     e = errors()
     probs = e.probs.clone()
     head_input, weight = head_input_and_weight()
-    cross_entropy, _ = e.head_cross_entropy(head_input, weight)
-    cross_entropy.sum().backward(retain_graph=True)
+    cross_entropy, _ = e.head_cross_entropy(head_input, weight, e.mask)
+    cross_entropy.backward(retain_graph=True)
+    once = weight.grad.clone()
+    cross_entropy.backward()
     assert torch.equal(e.probs, probs)
-    with pytest.raises(RuntimeError, match="backward runs once"):
-        cross_entropy.sum().backward()
+    torch.testing.assert_close(weight.grad, 2 * once)
+
+
+def test_head_cross_entropy_without_gradients_gives_the_same_values():
+    e = errors()
+    head_input, weight = head_input_and_weight()
+    with_gradients = e.head_cross_entropy(head_input, weight, e.mask)
+    with torch.no_grad():
+        without = e.head_cross_entropy(head_input, weight, e.mask)
+    assert not without[0].requires_grad
+    torch.testing.assert_close(without, tuple(value.detach() for value in with_gradients), rtol=0, atol=0)
 
 
 def test_head_cross_entropy_of_low_precision_inputs_under_autocast_is_computed_in_float32():
@@ -180,9 +204,9 @@ def test_head_cross_entropy_of_low_precision_inputs_under_autocast_is_computed_i
     head_input = torch.randn(B, T, 6).to(torch.bfloat16).requires_grad_()
     weight = torch.randn(V, 6).to(torch.bfloat16).requires_grad_()
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        cross_entropy, squared_error = e.head_cross_entropy(head_input, weight)
+        cross_entropy, squared_error = e.head_cross_entropy(head_input, weight, e.mask)
     assert cross_entropy.dtype == squared_error.dtype == torch.float32
-    cross_entropy.sum().backward()
+    cross_entropy.backward()
     assert head_input.grad.dtype == weight.grad.dtype == torch.bfloat16
-    expected = explicit_head_cross_entropy(e, head_input.detach().float(), weight.detach().float())
+    expected = explicit_head_cross_entropy(e, head_input.detach().float(), weight.detach().float(), e.mask)
     torch.testing.assert_close((cross_entropy.detach(), squared_error), expected)
