@@ -12,16 +12,16 @@ import torch
 import torch.nn.functional as F
 
 # The reweight head floors p here, so that a token the Pilot's softmax underflowed to zero stays reachable.
-PROBABILITY_FLOOR = 1e-30
+REWEIGHT_PROBABILITY_FLOOR = 1e-30
 # Rows x vocabulary of the reweight head's training buffer (16 MB in fp32): small enough to be reused from the
 # allocator's free lists rather than mapped afresh each step.
 HEAD_BLOCK_ELEMENTS = 1 << 22
 
 
 def floored_log(probs: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """log p in `dtype` (a new tensor), p floored at `PROBABILITY_FLOOR`: what the reweight head adds its output
+    """log p in `dtype` (a new tensor), p floored at `REWEIGHT_PROBABILITY_FLOOR`: what the reweight head adds its output
     to."""
-    return probs.to(dtype).clamp_min(PROBABILITY_FLOOR).log_()
+    return probs.to(dtype).clamp_min(REWEIGHT_PROBABILITY_FLOOR).log_()
 
 
 class _SquaredDistance(torch.autograd.Function):
@@ -222,7 +222,7 @@ def _floored_probabilities(
     errors: PilotErrors, rows: slice, spread: torch.Tensor | None, out: torch.Tensor
 ) -> torch.Tensor:
     """Rows `rows` of p as the reweight head reads it (`PilotErrors.probabilities_spread`), floored at
-    `PROBABILITY_FLOOR` (as `floored_log`), written into `out` [rows, V]."""
+    `REWEIGHT_PROBABILITY_FLOOR` (as `floored_log`), written into `out` [rows, V]."""
     if errors.is_compact:
         k = errors.topk_indices.shape[-1]
         out.copy_(spread[rows].unsqueeze(-1).expand_as(out))
@@ -231,11 +231,11 @@ def _floored_probabilities(
             errors.topk_indices.reshape(-1, k)[rows],
             errors.topk_values.reshape(-1, k)[rows].to(out.dtype),
         )
-        return out.clamp_min_(PROBABILITY_FLOOR)
+        return out.clamp_min_(REWEIGHT_PROBABILITY_FLOOR)
     probs = errors.probs.reshape(-1, errors.vocab_size)[rows]
     if probs.dtype == out.dtype:
-        return torch.clamp_min(probs, PROBABILITY_FLOOR, out=out)
-    return out.copy_(probs).clamp_min_(PROBABILITY_FLOOR)
+        return torch.clamp_min(probs, REWEIGHT_PROBABILITY_FLOOR, out=out)
+    return out.copy_(probs).clamp_min_(REWEIGHT_PROBABILITY_FLOOR)
 
 
 def _spread_correction(u, z, gold_index, topk_indices, spread_mass) -> torch.Tensor:
