@@ -19,8 +19,8 @@ HEAD_BLOCK_ELEMENTS = 1 << 22
 
 
 def floored_log(probs: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """log p in `dtype` (a new tensor), p floored at `REWEIGHT_PROBABILITY_FLOOR`: what the reweight head adds its output
-    to."""
+    """log p in `dtype` (a new tensor), p floored at `REWEIGHT_PROBABILITY_FLOOR`: what the reweight head adds
+    its output to."""
     return probs.to(dtype).clamp_min(REWEIGHT_PROBABILITY_FLOOR).log_()
 
 
