@@ -29,6 +29,8 @@ Arms (same Pilot initialisation, data order and steps):
   pilot_copilot_deep  a capacity diagnostic: pilot_copilot with twice the Copilot's layers (twice its compute)
   pilot_copilot_dropout  a regularisation diagnostic: pilot_copilot with dropout 0.1 in the Copilot's layers
                       (hidden_dropout and attention_dropout; the default is none)
+  pilot_copilot_weight_decay_{0.1,1}  the other regulariser: pilot_copilot with AdamW weight decay 0.1 or 1 on
+                      the Copilot's weights (copilot_weight_decay; the benchmarks' weight_decay is 0)
   pilot_copilot_last_layer  an input diagnostic: the Copilot's memory holds the Pilot's last hidden state instead
                       of the mean over its layers (h_bar, the paper's), in training and at generation
   pilot_copilot_paper the same trained for the paper's feedback mode (copilot_feedback="copilot", the
@@ -122,6 +124,8 @@ ARMS = (
     "pilot_copilot_lr_3x",
     "pilot_copilot_deep",
     "pilot_copilot_dropout",
+    "pilot_copilot_weight_decay_0.1",
+    "pilot_copilot_weight_decay_1",
     "pilot_copilot_last_layer",
     "pilot_copilot_paper",
     "pilot_copilot_memory_norm",
@@ -438,6 +442,11 @@ def run(
             ablation_records("pilot_copilot_last_layer", {})
     if "pilot_copilot_dropout" in arms:
         ablation_records("pilot_copilot_dropout", {"hidden_dropout": 0.1, "attention_dropout": 0.1})
+    for decay in ("0.1", "1"):
+        if f"pilot_copilot_weight_decay_{decay}" in arms:
+            ablation_records(
+                f"pilot_copilot_weight_decay_{decay}", {}, training={"copilot_weight_decay": float(decay)}
+            )
     if "pilot_copilot_paper" in arms:
         # The paper's feedback mode, trained for it: answer positions read the Copilot's own predictions.
         torch.manual_seed(seed + 1)

@@ -62,10 +62,11 @@ def micro_batches(dataloader, total: int):
 
 
 def train_copilot_on_final_pilot(trainer: Trainer, epochs: float | None, joint_batches: int = 0) -> None:
-    """For a CopilotTrainer: AdamW at the Copilot's peak learning rate with a cosine decay over the phase, one
-    step per `gradient_accumulation_steps` batches on the Copilot's mean loss (`CopilotConfig.error_loss`) over all
-    of their positions (and all processes'), gradients clipped to `max_grad_norm`; logged as `copilot_final/*`. Its
-    length in batches: `final_phase_batches`."""
+    """For a CopilotTrainer: AdamW at the Copilot's peak learning rate and weight decay (not of norms or biases, as
+    in joint training) with a cosine decay over the phase, one step per `gradient_accumulation_steps` batches on
+    the Copilot's mean loss (`CopilotConfig.error_loss`) over all of their positions (and all processes'),
+    gradients clipped to `max_grad_norm`; logged as `copilot_final/*`. Its length in batches:
+    `final_phase_batches`."""
     if epochs is not None:
         check_sized_train_dataset(trainer.train_dataset)
     pilot_copilot = trainer.pilot_copilot()
@@ -75,10 +76,16 @@ def train_copilot_on_final_pilot(trainer: Trainer, epochs: float | None, joint_b
     if total == 0:
         return
     accumulation = trainer.args.gradient_accumulation_steps
+    decaying = set(trainer.get_decay_parameter_names(copilot))
+    groups = [
+        {
+            "params": [p for n, p in copilot.named_parameters() if (n in decaying) == decays],
+            "weight_decay": decay,
+        }
+        for decays, decay in ((True, trainer.args.effective_copilot_weight_decay), (False, 0.0))
+    ]
     optimizer = torch.optim.AdamW(
-        copilot.parameters(),
-        lr=trainer.args.copilot_peak_learning_rate,
-        weight_decay=trainer.args.weight_decay,
+        [group for group in groups if group["params"]], lr=trainer.args.copilot_peak_learning_rate
     )
     schedule = get_scheduler(
         "cosine", optimizer=optimizer, num_warmup_steps=0, num_training_steps=math.ceil(total / accumulation)

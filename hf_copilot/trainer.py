@@ -211,8 +211,8 @@ class CopilotTrainer(Trainer):
     def create_optimizer(self, model=None) -> torch.optim.Optimizer:
         """Stock parameter groups (weight decay, no decay), split into Pilot and Copilot groups.
 
-        The Copilot's groups carry `lr=copilot_learning_rate`; the scheduler scales every group's initial
-        learning rate by the same factor. Frozen parameters get no group and no state.
+        The Copilot's groups carry `lr=copilot_learning_rate` and `copilot_weight_decay`; the scheduler scales
+        every group's initial learning rate by the same factor. Frozen parameters get no group and no state.
         """
         opt_model = self.model if model is None else model
         if self.optimizer is not None:
@@ -245,7 +245,10 @@ class CopilotTrainer(Trainer):
                 ]
                 if not params:
                     continue
-                group = {"params": params, "weight_decay": self.args.weight_decay if decays else 0.0}
+                weight_decay = (
+                    self.args.effective_copilot_weight_decay if is_copilot else self.args.weight_decay
+                )
+                group = {"params": params, "weight_decay": weight_decay if decays else 0.0}
                 if is_copilot:
                     group["lr"] = self.args.copilot_peak_learning_rate
                 groups.append(group)

@@ -33,6 +33,13 @@ class CopilotTrainingArguments(TrainingArguments):
             "3x halved the lift on arithmetic while 0.5x was level)."
         },
     )
+    copilot_weight_decay: float | None = field(
+        default=None,
+        metadata={
+            "help": "AdamW weight decay of the Copilot's weights (its norms and biases never decay), in joint "
+            "training and in the Copilot-only phase; None uses `weight_decay`."
+        },
+    )
     copilot_lr_scheduler_type: str | None = field(
         default="constant_with_warmup",
         metadata={
@@ -130,8 +137,20 @@ class CopilotTrainingArguments(TrainingArguments):
         """`copilot_learning_rate`, or the Pilot's `learning_rate`."""
         return self.learning_rate if self.copilot_learning_rate is None else self.copilot_learning_rate
 
+    @property
+    def effective_copilot_weight_decay(self) -> float:
+        """`copilot_weight_decay`, or the Pilot's `weight_decay`."""
+        return self.weight_decay if self.copilot_weight_decay is None else self.copilot_weight_decay
+
     def __post_init__(self):
         super().__post_init__()
+        decay = self.copilot_weight_decay
+        if decay is not None and not (
+            isinstance(decay, (int, float)) and math.isfinite(decay) and decay >= 0
+        ):
+            raise ValueError(
+                f"copilot_weight_decay must be a finite number >= 0, or None to use weight_decay, got {decay!r}."
+            )
         lr = self.copilot_learning_rate
         if lr is not None and not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
             raise ValueError(

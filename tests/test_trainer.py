@@ -17,7 +17,7 @@ from conftest import FIRST_REGULAR_TOKEN, PAD_TOKEN_ID, VOCAB_SIZE, build_pilot,
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 from transformers import HfArgumentParser, Trainer, TrainerCallback, TrainingArguments
 
-from hf_copilot import PilotCopilotCache, PilotCopilotForCausalLM, fuse_scores
+from hf_copilot import PilotCopilotCache, PilotCopilotForCausalLM, copilot_final_phase, fuse_scores
 from hf_copilot.mistake_log_entry import copilot_squared_error, shift_right
 from hf_copilot.trainer import CopilotTrainer, NonFiniteTrainingError, copilot_token_count
 from hf_copilot.training_args import CopilotTrainingArguments
@@ -143,6 +143,7 @@ def test_arguments_default_to_the_papers_method_and_parse_from_the_command_line(
         ({"copilot_learning_rate": 0.0}, "copilot_learning_rate must be a positive number"),
         ({"copilot_learning_rate": float("nan")}, "copilot_learning_rate must be a positive number"),
         ({"copilot_loss_weight": -1.0}, "copilot_loss_weight must be a finite number >= 0"),
+        ({"copilot_weight_decay": -0.1}, "copilot_weight_decay must be a finite number >= 0"),
         ({"mistake_log_size": -1}, "mistake_log_size must be an integer >= 0, or None"),
         ({"mistake_log_size": 0, "mistake_log_window": 2}, r"mistake_log_window \(2\) cannot exceed"),
         ({"mistake_log_replay": -1}, "mistake_log_replay must be an integer >= 0"),
@@ -251,6 +252,34 @@ class RecordLearningRates(TrainerCallback):
 
     def on_step_begin(self, args, state, control, optimizer=None, **kwargs):
         self.seen.append([group["lr"] for group in optimizer.param_groups])
+
+
+def test_copilot_weight_decay_applies_to_the_copilots_weights_in_both_phases(tmp_path, monkeypatch):
+    """Joint groups: the Copilot's weights decay at copilot_weight_decay, the Pilot's at weight_decay, norms not
+    at all; the Copilot-only phase's AdamW splits the Copilot's parameters the same way."""
+    phase_groups = []
+
+    class RecordingAdamW(torch.optim.AdamW):
+        """Keeps the groups of the last AdamW built: the phase's, which starts after the joint run's."""
+
+        def __init__(self, params, **kwargs):
+            phase_groups[:] = list(params)
+            super().__init__(phase_groups, **kwargs)
+
+    monkeypatch.setattr(copilot_final_phase.torch.optim, "AdamW", RecordingAdamW)
+    trainer = make_trainer(tmp_path, max_steps=1, copilot_weight_decay=0.5, copilot_final_epochs=0.25)
+    trainer.train()
+    model = trainer.model
+    names = {id(p): name for name, p in model.named_parameters()}
+    copilot_ids = {id(p) for p in model.copilot.parameters()}
+    for group in trainer.optimizer.param_groups:
+        for p in group["params"]:
+            expected = 0.0 if "norm" in names[id(p)] else 0.5 if id(p) in copilot_ids else 0.1
+            assert group["weight_decay"] == expected, names[id(p)]
+    assert sorted(id(p) for group in phase_groups for p in group["params"]) == sorted(copilot_ids)
+    for group in phase_groups:
+        for p in group["params"]:
+            assert group["weight_decay"] == (0.0 if "norm" in names[id(p)] else 0.5), names[id(p)]
 
 
 def test_copilot_learning_rate_defaults_to_the_pilots(tmp_path):
