@@ -3,6 +3,8 @@ their hand-written gradients (SPEC section 4)."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -210,3 +212,17 @@ def test_head_cross_entropy_of_low_precision_inputs_under_autocast_is_computed_i
     assert head_input.grad.dtype == weight.grad.dtype == torch.bfloat16
     expected = explicit_head_cross_entropy(e, head_input.detach().float(), weight.detach().float(), e.mask)
     torch.testing.assert_close((cross_entropy.detach(), squared_error), expected)
+
+
+def test_head_cross_entropy_reads_low_precision_probabilities_in_float32():
+    """An entry whose probabilities are stored in bf16 gives what their float32 values give (the floor and the
+    exponentials run in float32, not in the entry's precision)."""
+    e = errors(dtype=torch.float32)
+    low = replace(e, probs=e.probs.to(torch.bfloat16))
+    upcast = replace(e, probs=low.probs.float())
+    head_input = torch.randn(B, T, 6)
+    weight = torch.randn(V, 6)
+    torch.testing.assert_close(
+        low.head_cross_entropy(head_input, weight, e.mask),
+        upcast.head_cross_entropy(head_input, weight, e.mask),
+    )
