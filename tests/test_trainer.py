@@ -367,7 +367,7 @@ def test_gradient_accumulation_4x2_updates_both_models_exactly_as_batch_8(tmp_pa
 @pytest.mark.parametrize("error_form", ["linear", "reweight"])  # the squared error and the cross-entropy
 def test_the_copilot_only_phase_accumulates_exactly_as_one_batch(tmp_path, error_form):
     """Its step is the user's optimizer batch, not the micro-batch: the same gradients at 2 x 4 as at 8 x 1."""
-    sgd = dict(optim="sgd", learning_rate=0.1, copilot_learning_rate=0.3, copilot_final_epochs=2.0)
+    sgd = dict(optim="sgd", learning_rate=0.1, copilot_learning_rate=0.03, copilot_final_epochs=2.0)
     gradients = {}
 
     def phase_gradients(**settings):
@@ -391,12 +391,13 @@ def test_the_copilot_only_phase_accumulates_exactly_as_one_batch(tmp_path, error
         per_device_train_batch_size=2, gradient_accumulation_steps=4
     )
     assert logged(accumulated, "copilot_final/step") == logged(big, "copilot_final/step") == [1, 2, 3, 4]
-    # The first step's loss and gradients come from the same weights; later, AdamW turns float noise in
-    # near-zero gradients into whole steps (this tiny Copilot overshoots to a loss of ~13 at step 2), so later
-    # losses agree only to 1e-3. Micro-batches carry different numbers of labels: a mean of means differs.
+    # Micro-batches carry different numbers of labels (a mean of means would differ); the step is the mean over
+    # all of them. The first step's loss comes from the same weights; later ones differ by the float noise of
+    # summing in another order, which AdamW amplifies: at a tenfold rate this tiny Copilot overshoots and the
+    # losses of step 4 drift apart by 0.4% under a change of rounding elsewhere, so the rate here is moderate.
     big_losses, accumulated_losses = (logged(t, "copilot_final/copilot_loss") for t in (big, accumulated))
     assert accumulated_losses[0] == pytest.approx(big_losses[0], rel=1e-6)
-    assert accumulated_losses[1:] == pytest.approx(big_losses[1:], rel=1e-3)
+    assert accumulated_losses[1:] == pytest.approx(big_losses[1:], rel=1e-5)
     assert len(gradients["big"]) == len(gradients["accumulated"]) == 4
     # W_out's gradient is a difference of two sums (W sum g h h^T - sum g e h^T): its rounding scales with the
     # tensor's largest entries, so near-zero entries are compared at that scale.
