@@ -23,6 +23,18 @@ MAX_DEFAULT_JOINT_MULTIPLE = 4
 of 4 joint runs' batches keeps `train()` within about three times the joint run."""
 
 
+def weight_decay_groups(named_parameters, decay_names: set[str], weight_decay: float) -> list[dict]:
+    """AdamW groups as Trainer makes them: `weight_decay` for the parameters named in `decay_names`
+    (`Trainer.get_decay_parameter_names`), none for the rest (norms, biases); empty groups left out. Shared by
+    the joint optimizer's Pilot and Copilot groups and the Copilot-only phase."""
+    named_parameters = list(named_parameters)
+    groups = [
+        {"params": [p for n, p in named_parameters if (n in decay_names) == decays], "weight_decay": decay}
+        for decays, decay in ((True, weight_decay), (False, 0.0))
+    ]
+    return [group for group in groups if group["params"]]
+
+
 def final_phase_batches(epochs: float | None, dataloader, joint_batches: int) -> int:
     """How many batches the phase trains: `epochs` of the data when given; by default DEFAULT_FINAL_EPOCHS,
     capped at MAX_DEFAULT_JOINT_MULTIPLE times the joint run's own batches, and on a stream (no length) that
@@ -76,17 +88,12 @@ def train_copilot_on_final_pilot(trainer: Trainer, epochs: float | None, joint_b
     if total == 0:
         return
     accumulation = trainer.args.gradient_accumulation_steps
-    decaying = set(trainer.get_decay_parameter_names(copilot))
-    groups = [
-        {
-            "params": [p for n, p in copilot.named_parameters() if (n in decaying) == decays],
-            "weight_decay": decay,
-        }
-        for decays, decay in ((True, trainer.args.effective_copilot_weight_decay), (False, 0.0))
-    ]
-    optimizer = torch.optim.AdamW(
-        [group for group in groups if group["params"]], lr=trainer.args.copilot_peak_learning_rate
+    groups = weight_decay_groups(
+        copilot.named_parameters(),
+        set(trainer.get_decay_parameter_names(copilot)),
+        trainer.args.effective_copilot_weight_decay,
     )
+    optimizer = torch.optim.AdamW(groups, lr=trainer.args.copilot_peak_learning_rate)
     schedule = get_scheduler(
         "cosine", optimizer=optimizer, num_warmup_steps=0, num_training_steps=math.ceil(total / accumulation)
     )

@@ -176,7 +176,7 @@ class _HeadCrossEntropy(torch.autograd.Function):
             block = slice(start, min(start + rows, num_rows))
             size = block.stop - start
             scores = torch.mm(h[block], w.t(), out=unnormalised[:size])  # s = W h
-            probs = _floored_probabilities(errors, block, spread, floored[:size])
+            probs = _floored_probabilities(errors, block, floored[:size])
             gold_index = gold[block].unsqueeze(-1)
             top = scores.amax(-1, keepdim=True)
             gold_score = scores.gather(-1, gold_index)
@@ -218,24 +218,14 @@ class _HeadCrossEntropy(torch.autograd.Function):
         return grad_input, grad_weight_t, None, None, None
 
 
-def _floored_probabilities(
-    errors: PilotErrors, rows: slice, spread: torch.Tensor | None, out: torch.Tensor
-) -> torch.Tensor:
-    """Rows `rows` of p as the reweight head reads it (`PilotErrors.probabilities_spread`), floored at
-    `REWEIGHT_PROBABILITY_FLOOR` (as `floored_log`), written into `out` [rows, V]."""
-    if errors.is_compact:
-        k = errors.topk_indices.shape[-1]
-        out.copy_(spread[rows].unsqueeze(-1).expand_as(out))
-        out.scatter_(
-            -1,
-            errors.topk_indices.reshape(-1, k)[rows],
-            errors.topk_values.reshape(-1, k)[rows].to(out.dtype),
-        )
-        return out.clamp_min_(REWEIGHT_PROBABILITY_FLOOR)
-    probs = errors.probs.reshape(-1, errors.vocab_size)[rows]
-    if probs.dtype == out.dtype:
+def _floored_probabilities(errors: PilotErrors, rows: slice, out: torch.Tensor) -> torch.Tensor:
+    """Rows `rows` of p as the reweight head reads it (`PilotErrors.spread_rows`), floored at
+    `REWEIGHT_PROBABILITY_FLOOR` (as `floored_log`), written into `out` [rows, V]; exact probabilities of the
+    buffer's dtype in one pass."""
+    if not errors.is_compact and errors.probs.dtype == out.dtype:
+        probs = errors.probs.reshape(-1, errors.vocab_size)[rows]
         return torch.clamp_min(probs, REWEIGHT_PROBABILITY_FLOOR, out=out)
-    return out.copy_(probs).clamp_min_(REWEIGHT_PROBABILITY_FLOOR)
+    return errors.spread_rows(rows, out).clamp_min_(REWEIGHT_PROBABILITY_FLOOR)
 
 
 def _spread_correction(u, z, gold_index, topk_indices, spread_mass) -> torch.Tensor:
@@ -335,8 +325,17 @@ class PilotErrors:
         """
         if not self.is_compact:
             return self.probs
-        spread = self.spread_mass().unsqueeze(-1).expand(*self.targets.shape, self.vocab_size).clone()
-        return spread.scatter_(-1, self.topk_indices, self.topk_values)
+        spread = self.topk_values.new_empty(self.targets.numel(), self.vocab_size)
+        return self.spread_rows(slice(None), spread).reshape(*self.targets.shape, self.vocab_size)
+
+    def spread_rows(self, rows: slice, out: torch.Tensor) -> torch.Tensor:
+        """Rows `rows` of `probabilities_spread` flattened to [B*T, V], written into `out` [rows, V]."""
+        if not self.is_compact:
+            return out.copy_(self.probs.reshape(-1, self.vocab_size)[rows])
+        k = self.topk_indices.shape[-1]
+        out.copy_(self.spread_mass().reshape(-1, 1)[rows].expand_as(out))
+        indices, values = self.topk_indices.reshape(-1, k)[rows], self.topk_values.reshape(-1, k)[rows]
+        return out.scatter_(-1, indices, values.to(out.dtype))
 
     def spread_mass(self) -> torch.Tensor:
         """[B,T] of a compact entry: the probability `probabilities_spread` gives each token outside the top k."""

@@ -65,7 +65,7 @@ from .complete_checkpoints import (
     newest_complete_checkpoint,
     rotate_complete_checkpoints,
 )
-from .copilot_final_phase import check_sized_train_dataset, train_copilot_on_final_pilot
+from .copilot_final_phase import check_sized_train_dataset, train_copilot_on_final_pilot, weight_decay_groups
 from .generation_pilot_copilot import (
     copilot_loss_terms_on_entry,
     copilot_stream,
@@ -237,18 +237,13 @@ class CopilotTrainer(Trainer):
         copilot_ids = {id(p) for p in self.pilot_copilot().copilot.parameters()}
         groups = []
         for is_copilot in (False, True):
-            for decays in (True, False):
-                params = [
-                    p
-                    for n, p in opt_model.named_parameters()
-                    if p.requires_grad and (id(p) in copilot_ids) == is_copilot and (n in decay) == decays
-                ]
-                if not params:
-                    continue
-                weight_decay = (
-                    self.args.effective_copilot_weight_decay if is_copilot else self.args.weight_decay
-                )
-                group = {"params": params, "weight_decay": weight_decay if decays else 0.0}
+            trainable = [
+                (n, p)
+                for n, p in opt_model.named_parameters()
+                if p.requires_grad and (id(p) in copilot_ids) == is_copilot
+            ]
+            weight_decay = self.args.effective_copilot_weight_decay if is_copilot else self.args.weight_decay
+            for group in weight_decay_groups(trainable, decay, weight_decay):
                 if is_copilot:
                     group["lr"] = self.args.copilot_peak_learning_rate
                 groups.append(group)
