@@ -123,25 +123,36 @@ class StaticCopilotKVCache(CopilotKVCache):
     """The Copilot's keys/values in buffers allocated once for the whole generation, what a compiled decoding step
     needs (`generate(cache_implementation="static")`, `CopilotModel.decoding_step`).
 
-    Row r of a slot holds position r // k (k = 1 for a self-attention, 2 for a cross-attention: x_tilde_j and h_bar_j),
-    and a row not yet written sits at a position no query reaches, so a step attends over the whole buffer with the
-    causal mask and the shapes never change. Multi-position forwards (the prefill, drafted tokens) write in order
-    and read the written rows, as with `CopilotKVCache`.
+    A slot's first `leading_rows` rows hold an encoder-decoder Pilot's encoder output (position -1, written by the
+    prefill); after them, row r holds position r // k (k = 1 for a self-attention and an encoder-decoder
+    cross-attention, 2 for a decoder-only cross-attention: x_tilde_j and h_bar_j). A row not yet written sits at a
+    position no query reaches, so a step attends over the whole buffer with the causal mask and the shapes never
+    change. Multi-position forwards (the prefill, drafted tokens) write in order and read the written rows, as
+    with `CopilotKVCache`.
     """
 
     UNWRITTEN = torch.iinfo(torch.long).max
 
-    def __init__(self, rows_per_position: list[int], max_positions: int):
-        """`max_positions`: the Pilot's static cache length, which the Pilot's own cache enforces first."""
+    def __init__(
+        self,
+        rows_per_position: list[int],
+        max_positions: int,
+        leading_rows: list[int] | None = None,
+        leading_padding: torch.Tensor | None = None,
+    ):
+        """`max_positions`: the Pilot's static cache length, which the Pilot's own cache enforces first;
+        `leading_padding` [B, leading rows]: False under the encoder's padding (None: no padding)."""
         super().__init__(len(rows_per_position))
         self.rows_per_position = rows_per_position
         self.max_positions = max_positions
+        self.leading_rows = leading_rows or [0] * len(rows_per_position)
+        self.leading_padding = None if leading_padding is None else leading_padding.bool()
         self.position: torch.Tensor | None = None  # [1]: the position the next decoding step writes
         self.padding: torch.Tensor | None = None  # [B, max_positions]: False at padding; None: no padding
 
     def update(self, idx: int, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor):
         if self.buffers[idx] is None:
-            capacity = self.max_positions * self.rows_per_position[idx]
+            capacity = self.leading_rows[idx] + self.max_positions * self.rows_per_position[idx]
             # Zeros: a masked row gets weight 0, and 0 x NaN from uninitialised memory would still be NaN.
             self.buffers[idx] = (
                 keys.new_zeros(*keys.shape[:2], capacity, keys.shape[3]),
@@ -154,6 +165,8 @@ class StaticCopilotKVCache(CopilotKVCache):
     def map_batch(self, fn) -> None:
         """In place where the batch keeps its size (beam reordering): the buffers keep their addresses, which a
         compiled step captured in CUDA graphs reads."""
+        if self.leading_padding is not None:
+            self.leading_padding = fn(self.leading_padding)
         for idx, buffer in enumerate(self.buffers):
             if buffer is None:
                 continue
@@ -191,6 +204,22 @@ class StaticCopilotKVCache(CopilotKVCache):
         self.rows = [rows + k for rows, k in zip(self.rows, self.rows_per_position, strict=True)]
         self.length += 1
 
+    def key_padding(self, idx: int) -> torch.Tensor | None:
+        """[B, rows of slot `idx`]: False at the rows of padding (the encoder's, then each position's once per
+        row); None where nothing is padding."""
+        leading = self.leading_padding if self.leading_rows[idx] else None
+        if self.padding is None and leading is None:
+            return None
+        padding = self.padding
+        if padding is None:
+            padding = leading.new_ones(leading.shape[0], self.max_positions)
+        padding = padding.repeat_interleave(self.rows_per_position[idx], dim=1)
+        if self.leading_rows[idx] == 0:
+            return padding
+        if leading is None:
+            leading = padding.new_ones(padding.shape[0], self.leading_rows[idx])
+        return torch.cat([leading, padding], dim=1)
+
 
 def fixed_addresses(*tensors: torch.Tensor) -> None:
     """Tell torch.compile that these tensors keep their storage for the generation (as transformers' StaticCache
@@ -209,7 +238,7 @@ class StaticStepWrites:
     def update(self, idx: int, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor):
         per_position = self.cache.rows_per_position[idx]
         offsets = torch.arange(keys.shape[2], device=positions.device) % per_position
-        rows = positions * per_position + offsets
+        rows = self.cache.leading_rows[idx] + positions * per_position + offsets
         key_buffer, value_buffer, position_buffer = self.cache.buffers[idx]
         key_buffer.index_copy_(2, rows, keys)
         value_buffer.index_copy_(2, rows, values)
@@ -327,15 +356,23 @@ class CopilotStateCache:
         # Set by generate(): positions before it are the prompt, whose tokens are known.
         self.prompt_length: int | None = None
 
-    def copilot_state(self, copilot) -> CopilotDecodingState:
-        """The state of this generation: over a static Pilot cache, a decoder-only Pilot's Copilot keeps its
-        keys/values in buffers as long as the Pilot's (`StaticCopilotKVCache`)."""
+    def copilot_state(self, copilot, entry: MistakeLogEntry) -> CopilotDecodingState:
+        """The state of this generation (`entry`: the first forward's, whose encoder output an encoder-decoder
+        Copilot's cross-attention caches): over a static Pilot cache the Copilot keeps its keys/values in buffers
+        as long as the Pilot's (`StaticCopilotKVCache`)."""
         if self.copilot is None:
-            if isinstance(self, StaticCache) and not copilot.config.encoder_decoder:
-                per_position = [2 if layer.is_cross_attention else 1 for layer in copilot.layers]
-                kv_cache = StaticCopilotKVCache(per_position, self.get_max_length())
-            else:
+            pilot_cache = self.self_attention_cache if isinstance(self, EncoderDecoderCache) else self
+            if not isinstance(pilot_cache, StaticCache):
                 kv_cache = CopilotKVCache(copilot.num_kv_cache_slots)
+            elif copilot.config.encoder_decoder:  # slots 2i: self-attention; 2i + 1: [encoder output; h_bar]
+                slots = range(copilot.num_kv_cache_slots)
+                leading = [entry.x_tilde.shape[1] * (slot % 2) for slot in slots]
+                kv_cache = StaticCopilotKVCache(
+                    [1] * len(slots), pilot_cache.get_max_length(), leading, entry.encoder_attention_mask
+                )
+            else:
+                per_position = [2 if layer.is_cross_attention else 1 for layer in copilot.layers]
+                kv_cache = StaticCopilotKVCache(per_position, pilot_cache.get_max_length())
             self.copilot = CopilotDecodingState(kv_cache)
         return self.copilot
 
@@ -523,7 +560,7 @@ def copilot_generation_step(
     (chunked prefill) or together with drafted tokens (assisted decoding); without it the first
     forward is the prompt.
     """
-    state = cache.copilot_state(copilot)
+    state = cache.copilot_state(copilot, entry)
     new, past = input_ids.shape[1], state.kv_cache.length
     if copilot_feedback == "observed":
         known = new
@@ -618,8 +655,10 @@ def static_step(
     kv_cache = state.kv_cache
     kv_cache.prepare_step(attention_mask, stream.device)
     # Contiguous: a compiled step is specialised to its inputs' strides (a row sliced from the prefill's differs).
-    inputs = (stream, step.x_tilde, step.h_bar, step.errors.probs)
-    predicted_error = (decoding_step or copilot.decoding_step)(*(t.contiguous() for t in inputs), kv_cache)
+    # An encoder output is in the cache since the prefill: the step does not read it.
+    x_tilde = None if step.is_encoder_decoder else step.x_tilde.contiguous()
+    stream, h_bar, probs = (t.contiguous() for t in (stream, step.h_bar, step.errors.probs))
+    predicted_error = (decoding_step or copilot.decoding_step)(stream, x_tilde, h_bar, probs, kv_cache)
     kv_cache.finish_step()
     return predicted_error
 

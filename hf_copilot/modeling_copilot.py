@@ -500,23 +500,26 @@ class CopilotModel(CopilotPreTrainedModel):
     def decoding_step(
         self,
         stream: torch.Tensor,
-        x_tilde: torch.Tensor,
+        x_tilde: torch.Tensor | None,
         h_bar: torch.Tensor,
         pilot_probs: torch.Tensor,
         kv_cache: StaticCopilotKVCache,
     ) -> torch.Tensor:
-        """f_C [B,1,V] at the position `kv_cache.position` [1] of a decoder-only Pilot, over the preallocated
-        buffers of a `StaticCopilotKVCache`: fixed shapes, and no Python number that changes between steps, so that
-        a compiled step (`compiled_decoding_step`) compiles once per generation. The caller advances the cache."""
+        """f_C [B,1,V] at the position `kv_cache.position` [1], over the preallocated buffers of a
+        `StaticCopilotKVCache`: fixed shapes, and no Python number that changes between steps, so that a compiled
+        step (`compiled_decoding_step`) compiles once per generation. The caller advances the cache. `x_tilde`:
+        None for an encoder-decoder Pilot, whose encoder output the prefill cached."""
         query_positions = kv_cache.position
-        memory = self.project_memory(interleaved_memory(x_tilde, h_bar))
-        positions = self.positions(query_positions, query_positions.repeat_interleave(2), stream.dtype)
-        padding = kv_cache.padding
+        if self.config.encoder_decoder:
+            memory, memory_positions = self.project_memory(h_bar), query_positions
+        else:
+            memory = self.project_memory(interleaved_memory(x_tilde, h_bar))
+            memory_positions = query_positions.repeat_interleave(2)
+        positions = self.positions(query_positions, memory_positions, stream.dtype)
 
         def build(key_positions: torch.Tensor, is_cross: bool) -> torch.Tensor:
-            key_padding = padding
-            if padding is not None and is_cross:
-                key_padding = padding.repeat_interleave(2, dim=1)
+            # Slot 1 is a cross-attention and slot 0 a self-attention in both layouts.
+            key_padding = kv_cache.key_padding(int(is_cross))
             return build_attention_mask(query_positions, key_positions, key_padding, stream.dtype)
 
         masks: dict = {"build": build}
@@ -786,13 +789,13 @@ class PilotCopilotMixin:
 
     def get_compiled_call(self, compile_config):
         """The forward generate() calls per token once the cache is static: the Pilot's forward compiled (fixed
-        shapes over its static cache) and, for a decoder-only Pilot, the Copilot's decoding step compiled over its
-        preallocated buffers (`CopilotModel.decoding_step`). What varies per step (the cache's lengths, the
+        shapes over its static cache) and the Copilot's decoding step compiled over its preallocated buffers (`CopilotModel.decoding_step`). What varies per step (the cache's lengths, the
         Mistake Log entry, the feedback rows) stays eager around them."""
-        compiled = {"pilot_forward": self.pilot.get_compiled_call(compile_config)}
-        if not self.copilot.config.encoder_decoder:
-            compiled["copilot_step"] = self.copilot.compiled_decoding_step(compile_config)
-        return functools.partial(self.__call__, **compiled)
+        return functools.partial(
+            self.__call__,
+            pilot_forward=self.pilot.get_compiled_call(compile_config),
+            copilot_step=self.copilot.compiled_decoding_step(compile_config),
+        )
 
     def create_masks_for_generate(self, attention_mask: torch.Tensor | None = None, **kwargs):
         """generate() turns the padding mask into the Pilot's 4D mask up front when the cache is static; the

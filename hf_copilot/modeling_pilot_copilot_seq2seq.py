@@ -188,6 +188,7 @@ class PilotCopilotForSeq2SeqLM(PilotCopilotMixin, PreTrainedModel, GenerationMix
         copilot_batch: MistakeLogEntry | None = None,
         copilot_feedback_fraction: float = 0.0,
         pilot_forward: Callable | None = None,
+        copilot_step: Callable | None = None,
         return_predicted_error: bool | None = None,
         **kwargs,
     ) -> PilotCopilotSeq2SeqOutput:
@@ -198,8 +199,9 @@ class PilotCopilotForSeq2SeqLM(PilotCopilotMixin, PreTrainedModel, GenerationMix
         `num_items_in_batch`: its token cross-entropy summed and divided by it, exact under gradient
         accumulation) and `copilot_loss` the Copilot's over decoder positions whose label is not -100 (the
         paper's RMSE, or the mean cross-entropy: `CopilotConfig.error_loss`; `copilot_loss_sum` is its sum).
-        `pilot_forward`: the Pilot's compiled call, which generate() hands over through `get_compiled_call`.
-        `return_predicted_error`: see PilotCopilotForCausalLM.forward.
+        `pilot_forward`: the Pilot's compiled call, which generate() hands over through `get_compiled_call`, with
+        the Copilot's compiled decoding step (`copilot_step`). `return_predicted_error`: see
+        PilotCopilotForCausalLM.forward.
         """
         copilot_lambda, fusion, copilot_feedback = self.fusion_settings(
             copilot_lambda, fusion, copilot_feedback
@@ -249,7 +251,13 @@ class PilotCopilotForSeq2SeqLM(PilotCopilotMixin, PreTrainedModel, GenerationMix
         )
         if cache is not None:
             predicted_errors = copilot_generation_step(
-                self.copilot, decoder_input_ids, decoder_attention_mask, entry, cache, copilot_feedback
+                self.copilot,
+                decoder_input_ids,
+                decoder_attention_mask,
+                entry,
+                cache,
+                copilot_feedback,
+                copilot_step,
             )
         else:
             copilot_entry = entry if copilot_batch is None else copilot_batch.to(logits.device)

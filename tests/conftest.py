@@ -33,6 +33,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -171,6 +172,18 @@ def build_batch(
 
 def padded_position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
+
+
+def graph_recorder() -> tuple[Callable, list]:
+    """A torch.compile backend that records each graph it compiles and runs it as is (a function, so that
+    generate()'s copy of the generation config keeps recording into the same list)."""
+    graphs = []
+
+    def backend(graph_module, example_inputs):
+        graphs.append(graph_module)
+        return graph_module.forward
+
+    return backend, graphs
 
 
 @pytest.fixture(params=PILOT_ARCHITECTURES)

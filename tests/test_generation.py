@@ -13,7 +13,6 @@ the incremental path and the reference agree exactly.
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable
 
 import pytest
 import torch
@@ -25,6 +24,7 @@ from conftest import (
     build_pilot,
     build_pilot_copilot,
     char_tokenizer,
+    graph_recorder,
     tiny_copilot_config,
 )
 from torch.overrides import TorchFunctionMode
@@ -544,18 +544,6 @@ def test_static_cache_gives_the_dynamic_caches_tokens(feedback, decoding, kind):
     assert isinstance(cache, PilotCopilotStaticCache)
     assert isinstance(cache.copilot.kv_cache, StaticCopilotKVCache)
     assert torch.equal(out.sequences, dynamic)
-
-
-def graph_recorder() -> tuple[Callable, list]:
-    """A torch.compile backend that records each graph it compiles and runs it as is (a function, so that
-    generate()'s copy of the generation config keeps recording into the same list)."""
-    graphs = []
-
-    def backend(graph_module, example_inputs):
-        graphs.append(graph_module)
-        return graph_module.forward
-
-    return backend, graphs
 
 
 @pytest.mark.parametrize("kind", list(COPILOT_KINDS))

@@ -27,6 +27,7 @@ from conftest import (
     build_pilot,
     build_pilot_copilot,
     char_tokenizer,
+    graph_recorder,
     run_without_hf_copilot,
     tiny_copilot_config,
 )
@@ -36,6 +37,7 @@ from transformers import (
     AutoModelForSeq2SeqLM,
     BartConfig,
     BartForConditionalGeneration,
+    CompileConfig,
     PreTrainedModel,
     StaticCache,
     T5Config,
@@ -50,7 +52,11 @@ from hf_copilot import (
     PilotCopilotSeq2SeqConfig,
     fuse_scores,
 )
-from hf_copilot.generation_pilot_copilot import CACHE_KEYWORD, PilotCopilotEncoderDecoderCache
+from hf_copilot.generation_pilot_copilot import (
+    CACHE_KEYWORD,
+    PilotCopilotEncoderDecoderCache,
+    StaticCopilotKVCache,
+)
 from hf_copilot.mistake_log_entry import PilotErrors, shift_right
 
 ARCHITECTURES = ("t5", "bart")
@@ -577,8 +583,33 @@ def test_static_cache_gives_the_dynamic_caches_tokens(arch, feedback, decoding):
     assert not torch.equal(dynamic, generate(model, inputs, copilot_lambda=0.0, **kwargs))
 
     out = generate(model, inputs, cache_implementation="static", return_dict_in_generate=True, **kwargs)
-    assert isinstance(out[CACHE_KEYWORD].self_attention_cache, StaticCache)
+    cache = out[CACHE_KEYWORD]
+    assert isinstance(cache.self_attention_cache, StaticCache)
+    # The Copilot's steps ran over its preallocated buffers, the encoder output in front of every position.
+    kv_cache = cache.copilot.kv_cache
+    assert isinstance(kv_cache, StaticCopilotKVCache)
+    assert kv_cache.leading_rows == [0, inputs["input_ids"].shape[1]] * model.copilot.config.num_hidden_layers
     assert torch.equal(out.sequences, dynamic)
+
+
+@pytest.mark.parametrize("feedback", FEEDBACK_MODES)
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_compiled_decoding_compiles_the_copilot_step_once_and_gives_the_same_tokens(arch, feedback):
+    """With a static cache generate() compiles the per-token forward (on CPU only when asked): the Copilot's
+    decoding step is one graph (fullgraph) over its buffers, the encoder output cached in front, that every later
+    step of a padded batch reuses; the tokens are those of eager decoding with the dynamic cache."""
+    model = fused_model(arch, copilot_feedback=feedback, position_encoding="rope")
+    inputs = source(batch_size=2, right_padding=(0, 2))
+    expected = greedy(model, inputs)
+    backend, graphs = graph_recorder()
+    compile_config = CompileConfig(backend=backend, mode=None, fullgraph=True)
+    compile_config._compile_all_devices = True  # generate() compiles on accelerators only, unless told
+
+    torch._dynamo.reset()
+    compiled = greedy(model, inputs, cache_implementation="static", compile_config=compile_config)
+    copilot_graphs = [graph for graph in graphs if "error_head" in str(graph.graph)]
+    assert len(copilot_graphs) == 1
+    assert torch.equal(compiled, expected)
 
 
 @pytest.mark.parametrize("arch", ARCHITECTURES)
