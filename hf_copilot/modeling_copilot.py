@@ -789,8 +789,9 @@ class PilotCopilotMixin:
 
     def get_compiled_call(self, compile_config):
         """The forward generate() calls per token once the cache is static: the Pilot's forward compiled (fixed
-        shapes over its static cache) and the Copilot's decoding step compiled over its preallocated buffers (`CopilotModel.decoding_step`). What varies per step (the cache's lengths, the
-        Mistake Log entry, the feedback rows) stays eager around them."""
+        shapes over its static cache) and the Copilot's decoding step compiled over its preallocated buffers
+        (`CopilotModel.decoding_step`). What varies per step (the cache's lengths, the Mistake Log entry, the
+        feedback rows) stays eager around them."""
         return functools.partial(
             self.__call__,
             pilot_forward=self.pilot.get_compiled_call(compile_config),
