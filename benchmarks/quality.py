@@ -47,6 +47,9 @@ Arms (same Pilot initialisation, data order and steps):
   pilot_copilot_init_linear  pilot_copilot_init with the paper's linear head on the squared error
   pilot_copilot_init_final_1_epoch  pilot_copilot_init with one Copilot-only epoch
   pilot_copilot_init_final_{3,6}_epochs  pilot_copilot_init with 3 or 6 Copilot-only epochs
+  pilot_copilot_init_base  a capacity diagnostic: the Copilot as large as the Pilot and initialised from the Pilot's
+                      own pretrained weights (the base member; the paper pairs a 1B Pilot with an equal-size
+                      Copilot), about the Pilot's parameters: the bigger Pilot is not its parameter match
   pilot_matched       the next family size (pretrained) or a Pilot with as many parameters (scratch)
   transfer            pilot_copilot_init's Copilot attached to a Pilot fine-tuned independently (another data
                       order), as in the paper's Table 3 (pretrained only)
@@ -137,6 +140,7 @@ ARMS = (
     "pilot_copilot_init_final_1_epoch",
     "pilot_copilot_init_final_3_epochs",
     "pilot_copilot_init_final_6_epochs",
+    "pilot_copilot_init_base",
     "transfer",
     "pilot_matched",
 )
@@ -275,12 +279,13 @@ class Experiment:
             return matched_shape(self.setting.shape, target, self.tokenizer).build(self.tokenizer, self.seed)
         return self.setting.shape.build(self.tokenizer, self.seed)
 
-    def copilot_config(self) -> CopilotConfig:
-        """The Copilot's shape (the small family member's in the pretrained regime) with the chosen error form."""
+    def copilot_config(self, member: str = "small") -> CopilotConfig:
+        """The Copilot's shape (a family member's, the small one by default, in the pretrained regime) with the
+        chosen error form."""
         if self.family is None:
             config = SCRATCH_COPILOT
         else:
-            config = copilot_config_like(AutoConfig.from_pretrained(self.family.members["small"]))
+            config = copilot_config_like(AutoConfig.from_pretrained(self.family.members[member]))
         if self.error_form is None:
             return config
         # error_loss None: the form's own loss (the cross-entropy needs the reweight form).
@@ -466,13 +471,12 @@ def run(
             joint = experiment.wrapper.from_pilot(experiment.pilot(), config, copilot_feedback="copilot")
             copilot_records(arm, ("copilot",), *experiment.fine_tune(joint, with_copilot=True))
 
-    def initialised(change: dict | None = None, training: dict | None = None):
-        """Pilot + the Copilot initialised from the smaller family member (copilot_init), from the same seeds."""
+    def initialised(change: dict | None = None, training: dict | None = None, member: str = "small"):
+        """Pilot + the Copilot initialised from a family member (copilot_init; the smaller one by default), from
+        the same seeds."""
         torch.manual_seed(seed + 1)
-        config = experiment.copilot_config().to_dict() | (change or {})
-        joint = experiment.wrapper.from_pilot(
-            experiment.pilot(), config, copilot_init=family.members["small"]
-        )
+        config = experiment.copilot_config(member).to_dict() | (change or {})
+        joint = experiment.wrapper.from_pilot(experiment.pilot(), config, copilot_init=family.members[member])
         return experiment.fine_tune(joint, with_copilot=True, copilot_change=training)
 
     if family is not None and {"pilot_copilot_init", "transfer"} & set(arms):
@@ -498,6 +502,8 @@ def run(
         if family is not None and f"pilot_copilot_init_final_{epochs}_epochs" in arms:
             longer = initialised(training={"copilot_final_epochs": float(epochs)})
             copilot_records(f"pilot_copilot_init_final_{epochs}_epochs", feedback_modes, *longer)
+    if family is not None and "pilot_copilot_init_base" in arms:
+        copilot_records("pilot_copilot_init_base", feedback_modes, *initialised(member="base"))
     if "pilot_matched" in arms:
         pilot_record(
             "pilot_matched", *experiment.fine_tune(experiment.pilot("large"), with_copilot=False)[:2]
