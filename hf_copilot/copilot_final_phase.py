@@ -73,9 +73,22 @@ def micro_batches(dataloader, total: int):
             return
 
 
+def phase_optimizer(trainer: Trainer, copilot: nn.Module, groups: list[dict]) -> torch.optim.Optimizer:
+    """The joint run's optimizer (`optim` with its betas, epsilon, fused kernel...) on the phase's groups, at the
+    Copilot's peak learning rate; AdamW with the run's betas and epsilon where `optim` builds its own groups."""
+    args = trainer.args
+    optimizer_choice = trainer.grouped_optimizer_cls_and_kwargs(copilot)
+    if optimizer_choice is None:
+        optimizer_cls = torch.optim.AdamW
+        optimizer_kwargs = {"betas": (args.adam_beta1, args.adam_beta2), "eps": args.adam_epsilon}
+    else:
+        optimizer_cls, optimizer_kwargs = optimizer_choice
+    return optimizer_cls(groups, **{**optimizer_kwargs, "lr": args.copilot_peak_learning_rate})
+
+
 def train_copilot_on_final_pilot(trainer: Trainer, epochs: float | None, joint_batches: int = 0) -> None:
-    """For a CopilotTrainer: AdamW at the Copilot's peak learning rate and weight decay (not of norms or biases, as
-    in joint training) with a cosine decay over the phase, one step per `gradient_accumulation_steps` batches on
+    """For a CopilotTrainer: the run's optimizer (`phase_optimizer`) at the Copilot's peak learning rate and
+    weight decay (not of norms or biases, as in joint training) with a cosine decay over the phase, one step per `gradient_accumulation_steps` batches on
     the Copilot's mean loss (`CopilotConfig.error_loss`) over all of their positions (and all processes'),
     gradients clipped to `max_grad_norm`; logged as `copilot_final/*`. Its length in batches:
     `final_phase_batches`."""
@@ -93,7 +106,7 @@ def train_copilot_on_final_pilot(trainer: Trainer, epochs: float | None, joint_b
         set(trainer.get_decay_parameter_names(copilot)),
         trainer.args.effective_copilot_weight_decay,
     )
-    optimizer = torch.optim.AdamW(groups, lr=trainer.args.copilot_peak_learning_rate)
+    optimizer = phase_optimizer(trainer, copilot, groups)
     schedule = get_scheduler(
         "cosine", optimizer=optimizer, num_warmup_steps=0, num_training_steps=math.ceil(total / accumulation)
     )

@@ -217,21 +217,15 @@ class CopilotTrainer(Trainer):
         opt_model = self.model if model is None else model
         if self.optimizer is not None:
             return super().create_optimizer(model)
-        if self.optimizer_cls_and_kwargs is not None:
-            optimizer_cls, optimizer_kwargs = self.optimizer_cls_and_kwargs
-        else:
-            optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, opt_model)
-        optimizer_kwargs = dict(optimizer_kwargs)
-        if (
-            is_optimizer_factory(optimizer_cls)
-            or {"params", "model", "optimizer_dict"} & optimizer_kwargs.keys()
-        ):
+        optimizer_choice = self.grouped_optimizer_cls_and_kwargs(opt_model)
+        if optimizer_choice is None:
             warnings.warn(
                 f"optim={self.args.optim} builds its own parameter groups: the Copilot trains at the Pilot's "
                 "learning rate (copilot_learning_rate is ignored).",
                 stacklevel=2,
             )
             return super().create_optimizer(model)
+        optimizer_cls, optimizer_kwargs = optimizer_choice
 
         decay = set(self.get_decay_parameter_names(opt_model))
         copilot_ids = {id(p) for p in self.pilot_copilot().copilot.parameters()}
@@ -249,6 +243,20 @@ class CopilotTrainer(Trainer):
                 groups.append(group)
         self.optimizer = optimizer_cls(groups, **optimizer_kwargs)
         return self.optimizer
+
+    def grouped_optimizer_cls_and_kwargs(self, model) -> tuple[type, dict] | None:
+        """The optimizer class and settings of `optim` (or `optimizer_cls_and_kwargs`) for parameter groups this
+        trainer builds: the joint run's and the Copilot-only phase's. None where `optim` builds its own groups."""
+        if self.optimizer_cls_and_kwargs is not None:
+            optimizer_cls, optimizer_kwargs = self.optimizer_cls_and_kwargs
+        else:
+            optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, model)
+        if (
+            is_optimizer_factory(optimizer_cls)
+            or {"params", "model", "optimizer_dict"} & optimizer_kwargs.keys()
+        ):
+            return None
+        return optimizer_cls, dict(optimizer_kwargs)
 
     def create_scheduler(self, num_training_steps: int, optimizer: torch.optim.Optimizer | None = None):
         """The Pilot's schedule for its groups; `copilot_lr_scheduler_type`, if set, for the Copilot's."""
@@ -428,9 +436,9 @@ class CopilotTrainer(Trainer):
         """Train the Copilot alone for `epochs` on the errors of the final, frozen Pilot (what `train()` does
         after the joint run, `copilot_final_epochs`).
 
-        AdamW at the Copilot's peak learning rate with a cosine decay, one step per `gradient_accumulation_steps`
-        batches on the Copilot's MSE over them, its gradients clipped to `max_grad_norm`; logged as
-        `copilot_final/*` (`copilot_final_phase.py`).
+        The run's optimizer (`phase_optimizer`) at the Copilot's peak learning rate with a cosine decay, one step
+        per `gradient_accumulation_steps` batches on the Copilot's mean loss over them, its gradients clipped to
+        `max_grad_norm`; logged as `copilot_final/*` (`copilot_final_phase.py`).
         """
         train_copilot_on_final_pilot(self, epochs)
 
