@@ -16,8 +16,10 @@ allocator warm-up). Process CPU time per step is recorded next to wall time.
     python benchmarks/training_overhead.py --shape tiny --threads 1   # a 2-layer 64-wide Pilot, 100-step runs
     python benchmarks/training_overhead.py --shape 1b --bf16   # on a GPU: a 1.26B Pilot, bf16 mixed precision
     python benchmarks/training_overhead.py --heads default linear formed   # the Copilot's heads side by side
+    python benchmarks/training_overhead.py --shape tiny --optim adamw_torch_fused   # Trainer's default optimizer
 
-Trainer runs on the GPU when one is visible. Writes benchmarks/results/training_overhead{_1b|_tiny}{_bf16}{_quick}.*
+Trainer runs on the GPU when one is visible. Writes
+benchmarks/results/training_overhead{_1b|_tiny}{_bf16}{_cuda}{_<optim>}{_quick}.* (no suffix for adamw_torch)
 """
 
 from __future__ import annotations
@@ -241,14 +243,16 @@ def synthetic_dataset(setup: Setup, num_batches: int, seed: int) -> list[dict[st
     return rows
 
 
-def _arguments(args_class, setup: Setup, output_dir: str, bf16: bool = False, **extra):
+def _arguments(
+    args_class, setup: Setup, output_dir: str, bf16: bool = False, optim: str = "adamw_torch", **extra
+):
     return args_class(
         output_dir=output_dir,
         per_device_train_batch_size=setup.batch_size,
         max_steps=setup.warmup_steps + setup.measured_steps,
         learning_rate=1e-4,
         lr_scheduler_type="constant",
-        optim="adamw_torch",
+        optim=optim,
         logging_strategy="no",
         save_strategy="no",
         report_to="none",
@@ -272,7 +276,13 @@ def copilot_trainer_classes():
 
 
 def run_trainer(
-    model, setup: Setup, progress: tqdm, copilot: bool, seed: int, bf16: bool = False
+    model,
+    setup: Setup,
+    progress: tqdm,
+    copilot: bool,
+    seed: int,
+    bf16: bool = False,
+    optim: str = "adamw_torch",
 ) -> tuple[list[float], list[float]]:
     """One short training run; returns the per-step (wall, CPU) seconds after the warm-up steps."""
     data = synthetic_dataset(setup, setup.warmup_steps + setup.measured_steps, seed)
@@ -286,7 +296,12 @@ def run_trainer(
             model=model,
             # Joint steps only: the Copilot-only phase after them is not a step of the run being compared.
             args=_arguments(
-                args_class, setup, output_dir, bf16=bf16, **({"copilot_final_epochs": 0.0} if copilot else {})
+                args_class,
+                setup,
+                output_dir,
+                bf16=bf16,
+                optim=optim,
+                **({"copilot_final_epochs": 0.0} if copilot else {}),
             ),
             train_dataset=data,
             callbacks=[timer],
@@ -422,7 +437,7 @@ def write_markdown(path: str, result: dict) -> None:
         f"Runner: {result['runner_description']}. Pilot: LLaMA-like, hidden {setup['hidden_size']}, "
         f"{setup['num_hidden_layers']} layers, vocabulary {setup['vocab_size']}, random weights, "
         f"{result['pilot_params'] / 1e6:.1f}M parameters; batch {setup['batch_size']} x {setup['seq_len']} "
-        f"synthetic tokens; AdamW; {result.get('device', 'cpu')}, {result.get('precision', 'float32')}. "
+        f"synthetic tokens; {result.get('optim', 'adamw_torch')}; {result.get('device', 'cpu')}, {result.get('precision', 'float32')}. "
         f"{setup['rounds']} interleaved rounds x {setup['measured_steps']} measured "
         f"steps per arm (after {setup['warmup_steps']} warm-up step per run); the Pilot's median step: "
         f"{result['pilot_step_s']:.3f} s wall, {result['pilot_step_cpu_s']:.3f} s CPU.",
@@ -584,8 +599,17 @@ def main(argv: list[str] | None = None) -> dict:
         "cross-entropy), linear (the paper's head on the squared error), formed / linear_formed (that head with "
         "f_C formed, as a hooked head trains)",
     )
+    parser.add_argument(
+        "--optim",
+        choices=("adamw_torch", "adamw_torch_fused"),
+        default="adamw_torch",
+        help="both arms' optimizer (Trainer's `optim`): adamw_torch steps tensor by tensor on CPU, as the "
+        "committed tables did; adamw_torch_fused, Trainer's default, in one kernel per parameter group",
+    )
     parser.add_argument("--output-dir", default=RESULTS_DIR)
     args = parser.parse_args(argv)
+    if args.optim != "adamw_torch" and args.runner == "model":
+        parser.error("--optim needs the trainer runner")
 
     setup = QUICK if args.quick else {"1b": ONE_B, "tiny": TINY}.get(args.shape, Setup())
     if args.bf16 and args.runner == "model":
@@ -651,7 +675,9 @@ def main(argv: list[str] | None = None) -> dict:
                 order.reverse()
             for which in order:
                 model = pilot if which is None else arms[which]["model"]
-                extra = {"bf16": True} if args.bf16 else {}
+                extra = ({"bf16": True} if args.bf16 else {}) | (
+                    {"optim": args.optim} if run is run_trainer else {}
+                )
                 wall, cpu = run(model, setup, progress, which is not None, seed=round_index, **extra)
                 (pilot_times if which is None else arm_times[which]).append(list(zip(wall, cpu, strict=True)))
 
@@ -709,6 +735,7 @@ def main(argv: list[str] | None = None) -> dict:
         ),
         "setup": asdict(setup),
         "precision": "bf16 mixed" if args.bf16 else "float32",
+        "optim": args.optim,
         "device": "cuda" if on_gpu else "cpu",
         "pilot_params": pilot_params,
         "pilot_flops_per_token": pilot_flops,
@@ -727,6 +754,7 @@ def main(argv: list[str] | None = None) -> dict:
         ("" if args.shape == "default" else f"_{args.shape}")
         + ("_bf16" if args.bf16 else "")
         + ("_cuda" if on_gpu else "")
+        + ("" if args.optim == "adamw_torch" else f"_{args.optim}")
     )
     stem = os.path.join(args.output_dir, "training_overhead" + variant + ("_quick" if args.quick else ""))
     with open(stem + ".json", "w") as handle:
