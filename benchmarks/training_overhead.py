@@ -437,7 +437,8 @@ def write_markdown(path: str, result: dict) -> None:
         f"Runner: {result['runner_description']}. Pilot: LLaMA-like, hidden {setup['hidden_size']}, "
         f"{setup['num_hidden_layers']} layers, vocabulary {setup['vocab_size']}, random weights, "
         f"{result['pilot_params'] / 1e6:.1f}M parameters; batch {setup['batch_size']} x {setup['seq_len']} "
-        f"synthetic tokens; {result.get('optim', 'adamw_torch')}; {result.get('device', 'cpu')}, {result.get('precision', 'float32')}. "
+        f"synthetic tokens; {result.get('optim', 'adamw_torch')}; {result.get('device', 'cpu')}, "
+        f"{result.get('precision', 'float32')}. "
         f"{setup['rounds']} interleaved rounds x {setup['measured_steps']} measured "
         f"steps per arm (after {setup['warmup_steps']} warm-up step per run); the Pilot's median step: "
         f"{result['pilot_step_s']:.3f} s wall, {result['pilot_step_cpu_s']:.3f} s CPU.",

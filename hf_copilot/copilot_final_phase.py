@@ -88,10 +88,10 @@ def phase_optimizer(trainer: Trainer, copilot: nn.Module, groups: list[dict]) ->
 
 def train_copilot_on_final_pilot(trainer: Trainer, epochs: float | None, joint_batches: int = 0) -> None:
     """For a CopilotTrainer: the run's optimizer (`phase_optimizer`) at the Copilot's peak learning rate and
-    weight decay (not of norms or biases, as in joint training) with a cosine decay over the phase, one step per `gradient_accumulation_steps` batches on
-    the Copilot's mean loss (`CopilotConfig.error_loss`) over all of their positions (and all processes'),
-    gradients clipped to `max_grad_norm`; logged as `copilot_final/*`. Its length in batches:
-    `final_phase_batches`."""
+    weight decay (not of norms or biases, as in joint training) with a cosine decay over the phase, one step per
+    `gradient_accumulation_steps` batches on the Copilot's mean loss (`CopilotConfig.error_loss`) over all of
+    their positions (and all processes'), gradients clipped to `max_grad_norm`; logged as `copilot_final/*`. Its
+    length in batches: `final_phase_batches`."""
     if epochs is not None:
         check_sized_train_dataset(trainer.train_dataset)
     pilot_copilot = trainer.pilot_copilot()

@@ -213,7 +213,8 @@ class StaticCopilotKVCache(CopilotKVCache):
         padding = self.padding
         if padding is None:
             padding = leading.new_ones(leading.shape[0], self.max_positions)
-        padding = padding.repeat_interleave(self.rows_per_position[idx], dim=1)
+        if self.rows_per_position[idx] > 1:
+            padding = padding.repeat_interleave(self.rows_per_position[idx], dim=1)
         if self.leading_rows[idx] == 0:
             return padding
         if leading is None:
