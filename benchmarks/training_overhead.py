@@ -92,6 +92,13 @@ class Setup:
     rounds: int = 5
     warmup_steps: int = 1
     measured_steps: int = 2
+    # The labelled share of each sequence, at its end; the positions before it are a prompt (labels -100), as in
+    # supervised fine-tuning on prompt-completion pairs.
+    answer_fraction: float = 1.0
+
+    @property
+    def prompt_length(self) -> int:
+        return round((1.0 - self.answer_fraction) * self.seq_len)
 
 
 # A TinyLlama-shaped Pilot (1.26B parameters with untied 32k embeddings) for a GPU.
@@ -164,17 +171,18 @@ def pilot_train_flops_per_token(config: LlamaConfig, seq_len: int) -> float:
 
 
 def copilot_train_flops_per_token(
-    copilot: CopilotConfig, pilot_hidden: int, vocab: int, seq_len: int
+    copilot: CopilotConfig, pilot_hidden: int, vocab: int, seq_len: int, answer_fraction: float = 1.0
 ) -> float:
     """Per Pilot token. W_in reads the detached error, so it costs forward + weight gradient (4 V d_C);
-    W_out costs the usual 6 V d_C. Cross-attention layers project keys/values from a memory of 2 rows per
+    W_out costs the usual 6 V d_C where the Copilot is trained (`answer_fraction` of the positions: its loss
+    needs the head nowhere else). Cross-attention layers project keys/values from a memory of 2 rows per
     position ([x_tilde; h_bar]) and attend over 2T keys."""
     d, vocab_weights = copilot.hidden_size, vocab * copilot.hidden_size
     qo, kv, mlp = layer_matmul_params(
         d, copilot.num_attention_heads, copilot.num_key_value_heads, copilot.intermediate_size
     )
     has_memory_proj = pilot_hidden != d
-    flops = 4 * vocab_weights + 6 * vocab_weights  # W_in, W_out
+    flops = 4 * vocab_weights + 6 * vocab_weights * answer_fraction  # W_in, W_out
     if has_memory_proj:
         flops += 2 * 4 * pilot_hidden * d  # 2 memory rows, forward + weight gradient (the memory is detached)
     memory_kv_factor = 6 if has_memory_proj else 4  # no input gradient into a detached memory
@@ -239,7 +247,9 @@ def synthetic_dataset(setup: Setup, num_batches: int, seed: int) -> list[dict[st
     rows = []
     for _ in range(num_batches * setup.batch_size):
         ids = torch.randint(0, setup.vocab_size, (setup.seq_len,), generator=generator)
-        rows.append({"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()})
+        labels = ids.clone()
+        labels[: setup.prompt_length] = -100
+        rows.append({"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels})
     return rows
 
 
@@ -427,6 +437,14 @@ def mistake_log_memory(model: PilotCopilotForCausalLM, setup: Setup, topk: int =
 # Reporting
 
 
+def labelled_share(setup: dict) -> str:
+    """How much of each sequence carries labels, for the table's header ("" when all of it does)."""
+    share = setup.get("answer_fraction", 1.0)
+    if share == 1.0:
+        return ""
+    return f", labels on the last {share:.0%} of each (the rest a prompt, -100)"
+
+
 def write_markdown(path: str, result: dict) -> None:
     setup, rows, memory = result["setup"], result["rows"], result["mistake_log_memory"]
     lines = [
@@ -437,7 +455,8 @@ def write_markdown(path: str, result: dict) -> None:
         f"Runner: {result['runner_description']}. Pilot: LLaMA-like, hidden {setup['hidden_size']}, "
         f"{setup['num_hidden_layers']} layers, vocabulary {setup['vocab_size']}, random weights, "
         f"{result['pilot_params'] / 1e6:.1f}M parameters; batch {setup['batch_size']} x {setup['seq_len']} "
-        f"synthetic tokens; {result.get('optim', 'adamw_torch')}; {result.get('device', 'cpu')}, "
+        f"synthetic tokens{labelled_share(setup)}; {result.get('optim', 'adamw_torch')}; "
+        f"{result.get('device', 'cpu')}, "
         f"{result.get('precision', 'float32')}. "
         f"{setup['rounds']} interleaved rounds x {setup['measured_steps']} measured "
         f"steps per arm (after {setup['warmup_steps']} warm-up step per run); the Pilot's median step: "
@@ -445,7 +464,8 @@ def write_markdown(path: str, result: dict) -> None:
         "",
         "Overhead = median step time with the Copilot / median Pilot step time - 1 (per round, then the "
         "median over rounds). FLOP ratio = analytic training FLOPs per token, Copilot / Pilot (W_in, W_out "
-        f"included). Target: overhead <= {rows[0]['target_factor']} x FLOP ratio.",
+        "included; W_out at the labelled positions only, where the Copilot's loss needs it). "
+        f"Target: overhead <= {rows[0]['target_factor']} x FLOP ratio.",
         "",
         "| target ratio | Copilot (layers x hidden) | head | Copilot params | param ratio | FLOP ratio | "
         "step (s) | overhead (wall) | per-round range | overhead (CPU time) | overhead / FLOP ratio | target met |",
@@ -607,8 +627,17 @@ def main(argv: list[str] | None = None) -> dict:
         help="both arms' optimizer (Trainer's `optim`): adamw_torch steps tensor by tensor on CPU, as the "
         "committed tables did; adamw_torch_fused, Trainer's default, in one kernel per parameter group",
     )
+    parser.add_argument(
+        "--answer-fraction",
+        type=float,
+        default=1.0,
+        help="the labelled share at the end of each sequence, the rest a prompt with labels -100 (default 1: "
+        "every position labelled); both arms train on the same batches",
+    )
     parser.add_argument("--output-dir", default=RESULTS_DIR)
     args = parser.parse_args(argv)
+    if not 0.0 < args.answer_fraction <= 1.0:
+        parser.error("--answer-fraction must be in (0, 1]")
     if args.optim != "adamw_torch" and args.runner == "model":
         parser.error("--optim needs the trainer runner")
 
@@ -619,6 +648,7 @@ def main(argv: list[str] | None = None) -> dict:
         setup.rounds = args.rounds
     if args.steps:
         setup.measured_steps = args.steps
+    setup.answer_fraction = args.answer_fraction
     if args.threads:
         torch.set_num_threads(args.threads)
     runner = args.runner
@@ -647,7 +677,7 @@ def main(argv: list[str] | None = None) -> dict:
         params = sum(p.numel() for p in model.copilot.parameters())
         assert params == copilot_param_count(config, setup.hidden_size, setup.vocab_size), "parameter formula"
         flops = copilot_train_flops_per_token(
-            model.copilot.config, setup.hidden_size, setup.vocab_size, setup.seq_len
+            model.copilot.config, setup.hidden_size, setup.vocab_size, setup.seq_len, setup.answer_fraction
         )
         arms.append(
             {
@@ -756,6 +786,7 @@ def main(argv: list[str] | None = None) -> dict:
         + ("_bf16" if args.bf16 else "")
         + ("_cuda" if on_gpu else "")
         + ("" if args.optim == "adamw_torch" else f"_{args.optim}")
+        + ("" if args.answer_fraction == 1.0 else f"_answers{round(100 * args.answer_fraction)}")
     )
     stem = os.path.join(args.output_dir, "training_overhead" + variant + ("_quick" if args.quick else ""))
     with open(stem + ".json", "w") as handle:
