@@ -150,7 +150,9 @@ class _HeadCrossEntropy(torch.autograd.Function):
     weighted sum, so backward only scales them, and no vocabulary-sized tensor outlives its block (on CPU each
     fresh [B,T,V] tensor costs as much in page faults as the passes over it). q is never normalised: the buffer
     holds `p exp(s - max s)` (s = W h), one exponential per element and no logarithm, and its normaliser z scales
-    the [rows, d] products instead.
+    the [rows, d] products instead. Rows of weight 0 (a prompt's positions, padding) add nothing to the loss or
+    its gradients, so they are skipped: supervised fine-tuning on prompt-completion pairs runs the head's
+    vocabulary-sized work on the completions only (finding them costs a host sync on a GPU).
     """
 
     @staticmethod
@@ -163,18 +165,25 @@ class _HeadCrossEntropy(torch.autograd.Function):
         num_rows = h.shape[0]
         gold = errors._safe_targets().reshape(-1)
         weights = weights.reshape(-1).to(dtype)
+        counted = weights.nonzero().squeeze(-1)
+        every_row = counted.numel() == num_rows  # then blocks are slices: no gathers
+        if not every_row:
+            weights = weights[counted]
         needs_input, needs_weight = (compute_gradients and needed for needed in ctx.needs_input_grad[:2])
-        grad_input = torch.empty_like(h) if needs_input else None
+        grad_input = None
+        if needs_input:
+            grad_input = torch.empty_like(h) if every_row else torch.zeros_like(h)
         grad_weight_t = torch.zeros(width, vocab, dtype=dtype, device=h.device) if needs_weight else None
         spread = errors.spread_mass().reshape(-1).to(dtype) if errors.is_compact else None
-        rows = min(max(1, HEAD_BLOCK_ELEMENTS // vocab), num_rows)
+        rows = min(max(1, HEAD_BLOCK_ELEMENTS // vocab), max(counted.numel(), 1))
         unnormalised = torch.empty(rows, vocab, dtype=dtype, device=h.device)
         floored = torch.empty_like(unnormalised)
-        cross_entropy = torch.empty(num_rows, dtype=dtype, device=h.device)
+        cross_entropy = torch.empty(counted.numel(), dtype=dtype, device=h.device)
         squared_error = torch.empty_like(cross_entropy)
-        for start in range(0, num_rows, rows):
-            block = slice(start, min(start + rows, num_rows))
-            size = block.stop - start
+        for start in range(0, counted.numel(), rows):
+            position = slice(start, min(start + rows, counted.numel()))  # into the counted rows
+            block = position if every_row else counted[position]  # into all rows
+            size = position.stop - start
             scores = torch.mm(h[block], w.t(), out=unnormalised[:size])  # s = W h
             probs = _floored_probabilities(errors, block, floored[:size])
             gold_index = gold[block].unsqueeze(-1)
@@ -183,18 +192,21 @@ class _HeadCrossEntropy(torch.autograd.Function):
             u = scores.sub_(top).exp_().mul_(probs)  # p exp(s - top) = z q
             z = u.sum(-1, keepdim=True)
             log_gold_prob = probs.gather(-1, gold_index).log()
-            cross_entropy[block] = (top + z.log() - gold_score - log_gold_prob).squeeze(-1)
+            cross_entropy[position] = (top + z.log() - gold_score - log_gold_prob).squeeze(-1)
             q_norm = torch.linalg.vector_norm(u, dim=-1, keepdim=True) / z
             squared = q_norm.square() - 2.0 * u.gather(-1, gold_index) / z + 1.0
             if errors.is_compact:
                 squared += _spread_correction(
                     u, z, gold_index, errors.topk_indices.reshape(num_rows, -1)[block], spread[block]
                 )
-            squared_error[block] = squared.squeeze(-1)
+            squared_error[position] = squared.squeeze(-1)
             # gradient of the logits w (q - onehot): (q - onehot) W and h^T (q - onehot), q = u / z
-            row_weight = weights[block].unsqueeze(-1)
+            row_weight = weights[position].unsqueeze(-1)
             if needs_input:
-                torch.mm(u, w, out=grad_input[block]).mul_(row_weight / z).sub_(w[gold[block]] * row_weight)
+                out = grad_input[block] if every_row else None
+                grad = torch.mm(u, w, out=out).mul_(row_weight / z).sub_(w[gold[block]] * row_weight)
+                if not every_row:
+                    grad_input.index_copy_(0, block, grad)
             if needs_weight:
                 weighted_input = h[block] * row_weight
                 grad_weight_t.addmm_((weighted_input / z).t(), u).index_add_(
@@ -202,7 +214,8 @@ class _HeadCrossEntropy(torch.autograd.Function):
                 )
         ctx.save_for_backward(grad_input, grad_weight_t)
         ctx.input_shape, ctx.input_dtype, ctx.weight_dtype = head_input.shape, head_input.dtype, weight.dtype
-        squared_error = (squared_error.clamp_min_(0.0) * errors.mask.reshape(-1) * weights).sum()
+        mask = errors.mask.reshape(-1) if every_row else errors.mask.reshape(-1)[counted]
+        squared_error = (squared_error.clamp_min_(0.0) * mask * weights).sum()
         ctx.mark_non_differentiable(squared_error)
         return (cross_entropy * weights).sum(), squared_error
 
@@ -218,13 +231,17 @@ class _HeadCrossEntropy(torch.autograd.Function):
         return grad_input, grad_weight_t, None, None, None
 
 
-def _floored_probabilities(errors: PilotErrors, rows: slice, out: torch.Tensor) -> torch.Tensor:
-    """Rows `rows` of p as the reweight head reads it (`PilotErrors.spread_rows`), floored at
-    `REWEIGHT_PROBABILITY_FLOOR` (as `floored_log`), written into `out` [rows, V]; exact probabilities of the
-    buffer's dtype in one pass."""
+def _floored_probabilities(
+    errors: PilotErrors, rows: slice | torch.Tensor, out: torch.Tensor
+) -> torch.Tensor:
+    """Rows `rows` (a slice or indices) of p as the reweight head reads it (`PilotErrors.spread_rows`), floored
+    at `REWEIGHT_PROBABILITY_FLOOR` (as `floored_log`), written into `out` [rows, V]; exact probabilities of the
+    buffer's dtype in one pass over a slice."""
     if not errors.is_compact and errors.probs.dtype == out.dtype:
-        probs = errors.probs.reshape(-1, errors.vocab_size)[rows]
-        return torch.clamp_min(probs, REWEIGHT_PROBABILITY_FLOOR, out=out)
+        probs = errors.probs.reshape(-1, errors.vocab_size)
+        if isinstance(rows, slice):
+            return torch.clamp_min(probs[rows], REWEIGHT_PROBABILITY_FLOOR, out=out)
+        return torch.index_select(probs, 0, rows, out=out).clamp_min_(REWEIGHT_PROBABILITY_FLOOR)
     return errors.spread_rows(rows, out).clamp_min_(REWEIGHT_PROBABILITY_FLOOR)
 
 
@@ -328,8 +345,9 @@ class PilotErrors:
         spread = self.topk_values.new_empty(self.targets.numel(), self.vocab_size)
         return self.spread_rows(slice(None), spread).reshape(*self.targets.shape, self.vocab_size)
 
-    def spread_rows(self, rows: slice, out: torch.Tensor) -> torch.Tensor:
-        """Rows `rows` of `probabilities_spread` flattened to [B*T, V], written into `out` [rows, V]."""
+    def spread_rows(self, rows: slice | torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """Rows `rows` (a slice or indices) of `probabilities_spread` flattened to [B*T, V], written into `out`
+        [rows, V]."""
         if not self.is_compact:
             return out.copy_(self.probs.reshape(-1, self.vocab_size)[rows])
         k = self.topk_indices.shape[-1]

@@ -179,6 +179,36 @@ def test_head_cross_entropy_and_its_gradients_match_the_head_applied_explicitly(
     torch.testing.assert_close(weight.grad, expected_weight.grad)
 
 
+@pytest.mark.parametrize("block_rows", [None, 4])
+@pytest.mark.parametrize("compact_k", [None, 4])
+def test_head_cross_entropy_never_computes_the_rows_of_weight_zero(compact_k, block_rows, monkeypatch):
+    """A prompt's positions (weight 0) are skipped, not computed and zeroed: with an infinite head input there,
+    which would make their scores NaN, the loss, the squared error and the gradients are those of the head
+    applied explicitly to a finite input, and the skipped rows' input gradient is exactly 0."""
+    if block_rows:
+        monkeypatch.setattr(mistake_log_entry, "HEAD_BLOCK_ELEMENTS", block_rows * V)
+    e = errors(compact_k)
+    head_input, weight = head_input_and_weight()
+    weights = torch.rand(B, T, dtype=torch.float64)
+    weights[0, :3] = 0.0
+    weights[2, 1] = 0.0
+    poisoned = head_input.detach().clone()
+    poisoned[weights == 0] = float("inf")
+    poisoned.requires_grad_()
+    cross_entropy, squared_error = e.head_cross_entropy(poisoned, weight, weights)
+    (0.7 * cross_entropy).backward()
+    expected_weight = weight.detach().clone().requires_grad_()
+    expected_cross_entropy, expected_squared_error = explicit_head_cross_entropy(
+        e, head_input, expected_weight, weights
+    )
+    (0.7 * expected_cross_entropy).backward()
+    torch.testing.assert_close(cross_entropy.detach(), expected_cross_entropy.detach())
+    torch.testing.assert_close(squared_error, expected_squared_error)
+    torch.testing.assert_close(poisoned.grad, head_input.grad)
+    torch.testing.assert_close(weight.grad, expected_weight.grad)
+    assert torch.equal(poisoned.grad[weights == 0], torch.zeros(4, 6, dtype=torch.float64))
+
+
 def test_head_cross_entropy_leaves_the_entry_untouched_and_differentiates_a_retained_graph_twice():
     e = errors()
     probs = e.probs.clone()
