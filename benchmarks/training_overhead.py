@@ -17,9 +17,11 @@ allocator warm-up). Process CPU time per step is recorded next to wall time.
     python benchmarks/training_overhead.py --shape 1b --bf16   # on a GPU: a 1.26B Pilot, bf16 mixed precision
     python benchmarks/training_overhead.py --heads default linear formed   # the Copilot's heads side by side
     python benchmarks/training_overhead.py --shape tiny --optim adamw_torch_fused   # Trainer's default optimizer
+    python benchmarks/training_overhead.py --shape tiny --torch-compile   # both arms compiled (inductor)
+    python benchmarks/training_overhead.py --answer-fraction 0.5   # the first half of each sequence a prompt
 
-Trainer runs on the GPU when one is visible. Writes
-benchmarks/results/training_overhead{_1b|_tiny}{_bf16}{_cuda}{_<optim>}{_quick}.* (no suffix for adamw_torch)
+Trainer runs on the GPU when one is visible. Writes benchmarks/results/training_overhead{_1b|_tiny}{_bf16}{_cuda}
+{_<optim>}{_compiled}{_answers<percent>}{_quick}.* (no suffix for adamw_torch)
 """
 
 from __future__ import annotations
@@ -293,6 +295,7 @@ def run_trainer(
     seed: int,
     bf16: bool = False,
     optim: str = "adamw_torch",
+    torch_compile: bool = False,
 ) -> tuple[list[float], list[float]]:
     """One short training run; returns the per-step (wall, CPU) seconds after the warm-up steps."""
     data = synthetic_dataset(setup, setup.warmup_steps + setup.measured_steps, seed)
@@ -311,6 +314,7 @@ def run_trainer(
                 output_dir,
                 bf16=bf16,
                 optim=optim,
+                torch_compile=torch_compile,
                 **({"copilot_final_epochs": 0.0} if copilot else {}),
             ),
             train_dataset=data,
@@ -456,6 +460,7 @@ def write_markdown(path: str, result: dict) -> None:
         f"{setup['num_hidden_layers']} layers, vocabulary {setup['vocab_size']}, random weights, "
         f"{result['pilot_params'] / 1e6:.1f}M parameters; batch {setup['batch_size']} x {setup['seq_len']} "
         f"synthetic tokens{labelled_share(setup)}; {result.get('optim', 'adamw_torch')}; "
+        f"{'compiled (Trainer torch_compile, inductor); ' if result.get('torch_compile') else ''}"
         f"{result.get('device', 'cpu')}, "
         f"{result.get('precision', 'float32')}. "
         f"{setup['rounds']} interleaved rounds x {setup['measured_steps']} measured "
@@ -628,6 +633,11 @@ def main(argv: list[str] | None = None) -> dict:
         "committed tables did; adamw_torch_fused, Trainer's default, in one kernel per parameter group",
     )
     parser.add_argument(
+        "--torch-compile",
+        action="store_true",
+        help="both arms with Trainer's torch_compile (inductor); each run compiles during its warm-up steps",
+    )
+    parser.add_argument(
         "--answer-fraction",
         type=float,
         default=1.0,
@@ -638,8 +648,12 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     if not 0.0 < args.answer_fraction <= 1.0:
         parser.error("--answer-fraction must be in (0, 1]")
-    if args.optim != "adamw_torch" and args.runner == "model":
-        parser.error("--optim needs the trainer runner")
+    if (args.optim != "adamw_torch" or args.torch_compile) and args.runner == "model":
+        parser.error("--optim and --torch-compile need the trainer runner")
+    if args.torch_compile:
+        # Every run compiles anew (a new Trainer); dynamo's default limit of 8 per function would send later
+        # runs back to eager.
+        torch._dynamo.config.recompile_limit = 64
 
     setup = QUICK if args.quick else {"1b": ONE_B, "tiny": TINY}.get(args.shape, Setup())
     if args.bf16 and args.runner == "model":
@@ -707,7 +721,7 @@ def main(argv: list[str] | None = None) -> dict:
             for which in order:
                 model = pilot if which is None else arms[which]["model"]
                 extra = ({"bf16": True} if args.bf16 else {}) | (
-                    {"optim": args.optim} if run is run_trainer else {}
+                    {"optim": args.optim, "torch_compile": args.torch_compile} if run is run_trainer else {}
                 )
                 wall, cpu = run(model, setup, progress, which is not None, seed=round_index, **extra)
                 (pilot_times if which is None else arm_times[which]).append(list(zip(wall, cpu, strict=True)))
@@ -767,6 +781,7 @@ def main(argv: list[str] | None = None) -> dict:
         "setup": asdict(setup),
         "precision": "bf16 mixed" if args.bf16 else "float32",
         "optim": args.optim,
+        "torch_compile": args.torch_compile,
         "device": "cuda" if on_gpu else "cpu",
         "pilot_params": pilot_params,
         "pilot_flops_per_token": pilot_flops,
@@ -786,6 +801,7 @@ def main(argv: list[str] | None = None) -> dict:
         + ("_bf16" if args.bf16 else "")
         + ("_cuda" if on_gpu else "")
         + ("" if args.optim == "adamw_torch" else f"_{args.optim}")
+        + ("_compiled" if args.torch_compile else "")
         + ("" if args.answer_fraction == 1.0 else f"_answers{round(100 * args.answer_fraction)}")
     )
     stem = os.path.join(args.output_dir, "training_overhead" + variant + ("_quick" if args.quick else ""))

@@ -880,6 +880,30 @@ def test_resume_from_checkpoint_continues_exactly(tmp_path, sampling):
 # Modes: frozen Pilot, gradient checkpointing, LoRA Pilot
 
 
+def test_torch_compile_trains_pilot_and_copilot_exactly_as_eager_training_does(tmp_path):
+    """Trainer's `torch_compile=True` (an existing script's --torch_compile) compiles Pilot + Copilot for the joint
+    steps. Under dynamo's tracing and AOT autograd with eager kernels (`aot_eager`; inductor's fused kernels
+    round differently) the logged losses and the weights are eager training's exactly, the Copilot-only phase's
+    included."""
+    runs = {}
+    for compiled in (False, True):
+        torch._dynamo.reset()
+        compile_args = {"torch_compile": True, "torch_compile_backend": "aot_eager"} if compiled else {}
+        trainer = make_trainer(
+            tmp_path, make_model(error_form="reweight"), copilot_final_epochs=1.0, **compile_args
+        )
+        trainer.train()
+        runs[compiled] = trainer
+    torch._dynamo.reset()
+    assert isinstance(runs[True].model_wrapped, torch._dynamo.eval_frame.OptimizedModule)
+    assert not isinstance(runs[False].model_wrapped, torch._dynamo.eval_frame.OptimizedModule)
+    for key in ("pilot_loss", "copilot_loss", "copilot_r2", "copilot_final/copilot_loss"):
+        assert len(logged(runs[True], key)) == 4
+        assert logged(runs[True], key) == logged(runs[False], key)
+    assert max_difference(runs[True].model, make_model(error_form="reweight")) > 1e-2  # it trained
+    assert max_difference(runs[True].model, runs[False].model) == 0.0
+
+
 def test_freeze_pilot_trains_only_the_copilot_and_its_loss_falls(tmp_path):
     model = make_model()
     pilot_before = snapshot(model.pilot)
