@@ -22,7 +22,8 @@ def copilot_param_count(copilot: CopilotConfig, pilot_hidden: int, vocab: int) -
         d, copilot.num_attention_heads, copilot.num_key_value_heads, copilot.intermediate_size
     )
     memory_proj = pilot_hidden * d if pilot_hidden != d else 0
-    return 2 * vocab * d + memory_proj + copilot.num_hidden_layers * (qo + kv + mlp + 2 * d) + d
+    memory_norm = pilot_hidden if copilot.memory_norm else 0
+    return 2 * vocab * d + memory_proj + memory_norm + copilot.num_hidden_layers * (qo + kv + mlp + 2 * d) + d
 
 
 def machine_info() -> dict[str, str]:

@@ -57,6 +57,7 @@ HEAD_LABELS = {
     "linear": "linear, squared error",
     "formed": "reweight, f_C formed",
     "linear_formed": "linear, f_C formed",
+    "paper": "linear, the paper's feedback",
 }
 NOTES = [
     "- The FLOP ratio counts matmuls and attention only. The Copilot also makes memory-bound passes over "
@@ -70,8 +71,10 @@ NOTES = [
     "products); `linear` is the paper's head on the squared error with W_out applied implicitly "
     "(`PilotErrors.head_squared_distance`: no [B,T,V] f_C, two vocabulary-sized products); `formed` is the default head through autograd with f_C "
     "formed (a hooked head takes that path), as training ran it before the fused loss; `linear_formed` the "
-    "linear head with f_C formed, as training ran it before W_out was applied implicitly. All heads of a ratio "
-    "run in the same interleaved rounds.",
+    "linear head with f_C formed, as training ran it before W_out was applied implicitly; `paper` the paper's "
+    "feedback mode with its defaults (the linear head, memory_norm), trained with its own first-pass predictions "
+    "fed back at answer positions (`copilot_stream`, W_in W_out applied to the first pass's head input). All "
+    "heads of a ratio run in the same interleaved rounds.",
     "- Optimised after profiling (same results, tested): `PilotErrors.squared_distance` has a hand-written "
     "backward, and `MistakeLog.add` builds no [B,T,V] temporaries for its statistics.",
     "- The machine is shared with other processes (see the load average): two OpenMP threads stall when one "
@@ -623,7 +626,7 @@ def main(argv: list[str] | None = None) -> dict:
         default=["default"],
         help="Copilot heads per ratio, in the same interleaved rounds: default (the reweight head on the "
         "cross-entropy), linear (the paper's head on the squared error), formed / linear_formed (that head with "
-        "f_C formed, as a hooked head trains)",
+        "f_C formed, as a hooked head trains), paper (the paper's feedback mode: its own predictions fed back)",
     )
     parser.add_argument(
         "--optim",
@@ -685,11 +688,16 @@ def main(argv: list[str] | None = None) -> dict:
         config = copilot_for_ratio(target, setup, pilot_params)
         if head.startswith("linear"):
             config.error_form = "linear"
-        model = PilotCopilotForCausalLM.from_pilot(pilot, config)
+        # paper: the paper's feedback mode with its defaults (the linear head, memory_norm); CopilotTrainer then
+        # feeds the Copilot its own first-pass predictions at answer positions (copilot_feedback_fraction=1).
+        feedback = "copilot" if head == "paper" else "observed"
+        model = PilotCopilotForCausalLM.from_pilot(pilot, config, copilot_feedback=feedback)
         if head.endswith("formed"):  # a hooked head runs its forward: training then forms f_C
             model.copilot.error_head.register_forward_hook(lambda module, inputs, output: None)
         params = sum(p.numel() for p in model.copilot.parameters())
-        assert params == copilot_param_count(config, setup.hidden_size, setup.vocab_size), "parameter formula"
+        assert params == copilot_param_count(model.copilot.config, setup.hidden_size, setup.vocab_size), (
+            "parameter formula"
+        )
         flops = copilot_train_flops_per_token(
             model.copilot.config, setup.hidden_size, setup.vocab_size, setup.seq_len, setup.answer_fraction
         )
