@@ -452,8 +452,8 @@ def copilot_stream(copilot, entry: MistakeLogEntry, copilot_feedback_fraction: f
         draw = torch.rand(generated.shape, device=generated.device)
         generated = generated & (draw < copilot_feedback_fraction)
     with torch.no_grad():
-        first = copilot_on_entry(copilot, stream, entry)
-    fed = shift_right(copilot.embed_predicted_errors(first))
+        first = copilot_on_entry(copilot, stream, entry, return_head_input=True)
+    fed = shift_right(copilot.embed_own_predictions(first, entry.errors))
     return torch.where(generated.unsqueeze(-1), fed, stream)
 
 

@@ -270,6 +270,12 @@ def build_attention_mask(
     return mask.masked_fill(~allowed, torch.finfo(dtype).min)
 
 
+def is_plain_linear(module: nn.Module) -> bool:
+    """A bare nn.Linear whose weight can be read in its place: not an adapter or FSDP wrapper, no hooks (they would
+    not run; DeepSpeed ZeRO-3 gathers its weight in one)."""
+    return type(module) is nn.Linear and not (module._forward_hooks or module._forward_pre_hooks)
+
+
 def reweighted_error(head_output: torch.Tensor, pilot_probs: torch.Tensor) -> torch.Tensor:
     """f_C = softmax(log p + W_out h) - p: the head re-weights the Pilot's distribution p.
 
@@ -385,11 +391,9 @@ class CopilotModel(CopilotPreTrainedModel):
         cross-entropy (`PilotErrors.head_cross_entropy`, block by block). An adapter- or
         FSDP-wrapped head, a head with hooks (they would not run; DeepSpeed ZeRO-3 gathers its weight in one)
         and the reweight head on the squared error cannot."""
-        head = self.error_head
-        hooked = head._forward_hooks or head._forward_pre_hooks
         implicit_pairs = {("linear", "squared_error"), ("reweight", "cross_entropy")}
         pair = (self.config.error_form, self.config.error_loss)
-        return pair in implicit_pairs and type(head) is nn.Linear and not hooked
+        return pair in implicit_pairs and is_plain_linear(self.error_head)
 
     def error_and_fused_logits(
         self, head_input: torch.Tensor, pilot_errors: PilotErrors
@@ -408,6 +412,25 @@ class CopilotModel(CopilotPreTrainedModel):
     def embed_predicted_errors(self, predicted_errors: torch.Tensor) -> torch.Tensor:
         """W_in f_C for the paper's inference-time feedback of the Copilot's own output."""
         return self.error_proj(predicted_errors.to(self.error_proj.weight.dtype))
+
+    def embed_own_predictions(
+        self, head_input: torch.Tensor, pilot_errors: PilotErrors | None
+    ) -> torch.Tensor:
+        """W_in f_C from what W_out reads, with a gradient into W_in only: the Copilot's own prediction as training
+        feeds it back (`copilot_stream`). For the plain linear head W_in (W_out h) = (W_in W_out) h, one
+        [d_C, d_C] product in place of forming f_C [B,T,V] and embedding it (two vocabulary-sized products and
+        a third in backward per position); other heads form f_C."""
+        head_input = head_input.detach()
+        if (
+            self.config.error_form == "linear"
+            and is_plain_linear(self.error_head)
+            and is_plain_linear(self.error_proj)
+        ):
+            weight = self.error_proj.weight @ self.error_head.weight.detach()  # W_in W_out [d_C, d_C]
+            return F.linear(head_input.to(weight.dtype), weight)
+        with torch.no_grad():
+            predicted = self.predicted_error(head_input, pilot_errors)
+        return self.embed_predicted_errors(predicted)
 
     def forward(
         self,

@@ -39,6 +39,7 @@ from hf_copilot.generation_pilot_copilot import (
     StaticCopilotKVCache,
     copilot_stream,
 )
+from hf_copilot.mistake_log_entry import shift_right
 
 FUSION_SPACES = ("probs", "logits")
 FEEDBACK_MODES = ("copilot", "observed")
@@ -604,6 +605,35 @@ def test_copilot_stream_feeds_answer_positions_the_copilots_own_first_pass_predi
     answer = batch["labels"] != -100
     assert (replaced <= answer).all() and 0 < replaced.sum() < answer.sum()
     assert torch.equal(half[replaced], full[replaced])
+
+
+def test_the_linear_heads_own_predictions_reach_the_stream_without_forming_them(monkeypatch):
+    """The paper's head: W_in (W_out h) is fed as (W_in W_out) h, no [B,T,V] f_C formed; the stream and W_in's
+    gradient are those of the hand-built reference (f_C formed, detached, embedded), and W_out gets none."""
+    model = build_pilot_copilot("llama", tiny_copilot_config(error_form="linear"), copilot_std=0.5)
+    batch = build_batch(batch_size=2, seq_len=8, left_padding=(0, 0), prompt_len=3)
+    entry = model(**batch, return_mistake_log=True).mistake_log_entry
+    copilot = model.copilot
+    observed = shift_right(copilot.embed_errors(entry.errors))
+    with torch.no_grad():
+        first = copilot(observed, entry.x_tilde, entry.h_bar, entry.attention_mask, pilot_errors=entry.errors)
+    answer = (batch["labels"] != -100).unsqueeze(-1)
+    expected = torch.where(answer, shift_right(copilot.error_proj(first)), observed)
+    expected.square().sum().backward()
+    expected_grad = copilot.error_proj.weight.grad.clone()
+    copilot.zero_grad()
+
+    def formed(*args, **kwargs):
+        raise AssertionError("the linear head formed f_C for the stream")
+
+    monkeypatch.setattr(copilot, "predicted_error", formed)
+    monkeypatch.setattr(copilot, "embed_predicted_errors", formed)
+    stream = copilot_stream(copilot, entry, 1.0)
+    torch.testing.assert_close(stream, expected, rtol=1e-5, atol=1e-6)
+    stream.square().sum().backward()
+    scale = expected_grad.abs().max().item()  # float32 rounding of sums in another order, relative to it
+    torch.testing.assert_close(copilot.error_proj.weight.grad, expected_grad, rtol=1e-5, atol=1e-6 * scale)
+    assert copilot.error_head.weight.grad is None
 
 
 @pytest.mark.parametrize("copilot_feedback", ["observed", "copilot"])
