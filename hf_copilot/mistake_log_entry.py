@@ -184,9 +184,11 @@ class _HeadCrossEntropy(torch.autograd.Function):
             position = slice(start, min(start + rows, counted.numel()))  # into the counted rows
             block = position if every_row else counted[position]  # into all rows
             size = position.stop - start
-            scores = torch.mm(h[block], w.t(), out=unnormalised[:size])  # s = W h
+            # Gathered once per block where rows are indices (each index read copies).
+            block_input, block_gold = h[block], gold[block]
+            scores = torch.mm(block_input, w.t(), out=unnormalised[:size])  # s = W h
             probs = _floored_probabilities(errors, block, floored[:size])
-            gold_index = gold[block].unsqueeze(-1)
+            gold_index = block_gold.unsqueeze(-1)
             top = scores.amax(-1, keepdim=True)
             gold_score = scores.gather(-1, gold_index)
             u = scores.sub_(top).exp_().mul_(probs)  # p exp(s - top) = z q
@@ -204,13 +206,13 @@ class _HeadCrossEntropy(torch.autograd.Function):
             row_weight = weights[position].unsqueeze(-1)
             if needs_input:
                 out = grad_input[block] if every_row else None
-                grad = torch.mm(u, w, out=out).mul_(row_weight / z).sub_(w[gold[block]] * row_weight)
+                grad = torch.mm(u, w, out=out).mul_(row_weight / z).sub_(w[block_gold] * row_weight)
                 if not every_row:
                     grad_input.index_copy_(0, block, grad)
             if needs_weight:
-                weighted_input = h[block] * row_weight
+                weighted_input = block_input * row_weight
                 grad_weight_t.addmm_((weighted_input / z).t(), u).index_add_(
-                    1, gold[block], -weighted_input.t()
+                    1, block_gold, -weighted_input.t()
                 )
         ctx.save_for_backward(grad_input, grad_weight_t)
         ctx.input_shape, ctx.input_dtype, ctx.weight_dtype = head_input.shape, head_input.dtype, weight.dtype
