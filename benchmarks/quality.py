@@ -41,6 +41,9 @@ Arms (same Pilot initialisation, data order and steps):
   pilot_copilot_memory_norm  pilot_copilot with the Pilot's states RMS-normalised before the Copilot's memory
                       projection (CopilotConfig.memory_norm=True; the default for the paper's feedback mode only)
   pilot_copilot_paper_no_memory_norm  pilot_copilot_paper without it (memory_norm=False), as before that default
+  pilot_copilot_token_embedding  pilot_copilot with a learnt embedding of the token each error is about added to
+                      the Copilot's input row (CopilotConfig.token_embedding=True, zero at initialisation)
+  pilot_copilot_paper_token_embedding  pilot_copilot_paper with it: generated positions read W_in f_C + E[x_j]
   pilot_copilot_init  pilot_copilot with the Copilot initialised from the smaller family member (pretrained only)
   pilot_copilot_init_embedding_scale  the ablation of copilot_init's W_in scale: pilot_copilot_init with W_in left at
                       the embeddings' own scale (error_proj_init_std=None) instead of std 1
@@ -132,8 +135,10 @@ ARMS = (
     "pilot_copilot_last_layer",
     "pilot_copilot_paper",
     "pilot_copilot_memory_norm",
+    "pilot_copilot_token_embedding",
     "pilot_copilot_paper_no_memory_norm",
     "pilot_copilot_paper_reweight",
+    "pilot_copilot_paper_token_embedding",
     "pilot_copilot_init",
     "pilot_copilot_init_embedding_scale",
     "pilot_copilot_init_linear",
@@ -461,9 +466,12 @@ def run(
         copilot_records("pilot_copilot_paper", ("copilot",), *experiment.fine_tune(joint, with_copilot=True))
     if "pilot_copilot_memory_norm" in arms:
         ablation_records("pilot_copilot_memory_norm", {"memory_norm": True})
+    if "pilot_copilot_token_embedding" in arms:
+        ablation_records("pilot_copilot_token_embedding", {"token_embedding": True})
     for arm, change in (
         ("pilot_copilot_paper_no_memory_norm", {"memory_norm": False}),
         ("pilot_copilot_paper_reweight", {"error_form": "reweight"}),
+        ("pilot_copilot_paper_token_embedding", {"token_embedding": True}),
     ):
         if arm in arms:
             torch.manual_seed(seed + 1)

@@ -33,6 +33,7 @@ FIELDS_OF_EARLIER_FILES = {
     "error_loss": "squared_error",
     "position_encoding": "none",
     "memory_norm": False,
+    "token_embedding": False,
 }
 FUSION_FIELDS = ("copilot_lambda", "fusion", "copilot_feedback")  # how a model fuses; per generate() call too
 
@@ -172,6 +173,11 @@ class CopilotConfig(PreTrainedConfig):
     # stream carries no observed error at generated positions (measured: that mode then learns; observed feedback
     # lost with it, benchmarks/results/memory_norm/), off otherwise.
     memory_norm: bool | None = None
+    # A learnt embedding E of the token each stream row's error is about, added to the row: position j reads
+    # W_in e_{j-1} + E[x_j], in either feedback mode (the paper's reads W_in f_C_{j-1} + E[x_j] at generated
+    # positions). W_in e says which token came only where the Pilot was unsure of it (e ~ 0 where it was right and
+    # confident); E says so everywhere. Zero at initialisation, so the Copilot starts as without it.
+    token_embedding: bool = False
     # The rotary base (LLaMA's rope_theta); copilot_init copies the decoder's, so its attention weights keep their
     # meaning.
     rotary_base: int | float = interval(min=1.0, exclude_min=True)(default=10000.0)

@@ -453,8 +453,11 @@ def copilot_stream(copilot, entry: MistakeLogEntry, copilot_feedback_fraction: f
         generated = generated & (draw < copilot_feedback_fraction)
     with torch.no_grad():
         first = copilot_on_entry(copilot, stream, entry, return_head_input=True)
-    fed = shift_right(copilot.embed_own_predictions(first, entry.errors))
-    return torch.where(generated.unsqueeze(-1), fed, stream)
+    errors = entry.errors
+    fed = copilot.with_tokens(
+        copilot.embed_own_predictions(first, errors), errors.masked_targets(), errors.mask
+    )
+    return torch.where(generated.unsqueeze(-1), shift_right(fed), stream)
 
 
 @torch.no_grad()
@@ -469,9 +472,10 @@ def predicted_errors_as_generated(copilot, entry: MistakeLogEntry, copilot_feedb
     if copilot_feedback == "observed":
         return predicted
     generated = answer_token_positions(entry.loss_mask).unsqueeze(-1)
+    tokens, mask = entry.errors.masked_targets(), entry.errors.mask
     for _ in range(int(entry.loss_mask.sum(1).max())):
-        fed = torch.where(generated, shift_right(copilot.embed_predicted_errors(predicted)), stream)
-        predicted = copilot_on_entry(copilot, fed, entry)
+        fed = copilot.with_tokens(copilot.embed_predicted_errors(predicted), tokens, mask)
+        predicted = copilot_on_entry(copilot, torch.where(generated, shift_right(fed), stream), entry)
     return predicted
 
 
@@ -605,7 +609,7 @@ def copilot_generation_step(
             fed.append(copilot.embed_predicted_errors(outputs[0]))
         feedback = fed[0] if outputs else state.embedded_predicted_errors.at(past - 1).unsqueeze(1)
     for position in range(known, new):
-        stream = feedback[:, -1:]
+        stream = copilot.with_tokens(feedback[:, -1:], input_ids[:, position : position + 1])
         length = state.kv_cache.length + 1
         step_mask = None if attention_mask is None else attention_mask[:, :length]
         step = entry.map_positions(lambda t, position=position: t[:, position : position + 1])
@@ -685,6 +689,7 @@ def observed_feedback(
             has_next = attention_mask[:, past - 1 : past + 1].bool().all(dim=1, keepdim=True)
         gold = F.embedding(input_ids[:, :1], copilot.error_proj.weight.t())
         first = (gold - state.embedded_probs.at(past - 1).unsqueeze(1)) * has_next.unsqueeze(-1)
+        first = copilot.with_tokens(first, input_ids[:, :1], has_next)
     else:
         weight = copilot.error_proj.weight
         first = weight.new_zeros(input_ids.shape[0], 1, weight.shape[0])

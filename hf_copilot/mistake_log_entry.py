@@ -163,7 +163,7 @@ class _HeadCrossEntropy(torch.autograd.Function):
         width, vocab = head_input.shape[-1], weight.shape[0]
         h, w = head_input.reshape(-1, width).to(dtype), weight.to(dtype)
         num_rows = h.shape[0]
-        gold = errors._safe_targets().reshape(-1)
+        gold = errors.masked_targets().reshape(-1)
         weights = weights.reshape(-1).to(dtype)
         counted = weights.nonzero().squeeze(-1)
         every_row = counted.numel() == num_rows  # then blocks are slices: no gathers
@@ -283,14 +283,15 @@ class PilotErrors:
     def is_compact(self) -> bool:
         return self.probs is None
 
-    def _safe_targets(self) -> torch.Tensor:
+    def masked_targets(self) -> torch.Tensor:
+        """The targets with 0 where there is no error (padding ids may lie outside the vocabulary)."""
         return torch.where(self.mask, self.targets, torch.zeros_like(self.targets))
 
     def embed(self, weight: torch.Tensor, embedded_probs: torch.Tensor | None = None) -> torch.Tensor:
         """`W e_j` for a Linear(V -> d) weight [d, V], in O(B*T*(k+d)) for compact errors. `embedded_probs`: `W p_j`
         [B,T,d] of exact errors, where the caller has it already."""
         mask = self.mask.unsqueeze(-1).to(weight.dtype)
-        gold = F.embedding(self._safe_targets(), weight.t())  # [B,T,d]
+        gold = F.embedding(self.masked_targets(), weight.t())  # [B,T,d]
         if self.is_compact:
             columns = F.embedding(self.topk_indices, weight.t())  # [B,T,k,d]
             predicted = (self.topk_values.to(weight.dtype).unsqueeze(-1) * columns).sum(-2)
@@ -303,7 +304,7 @@ class PilotErrors:
     def squared_distance(self, predicted_error: torch.Tensor) -> torch.Tensor:
         """`||f_j - e_j||^2` [B,T] for a predicted_error f [B,T,V], expanded so no one-hot is built."""
         return _SquaredDistance.apply(
-            predicted_error, self._safe_targets(), self.mask, self.probs, self.topk_indices, self.topk_values
+            predicted_error, self.masked_targets(), self.mask, self.probs, self.topk_indices, self.topk_values
         )
 
     def head_squared_distance(self, head_input: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -311,7 +312,7 @@ class PilotErrors:
         return _HeadSquaredDistance.apply(
             head_input,
             weight,
-            self._safe_targets(),
+            self.masked_targets(),
             self.mask,
             self.probs,
             self.topk_indices,
@@ -365,7 +366,7 @@ class PilotErrors:
     def dense(self) -> torch.Tensor:
         """The error tensor [B,T,V] (for tests, research and small vocabularies)."""
         probs = self.probabilities()
-        onehot = F.one_hot(self._safe_targets(), self.vocab_size).to(probs.dtype)
+        onehot = F.one_hot(self.masked_targets(), self.vocab_size).to(probs.dtype)
         return (onehot - probs) * self.mask.unsqueeze(-1).to(probs.dtype)
 
     def compact(self, k: int) -> PilotErrors:
@@ -562,7 +563,7 @@ def copilot_loss_from_sums(objective, num_tokens, error_loss: str):
 def copilot_cross_entropy(fused_logits: torch.Tensor, entry: MistakeLogEntry) -> torch.Tensor:
     """Sum over loss-mask positions of -log softmax(fused_logits)[y_j], the observed next token y_j (fused_logits
     in fp32 or wider)."""
-    gold = fused_logits.gather(-1, entry.errors._safe_targets().unsqueeze(-1)).squeeze(-1)
+    gold = fused_logits.gather(-1, entry.errors.masked_targets().unsqueeze(-1)).squeeze(-1)
     return ((torch.logsumexp(fused_logits, dim=-1) - gold) * entry.loss_mask).sum()
 
 

@@ -331,6 +331,8 @@ class CopilotPreTrainedModel(PreTrainedModel):
                 nn.init.zeros_(module.bias)
         elif isinstance(module, CopilotRMSNorm):
             nn.init.ones_(module.weight)
+        elif module is getattr(self, "token_embedding", None):
+            nn.init.zeros_(module.weight)  # no token term until the Copilot learns one
 
 
 class CopilotModel(CopilotPreTrainedModel):
@@ -348,6 +350,10 @@ class CopilotModel(CopilotPreTrainedModel):
         config.validate_architecture()  # a config edited after construction is checked again here
         super().__init__(config)
         self.error_proj = nn.Linear(config.vocab_size, config.hidden_size, bias=False)  # W_in
+        # E: the token each error is about (CopilotConfig.token_embedding)
+        self.token_embedding = (
+            nn.Embedding(config.vocab_size, config.hidden_size) if config.token_embedding else None
+        )
         self.memory_norm = (
             CopilotRMSNorm(config.pilot_hidden_size, config.rms_norm_eps)
             if config.memory_norm
@@ -382,6 +388,12 @@ class CopilotModel(CopilotPreTrainedModel):
         self.error_head.weight[kept:] = 0
         self.error_proj.weight.requires_grad_(old_in.requires_grad)
         self.error_head.weight.requires_grad_(old_out.requires_grad)
+        if self.token_embedding is not None:
+            old_tokens = self.token_embedding.weight
+            self.token_embedding = nn.Embedding(vocab_size, self.config.hidden_size).to(old_tokens)
+            self.token_embedding.weight[:kept] = old_tokens[:kept]
+            self.token_embedding.weight[kept:] = 0
+            self.token_embedding.weight.requires_grad_(old_tokens.requires_grad)
         self.config.vocab_size = vocab_size
 
     @property
@@ -406,8 +418,22 @@ class CopilotModel(CopilotPreTrainedModel):
         return error_of_fused_logits(logits, probs, head_output.dtype), logits
 
     def embed_errors(self, errors: PilotErrors, embedded_probs: torch.Tensor | None = None) -> torch.Tensor:
-        """W_in e_j [B,T,d_C] (not yet shifted); `embedded_probs`: W_in p_j, where the caller has it already."""
-        return errors.embed(self.error_proj.weight, embedded_probs)
+        """The stream rows of the observed errors, W_in e_j (+ E[y_j], `with_tokens`) [B,T,d_C], not yet shifted;
+        `embedded_probs`: W_in p_j, where the caller has it already."""
+        embedded = errors.embed(self.error_proj.weight, embedded_probs)
+        return self.with_tokens(embedded, errors.masked_targets(), errors.mask)
+
+    def with_tokens(
+        self, rows: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Stream rows [B,n,d_C] plus E[token] for the token each row's error is about (`mask` False: no error,
+        no term), or the rows themselves without `CopilotConfig.token_embedding`."""
+        if self.token_embedding is None:
+            return rows
+        embedded = self.token_embedding(tokens).to(rows.dtype)
+        if mask is not None:
+            embedded = embedded * mask.unsqueeze(-1).to(rows.dtype)
+        return rows + embedded
 
     def embed_predicted_errors(self, predicted_errors: torch.Tensor) -> torch.Tensor:
         """W_in f_C for the paper's inference-time feedback of the Copilot's own output."""

@@ -127,10 +127,11 @@ def tiny_copilot_config(**overrides) -> CopilotConfig:
 
 @torch.no_grad()
 def randomize_copilot(model: PilotCopilotForCausalLM, std: float = 0.5, seed: int = 0) -> None:
-    """Re-draw every Linear weight of the Copilot with a large std so its effect is visible."""
+    """Re-draw every Linear weight of the Copilot (and its token embedding) with a large std so its effect is
+    visible."""
     generator = torch.Generator().manual_seed(seed)
     for module in model.copilot.modules():
-        if isinstance(module, torch.nn.Linear):
+        if isinstance(module, (torch.nn.Linear, torch.nn.Embedding)):
             weight = torch.randn(module.weight.shape, generator=generator) * std
             module.weight.copy_(weight.to(module.weight.dtype))
 

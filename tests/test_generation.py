@@ -54,13 +54,19 @@ def prompt(length: int = 6, batch_size: int = 1, seed: int = 0) -> torch.Tensor:
 
 @torch.no_grad()
 def fused_model(
-    arch: str = "llama", error_form: str = "linear", position_encoding: str = "none", **fusion
+    arch: str = "llama",
+    error_form: str = "linear",
+    position_encoding: str = "none",
+    token_embedding: bool = False,
+    **fusion,
 ) -> PilotCopilotForCausalLM:
     """A float64 Pilot+Copilot without EOS (every sequence runs to max_new_tokens, as the references
     assume). The large-std linear Copilot's W_out is shrunk so that f_C is on the scale of the Pilot's
     probabilities: both then matter, and lambda and the fusion space change decisions (a "reweight"
     Copilot's f_C is on that scale by construction)."""
-    copilot_config = tiny_copilot_config(error_form=error_form, position_encoding=position_encoding)
+    copilot_config = tiny_copilot_config(
+        error_form=error_form, position_encoding=position_encoding, token_embedding=token_embedding
+    )
     model = build_pilot_copilot(arch, copilot_config, **fusion).double()
     if error_form == "linear":
         model.copilot.error_head.weight.mul_(0.01)
@@ -93,14 +99,19 @@ def reference_step(model: PilotCopilotForCausalLM, sequence: torch.Tensor, promp
     """
     out = model(sequence, return_mistake_log=True)
     entry = out.mistake_log_entry
-    observed = model.copilot.embed_errors(entry.errors)  # W_in e_j
+    copilot = model.copilot
+    observed = entry.errors.embed(copilot.error_proj.weight)  # W_in e_j
     stream = torch.cat([torch.zeros_like(observed[:, :1]), observed[:, :-1]], dim=1)
-    copilot_errors = model.copilot(stream, entry.x_tilde, entry.h_bar, pilot_errors=entry.errors)
+    # With a token embedding every position j > 0 (no padding here) also reads E[x_j], in either mode.
+    tokens = 0 if copilot.token_embedding is None else copilot.token_embedding(sequence[:, 1:])
+    stream[:, 1:] += tokens
+    copilot_errors = copilot(stream, entry.x_tilde, entry.h_bar, pilot_errors=entry.errors)
     if feedback == "copilot":
         for _ in range(sequence.shape[1] - prompt_length):
-            own = model.copilot.embed_predicted_errors(copilot_errors[:, prompt_length - 1 : -1])
+            own = copilot.embed_predicted_errors(copilot_errors[:, prompt_length - 1 : -1])
+            own += 0 if copilot.token_embedding is None else tokens[:, prompt_length - 1 :]
             stream = torch.cat([stream[:, :prompt_length], own], dim=1)
-            copilot_errors = model.copilot(stream, entry.x_tilde, entry.h_bar, pilot_errors=entry.errors)
+            copilot_errors = copilot(stream, entry.x_tilde, entry.h_bar, pilot_errors=entry.errors)
     return out.logits[:, -1].float(), copilot_errors[:, -1]
 
 
@@ -227,6 +238,34 @@ def test_rotary_copilot_decodes_as_the_full_recomputation(feedback):
     fused = greedy(model, input_ids)
     assert not torch.equal(fused, greedy(model, input_ids, copilot_lambda=0.0))
     assert not torch.equal(fused, greedy(fused_model(copilot_feedback=feedback), input_ids))
+    assert torch.equal(fused, reference_greedy(model, input_ids))
+    beams = dict(num_beams=4, num_return_sequences=4, do_sample=False)
+    assert torch.equal(generate(model, input_ids, **beams), reference_beam_search(model, input_ids, 4))
+
+    model.generation_config.pad_token_id = PAD_TOKEN_ID
+    prompts = [prompt(length, seed=length)[0] for length in (7, 4, 2)]
+    padded, attention_mask = left_padded(prompts)
+    batched = greedy(model, padded, attention_mask=attention_mask)[:, padded.shape[1] :]
+    static = greedy(model, padded, attention_mask=attention_mask, cache_implementation="static")
+    assert torch.equal(static[:, padded.shape[1] :], batched)
+    for row, tokens in enumerate(prompts):
+        assert torch.equal(batched[row : row + 1], greedy(model, tokens[None])[:, len(tokens) :]), (
+            f"prompt {row}"
+        )
+
+
+@pytest.mark.parametrize("feedback", FEEDBACK_MODES)
+def test_a_copilot_with_a_token_embedding_decodes_as_the_full_recomputation(feedback):
+    """token_embedding: position j reads E[x_j] beside its error row, in either feedback mode. Greedy, beam search,
+    a left-padded batch (no term after padding) and the static cache give the references' tokens."""
+    model = fused_model(token_embedding=True, copilot_feedback=feedback)
+    input_ids = prompt()
+    fused = greedy(model, input_ids)
+    assert not torch.equal(fused, greedy(model, input_ids, copilot_lambda=0.0))
+    with torch.no_grad():
+        without_tokens = copy.deepcopy(model)
+        without_tokens.copilot.token_embedding.weight.zero_()
+    assert not torch.equal(fused, greedy(without_tokens, input_ids))
     assert torch.equal(fused, reference_greedy(model, input_ids))
     beams = dict(num_beams=4, num_return_sequences=4, do_sample=False)
     assert torch.equal(generate(model, input_ids, **beams), reference_beam_search(model, input_ids, 4))
@@ -580,21 +619,28 @@ def test_compiled_decoding_compiles_the_copilot_step_once_and_gives_the_same_tok
 # The paper's feedback in training (exposure) and in teacher-forced evaluation
 
 
-def test_copilot_stream_feeds_answer_positions_the_copilots_own_first_pass_prediction():
-    model = build_pilot_copilot("llama", copilot_std=0.5)
+@pytest.mark.parametrize("token_embedding", [False, True])
+def test_copilot_stream_feeds_answer_positions_the_copilots_own_first_pass_prediction(token_embedding):
+    config = tiny_copilot_config(token_embedding=token_embedding)
+    model = build_pilot_copilot("llama", config, copilot_std=0.5)
     batch = build_batch(batch_size=2, seq_len=8, left_padding=(0, 0), prompt_len=3)
     entry = model(**batch, return_mistake_log=True).mistake_log_entry
     copilot = model.copilot
     # Hand-built: position j reads W_in e_{j-1}; if token j is an answer token (labels[j] != -100), it
-    # reads W_in f_{j-1} from a pass over the observed stream instead.
+    # reads W_in f_{j-1} from a pass over the observed stream instead. With a token embedding both also
+    # read E[x_j].
+    tokens = torch.zeros(2, 8, copilot.config.hidden_size)
+    if token_embedding:
+        tokens[:, 1:] = copilot.token_embedding(batch["input_ids"][:, 1:])
     observed = torch.zeros(2, 8, copilot.config.hidden_size)
     observed[:, 1:] = entry.errors.dense()[:, :-1] @ copilot.error_proj.weight.t()
+    observed += tokens
     first = copilot(observed, entry.x_tilde, entry.h_bar, entry.attention_mask, pilot_errors=entry.errors)
     expected = observed.clone()
     for row in range(2):
         for j in range(1, 8):
             if batch["labels"][row, j] != -100:
-                expected[row, j] = copilot.error_proj(first[row, j - 1])
+                expected[row, j] = copilot.error_proj(first[row, j - 1]) + tokens[row, j]
     torch.testing.assert_close(copilot_stream(copilot, entry, 0.0), observed, rtol=1e-4, atol=1e-4)
     full = copilot_stream(copilot, entry, 1.0)
     torch.testing.assert_close(full, expected, rtol=1e-4, atol=1e-4)

@@ -142,7 +142,7 @@ def explicit_head_cross_entropy(e: PilotErrors, head_input, weight, weights):
     """The reweight head's cross-entropy and squared error through autograd, as its explicit path computes them,
     summed with `weights`."""
     logits = e.probabilities_spread().clamp_min(1e-30).log() + head_input @ weight.t()
-    gold = logits.gather(-1, e._safe_targets().unsqueeze(-1)).squeeze(-1)
+    gold = logits.gather(-1, e.masked_targets().unsqueeze(-1)).squeeze(-1)
     predicted_error = torch.softmax(logits, dim=-1) - e.probabilities_spread()
     cross_entropy = torch.logsumexp(logits, dim=-1) - gold
     squared_error = e.squared_distance(predicted_error.detach()) * e.mask

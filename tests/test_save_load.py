@@ -405,6 +405,19 @@ def test_a_copilot_with_a_memory_norm_saves_its_scale_and_loads_as_saved(tmp_pat
     assert_same_outputs(model.eval(), loaded)
 
 
+def test_a_copilot_with_a_token_embedding_saves_it_and_loads_as_saved(tmp_path):
+    model = build_pilot_copilot("llama", tiny_copilot_config(token_embedding=True))  # the embedding re-drawn
+    assert model.copilot.token_embedding.weight.any()
+    model.save_pretrained(tmp_path)
+    assert torch.equal(
+        load_file(tmp_path / "model.safetensors")["copilot.token_embedding.weight"],
+        model.copilot.token_embedding.weight,
+    )
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert loaded.copilot.config.token_embedding
+    assert_same_outputs(model.eval(), loaded)
+
+
 @pytest.mark.parametrize("copilot_only", [False, True])
 def test_a_paper_mode_checkpoint_saved_before_memory_norm_existed_loads_without_it(copilot_only, tmp_path):
     """Such files have no `memory_norm`: a Copilot built for the paper's feedback mode would get one today; it

@@ -116,6 +116,7 @@ def build_model(
     pilot=None,
     position_encoding: str = "none",
     error_form: str = "linear",
+    token_embedding: bool = False,
     **fusion,
 ) -> PilotCopilotForSeq2SeqLM:
     """A tiny Pilot with a tiny encoder-decoder Copilot (2 layers, hidden 32), its Linear weights re-drawn with
@@ -124,12 +125,14 @@ def build_model(
     paper's feedback mode feeds its output back, so fp32 rounding (1e-7) grows step over step (to 0.15 in ten
     steps of beam search against the float64 reference): a test of that chaos, not of the Copilot."""
     pilot = pilot if pilot is not None else build_seq2seq_pilot(arch, seed)
-    copilot_config = tiny_copilot_config(position_encoding=position_encoding, error_form=error_form)
+    copilot_config = tiny_copilot_config(
+        position_encoding=position_encoding, error_form=error_form, token_embedding=token_embedding
+    )
     model = PilotCopilotForSeq2SeqLM.from_pilot(pilot, copilot_config, **fusion)
     if copilot_std is not None:
         generator = torch.Generator().manual_seed(seed + 1)
         for module in model.copilot.modules():
-            if isinstance(module, torch.nn.Linear):
+            if isinstance(module, (torch.nn.Linear, torch.nn.Embedding)):
                 module.weight.copy_(torch.randn(module.weight.shape, generator=generator) * copilot_std)
     return model.eval()
 
@@ -205,6 +208,10 @@ def reference_step(model, inputs, sequence: torch.Tensor, feedback: str, prompt_
     stream = shift_right(
         errors.to(model.copilot.error_proj.weight.dtype) @ model.copilot.error_proj.weight.t()
     )
+    # With a token embedding every position j > 0 also reads E[sequence[j]], in either mode.
+    embedding = model.copilot.token_embedding
+    tokens = 0 if embedding is None else embedding(sequence[:, 1:])
+    stream[:, 1:] += tokens
     hidden = model.pilot(**inputs, decoder_input_ids=sequence, output_hidden_states=True)
     x_tilde, h_bar = hidden.encoder_last_hidden_state, torch.stack(hidden.decoder_hidden_states[1:]).mean(0)
     mask = inputs["attention_mask"].bool()
@@ -217,6 +224,7 @@ def reference_step(model, inputs, sequence: torch.Tensor, feedback: str, prompt_
     if feedback == "copilot":
         for _ in range(sequence.shape[1] - prompt_length):
             own = model.copilot.embed_predicted_errors(copilot_errors[:, prompt_length - 1 : -1])
+            own += 0 if embedding is None else tokens[:, prompt_length - 1 :]
             stream = torch.cat([stream[:, :prompt_length], own], dim=1)
             copilot_errors = model.copilot(
                 stream, x_tilde, h_bar, encoder_attention_mask=mask, pilot_errors=pilot
@@ -532,6 +540,23 @@ def test_fused_greedy_equals_full_recomputation(arch, fusion, feedback):
     fused = greedy(model, inputs)
     assert not torch.equal(fused, greedy(model, inputs, copilot_lambda=0.0))
 
+    assert torch.equal(fused, reference_greedy(model, inputs))
+
+
+@pytest.mark.parametrize("feedback", FEEDBACK_MODES)
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_a_copilot_with_a_token_embedding_decodes_as_the_full_recomputation(arch, feedback):
+    """token_embedding: decoder position j reads E[y_j] beside its error row, in either feedback mode."""
+    with torch.no_grad():
+        model = build_model(arch, copilot_feedback=feedback, token_embedding=True).double()
+        model.copilot.error_head.weight.mul_(ERROR_HEAD_SCALE[arch])
+    model.generation_config.eos_token_id = None
+    inputs = source(batch_size=2, right_padding=(0, 2))
+    fused = greedy(model, inputs)
+    with torch.no_grad():
+        without_tokens = copy.deepcopy(model)
+        without_tokens.copilot.token_embedding.weight.zero_()
+    assert not torch.equal(fused, greedy(without_tokens, inputs))
     assert torch.equal(fused, reference_greedy(model, inputs))
 
 
