@@ -8,8 +8,8 @@ Regimes:
 Arms (same Pilot initialisation, data order and steps):
   pilot               the Pilot fine-tuned alone with the stock Trainer
   pilot_copilot       Pilot + a randomly initialised Copilot, CopilotTrainer with the package defaults (the
-                      reweight head on the cross-entropy; the Copilot-only phase: 12 epochs, at most 4 x the joint
-                      run's batches)
+                      reweight head on the cross-entropy; the token embedding; the Copilot-only phase: 12 epochs,
+                      at most 4 x the joint run's batches)
   pilot_copilot_linear  the ablation of CopilotConfig.error_form: pilot_copilot with the paper's linear head on
                       the squared error instead of the "reweight" head (f_C = softmax(log p + W_out h) - p) on the
                       cross-entropy of the observed token under p + f_C (the default before the latter)
@@ -41,9 +41,11 @@ Arms (same Pilot initialisation, data order and steps):
   pilot_copilot_memory_norm  pilot_copilot with the Pilot's states RMS-normalised before the Copilot's memory
                       projection (CopilotConfig.memory_norm=True; the default for the paper's feedback mode only)
   pilot_copilot_paper_no_memory_norm  pilot_copilot_paper without it (memory_norm=False), as before that default
-  pilot_copilot_token_embedding  pilot_copilot with a learnt embedding of the token each error is about added to
-                      the Copilot's input row (CopilotConfig.token_embedding=True, zero at initialisation)
-  pilot_copilot_paper_token_embedding  pilot_copilot_paper with it: generated positions read W_in f_C + E[x_j]
+  pilot_copilot_no_token_embedding  the ablation of CopilotConfig.token_embedding: pilot_copilot without the
+                      learnt embedding of the token each error is about in the Copilot's input rows (the default
+                      before it)
+  pilot_copilot_paper_no_token_embedding  pilot_copilot_paper without it (its generated positions then read
+                      W_in f_C alone, not W_in f_C + E[x_j])
   pilot_copilot_init  pilot_copilot with the Copilot initialised from the smaller family member (pretrained only)
   pilot_copilot_init_embedding_scale  the ablation of copilot_init's W_in scale: pilot_copilot_init with W_in left at
                       the embeddings' own scale (error_proj_init_std=None) instead of std 1
@@ -135,10 +137,10 @@ ARMS = (
     "pilot_copilot_last_layer",
     "pilot_copilot_paper",
     "pilot_copilot_memory_norm",
-    "pilot_copilot_token_embedding",
+    "pilot_copilot_no_token_embedding",
     "pilot_copilot_paper_no_memory_norm",
     "pilot_copilot_paper_reweight",
-    "pilot_copilot_paper_token_embedding",
+    "pilot_copilot_paper_no_token_embedding",
     "pilot_copilot_init",
     "pilot_copilot_init_embedding_scale",
     "pilot_copilot_init_linear",
@@ -466,12 +468,12 @@ def run(
         copilot_records("pilot_copilot_paper", ("copilot",), *experiment.fine_tune(joint, with_copilot=True))
     if "pilot_copilot_memory_norm" in arms:
         ablation_records("pilot_copilot_memory_norm", {"memory_norm": True})
-    if "pilot_copilot_token_embedding" in arms:
-        ablation_records("pilot_copilot_token_embedding", {"token_embedding": True})
+    if "pilot_copilot_no_token_embedding" in arms:
+        ablation_records("pilot_copilot_no_token_embedding", {"token_embedding": False})
     for arm, change in (
         ("pilot_copilot_paper_no_memory_norm", {"memory_norm": False}),
         ("pilot_copilot_paper_reweight", {"error_form": "reweight"}),
-        ("pilot_copilot_paper_token_embedding", {"token_embedding": True}),
+        ("pilot_copilot_paper_no_token_embedding", {"token_embedding": False}),
     ):
         if arm in arms:
             torch.manual_seed(seed + 1)

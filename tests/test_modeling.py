@@ -594,7 +594,9 @@ def test_a_token_embedding_starts_at_zero_and_adds_each_errors_token_to_its_row(
     model = PilotCopilotForCausalLM.from_pilot(
         build_pilot("llama"), tiny_copilot_config(token_embedding=True)
     )
-    plain = PilotCopilotForCausalLM.from_pilot(build_pilot("llama"), tiny_copilot_config())
+    plain = PilotCopilotForCausalLM.from_pilot(
+        build_pilot("llama"), tiny_copilot_config(token_embedding=False)
+    )
     assert not model.copilot.token_embedding.weight.any()
     missing = plain.load_state_dict(model.state_dict(), strict=False)
     assert missing.unexpected_keys == ["copilot.token_embedding.weight"] and not missing.missing_keys

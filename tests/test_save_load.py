@@ -175,7 +175,7 @@ def test_a_whole_checkpoint_with_missing_or_extra_tensors_is_refused_naming_them
             loader.from_pretrained(tmp_path)
     if drop == "copilot.":
         assert problems == [
-            "missing tensors: 21 (copilot.error_head.weight, copilot.error_proj.weight, "
+            "missing tensors: 22 (copilot.error_head.weight, copilot.error_proj.weight, "
             "copilot.layers.0.input_layernorm.weight, ...)"
         ]
 
@@ -433,6 +433,23 @@ def test_a_paper_mode_checkpoint_saved_before_memory_norm_existed_loads_without_
     loaded = PilotCopilotForCausalLM.from_pretrained(folder).eval()
     assert loaded.config.copilot_feedback == "copilot"
     assert loaded.copilot.config.memory_norm is False
+    assert_same_outputs(model.eval(), loaded)
+
+
+@pytest.mark.parametrize("copilot_only", [False, True])
+def test_a_checkpoint_saved_before_token_embedding_existed_loads_without_it(copilot_only, tmp_path):
+    """Such files have no `token_embedding`: a Copilot gets one today; it loads as it was trained, without (no
+    missing weight initialised), and gives the same outputs."""
+    pilot = saved_pilot("llama", tmp_path / "pilot")
+    model = build_pilot_copilot(pilot, tiny_copilot_config(token_embedding=False))
+    folder = tmp_path / "model"
+    model.save_copilot(folder) if copilot_only else model.save_pretrained(folder)
+    config = json.loads((folder / "config.json").read_text())
+    del (config if copilot_only else config["copilot_config"])["token_embedding"]
+    (folder / "config.json").write_text(json.dumps(config))
+
+    loaded = PilotCopilotForCausalLM.from_pretrained(folder).eval()
+    assert loaded.copilot.config.token_embedding is False and loaded.copilot.token_embedding is None
     assert_same_outputs(model.eval(), loaded)
 
 
