@@ -229,15 +229,9 @@ def test_beam_search_equals_reference_beam_search(fusion, feedback, error_form):
     assert torch.equal(out.sequences, reference_beam_search(model, input_ids, num_beams))
 
 
-@pytest.mark.parametrize("feedback", FEEDBACK_MODES)
-def test_rotary_copilot_decodes_as_the_full_recomputation(feedback):
-    """position_encoding="rope": cached keys keep the rotation of their own positions, so greedy, beam search
-    and a left-padded batch (positions shifted by the padding) give the references' tokens."""
-    model = fused_model(position_encoding="rope", copilot_feedback=feedback)
-    input_ids = prompt()
-    fused = greedy(model, input_ids)
-    assert not torch.equal(fused, greedy(model, input_ids, copilot_lambda=0.0))
-    assert not torch.equal(fused, greedy(fused_model(copilot_feedback=feedback), input_ids))
+def assert_decodes_as_the_references(model, input_ids: torch.Tensor, fused: torch.Tensor) -> None:
+    """Greedy and beam search give the full recomputation's tokens; a left-padded batch gives each prompt's own,
+    with the static cache as with the dynamic one."""
     assert torch.equal(fused, reference_greedy(model, input_ids))
     beams = dict(num_beams=4, num_return_sequences=4, do_sample=False)
     assert torch.equal(generate(model, input_ids, **beams), reference_beam_search(model, input_ids, 4))
@@ -252,6 +246,18 @@ def test_rotary_copilot_decodes_as_the_full_recomputation(feedback):
         assert torch.equal(batched[row : row + 1], greedy(model, tokens[None])[:, len(tokens) :]), (
             f"prompt {row}"
         )
+
+
+@pytest.mark.parametrize("feedback", FEEDBACK_MODES)
+def test_rotary_copilot_decodes_as_the_full_recomputation(feedback):
+    """position_encoding="rope": cached keys keep the rotation of their own positions, so greedy, beam search
+    and a left-padded batch (positions shifted by the padding) give the references' tokens."""
+    model = fused_model(position_encoding="rope", copilot_feedback=feedback)
+    input_ids = prompt()
+    fused = greedy(model, input_ids)
+    assert not torch.equal(fused, greedy(model, input_ids, copilot_lambda=0.0))
+    assert not torch.equal(fused, greedy(fused_model(copilot_feedback=feedback), input_ids))
+    assert_decodes_as_the_references(model, input_ids, fused)
 
 
 @pytest.mark.parametrize("feedback", FEEDBACK_MODES)
@@ -266,20 +272,7 @@ def test_a_copilot_with_a_token_embedding_decodes_as_the_full_recomputation(feed
         without_tokens = copy.deepcopy(model)
         without_tokens.copilot.token_embedding.weight.zero_()
     assert not torch.equal(fused, greedy(without_tokens, input_ids))
-    assert torch.equal(fused, reference_greedy(model, input_ids))
-    beams = dict(num_beams=4, num_return_sequences=4, do_sample=False)
-    assert torch.equal(generate(model, input_ids, **beams), reference_beam_search(model, input_ids, 4))
-
-    model.generation_config.pad_token_id = PAD_TOKEN_ID
-    prompts = [prompt(length, seed=length)[0] for length in (7, 4, 2)]
-    padded, attention_mask = left_padded(prompts)
-    batched = greedy(model, padded, attention_mask=attention_mask)[:, padded.shape[1] :]
-    static = greedy(model, padded, attention_mask=attention_mask, cache_implementation="static")
-    assert torch.equal(static[:, padded.shape[1] :], batched)
-    for row, tokens in enumerate(prompts):
-        assert torch.equal(batched[row : row + 1], greedy(model, tokens[None])[:, len(tokens) :]), (
-            f"prompt {row}"
-        )
+    assert_decodes_as_the_references(model, input_ids, fused)
 
 
 @pytest.mark.parametrize("feedback", FEEDBACK_MODES)

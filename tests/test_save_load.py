@@ -391,31 +391,28 @@ def test_a_checkpoint_saved_before_position_encoding_existed_loads_without_posit
     assert_same_outputs(model, loaded)
 
 
-def test_a_copilot_with_a_memory_norm_saves_its_scale_and_loads_as_saved(tmp_path):
-    model = build_pilot_copilot("llama", tiny_copilot_config(memory_norm=True))
-    with torch.no_grad():
-        model.copilot.memory_norm.weight.uniform_(0.5, 2.0, generator=torch.Generator().manual_seed(0))
+@pytest.mark.parametrize("field", ["memory_norm", "token_embedding"])
+def test_a_copilots_optional_weight_is_saved_and_loads_as_saved(field, tmp_path):
+    """The memory norm's scale and the token embedding: in the file, and loaded into a Copilot that has them."""
+    model = build_pilot_copilot("llama", tiny_copilot_config(**{field: True}))  # the embedding is re-drawn
+    weight = getattr(model.copilot, field).weight
+    if field == "memory_norm":  # ones at initialisation, what a missing tensor would get too
+        with torch.no_grad():
+            weight.uniform_(0.5, 2.0, generator=torch.Generator().manual_seed(0))
     model.save_pretrained(tmp_path)
-    assert torch.equal(
-        load_file(tmp_path / "model.safetensors")["copilot.memory_norm.weight"],
-        model.copilot.memory_norm.weight,
-    )
+    assert torch.equal(load_file(tmp_path / "model.safetensors")[f"copilot.{field}.weight"], weight)
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
-    assert loaded.copilot.config.memory_norm
+    assert getattr(loaded.copilot.config, field)
     assert_same_outputs(model.eval(), loaded)
 
 
-def test_a_copilot_with_a_token_embedding_saves_it_and_loads_as_saved(tmp_path):
-    model = build_pilot_copilot("llama", tiny_copilot_config(token_embedding=True))  # the embedding re-drawn
-    assert model.copilot.token_embedding.weight.any()
-    model.save_pretrained(tmp_path)
-    assert torch.equal(
-        load_file(tmp_path / "model.safetensors")["copilot.token_embedding.weight"],
-        model.copilot.token_embedding.weight,
-    )
-    loaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
-    assert loaded.copilot.config.token_embedding
-    assert_same_outputs(model.eval(), loaded)
+def saved_as_an_earlier_version(model, folder, copilot_only: bool, field: str):
+    """`model` saved (whole, or its Copilot only) as a version before the Copilot config's `field` existed."""
+    model.save_copilot(folder) if copilot_only else model.save_pretrained(folder)
+    config = json.loads((folder / "config.json").read_text())
+    del (config if copilot_only else config["copilot_config"])[field]
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder
 
 
 @pytest.mark.parametrize("copilot_only", [False, True])
@@ -424,11 +421,7 @@ def test_a_paper_mode_checkpoint_saved_before_memory_norm_existed_loads_without_
     loads as it was trained, without, and gives the same outputs."""
     pilot = saved_pilot("llama", tmp_path / "pilot")
     model = build_pilot_copilot(pilot, tiny_copilot_config(memory_norm=False), copilot_feedback="copilot")
-    folder = tmp_path / "model"
-    model.save_copilot(folder) if copilot_only else model.save_pretrained(folder)
-    config = json.loads((folder / "config.json").read_text())
-    del (config if copilot_only else config["copilot_config"])["memory_norm"]
-    (folder / "config.json").write_text(json.dumps(config))
+    folder = saved_as_an_earlier_version(model, tmp_path / "model", copilot_only, "memory_norm")
 
     loaded = PilotCopilotForCausalLM.from_pretrained(folder).eval()
     assert loaded.config.copilot_feedback == "copilot"
@@ -442,11 +435,7 @@ def test_a_checkpoint_saved_before_token_embedding_existed_loads_without_it(copi
     missing weight initialised), and gives the same outputs."""
     pilot = saved_pilot("llama", tmp_path / "pilot")
     model = build_pilot_copilot(pilot, tiny_copilot_config(token_embedding=False))
-    folder = tmp_path / "model"
-    model.save_copilot(folder) if copilot_only else model.save_pretrained(folder)
-    config = json.loads((folder / "config.json").read_text())
-    del (config if copilot_only else config["copilot_config"])["token_embedding"]
-    (folder / "config.json").write_text(json.dumps(config))
+    folder = saved_as_an_earlier_version(model, tmp_path / "model", copilot_only, "token_embedding")
 
     loaded = PilotCopilotForCausalLM.from_pretrained(folder).eval()
     assert loaded.copilot.config.token_embedding is False and loaded.copilot.token_embedding is None
@@ -462,12 +451,7 @@ def test_a_reweight_checkpoint_saved_before_error_loss_existed_trains_on_as_it_w
     pilot = saved_pilot("llama", tmp_path / "pilot")
     model = build_pilot_copilot(pilot, tiny_copilot_config(error_form="reweight"))
     assert model.copilot.config.error_loss == "cross_entropy"
-    folder = tmp_path / "model"
-    model.save_copilot(folder) if copilot_only else model.save_pretrained(folder)
-    config = json.loads((folder / "config.json").read_text())
-    assert PilotCopilotForCausalLM.from_pretrained(folder).copilot.config.error_loss == "cross_entropy"
-    del (config if copilot_only else config["copilot_config"])["error_loss"]
-    (folder / "config.json").write_text(json.dumps(config))
+    folder = saved_as_an_earlier_version(model, tmp_path / "model", copilot_only, "error_loss")
 
     loaded = PilotCopilotForCausalLM.from_pretrained(folder).eval()
     assert loaded.copilot.config.error_loss == "squared_error"
