@@ -688,8 +688,8 @@ def observed_feedback(
         else:
             has_next = attention_mask[:, past - 1 : past + 1].bool().all(dim=1, keepdim=True)
         gold = F.embedding(input_ids[:, :1], copilot.error_proj.weight.t())
-        first = (gold - state.embedded_probs.at(past - 1).unsqueeze(1)) * has_next.unsqueeze(-1)
-        first = copilot.with_tokens(first, input_ids[:, :1], has_next)
+        first = gold - state.embedded_probs.at(past - 1).unsqueeze(1)
+        first = copilot.with_tokens(first, input_ids[:, :1]) * has_next.unsqueeze(-1)
     else:
         weight = copilot.error_proj.weight
         first = weight.new_zeros(input_ids.shape[0], 1, weight.shape[0])
