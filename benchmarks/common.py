@@ -23,9 +23,10 @@ def copilot_param_count(copilot: CopilotConfig, pilot_hidden: int, vocab: int) -
     )
     memory_proj = pilot_hidden * d if pilot_hidden != d else 0
     memory_norm = pilot_hidden if copilot.memory_norm else 0
-    vocabulary_tables = (3 if copilot.token_embedding else 2) * vocab * d  # W_in, W_out (and E)
+    vocabulary_tables = (3 if copilot.token_embedding is True else 2) * vocab * d  # W_in, W_out (and E)
+    token_gain = d if copilot.token_embedding == "gain" else 0
     layers = copilot.num_hidden_layers * (qo + kv + mlp + 2 * d)
-    return vocabulary_tables + memory_proj + memory_norm + layers + d
+    return vocabulary_tables + token_gain + memory_proj + memory_norm + layers + d
 
 
 def machine_info() -> dict[str, str]:

@@ -46,6 +46,9 @@ Arms (same Pilot initialisation, data order and steps):
                       before it)
   pilot_copilot_paper_no_token_embedding  pilot_copilot_paper without it (its generated positions then read
                       W_in f_C alone, not W_in f_C + E[x_j])
+  pilot_copilot_token_gain  pilot_copilot with the cheap token term (token_embedding="gain": g * W_in[:, x_j],
+                      d_C learnt gains, instead of the V x d_C table E)
+  pilot_copilot_paper_token_gain  pilot_copilot_paper with it
   pilot_copilot_init  pilot_copilot with the Copilot initialised from the smaller family member (pretrained only)
   pilot_copilot_init_embedding_scale  the ablation of copilot_init's W_in scale: pilot_copilot_init with W_in left at
                       the embeddings' own scale (error_proj_init_std=None) instead of std 1
@@ -141,6 +144,8 @@ ARMS = (
     "pilot_copilot_paper_no_memory_norm",
     "pilot_copilot_paper_reweight",
     "pilot_copilot_paper_no_token_embedding",
+    "pilot_copilot_token_gain",
+    "pilot_copilot_paper_token_gain",
     "pilot_copilot_init",
     "pilot_copilot_init_embedding_scale",
     "pilot_copilot_init_linear",
@@ -470,10 +475,13 @@ def run(
         ablation_records("pilot_copilot_memory_norm", {"memory_norm": True})
     if "pilot_copilot_no_token_embedding" in arms:
         ablation_records("pilot_copilot_no_token_embedding", {"token_embedding": False})
+    if "pilot_copilot_token_gain" in arms:
+        ablation_records("pilot_copilot_token_gain", {"token_embedding": "gain"})
     for arm, change in (
         ("pilot_copilot_paper_no_memory_norm", {"memory_norm": False}),
         ("pilot_copilot_paper_reweight", {"error_form": "reweight"}),
         ("pilot_copilot_paper_no_token_embedding", {"token_embedding": False}),
+        ("pilot_copilot_paper_token_gain", {"token_embedding": "gain"}),
     ):
         if arm in arms:
             torch.manual_seed(seed + 1)

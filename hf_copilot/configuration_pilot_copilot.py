@@ -27,6 +27,9 @@ ERROR_LOSSES = ("squared_error", "cross_entropy")
 # Where the Copilot's attention gets its sense of order: "none" is the paper's (no positional encoding; causal
 # masking and the Pilot's states carry order); "rope" rotates queries and keys by their positions as LLaMA does.
 POSITION_ENCODINGS = ("none", "rope")
+# The token term of the Copilot's input (CopilotConfig.token_embedding): True, a learnt V x d_C table; "gain", d_C
+# learnt gains on W_in's own column for the token (no V-sized table); False, none (the paper's input).
+TOKEN_EMBEDDINGS = (True, "gain", False)
 # What a Copilot saved before a field existed was built with: its file loads as that Copilot, whatever the default.
 FIELDS_OF_EARLIER_FILES = {
     "error_form": "linear",
@@ -89,6 +92,14 @@ def check_position_encoding(position_encoding) -> None:
         raise ValueError(
             f"Unknown position_encoding={position_encoding!r}: use one of {POSITION_ENCODINGS} "
             "('none' is the paper's)."
+        )
+
+
+def check_token_embedding(token_embedding) -> None:
+    if not (isinstance(token_embedding, bool) or token_embedding == "gain"):
+        raise ValueError(
+            f"Unknown token_embedding={token_embedding!r}: use one of {TOKEN_EMBEDDINGS} (True: a learnt table, "
+            "'gain': learnt gains on W_in's column for the token, False: none, the paper's input)."
         )
 
 
@@ -178,8 +189,10 @@ class CopilotConfig(PreTrainedConfig):
     # positions). W_in e says which token came only where the Pilot was unsure of it (e ~ 0 where it was right and
     # confident); E says so everywhere. Zero at initialisation, so the Copilot starts as without it. Measured
     # (benchmarks/results/token_embedding/): observed feedback ahead on recommendation and worked word problems,
-    # level on arithmetic; the paper's mode ahead on both families it was measured on.
-    token_embedding: bool = True
+    # level on arithmetic; the paper's mode ahead on both families it was measured on. "gain": the term is
+    # g * W_in[:, x_j] instead, d_C learnt gains (zero at start) on W_in's own column for the token, for vocabularies
+    # where a third V x d_C table costs too much (measured: benchmarks/results/token_gain/).
+    token_embedding: bool | str = validated_field(check_token_embedding, default=True)
     # The rotary base (LLaMA's rope_theta); copilot_init copies the decoder's, so its attention weights keep their
     # meaning.
     rotary_base: int | float = interval(min=1.0, exclude_min=True)(default=10000.0)

@@ -103,6 +103,18 @@ def rotate(states: torch.Tensor, rotation: Rotation) -> torch.Tensor:
     return states * cos + torch.cat([-states[..., half:], states[..., :half]], dim=-1) * sin
 
 
+class TokenGain(nn.Module):
+    """The token term as d_C learnt gains on W_in's own column for the token, g * W_in[:, x]
+    (`CopilotConfig.token_embedding="gain"`): no V x d_C table of its own."""
+
+    def __init__(self, hidden_size: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(hidden_size))
+
+    def forward(self, tokens: torch.Tensor, error_proj_weight: torch.Tensor) -> torch.Tensor:
+        return F.embedding(tokens, error_proj_weight.t()) * self.weight
+
+
 class CopilotAttention(nn.Module):
     """Multi-head attention, self- or cross- by its inputs; rotary positions when the config asks for them."""
 
@@ -331,7 +343,7 @@ class CopilotPreTrainedModel(PreTrainedModel):
                 nn.init.zeros_(module.bias)
         elif isinstance(module, CopilotRMSNorm):
             nn.init.ones_(module.weight)
-        elif module is getattr(self, "token_embedding", None):
+        elif module is getattr(self, "token_embedding", None):  # a table or gains
             nn.init.zeros_(module.weight)  # no token term until the Copilot learns one
 
 
@@ -351,9 +363,12 @@ class CopilotModel(CopilotPreTrainedModel):
         super().__init__(config)
         self.error_proj = nn.Linear(config.vocab_size, config.hidden_size, bias=False)  # W_in
         # E: the token each error is about (CopilotConfig.token_embedding)
-        self.token_embedding = (
-            nn.Embedding(config.vocab_size, config.hidden_size) if config.token_embedding else None
-        )
+        if config.token_embedding == "gain":
+            self.token_embedding = TokenGain(config.hidden_size)
+        else:
+            self.token_embedding = (
+                nn.Embedding(config.vocab_size, config.hidden_size) if config.token_embedding else None
+            )
         self.memory_norm = (
             CopilotRMSNorm(config.pilot_hidden_size, config.rms_norm_eps)
             if config.memory_norm
@@ -388,7 +403,7 @@ class CopilotModel(CopilotPreTrainedModel):
         self.error_head.weight[kept:] = 0
         self.error_proj.weight.requires_grad_(old_in.requires_grad)
         self.error_head.weight.requires_grad_(old_out.requires_grad)
-        if self.token_embedding is not None:
+        if isinstance(self.token_embedding, nn.Embedding):  # TokenGain follows W_in
             old_tokens = self.token_embedding.weight
             self.token_embedding = nn.Embedding(vocab_size, self.config.hidden_size).to(old_tokens)
             self.token_embedding.weight[:kept] = old_tokens[:kept]
@@ -430,7 +445,10 @@ class CopilotModel(CopilotPreTrainedModel):
         no term), or the rows themselves without `CopilotConfig.token_embedding`."""
         if self.token_embedding is None:
             return rows
-        embedded = self.token_embedding(tokens).to(rows.dtype)
+        if isinstance(self.token_embedding, TokenGain):
+            embedded = self.token_embedding(tokens, self.error_proj.weight).to(rows.dtype)
+        else:
+            embedded = self.token_embedding(tokens).to(rows.dtype)
         if mask is not None:
             embedded = embedded * mask.unsqueeze(-1).to(rows.dtype)
         return rows + embedded
