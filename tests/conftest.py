@@ -57,6 +57,7 @@ from transformers import (
 )
 
 from hf_copilot import CopilotConfig, PilotCopilotForCausalLM
+from hf_copilot.modeling_copilot import TokenGain
 
 # Tiny models gain nothing from intra-op threads; on a busy machine the thread pool's spinning
 # made the suite several times slower than this.
@@ -125,13 +126,24 @@ def tiny_copilot_config(**overrides) -> CopilotConfig:
     return CopilotConfig(**{"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4, **overrides})
 
 
+def token_term(copilot, tokens: torch.Tensor) -> torch.Tensor | float:
+    """What `CopilotConfig.token_embedding` adds to the rows of errors about `tokens`, by indexing: E[x] for the
+    table, g * W_in[:, x] for the gains, 0 without."""
+    embedding = copilot.token_embedding
+    if embedding is None:
+        return 0.0
+    if isinstance(embedding, TokenGain):
+        return embedding.weight * copilot.error_proj.weight.t()[tokens]
+    return embedding.weight[tokens]
+
+
 @torch.no_grad()
 def randomize_copilot(model: PilotCopilotForCausalLM, std: float = 0.5, seed: int = 0) -> None:
     """Re-draw every Linear weight of the Copilot (and its token embedding) with a large std so its effect is
     visible."""
     generator = torch.Generator().manual_seed(seed)
     for module in model.copilot.modules():
-        if isinstance(module, (torch.nn.Linear, torch.nn.Embedding)):
+        if isinstance(module, (torch.nn.Linear, torch.nn.Embedding, TokenGain)):
             weight = torch.randn(module.weight.shape, generator=generator) * std
             module.weight.copy_(weight.to(module.weight.dtype))
 

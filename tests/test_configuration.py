@@ -33,6 +33,8 @@ BAD_FIELDS = [
     ({"initial_error_norm": float("inf")}, "initial_error_norm", "finite number > 0, or None, got inf"),
     ({"error_form": "logits"}, "error_form", "Unknown error_form='logits': use one of"),
     ({"position_encoding": "alibi"}, "position_encoding", "Unknown position_encoding='alibi': use one of"),
+    ({"token_embedding": "table"}, "token_embedding", "Unknown token_embedding='table': use one of"),
+    ({"token_embedding": 1}, "token_embedding", "value 1 doesn't match any type"),
     ({"error_loss": "huber"}, "error_loss", "Unknown error_loss='huber': use one of"),
     ({"error_proj_init_std": -1.0}, "error_proj_init_std", "finite number > 0, or None, got -1.0"),
     ({"error_proj_init_std": float("nan")}, "error_proj_init_std", "finite number > 0, or None, got nan"),

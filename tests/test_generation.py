@@ -26,6 +26,7 @@ from conftest import (
     char_tokenizer,
     graph_recorder,
     tiny_copilot_config,
+    token_term,
 )
 from torch.overrides import TorchFunctionMode
 from transformers import AutoModelForCausalLM, CompileConfig, DynamicCache, pipeline
@@ -57,7 +58,7 @@ def fused_model(
     arch: str = "llama",
     error_form: str = "linear",
     position_encoding: str = "none",
-    token_embedding: bool = False,
+    token_embedding: bool | str = False,
     **fusion,
 ) -> PilotCopilotForCausalLM:
     """A float64 Pilot+Copilot without EOS (every sequence runs to max_new_tokens, as the references
@@ -102,14 +103,14 @@ def reference_step(model: PilotCopilotForCausalLM, sequence: torch.Tensor, promp
     copilot = model.copilot
     observed = entry.errors.embed(copilot.error_proj.weight)  # W_in e_j
     stream = torch.cat([torch.zeros_like(observed[:, :1]), observed[:, :-1]], dim=1)
-    # With a token embedding every position j > 0 (no padding here) also reads E[x_j], in either mode.
-    tokens = 0 if copilot.token_embedding is None else copilot.token_embedding(sequence[:, 1:])
+    # With a token term every position j > 0 (no padding here) also reads E[x_j], in either mode.
+    tokens = token_term(copilot, sequence[:, 1:])
     stream[:, 1:] += tokens
     copilot_errors = copilot(stream, entry.x_tilde, entry.h_bar, pilot_errors=entry.errors)
     if feedback == "copilot":
         for _ in range(sequence.shape[1] - prompt_length):
             own = copilot.embed_predicted_errors(copilot_errors[:, prompt_length - 1 : -1])
-            own += 0 if copilot.token_embedding is None else tokens[:, prompt_length - 1 :]
+            own += tokens[:, prompt_length - 1 :] if torch.is_tensor(tokens) else tokens
             stream = torch.cat([stream[:, :prompt_length], own], dim=1)
             copilot_errors = copilot(stream, entry.x_tilde, entry.h_bar, pilot_errors=entry.errors)
     return out.logits[:, -1].float(), copilot_errors[:, -1]
@@ -260,11 +261,13 @@ def test_rotary_copilot_decodes_as_the_full_recomputation(feedback):
     assert_decodes_as_the_references(model, input_ids, fused)
 
 
+@pytest.mark.parametrize("token_embedding", [True, "gain"])
 @pytest.mark.parametrize("feedback", FEEDBACK_MODES)
-def test_a_copilot_with_a_token_embedding_decodes_as_the_full_recomputation(feedback):
-    """token_embedding: position j reads E[x_j] beside its error row, in either feedback mode. Greedy, beam search,
-    a left-padded batch (no term after padding) and the static cache give the references' tokens."""
-    model = fused_model(token_embedding=True, copilot_feedback=feedback)
+def test_a_copilot_with_a_token_embedding_decodes_as_the_full_recomputation(feedback, token_embedding):
+    """token_embedding: position j reads E[x_j] (the table's row, or the gains on W_in's column) beside its error
+    row, in either feedback mode. Greedy, beam search, a left-padded batch (no term after padding) and the static
+    cache give the references' tokens."""
+    model = fused_model(token_embedding=token_embedding, copilot_feedback=feedback)
     input_ids = prompt()
     fused = greedy(model, input_ids)
     assert not torch.equal(fused, greedy(model, input_ids, copilot_lambda=0.0))
@@ -612,7 +615,7 @@ def test_compiled_decoding_compiles_the_copilot_step_once_and_gives_the_same_tok
 # The paper's feedback in training (exposure) and in teacher-forced evaluation
 
 
-@pytest.mark.parametrize("token_embedding", [False, True])
+@pytest.mark.parametrize("token_embedding", [False, True, "gain"])
 def test_copilot_stream_feeds_answer_positions_the_copilots_own_first_pass_prediction(token_embedding):
     config = tiny_copilot_config(token_embedding=token_embedding)
     model = build_pilot_copilot("llama", config, copilot_std=0.5)
@@ -623,8 +626,7 @@ def test_copilot_stream_feeds_answer_positions_the_copilots_own_first_pass_predi
     # reads W_in f_{j-1} from a pass over the observed stream instead. With a token embedding both also
     # read E[x_j].
     tokens = torch.zeros(2, 8, copilot.config.hidden_size)
-    if token_embedding:
-        tokens[:, 1:] = copilot.token_embedding(batch["input_ids"][:, 1:])
+    tokens[:, 1:] = token_term(copilot, batch["input_ids"][:, 1:])
     observed = torch.zeros(2, 8, copilot.config.hidden_size)
     observed[:, 1:] = entry.errors.dense()[:, :-1] @ copilot.error_proj.weight.t()
     observed += tokens

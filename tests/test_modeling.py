@@ -17,6 +17,7 @@ from conftest import (
     padded_position_ids,
     tiny_copilot_config,
     tiny_pilot_config,
+    token_term,
 )
 from transformers import (
     AutoModelForCausalLM,
@@ -551,15 +552,20 @@ def test_fused_logits_with_lambda_zero_are_the_pilot_logits(arch, fusion):
     assert torch.equal(out.fused_logits, model.pilot(**pilot_inputs(build_batch())).logits)
 
 
-@pytest.mark.parametrize(("tied", "token_embedding"), [(False, False), (True, False), (False, True)])
+@pytest.mark.parametrize(
+    ("tied", "token_embedding"), [(False, False), (True, False), (False, True), (False, "gain")]
+)
 def test_resize_token_embeddings_resizes_the_pilot_and_the_copilot_together(tmp_path, tied, token_embedding):
     pilot = build_pilot("llama", tie_word_embeddings=tied)
     model = build_pilot_copilot(pilot, tiny_copilot_config(token_embedding=token_embedding))
     vocab = model.config.text_config.vocab_size
     old_in, old_out = model.copilot.error_proj.weight.clone(), model.copilot.error_head.weight.clone()
     old_tokens = model.copilot.token_embedding.weight.clone() if token_embedding else None
+    gains = model.copilot.token_embedding if token_embedding == "gain" else None
     embeddings = model.resize_token_embeddings(vocab + 5)
-    if token_embedding:  # kept tokens keep their rows; a new token starts with no term
+    if gains is not None:  # the gains read W_in's columns, which follow the vocabulary themselves
+        assert model.copilot.token_embedding is gains and torch.equal(gains.weight, old_tokens)
+    elif token_embedding:  # kept tokens keep their rows; a new token starts with no term
         assert model.copilot.token_embedding.weight.shape == (vocab + 5, old_tokens.shape[1])
         assert torch.equal(model.copilot.token_embedding.weight[:vocab], old_tokens)
         assert not model.copilot.token_embedding.weight[vocab:].any()
@@ -586,13 +592,15 @@ def test_resize_token_embeddings_resizes_the_pilot_and_the_copilot_together(tmp_
     assert torch.equal(model.copilot.error_head.weight, old_out[: vocab - 2])
 
 
-def test_a_token_embedding_starts_at_zero_and_adds_each_errors_token_to_its_row():
+@pytest.mark.parametrize("token_embedding", [True, "gain"])
+def test_a_token_embedding_starts_at_zero_and_adds_each_errors_token_to_its_row(token_embedding):
     """`token_embedding`: the row of error e_j is W_in e_j + E[x_{j+1}] (zero where position j has no real next
-    token). E starts at zero, so a new Copilot computes what the same Copilot without it computes, and it learns."""
+    token), E[x] a learnt table's row or learnt gains on W_in's column, g * W_in[:, x]. E starts at zero, so a new
+    Copilot computes what the same Copilot without it computes, and it learns."""
     batch = build_batch()  # row 1 left-padded
     torch.manual_seed(0)
     model = PilotCopilotForCausalLM.from_pilot(
-        build_pilot("llama"), tiny_copilot_config(token_embedding=True)
+        build_pilot("llama"), tiny_copilot_config(token_embedding=token_embedding)
     )
     plain = PilotCopilotForCausalLM.from_pilot(
         build_pilot("llama"), tiny_copilot_config(token_embedding=False)
@@ -604,12 +612,16 @@ def test_a_token_embedding_starts_at_zero_and_adds_each_errors_token_to_its_row(
     assert torch.equal(out.loss, plain_out.loss)
     assert torch.equal(out.predicted_error, plain_out.predicted_error)
     out.loss.backward()
-    learnt = model.copilot.token_embedding.weight.grad.abs().sum(-1) > 0
-    # Every token read before the last position (whose output has no loss) gets a gradient.
-    assert learnt[batch["input_ids"][:, 1:-1][batch["attention_mask"][:, :-2].bool()]].all()
+    if token_embedding == "gain":
+        assert model.copilot.token_embedding.weight.grad.abs().min() > 0
+    else:
+        learnt = model.copilot.token_embedding.weight.grad.abs().sum(-1) > 0
+        # Every token read before the last position (whose output has no loss) gets a gradient.
+        assert learnt[batch["input_ids"][:, 1:-1][batch["attention_mask"][:, :-2].bool()]].all()
 
     with torch.no_grad():
         model.copilot.token_embedding.weight.normal_(generator=torch.Generator().manual_seed(1))
+        assert model.copilot.token_embedding.weight.any()
         entry = model(**batch, return_mistake_log=True).mistake_log_entry
         rows = model.copilot.embed_errors(entry.errors)
     copilot, real = model.copilot, batch["attention_mask"].bool()
@@ -618,7 +630,7 @@ def test_a_token_embedding_starts_at_zero_and_adds_each_errors_token_to_its_row(
             if j + 1 < real.shape[1] and real[row, j] and real[row, j + 1]:
                 token = batch["input_ids"][row, j + 1]
                 error = F.one_hot(token, VOCAB_SIZE).float() - entry.errors.probs[row, j]
-                expected = copilot.error_proj(error) + copilot.token_embedding.weight[token]
+                expected = copilot.error_proj(error) + token_term(copilot, token)
             else:
                 expected = torch.zeros(copilot.config.hidden_size)
             torch.testing.assert_close(rows[row, j], expected, rtol=1e-5, atol=1e-5)

@@ -391,10 +391,13 @@ def test_a_checkpoint_saved_before_position_encoding_existed_loads_without_posit
     assert_same_outputs(model, loaded)
 
 
-@pytest.mark.parametrize("field", ["memory_norm", "token_embedding"])
-def test_a_copilots_optional_weight_is_saved_and_loads_as_saved(field, tmp_path):
-    """The memory norm's scale and the token embedding: in the file, and loaded into a Copilot that has them."""
-    model = build_pilot_copilot("llama", tiny_copilot_config(**{field: True}))  # the embedding is re-drawn
+@pytest.mark.parametrize(
+    ("field", "value"), [("memory_norm", True), ("token_embedding", True), ("token_embedding", "gain")]
+)
+def test_a_copilots_optional_weight_is_saved_and_loads_as_saved(field, value, tmp_path):
+    """The memory norm's scale and the token term (table or gains): in the file, and loaded into a Copilot that
+    has them."""
+    model = build_pilot_copilot("llama", tiny_copilot_config(**{field: value}))  # the token term is re-drawn
     weight = getattr(model.copilot, field).weight
     if field == "memory_norm":  # ones at initialisation, what a missing tensor would get too
         with torch.no_grad():
@@ -402,7 +405,7 @@ def test_a_copilots_optional_weight_is_saved_and_loads_as_saved(field, tmp_path)
     model.save_pretrained(tmp_path)
     assert torch.equal(load_file(tmp_path / "model.safetensors")[f"copilot.{field}.weight"], weight)
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
-    assert getattr(loaded.copilot.config, field)
+    assert getattr(loaded.copilot.config, field) == value
     assert_same_outputs(model.eval(), loaded)
 
 

@@ -28,8 +28,10 @@ from conftest import (
     build_pilot_copilot,
     char_tokenizer,
     graph_recorder,
+    randomize_copilot,
     run_without_hf_copilot,
     tiny_copilot_config,
+    token_term,
 )
 from huggingface_hub.errors import StrictDataclassClassValidationError
 from safetensors.torch import load_file
@@ -116,7 +118,7 @@ def build_model(
     pilot=None,
     position_encoding: str = "none",
     error_form: str = "linear",
-    token_embedding: bool = False,
+    token_embedding: bool | str = False,
     **fusion,
 ) -> PilotCopilotForSeq2SeqLM:
     """A tiny Pilot with a tiny encoder-decoder Copilot (2 layers, hidden 32), its Linear weights re-drawn with
@@ -130,10 +132,7 @@ def build_model(
     )
     model = PilotCopilotForSeq2SeqLM.from_pilot(pilot, copilot_config, **fusion)
     if copilot_std is not None:
-        generator = torch.Generator().manual_seed(seed + 1)
-        for module in model.copilot.modules():
-            if isinstance(module, (torch.nn.Linear, torch.nn.Embedding)):
-                module.weight.copy_(torch.randn(module.weight.shape, generator=generator) * copilot_std)
+        randomize_copilot(model, copilot_std, seed=seed + 1)
     return model.eval()
 
 
@@ -208,9 +207,8 @@ def reference_step(model, inputs, sequence: torch.Tensor, feedback: str, prompt_
     stream = shift_right(
         errors.to(model.copilot.error_proj.weight.dtype) @ model.copilot.error_proj.weight.t()
     )
-    # With a token embedding every position j > 0 also reads E[sequence[j]], in either mode.
-    embedding = model.copilot.token_embedding
-    tokens = 0 if embedding is None else embedding(sequence[:, 1:])
+    # With a token term every position j > 0 also reads E[sequence[j]], in either mode.
+    tokens = token_term(model.copilot, sequence[:, 1:])
     stream[:, 1:] += tokens
     hidden = model.pilot(**inputs, decoder_input_ids=sequence, output_hidden_states=True)
     x_tilde, h_bar = hidden.encoder_last_hidden_state, torch.stack(hidden.decoder_hidden_states[1:]).mean(0)
@@ -224,7 +222,7 @@ def reference_step(model, inputs, sequence: torch.Tensor, feedback: str, prompt_
     if feedback == "copilot":
         for _ in range(sequence.shape[1] - prompt_length):
             own = model.copilot.embed_predicted_errors(copilot_errors[:, prompt_length - 1 : -1])
-            own += 0 if embedding is None else tokens[:, prompt_length - 1 :]
+            own += tokens[:, prompt_length - 1 :] if torch.is_tensor(tokens) else tokens
             stream = torch.cat([stream[:, :prompt_length], own], dim=1)
             copilot_errors = model.copilot(
                 stream, x_tilde, h_bar, encoder_attention_mask=mask, pilot_errors=pilot
@@ -543,12 +541,14 @@ def test_fused_greedy_equals_full_recomputation(arch, fusion, feedback):
     assert torch.equal(fused, reference_greedy(model, inputs))
 
 
+@pytest.mark.parametrize("token_embedding", [True, "gain"])
 @pytest.mark.parametrize("feedback", FEEDBACK_MODES)
 @pytest.mark.parametrize("arch", ARCHITECTURES)
-def test_a_copilot_with_a_token_embedding_decodes_as_the_full_recomputation(arch, feedback):
-    """token_embedding: decoder position j reads E[y_j] beside its error row, in either feedback mode."""
+def test_a_copilot_with_a_token_embedding_decodes_as_the_full_recomputation(arch, feedback, token_embedding):
+    """token_embedding: decoder position j reads E[y_j] (a table's row or gains on W_in's column) beside its error
+    row, in either feedback mode."""
     with torch.no_grad():
-        model = build_model(arch, copilot_feedback=feedback, token_embedding=True).double()
+        model = build_model(arch, copilot_feedback=feedback, token_embedding=token_embedding).double()
         model.copilot.error_head.weight.mul_(ERROR_HEAD_SCALE[arch])
     model.generation_config.eos_token_id = None
     inputs = source(batch_size=2, right_padding=(0, 2))
