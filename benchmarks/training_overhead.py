@@ -58,6 +58,8 @@ HEAD_LABELS = {
     "formed": "reweight, f_C formed",
     "linear_formed": "linear, f_C formed",
     "paper": "linear, the paper's feedback",
+    "token_gain": "reweight, cross-entropy, token gains",
+    "no_token_embedding": "reweight, cross-entropy, no token term",
 }
 NOTES = [
     "- The FLOP ratio counts matmuls and attention only. The Copilot also makes memory-bound passes over "
@@ -73,8 +75,10 @@ NOTES = [
     "formed (a hooked head takes that path), as training ran it before the fused loss; `linear_formed` the "
     "linear head with f_C formed, as training ran it before W_out was applied implicitly; `paper` the paper's "
     "feedback mode with its defaults (the linear head, memory_norm), trained with its own first-pass predictions "
-    "fed back at answer positions (`copilot_stream`, W_in W_out applied to the first pass's head input). All "
-    "heads of a ratio run in the same interleaved rounds.",
+    "fed back at answer positions (`copilot_stream`, W_in W_out applied to the first pass's head input); "
+    "`token_gain` and `no_token_embedding` the default head at the same shape with the token term as d_C gains "
+    "on W_in's columns (`token_embedding='gain'`) or without one, instead of the [V, d_C] table. All heads of a "
+    "ratio run in the same interleaved rounds.",
     "- Optimised after profiling (same results, tested): `PilotErrors.squared_distance` has a hand-written "
     "backward, and `MistakeLog.add` builds no [B,T,V] temporaries for its statistics.",
     "- The machine is shared with other processes (see the load average): two OpenMP threads stall when one "
@@ -626,7 +630,8 @@ def main(argv: list[str] | None = None) -> dict:
         default=["default"],
         help="Copilot heads per ratio, in the same interleaved rounds: default (the reweight head on the "
         "cross-entropy), linear (the paper's head on the squared error), formed / linear_formed (that head with "
-        "f_C formed, as a hooked head trains), paper (the paper's feedback mode: its own predictions fed back)",
+        "f_C formed, as a hooked head trains), paper (the paper's feedback mode: its own predictions fed back), "
+        "token_gain / no_token_embedding (the default at the same shape with token_embedding='gain' / False)",
     )
     parser.add_argument(
         "--optim",
@@ -688,6 +693,8 @@ def main(argv: list[str] | None = None) -> dict:
         config = copilot_for_ratio(target, setup, pilot_params)
         if head.startswith("linear"):
             config.error_form = "linear"
+        # The same shape with the token term as gains on W_in's columns, or without one: what the table costs.
+        config.token_embedding = {"token_gain": "gain", "no_token_embedding": False}.get(head, True)
         # paper: the paper's feedback mode with its defaults (the linear head, memory_norm); CopilotTrainer then
         # feeds the Copilot its own first-pass predictions at answer positions (copilot_feedback_fraction=1).
         feedback = "copilot" if head == "paper" else "observed"
