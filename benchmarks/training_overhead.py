@@ -61,6 +61,8 @@ HEAD_LABELS = {
     "token_gain": "reweight, cross-entropy, token gains",
     "no_token_embedding": "reweight, cross-entropy, no token term",
 }
+# The heads that change the default Copilot's token term (CopilotConfig.token_embedding), at the same shape.
+TOKEN_TERMS = {"token_gain": "gain", "no_token_embedding": False}
 NOTES = [
     "- The FLOP ratio counts matmuls and attention only. The Copilot also makes memory-bound passes over "
     "[B,T,V] tensors that cost no matmul FLOPs: the softmax of the Mistake Log entry, and with a log that "
@@ -693,8 +695,8 @@ def main(argv: list[str] | None = None) -> dict:
         config = copilot_for_ratio(target, setup, pilot_params)
         if head.startswith("linear"):
             config.error_form = "linear"
-        # The same shape with the token term as gains on W_in's columns, or without one: what the table costs.
-        config.token_embedding = {"token_gain": "gain", "no_token_embedding": False}.get(head, True)
+        if head in TOKEN_TERMS:  # the same shape, another token term: what the default's table costs
+            config.token_embedding = TOKEN_TERMS[head]
         # paper: the paper's feedback mode with its defaults (the linear head, memory_norm); CopilotTrainer then
         # feeds the Copilot its own first-pass predictions at answer positions (copilot_feedback_fraction=1).
         feedback = "copilot" if head == "paper" else "observed"

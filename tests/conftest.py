@@ -126,12 +126,12 @@ def tiny_copilot_config(**overrides) -> CopilotConfig:
     return CopilotConfig(**{"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4, **overrides})
 
 
-def token_term(copilot, tokens: torch.Tensor) -> torch.Tensor | float:
-    """What `CopilotConfig.token_embedding` adds to the rows of errors about `tokens`, by indexing: E[x] for the
-    table, g * W_in[:, x] for the gains, 0 without."""
+def token_term(copilot, tokens: torch.Tensor) -> torch.Tensor:
+    """What `CopilotConfig.token_embedding` adds to the rows of errors about `tokens` [..., d_C], by indexing: E[x]
+    for the table, g * W_in[:, x] for the gains, zeros without."""
     embedding = copilot.token_embedding
     if embedding is None:
-        return 0.0
+        return copilot.error_proj.weight.new_zeros(*tokens.shape, copilot.config.hidden_size)
     if isinstance(embedding, TokenGain):
         return embedding.weight * copilot.error_proj.weight.t()[tokens]
     return embedding.weight[tokens]

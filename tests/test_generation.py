@@ -110,7 +110,7 @@ def reference_step(model: PilotCopilotForCausalLM, sequence: torch.Tensor, promp
     if feedback == "copilot":
         for _ in range(sequence.shape[1] - prompt_length):
             own = copilot.embed_predicted_errors(copilot_errors[:, prompt_length - 1 : -1])
-            own += tokens[:, prompt_length - 1 :] if torch.is_tensor(tokens) else tokens
+            own += tokens[:, prompt_length - 1 :]
             stream = torch.cat([stream[:, :prompt_length], own], dim=1)
             copilot_errors = copilot(stream, entry.x_tilde, entry.h_bar, pilot_errors=entry.errors)
     return out.logits[:, -1].float(), copilot_errors[:, -1]

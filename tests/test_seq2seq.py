@@ -222,7 +222,7 @@ def reference_step(model, inputs, sequence: torch.Tensor, feedback: str, prompt_
     if feedback == "copilot":
         for _ in range(sequence.shape[1] - prompt_length):
             own = model.copilot.embed_predicted_errors(copilot_errors[:, prompt_length - 1 : -1])
-            own += tokens[:, prompt_length - 1 :] if torch.is_tensor(tokens) else tokens
+            own += tokens[:, prompt_length - 1 :]
             stream = torch.cat([stream[:, :prompt_length], own], dim=1)
             copilot_errors = model.copilot(
                 stream, x_tilde, h_bar, encoder_attention_mask=mask, pilot_errors=pilot
