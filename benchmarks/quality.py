@@ -173,7 +173,7 @@ class Setting:
     learning_rate: float = 3e-3
     shape: PilotShape | T5Shape = field(default_factory=lambda: PilotShape(64, 2, 4))
     label: str = ""  # the name records and --tasks use where one task has two settings
-    on_request: bool = False  # run only when --tasks names it (a Pilot-only baseline, not a default setting)
+    on_request: bool = False  # run only when --tasks names it: a comparison, not a protocol setting
 
     @property
     def name(self) -> str:
@@ -195,9 +195,9 @@ SETTINGS = {
             2e-3,
             label="word_problems_worked",
         ),
-        # The Pilot fine-tuned for about as long as Pilot + Copilot trains (joint run and Copilot-only phase: 2.7x,
-        # 3.8x and 3.3x the Pilot's time on these three families): the compute-matched baseline, once the Pilot
-        # has learnt more of what its data teaches.
+        # The Pilot fine-tuned for about as long as Pilot + Copilot trains (joint run and Copilot-only phase:
+        # 2.5-2.7x, 3.7-4.3x and 2.7-2.9x the Pilot's time on these three families): the compute-matched Pilot,
+        # and the Copilot on top of a Pilot that has learnt more of what its data teaches.
         Setting(
             "arithmetic",
             {"digits": 2, "operations": "+-"},
