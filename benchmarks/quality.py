@@ -7,7 +7,8 @@ Regimes:
   scratch     tiny Pilots trained from random initialisation on one task
 Settings run only when --tasks names them: arithmetic_12_epochs, recommendation_9_epochs and
 word_problems_worked_12_epochs, the same tasks fine-tuned for 2x, 3x and 3x the epochs, about as long as
-Pilot + Copilot trains on them (the compute-matched Pilot, and the Copilot on top of a better-trained Pilot).
+Pilot + Copilot trains on them (the compute-matched Pilot, and the Copilot on top of a better-trained Pilot);
+arithmetic_24_epochs and recommendation_18_epochs, twice that again (the Pilot matched to the latter).
 Arms (same Pilot initialisation, data order and steps):
   pilot               the Pilot fine-tuned alone with the stock Trainer
   pilot_copilot       Pilot + a randomly initialised Copilot, CopilotTrainer with the package defaults (the
@@ -226,12 +227,17 @@ def trained_longer(setting: Setting, multiple: int) -> Setting:
 
 # The Pilot fine-tuned for about as long as Pilot + Copilot trains (joint run and Copilot-only phase: 2.5-2.7x,
 # 3.7-4.3x and 2.7-2.9x the Pilot's time on these families): the compute-matched Pilot, and the Copilot on top of
-# a Pilot that has learnt more of what its data teaches.
-LONGER_TRAINING = {"arithmetic": 2, "recommendation": 3, "word_problems_worked": 3}
+# a Pilot that has learnt more of what its data teaches; and twice that again, the Pilot matched to the latter.
+LONGER_TRAINING = (
+    ("arithmetic", 2),
+    ("arithmetic", 4),
+    ("recommendation", 3),
+    ("recommendation", 6),
+    ("word_problems_worked", 3),
+)
+PROTOCOL_SETTINGS = {setting.name: setting for setting in SETTINGS["pretrained"]}
 SETTINGS["pretrained"] += [
-    trained_longer(setting, LONGER_TRAINING[setting.name])
-    for setting in SETTINGS["pretrained"]
-    if setting.name in LONGER_TRAINING
+    trained_longer(PROTOCOL_SETTINGS[name], multiple) for name, multiple in LONGER_TRAINING
 ]
 
 
