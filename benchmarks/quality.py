@@ -705,7 +705,9 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--regime", choices=sorted(SETTINGS), default="pretrained")
-    parser.add_argument("--tasks", nargs="+", help="default: every task of the regime")
+    parser.add_argument(
+        "--tasks", nargs="+", help="default: every task of the regime but the on-request ones (named only)"
+    )
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--eval-size", type=int, default=400)
     parser.add_argument("--output", default=RESULTS)
@@ -739,6 +741,12 @@ def main() -> None:
         "measured_as), for an arm measured under another name before it became the default",
     )
     args = parser.parse_args()
+    known = {setting.name for setting in SETTINGS[args.regime]}
+    if args.tasks and not args.from_records and set(args.tasks) - known:
+        parser.error(
+            f"unknown --tasks {sorted(set(args.tasks) - known)} for --regime {args.regime}: "
+            f"choose from {sorted(known)}"
+        )
     torch.set_num_threads(1)
     transformers.utils.logging.set_verbosity_error()
     command = "python benchmarks/quality.py " + shlex.join(sys.argv[1:])
@@ -769,7 +777,8 @@ def main() -> None:
         family = load_t5_family() if args.regime == "pretrained_t5" else load_family()
     records = []
     for setting in SETTINGS[args.regime]:
-        if (args.tasks or setting.on_request) and setting.name not in (args.tasks or ()):
+        wanted = setting.name in args.tasks if args.tasks else not setting.on_request
+        if not wanted:
             continue
         if args.quick:
             setting = dataclasses.replace(setting, train_size=200, epochs=0.5)
