@@ -37,6 +37,9 @@ Arms (same Pilot initialisation, data order and steps):
                       the Copilot's weights (copilot_weight_decay; the benchmarks' weight_decay is 0)
   pilot_copilot_last_layer  an input diagnostic: the Copilot's memory holds the Pilot's last hidden state instead
                       of the mean over its layers (h_bar, the paper's), in training and at generation
+  pilot_copilot_reserved_phase  a data diagnostic: the joint run on the first 3/4 of the training examples, the
+                      Copilot-only phase on the last quarter, which the Pilot never saw, so the Copilot learns the
+                      errors the final Pilot makes on unseen prompts (the default phase's number of batches)
   pilot_copilot_paper the same trained for the paper's feedback mode (copilot_feedback="copilot", the
                       Copilot reads its own predictions at answer positions in training too; built for that
                       mode, it has memory_norm and the paper's linear head on the squared error by default)
@@ -112,6 +115,7 @@ from hf_copilot import (
     modeling_pilot_copilot,
 )
 from hf_copilot.configuration_pilot_copilot import INITIAL_ERROR_NORM, copilot_config_like
+from hf_copilot.copilot_final_phase import final_phase_batches
 from hf_copilot.experiments.data import (
     DataCollatorForCompletion,
     tokenize_examples,
@@ -142,6 +146,7 @@ ARMS = (
     "pilot_copilot_weight_decay_0.1",
     "pilot_copilot_weight_decay_1",
     "pilot_copilot_last_layer",
+    "pilot_copilot_reserved_phase",
     "pilot_copilot_paper",
     "pilot_copilot_memory_norm",
     "pilot_copilot_no_token_embedding",
@@ -342,19 +347,30 @@ class Experiment:
         with_copilot: bool,
         data_seed: int | None = None,
         copilot_change: dict | None = None,
+        reserve: float = 0.0,
     ):
+        """`reserve`: the fraction of the training examples (the last ones) kept from the joint run for the
+        Copilot-only phase, which then trains as many batches as the default phase would on the joint run's data."""
+        if reserve:
+            copilot_change = {**(copilot_change or {}), "copilot_final_epochs": 0.0}
         args = arguments(self.setting, self.seed, self.scratch, with_copilot, data_seed, copilot_change)
         trainer_class = CopilotTrainer if with_copilot else Trainer
         evaluation = self.tokenize(self.validation, self.tokenizer) if with_copilot else None
+        joint_size = len(self.dataset) - round(reserve * len(self.dataset))
         trainer = trainer_class(
             model=model,
             args=args,
-            train_dataset=self.dataset,
+            train_dataset=self.dataset.select(range(joint_size)) if reserve else self.dataset,
             eval_dataset=evaluation,
             data_collator=self.collator,
         )
         started = time.time()
         trainer.train()
+        if reserve:
+            joint_batches = trainer.state.global_step * args.gradient_accumulation_steps
+            batches = final_phase_batches(None, trainer.get_train_dataloader(), joint_batches)
+            trainer.train_dataset = self.dataset.select(range(joint_size, len(self.dataset)))
+            trainer.train_copilot_on_final_pilot(batches / len(trainer.get_train_dataloader()))
         seconds = time.time() - started
         r2 = None
         if with_copilot:  # held out, and on as many training prompts: how much of R^2 carries over
@@ -440,13 +456,16 @@ def run(
         joint = experiment.wrapper.from_pilot(experiment.pilot(), experiment.copilot_config())
         copilot_records("pilot_copilot", feedback_modes, *experiment.fine_tune(joint, with_copilot=True))
 
-    def ablation_records(arm: str, change: dict, modes=feedback_modes, training: dict | None = None) -> None:
-        """pilot_copilot with one CopilotConfig field (`change`) or training argument (`training`) changed,
-        from the same seeds."""
+    def ablation_records(
+        arm: str, change: dict, modes=feedback_modes, training: dict | None = None, reserve: float = 0.0
+    ) -> None:
+        """pilot_copilot with one CopilotConfig field (`change`), training argument (`training`) or the data the
+        Copilot-only phase reads (`reserve`, Experiment.fine_tune) changed, from the same seeds."""
         torch.manual_seed(seed + 1)
         config = experiment.copilot_config().to_dict() | change
         joint = experiment.wrapper.from_pilot(experiment.pilot(), config)
-        copilot_records(arm, modes, *experiment.fine_tune(joint, with_copilot=True, copilot_change=training))
+        trained = experiment.fine_tune(joint, with_copilot=True, copilot_change=training, reserve=reserve)
+        copilot_records(arm, modes, *trained)
 
     linear = {"error_form": "linear", "error_loss": "squared_error"}
     if "pilot_copilot_linear" in arms:
@@ -493,6 +512,8 @@ def run(
             ablation_records(
                 f"pilot_copilot_weight_decay_{decay}", {}, training={"copilot_weight_decay": float(decay)}
             )
+    if "pilot_copilot_reserved_phase" in arms:
+        ablation_records("pilot_copilot_reserved_phase", {}, reserve=0.25)
     if "pilot_copilot_paper" in arms:
         # The paper's feedback mode, trained for it: answer positions read the Copilot's own predictions.
         torch.manual_seed(seed + 1)
