@@ -538,14 +538,14 @@ def run(
     if "copilot_after_pilot" in arms:
         pilot, pilot_seconds, _ = experiment.fine_tune(experiment.pilot(), with_copilot=False)
         torch.manual_seed(seed + 1)
-        joint = experiment.wrapper.from_pilot(pilot, experiment.copilot_config())
+        model = experiment.wrapper.from_pilot(pilot, experiment.copilot_config())
         after = {
             "freeze_pilot": True,
             "num_train_epochs": DEFAULT_FINAL_EPOCHS,
             "copilot_lr_scheduler_type": None,
         }
-        joint, seconds, r2 = experiment.fine_tune(joint, with_copilot=True, copilot_change=after)
-        copilot_records("copilot_after_pilot", feedback_modes, joint, pilot_seconds + seconds, r2)
+        model, seconds, r2 = experiment.fine_tune(model, with_copilot=True, copilot_change=after)
+        copilot_records("copilot_after_pilot", feedback_modes, model, pilot_seconds + seconds, r2)
     if "pilot_copilot_reserved_phase" in arms:
         ablation_records("pilot_copilot_reserved_phase", {}, reserve=0.25)
     if "pilot_copilot_paper" in arms:
