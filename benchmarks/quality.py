@@ -45,6 +45,8 @@ Arms (same Pilot initialisation, data order and steps):
   copilot_after_pilot  the Copilot added to a Pilot already fine-tuned alone (the pilot arm's): CopilotTrainer
                       with freeze_pilot=True for the default phase's 12 epochs, the Pilot's cosine schedule; no
                       joint run (its time: the Pilot's and the Copilot's together)
+  copilot_after_pilot_as_long  the same for as many epochs as pilot_copilot's Copilot trains (the joint run's and
+                      the phase's), to tell the errors along the Pilot's fine-tuning from the amount of training
   pilot_copilot_paper the same trained for the paper's feedback mode (copilot_feedback="copilot", the
                       Copilot reads its own predictions at answer positions in training too; built for that
                       mode, it has memory_norm and the paper's linear head on the squared error by default)
@@ -153,6 +155,7 @@ ARMS = (
     "pilot_copilot_last_layer",
     "pilot_copilot_reserved_phase",
     "copilot_after_pilot",
+    "copilot_after_pilot_as_long",
     "pilot_copilot_paper",
     "pilot_copilot_memory_norm",
     "pilot_copilot_no_token_embedding",
@@ -535,17 +538,18 @@ def run(
             ablation_records(
                 f"pilot_copilot_weight_decay_{decay}", {}, training={"copilot_weight_decay": float(decay)}
             )
-    if "copilot_after_pilot" in arms:
+    for arm, copilot_epochs in (
+        ("copilot_after_pilot", DEFAULT_FINAL_EPOCHS),
+        ("copilot_after_pilot_as_long", setting.epochs + DEFAULT_FINAL_EPOCHS),
+    ):
+        if arm not in arms:
+            continue
         pilot, pilot_seconds, _ = experiment.fine_tune(experiment.pilot(), with_copilot=False)
         torch.manual_seed(seed + 1)
         model = experiment.wrapper.from_pilot(pilot, experiment.copilot_config())
-        after = {
-            "freeze_pilot": True,
-            "num_train_epochs": DEFAULT_FINAL_EPOCHS,
-            "copilot_lr_scheduler_type": None,
-        }
+        after = {"freeze_pilot": True, "num_train_epochs": copilot_epochs, "copilot_lr_scheduler_type": None}
         model, seconds, r2 = experiment.fine_tune(model, with_copilot=True, copilot_change=after)
-        copilot_records("copilot_after_pilot", feedback_modes, model, pilot_seconds + seconds, r2)
+        copilot_records(arm, feedback_modes, model, pilot_seconds + seconds, r2)
     if "pilot_copilot_reserved_phase" in arms:
         ablation_records("pilot_copilot_reserved_phase", {}, reserve=0.25)
     if "pilot_copilot_paper" in arms:
