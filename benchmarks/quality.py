@@ -89,6 +89,7 @@ prompts, and the training time.
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import json
 import os
@@ -340,6 +341,14 @@ class Experiment:
         self.tokenize = tokenize_seq2seq_examples if self.seq2seq else tokenize_examples
         self.dataset = self.tokenize(self.train, self.tokenizer)
         self.scratch = tempfile.mkdtemp(prefix="quality-")
+        self._fine_tuned_pilot = None
+
+    def fine_tuned_pilot(self):
+        """The Pilot fine-tuned alone and its training seconds, trained once per experiment: the pilot arm scores
+        it, the added-after arms each put a Copilot on a copy of it."""
+        if self._fine_tuned_pilot is None:
+            self._fine_tuned_pilot = self.fine_tune(self.pilot(), with_copilot=False)[:2]
+        return self._fine_tuned_pilot
 
     def pilot(self, member: str = "base"):
         torch.manual_seed(self.seed)
@@ -476,7 +485,7 @@ def run(
             progress(records[-1])
 
     if "pilot" in arms:
-        pilot_record("pilot", *experiment.fine_tune(experiment.pilot(), with_copilot=False)[:2])
+        pilot_record("pilot", *experiment.fine_tuned_pilot())
     if "pilot_copilot" in arms:
         torch.manual_seed(seed + 1)
         joint = experiment.wrapper.from_pilot(experiment.pilot(), experiment.copilot_config())
@@ -544,9 +553,9 @@ def run(
     ):
         if arm not in arms:
             continue
-        pilot, pilot_seconds, _ = experiment.fine_tune(experiment.pilot(), with_copilot=False)
+        pilot, pilot_seconds = experiment.fine_tuned_pilot()
         torch.manual_seed(seed + 1)
-        model = experiment.wrapper.from_pilot(pilot, experiment.copilot_config())
+        model = experiment.wrapper.from_pilot(copy.deepcopy(pilot), experiment.copilot_config())
         after = {"freeze_pilot": True, "num_train_epochs": copilot_epochs, "copilot_lr_scheduler_type": None}
         model, seconds, r2 = experiment.fine_tune(model, with_copilot=True, copilot_change=after)
         copilot_records(arm, feedback_modes, model, pilot_seconds + seconds, r2)
