@@ -520,7 +520,10 @@ class CopilotModel(CopilotPreTrainedModel):
             return build_attention_mask(query_positions, key_positions, padding, stream.dtype)
 
         masks: dict = {"build": build}
-        positions = self.positions(query_positions, memory_positions, stream.dtype)
+        # Over a static cache the table covers the whole generation from the prefill on: a compiled step never
+        # grows it.
+        num_positions = max(past + length, getattr(kv_cache, "max_positions", 0))
+        positions = self.positions(query_positions, memory_positions, stream.dtype, num_positions)
         hidden = stream
         for layer in self.layers:
             hidden = layer(hidden, memory, positions, masks, kv_cache)
@@ -553,16 +556,35 @@ class CopilotModel(CopilotPreTrainedModel):
         return self.memory_proj(self.memory_norm(memory.to(self.error_proj.weight.dtype)))
 
     def positions(
-        self, query_positions: torch.Tensor, memory_positions: torch.Tensor, dtype: torch.dtype
+        self,
+        query_positions: torch.Tensor,
+        memory_positions: torch.Tensor,
+        dtype: torch.dtype,
+        num_positions: int,
     ) -> Positions:
-        """The positions of new stream rows and memory entries, with their rotary angles under "rope"."""
+        """The positions of new stream rows and memory entries, with their rotary angles under "rope";
+        `num_positions`: more than the largest position (a Python number, so a compiled step needs no sync)."""
         positions = Positions(query_positions, memory_positions)
         if self.config.position_encoding == "rope":
-            angles = functools.partial(
-                rotation_at, head_dim=self.config.head_dim, base=self.config.rotary_base, dtype=dtype
-            )
-            positions.rotations = (angles(query_positions), angles(memory_positions))
+            cos, sin = self.rotary_table(num_positions, query_positions.device)
+
+            def rows(at: torch.Tensor) -> Rotation:
+                at = at.clamp_min(0)
+                return cos[at].to(dtype), sin[at].to(dtype)
+
+            positions.rotations = (rows(query_positions), rows(memory_positions))
         return positions
+
+    def rotary_table(self, num_positions: int, device: torch.device) -> Rotation:
+        """`rotation_at` of positions 0..n-1 (n >= `num_positions`) in fp32, kept and grown by doubling: a decoding
+        step looks its rows up instead of computing them, some twenty operators fewer per token."""
+        table = getattr(self, "_rotary_table", None)
+        if table is None or table[0].device != device or table[0].shape[0] < num_positions:
+            capacity = max(2 * num_positions, 64)
+            at = torch.arange(capacity, device=device)
+            table = rotation_at(at, self.config.head_dim, self.config.rotary_base, torch.float32)
+            self._rotary_table = table
+        return table
 
     def decoding_step(
         self,
@@ -582,7 +604,7 @@ class CopilotModel(CopilotPreTrainedModel):
         else:
             memory = self.project_memory(interleaved_memory(x_tilde, h_bar))
             memory_positions = query_positions.repeat_interleave(2)
-        positions = self.positions(query_positions, memory_positions, stream.dtype)
+        positions = self.positions(query_positions, memory_positions, stream.dtype, kv_cache.max_positions)
 
         def build(key_positions: torch.Tensor, is_cross: bool) -> torch.Tensor:
             # Slot 1 is a cross-attention and slot 0 a self-attention in both layouts.

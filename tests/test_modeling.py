@@ -329,6 +329,21 @@ def test_rotary_positions_are_llamas():
 
 
 @torch.no_grad()
+def test_rotary_rows_are_looked_up_in_a_table_of_rotation_at():
+    """The Copilot looks its rotary angles up in a table grown by doubling: the rows are `rotation_at`'s, past the
+    table's first capacity too, and position -1 reads position 0's (no rotation)."""
+    copilot = build_pilot_copilot("llama", tiny_copilot_config(position_encoding="rope")).copilot
+    head_dim, base = copilot.config.head_dim, copilot.config.rotary_base
+    for positions in (torch.tensor([-1, 0, 5]), torch.arange(150), torch.tensor([3, 400])):
+        rotations = copilot.positions(positions, positions, torch.float64, int(positions.max()) + 1).rotations
+        expected = rotation_at(positions, head_dim, base, torch.float64)
+        for got in rotations:
+            for table_rows, computed in zip(got, expected, strict=True):
+                assert table_rows.dtype == torch.float64
+                torch.testing.assert_close(table_rows, computed, rtol=0, atol=1e-6)
+
+
+@torch.no_grad()
 def test_copilot_output_at_j_sees_position_j_of_the_memory_and_the_previous_error():
     """The counterpart of the causality test: the mask is not so strict that it hides the present."""
     model = build_pilot_copilot("llama")
