@@ -182,35 +182,47 @@ class StepClock(BaseStreamer):
 
 
 class CopilotClock:
-    """Process CPU time spent in the Copilot network (its forward and the W_in of its fed-back output),
+    """Process CPU time spent in the Copilot network (its forward, its W_out and the W_in of its fed-back output),
     through forward hooks, and over a static cache in its decoding steps (`static_step`, compiled or not); the
-    first Copilot forward of a generate() call reads the prompt."""
+    first Copilot forward of a generate() call reads the prompt. A call inside a timed one (W_out in a static
+    step) counts once, in the outer one."""
 
     def __init__(self, model: PilotCopilotForCausalLM):
         self.calls: list[tuple[str, float]] = []
         self.handles = []
-        for name, module in (("copilot", model.copilot), ("W_in", model.copilot.error_proj)):
+        self.depth = 0
+        copilot = model.copilot
+        for name, module in (
+            ("copilot", copilot),
+            ("W_out", copilot.error_head),
+            ("W_in", copilot.error_proj),
+        ):
             self.handles.append(module.register_forward_pre_hook(self._start))
             self.handles.append(module.register_forward_hook(lambda *_, name=name: self._stop(name)))
         self.static_step = generation_pilot_copilot.static_step
 
         def timed_static_step(*args, **kwargs):
             self._start()
-            predicted_error = self.static_step(*args, **kwargs)
+            output = self.static_step(*args, **kwargs)
             self._stop("copilot")
-            return predicted_error
+            return output
 
         generation_pilot_copilot.static_step = timed_static_step
 
     def _start(self, *_):
-        self.started = time.process_time()
+        if self.depth == 0:
+            self.started = time.process_time()
+        self.depth += 1
 
     def _stop(self, name: str):
-        self.calls.append((name, time.process_time() - self.started))
+        self.depth -= 1
+        if self.depth == 0:
+            self.calls.append((name, time.process_time() - self.started))
 
     def decode_ms_per_token(self, new_tokens: int) -> float:
-        prefill = next(i for i, (name, _) in enumerate(self.calls) if name == "copilot")
-        decode = sum(seconds for _, seconds in self.calls[prefill + 1 :])
+        # Each forward's calls start with the Copilot's: the first forward's (W_out, W_in after it) read the prompt.
+        first_step = [i for i, (name, _) in enumerate(self.calls) if name == "copilot"][1]
+        decode = sum(seconds for _, seconds in self.calls[first_step:])
         return 1e3 * decode / (new_tokens - 1)  # the last new token is never fed back
 
     def remove(self):
@@ -341,9 +353,9 @@ def write_markdown(path: str, result: dict) -> None:
         )
     lines += [
         "",
-        '"In the Copilot network": CPU time inside the Copilot\'s forward and its W_in, per decoding step '
-        "(forward hooks; over a static cache, its decoding step; the Mistake Log entry, the fusion processor and "
-        "generate()'s own work are outside it). It grows with the context only through the Copilot's attention "
+        '"In the Copilot network": CPU time inside the Copilot\'s forward, its W_out and its W_in, per decoding '
+        "step (forward hooks; over a static cache, its decoding step; the Mistake Log entry, the reweight head's "
+        "passes over the vocabulary, the fusion processor and generate()'s own work are outside it). It grows with the context only through the Copilot's attention "
         "over its cached keys (a step writes its new keys in place: with the dynamic cache into buffers that grow "
         "by doubling, with a static one into buffers as long as the Pilot's); it never re-runs over the sequence.",
     ]

@@ -8,6 +8,7 @@ cropping) moves the Copilot's state together with the Pilot's keys and values.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
@@ -23,10 +24,12 @@ from .mistake_log_entry import (
     copilot_head_cross_entropy,
     copilot_head_squared_error,
     copilot_squared_error,
+    error_of_fused_logits,
     shift_right,
 )
 
 PROBABILITY_FLOOR = 1e-10
+LOG_PROBABILITY_FLOOR = math.log(PROBABILITY_FLOOR)
 # What forward() calls its cache argument and generate() its model_kwargs key: `cache` from transformers 5.24,
 # `past_key_values` before. The wrappers accept both and hand the Pilot the one it knows.
 CACHE_KEYWORD = ALL_CACHE_NAMES[0]
@@ -57,6 +60,23 @@ def fuse_scores(
     probs.add_(pilot_probs.float()).clamp_min_(PROBABILITY_FLOOR)
     probs.div_(probs.sum(-1, keepdim=True))
     return probs.log_().to(pilot_logits.dtype)
+
+
+def fuse_reweighted_logits(
+    pilot_logits: torch.Tensor,
+    reweighted_logits: torch.Tensor,
+    pilot_probs: torch.Tensor,
+    copilot_lambda: float,
+    fusion: str,
+):
+    """`fuse_scores` for the reweight form given log p + W_out h (`CopilotModel.decoding_output`), whose softmax
+    is p + f_C: at lambda 1 under probs fusion its log-softmax, floored as `fuse_scores` floors, one pass over the
+    vocabulary where forming f_C and fusing it take eight."""
+    if copilot_lambda == 1 and fusion == "probs":
+        fused = reweighted_logits.log_softmax(-1).clamp_min_(LOG_PROBABILITY_FLOOR)  # fp32 or wider
+        return fused.to(pilot_logits.dtype)
+    predicted_error = error_of_fused_logits(reweighted_logits, pilot_probs, reweighted_logits.dtype)
+    return fuse_scores(pilot_logits, predicted_error, copilot_lambda, fusion, pilot_probs)
 
 
 class CopilotKVCache:
@@ -288,8 +308,9 @@ class PositionRows:
 class CopilotDecodingState:
     """The Copilot's keys/values and the feedback its next step needs.
 
-    `predicted_errors`/`probs` hold f_C and the Pilot's p_hat for the positions of the last forward call
-    that generate() scores, starting at absolute position `start`: the processor reads the row of the
+    `decoding_outputs`/`probs` hold the Copilot's `CopilotModel.decoding_output` (f_C, or for the reweight form
+    the logits whose softmax is p + f_C: `reweighted`) and the Pilot's p_hat for the positions of the last forward
+    call that generate() scores, starting at absolute position `start`: the processor reads the row of the
     position it scores. The feedback a next step reads is kept for every decoded position (d_C per row, not
     V): W_in p_j where the next position reads observed errors, W_in f_C_j in the paper's mode. A rollback of
     several tokens (assisted decoding) then resumes exactly.
@@ -297,7 +318,8 @@ class CopilotDecodingState:
 
     def __init__(self, kv_cache):
         self.kv_cache = kv_cache
-        self.predicted_errors: torch.Tensor | None = None  # [B, n, V]
+        self.decoding_outputs: torch.Tensor | None = None  # [B, n, V]
+        self.reweighted = False
         self.probs: torch.Tensor | None = None  # [B, n, V]
         self.start = 0
         self.embedded_probs = PositionRows()  # W_in p_j: the observed error of j once token j+1 is known
@@ -305,36 +327,38 @@ class CopilotDecodingState:
 
     def record(
         self,
-        predicted_errors: torch.Tensor,
+        decoding_outputs: torch.Tensor,
+        reweighted: bool,
         probs: torch.Tensor,
         start: int,
         embedded_probs: torch.Tensor,
         embedded_predicted_errors: torch.Tensor | None,
     ) -> None:
-        self.predicted_errors, self.probs, self.start = predicted_errors.detach(), probs.detach(), start
+        self.decoding_outputs, self.probs, self.start = decoding_outputs.detach(), probs.detach(), start
+        self.reweighted = reweighted
         self.embedded_probs.write(start, embedded_probs.detach())
         if embedded_predicted_errors is not None:
             self.embedded_predicted_errors.write(start, embedded_predicted_errors.detach())
 
     def at(self, position: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """f_C and the Pilot's probabilities at `position`."""
+        """The decoding output and the Pilot's probabilities at `position`."""
         offset = position - self.start
-        if not 0 <= offset < self.predicted_errors.shape[1]:
+        if not 0 <= offset < self.decoding_outputs.shape[1]:
             raise RuntimeError(
                 f"The Copilot has no predicted_error for position {position} (it holds {self.start}.."
-                f"{self.start + self.predicted_errors.shape[1] - 1}); was the cache reused across generate() calls?"
+                f"{self.start + self.decoding_outputs.shape[1] - 1}); was the cache reused across generate() calls?"
             )
-        return self.predicted_errors[:, offset], self.probs[:, offset]
+        return self.decoding_outputs[:, offset], self.probs[:, offset]
 
     def map_batch(self, fn) -> None:
         self.kv_cache.map_batch(fn)
         self.embedded_probs.map_batch(fn)
         self.embedded_predicted_errors.map_batch(fn)
-        if self.predicted_errors is not None:
-            self.predicted_errors, self.probs = fn(self.predicted_errors), fn(self.probs)
+        if self.decoding_outputs is not None:
+            self.decoding_outputs, self.probs = fn(self.decoding_outputs), fn(self.probs)
 
     def crop(self, length: int) -> None:
-        if self.predicted_errors is not None and length <= self.embedded_probs.start:
+        if self.decoding_outputs is not None and length <= self.embedded_probs.start:
             raise ValueError(
                 f"Cannot crop the Copilot's state to {length} positions: only positions from "
                 f"{self.embedded_probs.start + 1} on can be returned to."
@@ -342,9 +366,9 @@ class CopilotDecodingState:
         self.kv_cache.crop(length)
         self.embedded_probs.crop(length)
         self.embedded_predicted_errors.crop(length)
-        if self.predicted_errors is not None:
+        if self.decoding_outputs is not None:
             keep = max(length - self.start, 0)
-            self.predicted_errors, self.probs = self.predicted_errors[:, :keep], self.probs[:, :keep]
+            self.decoding_outputs, self.probs = self.decoding_outputs[:, :keep], self.probs[:, :keep]
 
 
 class CopilotStateCache:
@@ -432,8 +456,11 @@ class CopilotLogitsProcessor(LogitsProcessor):
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         if self.copilot_lambda == 0:
             return scores
-        predicted_error, probs = self.cache.copilot.at(input_ids.shape[1] - 1)
-        return fuse_scores(scores, predicted_error, self.copilot_lambda, self.fusion, probs)
+        state = self.cache.copilot
+        output, probs = state.at(input_ids.shape[1] - 1)
+        if state.reweighted:
+            return fuse_reweighted_logits(scores, output, probs, self.copilot_lambda, self.fusion)
+        return fuse_scores(scores, output, self.copilot_lambda, self.fusion, probs)
 
 
 def copilot_stream(copilot, entry: MistakeLogEntry, copilot_feedback_fraction: float = 0.0) -> torch.Tensor:
@@ -552,8 +579,11 @@ def copilot_generation_step(
     cache: PilotCopilotCache,
     copilot_feedback: str,
     decoding_step: Callable | None = None,
-) -> torch.Tensor:
-    """Advance the Copilot over the new positions only, reading and updating its state in `cache`.
+    return_predicted_error: bool = True,
+) -> torch.Tensor | None:
+    """Advance the Copilot over the new positions only, reading and updating its state in `cache`; f_C of the
+    rows it records, or None where `return_predicted_error` is False (generate(), whose processor fuses the
+    recorded `CopilotModel.decoding_output`).
 
     `attention_mask` [B, past + new] is None when there is no padding: a decoding step then builds
     no attention mask at all. Over a static cache a one-position step runs `decoding_step` (generate()'s
@@ -577,7 +607,13 @@ def copilot_generation_step(
     # generate() scores positions from prompt_length - 1 on and may crop back to there (assisted decoding),
     # which needs the row before; earlier rows only feed the Copilot's caches.
     skip = 0 if cache.prompt_length is None else max(cache.prompt_length - 2 - past, 0)
-    outputs = []
+    probs = entry.errors.probs  # [B, new, V]
+
+    def predicted_errors(outputs: torch.Tensor, end: int) -> torch.Tensor:
+        """f_C of decoding outputs whose last row is new position `end` - 1."""
+        return copilot.predicted_error_from_decoding_output(outputs, probs[:, end - outputs.shape[1] : end])
+
+    outputs = []  # CopilotModel.decoding_output of the recorded rows
     weight, embedded_probs = copilot.error_proj.weight, None
     if known > 0:
         head = entry if known == new else entry.map_positions(lambda t: t[:, :known])
@@ -591,22 +627,21 @@ def copilot_generation_step(
         if is_static_step(state, known):
             outputs.append(static_step(copilot, observed, head, head_mask, state, decoding_step))
         else:
-            outputs.append(
-                copilot(
-                    observed,
-                    head.x_tilde,
-                    head.h_bar,
-                    head_mask,
-                    state.kv_cache,
-                    keep,
-                    encoder_attention_mask=entry.encoder_attention_mask,
-                    pilot_errors=head.errors,
-                )
+            head_input = copilot(
+                observed,
+                head.x_tilde,
+                head.h_bar,
+                head_mask,
+                state.kv_cache,
+                keep,
+                encoder_attention_mask=entry.encoder_attention_mask,
+                return_head_input=True,
             )
+            outputs.append(copilot.decoding_output(head_input, probs[:, known - keep : known]))
     fed = []  # W_in f_C of every recorded row, the paper's feedback
     if copilot_feedback == "copilot":
         if outputs:
-            fed.append(copilot.embed_predicted_errors(outputs[0]))
+            fed.append(copilot.embed_predicted_errors(predicted_errors(outputs[0], known)))
         feedback = fed[0] if outputs else state.embedded_predicted_errors.at(past - 1).unsqueeze(1)
     for position in range(known, new):
         stream = copilot.with_tokens(feedback[:, -1:], input_ids[:, position : position + 1])
@@ -614,32 +649,40 @@ def copilot_generation_step(
         step_mask = None if attention_mask is None else attention_mask[:, :length]
         step = entry.map_positions(lambda t, position=position: t[:, position : position + 1])
         if is_static_step(state, 1):
-            predicted_error = static_step(copilot, stream, step, step_mask, state, decoding_step)
+            output = static_step(copilot, stream, step, step_mask, state, decoding_step)
         else:
-            predicted_error = copilot(
+            head_input = copilot(
                 stream,
                 step.x_tilde,
                 step.h_bar,
                 step_mask,
                 state.kv_cache,
                 encoder_attention_mask=entry.encoder_attention_mask,
-                pilot_errors=step.errors,
+                return_head_input=True,
             )
-        outputs.append(predicted_error)
-        feedback = copilot.embed_predicted_errors(predicted_error)
+            output = copilot.decoding_output(head_input, step.errors.probs)
+        outputs.append(output)
+        feedback = copilot.embed_predicted_errors(predicted_errors(output, position + 1))
         fed.append(feedback)
-    predicted_errors = outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=1)
-    rows = predicted_errors.shape[1]
-    probs = entry.errors.probs[:, new - rows :]
+    decoding_outputs = outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=1)
+    rows = decoding_outputs.shape[1]
     embedded_predicted_errors = (fed[0] if len(fed) == 1 else torch.cat(fed, dim=1)) if fed else None
     # The paper's mode reads W_in p only at prompt positions (observed errors): generated rows skip it.
     observed_rows = rows if copilot_feedback == "observed" else rows - (new - known)
     if embedded_probs is None:
-        recorded_probs = F.linear(probs[:, :observed_rows].to(weight.dtype), weight)
+        recorded_probs = F.linear(probs[:, new - rows : new - rows + observed_rows].to(weight.dtype), weight)
     else:  # these rows lie within the known positions
         recorded_probs = embedded_probs[:, new - rows : new - rows + observed_rows]
-    state.record(predicted_errors, probs, past + new - rows, recorded_probs, embedded_predicted_errors)
-    return predicted_errors
+    reweighted = copilot.config.error_form == "reweight"
+    state.record(
+        decoding_outputs,
+        reweighted,
+        probs[:, new - rows :],
+        past + new - rows,
+        recorded_probs,
+        embedded_predicted_errors,
+    )
+    return predicted_errors(decoding_outputs, new) if return_predicted_error else None
 
 
 def is_static_step(state: CopilotDecodingState, new: int) -> bool:
@@ -655,17 +698,17 @@ def static_step(
     state: CopilotDecodingState,
     decoding_step: Callable | None,
 ) -> torch.Tensor:
-    """f_C [B,1,V] of one position over a `StaticCopilotKVCache`: its bookkeeping here, the network in
-    `decoding_step` (compiled or `copilot.decoding_step`)."""
+    """`CopilotModel.decoding_output` [B,1,V] of one position over a `StaticCopilotKVCache`: its bookkeeping here,
+    the network in `decoding_step` (compiled or `copilot.decoding_step`)."""
     kv_cache = state.kv_cache
     kv_cache.prepare_step(attention_mask, stream.device)
     # Contiguous: a compiled step is specialised to its inputs' strides (a row sliced from the prefill's differs).
     # An encoder output is in the cache since the prefill: the step does not read it.
     x_tilde = None if step.is_encoder_decoder else step.x_tilde.contiguous()
     stream, h_bar, probs = (t.contiguous() for t in (stream, step.h_bar, step.errors.probs))
-    predicted_error = (decoding_step or copilot.decoding_step)(stream, x_tilde, h_bar, probs, kv_cache)
+    output = (decoding_step or copilot.decoding_step)(stream, x_tilde, h_bar, probs, kv_cache)
     kv_cache.finish_step()
-    return predicted_error
+    return output
 
 
 def observed_feedback(

@@ -24,6 +24,17 @@ def floored_log(probs: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return probs.to(dtype).clamp_min(REWEIGHT_PROBABILITY_FLOOR).log_()
 
 
+def error_of_fused_logits(
+    logits: torch.Tensor, pilot_probs: torch.Tensor, dtype: torch.dtype
+) -> torch.Tensor:
+    """The reweight form's f_C = softmax(logits) - p in `dtype`, for logits = log p + W_out h; in place of the
+    softmax unless autograd needs it."""
+    fused = torch.softmax(logits, dim=-1)
+    probs = pilot_probs.to(logits.dtype)
+    predicted = fused - probs if fused.requires_grad else fused.sub_(probs)
+    return predicted.to(dtype)
+
+
 class _SquaredDistance(torch.autograd.Function):
     """`||f - e||^2` per position, e = mask * (onehot(target) - p) with p dense or top-k.
 

@@ -44,7 +44,7 @@ from .generation_pilot_copilot import (
     CopilotLogitsProcessor,
     StaticCopilotKVCache,
 )
-from .mistake_log_entry import PilotErrors, floored_log
+from .mistake_log_entry import PilotErrors, error_of_fused_logits, floored_log
 
 
 class CopilotRMSNorm(nn.Module):
@@ -300,17 +300,6 @@ def reweighted_error(head_output: torch.Tensor, pilot_probs: torch.Tensor) -> to
     return error_of_fused_logits(reweighted_logits(head_output, pilot_probs), pilot_probs, head_output.dtype)
 
 
-def error_of_fused_logits(
-    logits: torch.Tensor, pilot_probs: torch.Tensor, dtype: torch.dtype
-) -> torch.Tensor:
-    """f_C = softmax(logits) - p in `dtype`, for logits = log p + W_out h (`reweighted_logits`); in place of the
-    softmax unless autograd needs it."""
-    fused = torch.softmax(logits, dim=-1)
-    probs = pilot_probs.to(logits.dtype)
-    predicted = fused - probs if fused.requires_grad else fused.sub_(probs)
-    return predicted.to(dtype)
-
-
 def reweighted_logits(head_output: torch.Tensor, pilot_probs: torch.Tensor) -> torch.Tensor:
     """log p + W_out h, in fp32 at least: the reweight form's p + f_C is their softmax (its cross-entropy reads
     them). One new [B,T,V] tensor."""
@@ -551,6 +540,22 @@ class CopilotModel(CopilotPreTrainedModel):
             return head_output
         return reweighted_error(head_output, pilot_probs)
 
+    def decoding_output(self, head_input: torch.Tensor, pilot_probs: torch.Tensor) -> torch.Tensor:
+        """What a decoding step records for the processor: f_C, or for the reweight form the logits
+        log p + W_out h whose softmax is p + f_C (`reweighted_logits`). Fusing at lambda 1 is then one log-softmax,
+        and f_C (`predicted_error_from_decoding_output`) is formed only where something reads it."""
+        if self.config.error_form == "linear":
+            return self.error_head(head_input)
+        return reweighted_logits(self.error_head(head_input), pilot_probs)
+
+    def predicted_error_from_decoding_output(
+        self, output: torch.Tensor, pilot_probs: torch.Tensor
+    ) -> torch.Tensor:
+        """f_C from `decoding_output` at the same positions."""
+        if self.config.error_form == "linear":
+            return output
+        return error_of_fused_logits(output, pilot_probs, self.error_head.weight.dtype)
+
     def project_memory(self, memory: torch.Tensor) -> torch.Tensor:
         """The Pilot's states as the cross-attention reads them: RMS-normed if `memory_norm`, projected to d_C."""
         return self.memory_proj(self.memory_norm(memory.to(self.error_proj.weight.dtype)))
@@ -594,7 +599,7 @@ class CopilotModel(CopilotPreTrainedModel):
         pilot_probs: torch.Tensor,
         kv_cache: StaticCopilotKVCache,
     ) -> torch.Tensor:
-        """f_C [B,1,V] at the position `kv_cache.position` [1], over the preallocated buffers of a
+        """`decoding_output` [B,1,V] at the position `kv_cache.position` [1], over the preallocated buffers of a
         `StaticCopilotKVCache`: fixed shapes, and no Python number that changes between steps, so that a compiled
         step (`compiled_decoding_step`) compiles once per generation. The caller advances the cache. `x_tilde`:
         None for an encoder-decoder Pilot, whose encoder output the prefill cached."""
@@ -616,7 +621,7 @@ class CopilotModel(CopilotPreTrainedModel):
         hidden = stream
         for layer in self.layers:
             hidden = layer(hidden, memory, positions, masks, writes)
-        return self.predicted_error_from_probs(self.norm(hidden), pilot_probs)
+        return self.decoding_output(self.norm(hidden), pilot_probs)
 
     def compiled_decoding_step(self, compile_config) -> Callable:
         """`decoding_step` compiled with generate()'s `compile_config`, compiled again only when it changes."""
@@ -886,6 +891,13 @@ class PilotCopilotMixin:
             pilot_forward=self.pilot.get_compiled_call(compile_config),
             copilot_step=self.copilot.compiled_decoding_step(compile_config),
         )
+
+    def prepare_inputs_for_generation(self, *args, **kwargs) -> dict:
+        """generate()'s forward inputs, asking for no f_C: its processor fuses what the Copilot's step records
+        (`CopilotModel.decoding_output`), so the step forms no [B,T,V] tensor that nothing reads."""
+        inputs = super().prepare_inputs_for_generation(*args, **kwargs)
+        inputs.setdefault("return_predicted_error", False)
+        return inputs
 
     def create_masks_for_generate(self, attention_mask: torch.Tensor | None = None, **kwargs):
         """generate() turns the padding mask into the Pilot's 4D mask up front when the cache is static; the

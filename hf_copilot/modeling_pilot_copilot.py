@@ -170,7 +170,8 @@ class PilotCopilotForCausalLM(PilotCopilotMixin, PreTrainedModel, GenerationMixi
         which generate() hands over through `get_compiled_call`, with the Copilot's compiled decoding step
         (`copilot_step`). `return_predicted_error`: None returns f_C except
         from a training pass (labels, the Copilot in train mode, gradients on), whose Copilot loss then never
-        forms the [B,T,V] f_C unless it needs it (`copilot_loss_terms_on_entry`); True or `return_fused` always return it.
+        forms the [B,T,V] f_C unless it needs it (`copilot_loss_terms_on_entry`); True or `return_fused` always return it;
+        False skips it (generate() does, its processor fusing what the step records).
         """
         copilot_lambda, fusion, copilot_feedback = self.fusion_settings(
             copilot_lambda, fusion, copilot_feedback
@@ -215,7 +216,14 @@ class PilotCopilotForCausalLM(PilotCopilotMixin, PreTrainedModel, GenerationMixi
         )
         if cache is not None:
             predicted_errors = copilot_generation_step(
-                self.copilot, input_ids, padding_mask, entry, cache, copilot_feedback, copilot_step
+                self.copilot,
+                input_ids,
+                padding_mask,
+                entry,
+                cache,
+                copilot_feedback,
+                copilot_step,
+                return_fused or return_predicted_error is not False,
             )
         else:
             copilot_entry = entry if copilot_batch is None else copilot_batch.to(logits.device)

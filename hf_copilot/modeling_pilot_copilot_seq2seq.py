@@ -258,6 +258,7 @@ class PilotCopilotForSeq2SeqLM(PilotCopilotMixin, PreTrainedModel, GenerationMix
                 cache,
                 copilot_feedback,
                 copilot_step,
+                return_fused or return_predicted_error is not False,
             )
         else:
             copilot_entry = entry if copilot_batch is None else copilot_batch.to(logits.device)

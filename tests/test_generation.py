@@ -13,6 +13,7 @@ the incremental path and the reference agree exactly.
 from __future__ import annotations
 
 import copy
+import math
 
 import pytest
 import torch
@@ -39,6 +40,7 @@ from hf_copilot.generation_pilot_copilot import (
     PilotCopilotStaticCache,
     StaticCopilotKVCache,
     copilot_stream,
+    fuse_reweighted_logits,
 )
 from hf_copilot.mistake_log_entry import shift_right
 
@@ -185,6 +187,41 @@ def test_fused_greedy_equals_full_recomputation(fusion, feedback, error_form):
     assert not torch.equal(fused, greedy(model, input_ids, copilot_lambda=0.0))
 
     assert torch.equal(fused, reference_greedy(model, input_ids))
+
+
+@pytest.mark.parametrize("copilot_lambda", [1.0, 0.5])
+@pytest.mark.parametrize("fusion", FUSION_SPACES)
+def test_reweight_scores_equal_fuse_scores_of_the_predicted_error(fusion, copilot_lambda):
+    """generate() fuses the reweight form's log p + W_out h without forming f_C (at lambda 1 under probs fusion
+    one log-softmax): the scores each step hands the later processors are Eq. 8 (or z + lambda f_C) of the f_C a
+    full forward returns."""
+    model = fused_model(
+        error_form="reweight", fusion=fusion, copilot_feedback="observed", copilot_lambda=copilot_lambda
+    )
+    input_ids = prompt()
+    out = greedy(model, input_ids, output_scores=True, return_dict_in_generate=True)
+    assert len(out.scores) == NEW_TOKENS
+    for step, scores in enumerate(out.scores):
+        full = model(out.sequences[:, : input_ids.shape[1] + step])
+        logits, predicted_error = full.logits[:, -1], full.predicted_error[:, -1]
+        if fusion == "logits":
+            expected = logits + copilot_lambda * predicted_error
+        else:  # in float64, from the Pilot's probabilities as the Mistake Log entry holds them
+            probs = logits.float().softmax(-1).double() + copilot_lambda * predicted_error
+            probs = probs.clamp_min(1e-10)
+            expected = (probs / probs.sum(-1, keepdim=True)).log()
+        torch.testing.assert_close(scores, expected.to(scores.dtype))
+
+
+def test_reweighted_fusion_floors_as_fuse_scores():
+    """A token the fused distribution gives less than the floor reads log(1e-10), as under `fuse_scores`."""
+    pilot_logits = torch.tensor([[1.0, 0.0, -1.0]], dtype=torch.float64)
+    probs = pilot_logits.softmax(-1)
+    reweighted_logits = probs.log() + torch.tensor([[0.0, 2.0, -40.0]], dtype=torch.float64)
+    predicted_error = reweighted_logits.softmax(-1) - probs
+    fused = fuse_reweighted_logits(pilot_logits, reweighted_logits, probs, 1.0, "probs")
+    torch.testing.assert_close(fused, fuse_scores(pilot_logits, predicted_error, 1.0, "probs", probs))
+    assert fused[0, 2] == math.log(1e-10)
 
 
 def test_observed_feedback_picks_the_argmax_of_fused_logits():
@@ -432,7 +469,7 @@ def copilot_tensors(cache: PilotCopilotCache) -> list[torch.Tensor]:
         rows.buffer[:, : rows.end - rows.start]
         for rows in (state.embedded_probs, state.embedded_predicted_errors)
     ]
-    return [*state.kv_cache.keys, *state.kv_cache.values, state.predicted_errors, state.probs, *feedback]
+    return [*state.kv_cache.keys, *state.kv_cache.values, state.decoding_outputs, state.probs, *feedback]
 
 
 @pytest.mark.parametrize(
@@ -744,10 +781,21 @@ def softmax_calls(model, input_ids, **kwargs) -> int:
     return counter.calls
 
 
-@pytest.mark.parametrize("copilot_feedback", ["observed", "copilot"])
-def test_fused_decoding_adds_one_softmax_per_step(copilot_feedback):
-    """The Mistake Log entry's probabilities serve the fusion too: no second softmax over the vocabulary."""
-    model = fused_model(copilot_feedback=copilot_feedback)
+@pytest.mark.parametrize(
+    ("copilot_feedback", "error_form", "softmax_per_forward"),
+    [
+        ("observed", "linear", 1),
+        ("copilot", "linear", 1),
+        ("observed", "reweight", 1),
+        ("copilot", "reweight", 2),
+    ],
+)
+def test_fused_decoding_adds_one_softmax_per_step(copilot_feedback, error_form, softmax_per_forward):
+    """The Mistake Log entry's probabilities serve the fusion too: no second softmax over the vocabulary. The
+    reweight form's f_C (a softmax less p) is formed only where the paper's feedback embeds it; generate() fuses
+    its logits with one log-softmax."""
+    model = fused_model(copilot_feedback=copilot_feedback, error_form=error_form)
     input_ids = prompt(length=6, batch_size=2)
     pilot_only = softmax_calls(model.pilot, input_ids)
-    assert softmax_calls(model, input_ids) - pilot_only == 5  # one per forward: the prefill and 4 steps
+    # Five forwards: the prefill and 4 steps.
+    assert softmax_calls(model, input_ids) - pilot_only == 5 * softmax_per_forward
