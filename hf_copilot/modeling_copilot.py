@@ -17,7 +17,13 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, PreTrainedModel
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoModelForSeq2SeqLM,
+    GenerationMixin,
+    PreTrainedModel,
+)
 from transformers.activations import ACT2FN
 from transformers.dynamic_module_utils import custom_object_save
 
@@ -892,6 +898,8 @@ class PilotCopilotMixin:
             copilot_step=self.copilot.compiled_decoding_step(compile_config),
         )
 
+    # generate() reads this method's signature to validate its model kwargs: it keeps GenerationMixin's.
+    @functools.wraps(GenerationMixin.prepare_inputs_for_generation, assigned=())
     def prepare_inputs_for_generation(self, *args, **kwargs) -> dict:
         """generate()'s forward inputs, asking for no f_C: its processor fuses what the Copilot's step records
         (`CopilotModel.decoding_output`), so the step forms no [B,T,V] tensor that nothing reads."""

@@ -13,6 +13,7 @@ the incremental path and the reference agree exactly.
 from __future__ import annotations
 
 import copy
+import inspect
 import math
 
 import pytest
@@ -211,6 +212,16 @@ def test_reweight_scores_equal_fuse_scores_of_the_predicted_error(fusion, copilo
             probs = probs.clamp_min(1e-10)
             expected = (probs / probs.sum(-1, keepdim=True)).log()
         torch.testing.assert_close(scores, expected.to(scores.dtype))
+
+
+def test_generate_validates_its_kwargs_against_generation_mixins_signature():
+    """The wrappers' prepare_inputs_for_generation (which asks the forward for no f_C) shows GenerationMixin's
+    signature, which generate() reads to validate its kwargs; a misspelt argument is still refused."""
+    model = fused_model()
+    expected = inspect.signature(model.pilot.prepare_inputs_for_generation)
+    assert inspect.signature(model.prepare_inputs_for_generation) == expected
+    with pytest.raises(ValueError, match="not_an_argument"):
+        generate(model, prompt(), max_new_tokens=2, not_an_argument=1)
 
 
 def test_reweighted_fusion_floors_as_fuse_scores():
