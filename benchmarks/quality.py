@@ -737,7 +737,7 @@ def plot(rows: list[dict], path: str) -> None:
     import matplotlib.pyplot as plt
 
     regimes = list(dict.fromkeys(r["regime"] for r in rows))
-    figure, axes = plt.subplots(1, len(regimes), figsize=(7 * len(regimes), 4.5), squeeze=False)
+    figure, axes = plt.subplots(1, len(regimes), figsize=(10 * len(regimes), 4.5), squeeze=False)
     for ax, regime in zip(axes[0], regimes, strict=True):
         chosen = [r for r in rows if r["regime"] == regime]
         keys = ["pilot", *dict.fromkeys(k for r in chosen for k, v in r.items() if isinstance(v, dict))]
@@ -746,13 +746,18 @@ def plot(rows: list[dict], path: str) -> None:
             values = [r[key] if key == "pilot" else r.get(key, {}).get("mean", 0.0) for r in chosen]
             ax.bar([i + offset * width for i in range(len(chosen))], values, width, label=key)
         ax.set_xticks(
-            [i + 0.4 - width / 2 for i in range(len(chosen))], [r["task"] for r in chosen], rotation=10
+            [i + 0.4 - width / 2 for i in range(len(chosen))],
+            [r["task"] for r in chosen],
+            rotation=15,
+            ha="right",
+            rotation_mode="anchor",
         )
         ax.set_ylabel("test exact match")
         ax.set_title(f"{regime} regime (mean of seeds)")
-        ax.legend(fontsize=7)
+        # Beside the axes: inside, it covered the bars of the last tasks.
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     figure.tight_layout()
-    figure.savefig(path, dpi=110)
+    figure.savefig(path, dpi=110, bbox_inches="tight")  # the legends and long task names included
     plt.close(figure)
 
 
