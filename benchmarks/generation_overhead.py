@@ -355,7 +355,8 @@ def write_markdown(path: str, result: dict) -> None:
         "",
         '"In the Copilot network": CPU time inside the Copilot\'s forward, its W_out and its W_in, per decoding '
         "step (forward hooks; over a static cache, its decoding step; the Mistake Log entry, the reweight head's "
-        "passes over the vocabulary, the fusion processor and generate()'s own work are outside it). It grows with the context only through the Copilot's attention "
+        "passes over the vocabulary (inside the static decoding step), the fusion processor and generate()'s "
+        "own work are outside it). It grows with the context only through the Copilot's attention "
         "over its cached keys (a step writes its new keys in place: with the dynamic cache into buffers that grow "
         "by doubling, with a static one into buffers as long as the Pilot's); it never re-runs over the sequence.",
     ]

@@ -192,7 +192,7 @@ def test_fused_greedy_equals_full_recomputation(fusion, feedback, error_form):
 
 @pytest.mark.parametrize("copilot_lambda", [1.0, 0.5])
 @pytest.mark.parametrize("fusion", FUSION_SPACES)
-def test_reweight_scores_equal_fuse_scores_of_the_predicted_error(fusion, copilot_lambda):
+def test_reweight_scores_are_eq_8_of_the_predicted_error(fusion, copilot_lambda):
     """generate() fuses the reweight form's log p + W_out h without forming f_C (at lambda 1 under probs fusion
     one log-softmax): the scores each step hands the later processors are Eq. 8 (or z + lambda f_C) of the f_C a
     full forward returns."""
