@@ -316,10 +316,10 @@ class CopilotDecodingState:
     several tokens (assisted decoding) then resumes exactly.
     """
 
-    def __init__(self, kv_cache):
+    def __init__(self, kv_cache, reweighted: bool):
         self.kv_cache = kv_cache
+        self.reweighted = reweighted
         self.decoding_outputs: torch.Tensor | None = None  # [B, n, V]
-        self.reweighted = False
         self.probs: torch.Tensor | None = None  # [B, n, V]
         self.start = 0
         self.embedded_probs = PositionRows()  # W_in p_j: the observed error of j once token j+1 is known
@@ -328,14 +328,12 @@ class CopilotDecodingState:
     def record(
         self,
         decoding_outputs: torch.Tensor,
-        reweighted: bool,
         probs: torch.Tensor,
         start: int,
         embedded_probs: torch.Tensor,
         embedded_predicted_errors: torch.Tensor | None,
     ) -> None:
         self.decoding_outputs, self.probs, self.start = decoding_outputs.detach(), probs.detach(), start
-        self.reweighted = reweighted
         self.embedded_probs.write(start, embedded_probs.detach())
         if embedded_predicted_errors is not None:
             self.embedded_predicted_errors.write(start, embedded_predicted_errors.detach())
@@ -398,7 +396,7 @@ class CopilotStateCache:
             else:
                 per_position = [2 if layer.is_cross_attention else 1 for layer in copilot.layers]
                 kv_cache = StaticCopilotKVCache(per_position, pilot_cache.get_max_length())
-            self.copilot = CopilotDecodingState(kv_cache)
+            self.copilot = CopilotDecodingState(kv_cache, copilot.config.error_form == "reweight")
         return self.copilot
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
@@ -673,10 +671,8 @@ def copilot_generation_step(
         recorded_probs = F.linear(probs[:, new - rows : new - rows + observed_rows].to(weight.dtype), weight)
     else:  # these rows lie within the known positions
         recorded_probs = embedded_probs[:, new - rows : new - rows + observed_rows]
-    reweighted = copilot.config.error_form == "reweight"
     state.record(
         decoding_outputs,
-        reweighted,
         probs[:, new - rows :],
         past + new - rows,
         recorded_probs,
@@ -758,6 +754,7 @@ __all__ = [
     "copilot_loss_terms_on_entry",
     "copilot_stream",
     "copilot_teacher_forced_pass",
+    "fuse_reweighted_logits",
     "fuse_scores",
     "predicted_errors_as_generated",
 ]

@@ -589,12 +589,12 @@ class CopilotModel(CopilotPreTrainedModel):
     def rotary_table(self, num_positions: int, device: torch.device) -> Rotation:
         """`rotation_at` of positions 0..n-1 (n >= `num_positions`) in fp32, kept and grown by doubling: a decoding
         step looks its rows up instead of computing them, some twenty operators fewer per token."""
-        table = getattr(self, "_rotary_table", None)
-        if table is None or table[0].device != device or table[0].shape[0] < num_positions:
-            capacity = max(2 * num_positions, 64)
-            at = torch.arange(capacity, device=device)
+        angles = (self.config.head_dim, self.config.rotary_base, device)  # a config edited since rebuilds it
+        built, table = getattr(self, "_rotary_table", (None, None))
+        if built != angles or table[0].shape[0] < num_positions:
+            at = torch.arange(max(2 * num_positions, 64), device=device)
             table = rotation_at(at, self.config.head_dim, self.config.rotary_base, torch.float32)
-            self._rotary_table = table
+            self._rotary_table = (angles, table)
         return table
 
     def decoding_step(

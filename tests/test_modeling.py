@@ -331,7 +331,7 @@ def test_rotary_positions_are_llamas():
 @torch.no_grad()
 def test_rotary_rows_are_looked_up_in_a_table_of_rotation_at():
     """The Copilot looks its rotary angles up in a table grown by doubling: the rows are `rotation_at`'s, past the
-    table's first capacity too, and position -1 reads position 0's (no rotation)."""
+    table's first capacity too, position -1 reads position 0's (no rotation), and an edited base rebuilds it."""
     copilot = build_pilot_copilot("llama", tiny_copilot_config(position_encoding="rope")).copilot
     head_dim, base = copilot.config.head_dim, copilot.config.rotary_base
     for positions in (torch.tensor([-1, 0, 5]), torch.arange(150), torch.tensor([3, 400])):
@@ -341,6 +341,13 @@ def test_rotary_rows_are_looked_up_in_a_table_of_rotation_at():
             for table_rows, computed in zip(got, expected, strict=True):
                 assert table_rows.dtype == torch.float64
                 torch.testing.assert_close(table_rows, computed, rtol=0, atol=1e-6)
+    # A rotary base edited after a forward (as copilot_init sets it) is read, not the table built before.
+    copilot.config.rotary_base = 500000.0
+    positions = torch.tensor([3, 7])
+    cos, sin = copilot.positions(positions, positions, torch.float32, 8).rotations[0]
+    expected_cos, expected_sin = rotation_at(positions, head_dim, 500000.0, torch.float32)
+    torch.testing.assert_close(cos, expected_cos, rtol=0, atol=1e-6)
+    torch.testing.assert_close(sin, expected_sin, rtol=0, atol=1e-6)
 
 
 @torch.no_grad()
