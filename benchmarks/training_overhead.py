@@ -40,7 +40,14 @@ from dataclasses import asdict, dataclass
 import torch
 from common import copilot_param_count, layer_matmul_params, machine_info
 from tqdm.auto import tqdm
-from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainerCallback, TrainingArguments
+from transformers import (
+    LlamaConfig,
+    LlamaForCausalLM,
+    LlamaModel,
+    Trainer,
+    TrainerCallback,
+    TrainingArguments,
+)
 from transformers.trainer_callback import PrinterCallback
 from transformers.utils import logging as hf_logging
 
@@ -401,11 +408,32 @@ def component_breakdown(model: PilotCopilotForCausalLM, setup: Setup) -> dict[st
         backward(head, terms.objective)
         head_input.grad = None
 
+    # The floor any implementation of these layers pays: stock transformers LLaMA layers of the Copilot's shape on
+    # its [B,T,d_C] stream, without the memory keys, W_in, W_out or the loss.
+    config = copilot.config
+    stock_layers = LlamaModel(
+        LlamaConfig(
+            vocab_size=1,
+            hidden_size=config.hidden_size,
+            intermediate_size=config.intermediate_size,
+            num_hidden_layers=config.num_hidden_layers,
+            num_attention_heads=config.num_attention_heads,
+            num_key_value_heads=config.num_key_value_heads,
+            attn_implementation="sdpa",
+        )
+    )
+    stream = torch.randn(*entry.errors.targets.shape, config.hidden_size, requires_grad=True)
+
+    def stock_layers_step():
+        backward(stock_layers, stock_layers(inputs_embeds=stream).last_hidden_state.square().mean())
+        stream.grad = None
+
     log = MistakeLog(size=4, topk=64)
     return {
         "pilot_fwd_bwd": _cpu_seconds(lambda: backward(pilot, pilot(**inputs).loss)),
         "pilot_copilot_fwd_bwd": _cpu_seconds(lambda: backward(model, model(**inputs).loss)),
         "copilot_fwd_bwd": _cpu_seconds(copilot_step),
+        "stock_layers_fwd_bwd": _cpu_seconds(stock_layers_step),
         "head_and_loss_fwd_bwd": _cpu_seconds(lambda: head_and_loss_step(formed=False)),
         "head_and_loss_formed_fwd_bwd": _cpu_seconds(lambda: head_and_loss_step(formed=True)),
         "mistake_log_entry": _cpu_seconds(
@@ -499,25 +527,30 @@ def write_markdown(path: str, result: dict) -> None:
         "",
         "## Where the Copilot's time goes (model level: one forward + backward, CPU seconds, median of 3)",
         "",
-        "Expected = FLOP ratio x the Pilot's forward + backward. Head + loss: W_out and the Copilot's loss "
+        "Expected = FLOP ratio x the Pilot's forward + backward. Stock layers: transformers' own `LlamaModel` "
+        "layers of the Copilot's shape (layers, width, heads, MLP) on a [B,T,d_C] input, without the memory "
+        "keys, W_in, W_out and the loss: a floor for any implementation of the Copilot's layers at this shape. "
+        "Head + loss: W_out and the Copilot's loss "
         "alone (part of the Copilot column), as a training pass computes them (reading W_out's weight) and with "
         "f_C formed through autograd, side by side; the Mistake Log columns are not in the model's step but in "
         "CopilotTrainer's.",
         "",
-        "| Copilot | Pilot | Pilot + Copilot | Copilot | expected from FLOPs | head + loss | head + loss, f_C "
-        "formed | log entry | log add (top-64) |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| Copilot | Pilot | Pilot + Copilot | Copilot | expected from FLOPs | stock layers of its shape | "
+        "head + loss | head + loss, f_C formed | log entry | log add (top-64) |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for row in rows:
         b = row["cpu_breakdown_s"]
         if b is None:  # a GPU run: no CPU-time breakdown
             lines.append(f"| {row['copilot_layers']} x {row['copilot_hidden']} | not measured on a GPU run |")
             continue
+        # Runs before the floor was measured have no stock-layers column.
+        stock_layers = f"{b['stock_layers_fwd_bwd']:.3f}" if "stock_layers_fwd_bwd" in b else "-"
         lines.append(
             f"| {row['copilot_layers']} x {row['copilot_hidden']}, {HEAD_LABELS[row['head']]} | "
             f"{b['pilot_fwd_bwd']:.3f} | "
             f"{b['pilot_copilot_fwd_bwd']:.3f} | {b['copilot_fwd_bwd']:.3f} | "
-            f"{row['flop_ratio'] * b['pilot_fwd_bwd']:.3f} | {b['head_and_loss_fwd_bwd']:.3f} | "
+            f"{row['flop_ratio'] * b['pilot_fwd_bwd']:.3f} | {stock_layers} | {b['head_and_loss_fwd_bwd']:.3f} | "
             f"{b['head_and_loss_formed_fwd_bwd']:.3f} | "
             f"{b['mistake_log_entry']:.3f} | {b['mistake_log_add_top64']:.3f} |"
         )
