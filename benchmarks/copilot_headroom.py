@@ -21,9 +21,12 @@ measures, for the settings of benchmarks/quality.py SETTINGS["pretrained"] (one 
     python benchmarks/copilot_headroom.py --tasks arithmetic --epochs 8 --output /tmp/h/arithmetic
     python benchmarks/copilot_headroom.py --tasks word_problems --epochs 3 --longer 0 --output /tmp/h/wp
     python benchmarks/copilot_headroom.py --from-records /tmp/h/*/copilot_headroom.json  # writes results/
+    # Headroom on every family (the Pilot fine-tuned 3x as long; one short Copilot arm, which the script needs):
+    python benchmarks/copilot_headroom.py --tasks multiple_choice --arms random_lr1x --epochs 1 --longer 3 \
+        --output /tmp/h3/multiple_choice
     python benchmarks/copilot_headroom.py --quick --tasks arithmetic --output /tmp/h/quick  # smoke, ~1 min
 
-The exact commands of the committed results are in REPRODUCE below.
+The exact commands of each result are in its markdown and JSON (`commands`).
 
 Needs the model family of benchmarks/model_family.py (cached; built on first use).
 """
@@ -49,15 +52,6 @@ from hf_copilot import CopilotTrainer, PilotCopilotForCausalLM
 from hf_copilot.checkpointing import INITIAL_ERROR_NORM
 from hf_copilot.experiments.data import tokenize_examples
 
-REPRODUCE = (
-    "nice -n 19 python benchmarks/copilot_headroom.py --tasks arithmetic --arms random_lr1x random_lr3x "
-    "random_lr10x init_lr1x init_lr3x init_lr10x rescaled_lr1x init_base_lr1x --epochs 8 "
-    "--output /tmp/h/arithmetic",
-    "nice -n 19 python benchmarks/copilot_headroom.py --tasks word_problems --arms random_lr1x random_lr10x "
-    "init_lr1x init_lr10x --epochs 3 --longer 0 --output /tmp/h/word_problems (in parallel)",
-    "python benchmarks/copilot_headroom.py --from-records /tmp/h/arithmetic/copilot_headroom.json "
-    "/tmp/h/word_problems/copilot_headroom.json",
-)
 # (Copilot initialisation, learning rate as a multiple of the Pilot's)
 ARMS = {
     "random_lr1x": ("random", 1.0),
@@ -390,7 +384,8 @@ def run(
 # --------------------------------------------------------------------------------------------------
 # Markdown and plot
 
-# Written from the committed run (seed 0; the tables below are regenerated from the JSON, this text is not).
+# Written from the committed run in benchmarks/results (seed 0; the tables below are regenerated from the JSON, this
+# text is not), so it goes into that folder's markdown only.
 CONCLUSION = """
 **Arithmetic has plenty of headroom and the Copilot uses almost none of it; word problems have none.**
 
@@ -432,7 +427,12 @@ validation exact match picks lambda on the same prompts (optimistic), the test c
 """
 
 
-def markdown(payload: dict) -> str:
+def task_name(task: dict) -> str:
+    """The setting's label where it has one (word problems with worked solutions share the task's name)."""
+    return task["setting"].get("label") or task["task"]
+
+
+def markdown(payload: dict, conclusion: str = "") -> str:
     machine = payload["machine"]
     lines = [
         "# Copilot headroom: why is R^2 near 0 in the pretrained regime?",
@@ -442,15 +442,20 @@ def markdown(payload: dict) -> str:
         f"torch {machine['torch']}, transformers {machine['transformers']}, Python {machine['python']}.",
         "",
         "Settings of `benchmarks/quality.py` SETTINGS['pretrained'], seed 0; Pilot = base, bigger Pilot = large "
-        "(pilot_matched), pilot_longer = base fine-tuned 2x the epochs (arithmetic only: word problems' "
-        "4 epochs already take the longest). Teacher-forced statistics on the "
+        "(pilot_matched), pilot_longer = base fine-tuned "
+        + ", ".join(
+            f"{t['longer_factor']:g}x the epochs on {task_name(t)}"
+            for t in payload["tasks"]
+            if t["longer_factor"]
+        )
+        + " (not measured on the other tasks). Teacher-forced statistics on the "
         "validation prompts at answer positions (the eos included), as `eval_copilot_r2`. "
         "R^2 of f = q - p is exactly 1 - Brier(q) / Brier(p): what a Copilot that turned the Pilot into q "
         "would score; 'scaled' is the best alpha in f = alpha (q - p).",
         "",
     ]
-    if CONCLUSION:
-        lines += ["## Conclusion", "", CONCLUSION.strip(), ""]
+    if conclusion:
+        lines += ["## Conclusion", "", conclusion.strip(), ""]
     lines += [
         "## 1. Headroom",
         "",
@@ -466,7 +471,7 @@ def markdown(payload: dict) -> str:
                 if "r2_of_difference" in row:
                     bounds = f"{row['r2_of_difference']:+.3f} | {row['r2_of_scaled_difference']:.3f}"
                 lines.append(
-                    f"| {task['task']} | {name} | {data} | {row['cross_entropy']:.3f} | {row['gold_prob']:.3f} | "
+                    f"| {task_name(task)} | {name} | {data} | {row['cross_entropy']:.3f} | {row['gold_prob']:.3f} | "
                     f"{row['brier']:.4f} | {row['token_accuracy']:.3f} | {bounds} | "
                     + (f"{em['validation']:.3f} / {em['test']:.3f} |" if data == "held out" else "|")
                 )
@@ -489,7 +494,7 @@ def markdown(payload: dict) -> str:
             final = row["epochs"][-1]
             train_r2 = f"{row['train_r2'][-1]['r2']:+.3f}" if row["train_r2"] else "-"
             lines.append(
-                f"| {task['task']} | {arm}{' (' + row['as_arm'] + ')' if 'as_arm' in row else ''} | "
+                f"| {task_name(task)} | {arm}{' (' + row['as_arm'] + ')' if 'as_arm' in row else ''} | "
                 f"{row['copilot_learning_rate']:.0e} | "
                 + ", ".join(f"{e['r2']:+.3f}" for e in row["epochs"])
                 + f" | {train_r2} | "
@@ -512,7 +517,7 @@ def markdown(payload: dict) -> str:
         rows = task["per_position"]
         columns = [k for k in rows[0] if k.startswith("r2_")]
         lines += [
-            f"**{task['task']}**",
+            f"**{task_name(task)}**",
             "",
             "| index | positions | share of error | Pilot ‖e‖² | Pilot gold prob | "
             + " | ".join(c.removeprefix("r2_").replace("copilot_", "C:") for c in columns)
@@ -574,9 +579,9 @@ def plot(payload: dict, path: str) -> None:
         r2_axis.axhline(0.0, color="grey", lw=0.8)
         top = max([0.1] + [b["r2_of_scaled_difference"] for k, b in task["headroom"].items() if k != "pilot"])
         r2_axis.set_ylim(-0.1, top + 0.05)
-        r2_axis.set_title(f"{task['task']}: held-out R^2, Copilot alone on the frozen Pilot")
+        r2_axis.set_title(f"{task_name(task)}: held-out R^2, Copilot alone on the frozen Pilot")
         r2_axis.set_xlabel("Copilot-only epochs")
-        exact_axis.set_title(f"{task['task']}: fused exact match (validation, best lambda)")
+        exact_axis.set_title(f"{task_name(task)}: fused exact match (validation, best lambda)")
         exact_axis.set_xlabel("Copilot-only epochs")
         r2_axis.legend(fontsize=7)
         exact_axis.legend(fontsize=7)
@@ -590,7 +595,8 @@ def write(payload: dict, output: str) -> None:
     with open(os.path.join(output, "copilot_headroom.json"), "w") as handle:
         json.dump(payload, handle, indent=1)
     with open(os.path.join(output, "copilot_headroom.md"), "w") as handle:
-        handle.write(markdown(payload))
+        committed = os.path.abspath(output) == os.path.abspath(RESULTS)
+        handle.write(markdown(payload, CONCLUSION if committed else ""))
     if payload["tasks"]:
         plot(payload, os.path.join(output, "copilot_headroom.png"))
 
@@ -618,8 +624,11 @@ def main() -> None:
     transformers.utils.logging.disable_progress_bar()
     command = "python benchmarks/copilot_headroom.py " + " ".join(sys.argv[1:])
     if args.from_records:
-        tasks = [t for path in args.from_records for t in json.load(open(path))["tasks"]]
-        write({"commands": REPRODUCE, "machine": machine_info(), "tasks": tasks}, args.output)
+        merged = [json.load(open(path)) for path in args.from_records]
+        # Each run's own command, then this merge; the machine the runs measured on.
+        commands = list(dict.fromkeys([c for m in merged for c in m["commands"]] + [command]))
+        tasks = [t for m in merged for t in m["tasks"]]
+        write({"commands": commands, "machine": merged[0]["machine"], "tasks": tasks}, args.output)
         return
     from model_family import load_family
 
@@ -627,7 +636,7 @@ def main() -> None:
     arms = args.arms or (["random_lr1x", "init_lr1x"] if args.quick else list(ARMS))
     payload = {"commands": [command], "machine": machine_info(), "family": family.path, "tasks": []}
     for setting in SETTINGS["pretrained"]:
-        if setting.task not in args.tasks:
+        if setting.name not in args.tasks:  # as quality.py: a setting by its name (label or task)
             continue
         epochs, eval_size = args.epochs, args.eval_size
         if args.quick:
