@@ -21,9 +21,12 @@ measures, for the settings of benchmarks/quality.py SETTINGS["pretrained"] (one 
     python benchmarks/copilot_headroom.py --tasks arithmetic --epochs 8 --output /tmp/h/arithmetic
     python benchmarks/copilot_headroom.py --tasks word_problems --epochs 3 --longer 0 --output /tmp/h/wp
     python benchmarks/copilot_headroom.py --from-records /tmp/h/*/copilot_headroom.json  # writes results/
-    # Headroom on every family (the Pilot fine-tuned 3x as long; one short Copilot arm, which the script needs):
+    # Headroom on every family (the Pilot fine-tuned 3x as long; one short Copilot arm, which the script needs),
+    # then beside the default Copilot's R^2 on the same Pilots (quality.py's records):
     python benchmarks/copilot_headroom.py --tasks multiple_choice --arms random_lr1x --epochs 1 --longer 3 \
         --output /tmp/h3/multiple_choice
+    python benchmarks/copilot_headroom.py --from-records /tmp/h3/*/copilot_headroom.json \
+        --quality-records benchmarks/results/token_embedding_other_families/quality.json --output /tmp/h3/all
     python benchmarks/copilot_headroom.py --quick --tasks arithmetic --output /tmp/h/quick  # smoke, ~1 min
 
 The exact commands of each result are in its markdown and JSON (`commands`).
@@ -427,9 +430,60 @@ validation exact match picks lambda on the same prompts (optimistic), the test c
 """
 
 
+def attach_default_copilot_r2(tasks: list[dict], quality_paths: list[str]) -> None:
+    """Each task's `default_copilot_r2`: the held-out R^2 of quality.py's pilot_copilot (observed feedback) per seed.
+
+    quality.py fine-tunes the same Pilot for a task and seed, so the default Copilot's R^2 sits beside the headroom
+    of the very Pilot it corrected.
+    """
+    by_task: dict[str, dict[int, float]] = {}
+    for path in quality_paths:
+        for record in json.load(open(path))["records"]:
+            if record["arm"] == "pilot_copilot" and record["feedback"] == "observed":
+                by_task.setdefault(record["task"], {})[record["seed"]] = record["copilot_r2"]
+    for task in tasks:
+        seeds = by_task.get(task_name(task))
+        if seeds:
+            task["default_copilot_r2"] = {str(seed): r2 for seed, r2 in sorted(seeds.items())}
+
+
+def summary_rows(payload: dict) -> list[dict]:
+    """Per task with a default Copilot: its R^2 (this seed and the mean) against the headroom."""
+    rows = []
+    for task in payload["tasks"]:
+        default = task.get("default_copilot_r2")
+        if not default or "pilot_longer" not in task["headroom"]:
+            continue
+        rows.append(
+            {
+                "task": task_name(task),
+                "pilot_test": task["exact_match"]["pilot"]["test"],
+                "longer_test": task["exact_match"]["pilot_longer"]["test"],
+                "longer_factor": task["longer_factor"],
+                "headroom": task["headroom"]["pilot_longer"]["r2_of_difference"],
+                "matched": task["headroom"]["pilot_matched"]["r2_of_difference"],
+                "copilot": default.get(str(task["seed"])),
+                "copilot_mean": sum(default.values()) / len(default),
+                "copilot_seeds": len(default),
+            }
+        )
+    return rows
+
+
 def task_name(task: dict) -> str:
     """The setting's label where it has one (word problems with worked solutions share the task's name)."""
     return task["setting"].get("label") or task["task"]
+
+
+def longer_pilots(tasks: list[dict]) -> str:
+    """Which multiple of its epochs each task's longer Pilot was fine-tuned for, grouped by multiple."""
+    by_factor: dict[float, list[str]] = {}
+    for task in tasks:
+        if task["longer_factor"]:
+            by_factor.setdefault(task["longer_factor"], []).append(task_name(task))
+    parts = [f"{factor:g}x the epochs on {', '.join(names)}" for factor, names in by_factor.items()]
+    skipped = len(tasks) - sum(len(names) for names in by_factor.values())
+    return "; ".join(parts) + (" (not measured on the other tasks)" if skipped else "")
 
 
 def markdown(payload: dict, conclusion: str = "") -> str:
@@ -442,13 +496,8 @@ def markdown(payload: dict, conclusion: str = "") -> str:
         f"torch {machine['torch']}, transformers {machine['transformers']}, Python {machine['python']}.",
         "",
         "Settings of `benchmarks/quality.py` SETTINGS['pretrained'], seed 0; Pilot = base, bigger Pilot = large "
-        "(pilot_matched), pilot_longer = base fine-tuned "
-        + ", ".join(
-            f"{t['longer_factor']:g}x the epochs on {task_name(t)}"
-            for t in payload["tasks"]
-            if t["longer_factor"]
-        )
-        + " (not measured on the other tasks). Teacher-forced statistics on the "
+        f"(pilot_matched), pilot_longer = base fine-tuned {longer_pilots(payload['tasks'])}. Teacher-forced "
+        "statistics on the "
         "validation prompts at answer positions (the eos included), as `eval_copilot_r2`. "
         "R^2 of f = q - p is exactly 1 - Brier(q) / Brier(p): what a Copilot that turned the Pilot into q "
         "would score; 'scaled' is the best alpha in f = alpha (q - p).",
@@ -456,6 +505,27 @@ def markdown(payload: dict, conclusion: str = "") -> str:
     ]
     if conclusion:
         lines += ["## Conclusion", "", conclusion.strip(), ""]
+    summary = summary_rows(payload)
+    if summary:
+        lines += [
+            "## The default Copilot against the headroom",
+            "",
+            "Headroom: the held-out R^2 of f = p_longer - p, what a Copilot that turned the Pilot into the same Pilot "
+            "fine-tuned longer would score. Default Copilot: `benchmarks/quality.py`'s pilot_copilot (observed "
+            "feedback) on the same Pilot, its held-out R^2 for this seed and the mean over its seeds "
+            "(`--quality-records`).",
+            "",
+            "| task | Pilot test exact | fine-tuned longer | headroom R^2 | bigger member R^2 | default Copilot R^2 "
+            "(this seed; mean) |",
+            "| --- | ---: | ---: | ---: | ---: | ---: |",
+        ]
+        for row in summary:
+            lines.append(
+                f"| {row['task']} | {row['pilot_test']:.3f} | {row['longer_test']:.3f} "
+                f"({row['longer_factor']:g}x) | {row['headroom']:.3f} | {row['matched']:.3f} | "
+                f"{row['copilot']:.3f} ({row['copilot_mean']:.3f} over {row['copilot_seeds']}) |"
+            )
+        lines.append("")
     lines += [
         "## 1. Headroom",
         "",
@@ -590,6 +660,33 @@ def plot(payload: dict, path: str) -> None:
     plt.close(figure)
 
 
+def plot_summary(rows: list[dict], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(1.6 * len(rows) + 3, 4.5))
+    bars = (
+        ("headroom", "headroom: the Pilot fine-tuned longer", "tab:purple"),
+        ("matched", "the bigger member", "tab:red"),
+        ("copilot", "the default Copilot (this seed)", "tab:blue"),
+    )
+    width = 0.8 / len(bars)
+    for offset, (key, label, color) in enumerate(bars):
+        positions = [i + (offset - 1) * width for i in range(len(rows))]
+        axis.bar(positions, [row[key] for row in rows], width, label=label, color=color)
+    axis.axhline(0.3, color="grey", ls="--", lw=1, label="the issue's target, 0.3")
+    axis.set_xticks(
+        range(len(rows)), [row["task"].replace("_", " ") for row in rows], rotation=20, ha="right"
+    )
+    axis.set_ylabel("held-out R^2 at answer positions")
+    axis.set_title("What a Copilot could learn (headroom) and what the default Copilot learns")
+    axis.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    figure.savefig(path, dpi=100, bbox_inches="tight")
+    plt.close(figure)
+
+
 def write(payload: dict, output: str) -> None:
     os.makedirs(output, exist_ok=True)
     with open(os.path.join(output, "copilot_headroom.json"), "w") as handle:
@@ -599,6 +696,9 @@ def write(payload: dict, output: str) -> None:
         handle.write(markdown(payload, CONCLUSION if committed else ""))
     if payload["tasks"]:
         plot(payload, os.path.join(output, "copilot_headroom.png"))
+    summary = summary_rows(payload)
+    if summary:
+        plot_summary(summary, os.path.join(output, "copilot_headroom_summary.png"))
 
 
 def main() -> None:
@@ -618,6 +718,12 @@ def main() -> None:
         "--quick", action="store_true", help="smoke run: 200 examples, 2 Copilot epochs, 40 prompts, 2 arms"
     )
     parser.add_argument("--from-records", nargs="+", help="merge earlier copilot_headroom.json files")
+    parser.add_argument(
+        "--quality-records",
+        nargs="+",
+        default=[],
+        help="with --from-records: quality.json files whose default Copilot's R^2 to set beside the headroom",
+    )
     args = parser.parse_args()
     torch.set_num_threads(1)
     transformers.utils.logging.set_verbosity_error()
@@ -628,6 +734,7 @@ def main() -> None:
         # Each run's own command, then this merge; the machine the runs measured on.
         commands = list(dict.fromkeys([c for m in merged for c in m["commands"]] + [command]))
         tasks = [t for m in merged for t in m["tasks"]]
+        attach_default_copilot_r2(tasks, args.quality_records)
         write({"commands": commands, "machine": merged[0]["machine"], "tasks": tasks}, args.output)
         return
     from model_family import load_family
