@@ -452,7 +452,7 @@ def summary_rows(payload: dict) -> list[dict]:
     rows = []
     for task in payload["tasks"]:
         default = task.get("default_copilot_r2")
-        if not default or "pilot_longer" not in task["headroom"]:
+        if not default or str(task["seed"]) not in default or "pilot_longer" not in task["headroom"]:
             continue
         rows.append(
             {
@@ -462,7 +462,7 @@ def summary_rows(payload: dict) -> list[dict]:
                 "longer_factor": task["longer_factor"],
                 "headroom": task["headroom"]["pilot_longer"]["r2_of_difference"],
                 "matched": task["headroom"]["pilot_matched"]["r2_of_difference"],
-                "copilot": default.get(str(task["seed"])),
+                "copilot": default[str(task["seed"])],
                 "copilot_mean": sum(default.values()) / len(default),
                 "copilot_seeds": len(default),
             }

@@ -408,8 +408,8 @@ def component_breakdown(model: PilotCopilotForCausalLM, setup: Setup) -> dict[st
         backward(head, terms.objective)
         head_input.grad = None
 
-    # The floor any implementation of these layers pays: stock transformers LLaMA layers of the Copilot's shape on
-    # its [B,T,d_C] stream, without the memory keys, W_in, W_out or the loss.
+    # What the Copilot's layers cost as transformers' own LLaMA layers of that shape, on its [B,T,d_C] stream and
+    # without anything the Copilot adds (memory keys, W_in, W_out, the loss): the reference its share is held to.
     config = copilot.config
     stock_layers = LlamaModel(
         LlamaConfig(
@@ -529,7 +529,8 @@ def write_markdown(path: str, result: dict) -> None:
         "",
         "Expected = FLOP ratio x the Pilot's forward + backward. Stock layers: transformers' own `LlamaModel` "
         "layers of the Copilot's shape (layers, width, heads, MLP) on a [B,T,d_C] input, without the memory "
-        "keys, W_in, W_out and the loss: a floor for any implementation of the Copilot's layers at this shape. "
+        "keys, W_in, W_out and the loss: what layers of this shape cost in eager PyTorch before anything the "
+        "Copilot adds to them. "
         "Head + loss: W_out and the Copilot's loss "
         "alone (part of the Copilot column), as a training pass computes them (reading W_out's weight) and with "
         "f_C formed through autograd, side by side; the Mistake Log columns are not in the model's step but in "
