@@ -725,14 +725,20 @@ def main() -> None:
         help="with --from-records: quality.json files whose default Copilot's R^2 to set beside the headroom",
     )
     args = parser.parse_args()
+    known = {setting.name for setting in SETTINGS["pretrained"]}
+    if not args.from_records and set(args.tasks) - known:
+        parser.error(f"unknown --tasks {sorted(set(args.tasks) - known)}: choose from {sorted(known)}")
+    if args.quality_records and not args.from_records:
+        parser.error("--quality-records sets quality.py's R^2 beside merged runs: add --from-records")
     torch.set_num_threads(1)
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
     command = "python benchmarks/copilot_headroom.py " + " ".join(sys.argv[1:])
     if args.from_records:
         merged = [json.load(open(path)) for path in args.from_records]
-        # Each run's own command, then this merge; the machine the runs measured on.
-        commands = list(dict.fromkeys([c for m in merged for c in m["commands"]] + [command]))
+        # Each run's own command (earlier merges left out, as quality.py does), then this merge; the runs' machine.
+        earlier = [c for m in merged for c in m["commands"] if "--from-records" not in c]
+        commands = [*dict.fromkeys(earlier), command]
         tasks = [t for m in merged for t in m["tasks"]]
         attach_default_copilot_r2(tasks, args.quality_records)
         write({"commands": commands, "machine": merged[0]["machine"], "tasks": tasks}, args.output)
