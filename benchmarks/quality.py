@@ -55,6 +55,9 @@ Arms (same Pilot initialisation, data order and steps):
   pilot_copilot_memory_norm  pilot_copilot with the Pilot's states RMS-normalised before the Copilot's memory
                       projection (CopilotConfig.memory_norm=True; the default for the paper's feedback mode only)
   pilot_copilot_paper_no_memory_norm  pilot_copilot_paper without it (memory_norm=False), as before that default
+  pilot_copilot_projected_memory_norm  pilot_copilot with each memory entry RMS-normalised after the projection
+                      to the Copilot's width (CopilotConfig.projected_memory_norm=True): unit-scale keys and values
+  pilot_copilot_paper_projected_memory_norm  pilot_copilot_paper with projected_memory_norm as well
   pilot_copilot_no_token_embedding  the ablation of CopilotConfig.token_embedding: pilot_copilot without the
                       learnt embedding of the token each error is about in the Copilot's input rows (the default
                       before it)
@@ -159,8 +162,10 @@ ARMS = (
     "copilot_after_pilot_as_long",
     "pilot_copilot_paper",
     "pilot_copilot_memory_norm",
+    "pilot_copilot_projected_memory_norm",
     "pilot_copilot_no_token_embedding",
     "pilot_copilot_paper_no_memory_norm",
+    "pilot_copilot_paper_projected_memory_norm",
     "pilot_copilot_paper_reweight",
     "pilot_copilot_paper_no_token_embedding",
     "pilot_copilot_token_gain",
@@ -570,12 +575,15 @@ def run(
         copilot_records("pilot_copilot_paper", ("copilot",), *experiment.fine_tune(joint, with_copilot=True))
     if "pilot_copilot_memory_norm" in arms:
         ablation_records("pilot_copilot_memory_norm", {"memory_norm": True})
+    if "pilot_copilot_projected_memory_norm" in arms:
+        ablation_records("pilot_copilot_projected_memory_norm", {"projected_memory_norm": True})
     if "pilot_copilot_no_token_embedding" in arms:
         ablation_records("pilot_copilot_no_token_embedding", {"token_embedding": False})
     if "pilot_copilot_token_gain" in arms:
         ablation_records("pilot_copilot_token_gain", {"token_embedding": "gain"})
     for arm, change in (
         ("pilot_copilot_paper_no_memory_norm", {"memory_norm": False}),
+        ("pilot_copilot_paper_projected_memory_norm", {"projected_memory_norm": True}),
         ("pilot_copilot_paper_reweight", {"error_form": "reweight"}),
         ("pilot_copilot_paper_no_token_embedding", {"token_embedding": False}),
         ("pilot_copilot_paper_token_gain", {"token_embedding": "gain"}),

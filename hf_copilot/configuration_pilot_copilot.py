@@ -184,6 +184,11 @@ class CopilotConfig(PreTrainedConfig):
     # stream carries no observed error at generated positions (measured: that mode then learns; observed feedback
     # lost with it, benchmarks/results/memory_norm/), off otherwise.
     memory_norm: bool | None = None
+    # RMS-normalise each memory entry after its projection to d_C (learnt scale), so the cross-attention reads
+    # keys and values from unit-scale entries as the self-attention reads the normed stream. Without it a projection
+    # drawn at initializer_range leaves the entries at about 0.2 RMS (x_tilde far less), and under Adam a small
+    # input learns as if at a smaller learning rate, as the error stream did before error_proj_init_std.
+    projected_memory_norm: bool = False
     # A learnt embedding E of the token each stream row's error is about, added to the row: position j reads
     # W_in e_{j-1} + E[x_j], in either feedback mode (the paper's reads W_in f_C_{j-1} + E[x_j] at generated
     # positions). W_in e says which token came only where the Pilot was unsure of it (e ~ 0 where it was right and

@@ -373,6 +373,11 @@ class CopilotModel(CopilotPreTrainedModel):
             self.memory_proj = nn.Linear(config.pilot_hidden_size, config.hidden_size, bias=False)
         else:
             self.memory_proj = nn.Identity()
+        self.projected_memory_norm = (
+            CopilotRMSNorm(config.hidden_size, config.rms_norm_eps)
+            if config.projected_memory_norm
+            else nn.Identity()
+        )
         layer_class = CopilotEncoderDecoderLayer if config.encoder_decoder else CopilotLayer
         self.layers = nn.ModuleList(layer_class(config, idx) for idx in range(config.num_hidden_layers))
         self.norm = CopilotRMSNorm(config.hidden_size, config.rms_norm_eps)
@@ -563,8 +568,10 @@ class CopilotModel(CopilotPreTrainedModel):
         return error_of_fused_logits(output, pilot_probs, self.error_head.weight.dtype)
 
     def project_memory(self, memory: torch.Tensor) -> torch.Tensor:
-        """The Pilot's states as the cross-attention reads them: RMS-normed if `memory_norm`, projected to d_C."""
-        return self.memory_proj(self.memory_norm(memory.to(self.error_proj.weight.dtype)))
+        """The Pilot's states as the cross-attention reads them: RMS-normed if `memory_norm`, projected to d_C,
+        RMS-normed again if `projected_memory_norm`."""
+        projected = self.memory_proj(self.memory_norm(memory.to(self.error_proj.weight.dtype)))
+        return self.projected_memory_norm(projected)
 
     def positions(
         self,

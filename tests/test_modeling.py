@@ -736,18 +736,18 @@ def test_a_reweight_head_reads_a_compact_entry_with_its_remaining_mass_spread():
     assert (compact.probabilities() == 0).any() and (compact.probabilities_spread() > 0).all()
 
 
-@pytest.mark.parametrize("memory_norm", [False, True])
+@pytest.mark.parametrize("norm", [None, "memory_norm", "projected_memory_norm"])
 @torch.no_grad()
-def test_a_memory_norm_reads_every_pilot_state_at_the_same_scale(memory_norm):
-    """With `memory_norm` each of the Pilot's states enters the Copilot's memory RMS-normalised: scaling the
-    input embeddings (often far smaller than the layer-mean states) leaves f_C as it was."""
-    config = tiny_copilot_config(
-        memory_norm=memory_norm, rms_norm_eps=1e-12
-    )  # so the scale is all that differs
+def test_a_memory_norm_reads_every_pilot_state_at_the_same_scale(norm):
+    """With `memory_norm` each of the Pilot's states enters the Copilot's memory RMS-normalised, with
+    `projected_memory_norm` each projected entry: either way scaling the input embeddings (often far smaller than
+    the layer-mean states) leaves f_C as it was."""
+    norms = {"memory_norm": norm == "memory_norm", "projected_memory_norm": norm == "projected_memory_norm"}
+    config = tiny_copilot_config(**norms, rms_norm_eps=1e-12)  # so the scale is all that differs
     model = build_pilot_copilot("llama", config).double()
     x_tilde, h_bar, errors = random_copilot_inputs(model)
     x_tilde, h_bar, errors = x_tilde.double(), h_bar.double(), errors.map_tensors(lambda t: t.clone())
     errors.probs = errors.probs.double()
     reference = copilot_output(model, x_tilde, h_bar, errors)
     scaled = copilot_output(model, 0.05 * x_tilde, h_bar, errors)
-    assert torch.allclose(scaled, reference, atol=1e-5, rtol=0) == memory_norm  # the norm computes in float32
+    assert torch.allclose(scaled, reference, atol=1e-5, rtol=0) == (norm is not None)  # norms run in float32

@@ -392,14 +392,20 @@ def test_a_checkpoint_saved_before_position_encoding_existed_loads_without_posit
 
 
 @pytest.mark.parametrize(
-    ("field", "value"), [("memory_norm", True), ("token_embedding", True), ("token_embedding", "gain")]
+    ("field", "value"),
+    [
+        ("memory_norm", True),
+        ("projected_memory_norm", True),
+        ("token_embedding", True),
+        ("token_embedding", "gain"),
+    ],
 )
 def test_a_copilots_optional_weight_is_saved_and_loads_as_saved(field, value, tmp_path):
-    """The memory norm's scale and the token term (table or gains): in the file, and loaded into a Copilot that
+    """The memory norms' scales and the token term (table or gains): in the file, and loaded into a Copilot that
     has them."""
     model = build_pilot_copilot("llama", tiny_copilot_config(**{field: value}))  # the token term is re-drawn
     weight = getattr(model.copilot, field).weight
-    if field == "memory_norm":  # ones at initialisation, what a missing tensor would get too
+    if field.endswith("memory_norm"):  # ones at initialisation, what a missing tensor would get too
         with torch.no_grad():
             weight.uniform_(0.5, 2.0, generator=torch.Generator().manual_seed(0))
     model.save_pretrained(tmp_path)
