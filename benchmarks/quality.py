@@ -14,8 +14,8 @@ recommendation_750_examples_{24,36,48,72}_epochs, a quarter of the data, on whic
 Arms (same Pilot initialisation, data order and steps):
   pilot               the Pilot fine-tuned alone with the stock Trainer
   pilot_copilot       Pilot + a randomly initialised Copilot, CopilotTrainer with the package defaults (the
-                      reweight head on the cross-entropy; the token embedding; the Copilot-only phase: 12 epochs,
-                      at most 4 x the joint run's batches)
+                      reweight head on the cross-entropy; the token embedding; the memory entries RMS-normalised
+                      after their projection; the Copilot-only phase: 12 epochs, at most 4 x the joint run's batches)
   pilot_copilot_linear  the ablation of CopilotConfig.error_form: pilot_copilot with the paper's linear head on
                       the squared error instead of the "reweight" head (f_C = softmax(log p + W_out h) - p) on the
                       cross-entropy of the observed token under p + f_C (the default before the latter)
@@ -55,9 +55,10 @@ Arms (same Pilot initialisation, data order and steps):
   pilot_copilot_memory_norm  pilot_copilot with the Pilot's states RMS-normalised before the Copilot's memory
                       projection (CopilotConfig.memory_norm=True; the default for the paper's feedback mode only)
   pilot_copilot_paper_no_memory_norm  pilot_copilot_paper without it (memory_norm=False), as before that default
-  pilot_copilot_projected_memory_norm  pilot_copilot with each memory entry RMS-normalised after the projection
-                      to the Copilot's width (CopilotConfig.projected_memory_norm=True): unit-scale keys and values
-  pilot_copilot_paper_projected_memory_norm  pilot_copilot_paper with projected_memory_norm as well
+  pilot_copilot_no_projected_memory_norm  the ablation of CopilotConfig.projected_memory_norm: pilot_copilot
+                      without each memory entry RMS-normalised after the projection to the Copilot's width (its
+                      keys and values then read entries of about 0.2 RMS; the default before it)
+  pilot_copilot_paper_no_projected_memory_norm  pilot_copilot_paper without it
   pilot_copilot_no_token_embedding  the ablation of CopilotConfig.token_embedding: pilot_copilot without the
                       learnt embedding of the token each error is about in the Copilot's input rows (the default
                       before it)
@@ -162,10 +163,10 @@ ARMS = (
     "copilot_after_pilot_as_long",
     "pilot_copilot_paper",
     "pilot_copilot_memory_norm",
-    "pilot_copilot_projected_memory_norm",
+    "pilot_copilot_no_projected_memory_norm",
     "pilot_copilot_no_token_embedding",
     "pilot_copilot_paper_no_memory_norm",
-    "pilot_copilot_paper_projected_memory_norm",
+    "pilot_copilot_paper_no_projected_memory_norm",
     "pilot_copilot_paper_reweight",
     "pilot_copilot_paper_no_token_embedding",
     "pilot_copilot_token_gain",
@@ -575,15 +576,15 @@ def run(
         copilot_records("pilot_copilot_paper", ("copilot",), *experiment.fine_tune(joint, with_copilot=True))
     if "pilot_copilot_memory_norm" in arms:
         ablation_records("pilot_copilot_memory_norm", {"memory_norm": True})
-    if "pilot_copilot_projected_memory_norm" in arms:
-        ablation_records("pilot_copilot_projected_memory_norm", {"projected_memory_norm": True})
+    if "pilot_copilot_no_projected_memory_norm" in arms:
+        ablation_records("pilot_copilot_no_projected_memory_norm", {"projected_memory_norm": False})
     if "pilot_copilot_no_token_embedding" in arms:
         ablation_records("pilot_copilot_no_token_embedding", {"token_embedding": False})
     if "pilot_copilot_token_gain" in arms:
         ablation_records("pilot_copilot_token_gain", {"token_embedding": "gain"})
     for arm, change in (
         ("pilot_copilot_paper_no_memory_norm", {"memory_norm": False}),
-        ("pilot_copilot_paper_projected_memory_norm", {"projected_memory_norm": True}),
+        ("pilot_copilot_paper_no_projected_memory_norm", {"projected_memory_norm": False}),
         ("pilot_copilot_paper_reweight", {"error_form": "reweight"}),
         ("pilot_copilot_paper_no_token_embedding", {"token_embedding": False}),
         ("pilot_copilot_paper_token_gain", {"token_embedding": "gain"}),

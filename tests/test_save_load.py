@@ -175,7 +175,7 @@ def test_a_whole_checkpoint_with_missing_or_extra_tensors_is_refused_naming_them
             loader.from_pretrained(tmp_path)
     if drop == "copilot.":
         assert problems == [
-            "missing tensors: 22 (copilot.error_head.weight, copilot.error_proj.weight, "
+            "missing tensors: 23 (copilot.error_head.weight, copilot.error_proj.weight, "
             "copilot.layers.0.input_layernorm.weight, ...)"
         ]
 
@@ -448,6 +448,20 @@ def test_a_checkpoint_saved_before_token_embedding_existed_loads_without_it(copi
 
     loaded = PilotCopilotForCausalLM.from_pretrained(folder).eval()
     assert loaded.copilot.config.token_embedding is False and loaded.copilot.token_embedding is None
+    assert_same_outputs(model.eval(), loaded)
+
+
+@pytest.mark.parametrize("copilot_only", [False, True])
+def test_a_checkpoint_saved_before_projected_memory_norm_existed_loads_without_it(copilot_only, tmp_path):
+    """Such files have no `projected_memory_norm`: a Copilot gets one today; it loads as it was trained, without
+    (no missing weight initialised), and gives the same outputs."""
+    pilot = saved_pilot("llama", tmp_path / "pilot")
+    model = build_pilot_copilot(pilot, tiny_copilot_config(projected_memory_norm=False))
+    folder = saved_as_an_earlier_version(model, tmp_path / "model", copilot_only, "projected_memory_norm")
+
+    loaded = PilotCopilotForCausalLM.from_pretrained(folder).eval()
+    assert loaded.copilot.config.projected_memory_norm is False
+    assert isinstance(loaded.copilot.projected_memory_norm, torch.nn.Identity)
     assert_same_outputs(model.eval(), loaded)
 
 

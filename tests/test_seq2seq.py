@@ -994,7 +994,7 @@ def test_copilot_trainer_with_a_window_replays_encoder_decoder_entries(tmp_path)
 
 
 def test_evaluation_reports_pilot_and_fused_token_accuracy_on_unshifted_labels(tmp_path):
-    model = build_model("t5")
+    model = build_model("t5", seed=1)  # a seed whose Pilot and fused choices score differently
     trainer = copilot_trainer(tmp_path, model=model, per_device_eval_batch_size=3)
     rows = reversal_rows(7, seed=1)
     metrics = trainer.evaluate(eval_dataset=rows)
