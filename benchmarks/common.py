@@ -1,4 +1,4 @@
-"""Pieces both overhead benchmarks share: analytic parameter counts and the machine description."""
+"""Pieces the benchmarks share: analytic parameter counts, the machine description, the commands of merged results."""
 
 from __future__ import annotations
 
@@ -23,10 +23,18 @@ def copilot_param_count(copilot: CopilotConfig, pilot_hidden: int, vocab: int) -
     )
     memory_proj = pilot_hidden * d if pilot_hidden != d else 0
     memory_norm = pilot_hidden if copilot.memory_norm else 0
+    projected_memory_norm = d if copilot.projected_memory_norm else 0
     vocabulary_tables = (3 if copilot.token_embedding is True else 2) * vocab * d  # W_in, W_out (and E)
     token_gain = d if copilot.token_embedding == "gain" else 0
     layers = copilot.num_hidden_layers * (qo + kv + mlp + 2 * d)
-    return vocabulary_tables + token_gain + memory_proj + memory_norm + layers + d
+    return vocabulary_tables + token_gain + memory_proj + memory_norm + projected_memory_norm + layers + d
+
+
+def merged_commands(results: list[dict], command: str) -> list[str]:
+    """What reproduces records merged from `results` (loaded result files): each run's command once, earlier merges
+    left out, then this merge's `command`."""
+    earlier = [c for result in results for c in result["commands"] if "--from-records" not in c]
+    return [*dict.fromkeys(earlier), command]
 
 
 def machine_info() -> dict[str, str]:

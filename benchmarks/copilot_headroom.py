@@ -47,7 +47,7 @@ import time
 
 import torch
 import transformers
-from common import machine_info
+from common import machine_info, merged_commands
 from quality import RESULTS, SETTINGS, Experiment, Setting, arguments
 from transformers import PrinterCallback, TrainerCallback
 
@@ -736,12 +736,14 @@ def main() -> None:
     command = "python benchmarks/copilot_headroom.py " + " ".join(sys.argv[1:])
     if args.from_records:
         merged = [json.load(open(path)) for path in args.from_records]
-        # Each run's own command (earlier merges left out, as quality.py does), then this merge; the runs' machine.
-        earlier = [c for m in merged for c in m["commands"] if "--from-records" not in c]
-        commands = [*dict.fromkeys(earlier), command]
         tasks = [t for m in merged for t in m["tasks"]]
         attach_default_copilot_r2(tasks, args.quality_records)
-        write({"commands": commands, "machine": merged[0]["machine"], "tasks": tasks}, args.output)
+        payload = {
+            "commands": merged_commands(merged, command),
+            "machine": merged[0]["machine"],
+            "tasks": tasks,
+        }
+        write(payload, args.output)  # the runs' machine, not this merge's
         return
     from model_family import load_family
 

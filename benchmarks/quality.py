@@ -109,6 +109,7 @@ from unittest import mock
 
 import torch
 import transformers
+from common import merged_commands
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
@@ -847,8 +848,7 @@ def main() -> None:
             for r in renamed
             if (not args.arms or r["arm"] in args.arms) and (not args.tasks or r["task"] in args.tasks)
         ]
-        earlier = [c for result in merged for c in result["commands"] if "--from-records" not in c]
-        write(records, args.output, [*dict.fromkeys(earlier), command], args.note)
+        write(records, args.output, merged_commands(merged, command), args.note)
         return
     family = None
     if args.regime.startswith("pretrained"):
