@@ -115,11 +115,13 @@ def train_copilot_on_final_pilot(trainer: Trainer, epochs: float | None, joint_b
     pilot.requires_grad_(False)
     pilot.eval()
     copilot.train()
-    sums, step, pending, group_tokens = torch.zeros(4, dtype=torch.float64), 0, 0, 0
+    # The logging window's sums and the group's losses stay on the device; one read-back per optimizer step.
+    sums = torch.zeros(4, dtype=torch.float64, device=trainer.args.device)
+    step, pending, group_tokens, group_losses = 0, 0, 0, []
 
     def optimizer_step() -> None:
         """The accumulated gradients of summed losses, divided by the group's positions: the exact mean."""
-        nonlocal step, pending, group_tokens
+        nonlocal step, pending, group_tokens, group_losses
         tokens = torch.as_tensor(group_tokens, device=trainer.args.device)
         if trainer.args.world_size > 1:  # each rank saw its shard: sum as one batch would
             torch.distributed.all_reduce(tokens)
@@ -130,15 +132,22 @@ def train_copilot_on_final_pilot(trainer: Trainer, epochs: float | None, joint_b
             if parameter.grad is not None:
                 parameter.grad /= tokens.clamp_min(1)
         grad_norm = nn.utils.clip_grad_norm_(copilot.parameters(), trainer.args.max_grad_norm)
-        if not torch.isfinite(grad_norm):
+        *losses, norm = torch.stack([*group_losses, grad_norm.to(group_losses[0])]).tolist()
+        for loss in losses:
+            if not math.isfinite(loss):
+                raise NonFiniteTrainingError(
+                    f"copilot_loss is {loss} at step {step + 1} of the Copilot-only phase; the "
+                    "Copilot was not updated. Lower copilot_learning_rate and keep max_grad_norm on."
+                )
+        if not math.isfinite(norm):
             raise NonFiniteTrainingError(
-                f"The Copilot's gradient norm is {grad_norm.item()} at step {step + 1} of the "
+                f"The Copilot's gradient norm is {norm} at step {step + 1} of the "
                 "Copilot-only phase; the Copilot was not updated. Lower copilot_learning_rate."
             )
         optimizer.step()
         schedule.step()
         optimizer.zero_grad(set_to_none=True)
-        step, pending, group_tokens = step + 1, 0, 0
+        step, pending, group_tokens, group_losses = step + 1, 0, 0, []
 
     def log() -> None:
         squared_error, num_tokens, target_norm, objective = sums.tolist()
@@ -159,17 +168,12 @@ def train_copilot_on_final_pilot(trainer: Trainer, epochs: float | None, joint_b
             inputs = trainer._prepare_inputs(inputs)
             out = pilot_copilot(**inputs, return_mistake_log=True, copilot_feedback_fraction=fraction)
             objective = out.copilot_loss_sum
-            if not torch.isfinite(objective.detach()):
-                loss = objective.item() / max(out.copilot_num_tokens.item(), 1)
-                raise NonFiniteTrainingError(
-                    f"copilot_loss is {loss} at step {step + 1} of the Copilot-only phase; the "
-                    "Copilot was not updated. Lower copilot_learning_rate and keep max_grad_norm on."
-                )
+            group_losses.append(objective.detach().float() / out.copilot_num_tokens.clamp_min(1))
             objective.backward()
             pending, group_tokens = pending + 1, group_tokens + out.copilot_num_tokens.detach()
             target = copilot_target_norm(out.mistake_log_entry)
             terms = [out.copilot_squared_error.detach(), out.copilot_num_tokens, target, objective.detach()]
-            sums += torch.stack(terms).cpu()
+            sums += torch.stack(terms).to(sums)
             if pending == accumulation:
                 optimizer_step()
                 if step % trainer.args.logging_steps == 0:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import warnings
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -58,6 +58,27 @@ def _pad_time(tensor: torch.Tensor, length: int) -> torch.Tensor:
 
 def _top_k(errors: PilotErrors) -> int | None:
     return errors.topk_indices.shape[-1] if errors.is_compact else None
+
+
+class _Write(NamedTuple):
+    """An entry's write awaiting its finite check: its flags, the slot it took, the entry it replaced (None when
+    appended) and the latest statistics before it."""
+
+    finite: torch.Tensor
+    slot: int
+    replaced: MistakeLogEntry | None
+    statistics: tuple[tuple[str, ...], torch.Tensor, torch.Tensor]
+
+
+def refuse_if_not_finite(finite: list[bool]) -> None:
+    """The ValueError for an entry whose finite flags [x_tilde, h_bar, probabilities] are not all set."""
+    if all(finite):
+        return
+    name = ("x_tilde", "h_bar", "errors probabilities")[finite.index(False)]
+    raise ValueError(
+        f"MistakeLogEntry {name} contains NaN or inf: the Pilot's forward pass diverged "
+        "(check the learning rate / mixed precision); the entry was not stored."
+    )
 
 
 def collate_entries(entries: list[MistakeLogEntry]) -> MistakeLogEntry:
@@ -123,10 +144,15 @@ class MistakeLog:
         self.store_device = torch.device(store_device)
         self._slots: list[MistakeLogEntry] = []
         self._next = 0  # the slot the next entry writes; once full, also the oldest entry
-        self._latest_stats: dict[str, float] = {}
-        # sum ||e_j||^2 over the latest entry's loss mask: the denominator of the Copilot's R^2, read
-        # from the statistics add() computes anyway, so the training step makes no extra [B,T,V] pass.
-        self.latest_error_norm_sum = 0.0
+        # The latest entry's statistics as a device vector [has loss positions, *means] (names beside it),
+        # read back only when reported: a training step waits for no value.
+        self._latest_names: tuple[str, ...] = ()
+        self._latest_values = torch.zeros(1)
+        # sum ||e_j||^2 over the latest entry's loss mask (0-dim, the entry's device): the denominator of the
+        # Copilot's R^2, from the statistics add() computes anyway, so the step makes no extra [B,T,V] pass.
+        self.latest_error_norm_sum = torch.zeros(())
+        # Finite checks of entries added with `defer_checks`, and how to undo each write: see `verify`.
+        self._unverified: list[_Write] = []
 
     # ---- buffer ---------------------------------------------------------------------------------
     def __len__(self) -> int:
@@ -171,15 +197,69 @@ class MistakeLog:
             parts.append(entries[index].map_tensors(lambda t, rows=rows: t[rows.to(t.device)]))
         return collate_entries(parts)
 
-    def add(self, entry: MistakeLogEntry) -> None:
-        """Validate, compact (if `topk > 0`), move to `store_device` and write over the oldest slot."""
+    def add(self, entry: MistakeLogEntry, defer_checks: bool = False) -> None:
+        """Validate, compact (if `topk > 0`), move to `store_device` and write over the oldest slot.
+
+        An entry with NaN or inf is refused (ValueError) and not kept. That check reads a value back from
+        the entry's device; `defer_checks=True` leaves it to the next `verify()` (or `stats()`), which undoes
+        the writes of refused entries, so a training step on an accelerator waits for nothing here.
+        """
         self._validate(entry)
         errors = entry.errors
         if self.size and self.topk and not errors.is_compact:  # a log of size 0 stores nothing to compact
             errors = errors.compact(self.topk)
-        self._latest_stats, self.latest_error_norm_sum = self._entry_stats(entry, errors)
-        if self.size == 0:
+        finite, *statistics = self._entry_stats(entry, errors)
+        slot = self._next if len(self._slots) == self.size else len(self._slots)
+        replaced = self._slots[slot] if slot < len(self._slots) else None
+        self._unverified.append(_Write(finite, slot, replaced, self._latest_statistics()))
+        self._latest_names, self._latest_values, self.latest_error_norm_sum = statistics
+        if self.size:
+            self._store(entry, errors)
+        if not defer_checks:
+            self.verify()
+
+    def _latest_statistics(self) -> tuple[tuple[str, ...], torch.Tensor, torch.Tensor]:
+        return self._latest_names, self._latest_values, self.latest_error_norm_sum
+
+    def unverified_flags(self) -> torch.Tensor | None:
+        """The finite flags [entries, 3] of the entries added with `defer_checks` since the last `verify()`, on
+        their device (None when there are none): for a caller that reads them back with its own values."""
+        if not self._unverified:
+            return None
+        device = self._unverified[0].finite.device
+        return torch.stack([write.finite.to(device) for write in self._unverified])
+
+    def verify(self, flags: list[list[bool]] | None = None) -> None:
+        """Raise for an entry added with `defer_checks` that holds NaN or inf, after undoing the writes of it and
+        of every entry added since (newest first), so the log is as it was before it; one read-back for all, or
+        none when given `flags`, `unverified_flags()` already read back."""
+        if not self._unverified:
             return
+        if flags is None:
+            flags = self.unverified_flags().tolist()
+        pending, self._unverified = self._unverified, []
+        for index, row in enumerate(flags):
+            if not all(row):
+                self._undo(pending[index:])
+                refuse_if_not_finite(row)
+
+    def discard_unverified(self) -> None:
+        """Undo every write since the last `verify()`: a training step refused for another reason (a loss that
+        is not finite) leaves the log as it was before the step."""
+        pending, self._unverified = self._unverified, []
+        self._undo(pending)
+
+    def _undo(self, writes: list[_Write]) -> None:
+        for write in reversed(writes if self.size else []):
+            if write.replaced is None:
+                self._slots.pop()
+            else:
+                self._slots[write.slot] = write.replaced
+            self._next = write.slot
+        if writes:
+            self._latest_names, self._latest_values, self.latest_error_norm_sum = writes[0].statistics
+
+    def _store(self, entry: MistakeLogEntry, errors: PilotErrors) -> None:
         stored = MistakeLogEntry(
             entry.x_tilde,
             entry.h_bar,
@@ -301,10 +381,12 @@ class MistakeLog:
                     f"{previous.errors.vocab_size}: one MistakeLog serves one Pilot, create a new one."
                 )
 
+    @staticmethod
     def _entry_stats(
-        self, entry: MistakeLogEntry, stored_errors: PilotErrors
-    ) -> tuple[dict[str, float], float]:
-        """Finite checks, per-entry statistics and the error-norm sum, read back in one device sync.
+        entry: MistakeLogEntry, stored_errors: PilotErrors
+    ) -> tuple[torch.Tensor, tuple[str, ...], torch.Tensor, torch.Tensor]:
+        """Finite flags [x_tilde, h_bar, probabilities], the statistic names, their vector [has loss positions,
+        *means over the loss mask] and the error-norm sum: device tensors, nothing read back.
 
         Norm and gold probability come from the errors as written (before compaction), so they
         describe the Pilot, not the storage.
@@ -315,31 +397,24 @@ class MistakeLog:
         loss_mask = entry.loss_mask
         count = loss_mask.sum()
         denominator = count.clamp_min(1)
-        values = [
-            torch.isfinite(entry.x_tilde).all(),
-            torch.isfinite(entry.h_bar).all(),
-            # Probabilities are bounded, so their sum is finite iff every one is; isfinite().all() would
-            # allocate a [B,T,V] mask and cost more than the rest of add() together.
-            torch.isfinite(probs.sum(dtype=torch.float32)),
-            count,
-            (norm * loss_mask).sum() / denominator,
-            (p_gold * loss_mask).sum() / denominator,
-        ]
+        finite = torch.stack(
+            [
+                torch.isfinite(entry.x_tilde).all(),
+                torch.isfinite(entry.h_bar).all(),
+                # Probabilities are bounded, so their sum is finite iff every one is; isfinite().all() would
+                # allocate a [B,T,V] mask and cost more than the rest of add() together.
+                torch.isfinite(probs.sum(dtype=torch.float32)),
+            ]
+        )
+        error_norm_sum = (norm * loss_mask).sum()
+        means = [error_norm_sum / denominator, (p_gold * loss_mask).sum() / denominator]
+        names = ("mean_error_norm", "pilot_gold_prob")
         if stored_errors.is_compact:
             dropped = (1.0 - stored_errors.topk_values.float().sum(-1)).clamp_min(0.0)
-            values.append((dropped * loss_mask).sum() / denominator)
-        finite_x, finite_h, finite_p, count, *means = torch.stack([v.float() for v in values]).tolist()
-        for name, finite in (("x_tilde", finite_x), ("h_bar", finite_h), ("errors probabilities", finite_p)):
-            if not finite:
-                raise ValueError(
-                    f"MistakeLogEntry {name} contains NaN or inf: the Pilot's forward pass diverged "
-                    "(check the learning rate / mixed precision); the entry was not stored."
-                )
-        if count == 0:
-            return {}, 0.0
-        names = ("mean_error_norm", "pilot_gold_prob", "topk_dropped_mass")[: len(means)]
-        stats = {f"mistake_log/{name}": value for name, value in zip(names, means, strict=True)}
-        return stats, means[0] * count
+            means.append((dropped * loss_mask).sum() / denominator)
+            names = (*names, "topk_dropped_mass")
+        values = torch.stack([(count > 0).float(), *means])
+        return finite, tuple(f"mistake_log/{name}" for name in names), values, error_norm_sum
 
     # ---- reporting ------------------------------------------------------------------------------
     def memory_bytes(self) -> int:
@@ -359,8 +434,20 @@ class MistakeLog:
         return {
             "mistake_log/entries": float(len(self)),
             "mistake_log/memory_mb": self.memory_bytes() / 2**20,
-            **self._latest_stats,
+            **self._latest_entry_stats(),
         }
+
+    def _latest_entry_stats(self) -> dict[str, float]:
+        """The latest entry's error statistics (empty when it has no loss positions), read back from its
+        device after `verify()`."""
+        self.verify()
+        has_positions, *means = self._latest_values.tolist()
+        return dict(zip(self._latest_names, means, strict=True)) if has_positions else {}
+
+    def latest_entry_stat_values(self) -> tuple[tuple[str, ...], torch.Tensor]:
+        """The latest entry's statistic names and their device vector [has loss positions, *means]: what a
+        training step accumulates without reading anything back."""
+        return self._latest_names, self._latest_values
 
     @staticmethod
     def reconstruction_bound(entry: MistakeLogEntry | PilotErrors) -> torch.Tensor:
@@ -400,7 +487,7 @@ class MistakeLog:
             "size": self.size,
             "topk": self.topk,
             "next": next_slot,
-            "stats": dict(self._latest_stats),
+            "stats": self._latest_entry_stats(),
             "entries": [
                 {"vocab_size": entry.errors.vocab_size, "tensors": _flatten(entry)} for entry in slots
             ],
@@ -421,16 +508,18 @@ class MistakeLog:
                 f"next={state['next']} with {len(state['entries'])} entries does not fit a log of size {state['size']}"
             )
         entries = [_unflatten(item["tensors"], item["vocab_size"]) for item in state["entries"]]
-        self._slots, self._next = [], 0
+        self._slots, self._next, self._unverified = [], 0, []
         for index, entry in enumerate(entries):
             try:
                 self._validate(entry)
-                self._entry_stats(entry, entry.errors)
+                refuse_if_not_finite(self._entry_stats(entry, entry.errors)[0].tolist())
             except ValueError as error:
                 raise ValueError(f"entry {index}: {error}") from error
             self._slots.append(entry.map_tensors(self._to_store))
         self._next = state["next"]
-        self._latest_stats = dict(state["stats"])
+        stats = dict(state["stats"])
+        self._latest_names = tuple(stats)
+        self._latest_values = torch.tensor([1.0 if stats else 0.0, *stats.values()])
 
     def check_serves(self, pilot_hidden_size: int, vocab_size: int) -> None:
         """Refuse a log written by a Pilot of another hidden size or vocabulary (ValueError naming both)."""

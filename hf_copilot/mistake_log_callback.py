@@ -49,8 +49,8 @@ class MistakeLogCallback(TrainerCallback):
         self.generator = torch.Generator().manual_seed(seed)
 
     # ---- the log ----------------------------------------------------------------------------------
-    def add(self, entry: MistakeLogEntry) -> None:
-        self.mistake_log.add(entry)
+    def add(self, entry: MistakeLogEntry, defer_checks: bool = False) -> None:
+        self.mistake_log.add(entry, defer_checks=defer_checks)
 
     def sample_replay(self) -> MistakeLogEntry | None:
         """Without a window: `replay` entries of the log collated into one batch, or None."""

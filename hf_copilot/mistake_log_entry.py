@@ -571,6 +571,25 @@ def copilot_loss_from_sums(objective, num_tokens, error_loss: str):
     return mean**0.5 if error_loss == "squared_error" else mean
 
 
+def joint_losses(
+    pilot_loss: torch.Tensor, objective: torch.Tensor, num_tokens: torch.Tensor, error_loss: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The Pilot's and the Copilot's losses (`copilot_loss_from_sums`), both 0 with zero gradients where no
+    position has a label: chosen on the device, so a training step waits for no count to be read back."""
+    has_tokens = num_tokens > 0
+    mean = objective / num_tokens.clamp_min(1)
+    if error_loss == "squared_error":  # sqrt at 0 has an infinite gradient: take it of 1 where unused
+        mean = torch.where(has_tokens, mean, torch.ones_like(mean)) ** 0.5
+    zero = objective * 0.0
+    return torch.where(has_tokens, pilot_loss, zero), torch.where(has_tokens, mean, zero)
+
+
+NO_LABELS_WARNING = (
+    "Every label in this batch is -100: there is nothing to learn from, so the losses are 0. Check that your "
+    "collator does not mask the answers."
+)
+
+
 def copilot_cross_entropy(fused_logits: torch.Tensor, entry: MistakeLogEntry) -> torch.Tensor:
     """Sum over loss-mask positions of -log softmax(fused_logits)[y_j], the observed next token y_j (fused_logits
     in fp32 or wider)."""

@@ -37,8 +37,9 @@ from .generation_pilot_copilot import (
     fuse_scores,
 )
 from .mistake_log_entry import (
+    NO_LABELS_WARNING,
     MistakeLogEntry,
-    copilot_loss_from_sums,
+    joint_losses,
     mistake_log_entry_from_pilot_pass,
 )
 from .modeling_copilot import CopilotModel, PilotCopilotMixin
@@ -247,18 +248,11 @@ class PilotCopilotForCausalLM(PilotCopilotMixin, PreTrainedModel, GenerationMixi
         if labels is not None:
             objective, output.copilot_squared_error, num_tokens = copilot_terms
             output.copilot_loss_sum, output.copilot_num_tokens = objective, num_tokens
-            if num_tokens == 0:
-                warnings.warn(
-                    "Every label in this batch is -100: there is nothing to learn from, so the losses are 0. "
-                    "Check that your collator does not mask the answers.",
-                    stacklevel=2,
-                )
-                output.pilot_loss = logits.sum() * 0.0
-                output.copilot_loss = objective * 0.0
-            else:
-                output.pilot_loss = pilot_out.loss
-                error_loss = self.copilot.config.error_loss
-                output.copilot_loss = copilot_loss_from_sums(objective, num_tokens, error_loss)
+            if not self.training and num_tokens == 0:  # in training, CopilotTrainer warns at the step's check
+                warnings.warn(NO_LABELS_WARNING, stacklevel=2)
+            output.pilot_loss, output.copilot_loss = joint_losses(
+                pilot_out.loss, objective, num_tokens, self.copilot.config.error_loss
+            )
             output.loss = output.pilot_loss + output.copilot_loss
         return output
 

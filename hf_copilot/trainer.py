@@ -72,9 +72,10 @@ from .generation_pilot_copilot import (
     fuse_scores,
     predicted_errors_as_generated,
 )
-from .mistake_log import MistakeLog
+from .mistake_log import MistakeLog, refuse_if_not_finite
 from .mistake_log_callback import MistakeLogCallback
 from .mistake_log_entry import (
+    NO_LABELS_WARNING,
     CopilotLossTerms,
     MistakeLogEntry,
     copilot_loss_from_sums,
@@ -178,6 +179,9 @@ class CopilotTrainer(Trainer):
             )
             self.add_callback(self.mistake_log_callback)
         self._copilot_step: _CopilotStep | None = None
+        # [pilot loss, Copilot loss, Copilot positions] of the optimizer step's micro-batches, checked with its
+        # gradient norm (`_raise_if_not_finite`).
+        self._step_losses: list[torch.Tensor] = []
         self._reset_train_metrics()
         self._eval_sums: torch.Tensor | None = None
 
@@ -335,17 +339,10 @@ class CopilotTrainer(Trainer):
         return self._parameter_split
 
     def _get_grad_norm(self, model, grad_norm=None):
-        """Trainer's gradient norm, refused when not finite: raised before the optimizer applies it.
-
-        Under fp16 loss scaling an infinite norm is expected now and then and the scaler skips that step.
-        """
+        """Trainer's gradient norm, refused when not finite with the step's other checks (`_raise_if_not_finite`),
+        before the optimizer applies it."""
         grad_norm = super()._get_grad_norm(model, grad_norm)
-        if grad_norm is not None and self.accelerator.scaler is None and not math.isfinite(float(grad_norm)):
-            raise NonFiniteTrainingError(
-                f"The gradient norm is {float(grad_norm)} at training step {self.state.global_step + 1}; training "
-                "stopped before this step's update, and no checkpoint holds it. Lower learning_rate / "
-                "copilot_learning_rate, keep gradient clipping on (max_grad_norm), and check the data of this step."
-            )
+        self._raise_if_not_finite(grad_norm)
         return grad_norm
 
     # ---- checkpoints --------------------------------------------------------------------------------
@@ -425,6 +422,8 @@ class CopilotTrainer(Trainer):
                 self.args.world_size,
             )
         self._reset_train_metrics()
+        self._step_losses = []
+        self.mistake_log_callback.mistake_log.discard_unverified()  # what a refused step left
         output = super().train(resume_from_checkpoint or None, trial, ignore_keys_for_eval)
         epochs = self.args.copilot_final_epochs
         if epochs or (epochs is None and not self.args.freeze_pilot):  # freeze_pilot: the run was the phase
@@ -534,12 +533,18 @@ class CopilotTrainer(Trainer):
             loss_scale, log_scale = 1.0, 1.0 / self.current_gradient_accumulation_steps
 
         pilot_loss = outputs.pilot_loss
-        self._raise_if_not_finite(pilot_loss, copilot_loss)
+        # Checked with the gradient norm before the optimizer step (`_raise_if_not_finite`): no read-back here.
+        losses = [
+            pilot_loss.detach().float(),
+            copilot_loss.detach().float(),
+            outputs.copilot_num_tokens.float(),
+        ]
+        self._step_losses.append(torch.stack(losses))
         loss = (pilot_loss + self.args.copilot_loss_weight * copilot_loss) * loss_scale
         self._reported_loss = pilot_loss.detach() * loss_scale
-        self.mistake_log_callback.add(outputs.mistake_log_entry)
+        self.mistake_log_callback.add(outputs.mistake_log_entry, defer_checks=True)
         if copilot_batch is None:
-            target_norm = torch.tensor(self.mistake_log_callback.mistake_log.latest_error_norm_sum)
+            target_norm = self.mistake_log_callback.mistake_log.latest_error_norm_sum
         else:  # log rows: compact top-k on the log's device, a cheap reduction
             target_norm = copilot_target_norm(copilot_batch)
         self._record_train_metrics(pilot_loss.detach() * log_scale, outputs, target_norm)
@@ -578,22 +583,62 @@ class CopilotTrainer(Trainer):
             stream = copilot_stream(copilot, entry, fraction)
             return copilot_loss_terms_on_entry(copilot, stream, entry)[1]
 
-    def _raise_if_not_finite(self, pilot_loss: torch.Tensor, copilot_loss: torch.Tensor) -> None:
-        finite = torch.isfinite(torch.stack([pilot_loss.detach().float(), copilot_loss.detach().float()]))
-        if bool(finite.all()):
-            return
-        which = "pilot_loss" if not finite[0] else "copilot_loss"
-        value = (pilot_loss if which == "pilot_loss" else copilot_loss).item()
-        raise NonFiniteTrainingError(
-            f"{which} is {value} at training step {self.state.global_step + 1} (epoch {self.state.epoch or 0:.2f}); "
-            "training stopped before this step's update. Lower learning_rate / copilot_learning_rate, keep "
-            "gradient clipping on (max_grad_norm), prefer bf16 to fp16, and check the data of this step."
-        )
+    def _read_back_step(
+        self, grad_norm: torch.Tensor | float | None
+    ) -> tuple[list[list[float]], list[list[bool]], float]:
+        """The optimizer step's one read-back: per micro-batch [pilot loss, Copilot loss, Copilot positions], the
+        Mistake Log's unchecked entries' finite flags, and the gradient norm."""
+        losses, self._step_losses = self._step_losses, []
+        entry_flags = self.mistake_log_callback.mistake_log.unverified_flags()
+        norm = torch.as_tensor(0.0 if grad_norm is None else grad_norm, dtype=torch.float32)
+        parts = [torch.stack(losses).flatten()] if losses else []
+        parts += [] if entry_flags is None else [entry_flags.flatten()]
+        values = torch.cat([part.to(norm) for part in parts] + [norm.reshape(1)]).tolist()
+        rows = [values[i : i + 3] for i in range(0, len(values) - 1, 3)]
+        return rows[: len(losses)], [[bool(flag) for flag in row] for row in rows[len(losses) :]], values[-1]
+
+    def _raise_if_not_finite(self, grad_norm: torch.Tensor | float | None) -> None:
+        """Refuse (NonFiniteTrainingError) a step whose loss, Mistake Log entry or gradient norm is not finite,
+        before the optimizer applies it, undoing its log writes; warn for micro-batches without labels.
+
+        Under fp16 loss scaling an infinite gradient norm is expected now and then and the scaler skips that
+        step, so only the losses and entries are checked there.
+        """
+        micro_batches, entries, norm = self._read_back_step(grad_norm)
+        mistake_log = self.mistake_log_callback.mistake_log
+        step = f"training step {self.state.global_step + 1}"
+        if any(positions == 0 for _, _, positions in micro_batches):
+            warnings.warn(NO_LABELS_WARNING, stacklevel=2)
+        for pilot_loss, copilot_loss, _ in micro_batches:
+            for name, value in (("pilot_loss", pilot_loss), ("copilot_loss", copilot_loss)):
+                if not math.isfinite(value):
+                    mistake_log.discard_unverified()
+                    raise NonFiniteTrainingError(
+                        f"{name} is {value} at {step} (epoch {self.state.epoch or 0:.2f}); training stopped before "
+                        "this step's update. Lower learning_rate / copilot_learning_rate, keep gradient clipping "
+                        "on (max_grad_norm), prefer bf16 to fp16, and check the data of this step."
+                    )
+        for finite in entries:
+            if not all(finite):
+                mistake_log.discard_unverified()
+                refuse_if_not_finite(finite)
+        if self.accelerator.scaler is None and not math.isfinite(norm):
+            mistake_log.discard_unverified()
+            raise NonFiniteTrainingError(
+                f"The gradient norm is {norm} at {step}; training stopped before this step's update, and no "
+                "checkpoint holds it. Lower learning_rate / copilot_learning_rate, keep gradient clipping on "
+                "(max_grad_norm), and check the data of this step."
+            )
+        mistake_log.verify(entries)
 
     # ---- logging ----------------------------------------------------------------------------------
     def _reset_train_metrics(self) -> None:
+        """The logging window's sums, kept on the training device: the step reads nothing back for them."""
         self._train_sums = torch.zeros(5, dtype=torch.float64, device=self.args.device)
-        self._train_stats: dict[str, list[float]] = {}
+        # The Mistake Log's entry statistics: [micro-batches with loss positions, *sums of their means].
+        self._entry_stat_names: tuple[str, ...] = ()
+        self._entry_stat_sums = torch.zeros(1, dtype=torch.float64, device=self.args.device)
+        self._log_size_sums = [0.0, 0.0, 0]  # entries, memory_mb, micro-batches: known on the host
         self._window_start_step: int | None = None
 
     def _record_train_metrics(self, pilot_loss: torch.Tensor, outputs, target_norm: torch.Tensor) -> None:
@@ -604,28 +649,37 @@ class CopilotTrainer(Trainer):
                 pilot_loss,
                 outputs.copilot_squared_error.detach(),
                 outputs.copilot_num_tokens,
-                target_norm,
+                target_norm.to(pilot_loss),
                 outputs.copilot_loss_sum.detach(),
             ]
         )
         self._train_sums += values.to(self._train_sums)
-        for key, value in self.mistake_log_callback.stats().items():
-            self._train_stats.setdefault(key, []).append(value)
+        mistake_log = self.mistake_log_callback.mistake_log
+        names, entry_stats = mistake_log.latest_entry_stat_values()
+        if names != self._entry_stat_names:  # the first micro-batch of the window
+            self._entry_stat_names, self._entry_stat_sums = (
+                names,
+                self._entry_stat_sums.new_zeros(len(names) + 1),
+            )
+        self._entry_stat_sums += entry_stats.to(self._entry_stat_sums)
+        entries, memory_mb, micro_batches = self._log_size_sums
+        self._log_size_sums = [
+            entries + len(mistake_log),
+            memory_mb + mistake_log.memory_bytes() / 2**20,
+            micro_batches + 1,
+        ]
 
     def _pop_train_metrics(self) -> dict[str, float]:
         """pilot_loss: mean per-step Pilot loss; copilot_loss (`copilot_loss_from_sums`); copilot_r2; mistake_log/*:
-        means (all ranks).
+        means over the window's micro-batches (all ranks), the entry statistics over those with loss positions.
 
         copilot_r2 = 1 - sum ||f_C - e||^2 / sum ||e||^2 over the Copilot's batches: 0 is a Copilot that
         predicts nothing, 1 one that predicts the Pilot's error exactly.
         """
         start = self.state.global_step if self._window_start_step is None else self._window_start_step
         steps = self.state.global_step - start
-        keys = sorted(self._train_stats)
-        stats = torch.tensor(
-            [sum(v) / len(v) for v in (self._train_stats[k] for k in keys)], dtype=torch.float64
-        )
-        values = torch.cat([self._train_sums, stats.to(self._train_sums.device)])
+        sizes = torch.tensor(self._log_size_sums, dtype=torch.float64)
+        values = torch.cat([self._train_sums, self._entry_stat_sums, sizes.to(self._train_sums.device)])
         world = self.args.world_size
         if world > 1:
             values = self.accelerator.reduce(values, reduction="sum")
@@ -638,7 +692,17 @@ class CopilotTrainer(Trainer):
             "copilot_r2": 1.0 - squared_error / target_norm if target_norm else 0.0,
             "joint_loss": pilot_loss + self.args.copilot_loss_weight * objective / max(num_tokens, 1),
         }
-        metrics.update({key: value / world for key, value in zip(keys, values[5:].tolist(), strict=True)})
+        with_positions, *entry_sums = values[5 : 6 + len(self._entry_stat_names)].tolist()
+        entries, memory_mb, micro_batches = values[-3:].tolist()
+        metrics["mistake_log/entries"] = entries / max(micro_batches, 1)
+        metrics["mistake_log/memory_mb"] = memory_mb / max(micro_batches, 1)
+        if with_positions:
+            metrics.update(
+                {
+                    name: total / with_positions
+                    for name, total in zip(self._entry_stat_names, entry_sums, strict=True)
+                }
+            )
         self._reset_train_metrics()
         return metrics
 

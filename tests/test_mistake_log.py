@@ -206,7 +206,7 @@ def test_a_log_of_size_zero_keeps_nothing_but_the_latest_entrys_statistics():
         kept.add(make_entry(seed=seed))
         empty.add(make_entry(seed=seed))
     assert len(empty) == 0 and empty.memory_bytes() == 0 and empty.state_dict()["entries"] == []
-    assert empty.latest_error_norm_sum == pytest.approx(kept.latest_error_norm_sum, rel=1e-6)
+    assert empty.latest_error_norm_sum.item() == pytest.approx(kept.latest_error_norm_sum.item(), rel=1e-6)
     stats = empty.stats()
     assert stats.pop("mistake_log/entries") == 0.0 and stats.pop("mistake_log/memory_mb") == 0.0
     assert "mistake_log/topk_dropped_mass" not in stats  # nothing was compacted
@@ -214,6 +214,55 @@ def test_a_log_of_size_zero_keeps_nothing_but_the_latest_entrys_statistics():
     assert stats == pytest.approx(expected, rel=1e-6) and len(stats) == 2
     with pytest.raises(ValueError, match="probabilities contains NaN"):
         empty.add(_with_nan(make_entry()))  # still checked
+
+
+@pytest.mark.parametrize("size", [0, 3])
+def test_deferred_checks_read_nothing_back_from_the_entrys_device(size):
+    """On the meta device any read-back (`.tolist()`, `bool()`, a copy to the CPU) raises: the deferred add
+    computes its checks and statistics without one, and the checking add does read one back."""
+    log = MistakeLog(size=size, topk=5, store_device="meta")
+    meta = make_entry(seed=1).map_tensors(lambda tensor: tensor.to("meta"))
+    log.add(meta, defer_checks=True)
+    assert len(log) == min(size, 1) and log.latest_error_norm_sum.device.type == "meta"
+    with pytest.raises((NotImplementedError, RuntimeError), match="meta"):
+        log.verify()
+    with pytest.raises((NotImplementedError, RuntimeError), match="meta"):
+        MistakeLog(size=size, topk=5, store_device="meta").add(meta)
+
+
+def test_verify_refuses_a_deferred_non_finite_entry_and_undoes_it_and_every_write_after_it():
+    written = [make_entry(marker=float(i), seed=i) for i in range(6)]
+    log, reference = MistakeLog(size=3, topk=5), MistakeLog(size=3, topk=5)
+    for entry in written[:4]:  # the ring has wrapped: writes replace slots
+        log.add(entry, defer_checks=True)
+        reference.add(entry)
+    log.verify()
+    log.add(written[4], defer_checks=True)
+    log.add(_with_nan(make_entry(marker=9.0)), defer_checks=True)
+    log.add(written[5], defer_checks=True)
+    reference.add(written[4])
+    with pytest.raises(ValueError, match="errors probabilities contains NaN or inf.*not stored"):
+        log.verify()
+    assert [marker(entry) for entry in log] == [2.0, 3.0, 4.0] == [marker(entry) for entry in reference]
+    for ours, theirs in zip(log, reference, strict=True):
+        assert_entries_equal(ours, theirs)
+    assert log.stats() == reference.stats()
+    assert log.latest_error_norm_sum.item() == reference.latest_error_norm_sum.item()
+    log.add(written[5])  # writes where the refused entry would have, as in the reference
+    reference.add(written[5])
+    assert [marker(entry) for entry in log] == [3.0, 4.0, 5.0] == [marker(entry) for entry in reference]
+    log.verify()  # nothing left to check
+
+
+def test_discard_unverified_leaves_the_log_as_before_the_deferred_writes():
+    log = MistakeLog(size=4, topk=5)
+    log.add(make_entry(marker=1.0, seed=1))
+    before = log.stats()
+    log.add(make_entry(marker=2.0, seed=2), defer_checks=True)
+    log.add(_with_nan(make_entry(marker=3.0, seed=3)), defer_checks=True)
+    log.discard_unverified()
+    assert [marker(entry) for entry in log] == [1.0] and log.stats() == before
+    log.verify()  # the discarded entries are not checked
 
 
 def _with_grad(entry):

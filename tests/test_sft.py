@@ -132,9 +132,9 @@ def record_copilot_batches(trainer: CopilotSFTTrainer) -> list[tuple[int, int, i
     callback = trainer.mistake_log_callback
     add = callback.add
 
-    def recording_add(entry):
+    def recording_add(entry, **kwargs):
         recorded.append((entry.loss_mask.shape[0], int(entry.loss_mask.sum()), entry.loss_mask.shape[1]))
-        add(entry)
+        add(entry, **kwargs)
 
     callback.add = recording_add
     return recorded

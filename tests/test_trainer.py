@@ -15,6 +15,7 @@ import pytest
 import torch
 from conftest import FIRST_REGULAR_TOKEN, PAD_TOKEN_ID, VOCAB_SIZE, build_pilot, tiny_copilot_config
 from torch.optim.optimizer import register_optimizer_step_pre_hook
+from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import HfArgumentParser, Trainer, TrainerCallback, TrainingArguments
 
 from hf_copilot import PilotCopilotCache, PilotCopilotForCausalLM, copilot_final_phase, fuse_scores
@@ -635,6 +636,82 @@ def test_the_default_phase_on_a_stream_is_four_joint_runs_long_and_absent_with_f
 
 
 # --------------------------------------------------------------------------------------------------
+# Read-backs from the training device
+
+
+class _ReadBacks(TorchDispatchMode):
+    """Counts values read back to the host: `.item()`, `bool()`, `float()` and `int()` of a tensor
+    (`aten._local_scalar_dense`, however reached) and `.tolist()`. On an accelerator each waits for the work
+    queued before it."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten._local_scalar_dense.default:
+            self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+def counting_read_backs(trainer_class, monkeypatch) -> type:
+    """`trainer_class` recording the read-backs of each micro-batch (`training_step`: forward, loss, backward) and
+    of each gradient-norm step (`_get_grad_norm`, before the optimizer step)."""
+    counters: list[_ReadBacks] = []
+    original_tolist = torch.Tensor.tolist
+
+    def tolist(tensor):
+        for counter in counters:
+            counter.count += 1
+        return original_tolist(tensor)
+
+    monkeypatch.setattr(torch.Tensor, "tolist", tolist)
+
+    class Counting(trainer_class):
+        def _counted(self, name, method, *args, **kwargs):
+            counter = _ReadBacks()
+            counters.append(counter)
+            try:
+                with counter:
+                    return method(*args, **kwargs)
+            finally:
+                counters.remove(counter)
+                self.read_backs.setdefault(name, []).append(counter.count)
+
+        def training_step(self, *args, **kwargs):
+            return self._counted("micro-batch", super().training_step, *args, **kwargs)
+
+        def _get_grad_norm(self, *args, **kwargs):
+            return self._counted("gradient norm", super()._get_grad_norm, *args, **kwargs)
+
+    Counting.read_backs = {}
+    return Counting
+
+
+@pytest.mark.parametrize("overrides", [{}, {"mistake_log_window": 2}])
+def test_a_training_step_reads_back_only_what_the_stock_step_does_plus_one_check(
+    tmp_path, monkeypatch, overrides
+):
+    """Every micro-batch of the joint run reads back exactly as often as the stock Trainer's on the same Pilot
+    (the Pilot's own forward decides that); the optimizer step adds one read-back, of every finite check at once."""
+    settings_ = {"gradient_accumulation_steps": 2, "max_steps": 3, "logging_steps": 100}
+    ours = make_trainer(
+        tmp_path, trainer_class=counting_read_backs(CopilotTrainer, monkeypatch), **settings_, **overrides
+    )
+    ours.train()
+    stock = counting_read_backs(Trainer, monkeypatch)(
+        model=build_pilot("llama"),
+        args=TrainingArguments(**settings(tmp_path, **settings_)),
+        train_dataset=counting_rows(),
+        data_collator=collate,
+    )
+    stock.train()
+    assert len(ours.read_backs["micro-batch"]) == len(stock.read_backs["micro-batch"]) == 6
+    assert ours.read_backs["micro-batch"] == stock.read_backs["micro-batch"]
+    assert ours.read_backs["gradient norm"] == [n + 1 for n in stock.read_backs["gradient norm"]]
+
+
+# --------------------------------------------------------------------------------------------------
 # Logging and evaluation
 
 
@@ -1070,7 +1147,27 @@ def test_a_non_finite_loss_stops_training_naming_the_step(tmp_path, part, name, 
 
     head.register_forward_hook(poison)
     # One Copilot pass per step (no exposure pass), so the hook's call count is the step.
-    trainer = make_trainer(tmp_path, model=model, max_steps=5, copilot_feedback_fraction=0.0)
+    trainer = make_trainer(
+        tmp_path, model=model, max_steps=5, copilot_feedback_fraction=0.0, mistake_log_size=8
+    )
     with pytest.raises(NonFiniteTrainingError, match=rf"{name} is nan at training step {step} "):
         trainer.train()
     assert trainer.state.global_step == step - 1  # the poisoned step made no update
+    assert len(trainer.mistake_log_callback.mistake_log) == step - 1  # nor kept its entry
+
+
+def test_a_micro_batch_without_labels_warns_at_its_step_and_adds_nothing_to_the_gradients(tmp_path):
+    unlabelled = [{**row, "labels": [-100] * len(row["labels"])} for row in counting_rows(4)]
+    rows = counting_rows(4) + unlabelled  # micro-batches of 4, unshuffled below: the second has no labels
+    trainer = make_trainer(tmp_path, rows=rows, max_steps=1, gradient_accumulation_steps=2)
+    reference = make_trainer(tmp_path, rows=counting_rows(4), max_steps=1)
+    for run in (trainer, reference):
+        run.get_train_dataloader = lambda run=run: torch.utils.data.DataLoader(
+            run.train_dataset, batch_size=4, collate_fn=collate
+        )
+    with pytest.warns(
+        UserWarning, match=r"Every label in this batch is -100: there is nothing to learn from"
+    ):
+        trainer.train()
+    reference.train()
+    assert max_difference(trainer.model, reference.model) == 0.0
