@@ -67,6 +67,7 @@ Arms (same Pilot initialisation, data order and steps):
   pilot_copilot_token_gain  pilot_copilot with the cheap token term (token_embedding="gain": g * W_in[:, x_j],
                       d_C learnt gains, instead of the V x d_C table E)
   pilot_copilot_paper_token_gain  pilot_copilot_paper with it
+  pilot_copilot_paper_final_24_epochs  pilot_copilot_paper with 24 Copilot-only epochs instead of the default 12
   pilot_copilot_init  pilot_copilot with the Copilot initialised from the smaller family member (pretrained only)
   pilot_copilot_init_embedding_scale  the ablation of copilot_init's W_in scale: pilot_copilot_init with W_in left at
                       the embeddings' own scale (error_proj_init_std=None) instead of std 1
@@ -172,6 +173,7 @@ ARMS = (
     "pilot_copilot_paper_no_token_embedding",
     "pilot_copilot_token_gain",
     "pilot_copilot_paper_token_gain",
+    "pilot_copilot_paper_final_24_epochs",
     "pilot_copilot_init",
     "pilot_copilot_init_embedding_scale",
     "pilot_copilot_init_linear",
@@ -583,18 +585,20 @@ def run(
         ablation_records("pilot_copilot_no_token_embedding", {"token_embedding": False})
     if "pilot_copilot_token_gain" in arms:
         ablation_records("pilot_copilot_token_gain", {"token_embedding": "gain"})
-    for arm, change in (
-        ("pilot_copilot_paper_no_memory_norm", {"memory_norm": False}),
-        ("pilot_copilot_paper_no_projected_memory_norm", {"projected_memory_norm": False}),
-        ("pilot_copilot_paper_reweight", {"error_form": "reweight"}),
-        ("pilot_copilot_paper_no_token_embedding", {"token_embedding": False}),
-        ("pilot_copilot_paper_token_gain", {"token_embedding": "gain"}),
+    for arm, change, training in (
+        ("pilot_copilot_paper_no_memory_norm", {"memory_norm": False}, None),
+        ("pilot_copilot_paper_no_projected_memory_norm", {"projected_memory_norm": False}, None),
+        ("pilot_copilot_paper_reweight", {"error_form": "reweight"}, None),
+        ("pilot_copilot_paper_no_token_embedding", {"token_embedding": False}, None),
+        ("pilot_copilot_paper_token_gain", {"token_embedding": "gain"}, None),
+        ("pilot_copilot_paper_final_24_epochs", {}, {"copilot_final_epochs": 24.0}),
     ):
         if arm in arms:
             torch.manual_seed(seed + 1)
             config = experiment.copilot_config().to_dict() | change
             joint = experiment.wrapper.from_pilot(experiment.pilot(), config, copilot_feedback="copilot")
-            copilot_records(arm, ("copilot",), *experiment.fine_tune(joint, with_copilot=True))
+            trained = experiment.fine_tune(joint, with_copilot=True, copilot_change=training)
+            copilot_records(arm, ("copilot",), *trained)
 
     def initialised(change: dict | None = None, training: dict | None = None, member: str = "small"):
         """Pilot + the Copilot initialised from a family member (copilot_init; the smaller one by default), from
