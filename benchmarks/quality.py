@@ -68,6 +68,8 @@ Arms (same Pilot initialisation, data order and steps):
                       d_C learnt gains, instead of the V x d_C table E)
   pilot_copilot_paper_token_gain  pilot_copilot_paper with it
   pilot_copilot_paper_final_24_epochs  pilot_copilot_paper with 24 Copilot-only epochs instead of the default 12
+  pilot_copilot_paper_fraction_half  pilot_copilot_paper trained with half its answer positions reading the
+                      observed error and half its own prediction (copilot_feedback_fraction=0.5; default 1)
   pilot_copilot_init  pilot_copilot with the Copilot initialised from the smaller family member (pretrained only)
   pilot_copilot_init_embedding_scale  the ablation of copilot_init's W_in scale: pilot_copilot_init with W_in left at
                       the embeddings' own scale (error_proj_init_std=None) instead of std 1
@@ -174,6 +176,7 @@ ARMS = (
     "pilot_copilot_token_gain",
     "pilot_copilot_paper_token_gain",
     "pilot_copilot_paper_final_24_epochs",
+    "pilot_copilot_paper_fraction_half",
     "pilot_copilot_init",
     "pilot_copilot_init_embedding_scale",
     "pilot_copilot_init_linear",
@@ -592,6 +595,7 @@ def run(
         ("pilot_copilot_paper_no_token_embedding", {"token_embedding": False}, None),
         ("pilot_copilot_paper_token_gain", {"token_embedding": "gain"}, None),
         ("pilot_copilot_paper_final_24_epochs", {}, {"copilot_final_epochs": 24.0}),
+        ("pilot_copilot_paper_fraction_half", {}, {"copilot_feedback_fraction": 0.5}),
     ):
         if arm in arms:
             torch.manual_seed(seed + 1)
