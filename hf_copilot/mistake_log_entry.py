@@ -577,11 +577,11 @@ def joint_losses(
     """The Pilot's and the Copilot's losses (`copilot_loss_from_sums`), both 0 with zero gradients where no
     position has a label: chosen on the device, so a training step waits for no count to be read back."""
     has_tokens = num_tokens > 0
-    mean = objective / num_tokens.clamp_min(1)
-    if error_loss == "squared_error":  # sqrt at 0 has an infinite gradient: take it of 1 where unused
-        mean = torch.where(has_tokens, mean, torch.ones_like(mean)) ** 0.5
+    # Where unused, the loss of an objective of 1: the RMSE's square root at 0 would have an infinite gradient.
+    used = torch.where(has_tokens, objective, torch.ones_like(objective))
+    copilot_loss = copilot_loss_from_sums(used, num_tokens.clamp_min(1), error_loss)
     zero = objective * 0.0
-    return torch.where(has_tokens, pilot_loss, zero), torch.where(has_tokens, mean, zero)
+    return torch.where(has_tokens, pilot_loss, zero), torch.where(has_tokens, copilot_loss, zero)
 
 
 NO_LABELS_WARNING = (

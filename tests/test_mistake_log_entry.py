@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from hf_copilot import mistake_log_entry
-from hf_copilot.mistake_log_entry import PilotErrors
+from hf_copilot.mistake_log_entry import PilotErrors, joint_losses
 
 B, T, V = 3, 5, 11
 
@@ -256,3 +256,19 @@ def test_head_cross_entropy_reads_low_precision_probabilities_in_float32():
         low.head_cross_entropy(head_input, weight, e.mask),
         upcast.head_cross_entropy(head_input, weight, e.mask),
     )
+
+
+@pytest.mark.parametrize("error_loss", ["squared_error", "cross_entropy"])
+def test_joint_losses_are_the_means_with_labels_and_zero_with_zero_gradients_without(error_loss):
+    pilot_loss = torch.tensor(2.5, requires_grad=True)
+    objective = torch.tensor(9.0, requires_grad=True)
+    pilot, copilot = joint_losses(pilot_loss, objective, torch.tensor(4), error_loss)
+    assert pilot.item() == 2.5 and copilot.item() == (1.5 if error_loss == "squared_error" else 2.25)
+    # No labelled position: the Pilot's mean is NaN (0 / 0) and the Copilot's sum 0, whose RMSE has an infinite
+    # gradient; both losses are 0 and nothing reaches either input.
+    pilot_loss = torch.tensor(float("nan"), requires_grad=True)
+    objective = torch.tensor(0.0, requires_grad=True)
+    pilot, copilot = joint_losses(pilot_loss, objective, torch.tensor(0), error_loss)
+    (pilot + copilot).backward()
+    assert pilot.item() == 0.0 and copilot.item() == 0.0
+    assert pilot_loss.grad.item() == 0.0 and objective.grad.item() == 0.0
