@@ -683,7 +683,8 @@ class CopilotTrainer(Trainer):
         world = self.args.world_size
         if world > 1:
             values = self.accelerator.reduce(values, reduction="sum")
-        pilot_sum, squared_error, num_tokens, target_norm, objective = values[:5].tolist()
+        values = values.tolist()  # the window's one read-back
+        pilot_sum, squared_error, num_tokens, target_norm, objective = values[:5]
         pilot_loss = pilot_sum / world / max(steps, 1)
         error_loss = self.pilot_copilot().copilot.config.error_loss
         metrics = {
@@ -692,8 +693,8 @@ class CopilotTrainer(Trainer):
             "copilot_r2": 1.0 - squared_error / target_norm if target_norm else 0.0,
             "joint_loss": pilot_loss + self.args.copilot_loss_weight * objective / max(num_tokens, 1),
         }
-        with_positions, *entry_sums = values[5 : 6 + len(self._entry_stat_names)].tolist()
-        entries, memory_mb, micro_batches = values[-3:].tolist()
+        with_positions, *entry_sums = values[5 : 6 + len(self._entry_stat_names)]
+        entries, memory_mb, micro_batches = values[-3:]
         metrics["mistake_log/entries"] = entries / max(micro_batches, 1)
         metrics["mistake_log/memory_mb"] = memory_mb / max(micro_batches, 1)
         if with_positions:
