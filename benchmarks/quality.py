@@ -15,7 +15,8 @@ Arms (same Pilot initialisation, data order and steps):
   pilot               the Pilot fine-tuned alone with the stock Trainer
   pilot_copilot       Pilot + a randomly initialised Copilot, CopilotTrainer with the package defaults (the
                       reweight head on the cross-entropy; the token embedding; the memory entries RMS-normalised
-                      after their projection; the Copilot-only phase: 12 epochs, at most 4 x the joint run's batches)
+                      after their projection; the Copilot-only phase: 24 epochs, at most 8 x the joint run's batches;
+                      weight decay 1 on the Copilot's weights in both phases)
   pilot_copilot_linear  the ablation of CopilotConfig.error_form: pilot_copilot with the paper's linear head on
                       the squared error instead of the "reweight" head (f_C = softmax(log p + W_out h) - p) on the
                       cross-entropy of the observed token under p + f_C (the default before the latter)
@@ -28,22 +29,26 @@ Arms (same Pilot initialisation, data order and steps):
                       in the Copilot's attention (the paper's, the default before "rope")
   pilot_copilot_final_1_epoch  the ablation of copilot_final_epochs: one Copilot-only epoch on the final Pilot,
                       the benchmarks' setting before the default phase
-  pilot_copilot_final_{3,6,24}_epochs  the other side of that ablation: 3, 6 or 24 Copilot-only epochs
+  pilot_copilot_final_{3,6,12,24}_epochs  the other side of that ablation: 3, 6, 12 or 24 (the default)
+                      Copilot-only epochs
   pilot_copilot_lr_{half,3x}  the ablation of copilot_learning_rate: pilot_copilot with the Copilot's peak
                       learning rate (joint run and Copilot-only phase) at 0.5x or 3x the Pilot's (3x: the top of
                       the paper's range)
   pilot_copilot_deep  a capacity diagnostic: pilot_copilot with twice the Copilot's layers (twice its compute)
   pilot_copilot_dropout  a regularisation diagnostic: pilot_copilot with dropout 0.1 in the Copilot's layers
                       (hidden_dropout and attention_dropout; the default is none)
-  pilot_copilot_weight_decay_{0.1,1}  the other regulariser: pilot_copilot with AdamW weight decay 0.1 or 1 on
-                      the Copilot's weights (copilot_weight_decay; the benchmarks' weight_decay is 0)
+  pilot_copilot_weight_decay_{0,0.1,1}  the other regulariser: pilot_copilot with AdamW weight decay 0, 0.1 or 1
+                      (the default) on the Copilot's weights (copilot_weight_decay; the benchmarks' weight_decay is 0)
+  pilot_copilot_final_{12,24}_epochs_weight_decay_{0,0.1,1}  both levers set: that Copilot-only phase with that
+                      weight decay, whatever the defaults (12 epochs without weight decay: the default before
+                      24 with 1, under which the longer phase mostly memorised the training prompts)
   pilot_copilot_last_layer  an input diagnostic: the Copilot's memory holds the Pilot's last hidden state instead
                       of the mean over its layers (h_bar, the paper's), in training and at generation
   pilot_copilot_reserved_phase  a data diagnostic: the joint run on the first 3/4 of the training examples, the
                       Copilot-only phase on the last quarter, which the Pilot never saw, so the Copilot learns the
                       errors the final Pilot makes on unseen prompts (the default phase's number of batches)
   copilot_after_pilot  the Copilot added to a Pilot already fine-tuned alone (the pilot arm's): CopilotTrainer
-                      with freeze_pilot=True for the default phase's 12 epochs, the Pilot's cosine schedule; no
+                      with freeze_pilot=True for the default phase's epochs, the Pilot's cosine schedule; no
                       joint run (its time: the Pilot's and the Copilot's together)
   copilot_after_pilot_as_long  the same for as many epochs as pilot_copilot's Copilot trains (the joint run's and
                       the phase's), to tell the errors along the Pilot's fine-tuning from the amount of training
@@ -67,7 +72,9 @@ Arms (same Pilot initialisation, data order and steps):
   pilot_copilot_token_gain  pilot_copilot with the cheap token term (token_embedding="gain": g * W_in[:, x_j],
                       d_C learnt gains, instead of the V x d_C table E)
   pilot_copilot_paper_token_gain  pilot_copilot_paper with it
-  pilot_copilot_paper_final_24_epochs  pilot_copilot_paper with 24 Copilot-only epochs instead of the default 12
+  pilot_copilot_paper_final_24_epochs  pilot_copilot_paper with 24 Copilot-only epochs (the default)
+  pilot_copilot_paper_final_{12,24}_epochs_weight_decay_{0,1}  pilot_copilot_paper with both levers set (12
+                      epochs without weight decay: the default before 24 with 1)
   pilot_copilot_paper_fraction_half  pilot_copilot_paper trained with half its answer positions reading the
                       observed error and half its own prediction (copilot_feedback_fraction=0.5; default 1)
   pilot_copilot_init  pilot_copilot with the Copilot initialised from the smaller family member (pretrained only)
@@ -143,6 +150,7 @@ from hf_copilot.experiments.tasks import get_task
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 FEEDBACK_MODES = ("observed", "copilot")
+WEIGHT_DECAYS = ("0", "0.1", "1")
 ARMS = (
     "pilot",
     "pilot_copilot",
@@ -154,13 +162,20 @@ ARMS = (
     "pilot_copilot_final_1_epoch",
     "pilot_copilot_final_3_epochs",
     "pilot_copilot_final_6_epochs",
+    "pilot_copilot_final_12_epochs",
     "pilot_copilot_final_24_epochs",
     "pilot_copilot_lr_half",
     "pilot_copilot_lr_3x",
     "pilot_copilot_deep",
     "pilot_copilot_dropout",
+    "pilot_copilot_weight_decay_0",
     "pilot_copilot_weight_decay_0.1",
     "pilot_copilot_weight_decay_1",
+    *(
+        f"pilot_copilot_final_{epochs}_epochs_weight_decay_{decay}"
+        for epochs in (12, 24)
+        for decay in WEIGHT_DECAYS
+    ),
     "pilot_copilot_last_layer",
     "pilot_copilot_reserved_phase",
     "copilot_after_pilot",
@@ -176,6 +191,11 @@ ARMS = (
     "pilot_copilot_token_gain",
     "pilot_copilot_paper_token_gain",
     "pilot_copilot_paper_final_24_epochs",
+    *(
+        f"pilot_copilot_paper_final_{epochs}_epochs_weight_decay_{decay}"
+        for epochs in (12, 24)
+        for decay in (0, 1)
+    ),
     "pilot_copilot_paper_fraction_half",
     "pilot_copilot_init",
     "pilot_copilot_init_embedding_scale",
@@ -529,7 +549,7 @@ def run(
         ablation_records("pilot_copilot_no_positions", {"position_encoding": "none"})
     if "pilot_copilot_final_1_epoch" in arms:
         ablation_records("pilot_copilot_final_1_epoch", {}, training={"copilot_final_epochs": 1.0})
-    for epochs in (3, 6, 24):
+    for epochs in (3, 6, 12, 24):
         if f"pilot_copilot_final_{epochs}_epochs" in arms:
             arm = f"pilot_copilot_final_{epochs}_epochs"
             ablation_records(arm, {}, training={"copilot_final_epochs": float(epochs)})
@@ -554,11 +574,16 @@ def run(
             ablation_records("pilot_copilot_last_layer", {})
     if "pilot_copilot_dropout" in arms:
         ablation_records("pilot_copilot_dropout", {"hidden_dropout": 0.1, "attention_dropout": 0.1})
-    for decay in ("0.1", "1"):
+    for decay in WEIGHT_DECAYS:
         if f"pilot_copilot_weight_decay_{decay}" in arms:
             ablation_records(
                 f"pilot_copilot_weight_decay_{decay}", {}, training={"copilot_weight_decay": float(decay)}
             )
+        for epochs in (12, 24):
+            arm = f"pilot_copilot_final_{epochs}_epochs_weight_decay_{decay}"
+            if arm in arms:
+                training = {"copilot_final_epochs": float(epochs), "copilot_weight_decay": float(decay)}
+                ablation_records(arm, {}, training=training)
     for arm, copilot_epochs in (
         ("copilot_after_pilot", DEFAULT_FINAL_EPOCHS),
         ("copilot_after_pilot_as_long", setting.epochs + DEFAULT_FINAL_EPOCHS),
@@ -595,6 +620,15 @@ def run(
         ("pilot_copilot_paper_no_token_embedding", {"token_embedding": False}, None),
         ("pilot_copilot_paper_token_gain", {"token_embedding": "gain"}, None),
         ("pilot_copilot_paper_final_24_epochs", {}, {"copilot_final_epochs": 24.0}),
+        *(
+            (
+                f"pilot_copilot_paper_final_{epochs}_epochs_weight_decay_{decay}",
+                {},
+                {"copilot_final_epochs": float(epochs), "copilot_weight_decay": float(decay)},
+            )
+            for epochs in (12, 24)
+            for decay in (0, 1)
+        ),
         ("pilot_copilot_paper_fraction_half", {}, {"copilot_feedback_fraction": 0.5}),
     ):
         if arm in arms:

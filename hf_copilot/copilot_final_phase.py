@@ -16,11 +16,13 @@ from transformers.trainer_utils import has_length
 from .mistake_log_entry import copilot_loss_from_sums, copilot_target_norm
 from .training_errors import NonFiniteTrainingError
 
-DEFAULT_FINAL_EPOCHS = 12.0
-MAX_DEFAULT_JOINT_MULTIPLE = 4
-"""Measured: each longer phase (1, 3, 6, 12 epochs) lifted the fused model further
-(benchmarks/results/final_epochs/). A phase batch runs the Pilot forward only, about half a joint step, so the cap
-of 4 joint runs' batches keeps `train()` within about three times the joint run."""
+DEFAULT_FINAL_EPOCHS = 24.0
+MAX_DEFAULT_JOINT_MULTIPLE = 8
+"""Measured: each longer phase (1, 3, 6, 12 epochs) lifted the fused model further (benchmarks/results/final_epochs/);
+24 epochs with the default weight decay (`copilot_weight_decay=1`) lifted it again where 24 epochs alone mostly
+memorised the training prompts (benchmarks/results/final_phase_weight_decay/). A phase batch runs the Pilot forward
+only, about half a joint step, so the cap of 8 joint runs' batches keeps `train()` within about five times the joint
+run."""
 
 
 def weight_decay_groups(named_parameters, decay_names: set[str], weight_decay: float) -> list[dict]:

@@ -52,6 +52,7 @@ TRAINING_FIELDS = (
     "per_device_train_batch_size",
     "gradient_accumulation_steps",
     "weight_decay",
+    "copilot_weight_decay",
     "max_grad_norm",
     "seed",
     "copilot_loss_weight",

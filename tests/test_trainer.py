@@ -224,9 +224,9 @@ def test_optimizer_has_pilot_and_copilot_groups_under_one_schedule(tmp_path):
         assert group["initial_lr"] == (3e-2 if is_copilot else 1e-2)
         # After 3 of 3 linear-decay steps every group is at the same fraction (0) of its peak.
         assert group["lr"] == pytest.approx(0.0)
-        for p in group["params"]:
+        for p in group["params"]:  # the Copilot's weights at the default copilot_weight_decay, 1
             is_norm = "norm" in names[id(p)]
-            assert group["weight_decay"] == (0.0 if is_norm else 0.1), names[id(p)]
+            assert group["weight_decay"] == (0.0 if is_norm else 1.0 if is_copilot else 0.1), names[id(p)]
     assert len(groups) == 4
 
 
@@ -609,17 +609,17 @@ def test_copilot_final_epochs_refuse_a_stream_before_the_joint_run(tmp_path):
     assert logged(trainer, "copilot_final/step")[-1] == 4  # 16 rows / batch 4
 
 
-@pytest.mark.parametrize(("max_steps", "phase_steps"), [(2, 8), (6, 24), (20, 48)])
-def test_the_default_phase_is_twelve_epochs_but_never_longer_than_four_joint_runs(
+@pytest.mark.parametrize(("max_steps", "phase_steps"), [(2, 16), (6, 48), (20, 96)])
+def test_the_default_phase_is_twenty_four_epochs_but_never_longer_than_eight_joint_runs(
     tmp_path, max_steps, phase_steps
 ):
     trainer = make_trainer(tmp_path, max_steps=max_steps, copilot_final_epochs=None, logging_steps=1)
     trainer.train()
-    # 16 rows / batch 4 = 4 batches an epoch: twelve epochs are 48 batches, capped at 4 x the joint run's.
+    # 16 rows / batch 4 = 4 batches an epoch: 24 epochs are 96 batches, capped at 8 x the joint run's.
     assert logged(trainer, "copilot_final/step") == list(range(1, phase_steps + 1))
 
 
-def test_the_default_phase_on_a_stream_is_four_joint_runs_long_and_absent_with_freeze_pilot(tmp_path):
+def test_the_default_phase_on_a_stream_is_eight_joint_runs_long_and_absent_with_freeze_pilot(tmp_path):
     rows = list(counting_rows())
 
     class Stream(torch.utils.data.IterableDataset):
@@ -628,7 +628,7 @@ def test_the_default_phase_on_a_stream_is_four_joint_runs_long_and_absent_with_f
 
     streamed = make_trainer(tmp_path, rows=Stream(), max_steps=2, copilot_final_epochs=None, logging_steps=1)
     streamed.train()
-    assert logged(streamed, "copilot_final/step") == list(range(1, 9))  # the stream read again past its end
+    assert logged(streamed, "copilot_final/step") == list(range(1, 17))  # the stream read again past its end
     frozen = make_trainer(tmp_path, freeze_pilot=True, max_steps=2, copilot_final_epochs=None)
     frozen.train()  # the whole run already trained the Copilot alone on the final Pilot
     assert logged(frozen, "copilot_final/step") == []
@@ -949,7 +949,7 @@ def test_resume_from_checkpoint_continues_exactly(tmp_path, sampling):
         assert len(logged(resumed, key)) == 6
         assert logged(resumed, key) == pytest.approx(logged(uninterrupted, key), rel=1e-6), key
     final_losses = logged(resumed, "copilot_final/copilot_loss")
-    assert len(final_losses) == (24 if "copilot_final_epochs" in sampling else 0)  # 4 x the 6 joint steps
+    assert len(final_losses) == (48 if "copilot_final_epochs" in sampling else 0)  # 8 x the 6 joint steps
     assert final_losses == pytest.approx(logged(uninterrupted, "copilot_final/copilot_loss"), rel=1e-6)
 
 
