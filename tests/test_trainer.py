@@ -256,6 +256,17 @@ class RecordLearningRates(TrainerCallback):
         self.seen.append([group["lr"] for group in optimizer.param_groups])
 
 
+def test_copilot_weight_decay_defaults_to_one_and_none_follows_the_pilots(tmp_path):
+    """The default decays the Copilot's weights at 1 whatever the Pilot's `weight_decay`; None takes the Pilot's."""
+    default = CopilotTrainingArguments(output_dir=str(tmp_path), weight_decay=0.3)
+    assert default.copilot_weight_decay == 1.0
+    assert default.effective_copilot_weight_decay == 1.0
+    following = CopilotTrainingArguments(
+        output_dir=str(tmp_path), weight_decay=0.3, copilot_weight_decay=None
+    )
+    assert following.effective_copilot_weight_decay == 0.3
+
+
 def test_copilot_weight_decay_applies_to_the_copilots_weights_in_both_phases(tmp_path, monkeypatch):
     """Joint groups: the Copilot's weights decay at copilot_weight_decay, the Pilot's at weight_decay, norms not
     at all; the Copilot-only phase's AdamW splits the Copilot's parameters the same way."""
