@@ -29,16 +29,16 @@ Arms (same Pilot initialisation, data order and steps):
                       in the Copilot's attention (the paper's, the default before "rope")
   pilot_copilot_final_1_epoch  the ablation of copilot_final_epochs: one Copilot-only epoch on the final Pilot,
                       the benchmarks' setting before the default phase
-  pilot_copilot_final_{3,6,12,24}_epochs  the other side of that ablation: 3, 6, 12 or 24 (the default)
-                      Copilot-only epochs
+  pilot_copilot_final_{3,6,24}_epochs  the other side of that ablation: 3, 6 or 24 (the default) Copilot-only
+                      epochs
   pilot_copilot_lr_{half,3x}  the ablation of copilot_learning_rate: pilot_copilot with the Copilot's peak
                       learning rate (joint run and Copilot-only phase) at 0.5x or 3x the Pilot's (3x: the top of
                       the paper's range)
   pilot_copilot_deep  a capacity diagnostic: pilot_copilot with twice the Copilot's layers (twice its compute)
   pilot_copilot_dropout  a regularisation diagnostic: pilot_copilot with dropout 0.1 in the Copilot's layers
                       (hidden_dropout and attention_dropout; the default is none)
-  pilot_copilot_weight_decay_{0,0.1,1}  the other regulariser: pilot_copilot with AdamW weight decay 0, 0.1 or 1
-                      (the default) on the Copilot's weights (copilot_weight_decay; the benchmarks' weight_decay is 0)
+  pilot_copilot_weight_decay_{0.1,1}  the other regulariser: pilot_copilot with AdamW weight decay 0.1 or 1 (the
+                      default) on the Copilot's weights (copilot_weight_decay; the benchmarks' weight_decay is 0)
   pilot_copilot_final_{12,24}_epochs_weight_decay_{0,0.1,1}  both levers set: that Copilot-only phase with that
                       weight decay, whatever the defaults (12 epochs without weight decay: the default before
                       24 with 1, under which the longer phase mostly memorised the training prompts)
@@ -73,7 +73,7 @@ Arms (same Pilot initialisation, data order and steps):
                       d_C learnt gains, instead of the V x d_C table E)
   pilot_copilot_paper_token_gain  pilot_copilot_paper with it
   pilot_copilot_paper_final_24_epochs  pilot_copilot_paper with 24 Copilot-only epochs (the default)
-  pilot_copilot_paper_final_{12,24}_epochs_weight_decay_{0,1}  pilot_copilot_paper with both levers set (12
+  pilot_copilot_paper_final_{12,24}_epochs_weight_decay_{0,0.1,1}  pilot_copilot_paper with both levers set (12
                       epochs without weight decay: the default before 24 with 1)
   pilot_copilot_paper_fraction_half  pilot_copilot_paper trained with half its answer positions reading the
                       observed error and half its own prediction (copilot_feedback_fraction=0.5; default 1)
@@ -150,7 +150,8 @@ from hf_copilot.experiments.tasks import get_task
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 FEEDBACK_MODES = ("observed", "copilot")
-WEIGHT_DECAYS = ("0", "0.1", "1")
+# The Copilot-only phase's epochs and weight decay, both set whatever the defaults: `final_{epochs}_epochs_weight_decay_{decay}`.
+PHASE_GRID = tuple((epochs, decay) for epochs in (12, 24) for decay in ("0", "0.1", "1"))
 ARMS = (
     "pilot",
     "pilot_copilot",
@@ -162,20 +163,14 @@ ARMS = (
     "pilot_copilot_final_1_epoch",
     "pilot_copilot_final_3_epochs",
     "pilot_copilot_final_6_epochs",
-    "pilot_copilot_final_12_epochs",
     "pilot_copilot_final_24_epochs",
     "pilot_copilot_lr_half",
     "pilot_copilot_lr_3x",
     "pilot_copilot_deep",
     "pilot_copilot_dropout",
-    "pilot_copilot_weight_decay_0",
     "pilot_copilot_weight_decay_0.1",
     "pilot_copilot_weight_decay_1",
-    *(
-        f"pilot_copilot_final_{epochs}_epochs_weight_decay_{decay}"
-        for epochs in (12, 24)
-        for decay in WEIGHT_DECAYS
-    ),
+    *(f"pilot_copilot_final_{epochs}_epochs_weight_decay_{decay}" for epochs, decay in PHASE_GRID),
     "pilot_copilot_last_layer",
     "pilot_copilot_reserved_phase",
     "copilot_after_pilot",
@@ -191,11 +186,7 @@ ARMS = (
     "pilot_copilot_token_gain",
     "pilot_copilot_paper_token_gain",
     "pilot_copilot_paper_final_24_epochs",
-    *(
-        f"pilot_copilot_paper_final_{epochs}_epochs_weight_decay_{decay}"
-        for epochs in (12, 24)
-        for decay in (0, 1)
-    ),
+    *(f"pilot_copilot_paper_final_{epochs}_epochs_weight_decay_{decay}" for epochs, decay in PHASE_GRID),
     "pilot_copilot_paper_fraction_half",
     "pilot_copilot_init",
     "pilot_copilot_init_embedding_scale",
@@ -549,7 +540,7 @@ def run(
         ablation_records("pilot_copilot_no_positions", {"position_encoding": "none"})
     if "pilot_copilot_final_1_epoch" in arms:
         ablation_records("pilot_copilot_final_1_epoch", {}, training={"copilot_final_epochs": 1.0})
-    for epochs in (3, 6, 12, 24):
+    for epochs in (3, 6, 24):
         if f"pilot_copilot_final_{epochs}_epochs" in arms:
             arm = f"pilot_copilot_final_{epochs}_epochs"
             ablation_records(arm, {}, training={"copilot_final_epochs": float(epochs)})
@@ -574,16 +565,16 @@ def run(
             ablation_records("pilot_copilot_last_layer", {})
     if "pilot_copilot_dropout" in arms:
         ablation_records("pilot_copilot_dropout", {"hidden_dropout": 0.1, "attention_dropout": 0.1})
-    for decay in WEIGHT_DECAYS:
+    for decay in ("0.1", "1"):
         if f"pilot_copilot_weight_decay_{decay}" in arms:
             ablation_records(
                 f"pilot_copilot_weight_decay_{decay}", {}, training={"copilot_weight_decay": float(decay)}
             )
-        for epochs in (12, 24):
-            arm = f"pilot_copilot_final_{epochs}_epochs_weight_decay_{decay}"
-            if arm in arms:
-                training = {"copilot_final_epochs": float(epochs), "copilot_weight_decay": float(decay)}
-                ablation_records(arm, {}, training=training)
+    for epochs, decay in PHASE_GRID:
+        arm = f"pilot_copilot_final_{epochs}_epochs_weight_decay_{decay}"
+        if arm in arms:
+            training = {"copilot_final_epochs": float(epochs), "copilot_weight_decay": float(decay)}
+            ablation_records(arm, {}, training=training)
     for arm, copilot_epochs in (
         ("copilot_after_pilot", DEFAULT_FINAL_EPOCHS),
         ("copilot_after_pilot_as_long", setting.epochs + DEFAULT_FINAL_EPOCHS),
@@ -626,8 +617,7 @@ def run(
                 {},
                 {"copilot_final_epochs": float(epochs), "copilot_weight_decay": float(decay)},
             )
-            for epochs in (12, 24)
-            for decay in (0, 1)
+            for epochs, decay in PHASE_GRID
         ),
         ("pilot_copilot_paper_fraction_half", {}, {"copilot_feedback_fraction": 0.5}),
     ):
