@@ -36,6 +36,10 @@ def _flatten(entry: MistakeLogEntry) -> dict[str, torch.Tensor]:
     return tensors
 
 
+def _entry_bytes(entry: MistakeLogEntry) -> int:
+    return sum(t.nbytes for t in _flatten(entry).values())
+
+
 def _unflatten(tensors: dict[str, torch.Tensor], vocab_size: int) -> MistakeLogEntry:
     errors = PilotErrors(
         vocab_size=vocab_size, **{name: tensors.get(f"errors.{name}") for name in _ERROR_FIELDS}
@@ -144,6 +148,8 @@ class MistakeLog:
         self.store_device = torch.device(store_device)
         self._slots: list[MistakeLogEntry] = []
         self._next = 0  # the slot the next entry writes; once full, also the oldest entry
+        # memory_bytes(), kept as entries come and go: training reports it every micro-batch.
+        self._bytes = 0
         # The latest entry's statistics as a device vector [has loss positions, *means] (names beside it),
         # read back only when reported: a training step waits for no value.
         self._latest_names: tuple[str, ...] = ()
@@ -251,10 +257,12 @@ class MistakeLog:
 
     def _undo(self, writes: list[_Write]) -> None:
         for write in reversed(writes if self.size else []):
+            self._bytes -= _entry_bytes(self._slots[write.slot])
             if write.replaced is None:
                 self._slots.pop()
             else:
                 self._slots[write.slot] = write.replaced
+                self._bytes += _entry_bytes(write.replaced)
             self._next = write.slot
         if writes:
             self._latest_names, self._latest_values, self.latest_error_norm_sum = writes[0].statistics
@@ -274,11 +282,13 @@ class MistakeLog:
         if len(self._slots) < self.size:
             self._slots.append(stored)
         else:
+            self._bytes -= _entry_bytes(self._slots[self._next])
             self._slots[self._next] = stored
+        self._bytes += _entry_bytes(stored)
         self._next = (self._next + 1) % self.size
 
     def _warn_if_exact_storage_is_large(self, first: MistakeLogEntry) -> None:
-        projected = self.size * sum(t.nbytes for t in _flatten(first).values())
+        projected = self.size * _entry_bytes(first)
         if projected > EXACT_STORAGE_WARNING_BYTES:
             warnings.warn(
                 f"Exact Mistake Log storage (topk=0) will hold about {projected / 2**30:.1f} GiB of "
@@ -419,7 +429,7 @@ class MistakeLog:
     # ---- reporting ------------------------------------------------------------------------------
     def memory_bytes(self) -> int:
         """Bytes held by the stored tensors."""
-        return sum(t.nbytes for entry in self._slots for t in _flatten(entry).values())
+        return self._bytes
 
     @property
     def bytes_per_entry(self) -> float:
@@ -476,7 +486,7 @@ class MistakeLog:
         chronological = list(self)
         kept = chronological if newest is None else chronological[len(chronological) - newest :]
         if max_bytes is not None:
-            sizes = [sum(t.nbytes for t in _flatten(entry).values()) for entry in kept]
+            sizes = [_entry_bytes(entry) for entry in kept]
             while kept and sum(sizes) > max_bytes:
                 kept, sizes = kept[1:], sizes[1:]
         slots, next_slot = self._slots, self._next
@@ -508,7 +518,7 @@ class MistakeLog:
                 f"next={state['next']} with {len(state['entries'])} entries does not fit a log of size {state['size']}"
             )
         entries = [_unflatten(item["tensors"], item["vocab_size"]) for item in state["entries"]]
-        self._slots, self._next, self._unverified = [], 0, []
+        self._slots, self._next, self._unverified, self._bytes = [], 0, [], 0
         for index, entry in enumerate(entries):
             try:
                 self._validate(entry)
@@ -516,6 +526,7 @@ class MistakeLog:
             except ValueError as error:
                 raise ValueError(f"entry {index}: {error}") from error
             self._slots.append(entry.map_tensors(self._to_store))
+            self._bytes += _entry_bytes(self._slots[-1])
         self._next = state["next"]
         stats = dict(state["stats"])
         self._latest_names = tuple(stats)

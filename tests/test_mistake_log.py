@@ -159,11 +159,37 @@ def test_memory_bytes_counts_every_stored_tensor_and_compact_is_smaller():
         exact.add(make_entry(seed=i))
         compact.add(make_entry(seed=i))
     for log in (exact, compact):
-        tensors = [getattr(e, n) for e in log for n in ("x_tilde", "h_bar", "attention_mask", "loss_mask")]
-        tensors += [t for e in log for t in vars(e.errors).values() if isinstance(t, torch.Tensor)]
-        assert log.memory_bytes() == sum(t.nbytes for t in tensors)
+        assert log.memory_bytes() == stored_bytes(log)
         assert log.stats()["mistake_log/memory_mb"] == log.memory_bytes() / 2**20
     assert compact.bytes_per_entry < exact.bytes_per_entry
+
+
+def stored_bytes(log: MistakeLog) -> int:
+    """A recount of every tensor the log holds."""
+    tensors = [getattr(e, n) for e in log for n in ("x_tilde", "h_bar", "attention_mask", "loss_mask")]
+    return sum(t.nbytes for t in tensors) + sum(
+        t.nbytes for e in log for t in vars(e.errors).values() if isinstance(t, torch.Tensor)
+    )
+
+
+@pytest.mark.parametrize("topk", [0, 5])
+def test_memory_bytes_follows_writes_over_old_slots_undone_writes_and_loading(topk):
+    log = MistakeLog(size=3, topk=topk)
+    for seq_len in (3, 5, 7, 9, 4):  # entries of different sizes; the last two replace the oldest
+        log.add(make_entry(seq_len=seq_len, seed=seq_len))
+        assert log.memory_bytes() == stored_bytes(log)
+    log.add(make_entry(seq_len=11, seed=11), defer_checks=True)  # replaces the 7-token entry
+    log.add(_with_nan(make_entry(seq_len=2, seed=2)), defer_checks=True)  # replaces the 9-token one
+    with pytest.raises(ValueError, match="NaN"):
+        log.verify()  # puts the 9-token entry back
+    assert [e.x_tilde.shape[1] for e in log] == [9, 4, 11] and log.memory_bytes() == stored_bytes(log)
+    grown = MistakeLog(size=4, topk=topk)
+    grown.add(make_entry(seq_len=6, seed=6), defer_checks=True)  # a write that appended, then undone
+    grown.discard_unverified()
+    assert grown.memory_bytes() == 0
+    loaded = MistakeLog(size=3, topk=topk)
+    loaded.load_state_dict(log.state_dict())
+    assert loaded.memory_bytes() == stored_bytes(loaded) == stored_bytes(log)
 
 
 def test_a_view_is_stored_without_its_base_storage():
