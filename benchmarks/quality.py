@@ -39,7 +39,7 @@ Arms (same Pilot initialisation, data order and steps):
                       (hidden_dropout and attention_dropout; the default is none)
   pilot_copilot_weight_decay_{0.1,1}  the other regulariser: pilot_copilot with AdamW weight decay 0.1 or 1 (the
                       default) on the Copilot's weights (copilot_weight_decay; the benchmarks' weight_decay is 0)
-  pilot_copilot_final_{12,24}_epochs_weight_decay_{0,0.1,1}  both levers set: that Copilot-only phase with that
+  pilot_copilot_final_{12,24}_epochs_weight_decay_{0,0.1,0.3,1}  both levers set: that Copilot-only phase with that
                       weight decay, whatever the defaults (12 epochs without weight decay: the default before
                       24 with 1, under which the longer phase mostly memorised the training prompts)
   pilot_copilot_last_layer  an input diagnostic: the Copilot's memory holds the Pilot's last hidden state instead
@@ -73,7 +73,7 @@ Arms (same Pilot initialisation, data order and steps):
                       d_C learnt gains, instead of the V x d_C table E)
   pilot_copilot_paper_token_gain  pilot_copilot_paper with it
   pilot_copilot_paper_final_24_epochs  pilot_copilot_paper with 24 Copilot-only epochs (the default)
-  pilot_copilot_paper_final_{12,24}_epochs_weight_decay_{0,0.1,1}  pilot_copilot_paper with both levers set (12
+  pilot_copilot_paper_final_{12,24}_epochs_weight_decay_{0,0.1,0.3,1}  pilot_copilot_paper with both levers set (12
                       epochs without weight decay: the default before 24 with 1)
   pilot_copilot_paper_fraction_half  pilot_copilot_paper trained with half its answer positions reading the
                       observed error and half its own prediction (copilot_feedback_fraction=0.5; default 1)
@@ -151,7 +151,7 @@ from hf_copilot.experiments.tasks import get_task
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 FEEDBACK_MODES = ("observed", "copilot")
 # The Copilot-only phase's epochs and weight decay, both set whatever the defaults: `final_{epochs}_epochs_weight_decay_{decay}`.
-PHASE_GRID = tuple((epochs, decay) for epochs in (12, 24) for decay in ("0", "0.1", "1"))
+PHASE_GRID = tuple((epochs, decay) for epochs in (12, 24) for decay in ("0", "0.1", "0.3", "1"))
 ARMS = (
     "pilot",
     "pilot_copilot",
