@@ -40,8 +40,10 @@ Arms (same Pilot initialisation, data order and steps):
   pilot_copilot_weight_decay_{0.1,1}  the other regulariser: pilot_copilot with AdamW weight decay 0.1 or 1 (the
                       default) on the Copilot's weights (copilot_weight_decay; the benchmarks' weight_decay is 0)
   pilot_copilot_final_{12,24}_epochs_weight_decay_{0,0.1,0.3,1}  both levers set: that Copilot-only phase with that
-                      weight decay, whatever the defaults (12 epochs without weight decay: the default before
-                      24 with 1, under which the longer phase mostly memorised the training prompts)
+                      weight decay and never a second phase with less (copilot_fallback_weight_decay=None),
+                      whatever the defaults (12 epochs without weight decay: the default before 24 with 1, under
+                      which the longer phase mostly memorised the training prompts; 24 with 1: the default before
+                      the fallback)
   pilot_copilot_last_layer  an input diagnostic: the Copilot's memory holds the Pilot's last hidden state instead
                       of the mean over its layers (h_bar, the paper's), in training and at generation
   pilot_copilot_reserved_phase  a data diagnostic: the joint run on the first 3/4 of the training examples, the
@@ -332,6 +334,8 @@ class CopilotR2(NamedTuple):
 
     held_out: float
     train: float
+    before_fallback: float | None = None
+    """The phase's R^2 on its last epoch before it ran again with `copilot_fallback_weight_decay`; None if not."""
 
 
 class Experiment:
@@ -433,9 +437,11 @@ class Experiment:
         r2 = None
         if with_copilot:  # held out, and on as many training prompts: how much of R^2 carries over
             train_prompts = self.tokenize(self.train[: len(self.validation)], self.tokenizer)
+            fallback = [e for e in trainer.state.log_history if "copilot_final/r2_before_fallback" in e]
             r2 = CopilotR2(
                 trainer.evaluate()["eval_copilot_r2"],
                 trainer.evaluate(train_prompts, metric_key_prefix="train")["train_copilot_r2"],
+                fallback[-1]["copilot_final/r2_before_fallback"] if fallback else None,
             )
         return model.eval(), seconds, r2
 
@@ -502,6 +508,11 @@ def run(
                     "validation_sweep": {str(k): v for k, v in sweep.items()},
                     "copilot_r2": None if r2 is None else r2.held_out,
                     "copilot_r2_train": None if r2 is None else r2.train,
+                    **(
+                        {}
+                        if r2 is None or r2.before_fallback is None
+                        else {"copilot_r2_before_fallback": r2.before_fallback}
+                    ),
                     "train_seconds": round(seconds, 1),
                 }
             )
@@ -573,7 +584,11 @@ def run(
     for epochs, decay in PHASE_GRID:
         arm = f"pilot_copilot_final_{epochs}_epochs_weight_decay_{decay}"
         if arm in arms:
-            training = {"copilot_final_epochs": float(epochs), "copilot_weight_decay": float(decay)}
+            training = {
+                "copilot_final_epochs": float(epochs),
+                "copilot_weight_decay": float(decay),
+                "copilot_fallback_weight_decay": None,
+            }
             ablation_records(arm, {}, training=training)
     for arm, copilot_epochs in (
         ("copilot_after_pilot", DEFAULT_FINAL_EPOCHS),
@@ -615,7 +630,11 @@ def run(
             (
                 f"pilot_copilot_paper_final_{epochs}_epochs_weight_decay_{decay}",
                 {},
-                {"copilot_final_epochs": float(epochs), "copilot_weight_decay": float(decay)},
+                {
+                    "copilot_final_epochs": float(epochs),
+                    "copilot_weight_decay": float(decay),
+                    "copilot_fallback_weight_decay": None,
+                },
             )
             for epochs, decay in PHASE_GRID
         ),

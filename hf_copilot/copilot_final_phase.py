@@ -12,12 +12,16 @@ import torch
 from torch import nn
 from transformers import Trainer, get_scheduler
 from transformers.trainer_utils import has_length
+from transformers.utils import logging
 
 from .mistake_log_entry import copilot_loss_from_sums, copilot_target_norm
 from .training_errors import NonFiniteTrainingError
 
+logger = logging.get_logger(__name__)
+
 DEFAULT_FINAL_EPOCHS = 24.0
 MAX_DEFAULT_JOINT_MULTIPLE = 8
+NOTHING_LEARNT_R2 = 0.01
 """Measured: each longer phase (1, 3, 6, 12 epochs) lifted the fused model further (benchmarks/results/final_epochs/);
 24 epochs with the default weight decay (`copilot_weight_decay=1`) lifted it again where 24 epochs alone mostly
 memorised the training prompts (benchmarks/results/final_phase_weight_decay/). A phase batch runs the Pilot forward
@@ -93,32 +97,93 @@ def train_copilot_on_final_pilot(trainer: Trainer, epochs: float | None, joint_b
     weight decay (not of norms or biases, as in joint training) with a cosine decay over the phase, one step per
     `gradient_accumulation_steps` batches on the Copilot's mean loss (`CopilotConfig.error_loss`) over all of
     their positions (and all processes'), gradients clipped to `max_grad_norm`; logged as `copilot_final/*`. Its
-    length in batches: `final_phase_batches`."""
+    length in batches: `final_phase_batches`.
+
+    A phase that ends with the Copilot predicting nothing (`learnt_nothing`) runs again from its start, the same
+    batches in the same order, with `copilot_fallback_weight_decay` where that is lower: a Copilot that fits not
+    even its training batches is held at zero by its weight decay, not kept from overfitting by it."""
     if epochs is not None:
         check_sized_train_dataset(trainer.train_dataset)
     pilot_copilot = trainer.pilot_copilot()
     pilot, copilot = pilot_copilot.pilot, pilot_copilot.copilot
+    args = trainer.args
+    decay, fallback = args.effective_copilot_weight_decay, args.copilot_fallback_weight_decay
+    start = PhaseStart(copilot) if fallback is not None and fallback < decay else None
+    trainable = [p.requires_grad for p in pilot.parameters()]
+    pilot.requires_grad_(False)
+    pilot.eval()
+    copilot.train()
+    try:
+        r2 = run_phase(trainer, epochs, joint_batches, decay)
+        if start is not None and learnt_nothing(r2):
+            logger.warning(
+                f"The Copilot-only phase ended with R^2 {r2:.4f} on its last epoch of training batches: with "
+                f"weight decay {decay} the Copilot learnt nothing. Running the phase again from its start with "
+                f"copilot_fallback_weight_decay={fallback}."
+            )
+            trainer.log(
+                {"copilot_final/fallback_weight_decay": fallback, "copilot_final/r2_before_fallback": r2}
+            )
+            start.restore(copilot)
+            run_phase(trainer, epochs, joint_batches, fallback)
+    finally:
+        for parameter, flag in zip(pilot.parameters(), trainable, strict=True):
+            parameter.requires_grad_(flag)
+        pilot_copilot.eval()
+
+
+def learnt_nothing(r2: float | None) -> bool:
+    """The phase's Copilot explains less than 1% of its training batches' error. Measured at the end of the default
+    phase (benchmarks/results/phase_fallback/): 0.0004-0.0093 where it had learnt nothing (multiple choice, the
+    paper's mode on some arithmetic seeds), 0.016 and above in every other run whose logs were read.
+    None: no position to judge."""
+    return r2 is not None and r2 < NOTHING_LEARNT_R2
+
+
+class PhaseStart:
+    """The Copilot's weights and the random number generators' states where the phase starts, so that a second
+    phase sees what the first saw: the same data order (the sampler draws its seed from torch's generator) and
+    the same dropout."""
+
+    def __init__(self, copilot: nn.Module) -> None:
+        self.weights = {
+            name: value.detach().to("cpu", copy=True) for name, value in copilot.state_dict().items()
+        }
+        self.cpu_rng = torch.get_rng_state()
+        self.cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
+
+    def restore(self, copilot: nn.Module) -> None:
+        copilot.load_state_dict(self.weights)
+        torch.set_rng_state(self.cpu_rng)
+        if self.cuda_rng is not None:
+            torch.cuda.set_rng_state_all(self.cuda_rng)
+
+
+def run_phase(
+    trainer: Trainer, epochs: float | None, joint_batches: int, weight_decay: float
+) -> float | None:
+    """One Copilot-only phase with `weight_decay` (the Pilot already frozen); returns the Copilot's R^2 on the
+    phase's last epoch of batches (all processes'), None when they held no position."""
+    pilot_copilot = trainer.pilot_copilot()
+    copilot = pilot_copilot.copilot
     dataloader = trainer.get_train_dataloader()
     total = final_phase_batches(epochs, dataloader, joint_batches)
     if total == 0:
-        return
+        return None
+    last_epoch_from = total - min(total, len(dataloader) if has_length(dataloader) else total)
     accumulation = trainer.args.gradient_accumulation_steps
     groups = weight_decay_groups(
-        copilot.named_parameters(),
-        set(trainer.get_decay_parameter_names(copilot)),
-        trainer.args.effective_copilot_weight_decay,
+        copilot.named_parameters(), set(trainer.get_decay_parameter_names(copilot)), weight_decay
     )
     optimizer = phase_optimizer(trainer, copilot, groups)
     schedule = get_scheduler(
         "cosine", optimizer=optimizer, num_warmup_steps=0, num_training_steps=math.ceil(total / accumulation)
     )
     fraction = trainer._copilot_feedback_fraction()
-    trainable = [p.requires_grad for p in pilot.parameters()]
-    pilot.requires_grad_(False)
-    pilot.eval()
-    copilot.train()
-    # The logging window's sums and the group's losses stay on the device; one read-back per optimizer step.
+    # The logging window's sums, the last epoch's and the group's losses stay on the device; one read-back per
+    # optimizer step.
     sums = torch.zeros(4, dtype=torch.float64, device=trainer.args.device)
+    last_epoch = torch.zeros(3, dtype=torch.float64, device=trainer.args.device)
     step, pending, group_tokens, group_losses = 0, 0, 0, []
 
     def optimizer_step() -> None:
@@ -165,26 +230,31 @@ def train_copilot_on_final_pilot(trainer: Trainer, epochs: float | None, joint_b
         )
         sums.zero_()
 
-    try:
-        for inputs in micro_batches(dataloader, total):
-            inputs = trainer._prepare_inputs(inputs)
-            out = pilot_copilot(**inputs, return_mistake_log=True, copilot_feedback_fraction=fraction)
-            objective = out.copilot_loss_sum
-            group_losses.append(objective.detach().float() / out.copilot_num_tokens.clamp_min(1))
-            objective.backward()
-            pending, group_tokens = pending + 1, group_tokens + out.copilot_num_tokens.detach()
-            target = copilot_target_norm(out.mistake_log_entry)
-            terms = [out.copilot_squared_error.detach(), out.copilot_num_tokens, target, objective.detach()]
-            sums += torch.stack(terms).to(sums)
-            if pending == accumulation:
-                optimizer_step()
-                if step % trainer.args.logging_steps == 0:
-                    log()
-        if pending:  # the last, shorter group
+    for index, inputs in enumerate(micro_batches(dataloader, total)):
+        inputs = trainer._prepare_inputs(inputs)
+        out = pilot_copilot(**inputs, return_mistake_log=True, copilot_feedback_fraction=fraction)
+        objective = out.copilot_loss_sum
+        group_losses.append(objective.detach().float() / out.copilot_num_tokens.clamp_min(1))
+        objective.backward()
+        pending, group_tokens = pending + 1, group_tokens + out.copilot_num_tokens.detach()
+        target = copilot_target_norm(out.mistake_log_entry)
+        terms = torch.stack(
+            [out.copilot_squared_error.detach(), out.copilot_num_tokens, target, objective.detach()]
+        ).to(sums)
+        sums += terms
+        if index >= last_epoch_from:
+            last_epoch += terms[:3]
+        if pending == accumulation:
             optimizer_step()
-        if sums[1] > 0:
-            log()
-    finally:
-        for parameter, flag in zip(pilot.parameters(), trainable, strict=True):
-            parameter.requires_grad_(flag)
-        pilot_copilot.eval()
+            if step % trainer.args.logging_steps == 0:
+                log()
+    if pending:  # the last, shorter group
+        optimizer_step()
+    if sums[1] > 0:
+        log()
+    if trainer.args.world_size > 1:
+        torch.distributed.all_reduce(last_epoch)
+    squared_error, num_tokens, target_norm = last_epoch.tolist()
+    if num_tokens == 0:
+        return None
+    return 1.0 - squared_error / target_norm if target_norm else 0.0

@@ -84,12 +84,18 @@ def settings(tmp_path, **overrides) -> dict:
 
 
 def make_args(
-    tmp_path, copilot_learning_rate=3e-2, copilot_final_epochs=0.0, **overrides
+    tmp_path,
+    copilot_learning_rate=3e-2,
+    copilot_final_epochs=0.0,
+    copilot_fallback_weight_decay=None,
+    **overrides,
 ) -> CopilotTrainingArguments:
-    """The joint run alone unless a test asks for the Copilot-only phase after it."""
+    """The joint run alone unless a test asks for the Copilot-only phase after it; that phase once (the few
+    batches of a test's phase seldom take R^2 above 0.01) unless a test asks for the fallback."""
     return CopilotTrainingArguments(
         copilot_learning_rate=copilot_learning_rate,
         copilot_final_epochs=copilot_final_epochs,
+        copilot_fallback_weight_decay=copilot_fallback_weight_decay,
         **settings(tmp_path, **overrides),
     )
 
@@ -146,6 +152,10 @@ def test_arguments_default_to_the_papers_method_and_parse_from_the_command_line(
         ({"copilot_learning_rate": float("nan")}, "copilot_learning_rate must be a positive number"),
         ({"copilot_loss_weight": -1.0}, "copilot_loss_weight must be a finite number >= 0"),
         ({"copilot_weight_decay": -0.1}, "copilot_weight_decay must be a finite number >= 0"),
+        (
+            {"copilot_fallback_weight_decay": math.nan},
+            "copilot_fallback_weight_decay must be a finite number >= 0",
+        ),
         ({"mistake_log_size": -1}, "mistake_log_size must be an integer >= 0, or None"),
         ({"mistake_log_size": 0, "mistake_log_window": 2}, r"mistake_log_window \(2\) cannot exceed"),
         ({"mistake_log_replay": -1}, "mistake_log_replay must be an integer >= 0"),
@@ -644,6 +654,73 @@ def test_the_default_phase_on_a_stream_is_eight_joint_runs_long_and_absent_with_
     frozen.train()  # the whole run already trained the Copilot alone on the final Pilot
     assert logged(frozen, "copilot_final/step") == []
     assert CopilotTrainingArguments(output_dir=str(tmp_path)).copilot_final_epochs is None
+
+
+def phase_after_two_joint_steps(tmp_path, name: str, epochs: float = 2.0, **overrides) -> CopilotTrainer:
+    """Two joint steps, then Copilot-only epochs logged once an epoch (16 rows / batch 4 = 4 batches)."""
+    trainer = make_trainer(tmp_path / name, max_steps=2, logging_steps=4, **overrides)
+    trainer.train()
+    trainer.train_copilot_on_final_pilot(epochs)
+    return trainer
+
+
+def phase_logs(trainer: CopilotTrainer) -> list[dict]:
+    return [
+        entry for entry in trainer.state.log_history if any(k.startswith("copilot_final/") for k in entry)
+    ]
+
+
+def test_a_phase_that_learnt_nothing_runs_again_from_its_start_with_the_fallback_weight_decay(
+    tmp_path, monkeypatch
+):
+    # Every phase counts as having learnt nothing here, so the second phase runs whatever the Copilot learnt.
+    monkeypatch.setattr(copilot_final_phase, "NOTHING_LEARNT_R2", math.inf)
+    fallback = phase_after_two_joint_steps(tmp_path, "fallback", copilot_fallback_weight_decay=0.1)
+    first = phase_after_two_joint_steps(tmp_path, "first")
+    # The joint run at weight decay 1 (the default) in all three; the phase at 0.1 from the start.
+    direct = make_trainer(tmp_path / "direct", max_steps=2, logging_steps=4)
+    direct.train()
+    direct.args.copilot_weight_decay = 0.1
+    direct.train_copilot_on_final_pilot(2.0)
+
+    assert max_difference(fallback.model, direct.model) == 0.0  # the same batches, order and start
+    assert max_difference(fallback.model.copilot, first.model.copilot) > 0.0
+    first_phase, second_phase = phase_logs(fallback)[:2], phase_logs(fallback)[3:]
+    strip = [
+        {k: v for k, v in entry.items() if k.startswith("copilot_final/")} for entry in phase_logs(first)
+    ]
+    assert [
+        {k: v for k, v in entry.items() if k.startswith("copilot_final/")} for entry in first_phase
+    ] == strip
+    # The decision reads the first phase's last epoch: its last logging window here.
+    decision = phase_logs(fallback)[2]
+    assert decision["copilot_final/fallback_weight_decay"] == 0.1
+    assert decision["copilot_final/r2_before_fallback"] == strip[-1]["copilot_final/copilot_r2"]
+    assert [{k: entry[k] for k in strip[0]} for entry in second_phase] == [
+        {k: entry[k] for k in strip[0]} for entry in phase_logs(direct)
+    ]
+    assert all(p.requires_grad for p in fallback.model.pilot.parameters())
+
+
+def test_a_phase_that_learnt_something_or_decays_no_more_than_the_fallback_runs_once(tmp_path, monkeypatch):
+    learnt = phase_after_two_joint_steps(tmp_path, "learnt", epochs=6.0, copilot_fallback_weight_decay=0.1)
+    assert phase_logs(learnt)[-1]["copilot_final/copilot_r2"] > copilot_final_phase.NOTHING_LEARNT_R2
+    without = phase_after_two_joint_steps(tmp_path, "without", epochs=6.0)
+    assert max_difference(learnt.model, without.model) == 0.0
+    assert phase_logs(learnt) == phase_logs(without) and len(phase_logs(learnt)) == 6
+
+    monkeypatch.setattr(copilot_final_phase, "NOTHING_LEARNT_R2", math.inf)
+    low = phase_after_two_joint_steps(
+        tmp_path, "low", copilot_weight_decay=0.1, copilot_fallback_weight_decay=0.1
+    )
+    assert [k for entry in phase_logs(low) for k in entry if "fallback" in k] == []
+    assert len(phase_logs(low)) == 2
+
+
+def test_nothing_learnt_means_an_r2_below_one_percent():
+    learnt_nothing = copilot_final_phase.learnt_nothing
+    assert [learnt_nothing(r2) for r2 in (-0.2, 0.0, 0.0067, 0.0099)] == [True] * 4
+    assert [learnt_nothing(r2) for r2 in (0.01, 0.017, 0.9, None)] == [False] * 4
 
 
 # --------------------------------------------------------------------------------------------------
