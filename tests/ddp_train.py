@@ -18,7 +18,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from test_trainer import collate, counting_rows, logged, make_model  # noqa: E402
 
-from hf_copilot import CopilotTrainer, CopilotTrainingArguments  # noqa: E402
+from hf_copilot import CopilotTrainer, CopilotTrainingArguments, copilot_final_phase  # noqa: E402
 
 
 def digest(module: torch.nn.Module) -> str:
@@ -57,7 +57,11 @@ def train(output_dir: str, replay: int) -> None:
     # With replay the Copilot also runs outside DDP's forward; find_unused_parameters=False then checks
     # that every parameter still receives exactly one gradient per step.
     # The replay run also ends with a Copilot-only epoch: each rank trains on its own shard, so the ranks
-    # stay identical only if that phase averages the Copilot's gradients across them.
+    # stay identical only if that phase averages the Copilot's gradients across them. Every phase counts as
+    # having learnt nothing there, so the phase runs again: only if the ranks judge the R^2 of all their
+    # batches together do they all run it.
+    if replay:
+        copilot_final_phase.NOTHING_LEARNT_R2 = float("inf")
     args = copilot_arguments(
         output_dir,
         replay,
@@ -78,6 +82,7 @@ def train(output_dir: str, replay: int) -> None:
         "pilot_loss": logged(trainer, "pilot_loss"),
         "copilot_loss": logged(trainer, "copilot_loss"),
         "mistake_log_entries": len(trainer.mistake_log_callback.mistake_log),
+        "r2_before_fallback": logged(trainer, "copilot_final/r2_before_fallback"),
     }
     torch.save(model.state_dict(), os.path.join(output_dir, f"state_dict_rank{args.process_index}.pt"))
     with open(os.path.join(output_dir, f"rank{args.process_index}.json"), "w") as f:

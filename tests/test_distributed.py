@@ -61,6 +61,9 @@ def test_both_ranks_end_with_identical_pilot_and_copilot(ddp_output, replay):
         assert all(math.isfinite(value) for value in report["pilot_loss"] + report["copilot_loss"])
         assert report["mistake_log_entries"] == 4  # 8 forward passes per rank, ring buffer of 4
     assert first["copilot_loss"][-1] < first["copilot_loss"][0]
+    # The replay run's Copilot-only phase ran twice on both ranks, on one decision from both shards' sums.
+    assert len(first["r2_before_fallback"]) == replay
+    assert first["r2_before_fallback"] == second["r2_before_fallback"]
 
 
 def test_ddp_trains_exactly_as_one_process_with_the_same_optimizer_batches(ddp_output, tmp_path):
