@@ -21,12 +21,12 @@ logger = logging.get_logger(__name__)
 
 DEFAULT_FINAL_EPOCHS = 24.0
 MAX_DEFAULT_JOINT_MULTIPLE = 8
-NOTHING_LEARNT_R2 = 0.01
 """Measured: each longer phase (1, 3, 6, 12 epochs) lifted the fused model further (benchmarks/results/final_epochs/);
 24 epochs with the default weight decay (`copilot_weight_decay=1`) lifted it again where 24 epochs alone mostly
 memorised the training prompts (benchmarks/results/final_phase_weight_decay/). A phase batch runs the Pilot forward
 only, about half a joint step, so the cap of 8 joint runs' batches keeps `train()` within about five times the joint
 run."""
+NOTHING_LEARNT_R2 = 0.01
 
 
 def weight_decay_groups(named_parameters, decay_names: set[str], weight_decay: float) -> list[dict]:
@@ -136,7 +136,7 @@ def learnt_nothing(r2: float | None) -> bool:
     """The phase's Copilot explains less than 1% of its training batches' error. Measured at the end of the default
     phase (benchmarks/results/phase_fallback/): 0.0004-0.0093 where it had learnt nothing (multiple choice, the
     paper's mode on some arithmetic seeds), 0.016 and above in every other run whose logs were read.
-    None: no position to judge."""
+    None: nothing to judge."""
     return r2 is not None and r2 < NOTHING_LEARNT_R2
 
 
@@ -163,7 +163,8 @@ def run_phase(
     trainer: Trainer, epochs: float | None, joint_batches: int, weight_decay: float
 ) -> float | None:
     """One Copilot-only phase with `weight_decay` (the Pilot already frozen); returns the Copilot's R^2 on the
-    phase's last epoch of batches (all processes'), None when they held no position."""
+    phase's last epoch of batches (all processes'; a stream: the whole phase), None when they held no position or
+    no error to learn."""
     pilot_copilot = trainer.pilot_copilot()
     copilot = pilot_copilot.copilot
     dataloader = trainer.get_train_dataloader()
@@ -255,6 +256,6 @@ def run_phase(
     if trainer.args.world_size > 1:
         torch.distributed.all_reduce(last_epoch)
     squared_error, num_tokens, target_norm = last_epoch.tolist()
-    if num_tokens == 0:
+    if num_tokens == 0 or target_norm == 0:
         return None
-    return 1.0 - squared_error / target_norm if target_norm else 0.0
+    return 1.0 - squared_error / target_norm
