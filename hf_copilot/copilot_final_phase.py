@@ -14,7 +14,7 @@ from transformers import Trainer, get_scheduler
 from transformers.trainer_utils import has_length
 from transformers.utils import logging
 
-from .mistake_log_entry import copilot_loss_from_sums, copilot_target_norm
+from .mistake_log_entry import copilot_loss_from_sums, copilot_r2_from_sums, copilot_target_norm
 from .training_errors import NonFiniteTrainingError
 
 logger = logging.get_logger(__name__)
@@ -225,7 +225,7 @@ def run_phase(
                 "copilot_final/copilot_loss": copilot_loss_from_sums(
                     objective, max(num_tokens, 1), error_loss
                 ),
-                "copilot_final/copilot_r2": 1.0 - squared_error / target_norm if target_norm else 0.0,
+                "copilot_final/copilot_r2": copilot_r2_from_sums(squared_error, target_norm),
                 "copilot_final/step": step,
             }
         )
@@ -258,4 +258,4 @@ def run_phase(
     squared_error, num_tokens, target_norm = last_epoch.tolist()
     if num_tokens == 0 or target_norm == 0:
         return None
-    return 1.0 - squared_error / target_norm
+    return copilot_r2_from_sums(squared_error, target_norm)

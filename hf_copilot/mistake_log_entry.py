@@ -571,6 +571,11 @@ def copilot_loss_from_sums(objective, num_tokens, error_loss: str):
     return mean**0.5 if error_loss == "squared_error" else mean
 
 
+def copilot_r2_from_sums(squared_error: float, target_norm: float) -> float:
+    """`copilot_r2` from summed terms: 1 - sum ||f_C - e||^2 / sum ||e||^2; 0 where there was no error to learn."""
+    return 1.0 - squared_error / target_norm if target_norm else 0.0
+
+
 def joint_losses(
     pilot_loss: torch.Tensor, objective: torch.Tensor, num_tokens: torch.Tensor, error_loss: str
 ) -> tuple[torch.Tensor, torch.Tensor]:

@@ -79,6 +79,7 @@ from .mistake_log_entry import (
     CopilotLossTerms,
     MistakeLogEntry,
     copilot_loss_from_sums,
+    copilot_r2_from_sums,
     copilot_target_norm,
 )
 from .modeling_pilot_copilot import PilotCopilotForCausalLM
@@ -690,7 +691,7 @@ class CopilotTrainer(Trainer):
         metrics = {
             "pilot_loss": pilot_loss,
             "copilot_loss": copilot_loss_from_sums(objective, max(num_tokens, 1), error_loss),
-            "copilot_r2": 1.0 - squared_error / target_norm if target_norm else 0.0,
+            "copilot_r2": copilot_r2_from_sums(squared_error, target_norm),
             "joint_loss": pilot_loss + self.args.copilot_loss_weight * objective / max(num_tokens, 1),
         }
         with_positions, *entry_sums = values[5 : 6 + len(self._entry_stat_names)]
@@ -799,9 +800,7 @@ class CopilotTrainer(Trainer):
                     f"{metric_key_prefix}_pilot_token_accuracy": pilot_correct / labels,
                     f"{metric_key_prefix}_fused_token_accuracy": fused_correct / labels,
                     f"{metric_key_prefix}_fused_token_accuracy_observed": observed_correct / labels,
-                    f"{metric_key_prefix}_copilot_r2": 1.0 - squared_error / target_norm
-                    if target_norm
-                    else 0.0,
+                    f"{metric_key_prefix}_copilot_r2": copilot_r2_from_sums(squared_error, target_norm),
                 }
             )
         return output

@@ -670,6 +670,11 @@ def phase_logs(trainer: CopilotTrainer) -> list[dict]:
     ]
 
 
+def phase_values(entries: list[dict]) -> list[dict]:
+    """The `copilot_final/*` values of log entries, without Trainer's `epoch`."""
+    return [{k: v for k, v in entry.items() if k.startswith("copilot_final/")} for entry in entries]
+
+
 def test_a_phase_that_learnt_nothing_runs_again_from_its_start_with_the_fallback_weight_decay(
     tmp_path, monkeypatch
 ):
@@ -686,19 +691,13 @@ def test_a_phase_that_learnt_nothing_runs_again_from_its_start_with_the_fallback
     assert max_difference(fallback.model, direct.model) == 0.0  # the same batches, order and start
     assert max_difference(fallback.model.copilot, first.model.copilot) > 0.0
     first_phase, second_phase = phase_logs(fallback)[:2], phase_logs(fallback)[3:]
-    strip = [
-        {k: v for k, v in entry.items() if k.startswith("copilot_final/")} for entry in phase_logs(first)
-    ]
-    assert [
-        {k: v for k, v in entry.items() if k.startswith("copilot_final/")} for entry in first_phase
-    ] == strip
+    strip = phase_values(phase_logs(first))
+    assert phase_values(first_phase) == strip
     # The decision reads the first phase's last epoch: its last logging window here.
     decision = phase_logs(fallback)[2]
     assert decision["copilot_final/fallback_weight_decay"] == 0.1
     assert decision["copilot_final/r2_before_fallback"] == strip[-1]["copilot_final/copilot_r2"]
-    assert [{k: entry[k] for k in strip[0]} for entry in second_phase] == [
-        {k: entry[k] for k in strip[0]} for entry in phase_logs(direct)
-    ]
+    assert phase_values(second_phase) == phase_values(phase_logs(direct))
     assert all(p.requires_grad for p in fallback.model.pilot.parameters())
 
 
