@@ -134,9 +134,8 @@ def train_copilot_on_final_pilot(trainer: Trainer, epochs: float | None, joint_b
 
 def learnt_nothing(r2: float | None) -> bool:
     """The phase's Copilot explains less than 1% of its training batches' error. Measured at the end of the default
-    phase (benchmarks/results/phase_fallback/): 0.0004-0.0093 where it had learnt nothing (multiple choice, the
-    paper's mode on some arithmetic seeds), 0.016 and above in every other run whose logs were read.
-    None: nothing to judge."""
+    phase where it had learnt nothing (multiple choice, the paper's mode on some arithmetic seeds): 0.0001-0.0093
+    (`copilot_r2_before_fallback` in benchmarks/results/phase_fallback/quality.json). None: nothing to judge."""
     return r2 is not None and r2 < NOTHING_LEARNT_R2
 
 
