@@ -39,6 +39,8 @@ Arms (same Pilot initialisation, data order and steps):
                       (hidden_dropout and attention_dropout; the default is none)
   pilot_copilot_weight_decay_{0.1,1}  the other regulariser: pilot_copilot with AdamW weight decay 0.1 or 1 (the
                       default) on the Copilot's weights (copilot_weight_decay; the benchmarks' weight_decay is 0)
+  pilot_copilot_joint_weight_decay_0.1  pilot_copilot with weight decay 0.1 in the joint run and 1 in the
+                      Copilot-only phase (copilot_final_weight_decay), the second phase at 0.1 as by default
   pilot_copilot_final_{12,24}_epochs_weight_decay_{0,0.1,0.3,1}  both levers set: that Copilot-only phase with that
                       weight decay and never a second phase with less (copilot_fallback_weight_decay=None),
                       whatever the defaults (12 epochs without weight decay: the default before 24 with 1, under
@@ -172,6 +174,7 @@ ARMS = (
     "pilot_copilot_dropout",
     "pilot_copilot_weight_decay_0.1",
     "pilot_copilot_weight_decay_1",
+    "pilot_copilot_joint_weight_decay_0.1",
     *(f"pilot_copilot_final_{epochs}_epochs_weight_decay_{decay}" for epochs, decay in PHASE_GRID),
     "pilot_copilot_last_layer",
     "pilot_copilot_reserved_phase",
@@ -581,6 +584,9 @@ def run(
             ablation_records(
                 f"pilot_copilot_weight_decay_{decay}", {}, training={"copilot_weight_decay": float(decay)}
             )
+    if "pilot_copilot_joint_weight_decay_0.1" in arms:
+        training = {"copilot_weight_decay": 0.1, "copilot_final_weight_decay": 1.0}
+        ablation_records("pilot_copilot_joint_weight_decay_0.1", {}, training=training)
     for epochs, decay in PHASE_GRID:
         arm = f"pilot_copilot_final_{epochs}_epochs_weight_decay_{decay}"
         if arm in arms:

@@ -94,10 +94,10 @@ def phase_optimizer(trainer: Trainer, copilot: nn.Module, groups: list[dict]) ->
 
 def train_copilot_on_final_pilot(trainer: Trainer, epochs: float | None, joint_batches: int = 0) -> None:
     """For a CopilotTrainer: the run's optimizer (`phase_optimizer`) at the Copilot's peak learning rate and
-    weight decay (not of norms or biases, as in joint training) with a cosine decay over the phase, one step per
-    `gradient_accumulation_steps` batches on the Copilot's mean loss (`CopilotConfig.error_loss`) over all of
-    their positions (and all processes'), gradients clipped to `max_grad_norm`; logged as `copilot_final/*`. Its
-    length in batches: `final_phase_batches`.
+    the phase's weight decay (`copilot_final_weight_decay`; not of norms or biases, as in joint training) with a
+    cosine decay over the phase, one step per `gradient_accumulation_steps` batches on the Copilot's mean loss
+    (`CopilotConfig.error_loss`) over all of their positions (and all processes'), gradients clipped to
+    `max_grad_norm`; logged as `copilot_final/*`. Its length in batches: `final_phase_batches`.
 
     A phase that ends with the Copilot predicting nothing (`learnt_nothing`) runs again from its start, the same
     batches in the same order, with `copilot_fallback_weight_decay` where that is lower: a Copilot that fits not
@@ -107,7 +107,7 @@ def train_copilot_on_final_pilot(trainer: Trainer, epochs: float | None, joint_b
     pilot_copilot = trainer.pilot_copilot()
     pilot, copilot = pilot_copilot.pilot, pilot_copilot.copilot
     args = trainer.args
-    decay, fallback = args.effective_copilot_weight_decay, args.copilot_fallback_weight_decay
+    decay, fallback = args.effective_copilot_final_weight_decay, args.copilot_fallback_weight_decay
     start = PhaseStart(copilot) if fallback is not None and fallback < decay else None
     trainable = [p.requires_grad for p in pilot.parameters()]
     pilot.requires_grad_(False)

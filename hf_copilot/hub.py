@@ -53,6 +53,8 @@ TRAINING_FIELDS = (
     "gradient_accumulation_steps",
     "weight_decay",
     "copilot_weight_decay",
+    "copilot_final_weight_decay",
+    "copilot_fallback_weight_decay",
     "max_grad_norm",
     "seed",
     "copilot_loss_weight",

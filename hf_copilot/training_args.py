@@ -37,8 +37,16 @@ class CopilotTrainingArguments(TrainingArguments):
         default=1.0,
         metadata={
             "help": "AdamW weight decay of the Copilot's weights (its norms and biases never decay), in joint "
-            "training and in the Copilot-only phase; None uses `weight_decay`. The default, 1, with the 24-epoch "
-            "phase, took held-out R^2 on arithmetic from 0.20 to 0.45 (benchmarks/results/final_phase_weight_decay/)."
+            "training and, unless copilot_final_weight_decay is set, in the Copilot-only phase; None uses "
+            "`weight_decay`. The default, 1, with the 24-epoch phase, took held-out R^2 on arithmetic from 0.20 to "
+            "0.45 (benchmarks/results/final_phase_weight_decay/)."
+        },
+    )
+    copilot_final_weight_decay: float | None = field(
+        default=None,
+        metadata={
+            "help": "AdamW weight decay of the Copilot's weights in the Copilot-only phase only; None: "
+            "copilot_weight_decay's."
         },
     )
     copilot_fallback_weight_decay: float | None = field(
@@ -46,7 +54,7 @@ class CopilotTrainingArguments(TrainingArguments):
         metadata={
             "help": "When the Copilot-only phase ends with the Copilot predicting nothing (R^2 below 0.01 on its "
             "last epoch of training batches), run the phase again from its start with this weight decay, if it is "
-            "lower than copilot_weight_decay. Measured: in the paper's feedback mode on arithmetic it took three "
+            "lower than the phase's. Measured: in the paper's feedback mode on arithmetic it took three "
             "runs of six from 1-2 points over the Pilot to +0.27 to +0.47; multiple choice stayed at R^2 0 "
             "(benchmarks/results/phase_fallback/). None: never."
         },
@@ -153,23 +161,28 @@ class CopilotTrainingArguments(TrainingArguments):
         """`copilot_weight_decay`, or the Pilot's `weight_decay`."""
         return self.weight_decay if self.copilot_weight_decay is None else self.copilot_weight_decay
 
+    @property
+    def effective_copilot_final_weight_decay(self) -> float:
+        """`copilot_final_weight_decay`, or the Copilot's weight decay in joint training."""
+        if self.copilot_final_weight_decay is None:
+            return self.effective_copilot_weight_decay
+        return self.copilot_final_weight_decay
+
     def __post_init__(self):
         super().__post_init__()
-        decay = self.copilot_weight_decay
-        if decay is not None and not (
-            isinstance(decay, (int, float)) and math.isfinite(decay) and decay >= 0
+        for name, none_means in (
+            ("copilot_weight_decay", "to use weight_decay"),
+            ("copilot_final_weight_decay", "to use copilot_weight_decay"),
+            ("copilot_fallback_weight_decay", "for no second phase"),
         ):
-            raise ValueError(
-                f"copilot_weight_decay must be a finite number >= 0, or None to use weight_decay, got {decay!r}."
-            )
-        fallback = self.copilot_fallback_weight_decay
-        if fallback is not None and not (
-            isinstance(fallback, (int, float)) and math.isfinite(fallback) and fallback >= 0
-        ):
-            raise ValueError(
-                f"copilot_fallback_weight_decay must be a finite number >= 0, or None for no second phase, got "
-                f"{fallback!r}."
-            )
+            decay = getattr(self, name)
+            if decay is not None and not (
+                isinstance(decay, (int, float))
+                and not isinstance(decay, bool)
+                and math.isfinite(decay)
+                and decay >= 0
+            ):
+                raise ValueError(f"{name} must be a finite number >= 0, or None {none_means}, got {decay!r}.")
         lr = self.copilot_learning_rate
         if lr is not None and not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
             raise ValueError(

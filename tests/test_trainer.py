@@ -153,6 +153,11 @@ def test_arguments_default_to_the_papers_method_and_parse_from_the_command_line(
         ({"copilot_loss_weight": -1.0}, "copilot_loss_weight must be a finite number >= 0"),
         ({"copilot_weight_decay": -0.1}, "copilot_weight_decay must be a finite number >= 0"),
         (
+            {"copilot_final_weight_decay": math.inf},
+            r"copilot_final_weight_decay must be a finite number >= 0, or None to use copilot_weight_decay",
+        ),
+        ({"copilot_final_weight_decay": True}, "copilot_final_weight_decay must be a finite number >= 0"),
+        (
             {"copilot_fallback_weight_decay": math.nan},
             "copilot_fallback_weight_decay must be a finite number >= 0",
         ),
@@ -714,6 +719,33 @@ def test_a_phase_that_learnt_something_or_decays_no_more_than_the_fallback_runs_
     )
     assert [k for entry in phase_logs(low) for k in entry if "fallback" in k] == []
     assert len(phase_logs(low)) == 2
+
+
+def test_copilot_final_weight_decay_is_the_phases_and_the_second_phase_runs_when_it_is_above_the_fallback(
+    tmp_path, monkeypatch
+):
+    split = phase_after_two_joint_steps(
+        tmp_path, "split", copilot_weight_decay=0.1, copilot_final_weight_decay=1.0
+    )
+    by_hand = make_trainer(tmp_path / "by_hand", max_steps=2, logging_steps=4, copilot_weight_decay=0.1)
+    by_hand.train()
+    by_hand.args.copilot_weight_decay = 1.0
+    by_hand.train_copilot_on_final_pilot(2.0)
+    assert max_difference(split.model, by_hand.model) == 0.0
+    low = phase_after_two_joint_steps(tmp_path, "low", copilot_weight_decay=0.1)
+    assert max_difference(split.model.copilot, low.model.copilot) > 0.0
+
+    # The second phase compares the fallback with the phase's decay, not the joint run's.
+    monkeypatch.setattr(copilot_final_phase, "NOTHING_LEARNT_R2", math.inf)
+    fallback = phase_after_two_joint_steps(
+        tmp_path,
+        "fallback",
+        copilot_weight_decay=0.1,
+        copilot_final_weight_decay=1.0,
+        copilot_fallback_weight_decay=0.1,
+    )
+    assert phase_logs(fallback)[2]["copilot_final/fallback_weight_decay"] == 0.1
+    assert max_difference(fallback.model, low.model) == 0.0
 
 
 def test_nothing_learnt_means_an_r2_below_one_percent():
