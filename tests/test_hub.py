@@ -376,7 +376,9 @@ def test_the_card_lists_hyperparameters_and_framework_versions(hub_named_model, 
     card = build_model_card(hub_named_model, training_args=args, training_details="Data: arithmetic.")
     assert "| `learning_rate` | `0.0003` |" in card.text
     assert "| `copilot_final_epochs` | `1.0` |" in card.text
-    assert "| `copilot_final_weight_decay` | `0.5` |\n| `copilot_fallback_weight_decay` | `0.1` |" in card.text
+    assert (
+        "| `copilot_final_weight_decay` | `0.5` |\n| `copilot_fallback_weight_decay` | `0.1` |" in card.text
+    )
     assert "| `mistake_log_topk` | `64` |" in card.text
     assert "Data: arithmetic." in card.text
     assert f"- transformers {transformers.__version__}\n- torch {torch.__version__}" in card.text
