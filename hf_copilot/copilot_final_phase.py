@@ -10,7 +10,7 @@ import math
 
 import torch
 from torch import nn
-from transformers import Trainer, get_scheduler
+from transformers import PreTrainedModel, Trainer, get_scheduler
 from transformers.trainer_utils import has_length
 from transformers.utils import logging
 
@@ -99,16 +99,19 @@ def train_copilot_on_final_pilot(trainer: Trainer, epochs: float | None, joint_b
     (`CopilotConfig.error_loss`) over all of their positions (and all processes'), gradients clipped to
     `max_grad_norm`; logged as `copilot_final/*`. Its length in batches: `final_phase_batches`.
 
-    A phase that ends with the Copilot predicting nothing (`learnt_nothing`) runs again from its start, the same
-    batches in the same order, with `copilot_fallback_weight_decay` where that is lower: a Copilot that fits not
-    even its training batches is held at zero by its weight decay, not kept from overfitting by it."""
+    A phase that ends with the Copilot predicting nothing (`learnt_nothing`) runs again on the same batches in the
+    same order, with `copilot_fallback_weight_decay` where that is lower, from a Copilot drawn afresh (`redraw`): a
+    Copilot that fits not even its training batches is held at zero by its weight decay, not kept from
+    overfitting by it, and one that learnt nothing under that decay through the joint run has weights decayed
+    towards zero, from which the lower decay did not get it learning (multiple choice in
+    benchmarks/results/phase_fallback/)."""
     if epochs is not None:
         check_sized_train_dataset(trainer.train_dataset)
     pilot_copilot = trainer.pilot_copilot()
     pilot, copilot = pilot_copilot.pilot, pilot_copilot.copilot
     args = trainer.args
     decay, fallback = args.effective_copilot_final_weight_decay, args.copilot_fallback_weight_decay
-    start = PhaseStart(copilot) if fallback is not None and fallback < decay else None
+    start = PhaseStart() if fallback is not None and fallback < decay else None
     trainable = [p.requires_grad for p in pilot.parameters()]
     pilot.requires_grad_(False)
     pilot.eval()
@@ -118,13 +121,14 @@ def train_copilot_on_final_pilot(trainer: Trainer, epochs: float | None, joint_b
         if start is not None and learnt_nothing(r2):
             logger.warning(
                 f"The Copilot-only phase ended with R^2 {r2:.4f} on its last epoch of training batches: with "
-                f"weight decay {decay} the Copilot learnt nothing. Running the phase again from its start with "
+                f"weight decay {decay} the Copilot learnt nothing. Running the phase again with a Copilot drawn afresh and "
                 f"copilot_fallback_weight_decay={fallback}."
             )
             trainer.log(
                 {"copilot_final/fallback_weight_decay": fallback, "copilot_final/r2_before_fallback": r2}
             )
-            start.restore(copilot)
+            start.restore()
+            redraw(copilot, args.seed)
             run_phase(trainer, epochs, joint_batches, fallback)
     finally:
         for parameter, flag in zip(pilot.parameters(), trainable, strict=True):
@@ -140,22 +144,26 @@ def learnt_nothing(r2: float | None) -> bool:
 
 
 class PhaseStart:
-    """The Copilot's weights and the random number generators' states where the phase starts, so that a second
-    phase sees what the first saw: the same data order (the sampler draws its seed from torch's generator) and
-    the same dropout."""
+    """The random number generators' states where the phase starts, so that a second phase sees what the first
+    saw: the same data order (the sampler draws its seed from torch's generator) and the same dropout."""
 
-    def __init__(self, copilot: nn.Module) -> None:
-        self.weights = {
-            name: value.detach().to("cpu", copy=True) for name, value in copilot.state_dict().items()
-        }
+    def __init__(self) -> None:
         self.cpu_rng = torch.get_rng_state()
         self.cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
 
-    def restore(self, copilot: nn.Module) -> None:
-        copilot.load_state_dict(self.weights)
+    def restore(self) -> None:
         torch.set_rng_state(self.cpu_rng)
         if self.cuda_rng is not None:
             torch.cuda.set_rng_state_all(self.cuda_rng)
+
+
+def redraw(copilot: PreTrainedModel, seed: int) -> None:
+    """The Copilot's weights replaced by those its class draws from `seed` on the CPU (the same on every device
+    and process), leaving torch's generators as they were."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        fresh = type(copilot)(copilot.config)
+    copilot.load_state_dict(fresh.state_dict())
 
 
 def run_phase(
