@@ -157,13 +157,20 @@ class PhaseStart:
             torch.cuda.set_rng_state_all(self.cuda_rng)
 
 
-def redraw(copilot: PreTrainedModel, seed: int) -> None:
+def redraw(copilot: nn.Module, seed: int) -> None:
     """The Copilot's weights replaced by those its class draws from `seed` on the CPU (the same on every device
-    and process), leaving torch's generators as they were."""
+    and process), leaving torch's generators as they were. Under peft's `modules_to_save` wrapper the copy that
+    trains is redrawn; the frozen original stays as it was."""
+    trained = [
+        module
+        for module in copilot.modules()
+        if isinstance(module, PreTrainedModel) and any(p.requires_grad for p in module.parameters())
+    ]
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        fresh = type(copilot)(copilot.config)
-    copilot.load_state_dict(fresh.state_dict())
+        fresh = type(trained[0])(trained[0].config).state_dict()
+    for module in trained:
+        module.load_state_dict(fresh)
 
 
 def run_phase(

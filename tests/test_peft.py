@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import json
+import math
 import re
 import sys
 import textwrap
@@ -30,7 +31,7 @@ from conftest import (
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from hf_copilot import CopilotTrainer, CopilotTrainingArguments, PilotCopilotForCausalLM
+from hf_copilot import CopilotTrainer, CopilotTrainingArguments, PilotCopilotForCausalLM, copilot_final_phase
 from hf_copilot.peft_checks import adapter_layers
 
 peft = pytest.importorskip("peft")
@@ -346,6 +347,34 @@ def test_modules_to_save_copilot_keeps_every_adapter_off_the_copilot_and_trains_
         trainer = CopilotTrainer(model=wrapped, args=training_args(tmp_path), train_dataset=counting_rows())
     trainer.train()
     assert all(not torch.equal(p, before[name]) for name, p in trained.named_parameters())
+
+
+def test_the_second_phase_redraws_the_copilot_that_modules_to_save_trains(tmp_path, monkeypatch):
+    monkeypatch.setattr(copilot_final_phase, "NOTHING_LEARNT_R2", math.inf)  # the second phase always runs
+    wrapped = whole_model_lora(target_modules="all-linear", modules_to_save=["copilot"])
+    copilot = wrapped.get_base_model().copilot
+    original = {name: p.detach().clone() for name, p in copilot.original_module.named_parameters()}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the adapter-base warning
+        trainer = CopilotTrainer(
+            model=wrapped,
+            args=training_args(tmp_path, copilot_final_epochs=1.0),
+            train_dataset=counting_rows(),
+        )
+    trainer.train()
+    assert [
+        e["copilot_final/fallback_weight_decay"]
+        for e in trainer.state.log_history
+        if "copilot_final/fallback_weight_decay" in e
+    ] == [0.1]
+    assert all(torch.equal(p, original[name]) for name, p in copilot.original_module.named_parameters())
+
+    trained = copilot.modules_to_save["default"]
+    copilot_final_phase.redraw(copilot, seed=3)
+    torch.manual_seed(3)
+    fresh = type(trained)(trained.config)
+    assert all(torch.equal(p, q) for p, q in zip(trained.parameters(), fresh.parameters(), strict=True))
+    assert all(torch.equal(p, original[name]) for name, p in copilot.original_module.named_parameters())
 
 
 @pytest.mark.parametrize("folder", ["whole", "copilot-only"])
