@@ -102,9 +102,8 @@ def train_copilot_on_final_pilot(trainer: Trainer, epochs: float | None, joint_b
     A phase that ends with the Copilot predicting nothing (`learnt_nothing`) runs again on the same batches in the
     same order, with `copilot_fallback_weight_decay` where that is lower, from a Copilot drawn afresh (`redraw`): a
     Copilot that fits not even its training batches is held at zero by its weight decay, not kept from
-    overfitting by it, and one that learnt nothing under that decay through the joint run has weights decayed
-    towards zero, from which the lower decay did not get it learning (multiple choice in
-    benchmarks/results/phase_fallback/)."""
+    overfitting by it. Started from the Copilot the joint run left, the lower decay did not get multiple choice
+    learning; from a fresh one it did (benchmarks/results/fallback_fresh_copilot/)."""
     if epochs is not None:
         check_sized_train_dataset(trainer.train_dataset)
     pilot_copilot = trainer.pilot_copilot()
@@ -121,8 +120,8 @@ def train_copilot_on_final_pilot(trainer: Trainer, epochs: float | None, joint_b
         if start is not None and learnt_nothing(r2):
             logger.warning(
                 f"The Copilot-only phase ended with R^2 {r2:.4f} on its last epoch of training batches: with "
-                f"weight decay {decay} the Copilot learnt nothing. Running the phase again with a Copilot drawn afresh and "
-                f"copilot_fallback_weight_decay={fallback}."
+                f"weight decay {decay} the Copilot learnt nothing. Running the phase again with a Copilot drawn "
+                f"afresh and copilot_fallback_weight_decay={fallback}."
             )
             trainer.log(
                 {"copilot_final/fallback_weight_decay": fallback, "copilot_final/r2_before_fallback": r2}
