@@ -148,7 +148,7 @@ from hf_copilot.experiments.data import (
     tokenize_examples,
     tokenize_seq2seq_examples,
 )
-from hf_copilot.experiments.evaluation import DEFAULT_LAMBDAS, evaluate_task
+from hf_copilot.experiments.evaluation import DEFAULT_LAMBDAS, best_lambda, evaluate_task
 from hf_copilot.experiments.recipes import PilotShape, T5Shape, matched_shape, task_tokenizer
 from hf_copilot.experiments.tasks import get_task
 
@@ -494,7 +494,7 @@ def run(
                 )
                 for lam in DEFAULT_LAMBDAS
             }
-            best = max(DEFAULT_LAMBDAS, key=lambda lam: (sweep[lam], -lam))
+            best = best_lambda(sweep)
             accuracy = experiment.accuracy(
                 model, experiment.test, copilot_lambda=best, copilot_feedback=feedback
             )

@@ -94,6 +94,13 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--lambdas", type=float, nargs="+", default=list(DEFAULT_LAMBDAS))
+    parser.add_argument(
+        "--min-gain",
+        type=float,
+        default=0.0,
+        help="choose a lambda other than 0 only where its validation accuracy beats the Pilot's by at least this "
+        "much (e.g. 0.03); 0 takes the best however small its margin",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -202,7 +209,15 @@ def evaluate_both_feedback_modes(model, tokenizer, task: Task, args: argparse.Na
     }
     for mode in COPILOT_FEEDBACK_MODES:
         result = evaluate_pilot_copilot(
-            model, tokenizer, task, validation, test, args.lambdas, args.batch_size, copilot_feedback=mode
+            model,
+            tokenizer,
+            task,
+            validation,
+            test,
+            args.lambdas,
+            args.batch_size,
+            min_gain=args.min_gain,
+            copilot_feedback=mode,
         )
         summary["pilot_test_accuracy"] = result.pilot_accuracy
         summary["fused"][mode] = {

@@ -6,7 +6,7 @@ metric scripts from the Hub and so fails offline.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -17,6 +17,7 @@ from .tasks import Example, Task
 
 # The paper's grid plus 0 (the Pilot alone) and, beyond the paper, larger weights (SPEC section 5).
 DEFAULT_LAMBDAS = (0.0, 0.1, 0.3, 0.5, 0.8, 1.0, 2.0, 3.0)
+GAIN_ROUNDING = 1e-9  # accuracies are fractions k/n: their differences carry float error far below this
 
 
 def evaluate_task(
@@ -82,6 +83,33 @@ def _generate(
     return [texts[i * per_prompt : (i + 1) * per_prompt] for i in range(len(prompts))]
 
 
+def best_lambda(scores: Mapping[float, float], min_gain: float = 0.0) -> float:
+    """The lambda with the best score, the smallest among ties; 0 (the Pilot alone) unless that score beats
+    lambda 0's by at least `min_gain` (up to rounding: 48/400 - 40/400 reaches 0.02).
+
+    A margin trades small gains for never choosing a Copilot on a validation gain that chance could give:
+    benchmarks/results/lambda_margin/ measures the trade on the committed sweeps.
+    """
+    if not scores:
+        raise ValueError("best_lambda needs at least one lambda's score.")
+    check_min_gain(scores, min_gain)
+    best = max(scores, key=lambda lam: (scores[lam], -lam))
+    if best == 0 or scores[best] - scores.get(0.0, scores[best]) >= min_gain - GAIN_ROUNDING:
+        return best
+    return 0.0
+
+
+def check_min_gain(lambdas: Iterable[float], min_gain: float) -> None:
+    """A margin is a validation gain over lambda 0, so it needs lambda 0 among the lambdas."""
+    if min_gain < 0:
+        raise ValueError(f"min_gain must be >= 0 (a validation gain over lambda 0), got {min_gain}.")
+    if min_gain > 0 and 0 not in lambdas:
+        raise ValueError(
+            f"min_gain={min_gain} compares the best lambda with lambda 0 (the Pilot alone), which is not among "
+            "the lambdas: include 0."
+        )
+
+
 def sweep_lambda(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
@@ -89,19 +117,20 @@ def sweep_lambda(
     task: Task,
     lambdas: Sequence[float] = DEFAULT_LAMBDAS,
     metric: str = "accuracy",
+    min_gain: float = 0.0,
     **evaluate_kwargs: Any,
 ) -> tuple[float, dict[float, float]]:
-    """The `copilot_lambda` with the best validation `metric` (the smallest among ties), and all scores.
+    """The `copilot_lambda` chosen on the validation `metric` (`best_lambda`, with `min_gain`), and all scores.
 
     The model's `generate()` must accept `copilot_lambda` (a fused Pilot + Copilot does).
     """
     if not lambdas:
         raise ValueError("sweep_lambda needs at least one lambda.")
+    check_min_gain(lambdas, min_gain)  # before any generation
     scores = {
         float(lam): evaluate_task(
             model, tokenizer, val_examples, task, copilot_lambda=lam, **evaluate_kwargs
         )[metric]
         for lam in lambdas
     }
-    best = max(scores.values())
-    return min(lam for lam, score in scores.items() if score == best), scores
+    return best_lambda(scores, min_gain), scores

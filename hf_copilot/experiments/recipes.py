@@ -230,15 +230,18 @@ def evaluate_pilot_copilot(
     lambdas: Sequence[float] = DEFAULT_LAMBDAS,
     batch_size: int = 64,
     progress: bool = True,
+    min_gain: float = 0.0,
     **generate_kwargs,
 ) -> FusedEvaluation:
-    """Pick lambda on validation, then report test accuracy at lambda = 0 (the Pilot) and at that lambda."""
+    """Pick lambda on validation (`sweep_lambda`, with `min_gain`), then report test accuracy at lambda = 0 (the
+    Pilot) and at that lambda."""
     best, sweep = sweep_lambda(
         model,
         tokenizer,
         validation,
         task,
         lambdas=lambdas,
+        min_gain=min_gain,
         batch_size=batch_size,
         progress=progress,
         **generate_kwargs,

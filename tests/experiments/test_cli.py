@@ -61,6 +61,11 @@ def test_evaluate_reproduces_the_training_run_accuracies(trained, capsys):
     out = capsys.readouterr().out
     assert "| Pilot alone (lambda = 0) |" in out
     assert "feedback=observed" in out
+    # No validation gain reaches 2: every mode keeps the Pilot alone.
+    cautious = evaluate_command(build_parser().parse_args([*argv, "--min-gain", "2"]))
+    for fused in cautious["fused"].values():
+        assert fused["best_lambda"] == 0.0
+        assert fused["test_accuracy"] == results["pilot_test_accuracy"]
 
 
 def test_benchmark_task_reads_a_folder_of_split_files(tmp_path):

@@ -11,7 +11,7 @@ from hf_copilot.experiments.data import (
     tokenize_examples,
     tokenize_seq2seq_examples,
 )
-from hf_copilot.experiments.evaluation import DEFAULT_LAMBDAS, evaluate_task, sweep_lambda
+from hf_copilot.experiments.evaluation import DEFAULT_LAMBDAS, best_lambda, evaluate_task, sweep_lambda
 from hf_copilot.experiments.recipes import T5Shape
 from hf_copilot.experiments.tasks import ArithmeticTask, RecommendationTask
 from hf_copilot.experiments.tokenizer import build_char_tokenizer
@@ -134,6 +134,51 @@ def test_sweep_picks_the_smallest_of_the_best_lambdas():
     assert best == 0.5
     assert scores[0.5] == scores[0.8] == scores[3.0] == 1.0
     assert all(scores[lam] < 1.0 for lam in DEFAULT_LAMBDAS if lam not in model.good_lambdas)
+
+
+def test_best_lambda_keeps_the_pilot_unless_the_best_gains_min_gain():
+    scores = {0.0: 40 / 400, 0.5: 48 / 400, 1.0: 48 / 400, 2.0: 44 / 400}
+    assert best_lambda(scores) == 0.5
+    assert best_lambda(scores, min_gain=0.02) == 0.5  # 48/400 - 40/400 is 0.019999... in floats
+    assert best_lambda(scores, min_gain=0.0201) == 0.0
+    assert best_lambda({0.0: 0.5, 1.0: 0.4}, min_gain=0.1) == 0.0
+    assert best_lambda({0.5: 0.1, 1.0: 0.3}) == 1.0  # no margin: lambda 0 need not be scored
+
+
+@pytest.mark.parametrize(
+    ("scores", "min_gain", "message"),
+    [
+        ({}, 0.0, "at least one"),
+        ({0.0: 0.1}, -0.01, "min_gain must be >= 0"),
+        ({1.0: 0.2}, 0.01, "include 0"),
+    ],
+)
+def test_best_lambda_refuses_what_it_cannot_compare(scores, min_gain, message):
+    with pytest.raises(ValueError, match=message):
+        best_lambda(scores, min_gain)
+
+
+def test_sweep_with_min_gain_returns_the_pilot_where_the_gain_is_smaller():
+    examples = TASK.examples("validation", 5)
+    model = tiny_llama(LambdaRecordingLlama)
+    model.answers = {e.prompt: e.answer for e in examples}
+    model.good_lambdas, model.seen = {0.5}, []
+    best, scores = sweep_lambda(model, TOKENIZER, examples, TASK, lambdas=(0, 0.5), progress=False)
+    gain = scores[0.5] - scores[0.0]
+    assert best == 0.5 and gain > 0
+    for min_gain, chosen in ((gain, 0.5), (gain + 0.01, 0.0)):
+        again, same_scores = sweep_lambda(
+            model, TOKENIZER, examples, TASK, lambdas=(0, 0.5), min_gain=min_gain, progress=False
+        )
+        assert (again, same_scores) == (chosen, scores)
+
+
+def test_sweep_refuses_a_margin_without_lambda_0_before_generating():
+    model = tiny_llama(LambdaRecordingLlama)
+    model.good_lambdas, model.seen = set(), []
+    with pytest.raises(ValueError, match="include 0"):
+        sweep_lambda(model, TOKENIZER, TASK.examples("validation", 2), TASK, lambdas=(0.5, 1), min_gain=0.01)
+    assert model.seen == []
 
 
 def test_sweep_needs_lambdas():
