@@ -101,7 +101,8 @@ Each Copilot arm is scored in both feedback modes; lambda is chosen on validatio
 
 One record per (regime, task, seed, arm, feedback) in quality.json: regime, task, seed, arm, feedback, lambda,
 test_accuracy, params, plus validation accuracy, the Copilot's R^2 held out and on as many of its training
-prompts, and the training time.
+prompts (observed feedback, the stream its loss reads; a paper-mode Copilot's held-out R^2 as generated too:
+copilot_r2_as_generated), and the training time.
 """
 
 from __future__ import annotations
@@ -332,13 +333,15 @@ def arguments(
 
 
 class CopilotR2(NamedTuple):
-    """The trained Copilot's R^2 (teacher forced, answer positions) on the validation prompts and on as many of
-    its training prompts."""
+    """The trained Copilot's R^2 (teacher forced, answer positions, observed feedback: the stream its loss reads)
+    on the validation prompts and on as many of its training prompts."""
 
     held_out: float
     train: float
     before_fallback: float | None = None
     """The phase's R^2 on its last epoch before it ran again with `copilot_fallback_weight_decay`; None if not."""
+    as_generated: float | None = None
+    """Held out, f_C as generate() forms it in the paper's feedback mode; None for an observed-feedback model."""
 
 
 class Experiment:
@@ -441,10 +444,12 @@ class Experiment:
         if with_copilot:  # held out, and on as many training prompts: how much of R^2 carries over
             train_prompts = self.tokenize(self.train[: len(self.validation)], self.tokenizer)
             fallback = [e for e in trainer.state.log_history if "copilot_final/r2_before_fallback" in e]
+            held_out = trainer.evaluate()
             r2 = CopilotR2(
-                trainer.evaluate()["eval_copilot_r2"],
-                trainer.evaluate(train_prompts, metric_key_prefix="train")["train_copilot_r2"],
+                held_out["eval_copilot_r2_observed"],
+                trainer.evaluate(train_prompts, metric_key_prefix="train")["train_copilot_r2_observed"],
                 fallback[-1]["copilot_final/r2_before_fallback"] if fallback else None,
+                held_out["eval_copilot_r2"] if model.config.copilot_feedback != "observed" else None,
             )
         return model.eval(), seconds, r2
 
@@ -515,6 +520,11 @@ def run(
                         {}
                         if r2 is None or r2.before_fallback is None
                         else {"copilot_r2_before_fallback": r2.before_fallback}
+                    ),
+                    **(
+                        {}
+                        if r2 is None or r2.as_generated is None or feedback != model.config.copilot_feedback
+                        else {"copilot_r2_as_generated": r2.as_generated}
                     ),
                     "train_seconds": round(seconds, 1),
                 }
@@ -696,6 +706,8 @@ def run(
 def progress(record: dict) -> None:
     feedback = f" {record['feedback']} lambda {record['lambda']:g}" if record["feedback"] else ""
     r2 = f" R^2 {record['copilot_r2']:.3f}" if record.get("copilot_r2") is not None else ""
+    if record.get("copilot_r2_as_generated") is not None:
+        r2 += f" (as generated {record['copilot_r2_as_generated']:.3f})"
     if record.get("copilot_r2_train") is not None:
         r2 += f" (training prompts {record['copilot_r2_train']:.3f})"
     print(
@@ -751,7 +763,7 @@ def summarise(records: list[dict], default_feedback: str) -> list[dict]:
                         key: statistics.mean(r[key] for r in chosen)
                         if all(r.get(key) is not None for r in chosen)
                         else None
-                        for key in ("copilot_r2", "copilot_r2_train")
+                        for key in ("copilot_r2", "copilot_r2_train", "copilot_r2_as_generated")
                     },
                 }
         row["default_feedback"] = default_feedback
@@ -770,8 +782,11 @@ def markdown(rows: list[dict], commands: list[str], note: str | None = None) -> 
         "each arm and feedback mode; per-seed lift: accuracy minus that of the very Pilot it rectifies "
         "(for transfer, the other fine-tuned Pilot).",
         "",
-        "R^2 on training prompts (where recorded): the same statistic on as many of the Copilot's own training "
-        "prompts; far above the held-out R^2, the Copilot memorises rather than generalises.",
+        "R^2: held out, teacher forced with observed feedback (the stream the Copilot's loss reads); where "
+        "recorded for a paper-mode Copilot, its held-out R^2 as generated (f_C formed from its own predictions, "
+        "as generate() does) follows in brackets. R^2 on training prompts (where recorded): the same observed "
+        "statistic on as many of the Copilot's own training prompts; far above the held-out R^2, the Copilot "
+        "memorises rather than generalises.",
         "",
         "| regime | task | Pilot | arm | feedback | accuracy | relative lift | per-seed lift | R^2 | R^2 on "
         "training prompts | params |",
@@ -787,11 +802,15 @@ def markdown(rows: list[dict], commands: list[str], note: str | None = None) -> 
             arm, _, feedback = key.partition("/")
             lift = value["relative_lift"]
             r2, r2_train = value["copilot_r2"], value.get("copilot_r2_train")
+            as_generated = value.get("copilot_r2_as_generated")
+            r2_cell = "-" if r2 is None else f"{r2:.3f}"
+            if as_generated is not None:
+                r2_cell += f" ({as_generated:.3f} as generated)"
             lines.append(
                 f"| | | | {arm} | {feedback} | {value['mean']:.3f} | "
                 f"{'-' if lift is None else f'{100 * lift:+.1f}%'} | "
                 f"{', '.join(f'{d:+.3f}' for d in value['lift_per_seed'])} | "
-                f"{'-' if r2 is None else f'{r2:.3f}'} | {'-' if r2_train is None else f'{r2_train:.3f}'} | "
+                f"{r2_cell} | {'-' if r2_train is None else f'{r2_train:.3f}'} | "
                 f"{value['params']:,} |"
             )
     return "\n".join(lines) + "\n"

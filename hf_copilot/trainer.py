@@ -135,9 +135,10 @@ class CopilotTrainer(Trainer):
     Pilot alone (perplexity and `load_best_model_at_end` keep their meaning); the objective `L_P + weight * L_C`
     is logged as `joint_loss` / `eval_joint_loss`. Also logged: `pilot_loss` (the same per step),
     `copilot_loss` (mean cross-entropy or RMSE: `copilot_loss_from_sums`), `copilot_r2` and `mistake_log/*`;
-    evaluation adds `eval_pilot_loss` (per token), `eval_copilot_loss`, `eval_copilot_r2`,
-    `eval_pilot_token_accuracy` and `eval_fused_token_accuracy`. Prediction outputs are the Pilot's logits, as with
-    the stock Trainer.
+    evaluation adds `eval_pilot_loss` (per token), `eval_copilot_loss`, `eval_pilot_token_accuracy`, and
+    `eval_fused_token_accuracy` and `eval_copilot_r2` in the configured feedback mode (what generate() does), with
+    their observed-feedback figures as `*_observed`. Prediction outputs are the Pilot's logits, as with the stock
+    Trainer.
     """
 
     def __init__(
@@ -715,20 +716,22 @@ class CopilotTrainer(Trainer):
 
     # ---- evaluation -------------------------------------------------------------------------------
     def _evaluation_loss(self, model, inputs, return_outputs):
-        """Per-batch objective; accumulates token accuracies (Pilot alone, fused) and loss sums.
+        """Per-batch objective; accumulates token accuracies (Pilot alone, fused), loss sums and R^2's sums.
 
-        The fused accuracy is the configured feedback mode's, exactly what greedy generate() picks at each
-        answer position given the gold prefix; `*_observed` is observed feedback everywhere.
+        The fused accuracy and R^2 are the configured feedback mode's: f_C exactly as greedy generate() forms it
+        at each answer position given the gold prefix. `*_observed` are observed feedback everywhere, the
+        stream the Copilot's loss reads.
         """
         outputs = model(**inputs, return_fused=True, return_mistake_log=True)
         pilot_copilot = self.pilot_copilot()
         copilot_lambda, fusion, feedback = pilot_copilot.fusion_settings(None, None, None)
         fused_observed = outputs.fused_logits
+        squared_error_as_generated = outputs.copilot_squared_error
         if feedback != "observed":
-            predicted = predicted_errors_as_generated(
-                pilot_copilot.copilot, outputs.mistake_log_entry, feedback
-            )
+            entry = outputs.mistake_log_entry
+            predicted = predicted_errors_as_generated(pilot_copilot.copilot, entry, feedback)
             outputs.fused_logits = fuse_scores(outputs.logits, predicted, copilot_lambda, fusion)
+            squared_error_as_generated = (entry.errors.squared_distance(predicted) * entry.loss_mask).sum()
         # A causal Pilot's position j predicts labels[j+1]; an encoder-decoder Pilot's, labels[j].
         shift, end = (0, None) if pilot_copilot.config.is_encoder_decoder else (1, -1)
         labels = inputs["labels"][:, shift:]
@@ -748,6 +751,7 @@ class CopilotTrainer(Trainer):
                 ((fused_observed[:, :end].argmax(-1) == labels) & label_mask).sum(),
                 copilot_target_norm(outputs.mistake_log_entry),
                 outputs.copilot_loss_sum,
+                squared_error_as_generated,
             ]
         ).to(torch.float64)
         self._eval_sums = sums if self._eval_sums is None else self._eval_sums + sums
@@ -771,7 +775,7 @@ class CopilotTrainer(Trainer):
         sums = self._eval_sums
         self._eval_sums = None
         if sums is None:  # no labelled batch on this process (every rank still joins the reduction)
-            sums = torch.zeros(9, dtype=torch.float64)
+            sums = torch.zeros(10, dtype=torch.float64)
         sums = sums.to(self.args.device)
         if self.args.world_size > 1:
             sums = self.accelerator.reduce(sums, reduction="sum")
@@ -785,6 +789,7 @@ class CopilotTrainer(Trainer):
             observed_correct,
             target_norm,
             objective,
+            squared_error_as_generated,
         ) = sums.tolist()
         if labels:
             error_loss = self.pilot_copilot().copilot.config.error_loss
@@ -800,7 +805,12 @@ class CopilotTrainer(Trainer):
                     f"{metric_key_prefix}_pilot_token_accuracy": pilot_correct / labels,
                     f"{metric_key_prefix}_fused_token_accuracy": fused_correct / labels,
                     f"{metric_key_prefix}_fused_token_accuracy_observed": observed_correct / labels,
-                    f"{metric_key_prefix}_copilot_r2": copilot_r2_from_sums(squared_error, target_norm),
+                    f"{metric_key_prefix}_copilot_r2": copilot_r2_from_sums(
+                        squared_error_as_generated, target_norm
+                    ),
+                    f"{metric_key_prefix}_copilot_r2_observed": copilot_r2_from_sums(
+                        squared_error, target_norm
+                    ),
                 }
             )
         return output

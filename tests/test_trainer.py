@@ -13,6 +13,7 @@ import warnings
 
 import pytest
 import torch
+import torch.nn.functional as F
 from conftest import FIRST_REGULAR_TOKEN, PAD_TOKEN_ID, VOCAB_SIZE, build_pilot, tiny_copilot_config
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -907,31 +908,35 @@ def test_evaluation_reports_pilot_and_fused_token_accuracy(tmp_path):
     )
 
 
-def incremental_greedy_choices(model, row: dict[str, list[int]]) -> list[bool]:
+def incremental_greedy_steps(model, row: dict[str, list[int]]) -> list[tuple[bool, float, float]]:
     """Reference: decode token by token with the cache, as generate() does, feeding the gold answer.
 
-    For each answer token: whether the fused argmax at its position is that token.
+    For each answer token: whether the fused argmax at its position is that token, ||f_C - e||^2 for the f_C that
+    decoding formed there, and ||e||^2 (e = onehot(token) - the Pilot's probabilities).
     """
     ids = torch.tensor([row["input_ids"]])
     prompt = next(j for j, label in enumerate(row["labels"]) if label != -100)
     cache = PilotCopilotCache(config=model.config.get_text_config(decoder=True))
     cache.prompt_length = prompt
     out = model(ids[:, :prompt], cache=cache, use_cache=True)
-    choices = []
+    steps = []
     for position in range(prompt, ids.shape[1]):
-        scores = fuse_scores(
-            out.logits[:, -1],
-            cache.copilot.at(position - 1)[0],
-            model.config.copilot_lambda,
-            model.config.fusion,
+        predicted = cache.copilot.at(position - 1)[0]
+        scores = fuse_scores(out.logits[:, -1], predicted, model.config.copilot_lambda, model.config.fusion)
+        error = F.one_hot(ids[:, position], scores.shape[-1]) - out.logits[:, -1].softmax(-1)
+        steps.append(
+            (
+                int(scores.argmax(-1)) == int(ids[0, position]),
+                float((predicted - error).square().sum()),
+                float(error.square().sum()),
+            )
         )
-        choices.append(int(scores.argmax(-1)) == int(ids[0, position]))
         out = model(ids[:, position : position + 1], cache=cache, use_cache=True)
-    return choices
+    return steps
 
 
 @pytest.mark.parametrize("copilot_feedback", ["copilot", "observed"])
-def test_fused_token_accuracy_is_what_incremental_greedy_decoding_picks(tmp_path, copilot_feedback):
+def test_fused_token_accuracy_and_r2_are_what_incremental_greedy_decoding_forms(tmp_path, copilot_feedback):
     from conftest import randomize_copilot
 
     model = make_model()
@@ -942,13 +947,23 @@ def test_fused_token_accuracy_is_what_incremental_greedy_decoding_picks(tmp_path
     metrics = trainer.evaluate(eval_dataset=rows)
     model.eval()
     with torch.no_grad():
-        choices = [choice for row in rows for choice in incremental_greedy_choices(model, row)]
+        steps = [step for row in rows for step in incremental_greedy_steps(model, row)]
         model.config.copilot_feedback = "observed"
-        observed = [choice for row in rows for choice in incremental_greedy_choices(model, row)]
-    assert metrics["eval_fused_token_accuracy"] == pytest.approx(sum(choices) / len(choices))
-    assert metrics["eval_fused_token_accuracy_observed"] == pytest.approx(sum(observed) / len(observed))
+        observed = [step for row in rows for step in incremental_greedy_steps(model, row)]
+
+    def accuracy_and_r2(decoded):
+        choices, residuals, norms = zip(*decoded, strict=True)
+        return sum(choices) / len(choices), 1.0 - sum(residuals) / sum(norms)
+
+    accuracy, r2 = accuracy_and_r2(steps)
+    accuracy_observed, r2_observed = accuracy_and_r2(observed)
+    assert metrics["eval_fused_token_accuracy"] == pytest.approx(accuracy)
+    assert metrics["eval_fused_token_accuracy_observed"] == pytest.approx(accuracy_observed)
+    assert metrics["eval_copilot_r2"] == pytest.approx(r2, rel=1e-4)
+    assert metrics["eval_copilot_r2_observed"] == pytest.approx(r2_observed, rel=1e-4)
     if copilot_feedback == "copilot":
-        assert choices != observed
+        assert [s[0] for s in steps] != [s[0] for s in observed]
+        assert abs(r2 - r2_observed) > 0.01
 
 
 class RecordingTrainer(CopilotTrainer):
