@@ -176,7 +176,9 @@ def run(task_name: str, seed: int, variant: str, eval_size: int) -> dict:
         "seed": seed,
         "variant": variant,
         **settings,
-        "r2": metrics["eval_copilot_r2_observed"],  # the stream the Copilot's loss reads, in every variant
+        "r2": metrics[
+            "eval_copilot_r2_observed"
+        ],  # observed feedback in every variant, as its committed results
         "train_r2_curve": train_r2,
         "pilot_token_accuracy": metrics["eval_pilot_token_accuracy"],
         "fused_token_accuracy": metrics["eval_fused_token_accuracy"],

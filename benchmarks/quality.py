@@ -101,7 +101,7 @@ Each Copilot arm is scored in both feedback modes; lambda is chosen on validatio
 
 One record per (regime, task, seed, arm, feedback) in quality.json: regime, task, seed, arm, feedback, lambda,
 test_accuracy, params, plus validation accuracy, the Copilot's R^2 held out and on as many of its training
-prompts (observed feedback, the stream its loss reads; a paper-mode Copilot's held-out R^2 as generated too:
+prompts (observed feedback, teacher forced; a paper-mode Copilot's held-out R^2 as generated too:
 copilot_r2_as_generated), and the training time.
 """
 
@@ -333,8 +333,8 @@ def arguments(
 
 
 class CopilotR2(NamedTuple):
-    """The trained Copilot's R^2 (teacher forced, answer positions, observed feedback: the stream its loss reads)
-    on the validation prompts and on as many of its training prompts."""
+    """The trained Copilot's R^2 (teacher forced on observed errors, answer positions) on the validation prompts
+    and on as many of its training prompts."""
 
     held_out: float
     train: float
@@ -782,7 +782,7 @@ def markdown(rows: list[dict], commands: list[str], note: str | None = None) -> 
         "each arm and feedback mode; per-seed lift: accuracy minus that of the very Pilot it rectifies "
         "(for transfer, the other fine-tuned Pilot).",
         "",
-        "R^2: held out, teacher forced with observed feedback (the stream the Copilot's loss reads); where "
+        "R^2: held out, teacher forced on observed feedback (as every earlier record); where "
         "recorded for a paper-mode Copilot, its held-out R^2 as generated (f_C formed from its own predictions, "
         "as generate() does) follows in brackets. R^2 on training prompts (where recorded): the same observed "
         "statistic on as many of the Copilot's own training prompts; far above the held-out R^2, the Copilot "

@@ -719,8 +719,7 @@ class CopilotTrainer(Trainer):
         """Per-batch objective; accumulates token accuracies (Pilot alone, fused), loss sums and R^2's sums.
 
         The fused accuracy and R^2 are the configured feedback mode's: f_C exactly as greedy generate() forms it
-        at each answer position given the gold prefix. `*_observed` are observed feedback everywhere, the
-        stream the Copilot's loss reads.
+        at each answer position given the gold prefix. `*_observed` are observed feedback everywhere.
         """
         outputs = model(**inputs, return_fused=True, return_mistake_log=True)
         pilot_copilot = self.pilot_copilot()
