@@ -54,6 +54,7 @@ from transformers import PrinterCallback, TrainerCallback
 from hf_copilot import CopilotTrainer, PilotCopilotForCausalLM
 from hf_copilot.checkpointing import INITIAL_ERROR_NORM
 from hf_copilot.experiments.data import tokenize_examples
+from hf_copilot.experiments.evaluation import best_lambda
 
 # (Copilot initialisation, learning rate as a multiple of the Pilot's)
 ARMS = {
@@ -187,7 +188,7 @@ class EpochProbe(TrainerCallback):
             for lam in EPOCH_LAMBDAS
         }
         sweep[0.0] = self.pilot_exact
-        best = max(sweep, key=lambda lam: (sweep[lam], -lam))
+        best = best_lambda(sweep)
         self.rows.append(
             {
                 "epoch": round(state.epoch or 0.0, 3),

@@ -27,7 +27,7 @@ import torch
 
 from hf_copilot import CopilotConfig, CopilotTrainer, PilotCopilotForCausalLM
 from hf_copilot.experiments.data import DataCollatorForCompletion, tokenize_examples
-from hf_copilot.experiments.evaluation import evaluate_task
+from hf_copilot.experiments.evaluation import best_lambda, evaluate_task
 from hf_copilot.experiments.recipes import PilotShape, TrainingRecipe, task_tokenizer
 from hf_copilot.experiments.tasks import get_task
 
@@ -169,7 +169,7 @@ def run(task_name: str, seed: int, variant: str, eval_size: int) -> dict:
         )["accuracy"]
         for lam in SWEEP
     }
-    best = max(SWEEP[1:], key=lambda lam: (sweep[lam], -lam))
+    best = best_lambda({lam: sweep[lam] for lam in SWEEP[1:]})  # the best Copilot setting, lambda 0 left out
     train_r2 = [e["copilot_r2"] for e in trainer.state.log_history if "copilot_r2" in e]
     return {
         "task": task_name,
