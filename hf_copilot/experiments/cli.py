@@ -16,7 +16,7 @@ import torch
 
 from ..configuration_pilot_copilot import COPILOT_FEEDBACK_MODES, CopilotConfig
 from ..modeling_pilot_copilot import PilotCopilotForCausalLM
-from .evaluation import DEFAULT_LAMBDAS
+from .evaluation import DEFAULT_LAMBDAS, check_min_gain
 from .plots import plot_training_and_sweep
 from .recipes import (
     PilotShape,
@@ -242,7 +242,12 @@ def print_table(summary: dict) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:  # before any training: a run must not end on an argument it could have refused up front
+        check_min_gain(args.lambdas, args.min_gain)
+    except ValueError as error:
+        parser.error(f"--min-gain: {error}")
     if args.command == "evaluate":
         evaluate_command(args)
     else:

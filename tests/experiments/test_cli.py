@@ -68,6 +68,17 @@ def test_evaluate_reproduces_the_training_run_accuracies(trained, capsys):
         assert fused["test_accuracy"] == results["pilot_test_accuracy"]
 
 
+@pytest.mark.parametrize(
+    ("options", "message"), [(["--min-gain", "-0.1"], "must be >= 0"), (["--lambdas", "1", "2"], "include 0")]
+)
+def test_a_margin_that_cannot_apply_is_refused_before_training(tmp_path, capsys, options, message):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", "--output-dir", str(tmp_path / "run"), "--min-gain", "0.03", *options])
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
 def test_benchmark_task_reads_a_folder_of_split_files(tmp_path):
     shutil.copy(f"{FIXTURES}/gsm8k_train.jsonl", tmp_path / "train.jsonl")
     shutil.copy(f"{FIXTURES}/gsm8k_test.jsonl", tmp_path / "test.jsonl")
