@@ -37,8 +37,9 @@ Arms (same Pilot initialisation, data order and steps):
   pilot_copilot_deep  a capacity diagnostic: pilot_copilot with twice the Copilot's layers (twice its compute)
   pilot_copilot_dropout  a regularisation diagnostic: pilot_copilot with dropout 0.1 in the Copilot's layers
                       (hidden_dropout and attention_dropout; the default is none)
-  pilot_copilot_weight_decay_{0.1,1}  the other regulariser: pilot_copilot with AdamW weight decay 0.1 or 1 (the
-                      default) on the Copilot's weights (copilot_weight_decay; the benchmarks' weight_decay is 0)
+  pilot_copilot_weight_decay_{0.1,0.3,1}  the other regulariser: pilot_copilot with AdamW weight decay 0.1, 0.3 or 1
+                      (the default) on the Copilot's weights (copilot_weight_decay; the benchmarks' weight_decay is
+                      0), the second phase at 0.1 as by default
   pilot_copilot_joint_weight_decay_0.1  pilot_copilot with weight decay 0.1 in the joint run and 1 in the
                       Copilot-only phase (copilot_final_weight_decay), the second phase at 0.1 as by default
   pilot_copilot_final_{12,24}_epochs_weight_decay_{0,0.1,0.3,1}  both levers set: that Copilot-only phase with that
@@ -48,6 +49,11 @@ Arms (same Pilot initialisation, data order and steps):
                       the fallback)
   pilot_copilot_last_layer  an input diagnostic: the Copilot's memory holds the Pilot's last hidden state instead
                       of the mean over its layers (h_bar, the paper's), in training and at generation
+  pilot_copilot_fresh_phase  a start diagnostic: pilot_copilot with its Copilot-only phase started from a Copilot
+                      drawn afresh (as the fallback's second phase is) instead of the one the joint run left; the
+                      joint run, and so the final Pilot, the data order and the phase's batches, are pilot_copilot's
+  pilot_copilot_fallback_below_0.05  a threshold diagnostic: pilot_copilot with the second phase run where the
+                      first ends below R^2 0.05 on its last epoch of training batches (the package's: 0.01)
   pilot_copilot_reserved_phase  a data diagnostic: the joint run on the first 3/4 of the training examples, the
                       Copilot-only phase on the last quarter, which the Pilot never saw, so the Copilot learns the
                       errors the final Pilot makes on unseen prompts (the default phase's number of batches)
@@ -79,6 +85,9 @@ Arms (same Pilot initialisation, data order and steps):
   pilot_copilot_paper_final_24_epochs  pilot_copilot_paper with 24 Copilot-only epochs (the default)
   pilot_copilot_paper_final_{12,24}_epochs_weight_decay_{0,0.1,0.3,1}  pilot_copilot_paper with both levers set (12
                       epochs without weight decay: the default before 24 with 1)
+  pilot_copilot_paper_fresh_phase  pilot_copilot_paper with its Copilot-only phase started from a Copilot drawn
+                      afresh (pilot_copilot_fresh_phase's diagnostic in the paper's feedback mode)
+  pilot_copilot_paper_fallback_below_0.05  pilot_copilot_paper with pilot_copilot_fallback_below_0.05's threshold
   pilot_copilot_paper_fraction_half  pilot_copilot_paper trained with half its answer positions reading the
                       observed error and half its own prediction (copilot_feedback_fraction=0.5; default 1)
   pilot_copilot_init  pilot_copilot with the Copilot initialised from the smaller family member (pretrained only)
@@ -108,6 +117,7 @@ copilot_r2_as_generated), and the training time.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import dataclasses
 import json
@@ -140,10 +150,12 @@ from hf_copilot import (
     CopilotTrainingArguments,
     PilotCopilotForCausalLM,
     PilotCopilotForSeq2SeqLM,
+    copilot_final_phase,
     modeling_pilot_copilot,
 )
+from hf_copilot import trainer as trainer_module
 from hf_copilot.configuration_pilot_copilot import INITIAL_ERROR_NORM, copilot_config_like
-from hf_copilot.copilot_final_phase import DEFAULT_FINAL_EPOCHS, final_phase_batches
+from hf_copilot.copilot_final_phase import DEFAULT_FINAL_EPOCHS, final_phase_batches, redraw
 from hf_copilot.experiments.data import (
     DataCollatorForCompletion,
     tokenize_examples,
@@ -174,10 +186,13 @@ ARMS = (
     "pilot_copilot_deep",
     "pilot_copilot_dropout",
     "pilot_copilot_weight_decay_0.1",
+    "pilot_copilot_weight_decay_0.3",
     "pilot_copilot_weight_decay_1",
     "pilot_copilot_joint_weight_decay_0.1",
     *(f"pilot_copilot_final_{epochs}_epochs_weight_decay_{decay}" for epochs, decay in PHASE_GRID),
     "pilot_copilot_last_layer",
+    "pilot_copilot_fresh_phase",
+    "pilot_copilot_fallback_below_0.05",
     "pilot_copilot_reserved_phase",
     "copilot_after_pilot",
     "copilot_after_pilot_as_long",
@@ -194,6 +209,8 @@ ARMS = (
     "pilot_copilot_paper_final_24_epochs",
     *(f"pilot_copilot_paper_final_{epochs}_epochs_weight_decay_{decay}" for epochs, decay in PHASE_GRID),
     "pilot_copilot_paper_fraction_half",
+    "pilot_copilot_paper_fresh_phase",
+    "pilot_copilot_paper_fallback_below_0.05",
     "pilot_copilot_init",
     "pilot_copilot_init_embedding_scale",
     "pilot_copilot_init_linear",
@@ -300,6 +317,41 @@ PROTOCOL_SETTINGS = {setting.name: setting for setting in SETTINGS["pretrained"]
 SETTINGS["pretrained"] += [
     trained_longer(PROTOCOL_SETTINGS[name], multiple) for name, multiple in LONGER_TRAINING
 ] + [with_less_data(PROTOCOL_SETTINGS[name], size, epochs) for name, size, epochs in LESS_DATA]
+
+
+def phase_from_fresh_copilot():
+    """A patch under which `CopilotTrainer.train()` starts its Copilot-only phase from a Copilot drawn afresh from
+    the run's seed (`redraw`, as the fallback's second phase starts), leaving the joint run and torch's generators
+    as they were."""
+    phase = trainer_module.train_copilot_on_final_pilot
+
+    def from_fresh_copilot(trainer, epochs, joint_batches=0):
+        redraw(trainer.pilot_copilot().copilot, trainer.args.seed)
+        phase(trainer, epochs, joint_batches)
+
+    return mock.patch.object(trainer_module, "train_copilot_on_final_pilot", from_fresh_copilot)
+
+
+def fallback_below(r2: float):
+    """A patch under which the second phase runs where the first ends below `r2` (the package's threshold:
+    copilot_final_phase.NOTHING_LEARNT_R2)."""
+    return mock.patch.object(copilot_final_phase, "NOTHING_LEARNT_R2", r2)
+
+
+FALLBACK_DIAGNOSTIC_R2 = 0.05
+# Diagnostics that change the Copilot-only phase, by the arm's suffix.
+PHASE_PATCHES = {
+    "_fresh_phase": phase_from_fresh_copilot,
+    f"_fallback_below_{FALLBACK_DIAGNOSTIC_R2}": lambda: fallback_below(FALLBACK_DIAGNOSTIC_R2),
+}
+
+
+def phase_patch(arm: str):
+    """The patch of the arm's phase diagnostic, or none."""
+    for suffix, patch in PHASE_PATCHES.items():
+        if arm.endswith(suffix):
+            return patch()
+    return contextlib.nullcontext()
 
 
 def arguments(
@@ -589,7 +641,7 @@ def run(
             ablation_records("pilot_copilot_last_layer", {})
     if "pilot_copilot_dropout" in arms:
         ablation_records("pilot_copilot_dropout", {"hidden_dropout": 0.1, "attention_dropout": 0.1})
-    for decay in ("0.1", "1"):
+    for decay in ("0.1", "0.3", "1"):
         if f"pilot_copilot_weight_decay_{decay}" in arms:
             ablation_records(
                 f"pilot_copilot_weight_decay_{decay}", {}, training={"copilot_weight_decay": float(decay)}
@@ -618,6 +670,10 @@ def run(
         after = {"freeze_pilot": True, "num_train_epochs": copilot_epochs, "copilot_lr_scheduler_type": None}
         model, seconds, r2 = experiment.fine_tune(model, with_copilot=True, copilot_change=after)
         copilot_records(arm, feedback_modes, model, pilot_seconds + seconds, r2)
+    for arm in ("pilot_copilot_fresh_phase", f"pilot_copilot_fallback_below_{FALLBACK_DIAGNOSTIC_R2}"):
+        if arm in arms:
+            with phase_patch(arm):
+                ablation_records(arm, {})
     if "pilot_copilot_reserved_phase" in arms:
         ablation_records("pilot_copilot_reserved_phase", {}, reserve=0.25)
     if "pilot_copilot_paper" in arms:
@@ -655,12 +711,15 @@ def run(
             for epochs, decay in PHASE_GRID
         ),
         ("pilot_copilot_paper_fraction_half", {}, {"copilot_feedback_fraction": 0.5}),
+        ("pilot_copilot_paper_fresh_phase", {}, None),
+        (f"pilot_copilot_paper_fallback_below_{FALLBACK_DIAGNOSTIC_R2}", {}, None),
     ):
         if arm in arms:
             torch.manual_seed(seed + 1)
             config = experiment.copilot_config().to_dict() | change
             joint = experiment.wrapper.from_pilot(experiment.pilot(), config, copilot_feedback="copilot")
-            trained = experiment.fine_tune(joint, with_copilot=True, copilot_change=training)
+            with phase_patch(arm):
+                trained = experiment.fine_tune(joint, with_copilot=True, copilot_change=training)
             copilot_records(arm, ("copilot",), *trained)
 
     def initialised(change: dict | None = None, training: dict | None = None, member: str = "small"):
