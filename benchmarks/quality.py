@@ -168,6 +168,8 @@ from hf_copilot.experiments.tasks import get_task
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 FEEDBACK_MODES = ("observed", "copilot")
 # The Copilot-only phase's epochs and weight decay, both set whatever the defaults: `final_{epochs}_epochs_weight_decay_{decay}`.
+# The second phase's threshold in the *_fallback_below_{r2} diagnostics (the package's: NOTHING_LEARNT_R2).
+FALLBACK_DIAGNOSTIC_R2 = 0.05
 PHASE_GRID = tuple((epochs, decay) for epochs in (12, 24) for decay in ("0", "0.1", "0.3", "1"))
 ARMS = (
     "pilot",
@@ -192,7 +194,7 @@ ARMS = (
     *(f"pilot_copilot_final_{epochs}_epochs_weight_decay_{decay}" for epochs, decay in PHASE_GRID),
     "pilot_copilot_last_layer",
     "pilot_copilot_fresh_phase",
-    "pilot_copilot_fallback_below_0.05",
+    f"pilot_copilot_fallback_below_{FALLBACK_DIAGNOSTIC_R2}",
     "pilot_copilot_reserved_phase",
     "copilot_after_pilot",
     "copilot_after_pilot_as_long",
@@ -210,7 +212,7 @@ ARMS = (
     *(f"pilot_copilot_paper_final_{epochs}_epochs_weight_decay_{decay}" for epochs, decay in PHASE_GRID),
     "pilot_copilot_paper_fraction_half",
     "pilot_copilot_paper_fresh_phase",
-    "pilot_copilot_paper_fallback_below_0.05",
+    f"pilot_copilot_paper_fallback_below_{FALLBACK_DIAGNOSTIC_R2}",
     "pilot_copilot_init",
     "pilot_copilot_init_embedding_scale",
     "pilot_copilot_init_linear",
@@ -338,7 +340,6 @@ def fallback_below(r2: float):
     return mock.patch.object(copilot_final_phase, "NOTHING_LEARNT_R2", r2)
 
 
-FALLBACK_DIAGNOSTIC_R2 = 0.05
 # Diagnostics that change the Copilot-only phase, by the arm's suffix.
 PHASE_PATCHES = {
     "_fresh_phase": phase_from_fresh_copilot,
