@@ -6,6 +6,7 @@ metric scripts from the Hub and so fails offline.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -101,8 +102,10 @@ def best_lambda(scores: Mapping[float, float], min_gain: float = 0.0) -> float:
 
 def check_min_gain(lambdas: Iterable[float], min_gain: float) -> None:
     """A margin is a validation gain over lambda 0, so it needs lambda 0 among the lambdas."""
-    if min_gain < 0:
-        raise ValueError(f"min_gain must be >= 0 (a validation gain over lambda 0), got {min_gain}.")
+    if not min_gain >= 0 or math.isinf(min_gain):  # NaN fails every comparison: it would always keep lambda 0
+        raise ValueError(
+            f"min_gain must be >= 0 and finite (a validation gain over lambda 0), got {min_gain}."
+        )
     if min_gain > 0 and 0 not in lambdas:
         raise ValueError(
             f"min_gain={min_gain} compares the best lambda with lambda 0 (the Pilot alone), which is not among "

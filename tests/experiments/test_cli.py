@@ -69,7 +69,12 @@ def test_evaluate_reproduces_the_training_run_accuracies(trained, capsys):
 
 
 @pytest.mark.parametrize(
-    ("options", "message"), [(["--min-gain", "-0.1"], "must be >= 0"), (["--lambdas", "1", "2"], "include 0")]
+    ("options", "message"),
+    [
+        (["--min-gain", "-0.1"], "must be >= 0"),
+        (["--min-gain", "nan"], "must be >= 0 and finite"),
+        (["--lambdas", "1", "2"], "include 0"),
+    ],
 )
 def test_a_margin_that_cannot_apply_is_refused_before_training(tmp_path, capsys, options, message):
     with pytest.raises(SystemExit) as exit_info:

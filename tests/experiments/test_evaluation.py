@@ -150,6 +150,8 @@ def test_best_lambda_keeps_the_pilot_unless_the_best_gains_min_gain():
     [
         ({}, 0.0, "at least one"),
         ({0.0: 0.1}, -0.01, "min_gain must be >= 0"),
+        ({0.0: 0.1, 1.0: 0.5}, float("nan"), "min_gain must be >= 0 and finite"),
+        ({0.0: 0.1, 1.0: 0.5}, float("inf"), "min_gain must be >= 0 and finite"),
         ({1.0: 0.2}, 0.01, "include 0"),
     ],
 )
