@@ -93,7 +93,7 @@ def make_args(
     **overrides,
 ) -> CopilotTrainingArguments:
     """The joint run alone unless a test asks for the Copilot-only phase after it; that phase once (the few
-    batches of a test's phase seldom take R^2 above 0.01) unless a test asks for the fallback."""
+    batches of a test's phase seldom take R^2 above 0.05) unless a test asks for the fallback."""
     return CopilotTrainingArguments(
         copilot_learning_rate=copilot_learning_rate,
         copilot_final_epochs=copilot_final_epochs,
@@ -754,10 +754,10 @@ def test_copilot_final_weight_decay_is_the_phases_and_the_second_phase_runs_when
     assert max_difference(fallback.model.pilot, low.model.pilot) == 0.0  # the same joint run at 0.1
 
 
-def test_nothing_learnt_means_an_r2_below_one_percent():
+def test_nothing_learnt_means_an_r2_below_five_percent():
     learnt_nothing = copilot_final_phase.learnt_nothing
-    assert [learnt_nothing(r2) for r2 in (-0.2, 0.0, 0.0067, 0.0099)] == [True] * 4
-    assert [learnt_nothing(r2) for r2 in (0.01, 0.017, 0.9, None)] == [False] * 4
+    assert [learnt_nothing(r2) for r2 in (-0.2, 0.0, 0.019, 0.0499)] == [True] * 4
+    assert [learnt_nothing(r2) for r2 in (0.05, 0.057, 0.9, None)] == [False] * 4
 
 
 # --------------------------------------------------------------------------------------------------
