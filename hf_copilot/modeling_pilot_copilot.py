@@ -195,7 +195,9 @@ class PilotCopilotForCausalLM(PilotCopilotMixin, PreTrainedModel, GenerationMixi
         if cache is None and use_cache:
             cache = PilotCopilotCache(config=self.config.get_text_config(decoder=True))
         pilot_kwargs = {"num_items_in_batch": num_items_in_batch} if labels is not None else {}
-        pilot_mask = attention_mask
+        # The Pilot gets None where there is no padding, as generate() gives a Pilot alone: its masking then builds no
+        # mask and reads none back to the host (one sync per decoding step otherwise).
+        pilot_mask = padding_mask
         if isinstance(cache, PilotCopilotStaticCache):
             # Padded to the cache's length, as the Pilot's masking would: one shape for a compiled Pilot all along.
             pilot_mask = F.pad(attention_mask, (0, cache.get_max_length() - attention_mask.shape[1]))

@@ -462,6 +462,24 @@ def test_the_copilot_runs_once_over_the_prompt_then_one_position_per_step():
     assert lengths == [6] + [1] * (NEW_TOKENS - 1)
 
 
+def test_the_pilot_gets_no_mask_without_padding_as_in_its_own_generate():
+    """No padding: the Pilot's masking builds no mask and reads none back to the host, in every step."""
+    model = fused_model()
+    masks = []
+    model.pilot.register_forward_pre_hook(
+        lambda module, args, kwargs: masks.append(kwargs["attention_mask"]), with_kwargs=True
+    )
+    greedy(model, prompt(length=6))
+    assert masks == [None] * NEW_TOKENS
+    masks.clear()
+    batch = build_batch()
+    with torch.no_grad():
+        model.generate(**batch, max_new_tokens=3, min_new_tokens=3, do_sample=False)
+    assert len(masks) == 3
+    assert [mask.shape[1] for mask in masks] == [batch["input_ids"].shape[1] + step for step in range(3)]
+    assert all(torch.equal(mask[:, : batch["input_ids"].shape[1]], batch["attention_mask"]) for mask in masks)
+
+
 def prefilled(feedback: str = "copilot", batch_size: int = 2):
     """A model and a cache that has seen a 5-token prompt and then 3 generated tokens in one call."""
     model = fused_model(copilot_feedback=feedback)
