@@ -14,7 +14,8 @@ The family is cached under `${HF_COPILOT_CACHE:-~/.cache/hf_copilot}/model_famil
 the first 16 hex of the sha256 of every input that determines the weights; it is built in a temporary folder
 and renamed into place, so a reader never sees half a family. The hash covers this module's code too (its
 syntax tree, so editing comments or docstrings keeps the cache). The same inputs give the same weights in any
-process: single-threaded, seeded, and the corpus free of set-order (string hash seed) dependence.
+process on one CPU: single-threaded, seeded, and the corpus free of set-order (string hash seed) dependence.
+Another CPU's kernels round differently, so the hash names the inputs, not the weights (docs/results.md).
 
     python benchmarks/model_family.py [--cache-dir DIR] [--steps N]
 
