@@ -30,7 +30,8 @@ NOTHING_LEARNT_R2 = 0.05
 """Below it the phase's Copilot has learnt next to nothing. Measured against the former 0.01: the second phase ran in
 10 more runs and lifted 8 (scratch arithmetic in the paper's mode 0.265 -> 0.7175 from a phase at R^2 0.0499, T5
 recommendation 0.1325 -> 0.245 from 0.019); the other 2 lost 3 test prompts of 400 each
-(benchmarks/results/fallback_threshold/)."""
+(benchmarks/results/fallback_threshold/). On a second CPU it moved 2 more runs, both up, and 0.1 lowered the 2 runs
+it reached (benchmarks/results/fallback_threshold_other_cpu/)."""
 
 
 def weight_decay_groups(named_parameters, decay_names: set[str], weight_decay: float) -> list[dict]:
