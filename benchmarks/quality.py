@@ -674,10 +674,7 @@ def run(
         after = {"freeze_pilot": True, "num_train_epochs": copilot_epochs, "copilot_lr_scheduler_type": None}
         model, seconds, r2 = experiment.fine_tune(model, with_copilot=True, copilot_change=after)
         copilot_records(arm, feedback_modes, model, pilot_seconds + seconds, r2)
-    for arm in (
-        "pilot_copilot_fresh_phase",
-        *(f"pilot_copilot_fallback_below_{r2}" for r2 in FALLBACK_DIAGNOSTIC_R2S),
-    ):
+    for arm in (f"pilot_copilot{suffix}" for suffix in PHASE_PATCHES):
         if arm in arms:
             with phase_patch(arm):
                 ablation_records(arm, {})
@@ -718,8 +715,7 @@ def run(
             for epochs, decay in PHASE_GRID
         ),
         ("pilot_copilot_paper_fraction_half", {}, {"copilot_feedback_fraction": 0.5}),
-        ("pilot_copilot_paper_fresh_phase", {}, None),
-        *((f"pilot_copilot_paper_fallback_below_{r2}", {}, None) for r2 in FALLBACK_DIAGNOSTIC_R2S),
+        *((f"pilot_copilot_paper{suffix}", {}, None) for suffix in PHASE_PATCHES),
     ):
         if arm in arms:
             torch.manual_seed(seed + 1)

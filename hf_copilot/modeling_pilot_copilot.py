@@ -186,21 +186,24 @@ class PilotCopilotForCausalLM(PilotCopilotMixin, PreTrainedModel, GenerationMixi
                 f"got {type(cache).__name__}. Let generate() create the cache, or pass "
                 "PilotCopilotCache(config=model.config)."
             )
-        padding_mask = attention_mask  # None: no padding (generate() drops an all-ones mask)
-        if attention_mask is None:
-            past = cache.get_seq_length() if cache is not None else 0
-            attention_mask = input_ids.new_ones(input_ids.shape[0], past + input_ids.shape[1])
         kwargs.pop("return_dict", None)
         wants_hidden_states = kwargs.pop("output_hidden_states", False)
         if cache is None and use_cache:
             cache = PilotCopilotCache(config=self.config.get_text_config(decoder=True))
         pilot_kwargs = {"num_items_in_batch": num_items_in_batch} if labels is not None else {}
-        # The Pilot gets None where there is no padding, as generate() gives a Pilot alone: its masking then builds no
-        # mask and reads none back to the host (one sync per decoding step otherwise).
-        pilot_mask = padding_mask
+        # `attention_mask` is None where there is no padding (generate() drops an all-ones mask), and the Pilot gets it
+        # so, as in its own generate(): its masking then builds no mask and reads none back to the host.
+        pilot_mask = attention_mask
         if isinstance(cache, PilotCopilotStaticCache):
             # Padded to the cache's length, as the Pilot's masking would: one shape for a compiled Pilot all along.
-            pilot_mask = F.pad(attention_mask, (0, cache.get_max_length() - attention_mask.shape[1]))
+            if pilot_mask is None:
+                pilot_mask = input_ids.new_ones(
+                    input_ids.shape[0], cache.get_seq_length() + input_ids.shape[1]
+                )
+            pilot_mask = F.pad(pilot_mask, (0, cache.get_max_length() - pilot_mask.shape[1]))
+        entry_mask = (
+            torch.ones_like(input_ids) if attention_mask is None else attention_mask[:, -input_ids.shape[1] :]
+        )
         pilot_out = (pilot_forward or self.pilot)(
             input_ids=input_ids,
             attention_mask=pilot_mask,
@@ -215,13 +218,13 @@ class PilotCopilotForCausalLM(PilotCopilotMixin, PreTrainedModel, GenerationMixi
         )
         logits = pilot_out.logits
         entry = mistake_log_entry_from_pilot_pass(
-            input_ids, attention_mask[:, -input_ids.shape[1] :], labels, logits, pilot_out.hidden_states
+            input_ids, entry_mask, labels, logits, pilot_out.hidden_states
         )
         if cache is not None:
             predicted_errors = copilot_generation_step(
                 self.copilot,
                 input_ids,
-                padding_mask,
+                attention_mask,
                 entry,
                 cache,
                 copilot_feedback,

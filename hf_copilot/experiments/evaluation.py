@@ -102,7 +102,7 @@ def best_lambda(scores: Mapping[float, float], min_gain: float = 0.0) -> float:
 
 def check_min_gain(lambdas: Iterable[float], min_gain: float) -> None:
     """A margin is a validation gain over lambda 0, so it needs lambda 0 among the lambdas."""
-    if not min_gain >= 0 or math.isinf(min_gain):  # NaN fails every comparison: it would always keep lambda 0
+    if not 0 <= min_gain < math.inf:  # NaN fails every comparison: it would always keep lambda 0
         raise ValueError(
             f"min_gain must be >= 0 and finite (a validation gain over lambda 0), got {min_gain}."
         )
