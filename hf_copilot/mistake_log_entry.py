@@ -470,13 +470,19 @@ class MistakeLogEntry:
 
 def mistake_log_entry_from_pilot_pass(
     input_ids: torch.Tensor,
-    attention_mask: torch.Tensor,
+    attention_mask: torch.Tensor | None,
     labels: torch.Tensor | None,
     logits: torch.Tensor,
     hidden_states: tuple[torch.Tensor, ...],
 ) -> MistakeLogEntry:
-    """SPEC section 2: x_tilde, layer-mean h_bar and the per-token error of one Pilot pass (detached)."""
-    attention_mask = attention_mask.bool()
+    """SPEC section 2: x_tilde, layer-mean h_bar and the per-token error of one Pilot pass (detached).
+
+    `attention_mask` may cover cached positions before `input_ids` (its last columns are theirs); None: no padding,
+    as generate() passes it."""
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids, dtype=torch.bool)
+    else:
+        attention_mask = attention_mask[:, -input_ids.shape[1] :].bool()
     targets = torch.zeros_like(input_ids)
     targets[:, :-1] = input_ids[:, 1:]
     has_next = torch.zeros_like(attention_mask)

@@ -201,9 +201,6 @@ class PilotCopilotForCausalLM(PilotCopilotMixin, PreTrainedModel, GenerationMixi
                     input_ids.shape[0], cache.get_seq_length() + input_ids.shape[1]
                 )
             pilot_mask = F.pad(pilot_mask, (0, cache.get_max_length() - pilot_mask.shape[1]))
-        entry_mask = (
-            torch.ones_like(input_ids) if attention_mask is None else attention_mask[:, -input_ids.shape[1] :]
-        )
         pilot_out = (pilot_forward or self.pilot)(
             input_ids=input_ids,
             attention_mask=pilot_mask,
@@ -218,7 +215,7 @@ class PilotCopilotForCausalLM(PilotCopilotMixin, PreTrainedModel, GenerationMixi
         )
         logits = pilot_out.logits
         entry = mistake_log_entry_from_pilot_pass(
-            input_ids, entry_mask, labels, logits, pilot_out.hidden_states
+            input_ids, attention_mask, labels, logits, pilot_out.hidden_states
         )
         if cache is not None:
             predicted_errors = copilot_generation_step(

@@ -272,3 +272,33 @@ def test_joint_losses_are_the_means_with_labels_and_zero_with_zero_gradients_wit
     (pilot + copilot).backward()
     assert pilot.item() == 0.0 and copilot.item() == 0.0
     assert pilot_loss.grad.item() == 0.0 and objective.grad.item() == 0.0
+
+
+def test_an_entry_without_a_mask_is_the_entry_of_an_all_ones_mask_and_a_mask_with_cached_columns_is_cut():
+    """None means no padding (generate() drops an all-ones mask); a mask that also covers cached positions gives
+    the entry of its last T columns."""
+    torch.manual_seed(0)
+    input_ids = torch.randint(0, 11, (2, 5))
+    labels = input_ids.clone()
+    labels[0, :2] = -100
+    logits = torch.randn(2, 5, 11)
+    hidden_states = (torch.randn(2, 5, 4), torch.randn(2, 5, 4))
+    build = mistake_log_entry.mistake_log_entry_from_pilot_pass
+    ones = build(input_ids, torch.ones(2, 5, dtype=torch.long), labels, logits, hidden_states)
+    padded = torch.tensor([[0, 1, 1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1, 1, 0]])
+    for entry in (
+        build(input_ids, None, labels, logits, hidden_states),
+        build(
+            input_ids,
+            torch.cat([padded[:, :3], torch.ones(2, 5, dtype=torch.long)], 1),
+            labels,
+            logits,
+            hidden_states,
+        ),
+    ):
+        assert torch.equal(entry.attention_mask, ones.attention_mask)
+        assert torch.equal(entry.loss_mask, ones.loss_mask)
+        assert torch.equal(entry.errors.mask, ones.errors.mask)
+    cut = build(input_ids, padded, labels, logits, hidden_states)
+    assert torch.equal(cut.attention_mask, padded[:, -5:].bool())
+    assert cut.loss_mask.tolist() == [[False, True, True, True, False], [True, True, True, False, False]]
