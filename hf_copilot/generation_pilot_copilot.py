@@ -160,8 +160,9 @@ class StaticCopilotKVCache(CopilotKVCache):
         leading_rows: list[int] | None = None,
         leading_padding: torch.Tensor | None = None,
     ):
-        """`max_positions`: the Pilot's static cache length, which the Pilot's own cache enforces first;
-        `leading_padding` [B, leading rows]: False under the encoder's padding (None: no padding)."""
+        """`max_positions`: the generation's length (`PilotCopilotStaticCache.max_positions`; for an
+        encoder-decoder Pilot, its decoder's static cache length); `leading_padding` [B, leading rows]: False under
+        the encoder's padding (None: no padding)."""
         super().__init__(len(rows_per_position))
         self.rows_per_position = rows_per_position
         self.max_positions = max_positions
@@ -395,7 +396,7 @@ class CopilotStateCache:
                 )
             else:
                 per_position = [2 if layer.is_cross_attention else 1 for layer in copilot.layers]
-                kv_cache = StaticCopilotKVCache(per_position, pilot_cache.get_max_length())
+                kv_cache = StaticCopilotKVCache(per_position, pilot_cache.max_positions)
             self.copilot = CopilotDecodingState(kv_cache, copilot.config.error_form == "reweight")
         return self.copilot
 
@@ -433,6 +434,12 @@ class PilotCopilotCache(CopilotStateCache, DynamicCache):
 class PilotCopilotStaticCache(CopilotStateCache, StaticCache):
     """The Pilot's static cache (preallocated keys/values, what compiled decoding needs) plus the Copilot's
     decoding state for one generation."""
+
+    def __init__(self, config, max_cache_len: int, *args, **kwargs):
+        super().__init__(config, max_cache_len, *args, **kwargs)
+        # The generation's length. A sliding-window layer keeps only its window, so where every layer of the Pilot
+        # does (Mistral's sliding_window), `get_max_length()` is the window; the Copilot attends over every position.
+        self.max_positions = max_cache_len
 
 
 class PilotCopilotEncoderDecoderCache(CopilotStateCache, EncoderDecoderCache):

@@ -200,7 +200,12 @@ class PilotCopilotForCausalLM(PilotCopilotMixin, PreTrainedModel, GenerationMixi
                 pilot_mask = input_ids.new_ones(
                     input_ids.shape[0], cache.get_seq_length() + input_ids.shape[1]
                 )
-            pilot_mask = F.pad(pilot_mask, (0, cache.get_max_length() - pilot_mask.shape[1]))
+            if pilot_mask.shape[1] > cache.max_positions:
+                raise ValueError(
+                    f"This forward reaches position {pilot_mask.shape[1]}, past the {cache.max_positions} positions "
+                    "the PilotCopilotStaticCache was built for: build it with a larger max_cache_len."
+                )
+            pilot_mask = F.pad(pilot_mask, (0, cache.max_positions - pilot_mask.shape[1]))
         pilot_out = (pilot_forward or self.pilot)(
             input_ids=input_ids,
             attention_mask=pilot_mask,
@@ -276,7 +281,9 @@ class PilotCopilotForCausalLM(PilotCopilotMixin, PreTrainedModel, GenerationMixi
         config = self.config.get_text_config(decoder=True)
         offloading = "offloaded" in (generation_config.cache_implementation or "")
         if kind == "StaticCache":
-            max_cache_len = cache.get_max_length()
+            # The length generate() sized that cache for (`_prepare_static_cache` records it on the model): its
+            # `get_max_length()` is the window where every layer slides.
+            max_cache_len = getattr(self, "_previous_max_cache_length", None) or cache.get_max_length()
             model_kwargs[CACHE_KEYWORD] = PilotCopilotStaticCache(
                 config, max_cache_len, offloading=offloading
             )

@@ -31,7 +31,7 @@ from conftest import (
     token_term,
 )
 from torch.overrides import TorchFunctionMode
-from transformers import AutoModelForCausalLM, CompileConfig, DynamicCache, pipeline
+from transformers import AutoModelForCausalLM, CompileConfig, DynamicCache, PreTrainedModel, pipeline
 from transformers.dynamic_module_utils import get_class_from_dynamic_module
 from transformers.generation.streamers import BaseStreamer
 
@@ -58,7 +58,7 @@ def prompt(length: int = 6, batch_size: int = 1, seed: int = 0) -> torch.Tensor:
 
 @torch.no_grad()
 def fused_model(
-    arch: str = "llama",
+    arch: str | PreTrainedModel = "llama",
     error_form: str = "linear",
     position_encoding: str = "none",
     token_embedding: bool | str = False,
@@ -646,6 +646,44 @@ def test_static_cache_gives_the_dynamic_caches_tokens(feedback, decoding, kind):
     assert isinstance(cache, PilotCopilotStaticCache)
     assert isinstance(cache.copilot.kv_cache, StaticCopilotKVCache)
     assert torch.equal(out.sequences, dynamic)
+
+
+@pytest.mark.parametrize("feedback", FEEDBACK_MODES)
+def test_static_cache_over_a_pilot_whose_every_layer_slides_gives_the_dynamic_caches_tokens(feedback):
+    """A Pilot whose every layer attends over a window (Mistral's `sliding_window`) keeps only that window in its
+    static cache, whose `get_max_length()` is then the window. The Copilot attends over the whole generation: its
+    buffers, and the Pilot's attention mask, take the generation's length."""
+    window = 3
+    pilot = build_pilot("mistral", sliding_window=window)
+    model = fused_model(pilot, copilot_feedback=feedback, **COPILOT_KINDS["default"])
+    model.generation_config.pad_token_id = PAD_TOKEN_ID
+    input_ids, attention_mask = left_padded([prompt(length, seed=length)[0] for length in (7, 4)])
+    dynamic = greedy(model, input_ids, attention_mask=attention_mask)
+    assert not torch.equal(
+        dynamic, greedy(model, input_ids, attention_mask=attention_mask, copilot_lambda=0.0)
+    )
+
+    out = greedy(
+        model,
+        input_ids,
+        attention_mask=attention_mask,
+        cache_implementation="static",
+        return_dict_in_generate=True,
+    )
+    cache = out[CACHE_KEYWORD]
+    assert cache.get_max_length() == window
+    assert cache.max_positions == input_ids.shape[1] + NEW_TOKENS - 1
+    assert torch.equal(out.sequences, dynamic)
+
+
+def test_a_forward_past_the_static_caches_length_is_refused():
+    """Even where every layer of the Pilot slides (its own cache would take the position), the Copilot's buffers
+    and the Pilot's padded mask hold `max_positions`."""
+    model = build_pilot_copilot(build_pilot("mistral", sliding_window=3))
+    cache = PilotCopilotStaticCache(config=model.config.get_text_config(decoder=True), max_cache_len=5)
+    model(prompt(length=4), **{CACHE_KEYWORD: cache})
+    with pytest.raises(ValueError, match="past the 5 positions the PilotCopilotStaticCache was built for"):
+        model(prompt(length=2), **{CACHE_KEYWORD: cache})
 
 
 @pytest.mark.parametrize("kind", list(COPILOT_KINDS))
