@@ -933,6 +933,17 @@ class PilotCopilotMixin:
             *args, logits_processor=logits_processor, model_kwargs=model_kwargs, **kwargs
         )
 
+    def init_continuous_batching(self, *args, **kwargs):
+        """Refused with what to use instead: continuous batching (`generate_batch`, `generate(...,
+        cache_implementation="paged")`) runs the model over transformers' paged cache, which has no room for the
+        Copilot's decoding state, and scores without this model's processor."""
+        raise NotImplementedError(
+            f"{type(self).__name__} does not support continuous batching (generate_batch, "
+            "cache_implementation='paged'): the Copilot keeps its decoding state in the cache that generate() "
+            "builds. Use generate() on a batch padded on the left (dynamic or static cache), or "
+            "model.pilot.generate_batch(...) for the Pilot alone."
+        )
+
     def _get_logits_processor(
         self, generation_config, input_ids_seq_length=None, *args, model_kwargs=None, **kwargs
     ):

@@ -31,7 +31,14 @@ from conftest import (
     token_term,
 )
 from torch.overrides import TorchFunctionMode
-from transformers import AutoModelForCausalLM, CompileConfig, DynamicCache, PreTrainedModel, pipeline
+from transformers import (
+    AutoModelForCausalLM,
+    CompileConfig,
+    DynamicCache,
+    GenerationConfig,
+    PreTrainedModel,
+    pipeline,
+)
 from transformers.dynamic_module_utils import get_class_from_dynamic_module
 from transformers.generation.streamers import BaseStreamer
 
@@ -610,6 +617,19 @@ def test_a_cache_that_cannot_carry_the_copilot_is_refused():
     user_cache = DynamicCache(config=model.config.get_text_config(decoder=True))
     with pytest.raises(ValueError, match="PilotCopilotCache"):
         greedy(model, prompt(), **{CACHE_KEYWORD: user_cache})
+
+
+def test_continuous_batching_is_refused_with_what_to_use_instead():
+    """transformers' paged cache has no room for the Copilot's state: both ways into continuous batching stop
+    before any forward, naming generate() and the Pilot's own generate_batch."""
+    model = build_pilot_copilot("llama")
+    config = GenerationConfig(max_new_tokens=2, do_sample=False, eos_token_id=None)
+    with pytest.raises(
+        NotImplementedError, match=r"continuous batching.*generate\(\).*pilot\.generate_batch"
+    ):
+        model.generate_batch(inputs=[[5, 6, 7]], generation_config=config)
+    with pytest.raises(NotImplementedError, match="continuous batching"):
+        greedy(model, prompt(), cache_implementation="paged")
 
 
 # ------------------------------------------------------------------------------------------------
