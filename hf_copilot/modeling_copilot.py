@@ -933,6 +933,20 @@ class PilotCopilotMixin:
             *args, logits_processor=logits_processor, model_kwargs=model_kwargs, **kwargs
         )
 
+    def _prepare_generation_config(self, generation_config, *args, **kwargs):
+        """A fusion setting (`FUSION_FIELDS`) may come in a GenerationConfig, per call or as the model's
+        `generation_config`: transformers keeps it there as a custom entry, and writes a same-named keyword into that
+        entry rather than the model's keywords. The entry, the keyword's value where one was given, goes to the
+        forward and the processor as their keyword."""
+        generation_config, model_kwargs = super()._prepare_generation_config(
+            generation_config, *args, **kwargs
+        )
+        for key in FUSION_FIELDS:
+            value = getattr(generation_config, key, None)
+            if value is not None and key not in model_kwargs:
+                model_kwargs[key] = value
+        return generation_config, model_kwargs
+
     def init_continuous_batching(self, *args, **kwargs):
         """Refused with what to use instead: continuous batching (`generate_batch`, `generate(...,
         cache_implementation="paged")`) runs the model over transformers' paged cache, which has no room for the

@@ -439,6 +439,32 @@ def test_per_call_overrides_equal_config_defaults(override):
     assert torch.equal(greedy(model, input_ids), default)  # the override lasts one call
 
 
+@pytest.mark.parametrize(
+    "override", [dict(copilot_lambda=0.0), dict(fusion="logits"), dict(copilot_feedback="copilot")]
+)
+def test_fusion_settings_in_a_generation_config_act_as_the_keywords(override):
+    """transformers keeps a GenerationConfig's unknown fields as custom entries: in the per-call config or the
+    model's `generation_config` a fusion setting acts as the keyword would, and a keyword still wins over it
+    (transformers writes a keyword into a field the config already has, out of the model's keywords)."""
+    model = fused_model()
+    input_ids = prompt(seed=5)
+    default, overridden = greedy(model, input_ids), greedy(model, input_ids, **override)
+    assert not torch.equal(overridden, default)
+    per_call = GenerationConfig(max_new_tokens=NEW_TOKENS, do_sample=False, **override)
+    assert torch.equal(model.generate(input_ids, generation_config=per_call), overridden)
+    [name] = override
+    model.generation_config.update(allow_custom_entries=True, **override)
+    assert torch.equal(greedy(model, input_ids), overridden)
+    assert torch.equal(greedy(model, input_ids, **{name: getattr(model.config, name)}), default)
+
+
+def test_a_fusion_setting_in_a_generation_config_is_validated():
+    model = fused_model()
+    config = GenerationConfig(max_new_tokens=2, copilot_lambda=float("inf"))
+    with pytest.raises(ValueError, match="copilot_lambda must be a finite number >= 0, got inf"):
+        model.generate(prompt(), generation_config=config)
+
+
 def test_generation_is_unchanged_after_loading_with_trust_remote_code(tmp_path):
     model = build_pilot_copilot("llama", copilot_lambda=0.8, copilot_feedback="observed")
     model.save_pretrained(tmp_path)
