@@ -40,6 +40,9 @@ FIELDS_OF_EARLIER_FILES = {
     "projected_memory_norm": False,
 }
 FUSION_FIELDS = ("copilot_lambda", "fusion", "copilot_feedback")  # how a model fuses; per generate() call too
+# What a forward without labels returns as `logits` (PilotCopilotConfig.forward_logits): the Pilot's, or the fused
+# scores generate() picks from, for tools that score text by reading `model(...).logits`.
+FORWARD_LOGITS = ("pilot", "fused")
 
 
 def check_copilot_lambda(copilot_lambda) -> None:
@@ -119,6 +122,14 @@ def check_copilot_feedback(copilot_feedback) -> None:
         raise ValueError(
             f"Unknown copilot_feedback={copilot_feedback!r}: use one of {COPILOT_FEEDBACK_MODES} "
             "('copilot' is the paper's)."
+        )
+
+
+def check_forward_logits(forward_logits) -> None:
+    if forward_logits not in FORWARD_LOGITS:
+        raise ValueError(
+            f"Unknown forward_logits={forward_logits!r}: use one of {FORWARD_LOGITS} ('fused' for tools that score "
+            "text with model(...).logits)."
         )
 
 
@@ -290,6 +301,7 @@ class PilotCopilotConfig(PreTrainedConfig):
     copilot_lambda: int | float = validated_field(check_copilot_lambda, default=1.0)
     fusion: str = validated_field(check_fusion, default="probs")
     copilot_feedback: str = validated_field(check_copilot_feedback, default="observed")
+    forward_logits: str = validated_field(check_forward_logits, default="pilot")
     tie_word_embeddings: bool = False
     # Written by save_pretrained when the Pilot is a peft PeftModel ({adapter name: its config}); loading
     # wraps the Pilot in the same adapters, so that the tensors' names (pilot.base_model.model.*) match.

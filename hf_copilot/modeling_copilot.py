@@ -850,6 +850,12 @@ class PilotCopilotMixin:
         validate_fusion_settings(copilot_lambda, fusion, copilot_feedback)
         return copilot_lambda, fusion, copilot_feedback
 
+    def fused_as_logits(self, return_fused: bool | None, labels: torch.Tensor | None) -> bool:
+        """Whether a forward returns the fused scores as its `logits`: under `config.forward_logits="fused"`, where
+        the caller passed neither labels nor `return_fused`, as a tool that scores text with `model(...).logits`
+        does. Training and evaluation pass labels, generate() passes `return_fused=False`: they keep the Pilot's."""
+        return return_fused is None and labels is None and self.config.forward_logits == "fused"
+
     def prepared_pilot(self, config, pilot: nn.Module | None) -> nn.Module:
         """The Pilot to hold: the given one (initialised already), or one built from the config, wrapped in the
         PEFT adapters the config records (`pilot_peft_config`) so that a PEFT Pilot's saved tensors match."""
@@ -908,10 +914,12 @@ class PilotCopilotMixin:
     # generate() reads this method's signature to validate its model kwargs: it keeps GenerationMixin's.
     @functools.wraps(GenerationMixin.prepare_inputs_for_generation, assigned=())
     def prepare_inputs_for_generation(self, *args, **kwargs) -> dict:
-        """generate()'s forward inputs, asking for no f_C: its processor fuses what the Copilot's step records
+        """generate()'s forward inputs, asking for no f_C and for the Pilot's logits whatever
+        `config.forward_logits` says: its processor fuses them with what the Copilot's step records
         (`CopilotModel.decoding_output`), so the step forms no [B,T,V] tensor that nothing reads."""
         inputs = super().prepare_inputs_for_generation(*args, **kwargs)
         inputs.setdefault("return_predicted_error", False)
+        inputs.setdefault("return_fused", False)
         return inputs
 
     def create_masks_for_generate(self, attention_mask: torch.Tensor | None = None, **kwargs):

@@ -152,7 +152,7 @@ class PilotCopilotForCausalLM(PilotCopilotMixin, PreTrainedModel, GenerationMixi
         copilot_lambda: float | None = None,
         fusion: str | None = None,
         copilot_feedback: str | None = None,
-        return_fused: bool = False,
+        return_fused: bool | None = None,
         return_mistake_log: bool = False,
         copilot_batch: MistakeLogEntry | None = None,
         copilot_feedback_fraction: float = 0.0,
@@ -172,11 +172,14 @@ class PilotCopilotForCausalLM(PilotCopilotMixin, PreTrainedModel, GenerationMixi
         (`copilot_step`). `return_predicted_error`: None returns f_C except
         from a training pass (labels, the Copilot in train mode, gradients on), whose Copilot loss then never
         forms the [B,T,V] f_C unless it needs it (`copilot_loss_terms_on_entry`); True or `return_fused` always return it;
-        False skips it (generate() does, its processor fusing what the step records).
+        False skips it (generate() does, its processor fusing what the step records). `return_fused`: True adds
+        `fused_logits`; None (unset) does so only where `fused_as_logits` makes them the returned `logits`.
         """
         copilot_lambda, fusion, copilot_feedback = self.fusion_settings(
             copilot_lambda, fusion, copilot_feedback
         )
+        fused_as_logits = self.fused_as_logits(return_fused, labels)
+        return_fused = bool(return_fused) or fused_as_logits
         cache = kwargs.pop("past_key_values", None) if cache is None else cache  # transformers < 5.24
         if input_ids is None:
             raise ValueError("PilotCopilotForCausalLM needs input_ids: the Copilot reads the tokens' errors.")
@@ -252,6 +255,8 @@ class PilotCopilotForCausalLM(PilotCopilotMixin, PreTrainedModel, GenerationMixi
         )
         if return_fused:
             output.fused_logits = fuse_scores(logits, predicted_errors, copilot_lambda, fusion)
+            if fused_as_logits:
+                output.logits = output.fused_logits
         if labels is not None:
             objective, output.copilot_squared_error, num_tokens = copilot_terms
             output.copilot_loss_sum, output.copilot_num_tokens = objective, num_tokens

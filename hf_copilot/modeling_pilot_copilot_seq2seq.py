@@ -184,7 +184,7 @@ class PilotCopilotForSeq2SeqLM(PilotCopilotMixin, PreTrainedModel, GenerationMix
         copilot_lambda: float | None = None,
         fusion: str | None = None,
         copilot_feedback: str | None = None,
-        return_fused: bool = False,
+        return_fused: bool | None = None,
         return_mistake_log: bool = False,
         copilot_batch: MistakeLogEntry | None = None,
         copilot_feedback_fraction: float = 0.0,
@@ -207,6 +207,8 @@ class PilotCopilotForSeq2SeqLM(PilotCopilotMixin, PreTrainedModel, GenerationMix
         copilot_lambda, fusion, copilot_feedback = self.fusion_settings(
             copilot_lambda, fusion, copilot_feedback
         )
+        fused_as_logits = self.fused_as_logits(return_fused, labels)
+        return_fused = bool(return_fused) or fused_as_logits
         cache = kwargs.pop("past_key_values", None) if cache is None else cache  # transformers < 5.24
         if cache is not None and not isinstance(cache, PilotCopilotEncoderDecoderCache):
             raise ValueError(
@@ -282,6 +284,8 @@ class PilotCopilotForSeq2SeqLM(PilotCopilotMixin, PreTrainedModel, GenerationMix
         )
         if return_fused:
             output.fused_logits = fuse_scores(logits, predicted_errors, copilot_lambda, fusion)
+            if fused_as_logits:
+                output.logits = output.fused_logits
         if labels is not None:
             objective, output.copilot_squared_error, num_tokens = copilot_terms
             output.copilot_loss_sum, output.copilot_num_tokens = objective, num_tokens

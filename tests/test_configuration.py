@@ -178,6 +178,19 @@ def test_unknown_fusion_settings_raise_when_assigned_to_the_config(setting, matc
         setattr(config, field, value)
 
 
+def test_an_unknown_forward_logits_is_refused():
+    match = r"field 'forward_logits':\n.*Unknown forward_logits='probs': use one of \('pilot', 'fused'\)"
+    with pytest.raises(StrictDataclassFieldValidationError, match=match):
+        PilotCopilotConfig(
+            text_config=build_pilot("llama").config,
+            copilot_config=tiny_copilot_config(),
+            forward_logits="probs",
+        )
+    config = PilotCopilotConfig(text_config=build_pilot("llama").config, copilot_config=tiny_copilot_config())
+    with pytest.raises(StrictDataclassFieldValidationError, match=match):
+        config.forward_logits = "probs"
+
+
 @pytest.mark.parametrize("copilot_lambda", [True, False])
 def test_boolean_copilot_lambda_is_refused(copilot_lambda):
     with pytest.raises(ValueError, match="copilot_lambda must be a finite number >= 0"):

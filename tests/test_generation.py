@@ -465,6 +465,33 @@ def test_a_fusion_setting_in_a_generation_config_is_validated():
         model.generate(prompt(), generation_config=config)
 
 
+@pytest.mark.parametrize("fusion", FUSION_SPACES)
+def test_forward_logits_fused_are_the_scores_generate_picks_from(fusion):
+    """`forward_logits="fused"`: `model(sequence).logits`, what scoring tools read, are at every generated position
+    the scores greedy generate() chose from; generate() itself, and a forward with labels, keep the Pilot's."""
+    model = fused_model(fusion=fusion)
+    input_ids = prompt(seed=5, batch_size=2)
+    expected = greedy(model, input_ids)
+    model.config.forward_logits = "fused"
+    out = greedy(model, input_ids, output_scores=True, return_dict_in_generate=True)
+    assert torch.equal(out.sequences, expected)
+    scored = model(out.sequences[:, :-1]).logits[:, input_ids.shape[1] - 1 :]
+    torch.testing.assert_close(scored.float(), torch.stack(out.scores, dim=1))  # generate() scores in float32
+    pilot_logits = model.pilot(out.sequences).logits
+    assert not torch.allclose(scored, pilot_logits[:, input_ids.shape[1] - 1 : -1])
+    assert torch.equal(model(out.sequences, labels=out.sequences).logits, pilot_logits)
+    assert torch.equal(model(out.sequences, return_fused=False).logits, pilot_logits)
+
+
+def test_forward_logits_is_saved_and_set_at_loading(tmp_path):
+    model = build_pilot_copilot("llama")
+    model.save_pretrained(tmp_path)
+    loaded = PilotCopilotForCausalLM.from_pretrained(tmp_path, forward_logits="fused")
+    assert loaded.config.forward_logits == "fused"
+    loaded.save_pretrained(tmp_path / "fused")
+    assert PilotCopilotForCausalLM.from_pretrained(tmp_path / "fused").config.forward_logits == "fused"
+
+
 def test_generation_is_unchanged_after_loading_with_trust_remote_code(tmp_path):
     model = build_pilot_copilot("llama", copilot_lambda=0.8, copilot_feedback="observed")
     model.save_pretrained(tmp_path)

@@ -541,6 +541,24 @@ def test_fused_greedy_equals_full_recomputation(arch, fusion, feedback):
     assert torch.equal(fused, reference_greedy(model, inputs))
 
 
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_forward_logits_fused_are_the_scores_generate_picks_from(arch):
+    """As for a causal Pilot: under `forward_logits="fused"` the decoder's `logits` over the generated sequence are
+    the scores greedy generate() chose from; generate() and a forward with labels keep the Pilot's."""
+    model = fused_model(arch)
+    inputs = source(batch_size=2, right_padding=(0, 2))
+    expected = greedy(model, inputs)
+    model.config.forward_logits = "fused"
+    out = greedy(model, inputs, output_scores=True, return_dict_in_generate=True)
+    assert torch.equal(out.sequences, expected)
+    scored = model(**inputs, decoder_input_ids=out.sequences[:, :-1]).logits
+    torch.testing.assert_close(scored.float(), torch.stack(out.scores, dim=1))  # generate() scores in float32
+    pilot_logits = model.pilot(**inputs, decoder_input_ids=out.sequences[:, :-1]).logits
+    assert not torch.allclose(scored, pilot_logits)
+    labels = out.sequences[:, 1:].contiguous()
+    assert torch.equal(model(**inputs, labels=labels).logits, model.pilot(**inputs, labels=labels).logits)
+
+
 @pytest.mark.parametrize("token_embedding", [True, "gain"])
 @pytest.mark.parametrize("feedback", FEEDBACK_MODES)
 @pytest.mark.parametrize("arch", ARCHITECTURES)
