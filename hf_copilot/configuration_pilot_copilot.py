@@ -43,6 +43,8 @@ FUSION_FIELDS = ("copilot_lambda", "fusion", "copilot_feedback")  # how a model 
 # What a forward without labels returns as `logits` (PilotCopilotConfig.forward_logits): the Pilot's, or the fused
 # scores generate() picks from, for tools that score text by reading `model(...).logits`.
 FORWARD_LOGITS = ("pilot", "fused")
+# The wrapper's own settings: loading a Copilot-only folder sets these on the model, never on its Pilot.
+WRAPPER_SETTINGS = (*FUSION_FIELDS, "forward_logits")
 
 
 def check_copilot_lambda(copilot_lambda) -> None:

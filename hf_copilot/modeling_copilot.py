@@ -40,6 +40,7 @@ from .checkpointing import (
 )
 from .configuration_pilot_copilot import (
     FUSION_FIELDS,
+    WRAPPER_SETTINGS,
     CopilotConfig,
     copilot_config_like,
     validate_fusion_settings,
@@ -771,7 +772,11 @@ class PilotCopilotMixin:
                 )
             )
             raise ValueError(f"{os.fspath(path)} holds the Copilot of {kind} Pilot: load it with {other}.")
-        kwargs.pop("config", None)  # the Copilot's, not the Pilot's
+        # The Copilot's config, not the Pilot's: an Auto class passes the folder's, with the caller's fusion
+        # settings written into it. Those and the caller's other wrapper settings are the model's.
+        given = kwargs.pop("config", None)
+        settings = {key: getattr(given, key) for key in FUSION_FIELDS if hasattr(given, key)}
+        settings.update({key: kwargs.pop(key) for key in WRAPPER_SETTINGS if key in kwargs})
         # Set by an Auto class that routed here; the Pilot's Auto class sets it again (from transformers 5.25 as a
         # separate keyword, so passing it on would give it twice).
         kwargs.pop("_from_auto", None)
@@ -783,6 +788,8 @@ class PilotCopilotMixin:
         if from_folder:  # the user's kwargs: trust_remote_code is theirs to give
             pilot, info = cls.pilot_auto_class.from_pretrained(pilot, output_loading_info=True, **kwargs)
         model = cls.wrapper_class.from_copilot_checkpoint(pilot, path, allow_other_pilot, **hub_kwargs)
+        for key, value in settings.items():
+            setattr(model.config, key, value)
         if from_folder:  # this folder alone rebuilds the model: what a PEFT adapter on it names as its base
             model.config.name_or_path = model.name_or_path = os.fspath(path)
         return (model, info) if wants_info else model  # the Pilot's info: the Copilot's tensors are checked

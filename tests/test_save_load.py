@@ -20,6 +20,7 @@ from conftest import (
     run_without_hf_copilot,
     tiny_copilot_config,
 )
+from huggingface_hub.errors import StrictDataclassFieldValidationError
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
@@ -692,6 +693,26 @@ def test_auto_model_loads_a_copilot_only_folder_onto_its_base_pilot(tmp_path):
     assert type(loaded) is PilotCopilotForCausalLM
     assert loaded.config.copilot_lambda == 0.4
     assert_same_outputs(model, loaded)
+
+
+@pytest.mark.parametrize("loader", [PilotCopilotForCausalLM, AutoModelForCausalLM])
+def test_settings_given_at_loading_a_copilot_only_folder_are_the_models_not_its_pilots(loader, tmp_path):
+    """As with a whole checkpoint, `from_pretrained(folder, copilot_lambda=..., forward_logits=...)` sets the
+    model's settings; before, the Pilot's loader got them (a TypeError) or they were dropped."""
+    build_pilot_copilot(saved_pilot("llama", tmp_path / "pilot"), copilot_lambda=0.4).save_copilot(
+        tmp_path / "copilot"
+    )
+    loaded = loader.from_pretrained(
+        tmp_path / "copilot", copilot_lambda=0.7, fusion="logits", forward_logits="fused"
+    )
+    assert (loaded.config.copilot_lambda, loaded.config.fusion, loaded.config.forward_logits) == (
+        0.7,
+        "logits",
+        "fused",
+    )
+    assert loader.from_pretrained(tmp_path / "copilot").config.copilot_lambda == 0.4
+    with pytest.raises(StrictDataclassFieldValidationError, match="Unknown forward_logits='probs'"):
+        loader.from_pretrained(tmp_path / "copilot", forward_logits="probs")
 
 
 def test_save_copilot_refuses_to_name_a_base_the_pilot_has_left(tmp_path):
