@@ -63,6 +63,7 @@ class PilotCopilotOutput(ModelOutput):
     predicted_error: torch.Tensor | None = None
     fused_logits: torch.Tensor | None = None
     hidden_states: tuple[torch.Tensor, ...] | None = None
+    attentions: tuple[torch.Tensor, ...] | None = None  # the Pilot's, with output_attentions
     mistake_log_entry: MistakeLogEntry | None = None
 
 
@@ -251,6 +252,7 @@ class PilotCopilotForCausalLM(PilotCopilotMixin, PreTrainedModel, GenerationMixi
             **{CACHE_KEYWORD: cache},
             predicted_error=predicted_errors,
             hidden_states=pilot_out.hidden_states if wants_hidden_states else None,
+            attentions=pilot_out.attentions,
             mistake_log_entry=entry if return_mistake_log else None,
         )
         if return_fused:

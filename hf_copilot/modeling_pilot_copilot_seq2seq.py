@@ -74,6 +74,10 @@ class PilotCopilotSeq2SeqOutput(ModelOutput):
     decoder_hidden_states: tuple[torch.Tensor, ...] | None = None
     encoder_last_hidden_state: torch.Tensor | None = None
     encoder_hidden_states: tuple[torch.Tensor, ...] | None = None
+    # The Pilot's, with output_attentions.
+    decoder_attentions: tuple[torch.Tensor, ...] | None = None
+    cross_attentions: tuple[torch.Tensor, ...] | None = None
+    encoder_attentions: tuple[torch.Tensor, ...] | None = None
     mistake_log_entry: MistakeLogEntry | None = None
 
 
@@ -280,6 +284,9 @@ class PilotCopilotForSeq2SeqLM(PilotCopilotMixin, PreTrainedModel, GenerationMix
             encoder_last_hidden_state=pilot_out.encoder_last_hidden_state,
             decoder_hidden_states=pilot_out.decoder_hidden_states if wants_hidden_states else None,
             encoder_hidden_states=pilot_out.encoder_hidden_states if wants_hidden_states else None,
+            decoder_attentions=pilot_out.decoder_attentions,
+            cross_attentions=pilot_out.cross_attentions,
+            encoder_attentions=pilot_out.encoder_attentions,
             mistake_log_entry=entry if return_mistake_log else None,
         )
         if return_fused:

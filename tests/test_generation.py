@@ -492,6 +492,22 @@ def test_forward_logits_is_saved_and_set_at_loading(tmp_path):
     assert PilotCopilotForCausalLM.from_pretrained(tmp_path / "fused").config.forward_logits == "fused"
 
 
+def test_generate_returns_the_pilots_attentions_when_asked():
+    """`output_attentions=True` (an eager-attention Pilot): generate() collects the Pilot's attention weights from
+    each forward, as it does from the Pilot alone (before: AttributeError, the output had no `attentions`)."""
+    pilot = build_pilot("llama")
+    pilot.set_attn_implementation("eager")
+    model = build_pilot_copilot(pilot)
+    kwargs = dict(max_new_tokens=4, do_sample=False, return_dict_in_generate=True, output_attentions=True)
+    fused = model.generate(prompt(batch_size=2), copilot_lambda=0.0, **kwargs)
+    alone = model.pilot.generate(prompt(batch_size=2), **kwargs)
+    assert torch.equal(fused.sequences, alone.sequences)
+    assert len(fused.attentions) == 4
+    for step, expected in zip(fused.attentions, alone.attentions, strict=True):
+        assert all(torch.equal(a, b) for a, b in zip(step, expected, strict=True))
+    assert model(prompt()).attentions is None  # not asked: none kept
+
+
 def test_generation_is_unchanged_after_loading_with_trust_remote_code(tmp_path):
     model = build_pilot_copilot("llama", copilot_lambda=0.8, copilot_feedback="observed")
     model.save_pretrained(tmp_path)

@@ -559,6 +559,25 @@ def test_forward_logits_fused_are_the_scores_generate_picks_from(arch):
     assert torch.equal(model(**inputs, labels=labels).logits, model.pilot(**inputs, labels=labels).logits)
 
 
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_generate_returns_the_pilots_attentions_when_asked(arch):
+    """`output_attentions=True`: the encoder's, and per step the decoder's and the cross-attention's weights, those
+    of the Pilot alone (before: AttributeError)."""
+    model = build_model(arch)
+    model.pilot.set_attn_implementation("eager")
+    kwargs = dict(do_sample=False, return_dict_in_generate=True, output_attentions=True, max_new_tokens=4)
+    inputs = source(batch_size=2, right_padding=(0, 2))
+    fused = model.generate(**inputs, copilot_lambda=0.0, **kwargs)
+    alone = model.pilot.generate(**inputs, **kwargs)
+    assert torch.equal(fused.sequences, alone.sequences)
+    for name in ("encoder_attentions", "decoder_attentions", "cross_attentions"):
+        got, expected = getattr(fused, name), getattr(alone, name)
+        assert got is not None and len(got) == len(expected)
+        flat = [t for item in got for t in (item if isinstance(item, tuple) else (item,))]
+        flat_expected = [t for item in expected for t in (item if isinstance(item, tuple) else (item,))]
+        assert all(torch.equal(a, b) for a, b in zip(flat, flat_expected, strict=True))
+
+
 @pytest.mark.parametrize("token_embedding", [True, "gain"])
 @pytest.mark.parametrize("feedback", FEEDBACK_MODES)
 @pytest.mark.parametrize("arch", ARCHITECTURES)
