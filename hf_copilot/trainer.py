@@ -84,6 +84,7 @@ from .mistake_log_entry import (
 )
 from .modeling_pilot_copilot import PilotCopilotForCausalLM
 from .modeling_pilot_copilot_seq2seq import PilotCopilotForSeq2SeqLM
+from .padding_free import unpack_padding_free
 from .peft_checks import check_copilot_trains, warn_if_adapter_base_is_the_pilot
 from .training_args import CopilotTrainingArguments
 from .training_errors import NonFiniteTrainingError
@@ -450,6 +451,9 @@ class CopilotTrainer(Trainer):
         exactly the same rows.
         """
         batch_samples, num_items_in_batch = super().get_batch_samples(epoch_iterator, num_batches, device)
+        batch_samples = [
+            unpack_padding_free(batch) for batch in batch_samples
+        ]  # a row per sequence, below too
         for batch in batch_samples:
             self._check_batch(batch)
         callback = self.mistake_log_callback
@@ -466,6 +470,11 @@ class CopilotTrainer(Trainer):
                 num_tokens = self.accelerator.gather(num_tokens).sum()
         self._copilot_step = _CopilotStep(deque(copilot_batches), deque(replays), num_tokens)
         return batch_samples, num_items_in_batch
+
+    def _prepare_inputs(self, inputs: dict[str, Any]) -> dict[str, Any]:
+        """Padding-free batches (`DataCollatorWithFlattening`) as one right-padded row per sequence, in evaluation as
+        in training (`padding_free.py`): the Copilot's attention cannot keep side-by-side sequences apart."""
+        return unpack_padding_free(super()._prepare_inputs(inputs))
 
     def _copilot_token_count(self, batch: dict[str, Any]) -> torch.Tensor:
         if self.pilot_copilot().config.is_encoder_decoder:
