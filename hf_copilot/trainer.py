@@ -451,9 +451,8 @@ class CopilotTrainer(Trainer):
         exactly the same rows.
         """
         batch_samples, num_items_in_batch = super().get_batch_samples(epoch_iterator, num_batches, device)
-        batch_samples = [
-            unpack_padding_free(batch) for batch in batch_samples
-        ]  # a row per sequence, below too
+        # Padding-free batches as a row per sequence here already: the Copilot batches drawn below count rows.
+        batch_samples = [unpack_padding_free(batch) for batch in batch_samples]
         for batch in batch_samples:
             self._check_batch(batch)
         callback = self.mistake_log_callback
