@@ -269,6 +269,10 @@ def _card_body(
         "print(tokenizer.batch_decode(outputs, skip_special_tokens=True))",
         "```",
         "",
+        "Tools that score text by reading `model(...).logits` (log-likelihoods, e.g. lm-evaluation-harness) score the "
+        'Pilot alone unless the model is loaded with `forward_logits="fused"`; for lm-evaluation-harness: '
+        f"`--model_args pretrained={repo},trust_remote_code=True,forward_logits=fused`.",
+        "",
     ]
     if results:
         lines += ["## Evaluation", "", "| metric | value |", "| --- | --- |"]

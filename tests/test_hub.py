@@ -366,6 +366,8 @@ def test_the_card_usage_runs_as_written_without_hf_copilot(tmp_path, copilot_onl
         f'AutoTokenizer.from_pretrained("{repo}", trust_remote_code=True)' in code
         and str(tmp_path) not in code
     )
+    scoring = f"`--model_args pretrained={repo},trust_remote_code=True,forward_logits=fused`"
+    assert scoring in (tmp_path / repo / README_NAME).read_text()
     assert_card_usage_prints_the_models_generation(tmp_path / repo, model, tokenizer, tmp_path)
 
 
