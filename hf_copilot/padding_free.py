@@ -17,13 +17,20 @@ import torch
 FLATTENED_LAYOUT_KEYS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k", "seq_idx")
 
 
+def sequence_starts(positions: torch.Tensor) -> torch.Tensor:
+    """[rows, tokens - 1]: True where a token starts a new sequence, its position not one past its predecessor's,
+    the rule by which transformers' masks keep packed sequences apart (`find_packed_sequence_indices`)."""
+    return positions[..., 1:] - positions[..., :-1] != 1
+
+
 def is_padding_free(inputs: dict[str, Any]) -> bool:
-    """Sequences side by side in a row: `position_ids` that fall back somewhere, and no `attention_mask` (a padded
-    batch's position ids fall back under left padding, but it has its mask)."""
+    """Sequences side by side in a row: `position_ids` that start again somewhere, and no `attention_mask`, as
+    transformers reads a batch (a padded batch's position ids may start again under left padding, but it has its
+    mask)."""
     positions = inputs.get("position_ids")
     if positions is None or inputs.get("attention_mask") is not None or positions.shape[-1] < 2:
         return False
-    return bool((positions[..., 1:] <= positions[..., :-1]).any())
+    return bool(sequence_starts(positions).any())
 
 
 def unpack_padding_free(inputs: dict[str, Any]) -> dict[str, Any]:
@@ -41,7 +48,7 @@ def unpack_padding_free(inputs: dict[str, Any]) -> dict[str, Any]:
     ]
     spans = []  # (row, start, end) of every sequence
     for row, row_positions in enumerate(positions):
-        starts = [0, *((row_positions[1:] <= row_positions[:-1]).nonzero().flatten() + 1).tolist()]
+        starts = [0, *(sequence_starts(row_positions).nonzero().flatten() + 1).tolist()]
         spans += [
             (row, start, end) for start, end in zip(starts, [*starts[1:], positions.shape[-1]], strict=True)
         ]
@@ -66,4 +73,4 @@ def unpack_padding_free(inputs: dict[str, Any]) -> dict[str, Any]:
     return unpacked
 
 
-__all__ = ["is_padding_free", "unpack_padding_free"]
+__all__ = ["is_padding_free", "sequence_starts", "unpack_padding_free"]

@@ -34,8 +34,15 @@ def test_a_padded_batch_is_left_as_it_is():
         "position_ids": torch.tensor([[1, 0, 1], [0, 1, 2]]),
     }
     assert unpack_padding_free(batch) is batch
-    one_sequence = {"input_ids": torch.tensor([[5, 6, 7]]), "position_ids": torch.tensor([[0, 1, 2]])}
+    one_sequence = {"input_ids": torch.tensor([[5, 6, 7]]), "position_ids": torch.tensor([[2, 3, 4]])}
     assert unpack_padding_free(one_sequence) is one_sequence
+
+
+def test_a_sequence_starts_wherever_a_position_is_not_one_past_the_last_as_transformers_reads_it():
+    batch = {"input_ids": torch.tensor([[5, 6, 7, 8, 9]]), "position_ids": torch.tensor([[0, 1, 4, 5, 0]])}
+    unpacked = unpack_padding_free(batch)
+    assert unpacked["input_ids"].tolist() == [[5, 6], [7, 8], [9, 0]]
+    assert unpacked["position_ids"].tolist() == [[0, 1], [4, 5], [0, 1]]
 
 
 def test_training_and_evaluation_on_flattened_batches_are_those_on_padded_rows(tmp_path):
