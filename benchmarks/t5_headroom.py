@@ -1,0 +1,221 @@
+"""What the pretrained T5 family's data still teaches its Pilot, against the default Copilot's held-out R^2.
+
+The Copilot's R^2 on a Pilot is bounded by how much better a distribution it can compute: for f = q - p,
+R^2 = 1 - Brier(q) / Brier(p) exactly (benchmarks/copilot_headroom.py). The same Pilot fine-tuned three times as
+long is one such q, what more of the same training would teach; its R^2, the "headroom", says whether a Copilot's
+low R^2 is the Copilot's miss or the data's. copilot_headroom.py measures it for the LLaMA family; this is the same
+headroom for the encoder-decoder Pilots of quality.py's `pretrained_t5` regime, teacher forced at the answer
+(target) positions of the validation prompts.
+
+    python benchmarks/t5_headroom.py --tasks recommendation arithmetic --seed 0 --output /tmp/t5h/all
+    python benchmarks/t5_headroom.py --quick --tasks recommendation --output /tmp/t5h/quick  # smoke, ~1 min
+    python benchmarks/t5_headroom.py --from-records /tmp/t5h/*/t5_headroom.json  # merge; writes results/
+
+Needs the T5 family of benchmarks/t5_family.py (cached; built on first use).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+
+import torch
+import transformers
+from common import machine_info, merged_commands
+from copilot_headroom import distribution_stats, errors_of, r2, scaled_r2
+from quality import SETTINGS, Experiment, trained_longer
+
+REGIME = "pretrained_t5"
+RESULTS = os.path.join(os.path.dirname(__file__), "results", "t5_headroom")
+QUALITY_RECORDS = os.path.join(os.path.dirname(__file__), "results", "pretrained_t5", "quality.json")
+
+
+@torch.no_grad()
+def answer_distributions(experiment: Experiment, model) -> tuple[torch.Tensor, torch.Tensor]:
+    """The model's next-token distributions [positions, V] at the target positions of the validation prompts
+    (labels not -100; an encoder-decoder's logits align with its labels), and the targets [positions]."""
+    model.eval()
+    dataset = experiment.tokenize(experiment.validation, experiment.tokenizer)
+    probs, targets = [], []
+    for start in range(0, len(dataset), 50):
+        batch = experiment.collator([dataset[i] for i in range(start, min(start + 50, len(dataset)))])
+        logits = model(**batch).logits.float()
+        mask = batch["labels"] != -100
+        probs.append(torch.softmax(logits, -1)[mask])
+        targets.append(batch["labels"][mask])
+    return torch.cat(probs), torch.cat(targets)
+
+
+def measure(setting, seed: int, eval_size: int, multiple: int, family) -> dict:
+    """The Pilot and the Pilot fine-tuned `multiple` times as long (same data and seed): test exact match,
+    statistics at the answer positions, and the R^2 of f = q_longer - p against the Pilot's error."""
+    runs = {}
+    for name, run_setting in (("pilot", setting), ("longer", trained_longer(setting, multiple))):
+        experiment = Experiment(REGIME, run_setting, seed, eval_size, family)
+        model, seconds, _ = experiment.fine_tune(experiment.pilot(), with_copilot=False)
+        probs, targets = answer_distributions(experiment, model)
+        runs[name] = {
+            "epochs": run_setting.epochs,
+            "train_seconds": round(seconds, 1),
+            "test_accuracy": experiment.accuracy(model, experiment.test),
+            "probs": probs,
+            "targets": targets,
+        }
+        print(f"{setting.name} {name}: test exact match {runs[name]['test_accuracy']:.4f}", flush=True)
+    if not torch.equal(runs["pilot"]["targets"], runs["longer"]["targets"]):
+        raise RuntimeError("the two Pilots were scored on different answer positions")
+    targets, pilot = runs["pilot"]["targets"], runs["pilot"]["probs"]
+    error, direction = errors_of(pilot, targets), runs["longer"]["probs"] - pilot
+    return {
+        "task": setting.name,
+        "seed": seed,
+        "multiple": multiple,
+        "models": {
+            name: {
+                **{key: run[key] for key in ("epochs", "train_seconds", "test_accuracy")},
+                **distribution_stats(run["probs"], run["targets"]),
+            }
+            for name, run in runs.items()
+        },
+        "headroom_r2": r2(direction, error),
+        "headroom_r2_best_scale": scaled_r2(direction, error),
+    }
+
+
+def default_copilot_r2(task: str, seed: int, path: str = QUALITY_RECORDS) -> dict | None:
+    """The default Copilot's record on the same task and seed (pretrained_t5/quality.json), with its Pilot's test
+    exact match: equal to this run's Pilot where the family build and the machine round alike."""
+    records = json.load(open(path))["records"]
+    by_arm = {
+        r["arm"]: r
+        for r in records
+        if r["task"] == task and r["seed"] == seed and r.get("feedback") != "copilot"
+    }
+    if "pilot_copilot" not in by_arm:
+        return None
+    copilot = by_arm["pilot_copilot"]
+    return {
+        "copilot_r2": copilot["copilot_r2"],
+        "copilot_r2_train": copilot.get("copilot_r2_train"),
+        "test_accuracy": copilot["test_accuracy"],
+        "pilot_accuracy": copilot["pilot_accuracy"],
+    }
+
+
+def markdown(payload: dict) -> str:
+    lines = [
+        "# Headroom of the pretrained T5 family",
+        "",
+        "Commands: " + "; ".join(f"`{c}`" for c in payload["commands"]) + ".  ",
+        "Machine: " + ", ".join(f"{k} {v}" for k, v in payload["machine"].items()) + ".",
+        "",
+        "Teacher forced at the answer positions of the validation prompts. Headroom R^2 = 1 - Brier(longer) / "
+        "Brier(Pilot): the held-out R^2 of a Copilot that turned the Pilot into the Pilot fine-tuned longer. The "
+        "default Copilot's held-out R^2 and exact match are its record in "
+        "[pretrained_t5/quality.json](../pretrained_t5/quality.json) (same task and seed; its Pilot's exact match "
+        "in brackets: where it equals this run's Pilot, the Pilots are the same).",
+        "",
+        "| task | seed | Pilot: epochs, test exact match, Brier | fine-tuned longer: epochs, test exact match, "
+        "Brier | headroom R^2 (best scale) | default Copilot: held-out R^2, test exact match (its Pilot) |",
+        "| --- | ---: | --- | --- | ---: | --- |",
+    ]
+    for task in payload["tasks"]:
+        pilot, longer, copilot = (
+            task["models"]["pilot"],
+            task["models"]["longer"],
+            task.get("default_copilot"),
+        )
+        copilot_cell = (
+            f"{copilot['copilot_r2']:.3f}, {copilot['test_accuracy']:.4f} ({copilot['pilot_accuracy']:.4f})"
+            if copilot
+            else "-"
+        )
+        lines.append(
+            f"| {task['task']} | {task['seed']} | {pilot['epochs']:g}, {pilot['test_accuracy']:.4f}, "
+            f"{pilot['brier']:.4f} | {longer['epochs']:g}, {longer['test_accuracy']:.4f}, {longer['brier']:.4f} | "
+            f"{task['headroom_r2']:.3f} ({task['headroom_r2_best_scale']:.3f}) | {copilot_cell} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def plot(payload: dict, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tasks = payload["tasks"]
+    labels = [f"{t['task']} (seed {t['seed']})" for t in tasks]
+    positions = range(len(tasks))
+    fig, ax = plt.subplots(figsize=(1.8 + 2.2 * len(tasks), 3.6))
+    ax.bar([p - 0.2 for p in positions], [t["headroom_r2"] for t in tasks], 0.4, label="headroom R^2")
+    copilot = [t["default_copilot"]["copilot_r2"] if t.get("default_copilot") else 0.0 for t in tasks]
+    ax.bar([p + 0.2 for p in positions], copilot, 0.4, label="default Copilot, held-out R^2")
+    ax.axhline(0.3, color="grey", linestyle=":", label="issue target 0.3")
+    ax.set_xticks(list(positions), labels)
+    ax.set_ylabel("R^2 at answer positions")
+    ax.set_title("Pretrained T5: the headroom of 3x fine-tuning vs the Copilot", fontsize=10)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write(payload: dict, output: str) -> None:
+    os.makedirs(output, exist_ok=True)
+    with open(os.path.join(output, "t5_headroom.json"), "w") as f:
+        json.dump(payload, f, indent=1)
+    with open(os.path.join(output, "t5_headroom.md"), "w") as f:
+        f.write(markdown(payload))
+    plot(payload, os.path.join(output, "t5_headroom.png"))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    known = [setting.name for setting in SETTINGS[REGIME]]
+    parser.add_argument("--tasks", nargs="+", choices=known, default=known)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--eval-size", type=int, default=400)
+    parser.add_argument("--multiple", type=int, default=3, help="the longer Pilot's epochs, x the setting's")
+    parser.add_argument("--output", default=RESULTS)
+    parser.add_argument(
+        "--quick", action="store_true", help="smoke run: 200 examples, 0.5 epochs, 40 prompts"
+    )
+    parser.add_argument("--from-records", nargs="+", help="merge earlier t5_headroom.json files")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    command = "python benchmarks/t5_headroom.py " + " ".join(sys.argv[1:])
+    if args.from_records:
+        merged = [json.load(open(path)) for path in args.from_records]
+        payload = {
+            "commands": merged_commands(merged, command),
+            "machine": merged[0]["machine"],
+            "tasks": [t for m in merged for t in m["tasks"]],
+        }
+        write(payload, args.output)
+        return
+    from t5_family import load_t5_family
+
+    family = load_t5_family()
+    payload = {"commands": [command], "machine": machine_info(), "tasks": []}
+    for setting in SETTINGS[REGIME]:
+        if setting.name not in args.tasks:
+            continue
+        eval_size = args.eval_size
+        if args.quick:
+            setting, eval_size = dataclasses.replace(setting, train_size=200, epochs=0.5), 40
+        task = measure(setting, args.seed, eval_size, args.multiple, family)
+        task["default_copilot"] = None if args.quick else default_copilot_r2(setting.name, args.seed)
+        payload["tasks"].append(task)
+        write(payload, args.output)
+
+
+if __name__ == "__main__":
+    main()
