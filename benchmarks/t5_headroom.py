@@ -1,17 +1,18 @@
-"""What the pretrained T5 family's data still teaches its Pilot, against the default Copilot's held-out R^2.
+"""What the T5 Pilots' data still teaches them, against the default Copilot's held-out R^2.
 
 The Copilot's R^2 on a Pilot is bounded by how much better a distribution it can compute: for f = q - p,
 R^2 = 1 - Brier(q) / Brier(p) exactly (benchmarks/copilot_headroom.py). The same Pilot fine-tuned three times as
 long is one such q, what more of the same training would teach; its R^2, the "headroom", says whether a Copilot's
 low R^2 is the Copilot's miss or the data's. copilot_headroom.py measures it for the LLaMA family; this is the same
-headroom for the encoder-decoder Pilots of quality.py's `pretrained_t5` regime, teacher forced at the answer
-(target) positions of the validation prompts.
+headroom for the encoder-decoder Pilots of quality.py's `pretrained_t5` and `scratch_t5` regimes, teacher forced at
+the answer (target) positions of the validation prompts.
 
     python benchmarks/t5_headroom.py --tasks recommendation arithmetic --seed 0 --output /tmp/t5h/all
+    python benchmarks/t5_headroom.py --regime scratch_t5 --tasks recommendation --output /tmp/t5h/scratch
     python benchmarks/t5_headroom.py --quick --tasks recommendation --output /tmp/t5h/quick  # smoke, ~1 min
     python benchmarks/t5_headroom.py --from-records /tmp/t5h/*/t5_headroom.json  # merge; writes results/
 
-Needs the T5 family of benchmarks/t5_family.py (cached; built on first use).
+The pretrained regime needs the T5 family of benchmarks/t5_family.py (cached; built on first use).
 """
 
 from __future__ import annotations
@@ -28,9 +29,12 @@ from common import machine_info, merged_commands
 from copilot_headroom import distribution_stats, errors_of, r2, scaled_r2
 from quality import SETTINGS, Experiment, trained_longer
 
-REGIME = "pretrained_t5"
 RESULTS = os.path.join(os.path.dirname(__file__), "results", "t5_headroom")
-QUALITY_RECORDS = os.path.join(os.path.dirname(__file__), "results", "pretrained_t5", "quality.json")
+# Where each regime's default Copilot records are: the pretrained T5 table, and the canonical one for scratch_t5.
+QUALITY_RECORDS = {
+    "pretrained_t5": os.path.join(os.path.dirname(__file__), "results", "pretrained_t5", "quality.json"),
+    "scratch_t5": os.path.join(os.path.dirname(__file__), "results", "quality.json"),
+}
 
 
 @torch.no_grad()
@@ -49,12 +53,12 @@ def answer_distributions(experiment: Experiment, model) -> tuple[torch.Tensor, t
     return torch.cat(probs), torch.cat(targets)
 
 
-def measure(setting, seed: int, eval_size: int, multiple: int, family) -> dict:
+def measure(regime: str, setting, seed: int, eval_size: int, multiple: int, family) -> dict:
     """The Pilot and the Pilot fine-tuned `multiple` times as long (same data and seed): test exact match,
     statistics at the answer positions, and the R^2 of f = q_longer - p against the Pilot's error."""
     runs = {}
     for name, run_setting in (("pilot", setting), ("longer", trained_longer(setting, multiple))):
-        experiment = Experiment(REGIME, run_setting, seed, eval_size, family)
+        experiment = Experiment(regime, run_setting, seed, eval_size, family)
         model, seconds, _ = experiment.fine_tune(experiment.pilot(), with_copilot=False)
         probs, targets = answer_distributions(experiment, model)
         runs[name] = {
@@ -70,6 +74,7 @@ def measure(setting, seed: int, eval_size: int, multiple: int, family) -> dict:
     targets, pilot = runs["pilot"]["targets"], runs["pilot"]["probs"]
     error, direction = errors_of(pilot, targets), runs["longer"]["probs"] - pilot
     return {
+        "regime": regime,
         "task": setting.name,
         "seed": seed,
         "multiple": multiple,
@@ -85,14 +90,14 @@ def measure(setting, seed: int, eval_size: int, multiple: int, family) -> dict:
     }
 
 
-def default_copilot_r2(task: str, seed: int, path: str = QUALITY_RECORDS) -> dict | None:
-    """The default Copilot's record on the same task and seed (pretrained_t5/quality.json), with its Pilot's test
+def default_copilot_r2(regime: str, task: str, seed: int) -> dict | None:
+    """The default Copilot's record on the same regime, task and seed (`QUALITY_RECORDS`), with its Pilot's test
     exact match: equal to this run's Pilot where the family build and the machine round alike."""
-    records = json.load(open(path))["records"]
+    records = json.load(open(QUALITY_RECORDS[regime]))["records"]
     by_arm = {
         r["arm"]: r
         for r in records
-        if r["task"] == task and r["seed"] == seed and r.get("feedback") != "copilot"
+        if (r["regime"], r["task"], r["seed"]) == (regime, task, seed) and r.get("feedback") != "copilot"
     }
     if "pilot_copilot" not in by_arm:
         return None
@@ -107,7 +112,7 @@ def default_copilot_r2(task: str, seed: int, path: str = QUALITY_RECORDS) -> dic
 
 def markdown(payload: dict) -> str:
     lines = [
-        "# Headroom of the pretrained T5 family",
+        "# Headroom of the T5 Pilots",
         "",
         "Commands: " + "; ".join(f"`{c}`" for c in payload["commands"]) + ".  ",
         "Machine: " + ", ".join(f"{k} {v}" for k, v in payload["machine"].items()) + ".",
@@ -115,12 +120,13 @@ def markdown(payload: dict) -> str:
         "Teacher forced at the answer positions of the validation prompts. Headroom R^2 = 1 - Brier(longer) / "
         "Brier(Pilot): the held-out R^2 of a Copilot that turned the Pilot into the Pilot fine-tuned longer. The "
         "default Copilot's held-out R^2 and exact match are its record in "
-        "[pretrained_t5/quality.json](../pretrained_t5/quality.json) (same task and seed; its Pilot's exact match "
-        "in brackets: where it equals this run's Pilot, the Pilots are the same).",
+        "[pretrained_t5/quality.json](../pretrained_t5/quality.json) or, from scratch, "
+        "[quality.json](../quality.json) (same regime, task and seed; its Pilot's exact match in brackets: where it "
+        "equals this run's Pilot, the Pilots are the same).",
         "",
-        "| task | seed | Pilot: epochs, test exact match, Brier | fine-tuned longer: epochs, test exact match, "
+        "| regime | task | seed | Pilot: epochs, test exact match, Brier | fine-tuned longer: epochs, test exact match, "
         "Brier | headroom R^2 (best scale) | default Copilot: held-out R^2, test exact match (its Pilot) |",
-        "| --- | ---: | --- | --- | ---: | --- |",
+        "| --- | --- | ---: | --- | --- | ---: | --- |",
     ]
     for task in payload["tasks"]:
         pilot, longer, copilot = (
@@ -134,7 +140,7 @@ def markdown(payload: dict) -> str:
             else "-"
         )
         lines.append(
-            f"| {task['task']} | {task['seed']} | {pilot['epochs']:g}, {pilot['test_accuracy']:.4f}, "
+            f"| {task.get('regime', 'pretrained_t5')} | {task['task']} | {task['seed']} | {pilot['epochs']:g}, {pilot['test_accuracy']:.4f}, "
             f"{pilot['brier']:.4f} | {longer['epochs']:g}, {longer['test_accuracy']:.4f}, {longer['brier']:.4f} | "
             f"{task['headroom_r2']:.3f} ({task['headroom_r2_best_scale']:.3f}) | {copilot_cell} |"
         )
@@ -148,7 +154,7 @@ def plot(payload: dict, path: str) -> None:
     import matplotlib.pyplot as plt
 
     tasks = payload["tasks"]
-    labels = [f"{t['task']} (seed {t['seed']})" for t in tasks]
+    labels = [f"{t.get('regime', 'pretrained_t5')}\n{t['task']} (seed {t['seed']})" for t in tasks]
     positions = range(len(tasks))
     fig, ax = plt.subplots(figsize=(1.8 + 2.2 * len(tasks), 3.6))
     ax.bar([p - 0.2 for p in positions], [t["headroom_r2"] for t in tasks], 0.4, label="headroom R^2")
@@ -157,7 +163,7 @@ def plot(payload: dict, path: str) -> None:
     ax.axhline(0.3, color="grey", linestyle=":", label="issue target 0.3")
     ax.set_xticks(list(positions), labels)
     ax.set_ylabel("R^2 at answer positions")
-    ax.set_title("Pretrained T5: the headroom of 3x fine-tuning vs the Copilot", fontsize=10)
+    ax.set_title("T5 Pilots: the headroom of 3x fine-tuning vs the Copilot", fontsize=10)
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -177,8 +183,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    known = [setting.name for setting in SETTINGS[REGIME]]
-    parser.add_argument("--tasks", nargs="+", choices=known, default=known)
+    parser.add_argument("--regime", choices=list(QUALITY_RECORDS), default="pretrained_t5")
+    parser.add_argument("--tasks", nargs="+", help="default: every setting of the regime")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--eval-size", type=int, default=400)
     parser.add_argument("--multiple", type=int, default=3, help="the longer Pilot's epochs, x the setting's")
@@ -201,18 +207,26 @@ def main() -> None:
         }
         write(payload, args.output)
         return
-    from t5_family import load_t5_family
+    known = {setting.name for setting in SETTINGS[args.regime]}
+    args.tasks = args.tasks or sorted(known)
+    if set(args.tasks) - known:
+        parser.error(f"unknown --tasks {sorted(set(args.tasks) - known)}: choose from {sorted(known)}")
+    family = None
+    if args.regime == "pretrained_t5":
+        from t5_family import load_t5_family
 
-    family = load_t5_family()
+        family = load_t5_family()
     payload = {"commands": [command], "machine": machine_info(), "tasks": []}
-    for setting in SETTINGS[REGIME]:
+    for setting in SETTINGS[args.regime]:
         if setting.name not in args.tasks:
             continue
         eval_size = args.eval_size
         if args.quick:
             setting, eval_size = dataclasses.replace(setting, train_size=200, epochs=0.5), 40
-        task = measure(setting, args.seed, eval_size, args.multiple, family)
-        task["default_copilot"] = None if args.quick else default_copilot_r2(setting.name, args.seed)
+        task = measure(args.regime, setting, args.seed, eval_size, args.multiple, family)
+        task["default_copilot"] = (
+            None if args.quick else default_copilot_r2(args.regime, setting.name, args.seed)
+        )
         payload["tasks"].append(task)
         write(payload, args.output)
 
