@@ -1,11 +1,15 @@
-"""Pieces the benchmarks share: analytic parameter counts, the machine description, the commands of merged results."""
+"""Pieces the benchmarks share: analytic parameter counts, the machine description, a run's set-up and command, the
+commands of merged results, the JSON and markdown a result folder holds."""
 
 from __future__ import annotations
 
+import json
 import os
 import platform
+import sys
 
 import torch
+import transformers
 
 from hf_copilot import CopilotConfig
 
@@ -30,11 +34,30 @@ def copilot_param_count(copilot: CopilotConfig, pilot_hidden: int, vocab: int) -
     return vocabulary_tables + token_gain + memory_proj + memory_norm + projected_memory_norm + layers + d
 
 
+def single_thread_run(script: str) -> str:
+    """One torch thread, and transformers' logs and progress bars off (a run prints its own progress); returns
+    the command that reproduces this run of `script`, as its results record it."""
+    torch.set_num_threads(1)
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    return f"python benchmarks/{script} " + " ".join(sys.argv[1:])
+
+
 def merged_commands(results: list[dict], command: str) -> list[str]:
     """What reproduces records merged from `results` (loaded result files): each run's command once, earlier merges
     left out, then this merge's `command`."""
     earlier = [c for result in results for c in result["commands"] if "--from-records" not in c]
     return [*dict.fromkeys(earlier), command]
+
+
+def write_json_and_markdown(output: str, stem: str, payload: dict, markdown_text: str) -> None:
+    """`{stem}.json` (the payload) and `{stem}.md` in the folder `output`, made if missing: what a result folder
+    holds beside its plots."""
+    os.makedirs(output, exist_ok=True)
+    with open(os.path.join(output, f"{stem}.json"), "w") as handle:
+        json.dump(payload, handle, indent=1)
+    with open(os.path.join(output, f"{stem}.md"), "w") as handle:
+        handle.write(markdown_text)
 
 
 def machine_info() -> dict[str, str]:

@@ -42,12 +42,10 @@ import dataclasses
 import json
 import math
 import os
-import sys
 import time
 
 import torch
-import transformers
-from common import machine_info, merged_commands
+from common import machine_info, merged_commands, single_thread_run, write_json_and_markdown
 from quality import RESULTS, SETTINGS, Experiment, Setting, arguments
 from transformers import PrinterCallback, TrainerCallback
 
@@ -689,12 +687,10 @@ def plot_summary(rows: list[dict], path: str) -> None:
 
 
 def write(payload: dict, output: str) -> None:
-    os.makedirs(output, exist_ok=True)
-    with open(os.path.join(output, "copilot_headroom.json"), "w") as handle:
-        json.dump(payload, handle, indent=1)
-    with open(os.path.join(output, "copilot_headroom.md"), "w") as handle:
-        committed = os.path.abspath(output) == os.path.abspath(RESULTS)
-        handle.write(markdown(payload, CONCLUSION if committed else ""))
+    committed = os.path.abspath(output) == os.path.abspath(RESULTS)
+    write_json_and_markdown(
+        output, "copilot_headroom", payload, markdown(payload, CONCLUSION if committed else "")
+    )
     if payload["tasks"]:
         plot(payload, os.path.join(output, "copilot_headroom.png"))
     summary = summary_rows(payload)
@@ -731,10 +727,7 @@ def main() -> None:
         parser.error(f"unknown --tasks {sorted(set(args.tasks) - known)}: choose from {sorted(known)}")
     if args.quality_records and not args.from_records:
         parser.error("--quality-records sets quality.py's R^2 beside merged runs: add --from-records")
-    torch.set_num_threads(1)
-    transformers.utils.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
-    command = "python benchmarks/copilot_headroom.py " + " ".join(sys.argv[1:])
+    command = single_thread_run("copilot_headroom.py")
     if args.from_records:
         merged = [json.load(open(path)) for path in args.from_records]
         tasks = [t for m in merged for t in m["tasks"]]

@@ -21,11 +21,9 @@ import argparse
 import dataclasses
 import json
 import os
-import sys
 
 import torch
-import transformers
-from common import machine_info, merged_commands
+from common import machine_info, merged_commands, single_thread_run, write_json_and_markdown
 from copilot_headroom import distribution_stats, errors_of, r2, scaled_r2
 from quality import SETTINGS, Experiment, trained_longer
 
@@ -171,11 +169,7 @@ def plot(payload: dict, path: str) -> None:
 
 
 def write(payload: dict, output: str) -> None:
-    os.makedirs(output, exist_ok=True)
-    with open(os.path.join(output, "t5_headroom.json"), "w") as f:
-        json.dump(payload, f, indent=1)
-    with open(os.path.join(output, "t5_headroom.md"), "w") as f:
-        f.write(markdown(payload))
+    write_json_and_markdown(output, "t5_headroom", payload, markdown(payload))
     plot(payload, os.path.join(output, "t5_headroom.png"))
 
 
@@ -194,10 +188,7 @@ def main() -> None:
     )
     parser.add_argument("--from-records", nargs="+", help="merge earlier t5_headroom.json files")
     args = parser.parse_args()
-    torch.set_num_threads(1)
-    transformers.utils.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
-    command = "python benchmarks/t5_headroom.py " + " ".join(sys.argv[1:])
+    command = single_thread_run("t5_headroom.py")
     if args.from_records:
         merged = [json.load(open(path)) for path in args.from_records]
         payload = {
