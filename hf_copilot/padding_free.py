@@ -46,30 +46,26 @@ def unpack_padding_free(inputs: dict[str, Any]) -> dict[str, Any]:
         for key, value in inputs.items()
         if key not in FLATTENED_LAYOUT_KEYS and torch.is_tensor(value) and value.shape == positions.shape
     ]
-    spans = []  # (row, start, end) of every sequence
-    for row, row_positions in enumerate(positions):
-        starts = [0, *(sequence_starts(row_positions).nonzero().flatten() + 1).tolist()]
-        spans += [
-            (row, start, end) for start, end in zip(starts, [*starts[1:], positions.shape[-1]], strict=True)
-        ]
-    width = max(end - start for _, start, end in spans)
+    # Every sequence's row in the batch, first token and length, in order: a gather per tensor, no Python loop.
+    begins = torch.ones_like(positions, dtype=torch.bool)
+    begins[:, 1:] = sequence_starts(positions)
+    rows, starts = begins.nonzero(as_tuple=True)
+    same_row_next = torch.cat([rows[1:] == rows[:-1], rows.new_zeros(1, dtype=torch.bool)])
+    ends = torch.where(same_row_next, starts.roll(-1), positions.shape[-1])
+    lengths = ends - starts
+    offsets = torch.arange(int(lengths.max()), device=positions.device)
+    is_token = offsets < lengths[:, None]
+    columns = (starts[:, None] + offsets).clamp_max(positions.shape[-1] - 1)
     unpacked = {
         key: value for key, value in inputs.items() if key not in (*per_token, *FLATTENED_LAYOUT_KEYS)
     }
     for key in per_token:
-        value = inputs[key]
-        rows = value.new_full((len(spans), width), -100 if key == "labels" else 0)
-        for index, (row, start, end) in enumerate(spans):
-            rows[index, : end - start] = value[row, start:end]
-            if key == "position_ids":  # padding continues the positions, as a padded batch's would
-                rows[index, end - start :] = (
-                    torch.arange(width - (end - start), device=value.device) + value[row, end - 1] + 1
-                )
-        unpacked[key] = rows
-    mask = torch.zeros(len(spans), width, dtype=torch.long, device=positions.device)
-    for index, (_, start, end) in enumerate(spans):
-        mask[index, : end - start] = 1
-    unpacked["attention_mask"] = mask
+        if key == "position_ids":  # a sequence's positions are consecutive; padding continues them
+            unpacked[key] = positions[rows, starts][:, None] + offsets
+        else:
+            taken = inputs[key][rows[:, None], columns]
+            unpacked[key] = taken.masked_fill(~is_token, -100 if key == "labels" else 0)
+    unpacked["attention_mask"] = is_token.long()
     return unpacked
 
 
