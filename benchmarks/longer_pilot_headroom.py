@@ -1,18 +1,20 @@
-"""What the T5 Pilots' data still teaches them, against the default Copilot's held-out R^2.
+"""What a Pilot's data still teaches it, against the default Copilot's held-out R^2.
 
 The Copilot's R^2 on a Pilot is bounded by how much better a distribution it can compute: for f = q - p,
 R^2 = 1 - Brier(q) / Brier(p) exactly (benchmarks/copilot_headroom.py). The same Pilot fine-tuned three times as
 long is one such q, what more of the same training would teach; its R^2, the "headroom", says whether a Copilot's
-low R^2 is the Copilot's miss or the data's. copilot_headroom.py measures it for the LLaMA family; this is the same
-headroom for the encoder-decoder Pilots of quality.py's `pretrained_t5` and `scratch_t5` regimes, teacher forced at
-the answer (target) positions of the validation prompts.
+low R^2 is the Copilot's miss or the data's. copilot_headroom.py measures it for the pretrained LLaMA family; this
+is the same headroom for the regimes of quality.py it does not cover: the encoder-decoder Pilots of `pretrained_t5`
+and `scratch_t5`, and the LLaMA Pilots trained from scratch (`scratch`), teacher forced at the answer positions of
+the validation prompts.
 
-    python benchmarks/t5_headroom.py --tasks recommendation arithmetic --seed 0 --output /tmp/t5h/all
-    python benchmarks/t5_headroom.py --regime scratch_t5 --tasks recommendation --output /tmp/t5h/scratch
-    python benchmarks/t5_headroom.py --quick --tasks recommendation --output /tmp/t5h/quick  # smoke, ~1 min
-    python benchmarks/t5_headroom.py --from-records /tmp/t5h/*/t5_headroom.json  # merge; writes results/
+    python benchmarks/longer_pilot_headroom.py --tasks recommendation arithmetic --seed 0 --output /tmp/lph/all
+    python benchmarks/longer_pilot_headroom.py --regime scratch_t5 --tasks recommendation --output /tmp/lph/t5
+    python benchmarks/longer_pilot_headroom.py --regime scratch --tasks word_problems --output /tmp/lph/scratch
+    python benchmarks/longer_pilot_headroom.py --quick --tasks recommendation --output /tmp/lph/quick  # smoke, ~1 min
+    python benchmarks/longer_pilot_headroom.py --from-records /tmp/lph/*/longer_pilot_headroom.json  # merge
 
-The pretrained regime needs the T5 family of benchmarks/t5_family.py (cached; built on first use).
+`pretrained_t5` needs the T5 family of benchmarks/t5_family.py (cached; built on first use).
 """
 
 from __future__ import annotations
@@ -27,27 +29,31 @@ from common import machine_info, merged_commands, single_thread_run, write_json_
 from copilot_headroom import distribution_stats, errors_of, r2, scaled_r2
 from quality import SETTINGS, Experiment, trained_longer
 
-RESULTS = os.path.join(os.path.dirname(__file__), "results", "t5_headroom")
-# Where each regime's default Copilot records are: the pretrained T5 table, and the canonical one for scratch_t5.
+RESULTS = os.path.join(os.path.dirname(__file__), "results", "longer_pilot_headroom")
+# Where each regime's default Copilot records are: the pretrained T5 table, and the canonical one from scratch.
 QUALITY_RECORDS = {
     "pretrained_t5": os.path.join(os.path.dirname(__file__), "results", "pretrained_t5", "quality.json"),
     "scratch_t5": os.path.join(os.path.dirname(__file__), "results", "quality.json"),
+    "scratch": os.path.join(os.path.dirname(__file__), "results", "quality.json"),
 }
 
 
 @torch.no_grad()
 def answer_distributions(experiment: Experiment, model) -> tuple[torch.Tensor, torch.Tensor]:
     """The model's next-token distributions [positions, V] at the target positions of the validation prompts
-    (labels not -100; an encoder-decoder's logits align with its labels), and the targets [positions]."""
+    (labels not -100), and the targets [positions]. An encoder-decoder's logits align with its labels; a causal
+    LM's logits at j predict the label at j + 1, the positions of `eval_copilot_r2`."""
     model.eval()
     dataset = experiment.tokenize(experiment.validation, experiment.tokenizer)
     probs, targets = [], []
     for start in range(0, len(dataset), 50):
         batch = experiment.collator([dataset[i] for i in range(start, min(start + 50, len(dataset)))])
-        logits = model(**batch).logits.float()
-        mask = batch["labels"] != -100
+        logits, labels = model(**batch).logits.float(), batch["labels"]
+        if not model.config.is_encoder_decoder:
+            logits, labels = logits[:, :-1], labels[:, 1:]
+        mask = labels != -100
         probs.append(torch.softmax(logits, -1)[mask])
-        targets.append(batch["labels"][mask])
+        targets.append(labels[mask])
     return torch.cat(probs), torch.cat(targets)
 
 
@@ -110,7 +116,7 @@ def default_copilot_r2(regime: str, task: str, seed: int) -> dict | None:
 
 def markdown(payload: dict) -> str:
     lines = [
-        "# Headroom of the T5 Pilots",
+        "# Headroom of the T5 Pilots and the LLaMA Pilots trained from scratch",
         "",
         "Commands: " + "; ".join(f"`{c}`" for c in payload["commands"]) + ".  ",
         "Machine: " + ", ".join(f"{k} {v}" for k, v in payload["machine"].items()) + ".",
@@ -161,7 +167,7 @@ def plot(payload: dict, path: str) -> None:
     ax.axhline(0.3, color="grey", linestyle=":", label="issue target 0.3")
     ax.set_xticks(list(positions), labels)
     ax.set_ylabel("R^2 at answer positions")
-    ax.set_title("T5 Pilots: the headroom of 3x fine-tuning vs the Copilot", fontsize=10)
+    ax.set_title("The headroom of 3x fine-tuning vs the Copilot", fontsize=10)
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -169,8 +175,8 @@ def plot(payload: dict, path: str) -> None:
 
 
 def write(payload: dict, output: str) -> None:
-    write_json_and_markdown(output, "t5_headroom", payload, markdown(payload))
-    plot(payload, os.path.join(output, "t5_headroom.png"))
+    write_json_and_markdown(output, "longer_pilot_headroom", payload, markdown(payload))
+    plot(payload, os.path.join(output, "longer_pilot_headroom.png"))
 
 
 def main() -> None:
@@ -186,9 +192,9 @@ def main() -> None:
     parser.add_argument(
         "--quick", action="store_true", help="smoke run: 200 examples, 0.5 epochs, 40 prompts"
     )
-    parser.add_argument("--from-records", nargs="+", help="merge earlier t5_headroom.json files")
+    parser.add_argument("--from-records", nargs="+", help="merge earlier longer_pilot_headroom.json files")
     args = parser.parse_args()
-    command = single_thread_run("t5_headroom.py")
+    command = single_thread_run("longer_pilot_headroom.py")
     if args.from_records:
         merged = [json.load(open(path)) for path in args.from_records]
         payload = {
