@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import inspect
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -928,6 +929,13 @@ class PilotCopilotMixin:
         inputs.setdefault("return_predicted_error", False)
         inputs.setdefault("return_fused", False)
         return inputs
+
+    def _validate_model_kwargs(self, model_kwargs: dict) -> None:
+        """generate()'s check of its keywords: what this forward does not name is the Pilot's to accept (a multimodal
+        Pilot's `pixel_values` and `token_type_ids` reach it through the forward's `**kwargs`), so the Pilot's own
+        check judges those; a typo is refused there as it would be by the Pilot's generate()."""
+        own = inspect.signature(self.forward).parameters
+        self.pilot._validate_model_kwargs({k: v for k, v in model_kwargs.items() if k not in own})
 
     def create_masks_for_generate(self, attention_mask: torch.Tensor | None = None, **kwargs):
         """generate() turns the padding mask into the Pilot's 4D mask up front when the cache is static; the

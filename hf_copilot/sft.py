@@ -142,6 +142,10 @@ class CopilotSFTTrainer(CopilotTrainer, SFTTrainer):
             settings = {f.name: getattr(collator, f.name) for f in fields(collator) if f.init}
             self.data_collator = _SplitPackedCollator(**{**settings, "padding_free": False})
 
+    def _set_signature_columns_if_needed(self) -> None:
+        """trl's columns, not CopilotTrainer's: trl keeps what its own dataset preparation and collators read."""
+        SFTTrainer._set_signature_columns_if_needed(self)
+
     @staticmethod
     def _apply_peft_to_pilot(model, peft_config, args: CopilotSFTConfig):
         from peft import PeftModel, get_peft_model

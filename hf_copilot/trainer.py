@@ -39,6 +39,7 @@ so the Copilot learns the errors it will have to correct.
 
 from __future__ import annotations
 
+import inspect
 import math
 import os
 import warnings
@@ -213,6 +214,16 @@ class CopilotTrainer(Trainer):
             self._unwrapped = unwrap_peft_model(self.accelerator.unwrap_model(self.model))
             self._unwrapped_from = self.model
         return self._unwrapped
+
+    def _set_signature_columns_if_needed(self) -> None:
+        """The dataset columns kept: the wrapper's forward hands what it does not name to the Pilot, so a column the
+        Pilot's forward takes (a multimodal Pilot's `pixel_values`, GPT-2's `token_type_ids`) stays, as the stock
+        Trainer keeps it for the Pilot alone."""
+        if self._signature_columns is None:
+            super()._set_signature_columns_if_needed()
+            pilot = unwrap_peft_model(self.pilot_copilot().pilot)
+            pilot_inputs = inspect.signature(pilot.forward).parameters
+            self._signature_columns += [name for name in pilot_inputs if name not in self._signature_columns]
 
     # ---- optimizer --------------------------------------------------------------------------------
     def create_optimizer(self, model=None) -> torch.optim.Optimizer:

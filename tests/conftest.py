@@ -19,6 +19,9 @@ Helpers (plain functions, also importable: `from conftest import build_pilot`):
   tokens of each row), left-padded with `PAD_TOKEN_ID`.
 - `padded_position_ids(attention_mask)`: positions that restart at 0 on the first real token (what
   generate() passes), needed by absolute-position Pilots (GPT-2) under left padding.
+- `build_multimodal_pilot(seed=0)`: a tiny Gemma 3 Pilot with a vision tower (Gemma3ForConditionalGeneration,
+  what AutoModelForCausalLM loads for Gemma 3 checkpoints); `multimodal_example(text_before, text_after, seed)`:
+  one example for it, its tokens around one image, with `token_type_ids` and `pixel_values`.
 
 Importing this file sets `torch.set_num_threads(1)`: tiny models run faster on one thread, and
 subprocesses that must reproduce this process's numbers bit for bit should set OMP_NUM_THREADS=1.
@@ -40,6 +43,8 @@ import pytest
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import (
+    AutoModelForCausalLM,
+    Gemma3Config,
     GemmaConfig,
     GemmaForCausalLM,
     GPT2Config,
@@ -120,6 +125,49 @@ def build_pilot(arch: str, seed: int = 0, **config_overrides) -> PreTrainedModel
     _, model_class, _ = _PILOTS[arch]
     torch.manual_seed(seed)
     return model_class(tiny_pilot_config(arch, **config_overrides)).eval()
+
+
+# A multimodal Pilot as AutoModelForCausalLM loads Gemma 3 (Gemma3ForConditionalGeneration): text tokens and
+# images, each image one run of IMAGE_TOKENS tokens between its begin and end tokens.
+IMAGE_TOKEN_ID, IMAGE_BEGIN_ID, IMAGE_END_ID, IMAGE_TOKENS = VOCAB_SIZE - 1, VOCAB_SIZE - 3, VOCAB_SIZE - 2, 4
+IMAGE_SIZE = 32
+
+
+def build_multimodal_pilot(seed: int = 0) -> PreTrainedModel:
+    """A tiny random Gemma 3 Pilot with a vision tower, built through AutoModelForCausalLM as its checkpoints load."""
+    config = Gemma3Config(
+        text_config=dict(_DECODER, num_key_value_heads=2, head_dim=8, sliding_window=16),
+        vision_config=dict(
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            image_size=IMAGE_SIZE,
+            patch_size=8,
+        ),
+        mm_tokens_per_image=IMAGE_TOKENS,
+        image_token_index=IMAGE_TOKEN_ID,
+        boi_token_index=IMAGE_BEGIN_ID,
+        eoi_token_index=IMAGE_END_ID,
+    )
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(config).eval()
+
+
+def multimodal_example(text_before: int, text_after: int, seed: int) -> dict[str, torch.Tensor]:
+    """Tokens around one image, the image's `token_type_ids` (1 on its tokens) and its pixels [3, H, W]."""
+    generator = torch.Generator().manual_seed(seed)
+    image = [IMAGE_BEGIN_ID] + [IMAGE_TOKEN_ID] * IMAGE_TOKENS + [IMAGE_END_ID]
+    before, after = (
+        torch.randint(FIRST_REGULAR_TOKEN, IMAGE_BEGIN_ID, (n,), generator=generator).tolist()
+        for n in (text_before, text_after)
+    )
+    input_ids = torch.tensor([BOS_TOKEN_ID, *before, *image, *after])
+    return {
+        "input_ids": input_ids,
+        "token_type_ids": (input_ids == IMAGE_TOKEN_ID).long(),
+        "pixel_values": torch.randn(3, IMAGE_SIZE, IMAGE_SIZE, generator=generator),
+    }
 
 
 def tiny_copilot_config(**overrides) -> CopilotConfig:

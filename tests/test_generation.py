@@ -20,16 +20,22 @@ import pytest
 import torch
 from conftest import (
     FIRST_REGULAR_TOKEN,
+    IMAGE_BEGIN_ID,
+    IMAGE_END_ID,
+    IMAGE_TOKEN_ID,
     PAD_TOKEN_ID,
     VOCAB_SIZE,
     build_batch,
+    build_multimodal_pilot,
     build_pilot,
     build_pilot_copilot,
     char_tokenizer,
     graph_recorder,
+    multimodal_example,
     tiny_copilot_config,
     token_term,
 )
+from torch.nn import functional as F
 from torch.overrides import TorchFunctionMode
 from transformers import (
     AutoModelForCausalLM,
@@ -686,6 +692,69 @@ def test_a_cache_that_cannot_carry_the_copilot_is_refused():
     user_cache = DynamicCache(config=model.config.get_text_config(decoder=True))
     with pytest.raises(ValueError, match="PilotCopilotCache"):
         greedy(model, prompt(), **{CACHE_KEYWORD: user_cache})
+
+
+def multimodal_batch(examples: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """`conftest.multimodal_example`s padded on the left, as generate() takes them."""
+    input_ids, attention_mask = left_padded([example["input_ids"] for example in examples])
+    token_type_ids = torch.zeros_like(input_ids)
+    for row, example in enumerate(examples):
+        token_type_ids[row, input_ids.shape[1] - len(example["input_ids"]) :] = example["token_type_ids"]
+    pixel_values = torch.stack([example["pixel_values"] for example in examples]).double()
+    return dict(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        token_type_ids=token_type_ids,
+        pixel_values=pixel_values,
+    )
+
+
+@pytest.mark.parametrize("cache_implementation", [None, "static"])
+def test_a_multimodal_pilot_generates_from_its_images(cache_implementation):
+    """AutoModelForCausalLM loads Gemma 3 checkpoints as Gemma3ForConditionalGeneration, whose generate() takes
+    images: `pixel_values` and `token_type_ids` reach the Pilot through the forward's `**kwargs`. At lambda 0 the
+    tokens are the Pilot's own; fused, each is the argmax of a full recomputation that sees the same images (no
+    image token is generated: each image's tokens match its features)."""
+    model = build_pilot_copilot(build_multimodal_pilot(), tiny_copilot_config()).double()
+    model.generation_config.pad_token_id = PAD_TOKEN_ID
+    batch = multimodal_batch([multimodal_example(2, 3, seed=0), multimodal_example(1, 1, seed=1)])
+    image_tokens = [IMAGE_BEGIN_ID, IMAGE_END_ID, IMAGE_TOKEN_ID]
+    kwargs = dict(
+        max_new_tokens=6,
+        do_sample=False,
+        suppress_tokens=image_tokens,
+        cache_implementation=cache_implementation,
+    )
+    with torch.no_grad():
+        pilot_tokens = model.pilot.generate(**batch, **kwargs)
+        assert torch.equal(model.generate(**batch, copilot_lambda=0.0, **kwargs), pilot_tokens)
+        fused = model.generate(**batch, **kwargs)
+        assert not torch.equal(fused, pilot_tokens)
+        sequence, attention_mask, token_type_ids = (
+            batch["input_ids"],
+            batch["attention_mask"],
+            batch["token_type_ids"],
+        )
+        for _ in range(6):
+            scores = model(
+                input_ids=sequence,
+                attention_mask=attention_mask,
+                token_type_ids=token_type_ids,
+                pixel_values=batch["pixel_values"],
+                return_fused=True,
+            ).fused_logits[:, -1]
+            scores[:, image_tokens] = -math.inf
+            sequence = torch.cat([sequence, scores.argmax(-1, keepdim=True)], dim=1)
+            attention_mask = F.pad(attention_mask, (0, 1), value=1)
+            token_type_ids = F.pad(token_type_ids, (0, 1))
+    assert torch.equal(fused, sequence)
+
+
+def test_a_keyword_neither_model_takes_is_refused():
+    """generate() refuses a keyword that neither the wrapper's forward nor the Pilot's takes, as the Pilot's own
+    generate() would (a typo is not passed on in silence)."""
+    with pytest.raises(ValueError, match=r"not used by the model: \['pixel_value'\]"):
+        greedy(build_pilot_copilot("llama"), prompt(), pixel_value=torch.zeros(1, 3, 8, 8))
 
 
 def test_continuous_batching_is_refused_with_what_to_use_instead():

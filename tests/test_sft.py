@@ -200,6 +200,23 @@ def test_the_pilot_trains_exactly_as_under_sft_trainer_and_the_copilot_trains_to
     assert "forward" not in vars(model)  # trl's fused LM head is removed from the wrapper
 
 
+@pytest.mark.parametrize("data", ["text", "prompt_completion"])
+def test_the_dataset_keeps_the_columns_sft_trainer_keeps(tmp_path, data):
+    """trl chooses the columns its own preparation and collators read; CopilotTrainer's wider choice (the Pilot's
+    forward inputs too) does not apply under it."""
+    trainer = copilot_trainer(tmp_path, DATASETS[data]())
+    reference = SFTTrainer(
+        model=build_pilot("llama"),
+        args=SFTConfig(**settings(tmp_path / "reference")),
+        train_dataset=DATASETS[data](),
+        processing_class=char_tokenizer(),
+    )
+    for each in (trainer, reference):
+        each._set_signature_columns_if_needed()
+    assert trainer._signature_columns == reference._signature_columns
+    assert trainer.train_dataset.column_names == reference.train_dataset.column_names
+
+
 def test_completion_only_loss_reaches_the_copilot(tmp_path):
     tokenizer = char_tokenizer()
     trainer = copilot_trainer(tmp_path, DATASETS["prompt_completion"](), max_steps=2)

@@ -14,7 +14,16 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import FIRST_REGULAR_TOKEN, PAD_TOKEN_ID, VOCAB_SIZE, build_pilot, tiny_copilot_config
+from conftest import (
+    FIRST_REGULAR_TOKEN,
+    PAD_TOKEN_ID,
+    VOCAB_SIZE,
+    build_multimodal_pilot,
+    build_pilot,
+    multimodal_example,
+    tiny_copilot_config,
+)
+from datasets import Dataset
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import HfArgumentParser, Trainer, TrainerCallback, TrainingArguments
@@ -401,6 +410,30 @@ def test_joint_training_fine_tunes_the_pilot_exactly_as_the_stock_trainer(tmp_pa
         rel=1e-6,
     )
     assert min(logged(stock, "grad_norm")) > 1.0  # clipping (max_grad_norm=1) was active at every step
+    assert max_difference(trainer.model.pilot, stock_pilot) < 1e-6
+
+
+def test_the_pilots_own_inputs_reach_it_as_under_the_stock_trainer(tmp_path):
+    """Trainer drops the dataset columns its model's forward does not name. The wrapper's forward hands the rest to
+    the Pilot, so a multimodal Pilot's `pixel_values` and `token_type_ids` stay, and its steps are the stock ones."""
+    rows = []
+    for seed in range(8):
+        example = multimodal_example(3, 4, seed=seed)
+        labels = example["input_ids"].clone()
+        labels[: len(labels) - 4] = -100  # the text after the image
+        rows.append({**{key: value.tolist() for key, value in example.items()}, "labels": labels.tolist()})
+    dataset = Dataset.from_list(rows)
+    stock_pilot = build_multimodal_pilot()
+    stock = Trainer(model=stock_pilot, args=TrainingArguments(**settings(tmp_path)), train_dataset=dataset)
+    trainer = CopilotTrainer(
+        model=PilotCopilotForCausalLM.from_pilot(build_multimodal_pilot(), tiny_copilot_config()),
+        args=make_args(tmp_path),
+        train_dataset=dataset,
+    )
+    assert set(next(iter(trainer.get_train_dataloader()))) == set(rows[0])
+    stock.train()
+    trainer.train()
+    assert logged(trainer, "pilot_loss") == pytest.approx(logged(stock, "loss"), rel=1e-6)
     assert max_difference(trainer.model.pilot, stock_pilot) < 1e-6
 
 
