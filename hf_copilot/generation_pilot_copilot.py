@@ -349,6 +349,17 @@ class CopilotDecodingState:
             )
         return self.decoding_outputs[:, offset], self.probs[:, offset]
 
+    def embedded_probs_at(self, position: int, weight: torch.Tensor) -> torch.Tensor:
+        """W_in p at `position` [B, d_C]: recorded where a next position reads the observed error, else formed from
+        the last forward's probabilities. The paper's mode records it at prompt positions only; a later generate()
+        call that reuses the cache (a conversation's next turn) reads the observed error of the last token the
+        earlier call generated."""
+        offset = position - self.start
+        recorded = self.embedded_probs.start <= position < self.embedded_probs.end
+        if not recorded and self.probs is not None and 0 <= offset < self.probs.shape[1]:
+            return F.linear(self.probs[:, offset].to(weight.dtype), weight)
+        return self.embedded_probs.at(position)
+
     def map_batch(self, fn) -> None:
         self.kv_cache.map_batch(fn)
         self.embedded_probs.map_batch(fn)
@@ -734,7 +745,7 @@ def observed_feedback(
         else:
             has_next = attention_mask[:, past - 1 : past + 1].bool().all(dim=1, keepdim=True)
         gold = F.embedding(input_ids[:, :1], copilot.error_proj.weight.t())
-        first = gold - state.embedded_probs.at(past - 1).unsqueeze(1)
+        first = gold - state.embedded_probs_at(past - 1, copilot.error_proj.weight).unsqueeze(1)
         first = copilot.with_tokens(first, input_ids[:, :1]) * has_next.unsqueeze(-1)
     else:
         weight = copilot.error_proj.weight

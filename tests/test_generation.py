@@ -55,6 +55,7 @@ from hf_copilot.generation_pilot_copilot import (
     StaticCopilotKVCache,
     copilot_stream,
     fuse_reweighted_logits,
+    predicted_errors_as_generated,
 )
 from hf_copilot.mistake_log_entry import shift_right
 
@@ -804,6 +805,39 @@ def test_static_cache_gives_the_dynamic_caches_tokens(feedback, decoding, kind):
     assert isinstance(cache, PilotCopilotStaticCache)
     assert isinstance(cache.copilot.kv_cache, StaticCopilotKVCache)
     assert torch.equal(out.sequences, dynamic)
+
+
+@pytest.mark.parametrize("kind", list(COPILOT_KINDS))
+@pytest.mark.parametrize("feedback", FEEDBACK_MODES)
+def test_a_conversations_next_turn_continues_from_the_cache_of_the_last(feedback, kind):
+    """The next turn passes the whole conversation with the cache of the generate() call before it. Each token of
+    both answers is the argmax of the fused scores of one teacher-forced pass over the conversation, where every
+    position reads as generate() read it (`predicted_errors_as_generated`). In the paper's mode the positions the
+    first call fed keep the Copilot's own predictions, and the first answer's last token, which that call never
+    fed, is the next call's input and reads its observed error, as the new prompt does. In observed mode that is a
+    fresh generate() over the conversation."""
+    model = fused_model(copilot_feedback=feedback, **COPILOT_KINDS[kind])
+    with torch.no_grad():
+        first = model.generate(prompt(6), max_new_tokens=5, do_sample=False, return_dict_in_generate=True)
+    # The first call's 11 tokens, then the new prompt's 3.
+    conversation = torch.cat([first.sequences, prompt(3, seed=5)], dim=1)
+    out = greedy(model, conversation, max_new_tokens=5, **{CACHE_KEYWORD: first.past_key_values})
+
+    answers = torch.zeros_like(out, dtype=torch.bool)
+    answers[:, 6:11] = answers[:, 14:] = True
+    fed_back = answers.clone()  # the positions that read the Copilot's own prediction in the paper's mode
+    fed_back[:, 10] = False
+    with torch.no_grad():
+        teacher_forced = model(out, labels=torch.where(fed_back, out, -100), return_mistake_log=True)
+        predicted = predicted_errors_as_generated(model.copilot, teacher_forced.mistake_log_entry, feedback)
+    config = model.config
+    scores = fuse_scores(teacher_forced.logits, predicted, config.copilot_lambda, config.fusion)
+    # Position j's token is chosen from position j - 1's scores.
+    chosen = torch.cat([out[:, :1], scores[:, :-1].argmax(-1)], dim=1)
+    assert torch.equal(chosen[answers], out[answers])
+    assert not torch.equal(out, greedy(model, conversation, max_new_tokens=5, copilot_lambda=0.0))
+    if feedback == "observed":
+        assert torch.equal(out, greedy(model, conversation, max_new_tokens=5))
 
 
 @pytest.mark.parametrize("feedback", FEEDBACK_MODES)
