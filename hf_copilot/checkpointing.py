@@ -361,15 +361,36 @@ def is_t5_decoder(model: PreTrainedModel) -> bool:
     return model.config.get_text_config().model_type in T5_MODEL_TYPES
 
 
+LLAMA_LAYOUT_MODEL_TYPES = ("llama", "qwen2", "mistral")
+"""Decoders whose layers compute what the Copilot's do (pre-norm RMS norms that scale by their weight, rotary
+attention without query/key norms, a gated MLP), under the same names: copilot_init copies them. Others share
+some names but not the computation: Qwen3 and Gemma 3 normalise queries and keys, Gemma's norms scale by 1 + their
+weight, OLMo 2 and Gemma 2/3 normalise after attention, Granite scales its residuals."""
+
+
 def _llama_layout_map(
     copilot: PreTrainedModel, decoder: PreTrainedModel
 ) -> dict[str, tuple[str, float | None]]:
     source = decoder.state_dict()
     prefix = next((p for p in ("model.", "") if f"{p}embed_tokens.weight" in source), None)
-    if prefix is None:
+    model_type = decoder.config.get_text_config().model_type
+    if prefix is None or model_type not in LLAMA_LAYOUT_MODEL_TYPES:
+        first_layer = f"{prefix}layers.0."
+        own = {
+            name.split(".", 2)[2] for name, _ in copilot.named_parameters() if name.startswith("layers.0.")
+        }
+        extra = sorted(
+            name[len(first_layer) :]
+            for name in source
+            if name.startswith(first_layer) and name[len(first_layer) :] not in own
+        )
+        held = f", whose layers also hold {', '.join(extra)}" if prefix is not None and extra else ""
         raise ValueError(
-            "copilot_init needs a LLaMA, Qwen2 or Mistral-layout decoder (`model.embed_tokens`), or a T5-layout "
-            "encoder-decoder for PilotCopilotForSeq2SeqLM."
+            "copilot_init copies a decoder whose layers compute what the Copilot's do: a LLaMA, Qwen2 or Mistral "
+            "model, or a T5-layout encoder-decoder for PilotCopilotForSeq2SeqLM. "
+            f"{type(decoder).__name__} (model type {model_type!r}{held}) is not one: its weights would land in "
+            "layers that compute something else. Pass a LLaMA, Qwen2 or Mistral model with the Pilot's "
+            "vocabulary, or leave copilot_init out for a Copilot that starts from random weights."
         )
     mapping = {
         "error_proj.weight": f"{prefix}embed_tokens.weight",
@@ -415,15 +436,27 @@ def copy_pretrained_decoder(copilot: PreTrainedModel, decoder: PreTrainedModel) 
     """
     source = decoder.state_dict()
     layout_map = _t5_layout_map if is_t5_decoder(decoder) else _llama_layout_map
-    copied = []
+    copied, not_copied = [], []
     target = copilot.state_dict()
     for name, (source_name, scale) in layout_map(copilot, decoder).items():
-        if source_name not in source or name not in target:
+        if name not in target:
             continue
-        value = source[source_name].t() if name == "error_proj.weight" else source[source_name]
-        if value.shape == target[name].shape:
+        value = source.get(source_name)
+        if value is not None and name == "error_proj.weight":
+            value = value.t()
+        if value is not None and value.shape == target[name].shape:
             target[name].copy_(value if scale is None else value * scale)
             copied.append(name)
+        elif "cross_att" not in name or is_t5_decoder(decoder):  # a decoder-only model has no cross-attention
+            not_copied.append(name)
+    if not_copied:
+        warnings.warn(
+            f"copilot_init copied {len(copied)} of the Copilot's weights from {type(decoder).__name__}; "
+            f"{len(not_copied)} keep their random initialisation, the decoder having no weight of their name and "
+            f"shape ({', '.join(not_copied[:4])}{', ...' if len(not_copied) > 4 else ''}). Leave copilot_config "
+            "out to shape the Copilot like the decoder.",
+            stacklevel=3,
+        )
     input_std = copilot.config.error_proj_init_std
     if "error_proj.weight" in copied and input_std is not None:
         # The same directions at the scale a random W_in gets: embeddings (std ~0.02-0.05) would make the error
@@ -441,6 +474,7 @@ def copy_pretrained_decoder(copilot: PreTrainedModel, decoder: PreTrainedModel) 
 
 __all__ = [
     "HUB_KWARGS",
+    "LLAMA_LAYOUT_MODEL_TYPES",
     "PEFT_PILOT_PREFIX",
     "apply_pilot_adapters",
     "atomic_save_directory",

@@ -21,12 +21,16 @@ from conftest import (
 )
 from transformers import (
     AutoModelForCausalLM,
+    GemmaConfig,
+    GemmaForCausalLM,
     LlamaConfig,
     LlamaForCausalLM,
     MistralConfig,
     MistralForCausalLM,
     Qwen2Config,
     Qwen2ForCausalLM,
+    Qwen3Config,
+    Qwen3ForCausalLM,
 )
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding, apply_rotary_pos_emb
 
@@ -532,6 +536,55 @@ def test_copilot_init_keeps_the_embeddings_scale_when_error_proj_init_std_is_non
     copilot_config.error_proj_init_std = None
     model = PilotCopilotForCausalLM.from_pilot(build_pilot("llama"), copilot_config, copilot_init=decoder)
     assert torch.equal(model.copilot.error_proj.weight, decoder.model.embed_tokens.weight.t())
+
+
+@pytest.mark.parametrize(
+    "config_class, model_class, holds",
+    [
+        (
+            Qwen3Config,
+            Qwen3ForCausalLM,
+            ", whose layers also hold self_attn.k_norm.weight, self_attn.q_norm.weight",
+        ),
+        (GemmaConfig, GemmaForCausalLM, ""),  # LLaMA's names, but its norms scale by 1 + their weight
+    ],
+)
+def test_copilot_init_refuses_a_decoder_whose_layers_compute_otherwise(config_class, model_class, holds):
+    """Copying by name would put Qwen3's or Gemma's weights in layers that compute something else."""
+    config = config_class(
+        vocab_size=VOCAB_SIZE,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+    )
+    model_type = config.model_type
+    with pytest.raises(
+        ValueError, match=rf"\(model type '{model_type}'{holds}\) is not one.*leave copilot_init out"
+    ):
+        PilotCopilotForCausalLM.from_pilot(build_pilot("llama"), copilot_init=model_class(config))
+
+
+@torch.no_grad()
+def test_copilot_init_names_the_weights_it_cannot_copy():
+    """A decoder whose heads are wider than hidden_size / num_attention_heads has attention projections of
+    another shape: they keep the Copilot's random initialisation, and the warning says so."""
+    decoder = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=VOCAB_SIZE,
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            head_dim=16,
+            intermediate_size=48,
+        )
+    )
+    with pytest.warns(UserWarning, match=r"copied 13 of .* 8 keep their random initialisation.*q_proj"):
+        model = PilotCopilotForCausalLM.from_pilot(build_pilot("llama"), copilot_init=decoder)
+    layer, source = model.copilot.layers[1], decoder.model.layers[1]
+    assert torch.equal(layer.mlp.down_proj.weight, source.mlp.down_proj.weight)
+    assert layer.self_attn.q_proj.weight.shape != source.self_attn.q_proj.weight.shape
 
 
 def test_copilot_init_with_another_vocabulary_raises():
