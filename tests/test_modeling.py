@@ -469,6 +469,9 @@ DECODERS = {
 
 
 ROTARY_BASE = {"llama": 10000.0, "qwen2": 1000000.0, "mistral": 500000.0}
+DECODER_SHAPE = dict(
+    hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, intermediate_size=48
+)
 
 
 def build_decoder(family: str, vocab_size: int = VOCAB_SIZE, tie_word_embeddings: bool = False):
@@ -477,14 +480,10 @@ def build_decoder(family: str, vocab_size: int = VOCAB_SIZE, tie_word_embeddings
     config = config_class(
         rope_theta=ROTARY_BASE[family],
         vocab_size=vocab_size,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        intermediate_size=48,
         rms_norm_eps=1e-5,
         hidden_act="gelu",
         tie_word_embeddings=tie_word_embeddings,
+        **DECODER_SHAPE,
     )
     return model_class(config).eval()
 
@@ -551,14 +550,7 @@ def test_copilot_init_keeps_the_embeddings_scale_when_error_proj_init_std_is_non
 )
 def test_copilot_init_refuses_a_decoder_whose_layers_compute_otherwise(config_class, model_class, holds):
     """Copying by name would put Qwen3's or Gemma's weights in layers that compute something else."""
-    config = config_class(
-        vocab_size=VOCAB_SIZE,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=8,
-    )
+    config = config_class(vocab_size=VOCAB_SIZE, head_dim=8, **DECODER_SHAPE)
     model_type = config.model_type
     with pytest.raises(
         ValueError, match=rf"\(model type '{model_type}'{holds}\) is not one.*leave copilot_init out"
@@ -570,16 +562,7 @@ def test_copilot_init_refuses_a_decoder_whose_layers_compute_otherwise(config_cl
 def test_copilot_init_names_the_weights_it_cannot_copy():
     """A decoder whose heads are wider than hidden_size / num_attention_heads has attention projections of
     another shape: they keep the Copilot's random initialisation, and the warning says so."""
-    decoder = LlamaForCausalLM(
-        LlamaConfig(
-            vocab_size=VOCAB_SIZE,
-            hidden_size=32,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            head_dim=16,
-            intermediate_size=48,
-        )
-    )
+    decoder = LlamaForCausalLM(LlamaConfig(vocab_size=VOCAB_SIZE, head_dim=16, **DECODER_SHAPE))
     with pytest.warns(UserWarning, match=r"copied 13 of .* 8 keep their random initialisation.*q_proj"):
         model = PilotCopilotForCausalLM.from_pilot(build_pilot("llama"), copilot_init=decoder)
     layer, source = model.copilot.layers[1], decoder.model.layers[1]
