@@ -361,10 +361,10 @@ def is_t5_decoder(model: PreTrainedModel) -> bool:
     return model.config.get_text_config().model_type in T5_MODEL_TYPES
 
 
-LLAMA_LAYOUT_MODEL_TYPES = ("llama", "qwen2", "mistral")
+LLAMA_LAYOUT_MODEL_TYPES = ("llama", "qwen2", "mistral", "qwen3")
 """Decoders whose layers compute what the Copilot's do (pre-norm RMS norms that scale by their weight, rotary
-attention without query/key norms, a gated MLP), under the same names: copilot_init copies them. Others share
-some names but not the computation: Qwen3 and Gemma 3 normalise queries and keys, Gemma's norms scale by 1 + their
+attention, Qwen3's query and key norms with `CopilotConfig.qk_norm`, a gated MLP), under the same names:
+copilot_init copies them. Others share some names but not the computation: Gemma's norms scale by 1 + their
 weight, OLMo 2 and Gemma 2/3 normalise after attention, Granite scales its residuals."""
 
 
@@ -386,10 +386,10 @@ def _llama_layout_map(
         )
         held = f", whose layers also hold {', '.join(extra)}" if prefix is not None and extra else ""
         raise ValueError(
-            "copilot_init copies a decoder whose layers compute what the Copilot's do: a LLaMA, Qwen2 or Mistral "
-            "model, or a T5-layout encoder-decoder for PilotCopilotForSeq2SeqLM. "
+            "copilot_init copies a decoder whose layers compute what the Copilot's do: a LLaMA, Qwen2, Qwen3 or "
+            "Mistral model, or a T5-layout encoder-decoder for PilotCopilotForSeq2SeqLM. "
             f"{type(decoder).__name__} (model type {model_type!r}{held}) is not one: its weights would land in "
-            "layers that compute something else. Pass a LLaMA, Qwen2 or Mistral model with the Pilot's "
+            "layers that compute something else. Pass a LLaMA, Qwen2, Qwen3 or Mistral model with the Pilot's "
             "vocabulary, or leave copilot_init out for a Copilot that starts from random weights."
         )
     mapping = {
@@ -427,7 +427,7 @@ def _t5_layout_map(copilot: PreTrainedModel, decoder: PreTrainedModel) -> dict[s
 
 @torch.no_grad()
 def copy_pretrained_decoder(copilot: PreTrainedModel, decoder: PreTrainedModel) -> list[str]:
-    """Initialise `copilot` (a CopilotModel) from a pretrained decoder (SPEC section 3): a LLaMA/Qwen2/Mistral
+    """Initialise `copilot` (a CopilotModel) from a pretrained decoder (SPEC section 3): a LLaMA/Qwen2/Qwen3/Mistral
     layout, or for the encoder-decoder Copilot a T5 layout's decoder.
 
     Layer weights where shapes match; W_in from the token embeddings (so W_in e embeds the error

@@ -17,6 +17,9 @@ from transformers.configuration_utils import SubConfigSpec
 from transformers.utils.type_validators import activation_fn_key, interval, positive_int_field, probability
 
 FUSION_SPACES = ("probs", "logits")
+QK_NORM_MODEL_TYPES = (
+    "qwen3",
+)  # decoders copilot_config_like gives query and key norms (CopilotConfig.qk_norm)
 T5_MODEL_TYPES = ("t5", "mt5", "umt5")  # decoders copilot_config_like shapes an encoder-decoder Copilot after
 INITIAL_ERROR_NORM = 0.1  # ||f_C|| of a Copilot initialised from a pretrained decoder (copilot_init)
 COPILOT_FEEDBACK_MODES = ("copilot", "observed")
@@ -147,8 +150,8 @@ class CopilotConfig(PreTrainedConfig):
     """The Copilot transformer: alternating causal self-attention and cross-attention to the Pilot.
 
     `vocab_size` and `pilot_hidden_size` are filled from the Pilot when the Copilot is attached.
-    `num_key_value_heads` and `attention_bias` exist so that a LLaMA/Qwen2/Mistral decoder's layer
-    weights can initialise the Copilot (`copilot_init=`).
+    `num_key_value_heads`, `attention_bias`, `attention_head_dim` and `qk_norm` exist so that a LLaMA, Qwen2,
+    Qwen3 or Mistral decoder's layer weights can initialise the Copilot (`copilot_init=`).
     """
 
     model_type = "copilot"
@@ -162,6 +165,12 @@ class CopilotConfig(PreTrainedConfig):
     pilot_hidden_size: int | None = positive_int_field(default=None)
     hidden_act: str = activation_fn_key(default="silu")
     attention_bias: bool = False
+    # Width of an attention head; None: hidden_size / num_attention_heads. Set by copilot_init for a decoder whose
+    # heads are wider or narrower than that (Qwen3-0.6B: 16 heads of 128 over a hidden size of 1024).
+    attention_head_dim: int | None = positive_int_field(default=None)
+    # RMS-normalise each head's queries and keys before the rotation (Qwen3's q_norm / k_norm). Set by copilot_init
+    # for a decoder that does, so its attention weights keep their meaning.
+    qk_norm: bool = False
     attention_dropout: int | float = probability(default=0.0)
     hidden_dropout: int | float = probability(default=0.0)
     rms_norm_eps: int | float = interval(min=0.0, exclude_min=True)(default=1e-6)
@@ -256,15 +265,15 @@ class CopilotConfig(PreTrainedConfig):
                 f"CopilotConfig.num_hidden_layers must be even and >= 2 (odd layers self-attend, even layers "
                 f"cross-attend to the Pilot), got {self.num_hidden_layers}."
             )
-        if self.hidden_size % self.num_attention_heads:
+        if self.attention_head_dim is None and self.hidden_size % self.num_attention_heads:
             raise ValueError(
                 f"hidden_size ({self.hidden_size}) must be divisible by num_attention_heads "
-                f"({self.num_attention_heads})."
+                f"({self.num_attention_heads}), or attention_head_dim set."
             )
         if self.position_encoding == "rope" and self.head_dim % 2:
             raise ValueError(
-                f"position_encoding='rope' rotates pairs of coordinates: head_dim (hidden_size / "
-                f"num_attention_heads = {self.head_dim}) must be even."
+                f"position_encoding='rope' rotates pairs of coordinates: head_dim (attention_head_dim, or "
+                f"hidden_size / num_attention_heads, = {self.head_dim}) must be even."
             )
         if self.error_loss == "cross_entropy" and self.error_form == "linear":
             raise ValueError(
@@ -280,7 +289,7 @@ class CopilotConfig(PreTrainedConfig):
 
     @property
     def head_dim(self) -> int:
-        return self.hidden_size // self.num_attention_heads
+        return self.attention_head_dim or self.hidden_size // self.num_attention_heads
 
     @classmethod
     def from_dict(cls, config_dict: dict, **kwargs):
@@ -391,11 +400,14 @@ def copilot_config_like(decoder_config) -> CopilotConfig:
         )
     layers = text.num_hidden_layers - text.num_hidden_layers % 2
     rope = getattr(text, "rope_parameters", None) or {}
+    head_dim = getattr(text, "head_dim", None)
     return CopilotConfig(
         rotary_base=rope.get("rope_theta", CopilotConfig().rotary_base),
         hidden_size=text.hidden_size,
         num_hidden_layers=max(2, layers),
         num_attention_heads=text.num_attention_heads,
+        attention_head_dim=None if head_dim == text.hidden_size // text.num_attention_heads else head_dim,
+        qk_norm=text.model_type in QK_NORM_MODEL_TYPES,
         num_key_value_heads=getattr(text, "num_key_value_heads", None) or text.num_attention_heads,
         intermediate_size=text.intermediate_size,
         hidden_act=getattr(text, "hidden_act", "silu"),

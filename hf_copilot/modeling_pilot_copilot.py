@@ -103,7 +103,7 @@ class PilotCopilotForCausalLM(PilotCopilotMixin, PreTrainedModel, GenerationMixi
         """Attach a new Copilot to `pilot` without changing the Pilot in any way.
 
         `copilot_init` (a decoder or its path) initialises the Copilot from a pretrained decoder of
-        the LLaMA/Qwen2/Mistral family; without `copilot_config` the Copilot then takes its shape.
+        the LLaMA/Qwen2/Qwen3/Mistral family; without `copilot_config` the Copilot then takes its shape.
         """
         validate_fusion_settings(copilot_lambda, fusion, copilot_feedback)
         if getattr(pilot.config, "is_encoder_decoder", False):

@@ -120,7 +120,7 @@ class PilotCopilotForSeq2SeqLM(PilotCopilotMixin, PreTrainedModel, GenerationMix
 
         `copilot_init` (a pretrained model or its path) initialises the Copilot: a T5-layout encoder-decoder of
         the Pilot's family (the paper's choice) gives every weight of its decoder, cross-attention included; a
-        LLaMA/Qwen2/Mistral-layout decoder gives all but the cross-attention.
+        LLaMA/Qwen2/Qwen3/Mistral-layout decoder gives all but the cross-attention.
         """
         validate_fusion_settings(copilot_lambda, fusion, copilot_feedback)
         if not getattr(pilot.config, "is_encoder_decoder", False):

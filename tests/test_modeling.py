@@ -21,6 +21,8 @@ from conftest import (
 )
 from transformers import (
     AutoModelForCausalLM,
+    Gemma3ForCausalLM,
+    Gemma3TextConfig,
     GemmaConfig,
     GemmaForCausalLM,
     LlamaConfig,
@@ -38,7 +40,7 @@ from hf_copilot import PilotCopilotConfig, PilotCopilotForCausalLM, PilotErrors,
 from hf_copilot.checkpointing import INITIAL_ERROR_NORM
 from hf_copilot.configuration_pilot_copilot import copilot_config_like
 from hf_copilot.mistake_log_entry import shift_right
-from hf_copilot.modeling_copilot import rotate, rotation_at
+from hf_copilot.modeling_copilot import build_attention_mask, rotate, rotation_at
 
 
 def pilot_inputs(batch):
@@ -465,10 +467,13 @@ DECODERS = {
     "llama": (LlamaConfig, LlamaForCausalLM),
     "qwen2": (Qwen2Config, Qwen2ForCausalLM),
     "mistral": (MistralConfig, MistralForCausalLM),
+    "qwen3": (Qwen3Config, Qwen3ForCausalLM),
 }
 
 
-ROTARY_BASE = {"llama": 10000.0, "qwen2": 1000000.0, "mistral": 500000.0}
+ROTARY_BASE = {"llama": 10000.0, "qwen2": 1000000.0, "mistral": 500000.0, "qwen3": 1000000.0}
+# Qwen3's heads are wider than hidden_size / num_attention_heads, as in Qwen3-0.6B (16 x 128 over 1024).
+HEAD_DIM = {"qwen3": 16}
 DECODER_SHAPE = dict(
     hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, intermediate_size=48
 )
@@ -484,6 +489,7 @@ def build_decoder(family: str, vocab_size: int = VOCAB_SIZE, tie_word_embeddings
         hidden_act="gelu",
         tie_word_embeddings=tie_word_embeddings,
         **DECODER_SHAPE,
+        **({"head_dim": HEAD_DIM[family]} if family in HEAD_DIM else {}),
     )
     return model_class(config).eval()
 
@@ -517,7 +523,24 @@ def test_copilot_init_copies_a_pretrained_decoder(family, tie_word_embeddings):
     assert (config.num_key_value_heads, config.intermediate_size) == (2, 48)
     assert (config.hidden_act, config.rms_norm_eps) == ("gelu", 1e-5)
     assert config.rotary_base == ROTARY_BASE[family]
+    assert (config.head_dim, config.qk_norm) == (HEAD_DIM.get(family, 8), family == "qwen3")
     assert_copilot_copies_decoder(model, decoder)
+
+
+@torch.no_grad()
+def test_a_copilot_initialised_from_qwen3_computes_its_first_layer():
+    """Qwen3 normalises each head's queries and keys and its heads are wider than hidden_size / num_attention_heads:
+    the Copilot's first layer (causal self-attention, MLP, their norms) computes what Qwen3's first layer computes."""
+    decoder = build_decoder("qwen3")
+    copilot = PilotCopilotForCausalLM.from_pilot(build_pilot("llama"), copilot_init=decoder).copilot
+    hidden = torch.randn(2, 5, 32, generator=torch.Generator().manual_seed(3))
+    at = torch.arange(5)
+    positions = copilot.positions(at, at.repeat_interleave(2), hidden.dtype, 5)
+    masks = {"build": lambda keys_at, is_cross: build_attention_mask(at, keys_at, None, hidden.dtype)}
+    ours = copilot.layers[0](hidden, None, positions, masks, None)
+    rotation = decoder.model.rotary_emb(hidden, at.expand(2, -1))
+    theirs = decoder.model.layers[0](hidden, position_embeddings=rotation)
+    torch.testing.assert_close(ours, theirs)
 
 
 @torch.no_grad()
@@ -541,15 +564,16 @@ def test_copilot_init_keeps_the_embeddings_scale_when_error_proj_init_std_is_non
     "config_class, model_class, holds",
     [
         (
-            Qwen3Config,
-            Qwen3ForCausalLM,
-            ", whose layers also hold self_attn.k_norm.weight, self_attn.q_norm.weight",
+            Gemma3TextConfig,
+            Gemma3ForCausalLM,
+            ", whose layers also hold post_feedforward_layernorm.weight, pre_feedforward_layernorm.weight, "
+            "self_attn.k_norm.weight, self_attn.q_norm.weight",
         ),
         (GemmaConfig, GemmaForCausalLM, ""),  # LLaMA's names, but its norms scale by 1 + their weight
     ],
 )
 def test_copilot_init_refuses_a_decoder_whose_layers_compute_otherwise(config_class, model_class, holds):
-    """Copying by name would put Qwen3's or Gemma's weights in layers that compute something else."""
+    """Copying by name would put Gemma's weights in layers that compute something else."""
     config = config_class(vocab_size=VOCAB_SIZE, head_dim=8, **DECODER_SHAPE)
     model_type = config.model_type
     with pytest.raises(
@@ -560,11 +584,13 @@ def test_copilot_init_refuses_a_decoder_whose_layers_compute_otherwise(config_cl
 
 @torch.no_grad()
 def test_copilot_init_names_the_weights_it_cannot_copy():
-    """A decoder whose heads are wider than hidden_size / num_attention_heads has attention projections of
-    another shape: they keep the Copilot's random initialisation, and the warning says so."""
-    decoder = LlamaForCausalLM(LlamaConfig(vocab_size=VOCAB_SIZE, head_dim=16, **DECODER_SHAPE))
+    """A Copilot config whose heads are wider than the decoder's has attention projections of another shape: they
+    keep the Copilot's random initialisation, and the warning says so."""
+    decoder = build_decoder("llama")
+    copilot_config = copilot_config_like(decoder.config)
+    copilot_config.attention_head_dim = 16
     with pytest.warns(UserWarning, match=r"copied 13 of .* 8 keep their random initialisation.*q_proj"):
-        model = PilotCopilotForCausalLM.from_pilot(build_pilot("llama"), copilot_init=decoder)
+        model = PilotCopilotForCausalLM.from_pilot(build_pilot("llama"), copilot_config, copilot_init=decoder)
     layer, source = model.copilot.layers[1], decoder.model.layers[1]
     assert torch.equal(layer.mlp.down_proj.weight, source.mlp.down_proj.weight)
     assert layer.self_attn.q_proj.weight.shape != source.self_attn.q_proj.weight.shape

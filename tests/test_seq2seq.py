@@ -481,7 +481,9 @@ def test_copilot_init_from_a_saved_t5_folder_and_a_relu_t5_keeps_the_copilots_ow
 
 
 def test_the_causal_wrapper_refuses_a_t5_copilot_init():
-    with pytest.raises(ValueError, match="T5 decoder .*PilotCopilotForSeq2SeqLM.*LLaMA, Qwen2 or Mistral"):
+    with pytest.raises(
+        ValueError, match="T5 decoder .*PilotCopilotForSeq2SeqLM.*LLaMA, Qwen2, Qwen3 or Mistral"
+    ):
         PilotCopilotForCausalLM.from_pilot(build_pilot("llama"), copilot_init=build_t5_decoder())
 
 
