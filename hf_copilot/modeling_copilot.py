@@ -27,6 +27,7 @@ from transformers import (
 )
 from transformers.activations import ACT2FN
 from transformers.dynamic_module_utils import custom_object_save
+from transformers.generation.logits_process import UnbatchedClassifierFreeGuidanceLogitsProcessor
 
 from .checkpointing import (
     apply_pilot_adapters,
@@ -997,7 +998,7 @@ class PilotCopilotMixin:
             generation_config, input_ids_seq_length, *args, model_kwargs=model_kwargs, **kwargs
         )
         model_kwargs = model_kwargs or {}
-        copilot_lambda, fusion, _ = self.fusion_settings(
+        copilot_lambda, fusion, copilot_feedback = self.fusion_settings(
             model_kwargs.get("copilot_lambda"),
             model_kwargs.get("fusion"),
             model_kwargs.get("copilot_feedback"),
@@ -1006,8 +1007,26 @@ class PilotCopilotMixin:
         # The prompt's tokens (a decoder prompt: the start token or decoder_input_ids) are known: the Copilot
         # reads their observed errors (copilot_generation_step).
         cache.prompt_length = input_ids_seq_length
+        for processor in processors:
+            if (
+                isinstance(processor, UnbatchedClassifierFreeGuidanceLogitsProcessor)
+                and processor.model is self
+            ):
+                # Guidance scores the unconditional prompt with this model too: fused, as the conditional scores are.
+                processor.model = functools.partial(
+                    self.fused_scores_pass,
+                    copilot_lambda=copilot_lambda,
+                    fusion=fusion,
+                    copilot_feedback=copilot_feedback,
+                )
         processors.insert(0, CopilotLogitsProcessor(cache, copilot_lambda, fusion))
         return processors
+
+    def fused_scores_pass(self, *args, **kwargs):
+        """A forward whose `logits` are the fused scores at every position, what greedy generate() would choose from."""
+        output = self(*args, return_fused=True, **kwargs)
+        output.logits = output.fused_logits
+        return output
 
     def get_input_embeddings(self) -> nn.Module:
         return self.pilot.get_input_embeddings()

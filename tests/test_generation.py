@@ -808,6 +808,36 @@ def test_static_cache_gives_the_dynamic_caches_tokens(feedback, decoding, kind):
 
 
 @pytest.mark.parametrize("kind", list(COPILOT_KINDS))
+def test_classifier_free_guidance_guides_the_fused_model_by_its_own_unconditional_scores(kind):
+    """generate(guidance_scale=g, negative_prompt_ids=...) scores the negative prompt with the model it guides: the
+    fused model, as for the prompt itself. Each token is the argmax of g (c - u) + u over full recomputations, c
+    and u the log-softmax of the fused scores after the prompt and after the negative prompt, each followed by the
+    tokens generated so far. At lambda 0 that is the Pilot's own guided generate()."""
+    model = fused_model(**COPILOT_KINDS[kind])
+    input_ids, negative = prompt(6), prompt(4, seed=9)
+    guidance = dict(guidance_scale=2.0, negative_prompt_ids=negative, max_new_tokens=8)
+    out = greedy(model, input_ids, **guidance)
+    assert not torch.equal(out, greedy(model, input_ids, max_new_tokens=8))
+    assert torch.equal(
+        greedy(model, input_ids, copilot_lambda=0.0, **guidance), greedy(model.pilot, input_ids, **guidance)
+    )
+
+    sequence = input_ids
+    with torch.no_grad():
+        for _ in range(8):
+            generated = sequence[:, input_ids.shape[1] :]
+            scores = [
+                model(torch.cat([start, generated], dim=1), return_fused=True)
+                .fused_logits[:, -1]
+                .log_softmax(-1)
+                for start in (input_ids, negative)
+            ]
+            guided = 2.0 * (scores[0] - scores[1]) + scores[1]
+            sequence = torch.cat([sequence, guided.argmax(-1, keepdim=True)], dim=1)
+    assert torch.equal(out, sequence)
+
+
+@pytest.mark.parametrize("kind", list(COPILOT_KINDS))
 @pytest.mark.parametrize("feedback", FEEDBACK_MODES)
 def test_a_conversations_next_turn_continues_from_the_cache_of_the_last(feedback, kind):
     """The next turn passes the whole conversation with the cache of the generate() call before it. Each token of
