@@ -17,9 +17,8 @@ from transformers.configuration_utils import SubConfigSpec
 from transformers.utils.type_validators import activation_fn_key, interval, positive_int_field, probability
 
 FUSION_SPACES = ("probs", "logits")
-QK_NORM_MODEL_TYPES = (
-    "qwen3",
-)  # decoders copilot_config_like gives query and key norms (CopilotConfig.qk_norm)
+# Decoders copilot_config_like gives query and key norms (CopilotConfig.qk_norm).
+QK_NORM_MODEL_TYPES = ("qwen3",)
 T5_MODEL_TYPES = ("t5", "mt5", "umt5")  # decoders copilot_config_like shapes an encoder-decoder Copilot after
 INITIAL_ERROR_NORM = 0.1  # ||f_C|| of a Copilot initialised from a pretrained decoder (copilot_init)
 COPILOT_FEEDBACK_MODES = ("copilot", "observed")
