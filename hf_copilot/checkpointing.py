@@ -375,16 +375,20 @@ def _llama_layout_map(
     prefix = next((p for p in ("model.", "") if f"{p}embed_tokens.weight" in source), None)
     model_type = decoder.config.get_text_config().model_type
     if prefix is None or model_type not in LLAMA_LAYOUT_MODEL_TYPES:
-        first_layer = f"{prefix}layers.0."
         own = {
-            name.split(".", 2)[2] for name, _ in copilot.named_parameters() if name.startswith("layers.0.")
+            name.removeprefix("layers.0.")
+            for name, _ in copilot.named_parameters()
+            if name.startswith("layers.0.")
         }
+        first_layer = f"{prefix}layers.0."
         extra = sorted(
-            name[len(first_layer) :]
+            name.removeprefix(first_layer)
             for name in source
-            if name.startswith(first_layer) and name[len(first_layer) :] not in own
+            if prefix is not None
+            and name.startswith(first_layer)
+            and name.removeprefix(first_layer) not in own
         )
-        held = f", whose layers also hold {', '.join(extra)}" if prefix is not None and extra else ""
+        held = f", whose layers also hold {', '.join(extra)}" if extra else ""
         raise ValueError(
             "copilot_init copies a decoder whose layers compute what the Copilot's do: a LLaMA, Qwen2, Qwen3 or "
             "Mistral model, or a T5-layout encoder-decoder for PilotCopilotForSeq2SeqLM. "
@@ -435,7 +439,8 @@ def copy_pretrained_decoder(copilot: PreTrainedModel, decoder: PreTrainedModel) 
     rescaled to probability scale. Returns the names copied.
     """
     source = decoder.state_dict()
-    layout_map = _t5_layout_map if is_t5_decoder(decoder) else _llama_layout_map
+    t5 = is_t5_decoder(decoder)
+    layout_map = _t5_layout_map if t5 else _llama_layout_map
     copied, not_copied = [], []
     target = copilot.state_dict()
     for name, (source_name, scale) in layout_map(copilot, decoder).items():
@@ -447,7 +452,7 @@ def copy_pretrained_decoder(copilot: PreTrainedModel, decoder: PreTrainedModel) 
         if value is not None and value.shape == target[name].shape:
             target[name].copy_(value if scale is None else value * scale)
             copied.append(name)
-        elif "cross_att" not in name or is_t5_decoder(decoder):  # a decoder-only model has no cross-attention
+        elif "cross_att" not in name or t5:  # a decoder-only model has no cross-attention
             not_copied.append(name)
     if not_copied:
         warnings.warn(

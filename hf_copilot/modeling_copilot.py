@@ -138,19 +138,18 @@ class CopilotAttention(nn.Module):
         self.k_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=bias)
         self.v_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=bias)
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=False)
-        if config.qk_norm:
-            self.q_norm = CopilotRMSNorm(self.head_dim, config.rms_norm_eps)
-            self.k_norm = CopilotRMSNorm(self.head_dim, config.rms_norm_eps)
-        else:
-            self.q_norm = self.k_norm = nn.Identity()
+        # None, not an identity module, without them: no call on every token of generate().
+        self.q_norm = CopilotRMSNorm(self.head_dim, config.rms_norm_eps) if config.qk_norm else None
+        self.k_norm = CopilotRMSNorm(self.head_dim, config.rms_norm_eps) if config.qk_norm else None
 
     def project_keys_values(
         self, source: torch.Tensor, rotation: Rotation | None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         batch, length, _ = source.shape
-        keys = self.k_norm(
-            self.k_proj(source).view(batch, length, self.num_kv_heads, self.head_dim)
-        ).transpose(1, 2)
+        keys = self.k_proj(source).view(batch, length, self.num_kv_heads, self.head_dim)
+        if self.k_norm is not None:
+            keys = self.k_norm(keys)
+        keys = keys.transpose(1, 2)
         values = self.v_proj(source).view(batch, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
         if rotation is not None:
             keys = rotate(keys, rotation)
@@ -166,9 +165,10 @@ class CopilotAttention(nn.Module):
     ) -> torch.Tensor:
         """`hidden` [B, T, d] attends to `keys`/`values` (already rotated when `rotation`, the queries' angles)."""
         batch, length, _ = hidden.shape
-        queries = self.q_norm(
-            self.q_proj(hidden).view(batch, length, self.num_heads, self.head_dim)
-        ).transpose(1, 2)
+        queries = self.q_proj(hidden).view(batch, length, self.num_heads, self.head_dim)
+        if self.q_norm is not None:
+            queries = self.q_norm(queries)
+        queries = queries.transpose(1, 2)
         if rotation is not None:
             queries = rotate(queries, rotation)
         groups = self.num_heads // self.num_kv_heads
