@@ -10,6 +10,7 @@ No `from __future__ import annotations` here: `@strict` cannot check types writt
 """
 
 import math
+import warnings
 
 from huggingface_hub.dataclasses import strict, validated_field
 from transformers import AutoConfig, PreTrainedConfig
@@ -32,6 +33,12 @@ POSITION_ENCODINGS = ("none", "rope")
 # The token term of the Copilot's input (CopilotConfig.token_embedding): True, a learnt V x d_C table; "gain", d_C
 # learnt gains on W_in's own column for the token (no V-sized table); False, none (the paper's input).
 TOKEN_EMBEDDINGS = (True, "gain", False)
+# Rotary frequency rescalings the Copilot can rotate with (CopilotConfig.rotary_scaling), as transformers'
+# rope_parameters name them, with the keys each reads. Both are fixed per frequency, whatever the sequence length.
+ROTARY_SCALING_KEYS = {
+    "linear": ("factor",),
+    "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
+}
 # What a Copilot saved before a field existed was built with: its file loads as that Copilot, whatever the default.
 FIELDS_OF_EARLIER_FILES = {
     "error_form": "linear",
@@ -108,6 +115,32 @@ def check_token_embedding(token_embedding) -> None:
         raise ValueError(
             f"Unknown token_embedding={token_embedding!r}: use one of {TOKEN_EMBEDDINGS} (True: a learnt table, "
             "'gain': learnt gains on W_in's column for the token, False: none, the paper's input)."
+        )
+
+
+def check_rotary_scaling(rotary_scaling) -> None:
+    if rotary_scaling is None:
+        return
+    rope_type = rotary_scaling.get("rope_type") if isinstance(rotary_scaling, dict) else None
+    keys = ROTARY_SCALING_KEYS.get(rope_type)
+    if keys is None or set(rotary_scaling) != {"rope_type", *keys}:
+        raise ValueError(
+            f"rotary_scaling must be None or a dict with a rope_type of {tuple(ROTARY_SCALING_KEYS)} and that type's "
+            f"keys ({ROTARY_SCALING_KEYS}), as a decoder's rope_parameters hold them, got {rotary_scaling!r}."
+        )
+    for key in keys:
+        value = rotary_scaling[key]
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, (int, float))
+            or not math.isfinite(value)
+            or value <= 0
+        ):
+            raise ValueError(f"rotary_scaling[{key!r}] must be a finite number > 0, got {value!r}.")
+    if rope_type == "llama3" and rotary_scaling["high_freq_factor"] <= rotary_scaling["low_freq_factor"]:
+        raise ValueError(
+            f"rotary_scaling's high_freq_factor ({rotary_scaling['high_freq_factor']}) must exceed its "
+            f"low_freq_factor ({rotary_scaling['low_freq_factor']}), as LLaMA 3's rope scaling requires."
         )
 
 
@@ -226,6 +259,10 @@ class CopilotConfig(PreTrainedConfig):
     # The rotary base (LLaMA's rope_theta); copilot_init copies the decoder's, so its attention weights keep their
     # meaning.
     rotary_base: int | float = interval(min=1.0, exclude_min=True)(default=10000.0)
+    # The decoder's rotary frequency rescaling (None: none), for a copilot_init decoder that has one: LLaMA 3.1-3.3
+    # slow their long wavelengths ({"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0,
+    # "high_freq_factor": 4.0, "original_max_position_embeddings": 8192} in Llama-3.2-1B), "linear" slows all.
+    rotary_scaling: dict | None = validated_field(check_rotary_scaling, default=None)
     base_model_name_or_path: str | None = None
     pilot_fingerprint: str | None = None
     # The paper's Copilot for an encoder-decoder Pilot: self- and cross-attention in every layer, the
@@ -382,6 +419,23 @@ class PilotCopilotSeq2SeqConfig(PilotCopilotConfig):
         self.copilot_config.encoder_decoder = True
 
 
+def rotary_scaling_like(rope_parameters: dict) -> dict | None:
+    """The decoder's rotary rescaling as CopilotConfig.rotary_scaling holds it; None, with a warning, for one the
+    Copilot cannot rotate with (its copied attention weights then see other angles at long wavelengths)."""
+    rope_type = rope_parameters.get("rope_type", "default")
+    if rope_type in ROTARY_SCALING_KEYS:
+        return {"rope_type": rope_type} | {
+            key: rope_parameters[key] for key in ROTARY_SCALING_KEYS[rope_type]
+        }
+    if rope_type != "default":
+        warnings.warn(
+            f"copilot_init: the decoder's rope_type {rope_type!r} is not copied (the Copilot rotates with "
+            f"{tuple(ROTARY_SCALING_KEYS)} or none); the Copilot rotates at the plain rope_theta.",
+            stacklevel=4,
+        )
+    return None
+
+
 def copilot_config_like(decoder_config) -> CopilotConfig:
     """A Copilot shaped like a pretrained decoder, so all of its layer weights can be copied: a LLaMA/Qwen2/
     Mistral layout, or a T5 layout's decoder (then the encoder-decoder Copilot, one layer per decoder block)."""
@@ -402,6 +456,7 @@ def copilot_config_like(decoder_config) -> CopilotConfig:
     head_dim = getattr(text, "head_dim", None)
     return CopilotConfig(
         rotary_base=rope.get("rope_theta", CopilotConfig().rotary_base),
+        rotary_scaling=rotary_scaling_like(rope),
         hidden_size=text.hidden_size,
         num_hidden_layers=max(2, layers),
         num_attention_heads=text.num_attention_heads,

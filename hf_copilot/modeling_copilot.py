@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import functools
 import inspect
+import math
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -95,12 +96,31 @@ class Positions:
     rotations: tuple[Rotation, Rotation] | None = None  # stream's, memory's
 
 
-def rotation_at(positions: torch.Tensor, head_dim: int, base: float, dtype: torch.dtype) -> Rotation:
+def rotary_frequencies(
+    head_dim: int, base: float, scaling: dict | None, device: torch.device
+) -> torch.Tensor:
+    """LLaMA's rotary frequencies [head_dim / 2], rescaled as `CopilotConfig.rotary_scaling` says."""
+    half = head_dim // 2
+    frequencies = base ** (-torch.arange(half, device=device, dtype=torch.float32) / half)
+    if scaling is None:
+        return frequencies
+    if scaling["rope_type"] == "linear":
+        return frequencies / scaling["factor"]
+    # LLaMA 3.1's rule: wavelengths longer than the original context / low_freq_factor slowed by `factor`, those
+    # shorter than it / high_freq_factor kept, a linear blend between.
+    low, high = scaling["low_freq_factor"], scaling["high_freq_factor"]
+    wavelengths = 2 * math.pi / frequencies
+    kept = ((scaling["original_max_position_embeddings"] / wavelengths - low) / (high - low)).clamp(0, 1)
+    return (1 - kept) * frequencies / scaling["factor"] + kept * frequencies
+
+
+def rotation_at(
+    positions: torch.Tensor, head_dim: int, base: float, dtype: torch.dtype, scaling: dict | None = None
+) -> Rotation:
     """LLaMA's rotary angles at `positions` [L] (rotate-half layout, so a pretrained LLaMA decoder's query/key
     weights keep their meaning). Position -1 (an encoder-decoder Pilot's encoder output) is not rotated: every
     query sees it at the same angle."""
-    half = head_dim // 2
-    frequencies = base ** (-torch.arange(half, device=positions.device, dtype=torch.float32) / half)
+    frequencies = rotary_frequencies(head_dim, base, scaling, positions.device)
     angles = positions.clamp_min(0).float()[:, None] * frequencies[None, :]  # [L, half]
     return angles.cos().repeat(1, 2).to(dtype), angles.sin().repeat(1, 2).to(dtype)
 
@@ -608,12 +628,15 @@ class CopilotModel(CopilotPreTrainedModel):
     def rotary_table(self, num_positions: int, device: torch.device) -> Rotation:
         """`rotation_at` of positions 0..n-1 (n >= `num_positions`) in fp32, kept and grown by doubling: a decoding
         step looks its rows up instead of computing them, some twenty operators fewer per token."""
-        angles = (self.config.head_dim, self.config.rotary_base, device)  # a config edited since rebuilds it
+        config = self.config
+        # A config edited since rebuilds it; the table keeps a copy of the scaling, so an edit in place shows.
+        angles = (config.head_dim, config.rotary_base, config.rotary_scaling, device)
         built, table = getattr(self, "_rotary_table", (None, None))
         if built != angles or table[0].shape[0] < num_positions:
             at = torch.arange(max(2 * num_positions, 64), device=device)
-            table = rotation_at(at, self.config.head_dim, self.config.rotary_base, torch.float32)
-            self._rotary_table = (angles, table)
+            scaling = None if config.rotary_scaling is None else dict(config.rotary_scaling)
+            table = rotation_at(at, config.head_dim, config.rotary_base, torch.float32, scaling)
+            self._rotary_table = ((config.head_dim, config.rotary_base, scaling, device), table)
         return table
 
     def decoding_step(

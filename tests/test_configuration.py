@@ -38,6 +38,34 @@ BAD_FIELDS = [
     ({"error_loss": "huber"}, "error_loss", "Unknown error_loss='huber': use one of"),
     ({"error_proj_init_std": -1.0}, "error_proj_init_std", "finite number > 0, or None, got -1.0"),
     ({"error_proj_init_std": float("nan")}, "error_proj_init_std", "finite number > 0, or None, got nan"),
+    (
+        {"rotary_scaling": {"rope_type": "yarn", "factor": 4.0}},
+        "rotary_scaling",
+        "rope_type of \\('linear', 'llama3'\\)",
+    ),
+    (
+        {"rotary_scaling": {"rope_type": "linear"}},
+        "rotary_scaling",
+        "that type's keys .*got \\{'rope_type': 'linear'\\}",
+    ),
+    (
+        {"rotary_scaling": {"rope_type": "linear", "factor": 0}},
+        "rotary_scaling",
+        "\\['factor'\\] must be a finite number > 0",
+    ),
+    (
+        {
+            "rotary_scaling": {
+                "rope_type": "llama3",
+                "factor": 8.0,
+                "low_freq_factor": 4.0,
+                "high_freq_factor": 1.0,
+                "original_max_position_embeddings": 64,
+            }
+        },
+        "rotary_scaling",
+        "high_freq_factor \\(1.0\\) must exceed its low_freq_factor \\(4.0\\)",
+    ),
 ]
 
 
@@ -246,7 +274,11 @@ def test_pilot_copilot_config_round_trips_through_save_pretrained(tmp_path):
 
 def test_copilot_config_round_trips_through_save_pretrained(tmp_path):
     config = tiny_copilot_config(
-        vocab_size=64, pilot_hidden_size=24, num_key_value_heads=2, rms_norm_eps=1e-5
+        vocab_size=64,
+        pilot_hidden_size=24,
+        num_key_value_heads=2,
+        rms_norm_eps=1e-5,
+        rotary_scaling={"rope_type": "linear", "factor": 2.0},
     )
     config.save_pretrained(tmp_path)
     loaded = CopilotConfig.from_pretrained(tmp_path)

@@ -319,19 +319,43 @@ def test_only_a_rotary_copilot_knows_the_order_of_earlier_positions(position_enc
     assert same_later == (position_encoding == "none")
 
 
+# LLaMA 3.1's rope scaling over a context of 64: with head_dim 8 at base 10000 the wavelengths are 6.3 (kept),
+# 63 (blended), 628 and 6283 (slowed eightfold), so every branch of the rule is read.
+LLAMA3_ROTARY_SCALING = {
+    "rope_type": "llama3",
+    "factor": 8.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 64,
+}
+
+
+@pytest.mark.parametrize(
+    "scaling",
+    [None, {"rope_type": "linear", "factor": 4.0}, LLAMA3_ROTARY_SCALING],
+    ids=["none", "linear", "llama3"],
+)
 @torch.no_grad()
-def test_rotary_positions_are_llamas():
-    """The Copilot rotates queries and keys as LLaMA does, so a LLaMA decoder's attention weights keep their
-    meaning under copilot_init; position -1 (an encoder output) is not rotated."""
-    head_dim, positions = 8, torch.tensor([-1, 0, 3, 4, 9])
+def test_rotary_positions_are_llamas(scaling):
+    """The Copilot rotates queries and keys as LLaMA does, with LLaMA's rope scalings, so a LLaMA decoder's
+    attention weights keep their meaning under copilot_init; position -1 (an encoder output) is not rotated."""
+    head_dim, positions = 8, torch.tensor([-1, 0, 3, 4, 9, 40, 200])
     states = torch.randn(2, 3, len(positions), head_dim, generator=torch.Generator().manual_seed(0))
     for base in (10000.0, 500000.0):
-        llama = LlamaConfig(hidden_size=3 * head_dim, num_attention_heads=3, rope_theta=base)
+        rope_parameters = {"rope_type": "default"} if scaling is None else dict(scaling)
+        llama = LlamaConfig(
+            hidden_size=3 * head_dim,
+            num_attention_heads=3,
+            rope_parameters=rope_parameters | {"rope_theta": base},
+        )
         cos, sin = LlamaRotaryEmbedding(llama)(states, positions.clamp_min(0)[None])
         expected, _ = apply_rotary_pos_emb(states, states, cos, sin)
-        rotated = rotate(states, rotation_at(positions, head_dim, base, states.dtype))
-        assert torch.allclose(rotated, expected, atol=1e-6, rtol=0), base
+        rotated = rotate(states, rotation_at(positions, head_dim, base, states.dtype, scaling))
+        assert torch.allclose(rotated, expected, atol=1e-5, rtol=0), base
         assert torch.equal(rotated[:, :, 0], states[:, :, 0])
+        if scaling is not None:  # the scaling is read: unscaled angles differ
+            unscaled = rotate(states, rotation_at(positions, head_dim, base, states.dtype))
+            assert not torch.allclose(unscaled, expected, atol=1e-3, rtol=0), base
 
 
 @torch.no_grad()
@@ -354,6 +378,13 @@ def test_rotary_rows_are_looked_up_in_a_table_of_rotation_at():
     expected_cos, expected_sin = rotation_at(positions, head_dim, 500000.0, torch.float32)
     torch.testing.assert_close(cos, expected_cos, rtol=0, atol=1e-6)
     torch.testing.assert_close(sin, expected_sin, rtol=0, atol=1e-6)
+    # So is a rope scaling set after it, and one edited in place.
+    copilot.config.rotary_scaling = {"rope_type": "linear", "factor": 2.0}
+    for factor in (2.0, 8.0):
+        copilot.config.rotary_scaling["factor"] = factor
+        cos, sin = copilot.positions(positions, positions, torch.float32, 8).rotations[0]
+        expected = rotation_at(positions, head_dim, 500000.0, torch.float32, copilot.config.rotary_scaling)
+        torch.testing.assert_close((cos, sin), expected, rtol=0, atol=1e-6)
 
 
 @torch.no_grad()
@@ -479,11 +510,16 @@ DECODER_SHAPE = dict(
 )
 
 
-def build_decoder(family: str, vocab_size: int = VOCAB_SIZE, tie_word_embeddings: bool = False):
+def build_decoder(
+    family: str,
+    vocab_size: int = VOCAB_SIZE,
+    tie_word_embeddings: bool = False,
+    rotary_scaling: dict | None = None,
+):
     config_class, model_class = DECODERS[family]
     torch.manual_seed(7)
     config = config_class(
-        rope_theta=ROTARY_BASE[family],
+        rope_parameters={"rope_type": "default", **(rotary_scaling or {}), "rope_theta": ROTARY_BASE[family]},
         vocab_size=vocab_size,
         rms_norm_eps=1e-5,
         hidden_act="gelu",
@@ -524,18 +560,36 @@ def test_copilot_init_copies_a_pretrained_decoder(family, tie_word_embeddings):
     assert (config.hidden_act, config.rms_norm_eps) == ("gelu", 1e-5)
     assert config.rotary_base == ROTARY_BASE[family]
     assert (config.head_dim, config.qk_norm) == (HEAD_DIM.get(family, 8), family == "qwen3")
+    assert config.rotary_scaling is None
     assert_copilot_copies_decoder(model, decoder)
 
 
 @torch.no_grad()
-def test_a_copilot_initialised_from_qwen3_computes_its_first_layer():
-    """Qwen3 normalises each head's queries and keys and its heads are wider than hidden_size / num_attention_heads:
-    the Copilot's first layer (causal self-attention, MLP, their norms) computes what Qwen3's first layer computes."""
-    decoder = build_decoder("qwen3")
+def test_copilot_init_warns_of_a_rope_scaling_it_cannot_rotate_with():
+    yarn = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64}
+    decoder = build_decoder("qwen2", rotary_scaling=yarn)
+    with pytest.warns(
+        UserWarning, match=r"rope_type 'yarn' is not copied .* rotates at the plain rope_theta"
+    ):
+        model = PilotCopilotForCausalLM.from_pilot(build_pilot("llama"), copilot_init=decoder)
+    assert model.copilot.config.rotary_scaling is None
+    assert_copilot_copies_decoder(model, decoder)
+
+
+@pytest.mark.parametrize(
+    "family, rotary_scaling", [("qwen3", None), ("llama", LLAMA3_ROTARY_SCALING)], ids=["qwen3", "llama3"]
+)
+@torch.no_grad()
+def test_a_copilot_initialised_from_a_decoder_computes_its_first_layer(family, rotary_scaling):
+    """The Copilot's first layer (causal self-attention, MLP, their norms) computes what the decoder's first layer
+    computes, at positions past where LLaMA 3's rope scaling slows the long wavelengths, and for Qwen3, which
+    normalises each head's queries and keys and whose heads are wider than hidden_size / num_attention_heads."""
+    decoder = build_decoder(family, rotary_scaling=rotary_scaling)
     copilot = PilotCopilotForCausalLM.from_pilot(build_pilot("llama"), copilot_init=decoder).copilot
+    assert copilot.config.rotary_scaling == rotary_scaling
     hidden = torch.randn(2, 5, 32, generator=torch.Generator().manual_seed(3))
-    at = torch.arange(5)
-    positions = copilot.positions(at, at.repeat_interleave(2), hidden.dtype, 5)
+    at = torch.tensor([0, 1, 30, 60, 90])
+    positions = copilot.positions(at, at.repeat_interleave(2), hidden.dtype, 91)
     masks = {"build": lambda keys_at, is_cross: build_attention_mask(at, keys_at, None, hidden.dtype)}
     ours = copilot.layers[0](hidden, None, positions, masks, None)
     rotation = decoder.model.rotary_emb(hidden, at.expand(2, -1))

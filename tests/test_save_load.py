@@ -217,8 +217,10 @@ REMOTE_CODE_SCRIPT = textwrap.dedent(
 @pytest.mark.parametrize("kind", ["whole", "copilot-only"])
 def test_remote_code_loads_without_hf_copilot_and_gives_identical_outputs(kind, tmp_path):
     checkpoint = tmp_path / "checkpoint"
-    if kind == "whole":
-        model = build_pilot_copilot("llama")
+    if kind == "whole":  # with a rope scaling, which the remote code must read from the file too
+        model = build_pilot_copilot(
+            "llama", tiny_copilot_config(rotary_scaling={"rope_type": "linear", "factor": 4.0})
+        )
         model.save_pretrained(checkpoint)
     else:  # loads its base Pilot (a local folder here) and attaches the Copilot
         model = build_pilot_copilot(saved_pilot("llama", tmp_path / "pilot"))
