@@ -76,6 +76,10 @@ def build_task(
     return get_task(name, **options)
 
 
+# The Copilot of `hf-copilot train` and `demo` unless the command line says otherwise: small enough for a CPU.
+COPILOT_SHAPE = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4}
+
+
 def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--task", default=DEMO_TASK["name"], choices=sorted(TASKS), help="task to train/evaluate on"
@@ -116,9 +120,21 @@ def build_parser() -> argparse.ArgumentParser:
         command.add_argument("--epochs", type=float, default=2.0)
         command.add_argument("--learning-rate", type=float, default=3e-3)
         command.add_argument("--copilot-learning-rate", type=float)
-        command.add_argument("--copilot-hidden-size", type=int, default=32)
-        command.add_argument("--copilot-layers", type=int, default=2)
-        command.add_argument("--copilot-heads", type=int, default=4)
+        command.add_argument(
+            "--copilot-hidden-size", type=int, help=f"default {COPILOT_SHAPE['hidden_size']}"
+        )
+        command.add_argument(
+            "--copilot-layers", type=int, help=f"default {COPILOT_SHAPE['num_hidden_layers']}"
+        )
+        command.add_argument(
+            "--copilot-heads", type=int, help=f"default {COPILOT_SHAPE['num_attention_heads']}"
+        )
+        command.add_argument(
+            "--copilot-init",
+            help="path or Hub id of a pretrained LLaMA/Qwen2/Qwen3/Mistral decoder with the Pilot's vocabulary: the "
+            "Copilot takes its shape and starts from its weights (copilot_init), as the paper's T-Copilot-1B starts "
+            "from LLaMA-3.2-1B",
+        )
         command.add_argument("--freeze-pilot", action="store_true", help="train only the Copilot")
         command.add_argument(
             "--copilot-final-epochs",
@@ -150,11 +166,12 @@ def train_command(args: argparse.Namespace) -> dict:
         tokenizer = task_tokenizer(task, seed=args.seed)
         pilot = DEMO_PILOT.build(tokenizer, args.seed)
         torch.set_num_threads(1)  # a model this small runs fastest on one thread
-    copilot_config = CopilotConfig(
-        hidden_size=args.copilot_hidden_size,
-        num_hidden_layers=args.copilot_layers,
-        num_attention_heads=args.copilot_heads,
-    )
+    shape = {
+        "hidden_size": args.copilot_hidden_size,
+        "num_hidden_layers": args.copilot_layers,
+        "num_attention_heads": args.copilot_heads,
+    }
+    copilot_config = None if args.copilot_init else CopilotConfig(**(COPILOT_SHAPE | given(shape)))
     recipe = TrainingRecipe(
         epochs=args.epochs,
         batch_size=args.batch_size,
@@ -169,7 +186,14 @@ def train_command(args: argparse.Namespace) -> dict:
     )
     started = time.time()
     model, history = train_arm(
-        "pilot_copilot", pilot, tokenizer, train, recipe, args.output_dir, copilot_config
+        "pilot_copilot",
+        pilot,
+        tokenizer,
+        train,
+        recipe,
+        args.output_dir,
+        copilot_config,
+        copilot_init=args.copilot_init,
     )
     summary = evaluate_both_feedback_modes(model, tokenizer, task, args)
     summary["train_seconds"] = round(time.time() - started, 1)
@@ -241,6 +265,11 @@ def print_table(summary: dict) -> None:
         print(f"| {label} | {total:,} | {result['test_accuracy']:.3f} | {lift} |")
 
 
+def given(options: dict) -> dict:
+    """The options a command line set (argparse leaves the others None)."""
+    return {name: value for name, value in options.items() if value is not None}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -248,6 +277,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         check_min_gain(args.lambdas, args.min_gain)
     except ValueError as error:
         parser.error(f"--min-gain: {error}")
+    shape_options = ("copilot_hidden_size", "copilot_layers", "copilot_heads")
+    if getattr(args, "copilot_init", None) and given({name: getattr(args, name) for name in shape_options}):
+        parser.error(
+            "--copilot-init shapes the Copilot like the decoder it copies: leave out --copilot-hidden-size, "
+            "--copilot-layers and --copilot-heads, or leave out --copilot-init for a Copilot of that shape."
+        )
     if args.command == "evaluate":
         evaluate_command(args)
     else:

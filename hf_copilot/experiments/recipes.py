@@ -191,8 +191,10 @@ def train_arm(
     output_dir: str,
     copilot_config: CopilotConfig | None = None,
     fusion: dict | None = None,
+    copilot_init: str | PreTrainedModel | None = None,
 ) -> tuple[PreTrainedModel, list[dict]]:
-    """Fine-tune one arm: the Pilot alone with the stock Trainer, or Pilot + Copilot with CopilotTrainer."""
+    """Fine-tune one arm: the Pilot alone with the stock Trainer, or Pilot + Copilot with CopilotTrainer
+    (its Copilot from `copilot_config`, or shaped like and initialised from the decoder `copilot_init`)."""
     if arm not in ARMS:
         raise ValueError(f"Unknown arm {arm!r}: choose one of {ARMS}.")
     dataset = tokenize_examples(train_examples, tokenizer)
@@ -200,7 +202,9 @@ def train_arm(
     with_copilot = arm == "pilot_copilot"
     args = recipe.arguments(os.path.join(output_dir, arm), with_copilot)
     if with_copilot:
-        model = PilotCopilotForCausalLM.from_pilot(pilot, copilot_config, **(fusion or {}))
+        model = PilotCopilotForCausalLM.from_pilot(
+            pilot, copilot_config, copilot_init=copilot_init, **(fusion or {})
+        )
         trainer = CopilotTrainer(model=model, args=args, train_dataset=dataset, data_collator=collator)
     else:
         model = pilot

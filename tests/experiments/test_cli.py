@@ -129,6 +129,32 @@ def test_gsm8k_trains_and_evaluates_from_its_own_train_and_test_files(tmp_path, 
     assert evaluated["fused"] == summary["fused"]  # the same validation examples in both commands
 
 
+def test_train_starts_the_copilot_from_a_pretrained_decoder(tmp_path):
+    """--copilot-init: the Copilot takes the decoder's shape and rotary base (copilot_init copies its weights, tested
+    in test_modeling), and the model trains and saves as any other."""
+    data = write_gsm8k_folder(tmp_path / "gsm8k")
+    pilot, decoder = tmp_path / "pilot", tmp_path / "decoder"
+    build_pilot("llama").save_pretrained(pilot)
+    char_tokenizer().save_pretrained(pilot)
+    build_pilot("llama", seed=1, hidden_size=48, rope_theta=123456.0).save_pretrained(decoder)
+    argv = ["train", "--pilot", str(pilot), "--copilot-init", str(decoder), "--epochs", "0.5"]
+    argv += ["--task", "gsm8k", "--dataset", str(data), "--eval-size", "4", "--batch-size", "8"]
+    summary = train_command(build_parser().parse_args([*argv, "--output-dir", str(tmp_path / "run")]))
+    copilot = AutoModelForCausalLM.from_pretrained(summary["model_dir"]).copilot.config
+    assert (copilot.hidden_size, copilot.rotary_base) == (48, 123456.0)
+
+
+@pytest.mark.parametrize("option", ["--copilot-hidden-size", "--copilot-layers", "--copilot-heads"])
+def test_a_copilot_shape_with_copilot_init_is_refused_before_training(tmp_path, capsys, option):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", "--output-dir", str(tmp_path / "run"), "--copilot-init", "some/decoder", option, "64"])
+    assert exit_info.value.code == 2
+    assert (
+        "--copilot-init shapes the Copilot like the decoder it copies: leave out" in capsys.readouterr().err
+    )
+    assert not (tmp_path / "run").exists()
+
+
 def test_bad_task_and_dataset_combinations_say_what_to_pass(tmp_path):
     with pytest.raises(SystemExit, match="needs --dataset"):
         build_task("gsm8k", None)
