@@ -78,6 +78,12 @@ def build_task(
 
 # The Copilot of `hf-copilot train` and `demo` unless the command line says otherwise: small enough for a CPU.
 COPILOT_SHAPE = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4}
+# The command line's shape options and the CopilotConfig fields they set.
+SHAPE_OPTIONS = {
+    "copilot_hidden_size": "hidden_size",
+    "copilot_layers": "num_hidden_layers",
+    "copilot_heads": "num_attention_heads",
+}
 
 
 def add_common_arguments(parser: argparse.ArgumentParser) -> None:
@@ -166,12 +172,7 @@ def train_command(args: argparse.Namespace) -> dict:
         tokenizer = task_tokenizer(task, seed=args.seed)
         pilot = DEMO_PILOT.build(tokenizer, args.seed)
         torch.set_num_threads(1)  # a model this small runs fastest on one thread
-    shape = {
-        "hidden_size": args.copilot_hidden_size,
-        "num_hidden_layers": args.copilot_layers,
-        "num_attention_heads": args.copilot_heads,
-    }
-    copilot_config = None if args.copilot_init else CopilotConfig(**(COPILOT_SHAPE | given(shape)))
+    copilot_config = None if args.copilot_init else CopilotConfig(**(COPILOT_SHAPE | shape_given(args)))
     recipe = TrainingRecipe(
         epochs=args.epochs,
         batch_size=args.batch_size,
@@ -265,9 +266,13 @@ def print_table(summary: dict) -> None:
         print(f"| {label} | {total:,} | {result['test_accuracy']:.3f} | {lift} |")
 
 
-def given(options: dict) -> dict:
-    """The options a command line set (argparse leaves the others None)."""
-    return {name: value for name, value in options.items() if value is not None}
+def shape_given(args: argparse.Namespace) -> dict:
+    """The Copilot shape the command line set, as CopilotConfig fields (argparse leaves the options not given None)."""
+    return {
+        field: getattr(args, option)
+        for option, field in SHAPE_OPTIONS.items()
+        if getattr(args, option) is not None
+    }
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -277,8 +282,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         check_min_gain(args.lambdas, args.min_gain)
     except ValueError as error:
         parser.error(f"--min-gain: {error}")
-    shape_options = ("copilot_hidden_size", "copilot_layers", "copilot_heads")
-    if getattr(args, "copilot_init", None) and given({name: getattr(args, name) for name in shape_options}):
+    if getattr(args, "copilot_init", None) and shape_given(args):
         parser.error(
             "--copilot-init shapes the Copilot like the decoder it copies: leave out --copilot-hidden-size, "
             "--copilot-layers and --copilot-heads, or leave out --copilot-init for a Copilot of that shape."
