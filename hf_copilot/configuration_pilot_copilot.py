@@ -66,16 +66,18 @@ def check_copilot_lambda(copilot_lambda) -> None:
         raise ValueError(f"copilot_lambda must be a finite number >= 0, got {copilot_lambda!r}.")
 
 
+def is_positive_number(value) -> bool:
+    """A finite int or float > 0 (not a bool)."""
+    return (
+        not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value) and value > 0
+    )
+
+
 def positive_scale_or_none(name: str):
     """A field validator: a finite number > 0, or None (the initialisation scales are such fields)."""
 
     def check(value) -> None:
-        if value is not None and (
-            isinstance(value, bool)
-            or not isinstance(value, (int, float))
-            or not math.isfinite(value)
-            or value <= 0
-        ):
+        if value is not None and not is_positive_number(value):
             raise ValueError(f"{name} must be a finite number > 0, or None, got {value!r}.")
 
     return check
@@ -129,14 +131,10 @@ def check_rotary_scaling(rotary_scaling) -> None:
             f"keys ({ROTARY_SCALING_KEYS}), as a decoder's rope_parameters hold them, got {rotary_scaling!r}."
         )
     for key in keys:
-        value = rotary_scaling[key]
-        if (
-            isinstance(value, bool)
-            or not isinstance(value, (int, float))
-            or not math.isfinite(value)
-            or value <= 0
-        ):
-            raise ValueError(f"rotary_scaling[{key!r}] must be a finite number > 0, got {value!r}.")
+        if not is_positive_number(rotary_scaling[key]):
+            raise ValueError(
+                f"rotary_scaling[{key!r}] must be a finite number > 0, got {rotary_scaling[key]!r}."
+            )
     if rope_type == "llama3" and rotary_scaling["high_freq_factor"] <= rotary_scaling["low_freq_factor"]:
         raise ValueError(
             f"rotary_scaling's high_freq_factor ({rotary_scaling['high_freq_factor']}) must exceed its "
