@@ -82,8 +82,9 @@ Arms (same Pilot initialisation, data order and steps):
                       W_in f_C alone, not W_in f_C + E[x_j])
   pilot_copilot_token_gain  pilot_copilot with the cheap token term (token_embedding="gain": g * W_in[:, x_j],
                       d_C learnt gains, instead of the V x d_C table E)
-  pilot_copilot_qk_norm  pilot_copilot whose attention RMS-normalises each head's queries and keys
-                      (CopilotConfig.qk_norm, Qwen3's norms, there for copilot_init) from random weights
+  pilot_copilot_no_qk_norm  pilot_copilot whose attention does not RMS-normalise each head's queries and keys
+                      (CopilotConfig.qk_norm=False, the default before results/qk_norm/, where pilot_copilot_qk_norm
+                      measured today's default against it)
   pilot_copilot_paper_token_gain  pilot_copilot_paper with it
   pilot_copilot_paper_final_24_epochs  pilot_copilot_paper with 24 Copilot-only epochs (the default)
   pilot_copilot_paper_final_{12,24}_epochs_weight_decay_{0,0.1,0.3,1}  pilot_copilot_paper with both levers set (12
@@ -212,7 +213,7 @@ ARMS = (
     "pilot_copilot_paper_reweight",
     "pilot_copilot_paper_no_token_embedding",
     "pilot_copilot_token_gain",
-    "pilot_copilot_qk_norm",
+    "pilot_copilot_no_qk_norm",
     "pilot_copilot_paper_token_gain",
     "pilot_copilot_paper_final_24_epochs",
     *(f"pilot_copilot_paper_final_{epochs}_epochs_weight_decay_{decay}" for epochs, decay in PHASE_GRID),
@@ -454,11 +455,13 @@ class Experiment:
 
     def copilot_config(self, member: str = "small") -> CopilotConfig:
         """The Copilot's shape (a family member's, the small one by default, in the pretrained regime) with the
-        chosen error form."""
+        chosen error form. `qk_norm` is left unset: the default for the feedback mode in a random Copilot, the
+        member's own under copilot_init."""
         if self.family is None:
             config = SCRATCH_COPILOT
         else:
             config = copilot_config_like(AutoConfig.from_pretrained(self.family.members[member]))
+            config.qk_norm = None
         if self.error_form is None:
             return config
         # error_loss None: the form's own loss (the cross-entropy needs the reweight form).
@@ -698,8 +701,8 @@ def run(
         ablation_records("pilot_copilot_no_token_embedding", {"token_embedding": False})
     if "pilot_copilot_token_gain" in arms:
         ablation_records("pilot_copilot_token_gain", {"token_embedding": "gain"})
-    if "pilot_copilot_qk_norm" in arms:
-        ablation_records("pilot_copilot_qk_norm", {"qk_norm": True})
+    if "pilot_copilot_no_qk_norm" in arms:
+        ablation_records("pilot_copilot_no_qk_norm", {"qk_norm": False})
     for arm, change, training in (
         ("pilot_copilot_paper_no_memory_norm", {"memory_norm": False}, None),
         ("pilot_copilot_paper_no_projected_memory_norm", {"projected_memory_norm": False}, None),

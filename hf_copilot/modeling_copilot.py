@@ -760,6 +760,9 @@ class PilotCopilotMixin:
             copilot_config = (
                 copilot_config_like(copilot_init.config) if copilot_init is not None else CopilotConfig()
             )
+        elif copilot_init is not None and copilot_config.qk_norm is None:
+            # Unset, the query and key norms are the decoder's, so that its copied layers compute what they did.
+            copilot_config.qk_norm = copilot_config_like(copilot_init.config).qk_norm
         config = cls.config_class(
             text_config=pilot.config,
             copilot_config=copilot_config,

@@ -330,6 +330,21 @@ def test_the_memory_norm_follows_the_feedback_the_copilot_is_built_for(feedback,
 
 
 @pytest.mark.parametrize(
+    ("feedback", "qk_norm", "expected"),
+    [("observed", None, True), ("copilot", None, False), ("observed", False, False), ("copilot", True, True)],
+)
+def test_the_query_and_key_norms_follow_the_feedback_the_copilot_is_built_for(feedback, qk_norm, expected):
+    """Unset, a Copilot built for observed feedback RMS-normalises each head's queries and keys and one built for the
+    paper's mode does not; set, it is what the user asked for. The caller's config is left unset."""
+    config = tiny_copilot_config(qk_norm=qk_norm)
+    model = PilotCopilotForCausalLM.from_pilot(build_pilot("llama"), config, copilot_feedback=feedback)
+    assert model.copilot.config.qk_norm is expected
+    attentions = [layer.self_attn for layer in model.copilot.layers]
+    assert {(a.q_norm is not None, a.k_norm is not None) for a in attentions} == {(expected, expected)}
+    assert config.qk_norm is qk_norm
+
+
+@pytest.mark.parametrize(
     ("feedback", "error_form", "error_loss", "expected"),
     [
         ("observed", None, None, ("reweight", "cross_entropy")),

@@ -5,6 +5,8 @@ Most tests run once per Pilot architecture (the `arch` fixture of conftest.py).
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -648,6 +650,28 @@ def test_copilot_init_names_the_weights_it_cannot_copy():
     layer, source = model.copilot.layers[1], decoder.model.layers[1]
     assert torch.equal(layer.mlp.down_proj.weight, source.mlp.down_proj.weight)
     assert layer.self_attn.q_proj.weight.shape != source.self_attn.q_proj.weight.shape
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+@torch.no_grad()
+def test_copilot_init_with_a_copilot_config_takes_the_decoders_query_and_key_norms_unless_set(family):
+    """Left unset in a config given with copilot_init, `qk_norm` is the decoder's (not observed feedback's default),
+    so every layer weight is copied; set, it is kept, and the weights the decoder lacks are named."""
+    decoder = build_decoder(family)
+    copilot_config = copilot_config_like(decoder.config)
+    copilot_config.qk_norm = None
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model = PilotCopilotForCausalLM.from_pilot(build_pilot("llama"), copilot_config, copilot_init=decoder)
+    assert model.copilot.config.qk_norm is (family == "qwen3")
+    assert_copilot_copies_decoder(model, decoder)
+    if family == "llama":
+        copilot_config.qk_norm = True
+        with pytest.warns(UserWarning, match=r"4 keep their random initialisation.*q_norm"):
+            model = PilotCopilotForCausalLM.from_pilot(
+                build_pilot("llama"), copilot_config, copilot_init=decoder
+            )
+        assert model.copilot.config.qk_norm is True
 
 
 def test_copilot_init_with_another_vocabulary_raises():

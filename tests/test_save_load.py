@@ -176,7 +176,7 @@ def test_a_whole_checkpoint_with_missing_or_extra_tensors_is_refused_naming_them
             loader.from_pretrained(tmp_path)
     if drop == "copilot.":
         assert problems == [
-            "missing tensors: 23 (copilot.error_head.weight, copilot.error_proj.weight, "
+            "missing tensors: 27 (copilot.error_head.weight, copilot.error_proj.weight, "
             "copilot.layers.0.input_layernorm.weight, ...)"
         ]
 
@@ -465,6 +465,20 @@ def test_a_checkpoint_saved_before_projected_memory_norm_existed_loads_without_i
     loaded = PilotCopilotForCausalLM.from_pretrained(folder).eval()
     assert loaded.copilot.config.projected_memory_norm is False
     assert isinstance(loaded.copilot.projected_memory_norm, torch.nn.Identity)
+    assert_same_outputs(model.eval(), loaded)
+
+
+@pytest.mark.parametrize("copilot_only", [False, True])
+def test_a_checkpoint_saved_before_qk_norm_was_the_default_loads_without_it(copilot_only, tmp_path):
+    """Such files have no `qk_norm`: a Copilot built for observed feedback gets the norms today; it loads as it was
+    trained, without (no missing weight initialised), and gives the same outputs."""
+    pilot = saved_pilot("llama", tmp_path / "pilot")
+    model = build_pilot_copilot(pilot, tiny_copilot_config(qk_norm=False))
+    folder = saved_as_an_earlier_version(model, tmp_path / "model", copilot_only, "qk_norm")
+
+    loaded = PilotCopilotForCausalLM.from_pretrained(folder).eval()
+    assert loaded.copilot.config.qk_norm is False
+    assert all(layer.self_attn.q_norm is None for layer in loaded.copilot.layers)
     assert_same_outputs(model.eval(), loaded)
 
 

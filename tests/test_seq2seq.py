@@ -605,7 +605,7 @@ def test_assisted_decoding_matches_fused_greedy(arch, feedback, monkeypatch):
     """Drafts from the fused model's own Pilot are accepted or rejected by the fused scores, so the tokens are
     fused greedy's; rejected drafts roll the Copilot's state back several positions."""
     model = fused_model(arch, copilot_feedback=feedback, copilot_lambda=0.3)
-    inputs = source()
+    inputs = source(seed=1)
     expected = greedy(model, inputs)
     assert not torch.equal(expected, greedy(model, inputs, copilot_lambda=0.0))
     crops = []
@@ -1033,7 +1033,7 @@ def test_copilot_trainer_with_a_window_replays_encoder_decoder_entries(tmp_path)
 
 
 def test_evaluation_reports_pilot_and_fused_token_accuracy_on_unshifted_labels(tmp_path):
-    model = build_model("t5", seed=1)  # a seed whose Pilot and fused choices score differently
+    model = build_model("t5", seed=2)  # a seed whose Pilot and fused choices score differently
     trainer = copilot_trainer(tmp_path, model=model, per_device_eval_batch_size=3)
     rows = reversal_rows(7, seed=1)
     metrics = trainer.evaluate(eval_dataset=rows)
