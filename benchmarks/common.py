@@ -3,6 +3,7 @@ commands of merged results, the JSON and markdown a result folder holds."""
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import platform
@@ -21,6 +22,10 @@ def layer_matmul_params(d: int, heads: int, kv_heads: int, ff: int) -> tuple[int
 
 
 def copilot_param_count(copilot: CopilotConfig, pilot_hidden: int, vocab: int) -> int:
+    """The Copilot's parameters; fields left to the feedback mode counted as a Copilot built for observed feedback
+    gets them."""
+    copilot = copy.deepcopy(copilot)
+    copilot.resolve_for_feedback("observed")  # fills only the fields left unset
     d = copilot.hidden_size
     qo, kv, mlp = layer_matmul_params(
         d, copilot.num_attention_heads, copilot.num_key_value_heads, copilot.intermediate_size
@@ -30,7 +35,8 @@ def copilot_param_count(copilot: CopilotConfig, pilot_hidden: int, vocab: int) -
     projected_memory_norm = d if copilot.projected_memory_norm else 0
     vocabulary_tables = (3 if copilot.token_embedding is True else 2) * vocab * d  # W_in, W_out (and E)
     token_gain = d if copilot.token_embedding == "gain" else 0
-    layers = copilot.num_hidden_layers * (qo + kv + mlp + 2 * d)
+    qk_norms = 2 * copilot.head_dim if copilot.qk_norm else 0
+    layers = copilot.num_hidden_layers * (qo + kv + mlp + 2 * d + qk_norms)
     return vocabulary_tables + token_gain + memory_proj + memory_norm + projected_memory_norm + layers + d
 
 

@@ -86,6 +86,8 @@ Arms (same Pilot initialisation, data order and steps):
                       (CopilotConfig.qk_norm=False, the default before results/qk_norm/, where pilot_copilot_qk_norm
                       measured today's default against it)
   pilot_copilot_paper_token_gain  pilot_copilot_paper with it
+  pilot_copilot_paper_qk_norm  pilot_copilot_paper with query and key norms (qk_norm=True, off by default for
+                      that mode)
   pilot_copilot_paper_final_24_epochs  pilot_copilot_paper with 24 Copilot-only epochs (the default)
   pilot_copilot_paper_final_{12,24}_epochs_weight_decay_{0,0.1,0.3,1}  pilot_copilot_paper with both levers set (12
                       epochs without weight decay: the default before 24 with 1)
@@ -215,6 +217,7 @@ ARMS = (
     "pilot_copilot_token_gain",
     "pilot_copilot_no_qk_norm",
     "pilot_copilot_paper_token_gain",
+    "pilot_copilot_paper_qk_norm",
     "pilot_copilot_paper_final_24_epochs",
     *(f"pilot_copilot_paper_final_{epochs}_epochs_weight_decay_{decay}" for epochs, decay in PHASE_GRID),
     "pilot_copilot_paper_fraction_half",
@@ -709,6 +712,7 @@ def run(
         ("pilot_copilot_paper_reweight", {"error_form": "reweight"}, None),
         ("pilot_copilot_paper_no_token_embedding", {"token_embedding": False}, None),
         ("pilot_copilot_paper_token_gain", {"token_embedding": "gain"}, None),
+        ("pilot_copilot_paper_qk_norm", {"qk_norm": True}, None),
         ("pilot_copilot_paper_final_24_epochs", {}, {"copilot_final_epochs": 24.0}),
         *(
             (
