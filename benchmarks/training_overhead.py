@@ -67,6 +67,7 @@ HEAD_LABELS = {
     "paper": "linear, the paper's feedback",
     "token_gain": "reweight, cross-entropy, token gains",
     "no_token_embedding": "reweight, cross-entropy, no token term",
+    "no_qk_norm": "reweight, cross-entropy, no query and key norms",
 }
 # The heads that change the default Copilot's token term (CopilotConfig.token_embedding), at the same shape.
 TOKEN_TERMS = {"token_gain": "gain", "no_token_embedding": False}
@@ -86,7 +87,8 @@ NOTES = [
     "feedback mode with its defaults (the linear head, memory_norm), trained with its own first-pass predictions "
     "fed back at answer positions (`copilot_stream`, W_in W_out applied to the first pass's head input); "
     "`token_gain` and `no_token_embedding` the default head at the same shape with the token term as d_C gains "
-    "on W_in's columns (`token_embedding='gain'`) or without one, instead of the [V, d_C] table. All heads of a "
+    "on W_in's columns (`token_embedding='gain'`) or without one, instead of the [V, d_C] table; `no_qk_norm` "
+    "the default head at the same shape without the query and key norms (`qk_norm=False`). All heads of a "
     "ratio run in the same interleaved rounds.",
     "- Optimised after profiling (same results, tested): `PilotErrors.squared_distance` has a hand-written "
     "backward, and `MistakeLog.add` builds no [B,T,V] temporaries for its statistics.",
@@ -667,7 +669,8 @@ def main(argv: list[str] | None = None) -> dict:
         help="Copilot heads per ratio, in the same interleaved rounds: default (the reweight head on the "
         "cross-entropy), linear (the paper's head on the squared error), formed / linear_formed (that head with "
         "f_C formed, as a hooked head trains), paper (the paper's feedback mode: its own predictions fed back), "
-        "token_gain / no_token_embedding (the default at the same shape with token_embedding='gain' / False)",
+        "token_gain / no_token_embedding (the default at the same shape with token_embedding='gain' / False), "
+        "no_qk_norm (the default at the same shape with qk_norm=False)",
     )
     parser.add_argument(
         "--optim",
@@ -731,6 +734,8 @@ def main(argv: list[str] | None = None) -> dict:
             config.error_form = "linear"
         if head in TOKEN_TERMS:  # the same shape, another token term: what the default's table costs
             config.token_embedding = TOKEN_TERMS[head]
+        if head == "no_qk_norm":  # the same shape without what the default's query and key norms cost
+            config.qk_norm = False
         # paper: the paper's feedback mode with its defaults (the linear head, memory_norm); CopilotTrainer then
         # feeds the Copilot its own first-pass predictions at answer positions (copilot_feedback_fraction=1).
         feedback = "copilot" if head == "paper" else "observed"

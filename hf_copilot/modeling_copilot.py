@@ -84,7 +84,9 @@ class CopilotMLP(nn.Module):
         return self.down_proj(self.act_fn(self.gate_proj(hidden)) * self.up_proj(hidden))
 
 
-Rotation = tuple[torch.Tensor, torch.Tensor]  # cos, sin [L, head_dim] of the positions of L rows
+# cos and signed sin [L, head_dim] of the positions of L rows: sin with its first half negated, so that `rotate`
+# reads the rotated-half states with one roll.
+Rotation = tuple[torch.Tensor, torch.Tensor]
 
 
 @dataclass
@@ -122,14 +124,16 @@ def rotation_at(
     query sees it at the same angle."""
     frequencies = rotary_frequencies(head_dim, base, scaling, positions.device)
     angles = positions.clamp_min(0).float()[:, None] * frequencies[None, :]  # [L, half]
-    return angles.cos().repeat(1, 2).to(dtype), angles.sin().repeat(1, 2).to(dtype)
+    sin = angles.sin()
+    return angles.cos().repeat(1, 2).to(dtype), torch.cat([-sin, sin], dim=-1).to(dtype)
 
 
 def rotate(states: torch.Tensor, rotation: Rotation) -> torch.Tensor:
-    """`states` [B, H, L, head_dim] rotated by the angles of their L positions."""
-    cos, sin = rotation
-    half = states.shape[-1] // 2
-    return states * cos + torch.cat([-states[..., half:], states[..., :half]], dim=-1) * sin
+    """`states` [B, H, L, head_dim] rotated by the angles of their L positions: LLaMA's
+    `states * cos + rotate_half(states) * sin`, to the bit, where rotate_half's slices, negation and concatenation
+    are one roll against the signed sin (four operators fewer per rotation, one [B, H, L, head_dim] tensor fewer)."""
+    cos, signed_sin = rotation
+    return states * cos + states.roll(states.shape[-1] // 2, -1) * signed_sin
 
 
 class TokenGain(nn.Module):

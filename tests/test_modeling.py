@@ -352,8 +352,12 @@ def test_rotary_positions_are_llamas(scaling):
         )
         cos, sin = LlamaRotaryEmbedding(llama)(states, positions.clamp_min(0)[None])
         expected, _ = apply_rotary_pos_emb(states, states, cos, sin)
-        rotated = rotate(states, rotation_at(positions, head_dim, base, states.dtype, scaling))
+        cos, signed_sin = rotation_at(positions, head_dim, base, states.dtype, scaling)
+        rotated = rotate(states, (cos, signed_sin))
         assert torch.allclose(rotated, expected, atol=1e-5, rtol=0), base
+        # At the same angles, the roll against the signed sin is LLaMA's rotate-half formula to the bit.
+        sin = torch.cat([-signed_sin[:, : head_dim // 2], signed_sin[:, head_dim // 2 :]], dim=-1)
+        assert torch.equal(rotated, apply_rotary_pos_emb(states, states, cos[None], sin[None])[0])
         assert torch.equal(rotated[:, :, 0], states[:, :, 0])
         if scaling is not None:  # the scaling is read: unscaled angles differ
             unscaled = rotate(states, rotation_at(positions, head_dim, base, states.dtype))
