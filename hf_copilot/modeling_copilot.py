@@ -119,8 +119,8 @@ def rotary_frequencies(
 def rotation_at(
     positions: torch.Tensor, head_dim: int, base: float, dtype: torch.dtype, scaling: dict | None = None
 ) -> Rotation:
-    """LLaMA's rotary angles at `positions` [L] (rotate-half layout, so a pretrained LLaMA decoder's query/key
-    weights keep their meaning). Position -1 (an encoder-decoder Pilot's encoder output) is not rotated: every
+    """LLaMA's rotary angles at `positions` [L] as `rotate` reads them, cos and signed sin (rotate-half layout, so a
+    pretrained LLaMA decoder's query/key weights keep their meaning). Position -1 (an encoder-decoder Pilot's encoder output) is not rotated: every
     query sees it at the same angle."""
     frequencies = rotary_frequencies(head_dim, base, scaling, positions.device)
     angles = positions.clamp_min(0).float()[:, None] * frequencies[None, :]  # [L, half]
