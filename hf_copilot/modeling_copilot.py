@@ -64,10 +64,17 @@ class CopilotRMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        dtype = hidden.dtype
-        hidden = hidden.float()
-        hidden = hidden * torch.rsqrt(hidden.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * hidden.to(dtype)
+        # In fp32 the casts would be no-ops, each still dispatched in inference mode.
+        in_fp32 = hidden.dtype == torch.float32
+        normed = hidden if in_fp32 else hidden.float()
+        normed = normed * torch.rsqrt(normed.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * (normed if in_fp32 else normed.to(hidden.dtype))
+
+
+def residual_dropout(config: CopilotConfig) -> nn.Module:
+    """The dropout on a layer's residual branches; none at probability 0 (the default), where nn.Dropout would still
+    dispatch an operator per call in inference mode."""
+    return nn.Dropout(config.hidden_dropout) if config.hidden_dropout > 0 else nn.Identity()
 
 
 class CopilotMLP(nn.Module):
@@ -240,7 +247,7 @@ class CopilotLayer(nn.Module):
         self.self_attn = CopilotAttention(config)
         self.post_attention_layernorm = CopilotRMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = CopilotMLP(config)
-        self.dropout = nn.Dropout(config.hidden_dropout)
+        self.dropout = residual_dropout(config)
 
     def forward(
         self,
@@ -284,7 +291,7 @@ class CopilotEncoderDecoderLayer(nn.Module):
         self.cross_attn = CopilotAttention(config)
         self.post_attention_layernorm = CopilotRMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = CopilotMLP(config)
-        self.dropout = nn.Dropout(config.hidden_dropout)
+        self.dropout = residual_dropout(config)
 
     def forward(
         self,
@@ -624,6 +631,8 @@ class CopilotModel(CopilotPreTrainedModel):
 
             def rows(at: torch.Tensor) -> Rotation:
                 at = at.clamp_min(0)
+                if dtype == cos.dtype:  # no cast to dispatch
+                    return cos[at], sin[at]
                 return cos[at].to(dtype), sin[at].to(dtype)
 
             positions.rotations = (rows(query_positions), rows(memory_positions))

@@ -84,6 +84,19 @@ def test_pilot_loss_is_exactly_the_pilots_own_loss_under_gradient_accumulation(a
     assert torch.equal(model(**batch, num_items_in_batch=num_items).pilot_loss, expected)
 
 
+@pytest.mark.parametrize("hidden_dropout", [0.0, 0.5])
+@torch.no_grad()
+def test_the_residual_dropout_acts_in_training_only_and_only_when_set(hidden_dropout):
+    """hidden_dropout > 0 drops on a training pass (two passes differ), never in eval; at 0 training is
+    deterministic."""
+    model = build_pilot_copilot("llama", tiny_copilot_config(hidden_dropout=hidden_dropout)).train()
+    batch = build_batch()
+    first, second = (model(**batch).copilot_loss for _ in range(2))
+    assert torch.equal(first, second) is (hidden_dropout == 0)
+    model.eval()
+    assert torch.equal(model(**batch).copilot_loss, model(**batch).copilot_loss)
+
+
 def test_copilot_loss_backpropagates_into_no_pilot_parameter(arch):
     model = build_pilot_copilot(arch)
     model(**build_batch()).copilot_loss.backward()
