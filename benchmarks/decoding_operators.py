@@ -34,12 +34,12 @@ from hf_copilot import PilotCopilotForCausalLM  # noqa: E402
 RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "decoding_operators")
 SHORT, LONG = 8, 24  # new tokens of the two runs whose difference is counted
 SHOWN = 25  # rows of the markdown tables
-PILOT_AND_REST = "the Pilot's forward and the rest"
+PILOT_FORWARD = "the Pilot's forward (its modeling code)"
 
 
 class OperatorCount(TorchDispatchMode):
     """Counts every aten operator by name and by the innermost hf_copilot or transformers-generation line
-    that called it (`PILOT_AND_REST` otherwise)."""
+    that called it (`caller_line`)."""
 
     def __init__(self):
         super().__init__()
@@ -53,11 +53,15 @@ class OperatorCount(TorchDispatchMode):
 
 
 def caller_line() -> str:
+    """The innermost frame of the Pilot's modeling code (then `PILOT_FORWARD`), of hf_copilot or of transformers'
+    generation code on the stack."""
     for frame in reversed(traceback.extract_stack()[:-2]):
+        if "transformers/models/" in frame.filename:
+            return PILOT_FORWARD
         for package in ("hf_copilot/", "transformers/generation/"):
             if package in frame.filename:
                 return f"{package}{frame.filename.split(package)[-1]}:{frame.lineno} `{frame.line}`"
-    return PILOT_AND_REST
+    return "elsewhere"
 
 
 def counts_per_token(model, prompt: torch.Tensor) -> tuple[dict, dict]:
@@ -125,8 +129,8 @@ def markdown(payload: dict) -> str:
         "",
         "## Fused generation's operators by the line that called them",
         "",
-        "The innermost line of hf_copilot or of transformers' generation code on the stack; the Pilot's own "
-        "forward has none (its row).",
+        "The innermost line of the Pilot's modeling code (one row for all of it), of hf_copilot or of "
+        "transformers' generation code on the stack.",
         "",
         *table("line", "fused_by_line"),
         "",
@@ -137,7 +141,7 @@ def markdown(payload: dict) -> str:
 def write_plot(path: str, payload: dict) -> None:
     figure, axes = plt.subplots(1, len(payload["modes"]), figsize=(13, 6), sharex=True)
     for axis, (mode, counts) in zip(axes, payload["modes"].items(), strict=True):
-        rows = [row for row in counts["fused_by_line"] if row[0] != PILOT_AND_REST][:15]
+        rows = [row for row in counts["fused_by_line"] if row[0] != PILOT_FORWARD][:15]
         labels = [line.split(" `")[0].split("/")[-1] for line, _ in rows][::-1]
         axis.barh(labels, [count for _, count in rows][::-1], color="tab:orange")
         axis.set_xlabel("aten operators per new token")
@@ -145,7 +149,10 @@ def write_plot(path: str, payload: dict) -> None:
             f"{mode}: {counts['fused'] - counts['pilot']:g} a token beyond the Pilot's {counts['pilot']:g}",
             fontsize=10,
         )
-    figure.suptitle("Fused decoding at batch 1: where the Copilot's operators come from", fontsize=11)
+    figure.suptitle(
+        "Fused decoding at batch 1: operators a token by calling line, the Pilot's forward left out",
+        fontsize=11,
+    )
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     plt.close(figure)
