@@ -35,6 +35,8 @@ RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"
 SHORT, LONG = 8, 24  # new tokens of the two runs whose difference is counted
 SHOWN = 25  # rows of the markdown tables
 PILOT_FORWARD = "the Pilot's forward (its modeling code)"
+# generate()'s own grad mode, and the one benchmarks/generation_overhead.py times under
+MODES = {"no_grad": torch.no_grad, "inference_mode": torch.inference_mode}
 
 
 class OperatorCount(TorchDispatchMode):
@@ -78,9 +80,6 @@ def counts_per_token(model, prompt: torch.Tensor) -> tuple[dict, dict]:
         return {key: (b[key] - a[key]) / per_token for key in b if b[key] != a[key]}
 
     return difference(short.by_name, long.by_name), difference(short.by_line, long.by_line)
-
-
-MODES = {"no_grad": torch.no_grad, "inference_mode": torch.inference_mode}
 
 
 def by_count(counts: dict) -> list[tuple[str, float]]:

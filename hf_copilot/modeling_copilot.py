@@ -127,8 +127,8 @@ def rotation_at(
     positions: torch.Tensor, head_dim: int, base: float, dtype: torch.dtype, scaling: dict | None = None
 ) -> Rotation:
     """LLaMA's rotary angles at `positions` [L] as `rotate` reads them, cos and signed sin (rotate-half layout, so a
-    pretrained LLaMA decoder's query/key weights keep their meaning). Position -1 (an encoder-decoder Pilot's encoder output) is not rotated: every
-    query sees it at the same angle."""
+    pretrained LLaMA decoder's query/key weights keep their meaning). Position -1 (an encoder-decoder Pilot's
+    encoder output) is not rotated: every query sees it at the same angle."""
     frequencies = rotary_frequencies(head_dim, base, scaling, positions.device)
     angles = positions.clamp_min(0).float()[:, None] * frequencies[None, :]  # [L, half]
     sin = angles.sin()
@@ -627,13 +627,13 @@ class CopilotModel(CopilotPreTrainedModel):
         `num_positions`: more than the largest position (a Python number, so a compiled step needs no sync)."""
         positions = Positions(query_positions, memory_positions)
         if self.config.position_encoding == "rope":
-            cos, sin = self.rotary_table(num_positions, query_positions.device)
+            cos, signed_sin = self.rotary_table(num_positions, query_positions.device)
 
             def rows(at: torch.Tensor) -> Rotation:
                 at = at.clamp_min(0)
                 if dtype == cos.dtype:  # no cast to dispatch
-                    return cos[at], sin[at]
-                return cos[at].to(dtype), sin[at].to(dtype)
+                    return cos[at], signed_sin[at]
+                return cos[at].to(dtype), signed_sin[at].to(dtype)
 
             positions.rotations = (rows(query_positions), rows(memory_positions))
         return positions
