@@ -202,7 +202,8 @@ class CopilotConfig(PreTrainedConfig):
     # RMS-normalise each head's queries and keys before the rotation (Qwen3's q_norm / k_norm). copilot_init sets it
     # as the decoder has it, so the copied attention weights keep their meaning. None: on for a Copilot built for
     # observed feedback, where a random Copilot with it was ahead on the mean in seven settings of the protocol's
-    # eleven, level in three, behind in one (benchmarks/results/qk_norm/); off for the paper's mode, unmeasured there.
+    # eleven, level in three, behind in one (benchmarks/results/qk_norm/); off for the paper's mode, where it was
+    # mixed, ahead on four settings of eight and behind on three (benchmarks/results/qk_norm_paper/).
     qk_norm: bool | None = None
     attention_dropout: int | float = probability(default=0.0)
     hidden_dropout: int | float = probability(default=0.0)
