@@ -440,6 +440,12 @@ def rotary_scaling_like(rope_parameters: dict) -> dict | None:
     return None
 
 
+def has_query_key_norms(decoder_config) -> bool:
+    """Whether a decoder normalises each head's queries and keys (CopilotConfig.qk_norm for a Copilot that copies it,
+    not left to the feedback mode)."""
+    return decoder_config.get_text_config().model_type in QK_NORM_MODEL_TYPES
+
+
 def copilot_config_like(decoder_config) -> CopilotConfig:
     """A Copilot shaped like a pretrained decoder, so all of its layer weights can be copied: a LLaMA/Qwen2/
     Qwen3/Mistral layout, or a T5 layout's decoder (then the encoder-decoder Copilot, one layer per decoder block).
@@ -454,7 +460,7 @@ def copilot_config_like(decoder_config) -> CopilotConfig:
             intermediate_size=text.d_ff,
             hidden_act=text.dense_act_fn,
             rms_norm_eps=text.layer_norm_epsilon,
-            qk_norm=False,
+            qk_norm=has_query_key_norms(decoder_config),
             encoder_decoder=True,
         )
     layers = text.num_hidden_layers - text.num_hidden_layers % 2
@@ -467,7 +473,7 @@ def copilot_config_like(decoder_config) -> CopilotConfig:
         num_hidden_layers=max(2, layers),
         num_attention_heads=text.num_attention_heads,
         attention_head_dim=None if head_dim == text.hidden_size // text.num_attention_heads else head_dim,
-        qk_norm=text.model_type in QK_NORM_MODEL_TYPES,
+        qk_norm=has_query_key_norms(decoder_config),
         num_key_value_heads=getattr(text, "num_key_value_heads", None) or text.num_attention_heads,
         intermediate_size=text.intermediate_size,
         hidden_act=getattr(text, "hidden_act", "silu"),

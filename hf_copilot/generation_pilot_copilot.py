@@ -20,6 +20,7 @@ from .mistake_log_entry import (
     CopilotLossTerms,
     MistakeLogEntry,
     answer_token_positions,
+    as_dtype,
     copilot_cross_entropy,
     copilot_head_cross_entropy,
     copilot_head_squared_error,
@@ -74,7 +75,7 @@ def fuse_reweighted_logits(
     vocabulary where forming f_C and fusing it take eight."""
     if copilot_lambda == 1 and fusion == "probs":
         fused = reweighted_logits.log_softmax(-1).clamp_min_(LOG_PROBABILITY_FLOOR)  # fp32 or wider
-        return fused.to(pilot_logits.dtype)
+        return as_dtype(fused, pilot_logits.dtype)
     predicted_error = error_of_fused_logits(reweighted_logits, pilot_probs, reweighted_logits.dtype)
     return fuse_scores(pilot_logits, predicted_error, copilot_lambda, fusion, pilot_probs)
 
@@ -686,7 +687,9 @@ def copilot_generation_step(
     # The paper's mode reads W_in p only at prompt positions (observed errors): generated rows skip it.
     observed_rows = rows if copilot_feedback == "observed" else rows - (new - known)
     if embedded_probs is None:
-        recorded_probs = F.linear(probs[:, new - rows : new - rows + observed_rows].to(weight.dtype), weight)
+        recorded_probs = F.linear(
+            as_dtype(probs[:, new - rows : new - rows + observed_rows], weight.dtype), weight
+        )
     else:  # these rows lie within the known positions
         recorded_probs = embedded_probs[:, new - rows : new - rows + observed_rows]
     state.record(

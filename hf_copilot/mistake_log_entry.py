@@ -18,10 +18,16 @@ REWEIGHT_PROBABILITY_FLOOR = 1e-30
 HEAD_BLOCK_ELEMENTS = 1 << 22
 
 
+def as_dtype(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """`tensor` in `dtype`: itself when it already is, without the cast to its own dtype that inference mode still
+    dispatches as an operator (a decoding step's tensors mostly are in the dtype asked for)."""
+    return tensor if tensor.dtype == dtype else tensor.to(dtype)
+
+
 def floored_log(probs: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """log p in `dtype` (a new tensor), p floored at `REWEIGHT_PROBABILITY_FLOOR`: what the reweight head adds
     its output to."""
-    return probs.to(dtype).clamp_min(REWEIGHT_PROBABILITY_FLOOR).log_()
+    return as_dtype(probs, dtype).clamp_min(REWEIGHT_PROBABILITY_FLOOR).log_()
 
 
 def error_of_fused_logits(
@@ -491,7 +497,7 @@ def mistake_log_entry_from_pilot_pass(
     if labels is not None:
         loss_mask[:, :-1] = labels[:, 1:] != -100
         loss_mask &= has_next
-    probs = torch.softmax(logits.detach().float(), dim=-1)
+    probs = torch.softmax(as_dtype(logits.detach(), torch.float32), dim=-1)
     errors = PilotErrors(targets=targets, mask=has_next, vocab_size=logits.shape[-1], probs=probs)
     return MistakeLogEntry(
         x_tilde=hidden_states[0].detach(),
@@ -538,7 +544,7 @@ def mistake_log_entry_from_seq2seq_pass(
         encoder_attention_mask = torch.ones(
             encoder_output.shape[:2], dtype=torch.bool, device=encoder_output.device
         )
-    probs = torch.softmax(logits.detach().float(), dim=-1)
+    probs = torch.softmax(as_dtype(logits.detach(), torch.float32), dim=-1)
     errors = PilotErrors(targets=targets, mask=has_next, vocab_size=logits.shape[-1], probs=probs)
     return MistakeLogEntry(
         x_tilde=encoder_output.detach(),

@@ -46,6 +46,7 @@ from .configuration_pilot_copilot import (
     WRAPPER_SETTINGS,
     CopilotConfig,
     copilot_config_like,
+    has_query_key_norms,
     validate_fusion_settings,
 )
 from .generation_pilot_copilot import (
@@ -54,7 +55,7 @@ from .generation_pilot_copilot import (
     CopilotLogitsProcessor,
     StaticCopilotKVCache,
 )
-from .mistake_log_entry import PilotErrors, error_of_fused_logits, floored_log
+from .mistake_log_entry import PilotErrors, as_dtype, error_of_fused_logits, floored_log
 
 
 class CopilotRMSNorm(nn.Module):
@@ -64,11 +65,9 @@ class CopilotRMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        # In fp32 the casts would be no-ops, each still dispatched in inference mode.
-        in_fp32 = hidden.dtype == torch.float32
-        normed = hidden if in_fp32 else hidden.float()
+        normed = as_dtype(hidden, torch.float32)
         normed = normed * torch.rsqrt(normed.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * (normed if in_fp32 else normed.to(hidden.dtype))
+        return self.weight * as_dtype(normed, hidden.dtype)
 
 
 def residual_dropout(config: CopilotConfig) -> nn.Module:
@@ -353,7 +352,7 @@ def reweighted_logits(head_output: torch.Tensor, pilot_probs: torch.Tensor) -> t
     """log p + W_out h, in fp32 at least: the reweight form's p + f_C is their softmax (its cross-entropy reads
     them). One new [B,T,V] tensor."""
     dtype = torch.promote_types(head_output.dtype, torch.float32)
-    return floored_log(pilot_probs, dtype).add_(head_output.to(dtype))
+    return floored_log(pilot_probs, dtype).add_(as_dtype(head_output, dtype))
 
 
 def interleaved_memory(x_tilde: torch.Tensor, h_bar: torch.Tensor) -> torch.Tensor:
@@ -489,9 +488,9 @@ class CopilotModel(CopilotPreTrainedModel):
         if self.token_embedding is None:
             return rows
         if isinstance(self.token_embedding, TokenGain):
-            embedded = self.token_embedding(tokens, self.error_proj.weight).to(rows.dtype)
+            embedded = as_dtype(self.token_embedding(tokens, self.error_proj.weight), rows.dtype)
         else:
-            embedded = self.token_embedding(tokens).to(rows.dtype)
+            embedded = as_dtype(self.token_embedding(tokens), rows.dtype)
         if mask is not None:
             embedded = embedded * mask.unsqueeze(-1).to(rows.dtype)
         return rows + embedded
@@ -613,7 +612,7 @@ class CopilotModel(CopilotPreTrainedModel):
     def project_memory(self, memory: torch.Tensor) -> torch.Tensor:
         """The Pilot's states as the cross-attention reads them: RMS-normed if `memory_norm`, projected to d_C,
         RMS-normed again if `projected_memory_norm`."""
-        projected = self.memory_proj(self.memory_norm(memory.to(self.error_proj.weight.dtype)))
+        projected = self.memory_proj(self.memory_norm(as_dtype(memory, self.error_proj.weight.dtype)))
         return self.projected_memory_norm(projected)
 
     def positions(
@@ -631,9 +630,7 @@ class CopilotModel(CopilotPreTrainedModel):
 
             def rows(at: torch.Tensor) -> Rotation:
                 at = at.clamp_min(0)
-                if dtype == cos.dtype:  # no cast to dispatch
-                    return cos[at], signed_sin[at]
-                return cos[at].to(dtype), signed_sin[at].to(dtype)
+                return as_dtype(cos[at], dtype), as_dtype(signed_sin[at], dtype)
 
             positions.rotations = (rows(query_positions), rows(memory_positions))
         return positions
@@ -775,7 +772,7 @@ class PilotCopilotMixin:
             )
         elif copilot_init is not None and copilot_config.qk_norm is None:
             # Unset, the query and key norms are the decoder's, so that its copied layers compute what they did.
-            copilot_config.qk_norm = copilot_config_like(copilot_init.config).qk_norm
+            copilot_config.qk_norm = has_query_key_norms(copilot_init.config)
         config = cls.config_class(
             text_config=pilot.config,
             copilot_config=copilot_config,
