@@ -75,8 +75,9 @@ NOTES = [
     "- The FLOP ratio counts matmuls and attention only. The Copilot also makes memory-bound passes over "
     "[B,T,V] tensors that cost no matmul FLOPs: the softmax of the Mistake Log entry, and with a log that "
     "stores entries the top-k compaction. On this VM each fresh [B,T,V] float32 buffer (131 MB at the full "
-    "setup) also costs ~70-100 ms of page faults. This weighs most at the smallest ratio, where the Copilot's "
-    "matmuls are cheap.",
+    "setup) also costs ~70-100 ms of page faults: a training pass on CPU writes the entry's softmax into a buffer "
+    "it reuses once nothing holds the last one (`ReusableBuffer`). This weighs most at the smallest ratio, where "
+    "the Copilot's matmuls are cheap.",
     "- Heads: `default` is what CopilotConfig() trains for the default observed feedback, the reweight head on "
     "the cross-entropy, whose training pass reads W_out's weight (`PilotErrors.head_cross_entropy`: blocks "
     "of rows in one reused 16 MB buffer, the gradients computed with the loss, three vocabulary-sized "

@@ -55,7 +55,13 @@ from .generation_pilot_copilot import (
     CopilotLogitsProcessor,
     StaticCopilotKVCache,
 )
-from .mistake_log_entry import PilotErrors, as_dtype, error_of_fused_logits, floored_log
+from .mistake_log_entry import (
+    PilotErrors,
+    ReusableBuffer,
+    as_dtype,
+    error_of_fused_logits,
+    floored_log,
+)
 
 
 class CopilotRMSNorm(nn.Module):
@@ -909,6 +915,24 @@ class PilotCopilotMixin:
         the caller passed neither labels nor `return_fused`, as a tool that scores text with `model(...).logits`
         does. Training and evaluation pass labels, generate() passes `return_fused=False`: they keep the Pilot's."""
         return return_fused is None and labels is None and self.config.forward_logits == "fused"
+
+    def pilot_probs_out(self, logits: torch.Tensor) -> torch.Tensor | None:
+        """Where a training pass on CPU writes the Pilot's probabilities: a buffer reused from pass to pass while
+        nothing holds the last one (`ReusableBuffer`), since mapping a fresh [B,T,V] tensor there costs more than
+        the softmax. None elsewhere: GPU allocators cache their blocks, and evaluation and generation keep no
+        vocabulary-sized buffer between calls."""
+        if not (self.training and torch.is_grad_enabled()) or logits.device.type != "cpu":
+            return None
+        if torch.compiler.is_compiling():
+            return None
+        buffer = self.__dict__.setdefault("_pilot_probs_buffer", ReusableBuffer())
+        return buffer.take(logits.shape, torch.float32, logits.device)
+
+    def train(self, mode: bool = True):
+        """Leaving training mode frees the buffer that training passes write the Pilot's probabilities into."""
+        if not mode and "_pilot_probs_buffer" in self.__dict__:
+            self._pilot_probs_buffer.release()
+        return super().train(mode)
 
     def prepared_pilot(self, config, pilot: nn.Module | None) -> nn.Module:
         """The Pilot to hold: the given one (initialised already), or one built from the config, wrapped in the

@@ -224,7 +224,12 @@ class PilotCopilotForCausalLM(PilotCopilotMixin, PreTrainedModel, GenerationMixi
         )
         logits = pilot_out.logits
         entry = mistake_log_entry_from_pilot_pass(
-            input_ids, attention_mask, labels, logits, pilot_out.hidden_states
+            input_ids,
+            attention_mask,
+            labels,
+            logits,
+            pilot_out.hidden_states,
+            self.pilot_probs_out(logits),
         )
         if cache is not None:
             predicted_errors = copilot_generation_step(

@@ -255,6 +255,7 @@ class PilotCopilotForSeq2SeqLM(PilotCopilotMixin, PreTrainedModel, GenerationMix
             pilot_out.encoder_last_hidden_state,
             attention_mask,
             pilot_out.decoder_hidden_states,
+            self.pilot_probs_out(logits),
         )
         if cache is not None:
             predicted_errors = copilot_generation_step(

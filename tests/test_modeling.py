@@ -908,3 +908,63 @@ def test_a_memory_norm_reads_every_pilot_state_at_the_same_scale(norm):
     reference = copilot_output(model, x_tilde, h_bar, errors)
     scaled = copilot_output(model, 0.05 * x_tilde, h_bar, errors)
     assert torch.allclose(scaled, reference, atol=1e-5, rtol=0) == (norm is not None)  # norms run in float32
+
+
+# --------------------------------------------------------------------------------------------------
+# Training passes on CPU write the Pilot's probabilities into a reused buffer
+
+
+def training_gradients(model, batch, seed: int) -> dict[str, torch.Tensor]:
+    torch.manual_seed(seed)
+    model(**batch).loss.backward()
+    gradients = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    return gradients
+
+
+def test_a_training_pass_reuses_the_probability_buffer_once_nothing_holds_the_last_one():
+    model = build_pilot_copilot().train()
+    batch = build_batch()
+    first = model(**batch, return_mistake_log=True)
+    probs = first.mistake_log_entry.errors.probs
+    assert torch.equal(probs, torch.softmax(first.logits.detach().float(), dim=-1))
+    buffer = model._pilot_probs_buffer._buffer
+    assert probs.untyped_storage().data_ptr() == buffer.untyped_storage().data_ptr()
+    del first, probs
+    second = model(**build_batch(seed=1), return_mistake_log=True)
+    assert model._pilot_probs_buffer._buffer is buffer
+    assert torch.equal(
+        second.mistake_log_entry.errors.probs, torch.softmax(second.logits.detach().float(), dim=-1)
+    )
+
+
+def test_an_entry_that_is_kept_is_never_overwritten_by_the_next_training_pass():
+    model = build_pilot_copilot().train()
+    kept = model(**build_batch(), return_mistake_log=True).mistake_log_entry
+    expected = kept.errors.probs.clone()
+    model(**build_batch(seed=1))
+    assert torch.equal(kept.errors.probs, expected)
+
+
+def test_a_graph_that_saved_the_probabilities_differentiates_the_same_after_the_next_training_pass():
+    model = build_pilot_copilot().train()
+    first_batch, second_batch = build_batch(), build_batch(seed=1)
+    expected = training_gradients(model, first_batch, seed=0)
+    torch.manual_seed(0)
+    first = model(**first_batch)
+    torch.manual_seed(1)
+    model(**second_batch)  # before the first pass's backward, which reads the probabilities it saved
+    first.loss.backward()
+    for name, parameter in model.named_parameters():
+        if name in expected:
+            assert torch.equal(parameter.grad, expected[name]), name
+
+
+def test_evaluation_passes_write_no_buffer_and_leaving_training_mode_frees_it():
+    model = build_pilot_copilot().train()
+    model(**build_batch())
+    assert model._pilot_probs_buffer._buffer is not None
+    model.eval()
+    assert model._pilot_probs_buffer._buffer is None
+    model(**build_batch())
+    assert model._pilot_probs_buffer._buffer is None
