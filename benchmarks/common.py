@@ -84,4 +84,6 @@ def machine_info() -> dict[str, str]:
         "torch": torch.__version__,
         "transformers": transformers.__version__,
         "platform": platform.platform(),
+        # PyTorch's switch for backing large CPU tensors with huge pages: it changes what page faults cost.
+        **{key: os.environ[key] for key in ("THP_MEM_ALLOC_ENABLE",) if key in os.environ},
     }
