@@ -918,12 +918,11 @@ class PilotCopilotMixin:
 
     def pilot_probs_out(self, logits: torch.Tensor) -> torch.Tensor | None:
         """Where a training pass on CPU writes the Pilot's probabilities: a buffer reused from pass to pass while
-        nothing holds the last one (`ReusableBuffer`), since mapping a fresh [B,T,V] tensor there costs more than
+        nothing holds the last one (`ReusableBuffer`), since mapping a fresh [B,T,V] tensor on CPU costs more than
         the softmax. None elsewhere: GPU allocators cache their blocks, and evaluation and generation keep no
         vocabulary-sized buffer between calls."""
-        if not (self.training and torch.is_grad_enabled()) or logits.device.type != "cpu":
-            return None
-        if torch.compiler.is_compiling():
+        training = self.training and torch.is_grad_enabled()
+        if not training or logits.device.type != "cpu" or torch.compiler.is_compiling():
             return None
         buffer = self.__dict__.setdefault("_pilot_probs_buffer", ReusableBuffer())
         return buffer.take(logits.shape, torch.float32, logits.device)
