@@ -924,8 +924,10 @@ class PilotCopilotMixin:
         training = self.training and torch.is_grad_enabled()
         if not training or logits.device.type != "cpu" or torch.compiler.is_compiling():
             return None
-        buffer = self.__dict__.setdefault("_pilot_probs_buffer", ReusableBuffer())
-        return buffer.take(logits.shape, torch.float32, logits.device)
+        # A plain attribute, outside nn.Module's state: never saved, never moved between devices.
+        if "_pilot_probs_buffer" not in self.__dict__:
+            self._pilot_probs_buffer = ReusableBuffer()
+        return self._pilot_probs_buffer.take(logits.shape, torch.float32, logits.device)
 
     def train(self, mode: bool = True):
         """Leaving training mode frees the buffer that training passes write the Pilot's probabilities into."""
