@@ -645,9 +645,9 @@ def run(
         # generation alike: the entry function is swapped where the model calls it.
         entry_from_pass = modeling_pilot_copilot.mistake_log_entry_from_pilot_pass
 
-        def last_layer_entry(input_ids, attention_mask, labels, logits, hidden_states):
+        def last_layer_entry(input_ids, attention_mask, labels, logits, hidden_states, probs=None):
             return entry_from_pass(
-                input_ids, attention_mask, labels, logits, (hidden_states[0], hidden_states[-1])
+                input_ids, attention_mask, labels, logits, (hidden_states[0], hidden_states[-1]), probs
             )
 
         with mock.patch.object(modeling_pilot_copilot, "mistake_log_entry_from_pilot_pass", last_layer_entry):

@@ -6,17 +6,23 @@ Hub-facing: copied next to checkpoints for `trust_remote_code`, so it imports no
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, fields, replace
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
+from torch import nn
+from transformers.loss.loss_utils import ForCausalLMLoss
 
 # The reweight head floors p here, so that a token the Pilot's softmax underflowed to zero stays reachable.
 REWEIGHT_PROBABILITY_FLOOR = 1e-30
 # Rows x vocabulary of the reweight head's training buffer (16 MB in fp32): small enough to be reused from the
 # allocator's free lists rather than mapped afresh each step.
 HEAD_BLOCK_ELEMENTS = 1 << 22
+# The label of a position without a target, as transformers' losses read it.
+IGNORE_INDEX = -100
 
 
 def as_dtype(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -66,6 +72,120 @@ class ReusableBuffer:
 def pilot_probabilities(logits: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     """The Pilot's next-token distribution p [.., V] in float32 (detached), written into `out` where given."""
     return torch.softmax(as_dtype(logits.detach(), torch.float32), dim=-1, out=out)
+
+
+class _CrossEntropyKeepingProbabilities(torch.autograd.Function):
+    """`F.cross_entropy` of [N, V] float logits against targets (ignore index -100), bit for bit, and p =
+    softmax(logits) (no gradient): the exponential of the log-softmax it takes anyway, written over it in place
+    (into `buffer.out` where given; passed in an object, so that autograd does not take the buffer for an input).
+
+    Backward is one pass over p, the gradient `s (p - onehot)` per counted row (s = the incoming gradient, over the
+    counted rows under the mean). Autograd through the log-softmax and the NLL loss would fill a [N, V] tensor
+    with zeros, scatter into it and make a second pass reading both.
+    """
+
+    @staticmethod
+    @torch.autocast("cuda", enabled=False)
+    @torch.autocast("cpu", enabled=False)
+    def forward(ctx, logits, targets, reduction, buffer):
+        log_probs = torch.log_softmax(logits, dim=-1, out=buffer.out)
+        loss = F.nll_loss(log_probs, targets, ignore_index=IGNORE_INDEX, reduction=reduction)
+        probs = log_probs.exp_()
+        ctx.save_for_backward(probs, targets)
+        ctx.mark_non_differentiable(probs)
+        ctx.reduction = reduction
+        return loss, probs
+
+    @staticmethod
+    @torch.autocast("cuda", enabled=False)
+    @torch.autocast("cpu", enabled=False)
+    def backward(ctx, grad_loss, _grad_probs):
+        probs, targets = ctx.saved_tensors
+        counted = targets != IGNORE_INDEX
+        scale = grad_loss.to(probs.dtype)
+        if ctx.reduction == "mean":
+            scale = scale / counted.sum().to(probs.dtype)
+        # where, not a product: an all-ignored batch's mean scale is NaN, and its gradient is 0, as autograd's.
+        row_scale = torch.where(counted, scale, 0.0).unsqueeze(-1)
+        grad = probs * row_scale
+        grad.scatter_add_(-1, targets.clamp_min(0).unsqueeze(-1), -row_scale)
+        return grad, None, None, None
+
+
+class CausalLMLossKeepingProbabilities:
+    """Stands in for transformers' `ForCausalLMLoss` during one Pilot pass: the same loss, bit for bit, and the
+    Pilot's p kept for the Mistake Log entry (`_CrossEntropyKeepingProbabilities`), so that a pass with labels
+    makes one pass over the vocabulary for both and its loss's gradient one more.
+
+    `probs_out(logits)`: where to write the log-softmax and then p (`ReusableBuffer`; None: a new tensor). A call
+    with other arguments than a plain causal-LM loss (its own shifted labels, another ignore index) is
+    `ForCausalLMLoss`'s own and keeps nothing.
+    """
+
+    def __init__(self, probs_out: Callable[[torch.Tensor], torch.Tensor | None]):
+        self.probs_out = probs_out
+        self.logits: torch.Tensor | None = None  # the logits `probs` is the softmax of
+        self.probs: torch.Tensor | None = None
+        self.out: torch.Tensor | None = None  # [N, V]: where the running call writes p
+
+    def __call__(
+        self,
+        logits: torch.Tensor,
+        labels: torch.Tensor,
+        vocab_size: int,
+        num_items_in_batch: torch.Tensor | int | None = None,
+        ignore_index: int = IGNORE_INDEX,
+        shift_labels: torch.Tensor | None = None,
+        **kwargs,
+    ) -> torch.Tensor:
+        # Other keyword arguments (the model's own, passed along) ForCausalLMLoss ignores as well.
+        if shift_labels is not None or ignore_index != IGNORE_INDEX or logits.shape[-1] != vocab_size:
+            return ForCausalLMLoss(
+                logits, labels, vocab_size, num_items_in_batch, ignore_index, shift_labels, **kwargs
+            )
+        # As ForCausalLMLoss: labels shifted left, the last position ignored; float logits.
+        targets = F.pad(labels, (0, 1), value=ignore_index)[..., 1:].reshape(-1).to(logits.device)
+        reduction = "sum" if num_items_in_batch is not None else "mean"
+        out = self.probs_out(logits)
+        self.out = None if out is None else out.view(-1, vocab_size)
+        loss, probs = _CrossEntropyKeepingProbabilities.apply(
+            logits.float().view(-1, vocab_size), targets, reduction, self
+        )
+        self.logits, self.probs, self.out = logits, probs.view(logits.shape), None
+        if reduction == "sum":
+            if torch.is_tensor(num_items_in_batch):
+                num_items_in_batch = num_items_in_batch.to(loss.device)
+            loss = loss / num_items_in_batch
+        return loss
+
+    def probs_of(self, logits: torch.Tensor) -> torch.Tensor | None:
+        """p where this stand-in computed it for exactly these logits, else None."""
+        return self.probs if self.logits is logits else None
+
+
+_NOT_SET = object()
+
+
+@contextmanager
+def pilot_loss_keeping_probabilities(
+    pilot: nn.Module, probs_out: Callable[[torch.Tensor], torch.Tensor | None]
+) -> Iterator[CausalLMLossKeepingProbabilities | None]:
+    """For the Pilot's passes inside: its loss function replaced by a `CausalLMLossKeepingProbabilities`, where it
+    is transformers' `ForCausalLMLoss` (a PEFT Pilot's base model's); otherwise unchanged, yielding None."""
+    model = pilot.get_base_model() if hasattr(pilot, "get_base_model") else pilot
+    if getattr(type(model), "loss_function", None) is None or model.loss_function is not ForCausalLMLoss:
+        yield None
+        return
+    own = model.__dict__.get("_loss_function", _NOT_SET)
+    stand_in = CausalLMLossKeepingProbabilities(probs_out)
+    model.loss_function = stand_in
+    try:
+        yield stand_in
+    finally:
+        if own is _NOT_SET:
+            del model._loss_function
+        else:
+            model._loss_function = own
 
 
 def floored_log(probs: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -523,12 +643,13 @@ def mistake_log_entry_from_pilot_pass(
     labels: torch.Tensor | None,
     logits: torch.Tensor,
     hidden_states: tuple[torch.Tensor, ...],
-    probs_out: torch.Tensor | None = None,
+    probs: torch.Tensor | None = None,
 ) -> MistakeLogEntry:
     """SPEC section 2: x_tilde, layer-mean h_bar and the per-token error of one Pilot pass (detached).
 
     `attention_mask` may cover cached positions before `input_ids` (its last columns are theirs); None: no padding,
-    as generate() passes it. `probs_out`: where to write p (`ReusableBuffer`)."""
+    as generate() passes it. `probs`: p of these logits where the caller has it (`pilot_probabilities`, or the
+    Pilot's loss kept it); None: computed here."""
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids, dtype=torch.bool)
     else:
@@ -541,7 +662,7 @@ def mistake_log_entry_from_pilot_pass(
     if labels is not None:
         loss_mask[:, :-1] = labels[:, 1:] != -100
         loss_mask &= has_next
-    probs = pilot_probabilities(logits, probs_out)
+    probs = pilot_probabilities(logits) if probs is None else probs
     errors = PilotErrors(targets=targets, mask=has_next, vocab_size=logits.shape[-1], probs=probs)
     return MistakeLogEntry(
         x_tilde=hidden_states[0].detach(),
@@ -560,9 +681,10 @@ def mistake_log_entry_from_seq2seq_pass(
     encoder_output: torch.Tensor,
     encoder_attention_mask: torch.Tensor | None,
     decoder_hidden_states: tuple[torch.Tensor, ...],
-    probs_out: torch.Tensor | None = None,
+    probs: torch.Tensor | None = None,
 ) -> MistakeLogEntry:
-    """SPEC section 8: an encoder-decoder Pilot's entry per decoder position (detached).
+    """SPEC section 8: an encoder-decoder Pilot's entry per decoder position (detached); `probs` as
+    `mistake_log_entry_from_pilot_pass` reads it.
 
     `x_tilde` is the encoder output, `h_bar` the mean of the decoder layers' outputs. Decoder position j
     predicts `labels[j]` (its input is `labels[j-1]`, T5 and BART shift the labels right): with labels, the
@@ -589,7 +711,7 @@ def mistake_log_entry_from_seq2seq_pass(
         encoder_attention_mask = torch.ones(
             encoder_output.shape[:2], dtype=torch.bool, device=encoder_output.device
         )
-    probs = pilot_probabilities(logits, probs_out)
+    probs = pilot_probabilities(logits) if probs is None else probs
     errors = PilotErrors(targets=targets, mask=has_next, vocab_size=logits.shape[-1], probs=probs)
     return MistakeLogEntry(
         x_tilde=encoder_output.detach(),

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -41,6 +42,8 @@ from .mistake_log_entry import (
     MistakeLogEntry,
     joint_losses,
     mistake_log_entry_from_pilot_pass,
+    pilot_loss_keeping_probabilities,
+    pilot_probabilities,
 )
 from .modeling_copilot import CopilotModel, PilotCopilotMixin
 
@@ -210,26 +213,31 @@ class PilotCopilotForCausalLM(PilotCopilotMixin, PreTrainedModel, GenerationMixi
                     "the PilotCopilotStaticCache was built for: build it with a larger max_cache_len."
                 )
             pilot_mask = F.pad(pilot_mask, (0, cache.max_positions - pilot_mask.shape[1]))
-        pilot_out = (pilot_forward or self.pilot)(
-            input_ids=input_ids,
-            attention_mask=pilot_mask,
-            position_ids=position_ids,
-            labels=labels,
-            **{CACHE_KEYWORD: cache},
-            use_cache=cache is not None,
-            output_hidden_states=True,
-            return_dict=True,
-            **pilot_kwargs,
-            **kwargs,
-        )
+        # With labels, the Pilot's loss keeps the p it computes on the way (one pass over the vocabulary for both).
+        keeps_probs = labels is not None and pilot_forward is None
+        with (
+            pilot_loss_keeping_probabilities(self.pilot, self.pilot_probs_out)
+            if keeps_probs
+            else nullcontext()
+        ) as pilot_loss:
+            pilot_out = (pilot_forward or self.pilot)(
+                input_ids=input_ids,
+                attention_mask=pilot_mask,
+                position_ids=position_ids,
+                labels=labels,
+                **{CACHE_KEYWORD: cache},
+                use_cache=cache is not None,
+                output_hidden_states=True,
+                return_dict=True,
+                **pilot_kwargs,
+                **kwargs,
+            )
         logits = pilot_out.logits
+        probs = None if pilot_loss is None else pilot_loss.probs_of(logits)
+        if probs is None:
+            probs = pilot_probabilities(logits, self.pilot_probs_out(logits))
         entry = mistake_log_entry_from_pilot_pass(
-            input_ids,
-            attention_mask,
-            labels,
-            logits,
-            pilot_out.hidden_states,
-            self.pilot_probs_out(logits),
+            input_ids, attention_mask, labels, logits, pilot_out.hidden_states, probs
         )
         if cache is not None:
             predicted_errors = copilot_generation_step(
@@ -261,7 +269,10 @@ class PilotCopilotForCausalLM(PilotCopilotMixin, PreTrainedModel, GenerationMixi
             mistake_log_entry=entry if return_mistake_log else None,
         )
         if return_fused:
-            output.fused_logits = fuse_scores(logits, predicted_errors, copilot_lambda, fusion)
+            # The p that f_C was predicted against (the entry's), where f_C is this pass's: p + f_C then adds
+            # back exactly what a reweighted f_C subtracted.
+            pilot_probs = entry.errors.probs if copilot_batch is None else None
+            output.fused_logits = fuse_scores(logits, predicted_errors, copilot_lambda, fusion, pilot_probs)
             if fused_as_logits:
                 output.logits = output.fused_logits
         if labels is not None:

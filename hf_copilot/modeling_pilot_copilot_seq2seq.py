@@ -50,6 +50,7 @@ from .mistake_log_entry import (
     MistakeLogEntry,
     joint_losses,
     mistake_log_entry_from_seq2seq_pass,
+    pilot_probabilities,
 )
 from .modeling_copilot import CopilotModel, PilotCopilotMixin
 
@@ -255,7 +256,7 @@ class PilotCopilotForSeq2SeqLM(PilotCopilotMixin, PreTrainedModel, GenerationMix
             pilot_out.encoder_last_hidden_state,
             attention_mask,
             pilot_out.decoder_hidden_states,
-            self.pilot_probs_out(logits),
+            pilot_probabilities(logits, self.pilot_probs_out(logits)),
         )
         if cache is not None:
             predicted_errors = copilot_generation_step(

@@ -1,5 +1,5 @@
 """`PilotErrors.squared_distance`, `head_squared_distance` and `head_cross_entropy`: the Copilot's loss terms and
-their hand-written gradients (SPEC section 4)."""
+their hand-written gradients (SPEC section 4); the Pilot's loss that keeps its probabilities for the entry."""
 
 from __future__ import annotations
 
@@ -7,9 +7,10 @@ from dataclasses import replace
 
 import pytest
 import torch
+from transformers.loss.loss_utils import ForCausalLMLoss
 
 from hf_copilot import mistake_log_entry
-from hf_copilot.mistake_log_entry import PilotErrors, joint_losses
+from hf_copilot.mistake_log_entry import CausalLMLossKeepingProbabilities, PilotErrors, joint_losses
 
 B, T, V = 3, 5, 11
 
@@ -302,3 +303,109 @@ def test_an_entry_without_a_mask_is_the_entry_of_an_all_ones_mask_and_a_mask_wit
     cut = build(input_ids, padded, labels, logits, hidden_states)
     assert torch.equal(cut.attention_mask, padded[:, -5:].bool())
     assert cut.loss_mask.tolist() == [[False, True, True, True, False], [True, True, True, False, False]]
+
+
+# --------------------------------------------------------------------------------------------------
+# The Pilot's causal-LM loss, keeping the probabilities the entry reads
+
+
+def pilot_logits_and_labels(dtype=torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits [B,T,V] that require gradients and labels with a prompt (-100) in the first row."""
+    generator = torch.Generator().manual_seed(0)
+    logits = (torch.randn(B, T, V, generator=generator) * 3).to(dtype).requires_grad_()
+    labels = torch.randint(0, V, (B, T), generator=generator)
+    labels[0, :3] = -100
+    return logits, labels
+
+
+def stock_loss_and_gradient(logits, labels, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+    loss = ForCausalLMLoss(logits, labels, V, **kwargs)
+    (gradient,) = torch.autograd.grad(loss, logits)
+    return loss, gradient
+
+
+@pytest.mark.parametrize("num_items_in_batch", [None, torch.tensor(9)])
+def test_the_kept_loss_is_causal_lm_loss_bit_for_bit_and_its_gradient_to_rounding(num_items_in_batch):
+    """`num_items_in_batch` None: the mean over labelled positions; given: their sum over it (gradient
+    accumulation). The gradient reads p from an exponential of its own, which rounds differently in the last bit."""
+    logits, labels = pilot_logits_and_labels()
+    expected, expected_gradient = stock_loss_and_gradient(
+        logits, labels, num_items_in_batch=num_items_in_batch
+    )
+    loss_function = CausalLMLossKeepingProbabilities(lambda logits: None)
+    loss = loss_function(
+        logits=logits,
+        labels=labels,
+        vocab_size=V,
+        num_items_in_batch=num_items_in_batch,
+        output_hidden_states=True,  # a model's own keyword arguments pass through, as ForCausalLMLoss lets them
+    )
+    assert torch.equal(loss, expected)
+    (gradient,) = torch.autograd.grad(loss, logits)
+    torch.testing.assert_close(gradient, expected_gradient, rtol=1e-5, atol=1e-8)
+    probs = loss_function.probs_of(logits)
+    assert not probs.requires_grad
+    assert torch.equal(probs, torch.log_softmax(logits.detach(), dim=-1).exp())
+    torch.testing.assert_close(probs, torch.softmax(logits.detach(), dim=-1), rtol=1e-6, atol=1e-8)
+    assert loss_function.probs_of(logits.detach()) is None  # only for the very logits it saw
+
+
+def test_the_kept_loss_backward_is_the_cross_entropy_gradient_in_float64():
+    """gradcheck against finite differences: the gradient s (p - onehot) per counted row, 0 elsewhere."""
+    logits, labels = pilot_logits_and_labels(torch.float64)
+    targets = torch.nn.functional.pad(labels, (0, 1), value=-100)[..., 1:].reshape(-1)
+    buffer = CausalLMLossKeepingProbabilities(lambda logits: None)
+    for reduction in ("mean", "sum"):
+        assert torch.autograd.gradcheck(
+            lambda z, reduction=reduction: mistake_log_entry._CrossEntropyKeepingProbabilities.apply(
+                z, targets, reduction, buffer
+            )[0],
+            (logits.detach().reshape(-1, V).requires_grad_(),),
+        )
+
+
+def test_the_kept_loss_writes_the_probabilities_into_the_buffer_it_is_given():
+    logits, labels = pilot_logits_and_labels()
+    buffer = torch.full((B, T, V), float("nan"))
+    loss_function = CausalLMLossKeepingProbabilities(lambda logits: buffer)
+    loss_function(logits=logits, labels=labels, vocab_size=V)
+    probs = loss_function.probs_of(logits)
+    assert probs.data_ptr() == buffer.data_ptr()
+    assert torch.equal(buffer, torch.log_softmax(logits.detach(), dim=-1).exp())
+
+
+def test_the_kept_loss_of_a_batch_without_labels_is_nan_with_a_zero_gradient_as_causal_lm_losss():
+    logits, labels = pilot_logits_and_labels()
+    labels = torch.full_like(labels, -100)
+    expected, expected_gradient = stock_loss_and_gradient(logits, labels)
+    loss = CausalLMLossKeepingProbabilities(lambda logits: None)(logits=logits, labels=labels, vocab_size=V)
+    assert expected.isnan() and loss.isnan()
+    (gradient,) = torch.autograd.grad(loss, logits)
+    assert torch.equal(gradient, expected_gradient) and not gradient.any()
+
+
+def test_the_kept_loss_of_low_precision_logits_is_causal_lm_loss_bit_for_bit():
+    logits, labels = pilot_logits_and_labels(torch.bfloat16)
+    expected, expected_gradient = stock_loss_and_gradient(logits, labels)
+    loss_function = CausalLMLossKeepingProbabilities(lambda logits: None)
+    loss = loss_function(logits=logits, labels=labels, vocab_size=V)
+    assert torch.equal(loss, expected)
+    (gradient,) = torch.autograd.grad(loss, logits)
+    assert gradient.dtype == torch.bfloat16
+    torch.testing.assert_close(gradient, expected_gradient)
+    assert loss_function.probs_of(logits).dtype == torch.float32
+
+
+@pytest.mark.parametrize(
+    "arguments", [{"shift_labels": "shifted"}, {"ignore_index": 0}], ids=["shift_labels", "ignore_index"]
+)
+def test_other_loss_arguments_get_causal_lm_losss_own_loss_and_keep_nothing(arguments):
+    logits, labels = pilot_logits_and_labels()
+    if "shift_labels" in arguments:
+        arguments = {"shift_labels": torch.roll(labels, 1, dims=1)}
+    else:
+        labels = labels.clamp_min(0)  # -100 is a class under another ignore index
+    expected = ForCausalLMLoss(logits, labels, V, **arguments)
+    loss_function = CausalLMLossKeepingProbabilities(lambda logits: pytest.fail("no buffer is taken"))
+    assert torch.equal(loss_function(logits=logits, labels=labels, vocab_size=V, **arguments), expected)
+    assert loss_function.probs_of(logits) is None

@@ -36,6 +36,7 @@ from transformers import (
     Qwen3Config,
     Qwen3ForCausalLM,
 )
+from transformers.loss.loss_utils import ForCausalLMLoss
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding, apply_rotary_pos_emb
 
 from hf_copilot import PilotCopilotConfig, PilotCopilotForCausalLM, PilotErrors, fuse_scores
@@ -922,19 +923,26 @@ def training_gradients(model, batch, seed: int) -> dict[str, torch.Tensor]:
     return gradients
 
 
+def kept_probabilities(logits: torch.Tensor) -> torch.Tensor:
+    """p as the Pilot's loss keeps it: the exponential of its log-softmax."""
+    return torch.log_softmax(logits.detach().float(), dim=-1).exp()
+
+
 def test_a_training_pass_reuses_the_probability_buffer_once_nothing_holds_the_last_one():
     model = build_pilot_copilot().train()
     batch = build_batch()
     first = model(**batch, return_mistake_log=True)
     probs = first.mistake_log_entry.errors.probs
-    assert torch.equal(probs, torch.softmax(first.logits.detach().float(), dim=-1))
+    assert torch.equal(probs, kept_probabilities(first.logits))
     buffer = model._pilot_probs_buffer._buffer
     assert probs.untyped_storage().data_ptr() == buffer.untyped_storage().data_ptr()
     del first, probs
     second = model(**build_batch(seed=1), return_mistake_log=True)
     assert model._pilot_probs_buffer._buffer is buffer
+    assert torch.equal(second.mistake_log_entry.errors.probs, kept_probabilities(second.logits))
+    without_labels = model(**pilot_inputs(build_batch(seed=2)), return_mistake_log=True)
     assert torch.equal(
-        second.mistake_log_entry.errors.probs, torch.softmax(second.logits.detach().float(), dim=-1)
+        without_labels.mistake_log_entry.errors.probs, torch.softmax(without_labels.logits.detach(), dim=-1)
     )
 
 
@@ -968,3 +976,54 @@ def test_evaluation_passes_write_no_buffer_and_leaving_training_mode_frees_it():
     assert model._pilot_probs_buffer._buffer is None
     model(**build_batch())
     assert model._pilot_probs_buffer._buffer is None
+
+
+# --------------------------------------------------------------------------------------------------
+# A pass with labels takes the entry's probabilities from the Pilot's own loss
+
+
+def test_a_pass_with_labels_takes_the_entrys_probabilities_from_the_pilots_loss(arch):
+    """The Pilot's ForCausalLMLoss is stood in for during the pass (`CausalLMLossKeepingProbabilities`) and
+    restored after it; the loss is the Pilot's own (test_pilot_loss_is_exactly_the_pilots_own_loss) and its
+    gradient the same to rounding."""
+    model = build_pilot_copilot(arch).eval()
+    batch = build_batch()
+    out = model(**batch, return_mistake_log=True)
+    assert "_loss_function" not in vars(model.pilot)
+    assert torch.equal(out.mistake_log_entry.errors.probs, kept_probabilities(out.logits))
+    torch.testing.assert_close(
+        out.mistake_log_entry.errors.probs, torch.softmax(out.logits.float(), dim=-1), rtol=1e-5, atol=1e-7
+    )
+    model.zero_grad()
+    model(**batch).pilot_loss.backward()
+    gradients = [p.grad.clone() for p in model.pilot.parameters()]
+    model.zero_grad()
+    model.pilot(**batch).loss.backward()
+    for ours, stock in zip(gradients, (p.grad for p in model.pilot.parameters()), strict=True):
+        torch.testing.assert_close(ours, stock, rtol=1e-5, atol=1e-7)
+
+
+def test_a_pilot_with_a_loss_function_of_its_own_keeps_it():
+    model = build_pilot_copilot()
+    batch = build_batch()
+
+    def doubled_loss(logits, labels, vocab_size, **kwargs):
+        return 2 * ForCausalLMLoss(logits, labels, vocab_size, **kwargs)
+
+    model.pilot.loss_function = doubled_loss
+    out = model(**batch, return_mistake_log=True)
+    assert model.pilot.loss_function is doubled_loss
+    assert torch.equal(out.pilot_loss, model.pilot(**batch).loss)
+    assert torch.equal(out.pilot_loss, 2 * ForCausalLMLoss(out.logits, batch["labels"], VOCAB_SIZE))
+    assert torch.equal(out.mistake_log_entry.errors.probs, torch.softmax(out.logits.detach(), dim=-1))
+
+
+def test_the_pilots_loss_function_is_restored_when_its_pass_fails():
+    model = build_pilot_copilot()
+    batch = build_batch()
+    batch["labels"] = batch["labels"].masked_fill(
+        batch["labels"] != -100, VOCAB_SIZE + 5
+    )  # outside the vocabulary
+    with pytest.raises(IndexError):
+        model(**batch)
+    assert "_loss_function" not in vars(model.pilot)

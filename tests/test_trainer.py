@@ -385,17 +385,24 @@ def test_copilot_learning_rate_defaults_to_the_pilots(tmp_path):
 # The objective
 
 
-def test_joint_training_fine_tunes_the_pilot_exactly_as_the_stock_trainer(tmp_path):
+# The Pilot's loss is the stock one bit for bit and its gradient the same to the last bit of each element (the loss's
+# backward reads p from an exponential of its own). SGD keeps such differences that small; AdamW's normalised steps
+# turn them into differences up to the order of the learning rate where a gradient element is near zero.
+PILOT_PARAMETER_TOLERANCE = {"sgd": 1e-6, "adamw_torch": 1e-4}
+
+
+@pytest.mark.parametrize("optim", ["sgd", "adamw_torch"])
+def test_joint_training_fine_tunes_the_pilot_exactly_as_the_stock_trainer(tmp_path, optim):
     """The Copilot reads detached states and is clipped on its own: the Pilot's updates do not change."""
     stock_pilot = build_pilot("llama")
     stock = Trainer(
         model=stock_pilot,
-        args=TrainingArguments(**settings(tmp_path)),
+        args=TrainingArguments(**settings(tmp_path, optim=optim)),
         train_dataset=counting_rows(),
         data_collator=collate,
     )
     stock.train()
-    trainer = make_trainer(tmp_path)
+    trainer = make_trainer(tmp_path, optim=optim)
     trainer.train()
 
     assert logged(trainer, "pilot_loss") == pytest.approx(logged(stock, "loss"), rel=1e-6)
@@ -410,7 +417,7 @@ def test_joint_training_fine_tunes_the_pilot_exactly_as_the_stock_trainer(tmp_pa
         rel=1e-6,
     )
     assert min(logged(stock, "grad_norm")) > 1.0  # clipping (max_grad_norm=1) was active at every step
-    assert max_difference(trainer.model.pilot, stock_pilot) < 1e-6
+    assert max_difference(trainer.model.pilot, stock_pilot) < PILOT_PARAMETER_TOLERANCE[optim]
 
 
 def test_the_pilots_own_inputs_reach_it_as_under_the_stock_trainer(tmp_path):
@@ -424,17 +431,19 @@ def test_the_pilots_own_inputs_reach_it_as_under_the_stock_trainer(tmp_path):
         rows.append({**{key: value.tolist() for key, value in example.items()}, "labels": labels.tolist()})
     dataset = Dataset.from_list(rows)
     stock_pilot = build_multimodal_pilot()
-    stock = Trainer(model=stock_pilot, args=TrainingArguments(**settings(tmp_path)), train_dataset=dataset)
+    stock = Trainer(
+        model=stock_pilot, args=TrainingArguments(**settings(tmp_path, optim="sgd")), train_dataset=dataset
+    )
     trainer = CopilotTrainer(
         model=PilotCopilotForCausalLM.from_pilot(build_multimodal_pilot(), tiny_copilot_config()),
-        args=make_args(tmp_path),
+        args=make_args(tmp_path, optim="sgd"),
         train_dataset=dataset,
     )
     assert set(next(iter(trainer.get_train_dataloader()))) == set(rows[0])
     stock.train()
     trainer.train()
     assert logged(trainer, "pilot_loss") == pytest.approx(logged(stock, "loss"), rel=1e-6)
-    assert max_difference(trainer.model.pilot, stock_pilot) < 1e-6
+    assert max_difference(trainer.model.pilot, stock_pilot) < PILOT_PARAMETER_TOLERANCE["sgd"]
 
 
 class PerMicroBatchTrainer(CopilotTrainer):
