@@ -76,8 +76,8 @@ def pilot_probabilities(logits: torch.Tensor, out: torch.Tensor | None = None) -
 
 class _CrossEntropyKeepingProbabilities(torch.autograd.Function):
     """`F.cross_entropy` of [N, V] float logits against targets (ignore index -100), bit for bit, and p =
-    softmax(logits) (no gradient): the exponential of the log-softmax it takes anyway, written over it in place
-    (into `buffer.out` where given; passed in an object, so that autograd does not take the buffer for an input).
+    softmax(logits) (no gradient): the exponential of the log-softmax it takes anyway, written over it in place,
+    into `destination.out` where it is a tensor (inside an object, so that autograd takes no buffer for an input).
 
     Backward is one pass over p, the gradient `s (p - onehot)` per counted row (s = the incoming gradient, over the
     counted rows under the mean). Autograd through the log-softmax and the NLL loss would fill a [N, V] tensor
@@ -87,8 +87,8 @@ class _CrossEntropyKeepingProbabilities(torch.autograd.Function):
     @staticmethod
     @torch.autocast("cuda", enabled=False)
     @torch.autocast("cpu", enabled=False)
-    def forward(ctx, logits, targets, reduction, buffer):
-        log_probs = torch.log_softmax(logits, dim=-1, out=buffer.out)
+    def forward(ctx, logits, targets, reduction, destination):
+        log_probs = torch.log_softmax(logits, dim=-1, out=destination.out)
         loss = F.nll_loss(log_probs, targets, ignore_index=IGNORE_INDEX, reduction=reduction)
         probs = log_probs.exp_()
         ctx.save_for_backward(probs, targets)
