@@ -222,6 +222,18 @@ def test_trainer_checkpoints_of_a_lora_pilot_resume_and_load_through_the_auto_cl
 # Merged LoRA Pilots; the Pilot's adapter folder as a Copilot's base
 
 
+def test_a_lora_pilots_loss_keeps_the_entrys_probabilities_on_its_base_model(tmp_path):
+    """PeftModel hands the labels to its base model, whose loss function the wrapper stands in for."""
+    model = build_pilot_copilot(trained_lora(saved_pilot(tmp_path / "base")))
+    batch = build_batch()
+    out = model(**batch, return_mistake_log=True)
+    assert torch.equal(out.pilot_loss, model.pilot(**batch).loss)
+    assert torch.equal(
+        out.mistake_log_entry.errors.probs, torch.log_softmax(out.logits.detach().float(), dim=-1).exp()
+    )
+    assert "_loss_function" not in vars(model.pilot.get_base_model())
+
+
 def test_a_merged_lora_pilot_saves_as_a_plain_checkpoint_and_takes_its_copilot_when_allowed(
     tmp_path, monkeypatch
 ):
