@@ -39,8 +39,9 @@ class ReusableBuffer:
     """A flat buffer handed out again once nothing else refers to it, for the Pilot's probabilities in training.
 
     On CPU the allocator maps every vocabulary-sized tensor afresh and unmaps it when freed, so a new [B,T,V]
-    tensor costs more in page faults than the softmax that writes it. The buffer is reused only while its storage has no other user: no entry the
-    Mistake Log or a caller kept, no autograd graph that saved it. Otherwise `take` maps a new one and keeps that.
+    tensor costs more in page faults than the softmax that writes it. The buffer is reused only while its storage
+    has no other user: no entry the Mistake Log or a caller kept, no autograd graph that saved it. Otherwise `take`
+    maps a new one and keeps that.
     """
 
     def __init__(self) -> None:
@@ -77,7 +78,7 @@ def pilot_probabilities(logits: torch.Tensor, out: torch.Tensor | None = None) -
 class _CrossEntropyKeepingProbabilities(torch.autograd.Function):
     """`F.cross_entropy` of [N, V] float logits against targets (ignore index -100), bit for bit, and p =
     softmax(logits) (no gradient): the exponential of the log-softmax it takes anyway, written over it in place,
-    into `destination.out` where it is a tensor (inside an object, so that autograd takes no buffer for an input).
+    into `out[0]` where that is a tensor (in a tuple, so that autograd takes no buffer for an input).
 
     Backward is one pass over p, the gradient `s (p - onehot)` per counted row (s = the incoming gradient, over the
     counted rows under the mean). Autograd through the log-softmax and the NLL loss would fill a [N, V] tensor
@@ -87,8 +88,8 @@ class _CrossEntropyKeepingProbabilities(torch.autograd.Function):
     @staticmethod
     @torch.autocast("cuda", enabled=False)
     @torch.autocast("cpu", enabled=False)
-    def forward(ctx, logits, targets, reduction, destination):
-        log_probs = torch.log_softmax(logits, dim=-1, out=destination.out)
+    def forward(ctx, logits, targets, reduction, out):
+        log_probs = torch.log_softmax(logits, dim=-1, out=out[0])
         loss = F.nll_loss(log_probs, targets, ignore_index=IGNORE_INDEX, reduction=reduction)
         probs = log_probs.exp_()
         ctx.save_for_backward(probs, targets)
@@ -126,7 +127,6 @@ class CausalLMLossKeepingProbabilities:
         self.probs_out = probs_out
         self.logits: torch.Tensor | None = None  # the logits `probs` is the softmax of
         self.probs: torch.Tensor | None = None
-        self.out: torch.Tensor | None = None  # [N, V]: where the running call writes p
 
     def __call__(
         self,
@@ -147,11 +147,13 @@ class CausalLMLossKeepingProbabilities:
         targets = F.pad(labels, (0, 1), value=ignore_index)[..., 1:].reshape(-1).to(logits.device)
         reduction = "sum" if num_items_in_batch is not None else "mean"
         out = self.probs_out(logits)
-        self.out = None if out is None else out.view(-1, vocab_size)
         loss, probs = _CrossEntropyKeepingProbabilities.apply(
-            logits.float().view(-1, vocab_size), targets, reduction, self
+            logits.float().view(-1, vocab_size),
+            targets,
+            reduction,
+            (None if out is None else out.view(-1, vocab_size),),
         )
-        self.logits, self.probs, self.out = logits, probs.view(logits.shape), None
+        self.logits, self.probs = logits, probs.view(logits.shape)
         if reduction == "sum":
             if torch.is_tensor(num_items_in_batch):
                 num_items_in_batch = num_items_in_batch.to(loss.device)
@@ -161,9 +163,6 @@ class CausalLMLossKeepingProbabilities:
     def probs_of(self, logits: torch.Tensor) -> torch.Tensor | None:
         """p where this stand-in computed it for exactly these logits, else None."""
         return self.probs if self.logits is logits else None
-
-
-_NOT_SET = object()
 
 
 @contextmanager
@@ -176,16 +175,16 @@ def pilot_loss_keeping_probabilities(
     if getattr(type(model), "loss_function", None) is None or model.loss_function is not ForCausalLMLoss:
         yield None
         return
-    own = model.__dict__.get("_loss_function", _NOT_SET)
+    set_on_the_model = "_loss_function" in vars(model)  # then to ForCausalLMLoss itself
     stand_in = CausalLMLossKeepingProbabilities(probs_out)
     model.loss_function = stand_in
     try:
         yield stand_in
     finally:
-        if own is _NOT_SET:
-            del model._loss_function
+        if set_on_the_model:
+            model.loss_function = ForCausalLMLoss
         else:
-            model._loss_function = own
+            del model._loss_function
 
 
 def floored_log(probs: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -660,7 +659,7 @@ def mistake_log_entry_from_pilot_pass(
     has_next[:, :-1] = attention_mask[:, :-1] & attention_mask[:, 1:]
     loss_mask = torch.zeros_like(attention_mask)
     if labels is not None:
-        loss_mask[:, :-1] = labels[:, 1:] != -100
+        loss_mask[:, :-1] = labels[:, 1:] != IGNORE_INDEX
         loss_mask &= has_next
     probs = pilot_probabilities(logits) if probs is None else probs
     errors = PilotErrors(targets=targets, mask=has_next, vocab_size=logits.shape[-1], probs=probs)
@@ -697,7 +696,7 @@ def mistake_log_entry_from_seq2seq_pass(
     else:
         attention_mask = decoder_attention_mask[:, -length:].bool()
     if labels is not None:
-        known = labels != -100
+        known = labels != IGNORE_INDEX
         targets = torch.where(known, labels, torch.zeros_like(labels))
         has_next = known & attention_mask
         loss_mask = has_next
