@@ -77,30 +77,36 @@ def pilot_probabilities(logits: torch.Tensor, out: torch.Tensor | None = None) -
 
 class _CrossEntropyKeepingProbabilities(torch.autograd.Function):
     """`F.cross_entropy` of [N, V] float logits against targets (ignore index -100), bit for bit, and p =
-    softmax(logits) (no gradient): the exponential of the log-softmax it takes anyway, written over it in place,
-    into `out[0]` where that is a tensor (in a tuple, so that autograd takes no buffer for an input).
+    softmax(logits) (no gradient): the exponential of the log-softmax it takes anyway, written over it in place.
+    `buffers` = (where p goes, a `ReusableBuffer` its gradient goes into), each None for a new tensor; in a tuple,
+    so that autograd takes no buffer for an input.
 
     Backward is one pass over p, the gradient `s (p - onehot)` per counted row (s = the incoming gradient, over the
     counted rows under the mean). Autograd through the log-softmax and the NLL loss would fill a [N, V] tensor
-    with zeros, scatter into it and make a second pass reading both.
+    with zeros, scatter into it and make a second pass reading both. No zero gradient is made up for p either.
     """
 
     @staticmethod
     @torch.autocast("cuda", enabled=False)
     @torch.autocast("cpu", enabled=False)
-    def forward(ctx, logits, targets, reduction, out):
-        log_probs = torch.log_softmax(logits, dim=-1, out=out[0])
+    def forward(ctx, logits, targets, reduction, buffers):
+        probs_out, gradient_buffer = buffers
+        log_probs = torch.log_softmax(logits, dim=-1, out=probs_out)
         loss = F.nll_loss(log_probs, targets, ignore_index=IGNORE_INDEX, reduction=reduction)
         probs = log_probs.exp_()
         ctx.save_for_backward(probs, targets)
         ctx.mark_non_differentiable(probs)
-        ctx.reduction = reduction
+        # p takes no gradient: autograd would otherwise fill a [N, V] tensor of zeros for it.
+        ctx.set_materialize_grads(False)
+        ctx.reduction, ctx.gradient_buffer = reduction, gradient_buffer
         return loss, probs
 
     @staticmethod
     @torch.autocast("cuda", enabled=False)
     @torch.autocast("cpu", enabled=False)
     def backward(ctx, grad_loss, _grad_probs):
+        if grad_loss is None:
+            return None, None, None, None
         probs, targets = ctx.saved_tensors
         counted = targets != IGNORE_INDEX
         scale = grad_loss.to(probs.dtype)
@@ -108,7 +114,12 @@ class _CrossEntropyKeepingProbabilities(torch.autograd.Function):
             scale = scale / counted.sum().to(probs.dtype)
         # where, not a product: an all-ignored batch's mean scale is NaN, and its gradient is 0, as autograd's.
         row_scale = torch.where(counted, scale, 0.0).unsqueeze(-1)
-        grad = probs * row_scale
+        out = (
+            None
+            if ctx.gradient_buffer is None
+            else ctx.gradient_buffer.take(probs.shape, probs.dtype, probs.device)
+        )
+        grad = torch.mul(probs, row_scale, out=out)
         grad.scatter_add_(-1, targets.clamp_min(0).unsqueeze(-1), -row_scale)
         return grad, None, None, None
 
@@ -118,13 +129,18 @@ class CausalLMLossKeepingProbabilities:
     Pilot's p kept for the Mistake Log entry (`_CrossEntropyKeepingProbabilities`), so that a pass with labels
     makes one pass over the vocabulary for both and its loss's gradient one more.
 
-    `probs_out(logits)`: where to write the log-softmax and then p (`ReusableBuffer`; None: a new tensor). A call
-    with other arguments than a plain causal-LM loss (its own shifted labels, another ignore index) is
-    `ForCausalLMLoss`'s own and keeps nothing.
+    `probs_out(logits)`: where to write the log-softmax and then p (a `ReusableBuffer`'s tensor; None: a new
+    tensor). `gradient_buffer(logits)`: the `ReusableBuffer` the loss's gradient for these logits goes into (None:
+    a new tensor). A call with other arguments than a plain causal-LM loss (its own shifted labels, another ignore
+    index) is `ForCausalLMLoss`'s own and keeps nothing.
     """
 
-    def __init__(self, probs_out: Callable[[torch.Tensor], torch.Tensor | None]):
-        self.probs_out = probs_out
+    def __init__(
+        self,
+        probs_out: Callable[[torch.Tensor], torch.Tensor | None],
+        gradient_buffer: Callable[[torch.Tensor], ReusableBuffer | None] = lambda logits: None,
+    ):
+        self.probs_out, self.gradient_buffer = probs_out, gradient_buffer
         self.logits: torch.Tensor | None = None  # the logits `probs` is the softmax of
         self.probs: torch.Tensor | None = None
 
@@ -151,7 +167,7 @@ class CausalLMLossKeepingProbabilities:
             logits.float().view(-1, vocab_size),
             targets,
             reduction,
-            (None if out is None else out.view(-1, vocab_size),),
+            (None if out is None else out.view(-1, vocab_size), self.gradient_buffer(logits)),
         )
         self.logits, self.probs = logits, probs.view(logits.shape)
         if reduction == "sum":
@@ -167,7 +183,9 @@ class CausalLMLossKeepingProbabilities:
 
 @contextmanager
 def pilot_loss_keeping_probabilities(
-    pilot: nn.Module, probs_out: Callable[[torch.Tensor], torch.Tensor | None]
+    pilot: nn.Module,
+    probs_out: Callable[[torch.Tensor], torch.Tensor | None],
+    gradient_buffer: Callable[[torch.Tensor], ReusableBuffer | None] = lambda logits: None,
 ) -> Iterator[CausalLMLossKeepingProbabilities | None]:
     """For the Pilot's passes inside: its loss function replaced by a `CausalLMLossKeepingProbabilities`, where it
     is transformers' `ForCausalLMLoss` (a PEFT Pilot's base model's); otherwise unchanged, yielding None."""
@@ -176,7 +194,7 @@ def pilot_loss_keeping_probabilities(
         yield None
         return
     set_on_the_model = "_loss_function" in vars(model)  # then to ForCausalLMLoss itself
-    stand_in = CausalLMLossKeepingProbabilities(probs_out)
+    stand_in = CausalLMLossKeepingProbabilities(probs_out, gradient_buffer)
     model.loss_function = stand_in
     try:
         yield stand_in

@@ -921,18 +921,30 @@ class PilotCopilotMixin:
         nothing holds the last one (`ReusableBuffer`), since mapping a fresh [B,T,V] tensor on CPU costs more than
         the softmax. None elsewhere: GPU allocators cache their blocks, and evaluation and generation keep no
         vocabulary-sized buffer between calls."""
+        buffer = self._training_buffer("_pilot_probs_buffer", logits)
+        return None if buffer is None else buffer.take(logits.shape, torch.float32, logits.device)
+
+    def pilot_gradient_buffer(self, logits: torch.Tensor) -> ReusableBuffer | None:
+        """The buffer the Pilot's loss writes its gradient for `logits` into, where `pilot_probs_out` writes p into
+        one: on CPU in training, for the reason given there."""
+        return self._training_buffer("_pilot_gradient_buffer", logits)
+
+    def _training_buffer(self, name: str, logits: torch.Tensor) -> ReusableBuffer | None:
         training = self.training and torch.is_grad_enabled()
         if not training or logits.device.type != "cpu" or torch.compiler.is_compiling():
             return None
         # A plain attribute, outside nn.Module's state: never saved, never moved between devices.
-        if "_pilot_probs_buffer" not in self.__dict__:
-            self._pilot_probs_buffer = ReusableBuffer()
-        return self._pilot_probs_buffer.take(logits.shape, torch.float32, logits.device)
+        if name not in self.__dict__:
+            self.__dict__[name] = ReusableBuffer()
+        return self.__dict__[name]
 
     def train(self, mode: bool = True):
-        """Leaving training mode frees the buffer that training passes write the Pilot's probabilities into."""
-        if not mode and "_pilot_probs_buffer" in self.__dict__:
-            self._pilot_probs_buffer.release()
+        """Leaving training mode frees the buffers that training passes write the Pilot's probabilities and their
+        loss's gradient into."""
+        if not mode:
+            for name in ("_pilot_probs_buffer", "_pilot_gradient_buffer"):
+                if name in self.__dict__:
+                    self.__dict__[name].release()
         return super().train(mode)
 
     def prepared_pilot(self, config, pilot: nn.Module | None) -> nn.Module:

@@ -216,7 +216,7 @@ class PilotCopilotForCausalLM(PilotCopilotMixin, PreTrainedModel, GenerationMixi
         # With labels, the Pilot's loss keeps the p it computes on the way (one pass over the vocabulary for both).
         keeps_probs = labels is not None and pilot_forward is None
         with (
-            pilot_loss_keeping_probabilities(self.pilot, self.pilot_probs_out)
+            pilot_loss_keeping_probabilities(self.pilot, self.pilot_probs_out, self.pilot_gradient_buffer)
             if keeps_probs
             else nullcontext()
         ) as pilot_loss:

@@ -7,10 +7,16 @@ from dataclasses import replace
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 from transformers.loss.loss_utils import ForCausalLMLoss
 
 from hf_copilot import mistake_log_entry
-from hf_copilot.mistake_log_entry import CausalLMLossKeepingProbabilities, PilotErrors, joint_losses
+from hf_copilot.mistake_log_entry import (
+    CausalLMLossKeepingProbabilities,
+    PilotErrors,
+    ReusableBuffer,
+    joint_losses,
+)
 
 B, T, V = 3, 5, 11
 
@@ -357,7 +363,7 @@ def test_the_kept_loss_backward_is_the_cross_entropy_gradient_in_float64():
     for reduction in ("mean", "sum"):
         assert torch.autograd.gradcheck(
             lambda z, reduction=reduction: mistake_log_entry._CrossEntropyKeepingProbabilities.apply(
-                z, targets, reduction, (None,)
+                z, targets, reduction, (None, None)
             )[0],
             (logits.detach().reshape(-1, V).requires_grad_(),),
         )
@@ -371,6 +377,50 @@ def test_the_kept_loss_writes_the_probabilities_into_the_buffer_it_is_given():
     probs = loss_function.probs_of(logits)
     assert probs.data_ptr() == buffer.data_ptr()
     assert torch.equal(buffer, torch.log_softmax(logits.detach(), dim=-1).exp())
+
+
+def test_the_kept_loss_writes_its_gradient_into_the_buffer_it_is_given_once_nothing_holds_the_last_one():
+    logits, labels = pilot_logits_and_labels()
+    expected = torch.autograd.grad(
+        CausalLMLossKeepingProbabilities(lambda logits: None)(logits=logits, labels=labels, vocab_size=V),
+        logits,
+    )[0]
+    buffer = ReusableBuffer()
+    loss_function = CausalLMLossKeepingProbabilities(lambda logits: None, lambda logits: buffer)
+    (first,) = torch.autograd.grad(loss_function(logits=logits, labels=labels, vocab_size=V), logits)
+    assert torch.equal(first, expected)
+    storage = buffer._buffer.untyped_storage().data_ptr()
+    assert first.untyped_storage().data_ptr() == storage
+    (held,) = torch.autograd.grad(loss_function(logits=logits, labels=labels, vocab_size=V), logits)
+    assert held.untyped_storage().data_ptr() != storage  # the first gradient still holds the buffer
+    assert torch.equal(first, expected) and torch.equal(held, expected)
+    del first, held
+    (third,) = torch.autograd.grad(loss_function(logits=logits, labels=labels, vocab_size=V), logits)
+    assert torch.equal(third, expected)
+    assert third.untyped_storage().data_ptr() == buffer._buffer.untyped_storage().data_ptr()
+
+
+class _VocabularySizedOutputs(TorchDispatchMode):
+    """The operators that return a new tensor of `numel` elements (not a view), in order."""
+
+    def __init__(self, numel: int):
+        super().__init__()
+        self.numel, self.names = numel, []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if isinstance(out, torch.Tensor) and out.numel() == self.numel and not func.is_view:
+            self.names.append(func.overloadpacket.__name__)
+        return out
+
+
+def test_the_kept_loss_backward_makes_one_vocabulary_sized_tensor_and_none_for_the_probabilities():
+    """Autograd would fill a zero gradient for p, an output no loss reads, unless told not to."""
+    logits, labels = pilot_logits_and_labels()
+    loss = CausalLMLossKeepingProbabilities(lambda logits: None)(logits=logits, labels=labels, vocab_size=V)
+    with _VocabularySizedOutputs(B * T * V) as recorded:
+        torch.autograd.grad(loss, logits)
+    assert recorded.names == ["mul", "scatter_add_"]
 
 
 def test_the_kept_loss_of_a_batch_without_labels_is_nan_with_a_zero_gradient_as_causal_lm_losss():

@@ -968,14 +968,40 @@ def test_a_graph_that_saved_the_probabilities_differentiates_the_same_after_the_
             assert torch.equal(parameter.grad, expected[name]), name
 
 
+def test_a_training_pass_writes_the_pilot_losss_gradient_into_a_reused_buffer_with_the_same_gradients():
+    model = build_pilot_copilot().train()
+    batch = build_batch()
+    expected = training_gradients(model, batch, seed=0)
+    buffer = model._pilot_gradient_buffer._buffer
+    assert buffer is not None and buffer.numel() == batch["input_ids"].numel() * VOCAB_SIZE
+    again = training_gradients(model, batch, seed=0)
+    assert model._pilot_gradient_buffer._buffer is buffer
+    model.pilot_gradient_buffer = lambda logits: None  # each gradient a new tensor
+    new_tensors = training_gradients(model, batch, seed=0)
+    for name, gradient in expected.items():
+        assert torch.equal(again[name], gradient) and torch.equal(new_tensors[name], gradient), name
+
+
+def test_a_logits_gradient_that_is_kept_is_never_overwritten_by_the_next_backward():
+    model = build_pilot_copilot().train()
+    first = model(**build_batch())
+    kept = []
+    first.logits.register_hook(kept.append)  # the very tensor the loss's backward returned
+    first.loss.backward()
+    expected = kept[0].clone()
+    model(**build_batch(seed=1)).loss.backward()
+    assert torch.equal(kept[0], expected)
+
+
 def test_evaluation_passes_write_no_buffer_and_leaving_training_mode_frees_it():
     model = build_pilot_copilot().train()
-    model(**build_batch())
-    assert model._pilot_probs_buffer._buffer is not None
+    model(**build_batch()).loss.backward()
+    buffers = (model._pilot_probs_buffer, model._pilot_gradient_buffer)
+    assert all(buffer._buffer is not None for buffer in buffers)
     model.eval()
-    assert model._pilot_probs_buffer._buffer is None
-    model(**build_batch())
-    assert model._pilot_probs_buffer._buffer is None
+    assert all(buffer._buffer is None for buffer in buffers)
+    model(**build_batch()).loss.backward()
+    assert all(buffer._buffer is None for buffer in buffers)
 
 
 # --------------------------------------------------------------------------------------------------
