@@ -348,9 +348,10 @@ class _HeadCrossEntropy(torch.autograd.Function):
     weighted sum, so backward only scales them, and no vocabulary-sized tensor outlives its block (on CPU each
     fresh [B,T,V] tensor costs as much in page faults as the passes over it). q is never normalised: the buffer
     holds `p exp(s - max s)` (s = W h), one exponential per element and no logarithm, and its normaliser z scales
-    the [rows, d] products instead. Rows of weight 0 (a prompt's positions, padding) add nothing to the loss or
-    its gradients, so they are skipped: supervised fine-tuning on prompt-completion pairs runs the head's
-    vocabulary-sized work on the completions only (finding them costs a host sync on a GPU).
+    the [rows, d] products instead. The scores are taken in base 2 (W applied to h log2(e)): on CPU `exp2` costs
+    a third of `exp`. Rows of weight 0 (a prompt's positions, padding) add nothing to the loss or its gradients,
+    so they are skipped: supervised fine-tuning on prompt-completion pairs runs the head's vocabulary-sized work on
+    the completions only (finding them costs a host sync on a GPU).
     """
 
     @staticmethod
@@ -385,15 +386,17 @@ class _HeadCrossEntropy(torch.autograd.Function):
             size = position.stop - start
             # Gathered once per block where rows are indices (each index read copies).
             block_input, block_gold = h[block], gold[block]
-            scores = torch.mm(block_input, w.t(), out=unnormalised[:size])  # s = W h
+            # In base 2, s log2(e) = W (h log2(e)): exp2 costs a third of exp on CPU, and the scaling is [rows, d].
+            scores = torch.mm(block_input * math.log2(math.e), w.t(), out=unnormalised[:size])
             probs = _floored_probabilities(errors, block, floored[:size])
             gold_index = block_gold.unsqueeze(-1)
             top = scores.amax(-1, keepdim=True)
             gold_score = scores.gather(-1, gold_index)
-            u = scores.sub_(top).exp_().mul_(probs)  # p exp(s - top) = z q
+            u = scores.sub_(top).exp2_().mul_(probs)  # p exp(s - max s) = z q
             z = u.sum(-1, keepdim=True)
             log_gold_prob = probs.gather(-1, gold_index).log()
-            cross_entropy[position] = (top + z.log() - gold_score - log_gold_prob).squeeze(-1)
+            log_gold_ratio = (top - gold_score) * math.log(2.0)  # back to natural log
+            cross_entropy[position] = (log_gold_ratio + z.log() - log_gold_prob).squeeze(-1)
             q_norm = torch.linalg.vector_norm(u, dim=-1, keepdim=True) / z
             squared = q_norm.square() - 2.0 * u.gather(-1, gold_index) / z + 1.0
             if errors.is_compact:
