@@ -348,8 +348,8 @@ class _HeadCrossEntropy(torch.autograd.Function):
     weighted sum, so backward only scales them, and no vocabulary-sized tensor outlives its block (on CPU each
     fresh [B,T,V] tensor costs as much in page faults as the passes over it). q is never normalised: the buffer
     holds `p exp(s - max s)` (s = W h), one exponential per element and no logarithm, and its normaliser z scales
-    the [rows, d] products instead. The scores are taken in base 2 (W applied to h log2(e)): on CPU `exp2` costs
-    a third of `exp`. Rows of weight 0 (a prompt's positions, padding) add nothing to the loss or its gradients,
+    the [rows, d] products instead. The scores are taken in base 2 (W applied to h log2(e)): on CPU PyTorch's
+    `exp2` is the cheaper kernel. Rows of weight 0 (a prompt's positions, padding) add nothing to the loss or its gradients,
     so they are skipped: supervised fine-tuning on prompt-completion pairs runs the head's vocabulary-sized work on
     the completions only (finding them costs a host sync on a GPU).
     """
@@ -386,7 +386,7 @@ class _HeadCrossEntropy(torch.autograd.Function):
             size = position.stop - start
             # Gathered once per block where rows are indices (each index read copies).
             block_input, block_gold = h[block], gold[block]
-            # In base 2, s log2(e) = W (h log2(e)): exp2 costs a third of exp on CPU, and the scaling is [rows, d].
+            # In base 2, s log2(e) = W (h log2(e)): exp2 is the cheaper kernel on CPU, and the scaling is [rows, d].
             scores = torch.mm(block_input * math.log2(math.e), w.t(), out=unnormalised[:size])
             probs = _floored_probabilities(errors, block, floored[:size])
             gold_index = block_gold.unsqueeze(-1)
