@@ -105,7 +105,7 @@ class _CrossEntropyKeepingProbabilities(torch.autograd.Function):
     @torch.autocast("cuda", enabled=False)
     @torch.autocast("cpu", enabled=False)
     def backward(ctx, grad_loss, _grad_probs):
-        if grad_loss is None:
+        if grad_loss is None:  # autograd may call with no gradient for any output (gradcheck checks it does)
             return None, None, None, None
         probs, targets = ctx.saved_tensors
         counted = targets != IGNORE_INDEX
@@ -349,9 +349,9 @@ class _HeadCrossEntropy(torch.autograd.Function):
     fresh [B,T,V] tensor costs as much in page faults as the passes over it). q is never normalised: the buffer
     holds `p exp(s - max s)` (s = W h), one exponential per element and no logarithm, and its normaliser z scales
     the [rows, d] products instead. The scores are taken in base 2 (W applied to h log2(e)): on CPU PyTorch's
-    `exp2` is the cheaper kernel. Rows of weight 0 (a prompt's positions, padding) add nothing to the loss or its gradients,
-    so they are skipped: supervised fine-tuning on prompt-completion pairs runs the head's vocabulary-sized work on
-    the completions only (finding them costs a host sync on a GPU).
+    `exp2` is the cheaper kernel. Rows of weight 0 (a prompt's positions, padding) add nothing to the loss or its
+    gradients, so they are skipped: supervised fine-tuning on prompt-completion pairs runs the head's
+    vocabulary-sized work on the completions only (finding them costs a host sync on a GPU).
     """
 
     @staticmethod
