@@ -36,7 +36,8 @@ _storage_use_count = getattr(torch._C, "_storage_Use_Count", None)
 
 
 class ReusableBuffer:
-    """A flat buffer handed out again once nothing else refers to it, for the Pilot's probabilities in training.
+    """A flat buffer handed out again once nothing else refers to it, for the Pilot's probabilities in training and
+    its loss's gradient for the logits.
 
     On CPU the allocator maps every vocabulary-sized tensor afresh and unmaps it when freed, so a new [B,T,V]
     tensor costs more in page faults than the softmax that writes it. The buffer is reused only while its storage
@@ -130,8 +131,8 @@ class CausalLMLossKeepingProbabilities:
     makes one pass over the vocabulary for both and its loss's gradient one more.
 
     `probs_out(logits)`: where to write the log-softmax and then p (a `ReusableBuffer`'s tensor; None: a new
-    tensor). `gradient_buffer(logits)`: the `ReusableBuffer` the loss's gradient for these logits goes into (None:
-    a new tensor). A call with other arguments than a plain causal-LM loss (its own shifted labels, another ignore
+    tensor). `gradient_buffer(logits)`: the `ReusableBuffer` the loss's gradient for these logits goes into, taken
+    only when the backward runs, so that a graph never backpropagated holds none of it (None: a new tensor). A call with other arguments than a plain causal-LM loss (its own shifted labels, another ignore
     index) is `ForCausalLMLoss`'s own and keeps nothing.
     """
 
