@@ -21,6 +21,7 @@ from conftest import (
     tiny_pilot_config,
     token_term,
 )
+from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import (
     AutoModelForCausalLM,
     Gemma3ForCausalLM,
@@ -43,7 +44,13 @@ from hf_copilot import PilotCopilotConfig, PilotCopilotForCausalLM, PilotErrors,
 from hf_copilot.checkpointing import INITIAL_ERROR_NORM
 from hf_copilot.configuration_pilot_copilot import copilot_config_like
 from hf_copilot.mistake_log_entry import shift_right
-from hf_copilot.modeling_copilot import build_attention_mask, rotate, rotation_at
+from hf_copilot.modeling_copilot import (
+    CopilotRMSNorm,
+    _RMSNormFunction,
+    build_attention_mask,
+    rotate,
+    rotation_at,
+)
 
 
 def pilot_inputs(batch):
@@ -909,6 +916,111 @@ def test_a_memory_norm_reads_every_pilot_state_at_the_same_scale(norm):
     reference = copilot_output(model, x_tilde, h_bar, errors)
     scaled = copilot_output(model, 0.05 * x_tilde, h_bar, errors)
     assert torch.allclose(scaled, reference, atol=1e-5, rtol=0) == (norm is not None)  # norms run in float32
+
+
+# --------------------------------------------------------------------------------------------------
+# The RMSNorm's written-out backward
+
+
+class DispatchedOperators(TorchDispatchMode):
+    """The names of the aten operators dispatched inside it, in order."""
+
+    def __init__(self):
+        super().__init__()
+        self.names: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.append(func.overloadpacket.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+def rms_norm_through_autograd(norm, hidden: torch.Tensor) -> torch.Tensor:
+    """LLaMA's RMSNorm as autograd records it: what CopilotRMSNorm computed before its backward was written out."""
+    normed = hidden * torch.rsqrt(hidden.pow(2).mean(-1, keepdim=True) + norm.eps)
+    return norm.weight * normed
+
+
+@pytest.mark.parametrize("shape", [(3, 5, 16), (3, 2, 5, 8)])  # a layer's stream; queries per head
+@pytest.mark.parametrize(
+    "input_needs_grad", [True, False]
+)  # the memory norm reads the Pilot's detached states
+def test_the_rms_norm_gives_autograds_values_and_gradients(shape, input_needs_grad):
+    torch.manual_seed(0)
+    norm = CopilotRMSNorm(shape[-1], 1e-6)
+    with torch.no_grad():
+        norm.weight.copy_(torch.randn(shape[-1]))
+    hidden = torch.randn(shape, requires_grad=input_needs_grad)
+    upstream = torch.randn(shape)
+    written_out = norm(hidden)
+    assert type(written_out.grad_fn).__name__ == "_RMSNormFunctionBackward"
+    recorded = rms_norm_through_autograd(norm, hidden)
+    assert torch.equal(written_out, recorded)
+    inputs = (hidden, norm.weight) if input_needs_grad else (norm.weight,)
+    for ours, autograds in zip(
+        torch.autograd.grad(written_out, inputs, upstream),
+        torch.autograd.grad(recorded, inputs, upstream),
+        strict=True,
+    ):
+        torch.testing.assert_close(ours, autograds, rtol=1e-5, atol=1e-6)
+    if not input_needs_grad:  # nothing computed for an input that asks for none
+        assert written_out.grad_fn.needs_input_grad[0] is False
+
+
+def test_the_rms_norms_backward_dispatches_11_operators_where_autograds_dispatches_19():
+    norm = CopilotRMSNorm(16, 1e-6)
+    hidden = torch.randn(4, 5, 16, requires_grad=True)
+    upstream = torch.randn(4, 5, 16)
+    counts = {}
+    for name, output in (
+        ("written out", norm(hidden)),
+        ("autograd", rms_norm_through_autograd(norm, hidden)),
+    ):
+        with DispatchedOperators() as dispatched:
+            output.backward(upstream)
+        counts[name] = dispatched.names
+    # the weight's gradient, the input's, and the two accumulations into .grad
+    assert counts["written out"] == [
+        "mul",
+        "view",
+        "sum",
+        "mul",
+        "mul",
+        "mean",
+        "mul",
+        "sub",
+        "mul_",
+        "detach",
+        "detach",
+    ]
+    assert len(counts["autograd"]) == 19
+
+
+def test_the_rms_norms_backward_passes_gradcheck_and_refuses_a_second_derivative():
+    torch.manual_seed(0)
+    hidden = torch.randn(2, 3, 8, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(8, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda h, w: _RMSNormFunction.apply(h, w, 1e-6), (hidden, weight))
+    output = _RMSNormFunction.apply(hidden, weight, 1e-6)
+    upstream = torch.ones_like(
+        output, requires_grad=True
+    )  # a gradient with a graph of its own, as in a penalty
+    (gradient,) = torch.autograd.grad(output, hidden, upstream, create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable"):
+        gradient.sum().backward()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_rms_norm_without_gradients_or_in_low_precision_keeps_llamas_operators(dtype):
+    """generate() runs without gradients, and bf16 goes through LLaMA's casts: neither takes the written-out
+    backward, and the values are the recorded ones."""
+    torch.manual_seed(0)
+    norm = CopilotRMSNorm(16, 1e-6).to(dtype)
+    hidden = torch.randn(3, 5, 16, dtype=dtype, requires_grad=True)
+    with torch.no_grad():
+        unrecorded = norm(hidden)
+    assert torch.equal(unrecorded, norm(hidden).detach())
+    if dtype != torch.float32:
+        assert type(norm(hidden).grad_fn).__name__ == "MulBackward0"
 
 
 # --------------------------------------------------------------------------------------------------
