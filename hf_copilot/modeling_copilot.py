@@ -86,7 +86,7 @@ class _RMSNormFunction(torch.autograd.Function):
             grad_weight = (grad * normed).flatten(0, -2).sum(0)
         if ctx.needs_input_grad[0]:
             grad_normed = grad * weight
-            # d/dx of x r, r = mean(x^2)^(-1/2): r (g - n mean(g n)) for n = x r
+            # d/dx of n = x r, r = (mean(x^2) + eps)^(-1/2): r (g - n mean(g n))
             projection = (grad_normed * normed).mean(-1, keepdim=True)
             grad_hidden = (grad_normed - normed * projection).mul_(inverse_rms)
         return grad_hidden, grad_weight, None
