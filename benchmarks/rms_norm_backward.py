@@ -9,7 +9,7 @@ forward recorded by autograd, the arms alternating in every round, in one proces
 arm's backward dispatches. Shapes: the training table's tiny Pilot (hidden 64, vocabulary 48, batch 64 x 40) and
 its benchmark Pilot (58M, vocabulary 32k, batch 4 x 256), the Copilots of `training_overhead.py` at each ratio.
 
-    python benchmarks/rms_norm_backward.py   # ~6 minutes; writes benchmarks/results/rms_norm_backward/
+    python benchmarks/rms_norm_backward.py   # ~2 minutes; writes benchmarks/results/rms_norm_backward/
 """
 
 from __future__ import annotations
