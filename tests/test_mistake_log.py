@@ -296,6 +296,20 @@ def _with_grad(entry):
     return entry
 
 
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
+@pytest.mark.parametrize("position", [1, T - 1])  # a labelled position; the last, which has no target
+@pytest.mark.parametrize("topk", [0, 5])
+def test_add_refuses_a_probability_that_is_not_finite_wherever_it_lies(value, position, topk):
+    """The finite check reads the error norms' sum, which masks by multiplying: a NaN or inf off the mask counts."""
+    entry = make_entry()
+    assert bool(entry.errors.mask[0, position]) == (position != T - 1)
+    entry.errors.probs[0, position, 2] = value
+    log = MistakeLog(size=4, topk=topk)
+    with pytest.raises(ValueError, match="probabilities contains NaN or inf"):
+        log.add(entry)
+    assert len(log) == 0
+
+
 def _with_nan(entry):
     entry.errors.probs[0, 1, 2] = float("nan")
     return entry
