@@ -132,8 +132,9 @@ class CausalLMLossKeepingProbabilities:
 
     `probs_out(logits)`: where to write the log-softmax and then p (a `ReusableBuffer`'s tensor; None: a new
     tensor). `gradient_buffer(logits)`: the `ReusableBuffer` the loss's gradient for these logits goes into, taken
-    only when the backward runs, so that a graph never backpropagated holds none of it (None: a new tensor). A call with other arguments than a plain causal-LM loss (its own shifted labels, another ignore
-    index) is `ForCausalLMLoss`'s own and keeps nothing.
+    only when the backward runs, so that a graph never backpropagated holds none of it (None: a new tensor). A
+    call with other arguments than a plain causal-LM loss (its own shifted labels, another ignore index) is
+    `ForCausalLMLoss`'s own and keeps nothing.
     """
 
     def __init__(

@@ -65,6 +65,12 @@ from .mistake_log_entry import (
 )
 
 
+def rms_normalized(hidden: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """`hidden / rms(hidden)` over the last dimension and `1 / rms`, in LLaMA's operators (eps inside the root)."""
+    inverse_rms = torch.rsqrt(hidden.pow(2).mean(-1, keepdim=True) + eps)
+    return hidden * inverse_rms, inverse_rms
+
+
 class _RMSNormFunction(torch.autograd.Function):
     """LLaMA's RMSNorm in fp32 with its backward written out: the forward's values to the bit, and 11 operators in the
     backward where autograd's dispatches 19 for the same forward (a Copilot has four norms a layer, on small tensors
@@ -72,8 +78,7 @@ class _RMSNormFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-        inverse_rms = hidden.pow(2).mean(-1, keepdim=True).add_(eps).rsqrt_()
-        normed = hidden * inverse_rms
+        normed, inverse_rms = rms_normalized(hidden, eps)
         ctx.save_for_backward(normed, inverse_rms, weight)
         return weight * normed
 
@@ -101,9 +106,13 @@ class CopilotRMSNorm(nn.Module):
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         if torch.is_grad_enabled() and hidden.dtype == self.weight.dtype == torch.float32:
             return _RMSNormFunction.apply(hidden, self.weight, self.eps)
-        # Without gradients (generate()) the same operators unrecorded; in other dtypes LLaMA's casts, through autograd.
-        normed = as_dtype(hidden, torch.float32)
-        normed = normed * torch.rsqrt(normed.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.through_autograd(hidden)
+
+    def through_autograd(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The norm in LLaMA's operators (fp32 inside, the input's dtype out), recorded by autograd where it records:
+        the path without gradients (generate()) and in other dtypes, and what the written-out backward is checked
+        against."""
+        normed, _ = rms_normalized(as_dtype(hidden, torch.float32), self.eps)
         return self.weight * as_dtype(normed, hidden.dtype)
 
 

@@ -934,12 +934,6 @@ class DispatchedOperators(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def rms_norm_through_autograd(norm, hidden: torch.Tensor) -> torch.Tensor:
-    """LLaMA's RMSNorm as autograd records it: what CopilotRMSNorm computed before its backward was written out."""
-    normed = hidden * torch.rsqrt(hidden.pow(2).mean(-1, keepdim=True) + norm.eps)
-    return norm.weight * normed
-
-
 # a layer's stream; queries per head. The memory norm's input, the Pilot's states, needs no gradient.
 @pytest.mark.parametrize("shape", [(3, 5, 16), (3, 2, 5, 8)])
 @pytest.mark.parametrize("input_needs_grad", [True, False])
@@ -952,7 +946,7 @@ def test_the_rms_norm_gives_autograds_values_and_gradients(shape, input_needs_gr
     upstream = torch.randn(shape)
     written_out = norm(hidden)
     assert type(written_out.grad_fn).__name__ == "_RMSNormFunctionBackward"
-    recorded = rms_norm_through_autograd(norm, hidden)
+    recorded = norm.through_autograd(hidden)
     assert torch.equal(written_out, recorded)
     inputs = (hidden, norm.weight) if input_needs_grad else (norm.weight,)
     for ours, autograds in zip(
@@ -972,7 +966,7 @@ def test_the_rms_norms_backward_dispatches_11_operators_where_autograds_dispatch
     counts = {}
     for name, output in (
         ("written out", norm(hidden)),
-        ("autograd", rms_norm_through_autograd(norm, hidden)),
+        ("autograd", norm.through_autograd(hidden)),
     ):
         with DispatchedOperators() as dispatched:
             output.backward(upstream)
@@ -1008,17 +1002,22 @@ def test_the_rms_norms_backward_passes_gradcheck_and_refuses_a_second_derivative
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_the_rms_norm_without_gradients_or_in_low_precision_runs_llamas_operators(dtype):
+def test_the_rms_norm_without_gradients_or_in_low_precision_runs_llamas_operators(dtype, monkeypatch):
     """generate() runs without gradients, and bf16 goes through LLaMA's casts to fp32 and back: neither takes the
-    written-out function (whose forward adds and takes the root in place)."""
+    written-out function."""
+    applied = []
+    apply = _RMSNormFunction.apply
+    monkeypatch.setattr(_RMSNormFunction, "apply", lambda *args: applied.append(args) or apply(*args))
     norm = CopilotRMSNorm(16, 1e-6).to(dtype)
     hidden = torch.randn(3, 5, 16, dtype=dtype, requires_grad=True)
     cast = [] if dtype == torch.float32 else ["_to_copy"]
     with torch.no_grad(), DispatchedOperators() as dispatched:
         norm(hidden)
     assert dispatched.names == [*cast, "pow", "mean", "add", "rsqrt", "mul", *cast, "mul"]
+    recorded = norm(hidden)
+    assert len(applied) == (dtype == torch.float32)  # with gradients, fp32 alone takes it
     if dtype != torch.float32:
-        assert type(norm(hidden).grad_fn).__name__ == "MulBackward0"
+        assert type(recorded.grad_fn).__name__ == "MulBackward0"
 
 
 # --------------------------------------------------------------------------------------------------
